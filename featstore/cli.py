@@ -1,0 +1,171 @@
+"""The `featstore` command line (typer). Commands parse options and call pipelines.
+
+Heavy modules are imported inside the commands: `featstore probe` must never load
+torch, and `featstore ls` should start instantly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from featstore.errors import FeatstoreError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Frozen foundation-model features for medical images: extract once, probe many times.",
+)
+
+ManifestOpt = typer.Option(
+    Path("data_manifest.yaml"), "--manifest", "-m", help="The data manifest (YAML)."
+)
+DatasetOpt = typer.Option([], "--dataset", "-d", help="Only these datasets (repeatable).")
+EncoderOpt = typer.Option(
+    [],
+    "--encoder",
+    "-e",
+    help="Encoders to use instead of the manifest's (preset, folder, hub id; repeatable).",
+)
+ResolutionOpt = typer.Option(
+    [], "--resolution", "-r", help="Input sizes instead of the manifest's (repeatable)."
+)
+CacheOpt = typer.Option(
+    None,
+    "--cache",
+    help="Feature-set folder (default: $FEATSTORE_CACHE, then the manifest's `cache:`).",
+)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _manifest(path: Path, datasets, encoders, resolutions, cache):
+    from featstore.manifest import load_manifest
+
+    return load_manifest(path, cache).select(datasets, encoders, resolutions)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(
+            f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2"
+        ) from None
+    return i, n
+
+
+@app.command()
+def extract(
+    manifest: Path = ManifestOpt,
+    dataset: list[str] = DatasetOpt,
+    encoder: list[str] = EncoderOpt,
+    resolution: list[int] = ResolutionOpt,
+    cache: Path | None = CacheOpt,
+    batch_size: int | None = typer.Option(None, help="Items per forward pass and per chunk."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, help="Replace existing feature sets of this request."),
+    skip_bad: bool = typer.Option(False, help="Record unreadable samples and go on."),
+    shard: str = typer.Option("0/1", help="Work on units u with u % n == i (i/n)."),
+    workers: int | None = typer.Option(None, help="Decode workers (default: 1 on CPU)."),
+    baseline: bool = typer.Option(True, help="Also extract the raw-pixel baseline."),
+) -> None:
+    """Extract CLS and patch features into content-addressed Zarr feature sets."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter("--device must be auto, cpu or cuda")
+    try:
+        from pipelines import extract as pipeline
+
+        m = _manifest(manifest, dataset, encoder, resolution, cache)
+        if batch_size:
+            m = m.model_copy(update={"batch_size": batch_size})
+        summaries = pipeline.run(
+            m,
+            device=device,
+            overwrite=overwrite,
+            skip_bad=skip_bad,
+            shard=_parse_shard(shard),
+            num_workers=workers,
+            baseline=baseline,
+            echo=typer.echo,
+        )
+    except FeatstoreError as exc:
+        _fail(exc)
+    counts = {k: sum(s.status == k for s in summaries) for k in ("new", "resumed", "cached")}
+    typer.echo(
+        f"done: {counts['new']} new, {counts['resumed']} resumed, "
+        f"{counts['cached']} cached, {sum(s.skipped for s in summaries)} samples skipped"
+    )
+
+
+@app.command()
+def probe(
+    manifest: Path = ManifestOpt,
+    dataset: list[str] = DatasetOpt,
+    encoder: list[str] = EncoderOpt,
+    resolution: list[int] = ResolutionOpt,
+    cache: Path | None = CacheOpt,
+    out: Path = typer.Option(Path("results"), help="Results folder."),
+    pool: str = typer.Option("mean", help="3D volume pooling: mean | max | cls+patch"),
+) -> None:
+    """Fit linear / kNN / segmentation probes on cached features; write results."""
+    try:
+        from pipelines import probe as pipeline
+
+        m = _manifest(manifest, dataset, encoder, resolution, cache)
+        pipeline.run(m, out, pool=pool, echo=typer.echo)
+    except FeatstoreError as exc:
+        _fail(exc)
+
+
+@app.command("ls")
+def ls(
+    cache: Path = typer.Argument(
+        None, help="Feature-set folder (default: $FEATSTORE_CACHE or cache/features)."
+    ),
+) -> None:
+    """List the feature sets in a cache folder."""
+    import os
+
+    from featstore.store import list_sets
+
+    cache = cache or Path(os.environ.get("FEATSTORE_CACHE", "cache/features"))
+    rows = list_sets(cache)
+    if not rows:
+        typer.echo(f"no feature sets in {cache}")
+        return
+    cols = ["dataset", "encoder", "resolution", "items", "size_mb", "complete", "key"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        typer.echo("  ".join(str(r.get(c, r.get("error", ""))).ljust(widths[c]) for c in cols))
+
+
+@app.command()
+def info(path: Path) -> None:
+    """Print a feature set's attributes and variables."""
+    from featstore.store import read_attrs
+
+    if not (path / "zarr.json").is_file():
+        _fail(FileNotFoundError(f"{path}: not a feature set (no zarr.json)"))
+    typer.echo(json.dumps(read_attrs(path), indent=2, default=str))
+
+
+@app.command()
+def verify(path: Path) -> None:
+    """Check completeness, chunks, shapes and NaN/Inf; exit 1 on any problem."""
+    from featstore.store import verify as check
+
+    problems = check(path)
+    for p in problems:
+        typer.secho(f"FAIL {p}", fg=typer.colors.RED)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok {path}")

@@ -1,0 +1,313 @@
+"""Frozen encoders: load through transformers, forward to a `FeatureBatch`.
+
+An encoder is named by a preset (``dinov3-vits16``), a local model folder, a hub id
+found in the local Hugging Face cache, or ``pixels`` (the raw-pixel baseline). A
+preset resolves to local weights when they exist and otherwise to a fixed-seed
+random initialisation of the same architecture, always flagged ``random_init``;
+``<preset>:random`` asks for the random init explicitly. Nothing is downloaded
+unless FEATSTORE_ALLOW_DOWNLOAD=1 and HF_HUB_OFFLINE is unset.
+
+The encoder carries its own patch size, register count and mean/std, read from the
+model folder (``config.json``, ``preprocessor_config.json``), never from YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from featstore.errors import EncoderNotFoundError
+from featstore.manifest import files_sha256, hash_memo
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0
+
+# Published DINOv3 ViT architectures (Siméoni et al. 2025, and the transformers configs).
+_DINOV3 = dict(
+    model_type="dinov3_vit",
+    patch_size=16,
+    num_register_tokens=4,
+    layerscale_value=1.0,
+    rope_theta=100.0,
+    key_bias=False,
+)
+PRESETS: dict[str, dict] = {
+    "dinov3-vits16": dict(
+        _DINOV3,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        hub="facebook/dinov3-vits16-pretrain-lvd1689m",
+    ),
+    "dinov3-vits16plus": dict(
+        _DINOV3,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        use_gated_mlp=True,
+        hub="facebook/dinov3-vits16plus-pretrain-lvd1689m",
+    ),
+    "dinov3-vitb16": dict(
+        _DINOV3,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hub="facebook/dinov3-vitb16-pretrain-lvd1689m",
+    ),
+    "dinov3-vitl16": dict(
+        _DINOV3,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        hub="facebook/dinov3-vitl16-pretrain-lvd1689m",
+    ),
+    "dinov3-vith16plus": dict(
+        _DINOV3,
+        hidden_size=1280,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        intermediate_size=5120,
+        use_gated_mlp=True,
+        hub="facebook/dinov3-vith16plus-pretrain-lvd1689m",
+    ),
+    "dinov3-vit7b16": dict(
+        _DINOV3,
+        hidden_size=4096,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        intermediate_size=8192,
+        use_gated_mlp=True,
+        layerscale_value=1e-5,
+        hub="facebook/dinov3-vit7b16-pretrain-lvd1689m",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What identifies an encoder's features; stored in every feature set and result."""
+
+    name: str
+    source: str  # folder, hub id@revision, or "random-init(seed=0)"
+    weights_sha256: str
+    model_type: str
+    patch_size: int
+    num_register_tokens: int
+    hidden_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    random_init: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """One forward pass. Shapes never depend on options.
+
+    cls:   (B, L, D) float32, final-norm CLS token of the last L blocks (L >= 1).
+    patch: (B, rows, cols, D) float32, last block, register tokens removed.
+    """
+
+    cls: torch.Tensor
+    patch: torch.Tensor
+
+
+def _allow_download() -> bool:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return not offline and os.environ.get("FEATSTORE_ALLOW_DOWNLOAD") == "1"
+
+
+def _hub_folder(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=not _allow_download()))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _weights_sha256(folder: Path, model: torch.nn.Module) -> str:
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth") and p.is_file()
+    )
+    if not files:
+        return _state_sha256(model)
+    digests = files_sha256(files, hash_memo())
+    return hashlib.sha256("".join(digests[str(p)] for p in files).encode()).hexdigest()
+
+
+def _state_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _mean_std(folder: Path | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = folder / "preprocessor_config.json" if folder else None
+    if cfg and cfg.is_file():
+        data = json.loads(cfg.read_text())
+        if "image_mean" in data and "image_std" in data:
+            return tuple(map(float, data["image_mean"])), tuple(map(float, data["image_std"]))
+    return IMAGENET_MEAN, IMAGENET_STD  # the DINOv2/v3 web-image (LVD) statistics
+
+
+class Encoder:
+    """A frozen vision transformer in eval mode, ready to `encode` batches."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        info: EncoderInfo,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+    ) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.info = info
+        self.model = model.eval().to(self.device) if model is not None else None
+
+    @property
+    def patch_size(self) -> int:
+        return self.info.patch_size
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, layers: int = 1) -> FeatureBatch:
+        """pixels: (B, 3, H, W) float32 normalised, H and W multiples of the patch size."""
+        b, _, h, w = pixels.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.model is None:
+            return _pixel_features(pixels, p, layers)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            out = self.model(pixel_values=pixels, output_hidden_states=layers > 1)
+        last = out.last_hidden_state.float()
+        start = 1 + self.info.num_register_tokens
+        patch = last[:, start:].reshape(b, h // p, w // p, -1)
+        if layers == 1:
+            cls = last[:, :1]
+        else:
+            norm = getattr(self.model, "norm", None) or getattr(self.model, "layernorm")
+            cls = torch.stack([norm(hs[:, 0]).float() for hs in out.hidden_states[-layers:]], 1)
+        return FeatureBatch(cls=cls.cpu(), patch=patch.cpu())
+
+
+def _pixel_features(pixels: torch.Tensor, p: int, layers: int) -> FeatureBatch:
+    """Raw-pixel baseline: the image at 16x16 as 'CLS', each patch at 4x4 as its token."""
+    grey = pixels[:, :1].float()
+    cls = F.adaptive_avg_pool2d(grey, 16).flatten(1)[:, None].expand(-1, layers, -1)
+    b, _, h, w = grey.shape
+    tiles = F.avg_pool2d(grey, p // 4)  # (B, 1, 4*rows, 4*cols)
+    patch = (
+        tiles.reshape(b, h // p, 4, w // p, 4).permute(0, 1, 3, 2, 4).reshape(b, h // p, w // p, 16)
+    )
+    return FeatureBatch(cls=cls.contiguous().cpu(), patch=patch.contiguous().cpu())
+
+
+def _from_config(preset: str, spec: dict) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    arch = {k: v for k, v in spec.items() if k not in ("hub", "model_type")}
+    config = AutoConfig.for_model(spec["model_type"], **arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return AutoModel.from_config(config)
+
+
+def _info(
+    name: str, source: str, model: torch.nn.Module, folder: Path | None, sha: str, random_init: bool
+) -> EncoderInfo:
+    cfg = model.config
+    mean, std = _mean_std(folder)
+    patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+    return EncoderInfo(
+        name=name,
+        source=source,
+        weights_sha256=sha,
+        model_type=cfg.model_type,
+        patch_size=int(patch),
+        num_register_tokens=int(getattr(cfg, "num_register_tokens", 0) or 0),
+        hidden_size=int(cfg.hidden_size),
+        mean=mean,
+        std=std,
+        random_init=random_init,
+    )
+
+
+def _load_folder(name: str, folder: Path, source: str) -> tuple[torch.nn.Module, EncoderInfo]:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise EncoderNotFoundError(
+            f"{folder}: not a loadable transformers model ({exc}); it "
+            "needs config.json and model.safetensors"
+        ) from None
+    return model, _info(name, source, model, folder, _weights_sha256(folder, model), False)
+
+
+def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> Encoder:
+    """Resolve an encoder name (preset, folder, hub id or ``pixels``) and load it."""
+    if spec == "pixels":
+        info = EncoderInfo(
+            "pixels", "raw pixels", "", "pixels", 16, 0, 16, IMAGENET_MEAN, IMAGENET_STD, False
+        )
+        return Encoder(None, info, device)
+    preset, _, flag = spec.partition(":")
+    if preset in PRESETS:
+        if flag not in ("", "random"):
+            raise EncoderNotFoundError(f"encoder '{spec}': unknown flag ':{flag}'; use ':random'")
+        folder = None if flag else _hub_folder(PRESETS[preset]["hub"])
+        if folder is not None:
+            model, info = _load_folder(preset, folder, f"{PRESETS[preset]['hub']}@{folder.name}")
+            return Encoder(model, info, device)
+        if not flag:
+            warnings.warn(
+                f"no local weights for '{preset}' ({PRESETS[preset]['hub']} is not in "
+                "the Hugging Face cache): using a fixed-seed RANDOM INIT of the same "
+                "architecture; its features and results are marked random_init",
+                stacklevel=2,
+            )
+        model = _from_config(preset, PRESETS[preset])
+        info = _info(
+            preset, f"random-init(seed={RANDOM_SEED})", model, None, _state_sha256(model), True
+        )
+        return Encoder(model, info, device)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        model, info = _load_folder(path.name, path, str(path.resolve()))
+        return Encoder(model, info, device)
+    if spec.count("/") == 1 and not path.exists():
+        folder = _hub_folder(spec)
+        if folder is not None:
+            model, info = _load_folder(spec, folder, f"{spec}@{folder.name}")
+            return Encoder(model, info, device)
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    raise EncoderNotFoundError(
+        f"encoder '{spec}' not found: it is not a preset ({', '.join(PRESETS)}, pixels), not a "
+        f"local folder, and not a hub id in the cache {HF_HUB_CACHE}. Provide weights with "
+        "`huggingface-cli download <id>` on a connected machine and copy the cache, or pass "
+        "the folder that holds config.json and model.safetensors."
+    )

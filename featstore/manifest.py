@@ -1,0 +1,327 @@
+"""The data manifest: schema, validation with errors that name the field, fingerprints.
+
+The manifest is parsed once into frozen pydantic models; nothing downstream mutates
+them. A typo is a `ManifestError` naming the dataset, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from featstore.errors import ManifestError
+
+Format = Literal["medmnist", "images", "nifti", "dicom", "synthetic"]
+Task = Literal["classification", "multilabel", "segmentation"]
+SPLITS = ("train", "val", "test")
+DEFAULT_CACHE = "cache/features"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Intensity(_Frozen):
+    """How raw intensities map to [0, 1] before the encoder's mean/std."""
+
+    mode: Literal["none", "minmax", "window", "percentile"] = "minmax"
+    center: float | None = None  # window centre (e.g. HU for CT)
+    width: float | None = None  # window width
+    low: float = 0.5  # percentile clipping, in percent
+    high: float = 99.5
+
+    @model_validator(mode="after")
+    def _check(self) -> Intensity:
+        if self.mode == "window" and (self.center is None or self.width is None or self.width <= 0):
+            raise ValueError(
+                "mode 'window' needs center and a positive width, e.g. "
+                "{mode: window, center: 40, width: 400}"
+            )
+        if self.mode == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise ValueError("mode 'percentile' needs 0 <= low < high <= 100")
+        return self
+
+
+class Splits(_Frozen):
+    """Either read from the data (`from: column` / `from: file`) or assigned by ratio."""
+
+    from_: Literal["column", "file"] | None = Field(default=None, alias="from")
+    ratios: tuple[float, float, float] | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Splits:
+        if (self.from_ is None) == (self.ratios is None):
+            raise ValueError("give exactly one of `from: column` or `ratios: [train, val, test]`")
+        if self.ratios is not None and (
+            min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6 or self.ratios[0] == 0
+        ):
+            raise ValueError(
+                "ratios must be three non-negative numbers summing to 1 "
+                "with a non-zero train share, e.g. [0.7, 0.1, 0.2]"
+            )
+        return self
+
+
+class Synthetic(_Frozen):
+    """A generated dataset (written as real PNG/CSV or NIfTI files on first use)."""
+
+    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d"]
+    n: int = Field(default=60, ge=6)
+    size: int = Field(default=64, ge=16)
+    slices: int = Field(default=24, ge=1)
+    seed: int = 0
+
+
+class Dataset(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    format: Format
+    path: Path
+    index: str | None = None  # CSV inside `path` (images/nifti/dicom)
+    task: Task
+    dims: Literal[2, 3]
+    modality: str = ""
+    intensity: Intensity = Intensity()
+    splits: Splits | None = None  # None: from the data (CSV `split` column, npz keys)
+    slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    classes: tuple[str, ...] | None = None  # optional class names, index = label id
+    fit: Literal["resize", "pad"] = "resize"  # pad: small images centred on a zero canvas
+    fill_outlines: bool = False  # masks given as closed outlines: fill them per slice
+    synthetic: Synthetic | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Dataset:
+        if (self.format == "synthetic") != (self.synthetic is not None):
+            raise ValueError(
+                "format 'synthetic' goes with a `synthetic: {kind: cls2d|seg2d|cls3d|"
+                "seg3d}` block, and that block with format 'synthetic' only"
+            )
+        if self.format in ("images", "nifti", "dicom") and self.index is None:
+            raise ValueError(
+                f"format '{self.format}' needs `index: <file>.csv` (one row per sample)"
+            )
+        if self.format == "images" and self.dims != 2:
+            raise ValueError("format 'images' holds 2D images: set `dims: 2`")
+        if self.format in ("nifti", "dicom") and self.dims != 3:
+            raise ValueError(f"format '{self.format}' holds volumes: set `dims: 3`")
+        if self.synthetic is not None and (self.synthetic.kind[-2:] == "3d") != (self.dims == 3):
+            raise ValueError(
+                f"synthetic kind '{self.synthetic.kind}' does not match dims {self.dims}"
+            )
+        return self
+
+
+class Manifest(_Frozen):
+    cache: Path = Path(DEFAULT_CACHE)
+    encoders: tuple[str, ...] = ("dinov3-vits16",)
+    resolutions: tuple[int, ...] = (224,)
+    dtype: Literal["float16", "float32"] = "float16"
+    layers: int = Field(default=1, ge=1)  # CLS of the last N blocks (N > 1 adds a `layer` dim)
+    patch: bool = True  # store patch tokens
+    batch_size: int = Field(default=32, ge=1)
+    datasets: tuple[Dataset, ...]
+    source: Path | None = Field(default=None, exclude=True)  # the YAML file, for messages
+
+    @field_validator("resolutions")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 16:
+            raise ValueError("resolutions must be a non-empty list of sizes >= 16, e.g. [224]")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> Manifest:
+        names = [d.name for d in self.datasets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"dataset names must be unique; repeated: {dup}")
+        return self
+
+    def dataset(self, name: str) -> Dataset:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise ManifestError(
+            f"no dataset named '{name}' in {self.source or 'the manifest'}; "
+            f"known: {', '.join(d.name for d in self.datasets)}"
+        )
+
+    def select(
+        self,
+        datasets: Sequence[str] = (),
+        encoders: Sequence[str] = (),
+        resolutions: Sequence[int] = (),
+        cache: Path | None = None,
+    ) -> Manifest:
+        """A copy with CLI overrides applied (flags win over the manifest)."""
+        update: dict[str, Any] = {}
+        if datasets:
+            update["datasets"] = tuple(self.dataset(n) for n in datasets)
+        if encoders:
+            update["encoders"] = tuple(encoders)
+        if resolutions:
+            update["resolutions"] = tuple(resolutions)
+        if cache is not None:
+            update["cache"] = Path(cache).resolve()
+        return self.model_copy(update=update)
+
+
+def _where(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """'dataset 'x', field 'intensity.mode'' from a pydantic error location."""
+    if len(loc) >= 2 and loc[0] == "datasets" and isinstance(loc[1], int):
+        items = raw.get("datasets") or []
+        name = (
+            items[loc[1]].get("name", f"#{loc[1] + 1}")
+            if loc[1] < len(items) and isinstance(items[loc[1]], dict)
+            else f"#{loc[1] + 1}"
+        )
+        field = ".".join(str(p) for p in loc[2:] if not str(p).startswith("function-"))
+        return f"dataset '{name}', field '{field or '(entry)'}'"
+    return f"field '{'.'.join(str(p) for p in loc)}'"
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Manifest
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if ann is None:
+            return []
+        args = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        inner = [a for a in args if issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return [f.alias or n for n, f in model.model_fields.items() if n != "source"]
+
+
+def _explain(err: ValidationError, raw: dict[str, Any], source: Path) -> ManifestError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        where = _where(loc, raw)
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            lines.append(f"{where}: unknown key; {hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required but missing; add it (see README, 'The manifest')")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+    return ManifestError(f"{source}: invalid manifest\n  " + "\n  ".join(lines))
+
+
+def load_manifest(
+    path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
+) -> Manifest:
+    """Parse and validate a manifest; relative paths resolve against its folder.
+
+    The cache folder is, in order: `cache` (the --cache flag), $FEATSTORE_CACHE,
+    the manifest's `cache:` key, `cache/features`.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ManifestError(f"manifest not found: {source}; pass --manifest PATH to a YAML file")
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or "datasets" not in raw:
+        raise ManifestError(f"{source}: expected a mapping with a `datasets:` list (see README)")
+    try:
+        manifest = Manifest.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise _explain(exc, raw, source) from None
+    root = source.resolve().parent
+    chosen = cache or os.environ.get("FEATSTORE_CACHE") or manifest.cache
+    datasets = []
+    for d in manifest.datasets:
+        p = d.path if d.path.is_absolute() else root / d.path
+        p = Path(os.path.expandvars(str(p)))
+        if d.synthetic is None and not p.exists():
+            raise ManifestError(
+                f"{source}: dataset '{d.name}', field 'path': {p} does not exist; "
+                "fix the path (relative paths resolve against the manifest's folder)"
+            )
+        if d.index and d.synthetic is None and not (p / d.index).is_file():
+            raise ManifestError(
+                f"{source}: dataset '{d.name}', field 'index': {p / d.index} does not exist; "
+                "give a CSV inside `path` with one row per sample"
+            )
+        datasets.append(d.model_copy(update={"path": p}))
+    cache_path = Path(chosen)
+    if not cache_path.is_absolute():
+        cache_path = (root if chosen == manifest.cache else Path.cwd()) / cache_path
+    return manifest.model_copy(update={"datasets": tuple(datasets), "cache": cache_path})
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def _file_sha256(path: Path, memo: dict[str, Any]) -> str:
+    st = path.stat()
+    key = str(path.resolve())
+    hit = memo.get(key)
+    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        return hit["sha256"]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    memo[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return memo[key]["sha256"]
+
+
+def hash_memo() -> Path:
+    """Where file hashes are memoised by (size, mtime): $FEATSTORE_HOME or ~/.cache/featstore."""
+    home = os.environ.get("FEATSTORE_HOME") or Path.home() / ".cache" / "featstore"
+    return Path(home) / "file-sha256.json"
+
+
+def files_sha256(paths: Iterable[Path], memo_file: Path | None) -> dict[str, str]:
+    """sha256 of each file, memoised by (size, mtime) in `memo_file` (a JSON file)."""
+    memo: dict[str, Any] = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except json.JSONDecodeError:
+            memo = {}  # a damaged memo is only a cache: rebuild it
+    out = {str(p): _file_sha256(p, memo) for p in paths}
+    if memo_file is not None:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return out
+
+
+def fingerprint(
+    files: Iterable[Path],
+    table: Sequence[tuple[Any, ...]],
+    root: Path,
+    memo_file: Path | None = None,
+) -> str:
+    """Hash of a dataset's file contents, labels and split assignment.
+
+    Args:
+        files: every file the dataset reads (images, masks, index CSV).
+        table: one row per sample, e.g. (id, split, label, n_items); its order matters.
+        root: file names are hashed relative to it, so a moved dataset keeps its hash.
+    """
+    h = hashlib.sha256()
+    for p, digest in sorted(files_sha256(sorted(set(files)), memo_file).items()):
+        h.update(f"{os.path.relpath(p, root)}\0{digest}\n".encode())
+    h.update(json.dumps([list(map(str, row)) for row in table]).encode())
+    return h.hexdigest()

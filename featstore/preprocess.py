@@ -1,0 +1,91 @@
+"""Intensity handling, resizing and normalisation (numpy + PIL; no torch).
+
+Intensities become [0, 1] per sample (a whole volume at once, so every slice of a
+volume shares one mapping), slices are resized (antialiased) to the encoder input,
+grey is replicated to 3 channels, and the encoder's own mean/std are applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from featstore.manifest import Intensity
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything that maps a raw sample to encoder input; recorded in every feature set."""
+
+    resolution: int
+    intensity: Intensity
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fit: Literal["resize", "pad"] = "resize"  # pad: centre small images on a zero canvas
+    fill_outlines: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["intensity"] = self.intensity.model_dump()
+        return d
+
+
+def to_unit(image: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """Raw intensities (any shape) to float32 in [0, 1] with one mapping per sample."""
+    x = image.astype(np.float32, copy=False)
+    if intensity.mode == "window":
+        lo = intensity.center - intensity.width / 2
+        hi = intensity.center + intensity.width / 2
+    elif intensity.mode == "percentile":
+        lo, hi = np.percentile(x, [intensity.low, intensity.high])
+    elif intensity.mode == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+    else:  # none: the data is already in [0, 1]
+        return np.clip(x, 0.0, 1.0)
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip((x - lo) * scale, 0.0, 1.0)
+
+
+def _fit_plane(plane: np.ndarray, size: int, fit: str, nearest: bool) -> np.ndarray:
+    h, w = plane.shape
+    if fit == "pad" and h <= size and w <= size:
+        out = np.zeros((size, size), plane.dtype)
+        top, left = (size - h) // 2, (size - w) // 2
+        out[top : top + h, left : left + w] = plane
+        return out
+    if (h, w) == (size, size):
+        return plane
+    mode = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    src = Image.fromarray(plane.astype(np.int32 if nearest else np.float32, copy=False))
+    # PIL's BILINEAR widens its kernel when shrinking, i.e. it antialiases.
+    return np.asarray(src.resize((size, size), mode), dtype=plane.dtype)
+
+
+def preprocess(
+    image: np.ndarray, mask: np.ndarray | None, cfg: Preprocess
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encoder input for every slice of one sample.
+
+    Args:
+        image: (D, H, W, C) raw intensities, C in {1, 3}.
+        mask: (D, H, W) uint8 class ids, or None.
+    Returns:
+        pixels: (D, 3, R, R) float32, normalised with the encoder's mean/std.
+        mask:   (D, R, R) uint8 (nearest-neighbour), or None.
+    """
+    unit = to_unit(image, cfg.intensity)
+    d, _, _, c = unit.shape
+    r = cfg.resolution
+    out = np.empty((d, 3, r, r), np.float32)
+    for i in range(d):
+        planes = [_fit_plane(unit[i, :, :, k], r, cfg.fit, nearest=False) for k in range(c)]
+        out[i] = planes * 3 if c == 1 else planes
+    out -= np.asarray(cfg.mean, np.float32)[None, :, None, None]
+    out /= np.asarray(cfg.std, np.float32)[None, :, None, None]
+    small = None
+    if mask is not None:
+        small = np.stack([_fit_plane(m, r, cfg.fit, nearest=True) for m in mask]).astype(np.uint8)
+    return out, small

@@ -1,0 +1,415 @@
+"""The extract stage: datasets x encoders x resolutions -> complete feature sets.
+
+Wires readers, preprocessing (in DataLoader workers), the encoder (main process)
+and the store (a background writer thread) together. One call per feature set:
+cached sets are skipped, interrupted ones resumed, new ones allocated.
+
+    python -m pipelines.extract --manifest data_manifest.yaml   (= featstore extract)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import featstore
+from featstore import readers, store
+from featstore.encoders import Encoder, load_encoder
+from featstore.errors import BadInputError
+from featstore.manifest import Dataset, Manifest, fingerprint, hash_memo
+from featstore.preprocess import Preprocess, preprocess
+
+BASELINE = "pixels"
+
+
+@dataclass(frozen=True)
+class Summary:
+    dataset: str
+    encoder: str
+    resolution: int
+    status: Literal["cached", "new", "resumed"]
+    items: int
+    seconds: float
+    mbytes: float
+    path: Path
+    skipped: int = 0
+
+    def line(self) -> str:
+        rate = self.items / self.seconds if self.seconds > 0 else float("inf")
+        skip = f", {self.skipped} skipped" if self.skipped else ""
+        return (
+            f"{self.status:>7}  {self.dataset} / {self.encoder} @ {self.resolution}px: "
+            f"{self.items} items in {self.seconds:.1f}s ({rate:.1f} items/s), "
+            f"{self.mbytes:.1f} MB written{skip} -> {self.path}"
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset listed and fingerprinted once, reused for every encoder/resolution."""
+
+    ds: Dataset
+    samples: list[readers.Sample]
+    fingerprint: str
+
+    @property
+    def index(self) -> list[tuple[int, int]]:
+        return [(i, k) for i, s in enumerate(self.samples) for k in range(s.n_items)]
+
+
+def prepare(ds: Dataset) -> Prepared:
+    samples = readers.list_samples(ds)
+    table = [(s.id, s.split, s.label, s.n_items, s.group) for s in samples]
+    fp = fingerprint(readers.dataset_files(ds, samples), table, ds.path, hash_memo())
+    return Prepared(ds, samples, fp)
+
+
+def preprocess_config(ds: Dataset, encoder: Encoder, resolution: int) -> Preprocess:
+    p = encoder.patch_size
+    if resolution % p:
+        raise BadInputError(
+            f"resolution {resolution} is not a multiple of the patch size {p} "
+            f"of '{encoder.info.name}'; use e.g. {resolution // p * p or p}"
+        )
+    return Preprocess(
+        resolution=resolution,
+        intensity=ds.intensity,
+        mean=encoder.info.mean,
+        std=encoder.info.std,
+        fit=ds.fit,
+        fill_outlines=ds.fill_outlines,
+    )
+
+
+def set_config(prep: Prepared, encoder: Encoder, pre: Preprocess, manifest: Manifest) -> dict:
+    """Everything that determines a feature set's bytes; its hash is the cache key."""
+    e = encoder.info
+    return {
+        "format": store.FORMAT_VERSION,
+        "dataset": {
+            "fingerprint": prep.fingerprint,
+            "task": prep.ds.task,
+            "dims": prep.ds.dims,
+            "slice_axis": prep.ds.slice_axis,
+        },
+        "encoder": {
+            "model_type": e.model_type,
+            "weights_sha256": e.weights_sha256,
+            "random_init": e.random_init,
+        },
+        "preprocess": pre.to_dict(),
+        "layers": manifest.layers,
+        "patch": manifest.patch,
+        "dtype": manifest.dtype,
+    }
+
+
+def layout_for(
+    prep: Prepared, encoder: Encoder, pre: Preprocess, manifest: Manifest, chunk_items: int
+) -> store.Layout:
+    grid = pre.resolution // encoder.patch_size
+    task = prep.ds.task
+    n_classes = (
+        -1
+        if task == "segmentation"
+        else (len(prep.samples[0].label) if task == "multilabel" else 0)
+    )
+    channels = encoder.info.hidden_size
+    return store.Layout(
+        n_items=sum(s.n_items for s in prep.samples),
+        chunk_items=chunk_items,
+        channels=channels,
+        layers=manifest.layers,
+        rows=grid if manifest.patch else 0,
+        cols=grid if manifest.patch else 0,
+        mask_size=pre.resolution if task == "segmentation" else 0,
+        n_classes=n_classes,
+        dtype=manifest.dtype,
+    )
+
+
+class _Units(torch.utils.data.Dataset):
+    """Decodes and preprocesses one unit (one chunk of items) per call, in a worker."""
+
+    def __init__(self, prep: Prepared, pre: Preprocess, layout: store.Layout, units: list[int]):
+        self.prep, self.pre, self.layout, self.units = prep, pre, layout, units
+        self.index = prep.index
+        self._last: tuple[int, object] | None = None  # volumes span units: keep the last one
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def _sample(self, i: int):
+        if self._last is None or self._last[0] != i:
+            sample = self.prep.samples[i]
+            try:
+                loaded = readers.load(self.prep.ds, sample)
+                mask = loaded.mask
+                if mask is not None and self.pre.fill_outlines:
+                    mask = readers.fill_outlines(mask)
+                value: object = preprocess(loaded.image, mask, self.pre)
+                if value[0].shape[0] != sample.n_items:
+                    raise BadInputError(
+                        f"{sample.image}: {value[0].shape[0]} slices, the index "
+                        f"listed {sample.n_items}; the file changed during the run"
+                    )
+            except BadInputError as exc:
+                value = str(exc)
+            self._last = (i, value)
+        return self._last[1]
+
+    def __getitem__(self, k: int):
+        unit = self.units[k]
+        region = self.layout.unit_slice(unit)
+        n, r = region.stop - region.start, self.pre.resolution
+        pixels = np.zeros((n, 3, r, r), np.float32)
+        masks = np.zeros((n, r, r), np.uint8) if self.layout.mask_size else None
+        errors: dict[str, str] = {}
+        for j, item in enumerate(range(region.start, region.stop)):
+            i, k_slice = self.index[item]
+            got = self._sample(i)
+            if isinstance(got, str):
+                errors[self.prep.samples[i].id] = got
+                continue
+            pixels[j] = got[0][k_slice]
+            if masks is not None:
+                masks[j] = got[1][k_slice]
+        return unit, torch.from_numpy(pixels), masks, errors
+
+
+def _quiet_worker(_: int) -> None:
+    torch.set_num_threads(1)  # the main process owns the cores for the forward pass
+
+
+class _Writer:
+    """Writes units on a background thread so the next forward pass overlaps the I/O."""
+
+    def __init__(self, path: Path, layout: store.Layout):
+        self.path, self.layout = path, layout
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.nbytes = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.nbytes += store.write_unit(self.path, self.layout, *job)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                    self.error = exc
+
+    def put(self, *job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract_one(
+    prep: Prepared,
+    encoder: Encoder,
+    resolution: int,
+    manifest: Manifest,
+    *,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    num_workers: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> Summary:
+    """Make (or find, or finish) one feature set and return what was done."""
+    t0 = time.perf_counter()
+    pre = preprocess_config(prep.ds, encoder, resolution)
+    config = set_config(prep, encoder, pre, manifest)
+    key = store.cache_key(config)
+    path = store.store_path(manifest.cache, key)
+    layout = layout_for(prep, encoder, pre, manifest, manifest.batch_size)
+    name = prep.ds.name, encoder.info.name + (" (random_init)" if encoder.info.random_init else "")
+    status = "new"
+    if path.exists() and overwrite:
+        store.remove(path)
+    elif path.exists():
+        attrs = store.read_attrs(path)
+        if attrs.get("complete"):
+            store.check_matches(path, config, store.Layout(**attrs["layout"]))
+            return Summary(*name, resolution, "cached", 0, time.perf_counter() - t0, 0.0, path)
+        store.check_matches(path, config, layout)
+        status = "resumed"
+    if not path.exists():
+        labels = _labels(prep, layout)
+        idx = prep.index
+        store.create(
+            path,
+            layout,
+            [prep.samples[i].id for i, _ in idx],
+            [k for _, k in idx],
+            [prep.samples[i].split for i, _ in idx],
+            labels,
+            config,
+            {
+                "dataset": {
+                    "name": prep.ds.name,
+                    "format": prep.ds.format,
+                    "path": str(prep.ds.path),
+                    "modality": prep.ds.modality,
+                    "classes": prep.ds.classes,
+                    **config["dataset"],
+                },
+                "encoder": encoder.info.to_dict(),
+                "preprocess": pre.to_dict(),
+                "storage": {
+                    "dtype": manifest.dtype,
+                    "codec": store.CODEC.to_dict(),
+                    "chunk_items": layout.chunk_items,
+                },
+                "versions": _versions(),
+            },
+        )
+    units = [u for u in store.pending_units(path) if u % shard[1] == shard[0]]
+    n_items = sum(layout.unit_slice(u).stop - layout.unit_slice(u).start for u in units)
+    cuda = encoder.device.type == "cuda"
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1) if cuda else 1
+    loader = DataLoader(
+        _Units(prep, pre, layout, units),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=cuda,
+        worker_init_fn=_quiet_worker if num_workers else None,
+        prefetch_factor=2 if num_workers else None,
+    )
+    writer = _Writer(path, layout)
+    skipped: dict[str, str] = {}
+    bar = tqdm(
+        total=n_items,
+        unit="item",
+        desc=f"{name[0]} / {name[1]} @ {resolution}px",
+        disable=not progress,
+        mininterval=1.0,
+    )
+    try:
+        for unit, pixels, masks, errors in loader:
+            if errors and not skip_bad:
+                raise BadInputError(next(iter(errors.values())))
+            skipped.update(errors)
+            fb = encoder.encode(pixels, manifest.layers)
+            cls = fb.cls.numpy()[:, 0] if layout.layers == 1 else fb.cls.numpy()
+            patch = fb.patch.numpy() if layout.rows else None
+            if errors:  # skipped samples: NaN features, recorded in the attributes
+                ids = np.asarray(
+                    [prep.samples[i].id for i, _ in prep.index[layout.unit_slice(unit)]]
+                )
+                bad = np.isin(ids, list(errors))
+                cls[bad] = np.nan
+                if patch is not None:
+                    patch[bad] = np.nan
+            writer.put(unit, cls, patch, masks)
+            bar.update(len(pixels))
+    finally:
+        bar.close()
+        writer.close()
+    if skipped:
+        _record_skipped(path, skipped)
+    if not store.pending_units(path):
+        store.finish(path)
+    return Summary(
+        *name,
+        resolution,
+        status,
+        n_items,
+        time.perf_counter() - t0,
+        writer.nbytes / 1e6,
+        path,
+        len(skipped),
+    )
+
+
+def _labels(prep: Prepared, layout: store.Layout) -> np.ndarray | None:
+    if layout.n_classes < 0:
+        return None
+    rows = [s.label for s in prep.samples for _ in range(s.n_items)]
+    arr = np.asarray(rows, dtype=np.int64)
+    return arr[:, 0] if layout.n_classes == 0 else arr
+
+
+def _record_skipped(path: Path, skipped: dict[str, str]) -> None:
+    import zarr
+
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root.attrs["skipped"] = {**root.attrs.get("skipped", {}), **skipped}
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    import xarray
+    import zarr
+
+    return {
+        "featstore": featstore.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "xarray": xarray.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def run(
+    manifest: Manifest,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    num_workers: int | None = None,
+    baseline: bool = True,
+    progress: bool = True,
+    echo=print,
+) -> list[Summary]:
+    """Extract every dataset x encoder x resolution of `manifest` (plus the pixel baseline)."""
+    prepared = [prepare(ds) for ds in manifest.datasets]
+    names = list(manifest.encoders) + ([BASELINE] if baseline else [])
+    summaries = []
+    for spec in dict.fromkeys(names):
+        encoder = load_encoder(spec, device)  # type: ignore[arg-type]
+        if encoder.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        for prep in prepared:
+            for res in manifest.resolutions:
+                s = extract_one(
+                    prep,
+                    encoder,
+                    res,
+                    manifest,
+                    overwrite=overwrite,
+                    skip_bad=skip_bad,
+                    shard=shard,
+                    num_workers=num_workers,
+                    progress=progress,
+                )
+                echo(s.line())
+                summaries.append(s)
+    return summaries
+
+
+if __name__ == "__main__":
+    from featstore.cli import app
+
+    app(["extract", *__import__("sys").argv[1:]], prog_name="pipelines.extract")
