@@ -16,6 +16,7 @@ from featstore.errors import FeatstoreError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Frozen foundation-model features for medical images: extract once, probe many times.",
 )
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -207,7 +206,8 @@ class Encoder:
         if layers == 1:
             cls = last[:, :1]
         else:
-            norm = getattr(self.model, "norm", None) or getattr(self.model, "layernorm")
+            # DINOv3 names its final norm `norm`, DINOv2 `layernorm`.
+            norm = self.model.norm if hasattr(self.model, "norm") else self.model.layernorm
             cls = torch.stack([norm(hs[:, 0]).float() for hs in out.hidden_states[-layers:]], 1)
         return FeatureBatch(cls=cls.cpu(), patch=patch.cpu())
 
@@ -282,13 +282,6 @@ def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> 
         if folder is not None:
             model, info = _load_folder(preset, folder, f"{PRESETS[preset]['hub']}@{folder.name}")
             return Encoder(model, info, device)
-        if not flag:
-            warnings.warn(
-                f"no local weights for '{preset}' ({PRESETS[preset]['hub']} is not in "
-                "the Hugging Face cache): using a fixed-seed RANDOM INIT of the same "
-                "architecture; its features and results are marked random_init",
-                stacklevel=2,
-            )
         model = _from_config(preset, PRESETS[preset])
         info = _info(
             preset, f"random-init(seed={RANDOM_SEED})", model, None, _state_sha256(model), True

@@ -267,6 +267,28 @@ def load_manifest(
     return manifest.model_copy(update={"datasets": tuple(datasets), "cache": cache_path})
 
 
+def request(
+    ds: Dataset, fingerprint: str, encoder: str, resolution: int, manifest: Manifest
+) -> dict[str, Any]:
+    """What a study asks for, in terms known without loading the encoder.
+
+    Extract records it in each feature set; probe finds sets by it (probe never
+    loads torch, so it cannot compute the content key, which needs the weights).
+    """
+    return {
+        "dataset": fingerprint,
+        "encoder": encoder,
+        "resolution": resolution,
+        "intensity": ds.intensity.model_dump(),
+        "fit": ds.fit,
+        "fill_outlines": ds.fill_outlines,
+        "slice_axis": ds.slice_axis,
+        "layers": manifest.layers,
+        "dtype": manifest.dtype,
+        "patch": manifest.patch,
+    }
+
+
 # ---------------------------------------------------------------- fingerprints
 
 

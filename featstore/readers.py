@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from featstore.errors import BadInputError
-from featstore.manifest import SPLITS, Dataset
+from featstore.manifest import SPLITS, Dataset, fingerprint, hash_memo
 from featstore.synthetic import generate
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ canonical orientation
@@ -208,6 +208,27 @@ def dataset_files(ds: Dataset, samples: list[Sample]) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A dataset listed and fingerprinted once, reused for every encoder and resolution."""
+
+    ds: Dataset
+    samples: list[Sample]
+    fingerprint: str
+
+    @property
+    def index(self) -> list[tuple[int, int]]:
+        """(sample index, slice) of every item, in item order."""
+        return [(i, k) for i, s in enumerate(self.samples) for k in range(s.n_items)]
+
+
+def prepare(ds: Dataset) -> Prepared:
+    samples = list_samples(ds)
+    table = [(s.id, s.split, s.label, s.n_items, s.group) for s in samples]
+    fp = fingerprint(dataset_files(ds, samples), table, ds.path, hash_memo())
+    return Prepared(ds, samples, fp)
+
+
 # ------------------------------------------------------------------ loading
 
 
@@ -284,8 +305,9 @@ def _load_dicom(folder: Path) -> np.ndarray:
         med = np.median(gaps)
         if med <= 0 or np.any(np.abs(gaps - med) > 0.1 * med + 1e-3):
             raise BadInputError(
-                f"{folder}: slices are missing or inconsistently spaced (gaps {np.unique(gaps.round(3))[:6]} "
-                "mm); export the complete series or run with --skip-bad"
+                f"{folder}: slices are missing or inconsistently spaced (gaps "
+                f"{np.unique(gaps.round(3))[:6]} mm); export the complete series or run with "
+                "--skip-bad"
             )
     vol = []
     for i in order:
@@ -306,11 +328,9 @@ def load(ds: Dataset, sample: Sample) -> Loaded:
     if ds.format == "medmnist":
         split, i = sample.image.split(":")
         arr = _npz(ds.path)[f"{split}_images"][int(i)].astype(np.float32)
-        if ds.dims == 3:
-            image = arr[..., None]
-        else:
-            image = (arr[..., None] if arr.ndim == 2 else arr)[None]
-        return Loaded(image=image, mask=None)
+        if arr.ndim == ds.dims:  # grey: add the channel axis
+            arr = arr[..., None]
+        return Loaded(image=arr if ds.dims == 3 else arr[None], mask=None)
     path = Path(sample.image)
     if ds.format == "dicom":
         image = _load_dicom(path)[..., None]

@@ -104,16 +104,18 @@ def create(
     n, c = layout.n_items, layout.chunk_items
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
     cls_shape = (n, layout.channels) if layout.layers == 1 else (n, layout.layers, layout.channels)
-    variables: dict[str, Any] = {"cls": (cls_dims, da.empty(cls_shape, layout.dtype, chunks=c))}
+    variables: dict[str, Any] = {
+        "cls": (cls_dims, da.empty(cls_shape, dtype=layout.dtype, chunks=c))
+    }
     if layout.rows:
         shape = (n, layout.rows, layout.cols, layout.channels)
         variables["patch"] = (
             ("item", "row", "col", "channel"),
-            da.empty(shape, layout.dtype, chunks=(c, -1, -1, -1)),
+            da.empty(shape, dtype=layout.dtype, chunks=(c, -1, -1, -1)),
         )
     if layout.mask_size:
         shape = (n, layout.mask_size, layout.mask_size)
-        variables["mask"] = (("item", "y", "x"), da.empty(shape, "uint8", chunks=(c, -1, -1)))
+        variables["mask"] = (("item", "y", "x"), da.empty(shape, dtype="uint8", chunks=(c, -1, -1)))
     if labels is not None:
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
     coords = {
@@ -143,8 +145,6 @@ def create(
     for name in ("cls", "patch"):
         if name in encoding:
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
-    if "mask" in encoding:
-        encoding["mask"]["fill_value"] = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
     root = zarr.open_group(path, mode="r+")
@@ -219,9 +219,36 @@ def finish(path: Path) -> None:
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     root.attrs["complete"] = True
     root.attrs["completed"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    _consolidate(path)
+
+
+def _consolidate(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(path)
+
+
+def add_request(path: Path, request: dict[str, Any]) -> None:
+    """Record another request that this (complete) set answers, so probe finds it by it."""
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    requests = list(root.attrs.get("requests", []))
+    if _json_safe(request) not in requests:
+        root.attrs["requests"] = [*requests, _json_safe(request)]
+        _consolidate(path)
+
+
+def find_set(cache: Path, request: dict[str, Any]) -> Path | None:
+    """The newest complete feature set under `cache` that answers `request`."""
+    want = _json_safe(request)
+    hits = []
+    for path in Path(cache).glob("*.zarr"):
+        try:
+            attrs = read_attrs(path)
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
+        if attrs.get("complete") and want in attrs.get("requests", []):
+            hits.append((attrs.get("completed", ""), path))
+    return max(hits)[1] if hits else None
 
 
 def open_set(path: Path) -> xr.Dataset:

@@ -26,8 +26,9 @@ import featstore
 from featstore import readers, store
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import BadInputError
-from featstore.manifest import Dataset, Manifest, fingerprint, hash_memo
+from featstore.manifest import Dataset, Manifest, request
 from featstore.preprocess import Preprocess, preprocess
+from featstore.readers import Prepared, prepare
 
 BASELINE = "pixels"
 
@@ -52,26 +53,6 @@ class Summary:
             f"{self.items} items in {self.seconds:.1f}s ({rate:.1f} items/s), "
             f"{self.mbytes:.1f} MB written{skip} -> {self.path}"
         )
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A dataset listed and fingerprinted once, reused for every encoder/resolution."""
-
-    ds: Dataset
-    samples: list[readers.Sample]
-    fingerprint: str
-
-    @property
-    def index(self) -> list[tuple[int, int]]:
-        return [(i, k) for i, s in enumerate(self.samples) for k in range(s.n_items)]
-
-
-def prepare(ds: Dataset) -> Prepared:
-    samples = readers.list_samples(ds)
-    table = [(s.id, s.split, s.label, s.n_items, s.group) for s in samples]
-    fp = fingerprint(readers.dataset_files(ds, samples), table, ds.path, hash_memo())
-    return Prepared(ds, samples, fp)
 
 
 def preprocess_config(ds: Dataset, encoder: Encoder, resolution: int) -> Preprocess:
@@ -225,6 +206,7 @@ class _Writer:
 def extract_one(
     prep: Prepared,
     encoder: Encoder,
+    spec: str,
     resolution: int,
     manifest: Manifest,
     *,
@@ -241,6 +223,7 @@ def extract_one(
     key = store.cache_key(config)
     path = store.store_path(manifest.cache, key)
     layout = layout_for(prep, encoder, pre, manifest, manifest.batch_size)
+    req = request(prep.ds, prep.fingerprint, spec, resolution, manifest)
     name = prep.ds.name, encoder.info.name + (" (random_init)" if encoder.info.random_init else "")
     status = "new"
     if path.exists() and overwrite:
@@ -249,6 +232,7 @@ def extract_one(
         attrs = store.read_attrs(path)
         if attrs.get("complete"):
             store.check_matches(path, config, store.Layout(**attrs["layout"]))
+            store.add_request(path, req)
             return Summary(*name, resolution, "cached", 0, time.perf_counter() - t0, 0.0, path)
         store.check_matches(path, config, layout)
         status = "resumed"
@@ -280,6 +264,7 @@ def extract_one(
                     "chunk_items": layout.chunk_items,
                 },
                 "versions": _versions(),
+                "requests": [req],
             },
         )
     units = [u for u in store.pending_units(path) if u % shard[1] == shard[0]]
@@ -320,7 +305,7 @@ def extract_one(
                 cls[bad] = np.nan
                 if patch is not None:
                     patch[bad] = np.nan
-            writer.put(unit, cls, patch, masks)
+            writer.put(unit, cls, patch, None if masks is None else masks.numpy())
             bar.update(len(pixels))
     finally:
         bar.close()
@@ -389,6 +374,11 @@ def run(
     summaries = []
     for spec in dict.fromkeys(names):
         encoder = load_encoder(spec, device)  # type: ignore[arg-type]
+        if encoder.info.random_init:
+            echo(
+                f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
+                "weights found); its feature sets and results are marked random_init"
+            )
         if encoder.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         for prep in prepared:
@@ -396,6 +386,7 @@ def run(
                 s = extract_one(
                     prep,
                     encoder,
+                    spec,
                     res,
                     manifest,
                     overwrite=overwrite,

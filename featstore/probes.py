@@ -1,0 +1,251 @@
+"""Probes on frozen features: arrays in, predictions out (scikit-learn; no torch).
+
+Defaults follow the DINOv3 / MedMNIST+ protocols: hyper-parameters are chosen on the
+validation split and the final model is fitted on the training split.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from featstore.errors import ProbeError
+from featstore.metrics import dice_iou
+
+C_GRID = tuple(10.0**e for e in range(-4, 3))  # 1e-4 .. 1e2
+K_GRID = (1, 3, 5, 10, 20, 50)
+SEG_C_GRID = (0.01, 0.1, 1.0)
+SEG_MAX_PATCHES = 20_000
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Class scores for the test items, with the hyper-parameter chosen on val."""
+
+    proba: np.ndarray  # (n_test, K) or, multi-label, (n_test, L)
+    param: float
+    seconds: float
+
+
+def _check(y: np.ndarray, split: str) -> None:
+    if len(y) == 0:
+        raise ProbeError(f"the {split} split is empty; give it samples (or change `splits:`)")
+    if y.ndim == 1 and len(np.unique(y)) < 2 and split == "train":
+        raise ProbeError(f"the train split has a single class ({int(y[0])}); a probe needs two")
+
+
+def _full_proba(model, x: np.ndarray, k: int) -> np.ndarray:
+    """predict_proba with a column for every class 0..k-1 (absent ones get 0)."""
+    out = np.zeros((len(x), k))
+    out[:, model.classes_.astype(int)] = model.predict_proba(x)
+    return out
+
+
+def _logreg(c: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=c, max_iter=1000, random_state=seed)
+
+
+def linear_probe(xtr, ytr, xva, yva, xte, n_classes: int, grid=C_GRID, seed: int = 0) -> Prediction:
+    """Standardised features, L2 logistic regression; C chosen by val accuracy.
+
+    x*: (n, D) float features; y*: (n,) int labels, or (n, L) multi-hot (one binary
+    problem per label, C chosen per label).
+    """
+    for y, s in ((ytr, "train"), (yva, "val")):
+        _check(y, s)
+    t0 = time.perf_counter()
+    scaler = StandardScaler().fit(xtr)
+    xtr, xva, xte = (scaler.transform(x) for x in (xtr, xva, xte))
+    if ytr.ndim == 2:
+        cols, params = [], []
+        for j in range(ytr.shape[1]):
+            if len(np.unique(ytr[:, j])) < 2:  # a label never (or always) on in train
+                cols.append(np.full(len(xte), float(ytr[0, j])))
+                continue
+            p = linear_probe(xtr, ytr[:, j], xva, yva[:, j], xte, 2, grid, seed)
+            cols.append(p.proba[:, 1])
+            params.append(p.param)
+        param = float(np.median(params)) if params else float("nan")
+        return Prediction(np.stack(cols, 1), param, time.perf_counter() - t0)
+    best = (-1.0, grid[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for c in grid:
+            acc = float((_logreg(c, seed).fit(xtr, ytr).predict(xva) == yva).mean())
+            if acc > best[0]:
+                best = (acc, c)
+        model = _logreg(best[1], seed).fit(xtr, ytr)
+    return Prediction(_full_proba(model, xte, n_classes), best[1], time.perf_counter() - t0)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_probe(
+    xtr, ytr, xva, yva, xte, n_classes: int, grid=K_GRID, metric: str = "cosine"
+) -> Prediction:
+    """kNN with majority vote; `cosine` on L2-normalised features (DINOv3) or
+    `euclidean` on raw features (MedMNIST+). k chosen by val accuracy."""
+    for y, s in ((ytr, "train"), (yva, "val")):
+        _check(y, s)
+    t0 = time.perf_counter()
+    if metric == "cosine":  # on unit vectors, Euclidean ranks neighbours as cosine does
+        xtr, xva, xte = l2_normalise(xtr), l2_normalise(xva), l2_normalise(xte)
+    ks = [k for k in grid if k <= len(xtr)] or [len(xtr)]
+    if ytr.ndim == 2:
+        model = KNeighborsClassifier(ks[0], algorithm="brute")
+        best = max(
+            ks,
+            key=lambda k: (
+                model.set_params(n_neighbors=k).fit(xtr, ytr).predict(xva) == yva
+            ).mean(),
+        )
+        model.set_params(n_neighbors=best).fit(xtr, ytr)
+        proba = np.stack(
+            [
+                p[:, -1] if p.shape[1] == 2 else np.full(len(xte), float(c[0]))
+                for p, c in zip(model.predict_proba(xte), model.classes_, strict=True)
+            ],
+            1,
+        )
+        return Prediction(proba, best, time.perf_counter() - t0)
+    scores = {}
+    for k in ks:
+        model = KNeighborsClassifier(k, algorithm="brute").fit(xtr, ytr)
+        scores[k] = float((model.predict(xva) == yva).mean())
+    best = max(ks, key=lambda k: (scores[k], -k))
+    model = KNeighborsClassifier(best, algorithm="brute").fit(xtr, ytr)
+    return Prediction(_full_proba(model, xte, n_classes), best, time.perf_counter() - t0)
+
+
+def pool_volumes(
+    cls: np.ndarray, sample: np.ndarray, how: str = "mean", patch_mean: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slice CLS tokens to one vector per volume.
+
+    cls: (n_items, D); sample: (n_items,) volume ids; patch_mean: (n_items, D) mean
+    patch token per slice, used by how="cls+patch". Returns (ids (V,), X (V, D or 2D)).
+    """
+    ids, inv = np.unique(sample, return_inverse=True)
+    feats = np.concatenate([cls, patch_mean], 1) if how == "cls+patch" else cls
+    if how == "cls+patch" and patch_mean is None:
+        raise ProbeError("pooling 'cls+patch' needs patch tokens in the feature set")
+    out = np.zeros((len(ids), feats.shape[1]), np.float64)
+    if how == "max":
+        out[:] = -np.inf
+        np.maximum.at(out, inv, feats)
+    elif how in ("mean", "cls+patch"):
+        np.add.at(out, inv, feats)
+        out /= np.bincount(inv)[:, None]
+    else:
+        raise ProbeError(f"unknown pooling '{how}'; use mean, max or cls+patch")
+    return ids, out
+
+
+def patch_targets(mask: np.ndarray, rows: int, cols: int, n_classes: int) -> np.ndarray:
+    """Majority class id of each patch: (n, H, W) uint8 -> (n, rows, cols) int."""
+    n, h, w = mask.shape
+    onehot = np.eye(n_classes, dtype=np.float32)[mask.reshape(n, rows, h // rows, cols, w // cols)]
+    return onehot.mean((2, 4)).argmax(-1)
+
+
+def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear (n, rows, cols, K) -> (n, size, size, K), half-pixel centres."""
+    n, r, c, _ = logits.shape
+    return ndimage.zoom(logits, (1, size / r, size / c, 1), order=1, mode="nearest", grid_mode=True)
+
+
+@dataclass(frozen=True)
+class SegModel:
+    scaler: StandardScaler
+    model: LogisticRegression
+    n_classes: int
+    param: float
+    seconds: float
+
+    def predict(self, patch: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
+        """patch: (n, rows, cols, D) -> label maps (n, size, size) uint8."""
+        out = np.empty((len(patch), size, size), np.uint8)
+        for s in range(0, len(patch), batch):
+            p = np.asarray(patch[s : s + batch], np.float32)
+            n, r, c, d = p.shape
+            flat = self.scaler.transform(p.reshape(-1, d))
+            logits = np.full((len(flat), self.n_classes), -1e9, np.float32)
+            dec = self.model.decision_function(flat)
+            classes = self.model.classes_.astype(int)
+            if dec.ndim == 1:  # binary: decision is the log-odds of classes_[1]
+                dec = np.stack([np.zeros_like(dec), dec], 1)
+            logits[:, classes] = dec
+            up = upsample_logits(logits.reshape(n, r, c, -1), size)
+            out[s : s + batch] = up.argmax(-1)
+        return out
+
+
+def _sample_patches(patch, targets, limit: int, seed: int):
+    x = np.asarray(patch, np.float32).reshape(-1, patch.shape[-1])
+    y = targets.reshape(-1)
+    if len(y) > limit:
+        keep = np.random.default_rng(seed).choice(len(y), limit, replace=False)
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def seg_probe(
+    patch_tr, mask_tr, patch_va, mask_va, volumes_va, n_classes: int, grid=SEG_C_GRID, seed: int = 0
+) -> SegModel:
+    """Linear head on patch tokens; C chosen by mean foreground Dice on val.
+
+    patch_*: (n, rows, cols, D); mask_*: (n, H, W) uint8; volumes_va: (n,) ids used
+    to re-stack val slices into volumes for Dice (each 2D image is its own id).
+    """
+    n, rows, cols, _ = patch_tr.shape
+    if n == 0 or len(patch_va) == 0:
+        raise ProbeError("segmentation needs train and val items")
+    t0 = time.perf_counter()
+    x, y = _sample_patches(
+        patch_tr, patch_targets(mask_tr, rows, cols, n_classes), SEG_MAX_PATCHES, seed
+    )
+    if len(np.unique(y)) < 2:
+        raise ProbeError("the train masks hold a single class; nothing to segment")
+    scaler = StandardScaler().fit(x)
+    x = scaler.transform(x)
+    best = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for c in grid:
+            model = _logreg(c, seed).fit(x, y)
+            cand = SegModel(scaler, model, n_classes, c, 0.0)
+            dice = mean_dice(
+                cand.predict(patch_va, mask_va.shape[-1]), mask_va, volumes_va, n_classes
+            )
+            if best is None or dice > best[0]:
+                best = (dice, cand)
+    chosen = best[1]
+    return SegModel(scaler, chosen.model, n_classes, chosen.param, time.perf_counter() - t0)
+
+
+def per_volume_scores(pred, truth, volumes, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and IoU per volume and class: two (V, K-1) arrays (NaN: class absent)."""
+    ids = list(dict.fromkeys(volumes))
+    dice = np.zeros((len(ids), n_classes - 1))
+    iou = np.zeros_like(dice)
+    for i, v in enumerate(ids):
+        sel = volumes == v
+        dice[i], iou[i] = dice_iou(pred[sel], truth[sel], n_classes)
+    return dice, iou
+
+
+def mean_dice(pred, truth, volumes, n_classes: int) -> float:
+    dice, _ = per_volume_scores(pred, truth, volumes, n_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny real parts (a DINOv3 saved with save_pretrained, real files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """File-hash memo and HF cache in temp folders; never touch the user's."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("FEATSTORE_HOME", str(home / "featstore"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("FEATSTORE_CACHE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov3(tmp_path_factory) -> Path:
+    """A tiny DINOv3 ViT (patch 8, 2 registers) saved like real weights, with mean/std."""
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-dinov3")
+    config = DINOv3ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=8,
+        num_register_tokens=2,
+        image_size=32,
+    )
+    torch.manual_seed(1)
+    DINOv3ViTModel(config).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]})
+    )
+    return folder
+
+
+def write_manifest(
+    tmp: Path, datasets: str, encoders: str, resolutions: str = "[32]", extra: str = ""
+) -> Path:
+    path = tmp / "manifest.yaml"
+    path.write_text(
+        f"cache: cache\nencoders: {encoders}\nresolutions: {resolutions}\n{extra}"
+        f"datasets:\n{datasets}"
+    )
+    return path
+
+
+SYNTH = """\
+  - name: {name}
+    format: synthetic
+    synthetic: {{kind: {kind}, n: {n}, size: {size}, slices: {slices}, seed: 0}}
+    path: data/{name}
+    task: {task}
+    dims: {dims}
+    {splits}
+"""
+
+
+def synth_entry(name: str, kind: str, n: int = 12, size: int = 32, slices: int = 6) -> str:
+    task = "segmentation" if kind.startswith("seg") else "classification"
+    dims = 3 if kind.endswith("3d") else 2
+    splits = "splits: {ratios: [0.5, 0.25, 0.25], seed: 0}" if dims == 3 else ""
+    return SYNTH.format(
+        name=name, kind=kind, n=n, size=size, slices=slices, task=task, dims=dims, splits=splits
+    )
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "PROVENANCE.md").is_file():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see README, 'Real data')")
+    return SHARED_DATA

@@ -1,0 +1,201 @@
+"""Extract: stored tokens == a direct forward pass; reuse, resume, mismatch, verify."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from conftest import REPO, synth_entry, write_manifest
+from transformers import AutoModel
+
+from featstore import readers, store
+from featstore.encoders import load_encoder
+from featstore.errors import EncoderNotFoundError, StoreMismatchError
+from featstore.manifest import load_manifest
+from featstore.preprocess import preprocess
+from pipelines import extract
+
+
+def _run(manifest_path: Path, **kw):
+    return extract.run(load_manifest(manifest_path), progress=False, echo=lambda *_: None, **kw)
+
+
+@pytest.mark.parametrize("kind", ["cls2d", "seg3d"])
+def test_stored_tokens_equal_direct_forward(tmp_path, tiny_dinov3, kind):
+    mpath = write_manifest(
+        tmp_path, synth_entry("d", kind, n=8), f"['{tiny_dinov3}']", extra="batch_size: 5\n"
+    )
+    (summary, _) = _run(mpath)
+    xs = xr.open_zarr(summary.path)
+    assert xs.attrs["complete"] is True and xs.attrs["encoder"]["random_init"] is False
+    assert xs.attrs["encoder"]["num_register_tokens"] == 2
+    assert xs.attrs["preprocess"]["mean"] == [0.5, 0.4, 0.3]  # read from the model folder
+    assert dict(xs.patch.sizes) == {"item": len(xs.item), "row": 4, "col": 4, "channel": 32}
+
+    m = load_manifest(mpath)
+    ds = m.datasets[0]
+    samples = readers.list_samples(ds)
+    encoder = load_encoder(str(tiny_dinov3), "cpu")
+    pre = extract.preprocess_config(ds, encoder, 32)
+    pixels = np.concatenate([preprocess(readers.load(ds, s).image, None, pre)[0] for s in samples])
+    model = AutoModel.from_pretrained(tiny_dinov3).eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+    np.testing.assert_allclose(xs.cls.values, out[:, 0].astype(np.float16), rtol=0, atol=2e-3)
+    patch = out[:, 3:].reshape(len(out), 4, 4, 32)  # 1 CLS + 2 registers dropped
+    np.testing.assert_allclose(xs.patch.values, patch.astype(np.float16), rtol=0, atol=2e-3)
+    assert list(xs.slice.values[:3]) == ([0, 1, 2] if kind == "seg3d" else [0, 0, 0])
+    if kind == "seg3d":
+        assert xs.mask.dtype == np.uint8 and set(np.unique(xs.mask.values)) <= {0, 1, 2}
+
+
+def test_second_run_is_cached_without_forward(tmp_path, tiny_dinov3, monkeypatch):
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']")
+    first = _run(mpath)
+    assert [s.status for s in first] == ["new", "new"]  # encoder + pixel baseline
+
+    def no_forward(*_a, **_k):
+        raise AssertionError("a cached feature set must not run the encoder")
+
+    monkeypatch.setattr(extract.Encoder, "encode", no_forward)
+    again = _run(mpath)
+    assert [s.status for s in again] == ["cached", "cached"]
+    # Another manifest asking for the same content gets the same set back.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "m.yaml").write_text(
+        mpath.read_text()
+        .replace("cache: cache", f"cache: {tmp_path}/cache")
+        .replace("name: d", "name: renamed")
+        .replace("path: data/d", f"path: {tmp_path}/data/d")
+    )
+    assert [s.status for s in _run(other / "m.yaml")] == ["cached", "cached"]
+
+
+def test_other_resolution_is_other_set_and_patch_grid(tmp_path, tiny_dinov3):
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']", "[32, 48]")
+    sets = [s for s in _run(mpath, baseline=False)]
+    assert len({s.path for s in sets}) == 2
+    for s in sets:
+        xs = xr.open_zarr(s.path)
+        assert xs.sizes["row"] == xs.sizes["col"] == s.resolution // 8
+
+
+def test_resolution_not_multiple_of_patch(tmp_path, tiny_dinov3):
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']", "[36]")
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        _run(mpath)
+
+
+def test_mismatch_is_an_error_and_overwrite_replaces(tmp_path, tiny_dinov3):
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']")
+    (s, _) = _run(mpath)
+    root = zarr.open_group(s.path, mode="r+", use_consolidated=False)
+    root.attrs["config"] = {**root.attrs["config"], "dtype": "float32"}  # written by "another"
+    with pytest.raises(StoreMismatchError, match=r"dtype: stored 'float32', requested 'float16'"):
+        _run(mpath)
+    assert (s.path / "cls").is_dir()  # nothing was deleted
+    (again, _) = _run(mpath, overwrite=True)
+    assert again.status == "new" and store.read_attrs(again.path)["config"]["dtype"] == "float16"
+
+
+def test_verify_catches_missing_chunk(tmp_path, tiny_dinov3):
+    mpath = write_manifest(
+        tmp_path, synth_entry("d", "cls2d", n=12), f"['{tiny_dinov3}']", extra="batch_size: 4\n"
+    )
+    (s, _) = _run(mpath)
+    assert store.verify(s.path) == []
+    chunk = s.path / "patch" / "c" / "1" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    problems = store.verify(s.path)
+    assert any("patch: 1 of 3 chunks missing" in p for p in problems)
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+
+    result = CliRunner().invoke(app, ["verify", str(s.path)])
+    assert result.exit_code == 1 and "chunks missing" in result.output
+
+
+def test_skip_bad_records_and_continues(tmp_path, tiny_dinov3):
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d", n=12), f"['{tiny_dinov3}']")
+    readers.list_samples(load_manifest(mpath).datasets[0])  # generates the files
+    bad = tmp_path / "data" / "d" / "images" / "img0003.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"img0003\.png: cannot decode image"):
+        _run(mpath, baseline=False)
+    (s,) = _run(mpath, baseline=False, skip_bad=True)
+    assert s.skipped == 1
+    attrs = store.read_attrs(s.path)
+    assert list(attrs["skipped"]) == ["img0003"] and attrs["complete"]
+    assert store.verify(s.path) == []
+
+
+def test_missing_encoder_says_where_it_looked(tmp_path):
+    with pytest.raises(EncoderNotFoundError, match="not a hub id in the cache"):
+        load_encoder("nobody/no-such-model")
+
+
+def test_preset_without_weights_is_flagged_random_init():
+    enc = load_encoder("dinov3-vits16")
+    assert enc.info.random_init and enc.info.num_register_tokens == 4
+    assert enc.info.hidden_size == 384 and enc.info.patch_size == 16
+    again = load_encoder("dinov3-vits16:random")
+    assert again.info.weights_sha256 == enc.info.weights_sha256  # fixed seed
+
+
+def _chunks(path: Path) -> dict[str, bytes]:
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "/c/" in f.as_posix() and not f.name.endswith(".json")
+    }
+
+
+def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
+    entry = synth_entry("d", "cls3d", n=16, slices=24)
+    (tmp_path / "clean").mkdir()
+    clean = write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra="batch_size: 4\n")
+    (ref, _) = _run(clean)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    mpath = write_manifest(killed, entry, f"['{tiny_dinov3}']", extra="batch_size: 4\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.extract",
+        "--manifest",
+        str(mpath),
+        "--no-baseline",
+        "--workers",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marks = killed / "cache" / ref.path.name / "_featstore" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (marks.is_dir() and any(marks.iterdir())):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    path = killed / "cache" / ref.path.name
+    left = store.pending_units(path)
+    assert 0 < len(left) < ref.items // 4, "the run must be killed part-way"
+    (resumed,) = _run(mpath, baseline=False)
+    assert resumed.status == "resumed" and 0 < resumed.items < ref.items  # only unmarked units
+    assert _chunks(path) == _chunks(ref.path)

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from featstore.errors import ManifestError
+from featstore.manifest import load_manifest
+
+# The example of issue 2, verbatim (long comment lines included).
+ISSUE_EXAMPLE = """\
+cache: cache/features            # where feature sets live; FEATSTORE_CACHE and --cache override
+encoders: [dinov3-vits16]        # preset names, local model folders or hub ids
+resolutions: [224]
+datasets:
+  - name: my-xray
+    format: images               # medmnist | images | nifti | dicom | synthetic
+    path: data/my-xray           # a folder, or the .npz file for medmnist
+    index: labels.csv            # images/nifti/dicom: one row per sample (image, label and/or mask, split)
+    task: classification         # classification | multilabel | segmentation
+    dims: 2                      # 2 or 3
+    modality: XR
+    intensity: {mode: minmax}    # or {mode: window, center: 40, width: 400} or {mode: percentile, low: 0.5, high: 99.5}
+    splits: {from: column}       # or {ratios: [0.7, 0.1, 0.2], seed: 0}
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "data" / "my-xray").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data" / "my-xray" / "labels.csv").write_text("image,label,split\n")
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_issue_example_parses_as_written(tmp_path):
+    m = load_manifest(_write(tmp_path, ISSUE_EXAMPLE))
+    ds = m.datasets[0]
+    assert (ds.name, ds.format, ds.task, ds.dims) == ("my-xray", "images", "classification", 2)
+    assert ds.path == tmp_path / "data" / "my-xray"  # relative to the manifest's folder
+    assert ds.splits.from_ == "column"
+    assert m.cache == tmp_path / "cache" / "features"
+
+
+def test_cache_override_order(tmp_path, monkeypatch):
+    path = _write(tmp_path, ISSUE_EXAMPLE)
+    monkeypatch.setenv("FEATSTORE_CACHE", str(tmp_path / "env"))
+    assert load_manifest(path).cache == tmp_path / "env"
+    assert load_manifest(path, cache=tmp_path / "flag").cache == tmp_path / "flag"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "    modality: XR",
+            "    modalty: XR",
+            r"dataset 'my-xray', field 'modalty'.*did you mean 'modality'",
+        ),
+        ("format: images ", "format: jpeg ", r"dataset 'my-xray', field 'format'.*'medmnist'"),
+        ("dims: 2 ", "dims: two ", r"dataset 'my-xray', field 'dims'"),
+        ("path: data/my-xray ", "path: data/nowhere ", r"dataset 'my-xray', field 'path'.*nowhere"),
+        ("{mode: minmax}", "{mode: window, center: 40}", r"field 'intensity'.*width"),
+        ("resolutions: [224]", "resolution: [224]", r"did you mean 'resolutions'"),
+        ("{from: column}", "{ratios: [0.5, 0.6, 0.2]}", r"field 'splits'.*sum"),
+    ],
+)
+def test_errors_name_dataset_field_and_fix(tmp_path, old, new, expected):
+    assert old in ISSUE_EXAMPLE
+    with pytest.raises(ManifestError, match=expected):
+        load_manifest(_write(tmp_path, ISSUE_EXAMPLE.replace(old, new)))
+
+
+def test_missing_manifest_and_bad_yaml(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(bad)
+
+
+def test_shipped_manifest_is_valid():
+    m = load_manifest(Path(__file__).resolve().parents[1] / "data_manifest.yaml")
+    assert {d.synthetic.kind for d in m.datasets} == {"cls2d", "seg2d", "cls3d", "seg3d"}
