@@ -1,0 +1,163 @@
+"""Probe stage: correct against scikit-learn, beats chance, never loads torch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO
+from sklearn import metrics as skm
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
+
+from featstore import probes
+from featstore.cli import app
+from featstore.metrics import classification_scores, dice_iou, with_intervals
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def shipped(tmp_path_factory, tiny_dinov3):
+    """The shipped manifest, run end to end through the CLI with the tiny encoder at 32 px."""
+    work = tmp_path_factory.mktemp("shipped")
+    shutil.copy(REPO / "data_manifest.yaml", work / "data_manifest.yaml")
+    args = [
+        "--manifest",
+        str(work / "data_manifest.yaml"),
+        "--encoder",
+        str(tiny_dinov3),
+        "--resolution",
+        "64",
+    ]
+    ex = runner.invoke(app, ["extract", *args])
+    assert ex.exit_code == 0, ex.output
+    pr = runner.invoke(app, ["probe", *args, "--out", str(work / "results")])
+    assert pr.exit_code == 0, pr.output
+    return work, args, pr.output, pd.read_csv(work / "results" / "results.csv")
+
+
+def test_end_to_end_table_and_rows(shipped):
+    _, _, output, df = shipped
+    assert "synth-organs-3d" in output and "seg-linear" in output and "[" in output
+    assert set(df.dataset) == {
+        "synth-lesions-2d",
+        "synth-structures-2d",
+        "synth-nodules-3d",
+        "synth-organs-3d",
+    }
+    assert set(df.encoder) == {"pixels", shipped[1][3].rstrip("/").split("/")[-1]}
+    assert not df.duplicated(
+        ["dataset", "encoder", "random_init", "resolution", "probe", "metric"]
+    ).any()
+
+
+def test_each_probe_beats_chance(shipped):
+    df = shipped[3]
+    df = df[df.encoder != "pixels"]  # the baseline may sit at chance: that is its job
+    cls = df[df.metric == "balanced_accuracy"]
+    chance = cls.dataset.map({"synth-lesions-2d": 1 / 3, "synth-nodules-3d": 1 / 2})
+    assert len(cls) == 4 and (cls.value > chance).all(), cls[["dataset", "probe", "value"]]
+    assert (df[df.metric == "auroc"].value > 0.5).all()
+    dice = df[df.metric == "dice"]  # predicting background everywhere scores 0
+    assert len(dice) == 2 and (dice.value > 0.2).all(), dice[["dataset", "value"]]
+
+
+def test_intervals_contain_point_estimates(shipped):
+    df = shipped[3].dropna(subset=["ci_low"])
+    assert ((df.ci_low <= df.value + 1e-9) & (df.value <= df.ci_high + 1e-9)).all()
+
+
+def test_rerun_is_deterministic_and_appends_nothing_twice(shipped):
+    work, args, _, before = shipped
+    again = runner.invoke(app, ["probe", *args, "--out", str(work / "results")])
+    assert again.exit_code == 0, again.output
+    after = pd.read_csv(work / "results" / "results.csv")
+    cols = ["dataset", "encoder", "resolution", "probe", "metric", "value", "ci_low", "ci_high"]
+    pd.testing.assert_frame_equal(before[cols], after[cols])
+
+
+def test_probe_stage_never_imports_torch(shipped):
+    work, args, _, _ = shipped
+    code = (
+        "import sys; from typer.testing import CliRunner; from featstore.cli import app; "
+        f"r = CliRunner().invoke(app, ['probe', *{args!r}, '--out', {str(work / 'r2')!r}]); "
+        "assert r.exit_code == 0, r.output; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_missing_set_names_the_extract_command(shipped, tmp_path):
+    work, args, _, _ = shipped
+    args = [*args[:-1], "48"]  # a resolution that was never extracted
+    out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path)])
+    assert out.exit_code == 2
+    assert "featstore extract --manifest" in out.output and "--resolution 48" in out.output
+
+
+def _blobs(n: int, k: int, d: int, seed: int):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    return rng.normal(size=(n, d)) + 1.5 * np.eye(k, d)[y], y
+
+
+def test_linear_and_knn_match_direct_sklearn():
+    (xtr, ytr), (xva, yva), (xte, yte) = (
+        _blobs(n, 3, 8, s) for n, s in ((90, 0), (30, 1), (40, 2))
+    )
+    lin = probes.linear_probe(xtr, ytr, xva, yva, xte, 3)
+    sc = StandardScaler().fit(xtr)
+    ref = LogisticRegression(C=lin.param, max_iter=1000, random_state=0).fit(sc.transform(xtr), ytr)
+    np.testing.assert_allclose(lin.proba, ref.predict_proba(sc.transform(xte)), atol=1e-8)
+    knn = probes.knn_probe(xtr, ytr, xva, yva, xte, 3)
+    direct = KNeighborsClassifier(int(knn.param), metric="cosine", algorithm="brute").fit(xtr, ytr)
+    np.testing.assert_allclose(knn.proba, direct.predict_proba(xte))
+    s = classification_scores(yte, lin.proba)
+    assert s["accuracy"] == pytest.approx(skm.accuracy_score(yte, lin.proba.argmax(1)))
+    assert s["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(yte, lin.proba.argmax(1))
+    )
+    assert s["f1"] == pytest.approx(skm.f1_score(yte, lin.proba.argmax(1), average="macro"))
+    assert s["auroc"] == pytest.approx(skm.roc_auc_score(yte, lin.proba, multi_class="ovr"))
+    assert s["accuracy"] > 0.6
+
+
+def test_multilabel_probe_scores_each_label():
+    x, y = _blobs(200, 4, 8, 0)
+    multi = np.stack([y == 0, y == 1, (y == 2) | (y == 3)], 1).astype(int)
+    p = probes.linear_probe(x[:120], multi[:120], x[120:160], multi[120:160], x[160:], 3)
+    assert p.proba.shape == (40, 3)
+    s = classification_scores(multi[160:], p.proba)
+    assert s["auroc"] == pytest.approx(skm.roc_auc_score(multi[160:], p.proba, average="macro"))
+
+
+def test_dice_perfect_empty_and_intervals():
+    truth = np.zeros((2, 8, 8), np.uint8)
+    truth[0, 2:5, 2:5] = 1
+    truth[1, 1:3, 1:6] = 2
+    dice, iou = dice_iou(truth, truth, 3)
+    assert np.all(dice == 1) and np.all(iou == 1)
+    dice, iou = dice_iou(np.zeros_like(truth), truth, 3)
+    assert np.all(dice == 0) and np.all(iou == 0)
+    y = np.array([0, 1] * 20)
+    proba = np.stack([1 - y * 0.7, y * 0.7], 1)
+    for value, lo, hi in with_intervals(
+        lambda i: classification_scores(y[i], proba[i]), len(y)
+    ).values():
+        assert lo <= value <= hi
+
+
+def test_pool_volumes():
+    cls = np.arange(12, dtype=float).reshape(6, 2)
+    ids, mean = probes.pool_volumes(cls, np.array(list("aabbbc")), "mean")
+    assert list(ids) == ["a", "b", "c"] and np.allclose(mean[1], cls[2:5].mean(0))
+    _, mx = probes.pool_volumes(cls, np.array(list("aabbbc")), "max")
+    assert np.allclose(mx[1], cls[4])
