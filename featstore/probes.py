@@ -11,7 +11,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -158,10 +157,23 @@ def patch_targets(mask: np.ndarray, rows: int, cols: int, n_classes: int) -> np.
     return onehot.mean((2, 4)).argmax(-1)
 
 
+def _linear_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) 1-D linear interpolation, half-pixel centres, edges clamped."""
+    x = np.clip((np.arange(dst) + 0.5) * src / dst - 0.5, 0, src - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, src - 1)
+    w = np.zeros((dst, src), np.float32)
+    np.add.at(w, (np.arange(dst), lo), 1 - (x - lo))
+    np.add.at(w, (np.arange(dst), hi), x - lo)
+    return w
+
+
 def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (n, rows, cols, K) -> (n, size, size, K), half-pixel centres."""
-    n, r, c, _ = logits.shape
-    return ndimage.zoom(logits, (1, size / r, size / c, 1), order=1, mode="nearest", grid_mode=True)
+    """Bilinear (n, rows, cols, K) -> (n, size, size, K), as torch's
+    `interpolate(mode="bilinear", align_corners=False)`; separable, so two matmuls."""
+    _, r, c, _ = logits.shape
+    wy, wx = _linear_weights(r, size), _linear_weights(c, size)
+    return np.einsum("yr,nrck,xc->nyxk", wy, logits.astype(np.float32), wx, optimize=True)
 
 
 @dataclass(frozen=True)

@@ -295,16 +295,20 @@ def extract_one(
                 raise BadInputError(next(iter(errors.values())))
             skipped.update(errors)
             fb = encoder.encode(pixels, manifest.layers)
-            cls = fb.cls.numpy()[:, 0] if layout.layers == 1 else fb.cls.numpy()
-            patch = fb.patch.numpy() if layout.rows else None
-            if errors:  # skipped samples: NaN features, recorded in the attributes
-                ids = np.asarray(
-                    [prep.samples[i].id for i, _ in prep.index[layout.unit_slice(unit)]]
-                )
-                bad = np.isin(ids, list(errors))
-                cls[bad] = np.nan
-                if patch is not None:
-                    patch[bad] = np.nan
+            cls = fb.cls.numpy().astype(manifest.dtype)
+            cls = cls[:, 0] if layout.layers == 1 else cls
+            patch = fb.patch.numpy().astype(manifest.dtype) if layout.rows else None
+            ids = np.asarray([prep.samples[i].id for i, _ in prep.index[layout.unit_slice(unit)]])
+            bad = np.isin(ids, list(errors))
+            for var, arr in (("cls", cls), ("patch", patch)):
+                if arr is not None and not np.isfinite(arr[~bad]).all():
+                    rows = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1) & ~bad)
+                    raise FloatingPointError(
+                        f"{prep.ds.name}: the encoder gave NaN/Inf {var} features for "
+                        f"{sorted(set(ids[rows]))[:5]}; with float16 storage this is an "
+                        "overflow: set `dtype: float32` in the manifest")
+                if arr is not None:  # skipped samples: NaN, recorded in the attributes
+                    arr[bad] = np.nan
             writer.put(unit, cls, patch, None if masks is None else masks.numpy())
             bar.update(len(pixels))
     finally:
