@@ -6,6 +6,8 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 MANIFEST ?= data_manifest.yaml
 OUT ?= results
+# Real data for manifests/real.yaml (see ../shared/data/PROVENANCE.md).
+export FEATSTORE_DATA ?= $(abspath ../shared/data)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -34,8 +34,10 @@ def main() -> None:
     if len(sys.argv) > 1:
         path = Path(sys.argv[1])
     else:
-        sets = sorted(Path("cache/features").glob("*.zarr"),
-                      key=lambda p: sum(f.stat().st_size for f in p.rglob("*")))
+        sets = sorted(
+            Path("cache/features").glob("*.zarr"),
+            key=lambda p: sum(f.stat().st_size for f in p.rglob("*")),
+        )
         if not sets:
             sys.exit("no feature sets: run `make extract` first or pass a path")
         path = sets[-1]
@@ -43,14 +45,17 @@ def main() -> None:
     data = np.asarray(xs.patch.values)
     chunks = xs.patch.encoding.get("chunks") or xs.patch.data.chunksize
     enc = xs.attrs["encoder"]
-    print(f"{path}: patch {data.shape} {data.dtype}, {data.nbytes / 1e6:.1f} MB raw; encoder "
-          f"{enc['name']} random_init={enc['random_init']}")
+    print(
+        f"{path}: patch {data.shape} {data.dtype}, {data.nbytes / 1e6:.1f} MB raw; encoder "
+        f"{enc['name']} random_init={enc['random_init']}"
+    )
     print(f"{'codec':<26} {'ratio':>6} {'write MB/s':>11} {'read MB/s':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, codecs in CANDIDATES.items():
             target = Path(tmp) / name.replace(" ", "_")
-            arr = zarr.create_array(target, shape=data.shape, chunks=chunks, dtype=data.dtype,
-                                    compressors=codecs)
+            arr = zarr.create_array(
+                target, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=codecs
+            )
             t0 = time.perf_counter()
             arr[:] = data
             write = data.nbytes / 1e6 / (time.perf_counter() - t0)

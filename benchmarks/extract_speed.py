@@ -38,16 +38,29 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
-        ds = Dataset(name="bench", format="synthetic", path=Path(tmp) / "data",
-                     synthetic=Synthetic(kind="cls2d", n=args.n, size=96), task="classification",
-                     dims=2)
-        manifest = Manifest(cache=Path(tmp) / "cache", datasets=(ds,), encoders=(args.encoder,),
-                            resolutions=(args.resolution,), batch_size=args.batch_size)
+        ds = Dataset(
+            name="bench",
+            format="synthetic",
+            path=Path(tmp) / "data",
+            synthetic=Synthetic(kind="cls2d", n=args.n, size=96),
+            task="classification",
+            dims=2,
+        )
+        manifest = Manifest(
+            cache=Path(tmp) / "cache",
+            datasets=(ds,),
+            encoders=(args.encoder,),
+            resolutions=(args.resolution,),
+            batch_size=args.batch_size,
+        )
         prep = readers.prepare(ds)
         encoder = load_encoder(args.encoder, "cpu")
-        pre = extract.preprocess_config(ds, encoder, args.resolution)
-        ready = torch.from_numpy(np.concatenate(
-            [preprocess(readers.load(ds, s).image, None, pre)[0] for s in prep.samples]))
+        pre = extract.preprocess_config(ds, encoder, args.resolution, manifest)
+        ready = torch.from_numpy(
+            np.concatenate(
+                [preprocess(readers.load(ds, s).image, None, pre)[0] for s in prep.samples]
+            )
+        )
         encoder.encode(ready[:4])  # warm-up (allocator, kernels)
 
         bare, full = [], []
@@ -58,15 +71,24 @@ def main() -> None:
             bare.append(len(ready) / (time.perf_counter() - t0))
             run = manifest.model_copy(update={"cache": Path(tmp) / f"cache{r}"})
             t0 = time.perf_counter()
-            summary = extract.extract_one(prep, encoder, args.encoder, args.resolution, run,
-                                          num_workers=args.workers, progress=False)
+            summary = extract.extract_one(
+                prep,
+                encoder,
+                args.encoder,
+                args.resolution,
+                run,
+                num_workers=args.workers,
+                progress=False,
+            )
             full.append(summary.items / (time.perf_counter() - t0))
             print(f"round {r}: bare {bare[-1]:.2f} items/s, pipeline {full[-1]:.2f} items/s")
         bare_rate, full_rate = float(np.median(bare)), float(np.median(full))
 
-    print(f"encoder {encoder.info.name} (random_init={encoder.info.random_init}), "
-          f"{args.resolution}px, {args.n} images, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"encoder {encoder.info.name} (random_init={encoder.info.random_init}), "
+        f"{args.resolution}px, {args.n} images, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"bare forward loop  : {bare_rate:7.2f} items/s (median of {args.rounds})")
     print(f"extract pipeline   : {full_rate:7.2f} items/s (median of {args.rounds})")
     print(f"ratio pipeline/bare: {full_rate / bare_rate:.3f}  (target >= 0.9)")

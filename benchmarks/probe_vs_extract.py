@@ -36,8 +36,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--manifest", args.manifest, "--cache", f"{tmp}/cache"]
         ext = timed([sys.executable, "-m", "pipelines.extract", *common])
-        probes = [timed([sys.executable, "-m", "pipelines.probe", *common, "--out",
-                         f"{tmp}/results{i}"]) for i in range(2)]
+        probes = [
+            timed([sys.executable, "-m", "pipelines.probe", *common, "--out", f"{tmp}/results{i}"])
+            for i in range(2)
+        ]
         size = sum(f.stat().st_size for f in Path(tmp, "cache").rglob("*") if f.is_file())
     print(f"manifest {args.manifest}; feature sets: {size / 1e6:.0f} MB on disk")
     print(f"{'stage':<22} {'seconds':>8} {'peak MB':>8}")

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,21 @@ class Splits(_Frozen):
         return self
 
 
+class GlobIndex(_Frozen):
+    """An index built from file names, for data that ships without one.
+
+    `glob` finds the images (relative to `path`); `mask` is a template for each
+    image's mask, relative to the image's folder ({name}: file name, {stem}: name
+    without extensions); `join` is an optional CSV whose `key` column holds image file
+    names, and whose other columns (label, split, patient, metadata) are merged in.
+    """
+
+    glob: str
+    mask: str | None = None
+    join: str | None = None
+    key: str = "filename"  # (not `on`: YAML 1.1 reads a bare `on` as true)
+
+
 class Synthetic(_Frozen):
     """A generated dataset (written as real PNG/CSV or NIfTI files on first use)."""
 
@@ -85,7 +101,7 @@ class Dataset(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     format: Format
     path: Path
-    index: str | None = None  # CSV inside `path` (images/nifti/dicom)
+    index: str | GlobIndex | None = None  # CSV inside `path`, or a GlobIndex
     task: Task
     dims: Literal[2, 3]
     modality: str = ""
@@ -95,6 +111,9 @@ class Dataset(_Frozen):
     classes: tuple[str, ...] | None = None  # optional class names, index = label id
     fit: Literal["resize", "pad"] = "resize"  # pad: small images centred on a zero canvas
     fill_outlines: bool = False  # masks given as closed outlines: fill them per slice
+    metadata: dict[str, str] = {}  # index column -> coordinate name kept on `item`
+    mask_map: dict[int, int] = {}  # mask value -> class id, e.g. {255: 1} for 0/255 masks
+    resolutions: tuple[int, ...] | None = None  # overrides the top-level list for this set
     synthetic: Synthetic | None = None
 
     @model_validator(mode="after")
@@ -127,8 +146,12 @@ class Manifest(_Frozen):
     layers: int = Field(default=1, ge=1)  # CLS of the last N blocks (N > 1 adds a `layer` dim)
     patch: bool = True  # store patch tokens
     batch_size: int = Field(default=32, ge=1)
+    # medmnist+: small images zero-padded (fit: pad) and kNN with k=11, Euclidean
+    # distance, majority vote (Doerrich et al. 2024), beside the default probes.
+    protocol: Literal["default", "medmnist+"] = "default"
     datasets: tuple[Dataset, ...]
     source: Path | None = Field(default=None, exclude=True)  # the YAML file, for messages
+    resolutions_override: bool = Field(default=False, exclude=True)  # --resolution given
 
     @field_validator("resolutions")
     @classmethod
@@ -154,6 +177,16 @@ class Manifest(_Frozen):
             f"known: {', '.join(d.name for d in self.datasets)}"
         )
 
+    def fit_for(self, ds: Dataset) -> str:
+        return "pad" if self.protocol == "medmnist+" else ds.fit
+
+    def resolutions_for(self, ds: Dataset) -> tuple[int, ...]:
+        return (
+            self.resolutions
+            if self.resolutions_override or ds.resolutions is None
+            else (ds.resolutions)
+        )
+
     def select(
         self,
         datasets: Sequence[str] = (),
@@ -169,6 +202,7 @@ class Manifest(_Frozen):
             update["encoders"] = tuple(encoders)
         if resolutions:
             update["resolutions"] = tuple(resolutions)
+            update["resolutions_override"] = True
         if cache is not None:
             update["cache"] = Path(cache).resolve()
         return self.model_copy(update=update)
@@ -223,6 +257,12 @@ def _explain(err: ValidationError, raw: dict[str, Any], source: Path) -> Manifes
     return ManifestError(f"{source}: invalid manifest\n  " + "\n  ".join(lines))
 
 
+def _expand(text: str) -> str:
+    """$VAR, ${VAR} and ${VAR:-default} from the environment."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1]) or m[2], text)
+    return os.path.expandvars(text)
+
+
 def load_manifest(
     path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
 ) -> Manifest:
@@ -248,14 +288,14 @@ def load_manifest(
     chosen = cache or os.environ.get("FEATSTORE_CACHE") or manifest.cache
     datasets = []
     for d in manifest.datasets:
-        p = d.path if d.path.is_absolute() else root / d.path
-        p = Path(os.path.expandvars(str(p)))
+        p = Path(_expand(str(d.path)))
+        p = p if p.is_absolute() else root / p
         if d.synthetic is None and not p.exists():
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'path': {p} does not exist; "
                 "fix the path (relative paths resolve against the manifest's folder)"
             )
-        if d.index and d.synthetic is None and not (p / d.index).is_file():
+        if isinstance(d.index, str) and d.synthetic is None and not (p / d.index).is_file():
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'index': {p / d.index} does not exist; "
                 "give a CSV inside `path` with one row per sample"
@@ -280,7 +320,9 @@ def request(
         "encoder": encoder,
         "resolution": resolution,
         "intensity": ds.intensity.model_dump(),
-        "fit": ds.fit,
+        "fit": manifest.fit_for(ds),
+        "metadata": ds.metadata,
+        "mask_map": {str(k): v for k, v in ds.mask_map.items()},
         "fill_outlines": ds.fill_outlines,
         "slice_axis": ds.slice_axis,
         "layers": manifest.layers,

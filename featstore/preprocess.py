@@ -25,7 +25,6 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     fit: Literal["resize", "pad"] = "resize"  # pad: centre small images on a zero canvas
-    fill_outlines: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)

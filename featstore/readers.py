@@ -11,6 +11,7 @@ raw float32 intensities, slices first:
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from featstore.errors import BadInputError
-from featstore.manifest import SPLITS, Dataset, fingerprint, hash_memo
+from featstore.manifest import SPLITS, Dataset, GlobIndex, fingerprint, hash_memo
 from featstore.synthetic import generate
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ canonical orientation
@@ -37,6 +38,7 @@ class Sample:
     image: str  # file path, DICOM folder, or "split:index" inside a MedMNIST npz
     mask: str | None = None
     group: str = ""  # patient id: samples of one group never cross splits
+    meta: tuple[tuple[str, str], ...] = ()  # (coordinate name, value) from `metadata:`
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,49 @@ class Loaded:
 # ------------------------------------------------------------------ listing
 
 
+def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[dict[str, str]]:
+    images = sorted(p for p in ds.path.glob(spec.glob) if p.is_file())
+    if not images:
+        raise BadInputError(
+            f"{ds.path}: index.glob {spec.glob!r} matches no file; check the "
+            "pattern (relative to the dataset path)"
+        )
+    joined: dict[str, dict[str, str]] = {}
+    if spec.join:
+        with (ds.path / spec.join).open(newline="", encoding="utf-8-sig") as f:
+            table = list(csv.DictReader(f))
+        if table and spec.key not in table[0]:
+            raise BadInputError(
+                f"{ds.path / spec.join}: no column {spec.key!r} (index.key); "
+                f"columns are {list(table[0])}"
+            )
+        joined = {row[spec.key]: row for row in table}
+    rows = []
+    for img in images:
+        row = {"image": img.relative_to(ds.path).as_posix()}
+        if spec.mask:
+            mask = img.parent / spec.mask.format(name=img.name, stem=img.name.split(".")[0])
+            row["mask"] = os.path.relpath(mask, ds.path)
+        if spec.join:
+            if img.name not in joined:
+                raise BadInputError(
+                    f"{ds.path / spec.join}: no row for {img.name} (column {spec.key!r})"
+                )
+            row |= {k: v for k, v in joined[img.name].items() if k != spec.key}
+        rows.append(row)
+    return rows
+
+
 def _read_index(ds: Dataset) -> list[dict[str, str]]:
-    path = ds.path / (ds.index or "index.csv")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    if isinstance(ds.index, GlobIndex):
+        path, rows = ds.path / ds.index.glob, _glob_rows(ds, ds.index)
+    else:
+        path = ds.path / (ds.index or "index.csv")
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
     if not rows:
         raise BadInputError(f"{path}: index has no rows; add one row per sample")
-    need = {"image"} | ({"mask"} if ds.task == "segmentation" else {"label"})
+    need = {"image"} | ({"mask"} if ds.task == "segmentation" else {"label"}) | set(ds.metadata)
     missing = need - set(rows[0])
     if missing:
         raise BadInputError(
@@ -96,7 +134,7 @@ def _count_items(ds: Dataset, path: Path) -> int:
 
 
 def _list_indexed(ds: Dataset) -> list[Sample]:
-    index = ds.path / (ds.index or "index.csv")
+    index = ds.path / (ds.index if isinstance(ds.index, str) else "index.csv")
     out = []
     for n, row in enumerate(_read_index(ds), start=2):
         where = f"{index}, line {n}"
@@ -123,6 +161,7 @@ def _list_indexed(ds: Dataset) -> list[Sample]:
                 image=str(image),
                 mask=str(mask) if mask else None,
                 group=row.get("patient") or sid,
+                meta=tuple((name, row[col]) for col, name in ds.metadata.items()),
             )
         )
     return out
@@ -198,7 +237,10 @@ def dataset_files(ds: Dataset, samples: list[Sample]) -> list[Path]:
     """Every file whose bytes determine the dataset (for its fingerprint)."""
     if ds.format == "medmnist":
         return [ds.path]
-    files = [ds.path / (ds.index or "index.csv")]
+    if isinstance(ds.index, GlobIndex):
+        files = [ds.path / ds.index.join] if ds.index.join else []
+    else:
+        files = [ds.path / (ds.index or "index.csv")]
     for s in samples:
         for p in filter(None, (s.image, s.mask)):
             path = Path(p)
@@ -224,7 +266,7 @@ class Prepared:
 
 def prepare(ds: Dataset) -> Prepared:
     samples = list_samples(ds)
-    table = [(s.id, s.split, s.label, s.n_items, s.group) for s in samples]
+    table = [(s.id, s.split, s.label, s.n_items, s.group, s.meta) for s in samples]
     fp = fingerprint(dataset_files(ds, samples), table, ds.path, hash_memo())
     return Prepared(ds, samples, fp)
 
@@ -354,6 +396,13 @@ def load(ds: Dataset, sample: Sample) -> Loaded:
         if m.min() < 0 or m.max() > 255 or not np.array_equal(m, np.round(m)):
             raise BadInputError(f"{mpath}: mask values must be integer class ids in 0..255")
         mask = m.astype(np.uint8)
+        if ds.mask_map:
+            lut = np.arange(256, dtype=np.uint8)
+            for value, cls in ds.mask_map.items():
+                lut[value] = cls
+            mask = lut[mask]
+        if ds.fill_outlines:
+            mask = fill_outlines(mask)
     return Loaded(image=image, mask=mask)
 
 

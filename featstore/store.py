@@ -96,10 +96,12 @@ def create(
     labels: np.ndarray | None,
     config: dict[str, Any],
     attrs: dict[str, Any],
+    metadata: dict[str, Sequence[str]] | None = None,
 ) -> None:
     """Allocate an empty feature set (metadata, coordinates, labels, marks).
 
     Data variables are allocated, not written: each unit fills its own chunk later.
+    `metadata` adds per-item coordinates (numeric when every value parses as one).
     """
     n, c = layout.n_items, layout.chunk_items
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
@@ -123,6 +125,11 @@ def create(
         "slice": ("item", np.asarray(slice_, dtype=np.int32)),
         "split": ("item", np.asarray(split, dtype=object)),
     }
+    for name, values in (metadata or {}).items():
+        try:
+            coords[name] = ("item", np.asarray(values, dtype=np.float64))
+        except ValueError:
+            coords[name] = ("item", np.asarray(values, dtype=object))
     ds = xr.Dataset(variables, coords=coords)
     ds.attrs.update(
         _json_safe(

@@ -55,7 +55,9 @@ class Summary:
         )
 
 
-def preprocess_config(ds: Dataset, encoder: Encoder, resolution: int) -> Preprocess:
+def preprocess_config(
+    ds: Dataset, encoder: Encoder, resolution: int, manifest: Manifest
+) -> Preprocess:
     p = encoder.patch_size
     if resolution % p:
         raise BadInputError(
@@ -67,8 +69,7 @@ def preprocess_config(ds: Dataset, encoder: Encoder, resolution: int) -> Preproc
         intensity=ds.intensity,
         mean=encoder.info.mean,
         std=encoder.info.std,
-        fit=ds.fit,
-        fill_outlines=ds.fill_outlines,
+        fit=manifest.fit_for(ds),
     )
 
 
@@ -82,6 +83,9 @@ def set_config(prep: Prepared, encoder: Encoder, pre: Preprocess, manifest: Mani
             "task": prep.ds.task,
             "dims": prep.ds.dims,
             "slice_axis": prep.ds.slice_axis,
+            "fill_outlines": prep.ds.fill_outlines,
+            "mask_map": {str(k): v for k, v in prep.ds.mask_map.items()},
+            "metadata": prep.ds.metadata,
         },
         "encoder": {
             "model_type": e.model_type,
@@ -135,10 +139,7 @@ class _Units(torch.utils.data.Dataset):
             sample = self.prep.samples[i]
             try:
                 loaded = readers.load(self.prep.ds, sample)
-                mask = loaded.mask
-                if mask is not None and self.pre.fill_outlines:
-                    mask = readers.fill_outlines(mask)
-                value: object = preprocess(loaded.image, mask, self.pre)
+                value: object = preprocess(loaded.image, loaded.mask, self.pre)
                 if value[0].shape[0] != sample.n_items:
                     raise BadInputError(
                         f"{sample.image}: {value[0].shape[0]} slices, the index "
@@ -218,7 +219,7 @@ def extract_one(
 ) -> Summary:
     """Make (or find, or finish) one feature set and return what was done."""
     t0 = time.perf_counter()
-    pre = preprocess_config(prep.ds, encoder, resolution)
+    pre = preprocess_config(prep.ds, encoder, resolution, manifest)
     config = set_config(prep, encoder, pre, manifest)
     key = store.cache_key(config)
     path = store.store_path(manifest.cache, key)
@@ -266,6 +267,10 @@ def extract_one(
                 "versions": _versions(),
                 "requests": [req],
             },
+            metadata={
+                name: [dict(prep.samples[i].meta)[name] for i, _ in idx]
+                for name in prep.ds.metadata.values()
+            },
         )
     units = [u for u in store.pending_units(path) if u % shard[1] == shard[0]]
     n_items = sum(layout.unit_slice(u).stop - layout.unit_slice(u).start for u in units)
@@ -306,7 +311,8 @@ def extract_one(
                     raise FloatingPointError(
                         f"{prep.ds.name}: the encoder gave NaN/Inf {var} features for "
                         f"{sorted(set(ids[rows]))[:5]}; with float16 storage this is an "
-                        "overflow: set `dtype: float32` in the manifest")
+                        "overflow: set `dtype: float32` in the manifest"
+                    )
                 if arr is not None:  # skipped samples: NaN, recorded in the attributes
                     arr[bad] = np.nan
             writer.put(unit, cls, patch, None if masks is None else masks.numpy())
@@ -386,7 +392,7 @@ def run(
         if encoder.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         for prep in prepared:
-            for res in manifest.resolutions:
+            for res in manifest.resolutions_for(prep.ds):
                 s = extract_one(
                     prep,
                     encoder,

@@ -249,13 +249,14 @@ def run(
             problems.append(f"{ds.name}: {exc}")
             continue
         for spec in specs:
-            for res in manifest.resolutions:
+            for res in manifest.resolutions_for(ds):
                 where = f"{ds.name} / {spec} @ {res}px"
                 path = store.find_set(
                     manifest.cache, request(ds, prep.fingerprint, spec, res, manifest)
                 )
                 if path is None:
                     src = f" --manifest {manifest.source}" if manifest.source else ""
+                    src += f" --cache {manifest.cache}"
                     problems.append(
                         f"{where}: no feature set in {manifest.cache}; make it with "
                         f"`featstore extract{src} --dataset {ds.name} "

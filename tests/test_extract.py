@@ -45,7 +45,7 @@ def test_stored_tokens_equal_direct_forward(tmp_path, tiny_dinov3, kind):
     ds = m.datasets[0]
     samples = readers.list_samples(ds)
     encoder = load_encoder(str(tiny_dinov3), "cpu")
-    pre = extract.preprocess_config(ds, encoder, 32)
+    pre = extract.preprocess_config(ds, encoder, 32, m)
     pixels = np.concatenate([preprocess(readers.load(ds, s).image, None, pre)[0] for s in samples])
     model = AutoModel.from_pretrained(tiny_dinov3).eval()
     with torch.no_grad():

@@ -168,6 +168,14 @@ def test_upsampling_matches_torch_bilinear():
     import torch.nn.functional as F  # noqa: N812
 
     logits = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(logits).permute(0, 3, 1, 2), size=(32, 32),
-                        mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+    ref = (
+        F.interpolate(
+            torch.from_numpy(logits).permute(0, 3, 1, 2),
+            size=(32, 32),
+            mode="bilinear",
+            align_corners=False,
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     np.testing.assert_allclose(probes.upsample_logits(logits, 32), ref, atol=1e-5)
