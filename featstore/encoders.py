@@ -288,6 +288,14 @@ def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> 
         )
         return Encoder(model, info, device)
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".pth":  # Meta's original DINOv3 checkpoint
+        from featstore.dinov3_pth import load_pth
+
+        model, _ = load_pth(path, PRESETS)
+        sha = files_sha256([path], hash_memo())[str(path)]
+        return Encoder(
+            model, _info(path.stem, str(path.resolve()), model, path.parent, sha, False), device
+        )
     if path.is_dir():
         model, info = _load_folder(path.name, path, str(path.resolve()))
         return Encoder(model, info, device)

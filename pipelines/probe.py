@@ -23,7 +23,7 @@ from featstore.metrics import classification_scores, with_intervals
 from featstore.readers import prepare
 
 BASELINE = "pixels"
-KEY = ["dataset", "encoder", "random_init", "resolution", "probe", "metric"]
+KEY = ["dataset", "encoder", "random_init", "resolution", "protocol", "probe", "metric"]
 MAIN_METRIC = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice"}
 
 
@@ -70,7 +70,7 @@ def _classification(xs, ds: Dataset, pool: str, seed: int, knn_metric: str, knn_
                 xte,
                 n_classes,
                 metric=knn_metric,
-                **({"grid": knn_k} if knn_k else {}),
+                grid=knn_k,
             ),
         ),
     }
@@ -167,10 +167,12 @@ def probe_set(
     ds: Dataset,
     pool: str = "mean",
     seed: int = 0,
-    knn_metric: str = "cosine",
-    knn_k=None,
+    protocol: str = "default",
 ) -> list[dict[str, Any]]:
-    """Every probe that fits `ds.task`, on the feature set at `path`: result rows."""
+    """Every probe that fits `ds.task`, on the feature set at `path`: result rows.
+
+    protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote).
+    """
     xs = store.open_set(path)
     skipped = list(xs.attrs.get("skipped", {}))
     if skipped:
@@ -183,11 +185,13 @@ def probe_set(
         resolution=int(xs.attrs["preprocess"]["resolution"]),
         feature_set=xs.attrs["cache_key"][:12],
         pool=pool if ds.dims == 3 else "",
+        protocol=protocol,
     )
     if ds.task == "segmentation":
         found = _segmentation(xs, ds, seed)
     else:
-        found = _classification(xs, ds, pool, seed, knn_metric, knn_k)
+        knn = ("euclidean", (11,)) if protocol == "medmnist+" else ("cosine", probes.K_GRID)
+        found = _classification(xs, ds, pool, seed, *knn)
     return [{**ident, **row} for row in found]
 
 
@@ -198,6 +202,8 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     new = pd.DataFrame(rows)
     if csv.is_file() and len(new):
         old = pd.read_csv(csv)
+        if "protocol" not in old:  # results written before protocols existed
+            old["protocol"] = "default"
         keys = set(map(tuple, new[KEY].astype(str).values))
         old = old[[tuple(r) not in keys for r in old[KEY].astype(str).values]]
         new = pd.concat([old, new], ignore_index=True)
@@ -264,7 +270,7 @@ def run(
                     )
                     continue
                 try:
-                    got = probe_set(path, ds, pool, seed)
+                    got = probe_set(path, ds, pool, seed, manifest.protocol)
                 except FeatstoreError as exc:
                     problems.append(f"{where}: {exc}")
                     continue
