@@ -29,6 +29,9 @@ extract: $(STAMP)
 probe: extract
 	$(BIN)/python -m pipelines.probe --manifest $(MANIFEST) --out $(OUT)
 
+report: $(STAMP)
+	$(BIN)/python -m pipelines.report --out $(OUT)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

@@ -126,6 +126,22 @@ def probe(
         _fail(exc)
 
 
+@app.command()
+def report(
+    out: Path = typer.Option(
+        Path("results"),
+        help="Folder that `featstore probe --out` wrote; report.md/html land there.",
+    ),
+) -> None:
+    """Write report.md, report.html and plots from the results in OUT."""
+    try:
+        from pipelines import report as pipeline
+
+        pipeline.run(out, echo=typer.echo)
+    except FeatstoreError as exc:
+        _fail(exc)
+
+
 @app.command("ls")
 def ls(
     cache: Path = typer.Argument(

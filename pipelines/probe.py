@@ -10,6 +10,7 @@ test split with bootstrap intervals and upserts rows into results.csv/.jsonl.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,8 @@ def _classification(xs, ds: Dataset, pool: str, seed: int, knn_metric: str, knn_
             )
 
 
-def _segmentation(xs, ds: Dataset, seed: int):
+def _segmentation(xs, ds: Dataset, seed: int, keep: dict[str, np.ndarray]):
+    """Rows for the linear segmentation head; a few test predictions go into `keep`."""
     split = _str(xs.split)
     sample = _str(xs.sample)
     idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
@@ -127,7 +129,14 @@ def _segmentation(xs, ds: Dataset, seed: int):
             for s in range(0, len(te), 256)
         ]
     )
-    dice, iou = probes.per_volume_scores(pred, np.asarray(mask[te].values), sample[te], n_classes)
+    truth = np.asarray(mask[te].values)
+    dice, iou = probes.per_volume_scores(pred, truth, sample[te], n_classes)
+    # Examples for the report: per test volume (first 3), its slice with most foreground.
+    shown = [
+        int(np.flatnonzero(sample[te] == v)[np.argmax((truth[sample[te] == v] > 0).sum((1, 2)))])
+        for v in list(dict.fromkeys(sample[te]))[:3]
+    ]
+    keep.update(item=te[shown], pred=pred[shown], truth=truth[shown])
     names = list(ds.classes[1:]) if ds.classes else [str(c) for c in range(1, n_classes)]
 
     def scores(i: np.ndarray) -> dict[str, float]:
@@ -139,8 +148,6 @@ def _segmentation(xs, ds: Dataset, seed: int):
             for c, name in enumerate(names):
                 out[f"dice:{name}"] = float(np.nanmean(dice[i, c]))
         return out
-
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples of a rare class
@@ -168,10 +175,12 @@ def probe_set(
     pool: str = "mean",
     seed: int = 0,
     protocol: str = "default",
+    examples: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Every probe that fits `ds.task`, on the feature set at `path`: result rows.
 
     protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote).
+    Segmentation writes a few test predictions to `examples/<set>.npz` for the report.
     """
     xs = store.open_set(path)
     skipped = list(xs.attrs.get("skipped", {}))
@@ -188,7 +197,11 @@ def probe_set(
         protocol=protocol,
     )
     if ds.task == "segmentation":
-        found = _segmentation(xs, ds, seed)
+        keep: dict[str, np.ndarray] = {}
+        found = list(_segmentation(xs, ds, seed, keep))
+        if examples is not None:
+            examples.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(examples / f"{xs.attrs['cache_key'][:12]}.npz", **keep)
     else:
         knn = ("euclidean", (11,)) if protocol == "medmnist+" else ("cosine", probes.K_GRID)
         found = _classification(xs, ds, pool, seed, *knn)
@@ -199,16 +212,14 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Upsert rows (keyed by dataset/encoder/random_init/resolution/probe/metric)."""
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "results.csv"
-    new = pd.DataFrame(rows)
-    if csv.is_file() and len(new):
+    new = pd.DataFrame(rows, columns=rows[0].keys() if rows else KEY)
+    if csv.is_file():
         old = pd.read_csv(csv)
         if "protocol" not in old:  # results written before protocols existed
             old["protocol"] = "default"
         keys = set(map(tuple, new[KEY].astype(str).values))
         old = old[[tuple(r) not in keys for r in old[KEY].astype(str).values]]
-        new = pd.concat([old, new], ignore_index=True)
-    elif csv.is_file():
-        new = pd.read_csv(csv)
+        new = pd.concat([old, new], ignore_index=True) if len(new) else old
     if len(new):
         new = new.sort_values(KEY, kind="stable").reset_index(drop=True)
     new.to_csv(csv, index=False, float_format="%.6g")
@@ -270,7 +281,7 @@ def run(
                     )
                     continue
                 try:
-                    got = probe_set(path, ds, pool, seed, manifest.protocol)
+                    got = probe_set(path, ds, pool, seed, manifest.protocol, out / "examples")
                 except FeatstoreError as exc:
                     problems.append(f"{where}: {exc}")
                     continue

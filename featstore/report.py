@@ -1,0 +1,246 @@
+"""Study report: tables and plots from results rows (pandas + matplotlib; no torch).
+
+Everything here takes data (a results DataFrame, arrays) and writes files; finding
+the data is `pipelines/report.py`'s job. Output is deterministic: the same results
+give byte-identical files, and a file whose bytes would not change is not rewritten.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+MAIN_METRIC = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice"}
+MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
+SIZE_ORDER = [
+    "dinov3-vits16",
+    "dinov3-vits16plus",
+    "dinov3-vitb16",
+    "dinov3-vitl16",
+    "dinov3-vith16plus",
+    "dinov3-vit7b16",
+]
+BASELINE = "pixels"
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Write `data` unless the file already holds exactly it. Returns True if written."""
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.write_bytes(data)
+    return True
+
+
+def save_figure(fig, path: Path) -> bool:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return write_if_changed(path, buf.getvalue())
+
+
+def label(encoder: str, random_init: bool) -> str:
+    return encoder + (" [random_init]" if random_init else "")
+
+
+def size_rank(encoder: str) -> int:
+    """Position in the DINOv3 size ladder (unknown encoders after it, by name)."""
+    return SIZE_ORDER.index(encoder) if encoder in SIZE_ORDER else len(SIZE_ORDER)
+
+
+def cell(row) -> str:
+    return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+
+
+def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Rows encoder x resolution, columns probe/metric; the best cell of the main
+    probe's main metric is marked with '**'; the pixel baseline is the last row."""
+    metrics = [MAIN_METRIC[task]] + (["accuracy", "f1"] if task != "segmentation" else ["iou"])
+    sub = df[df.metric.isin(metrics)].copy()
+    sub["row"] = [
+        f"{label(e, r)} @ {res}px"
+        for e, r, res in zip(sub.encoder, sub.random_init, sub.resolution, strict=True)
+    ]
+    sub["col"] = sub.probe + " / " + sub.metric
+    sub["text"] = [cell(r) for r in sub.itertuples()]
+    main = sub[
+        (sub.probe == MAIN_PROBE[task])
+        & (sub.metric == MAIN_METRIC[task])
+        & (sub.encoder != BASELINE)
+    ]
+    if len(main):
+        best = main.loc[main.value.idxmax()]
+        sub.loc[(sub.row == best.row) & (sub.col == best.col), "text"] = f"**{best.text}**"
+    table = sub.pivot_table(index="row", columns="col", values="text", aggfunc="first")
+    order = sorted(
+        table.index, key=lambda r: (r.startswith(BASELINE + " "), size_rank(r.split(" ")[0]), r)
+    )
+    cols = sorted(table.columns, key=lambda c: (not c.startswith(MAIN_PROBE[task]), c))
+    return table.loc[order, cols].fillna("")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    head = ["encoder @ resolution", *table.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [
+        "| " + " | ".join([idx, *row]) + " |"
+        for idx, row in zip(table.index, table.values.tolist(), strict=True)
+    ]
+    return "\n".join(lines)
+
+
+def to_html(table: pd.DataFrame) -> str:
+    def fmt(text: str) -> str:
+        bold = text.startswith("**")
+        text = html.escape(text.strip("*"))
+        return f"<b>{text}</b>" if bold else text
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["encoder @ resolution", *table.columns])
+    body = "".join(
+        "<tr><td>"
+        + html.escape(idx)
+        + "</td>"
+        + "".join(f"<td>{fmt(v)}</td>" for v in row)
+        + "</tr>"
+        for idx, row in zip(table.index, table.values.tolist(), strict=True)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _main_rows(df: pd.DataFrame, tasks: dict[str, str]) -> pd.DataFrame:
+    keep = [
+        MAIN_METRIC[tasks[d]] == m and MAIN_PROBE[tasks[d]] == p
+        for d, m, p in zip(df.dataset, df.metric, df.probe, strict=True)
+    ]
+    return df[keep]
+
+
+def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool:
+    """Main metric against input resolution, one line per encoder (the paper's Fig. 1)."""
+    main = _main_rows(df, tasks)
+    names = sorted(tasks)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        sub = main[main.dataset == name]
+        for (enc, rnd), g in sorted(
+            sub.groupby(["encoder", "random_init"]), key=lambda kv: size_rank(kv[0][0])
+        ):
+            g = g.sort_values("resolution")
+            ax.errorbar(
+                g.resolution,
+                g.value,
+                yerr=[g.value - g.ci_low, g.ci_high - g.value],
+                marker="o",
+                capsize=3,
+                label=label(enc, rnd),
+                linestyle="--" if enc == BASELINE else "-",
+            )
+        ax.set(
+            title=name,
+            xlabel="input resolution (px)",
+            ylabel=f"{MAIN_METRIC[tasks[name]]} ({MAIN_PROBE[tasks[name]]})",
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_size(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool:
+    """Main metric against model size (best resolution per encoder), one line per dataset."""
+    main = _main_rows(df, tasks)
+    main = main[main.encoder != BASELINE]
+    encoders = sorted(main.encoder.unique(), key=lambda e: (size_rank(e), e))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in sorted(tasks):
+        best = main[main.dataset == name].groupby("encoder").value.max()
+        xs = [i for i, e in enumerate(encoders) if e in best]
+        ax.plot(xs, [best[encoders[i]] for i in xs], marker="o", label=name)
+    ax.set_xticks(range(len(encoders)), encoders, rotation=20, fontsize=7)
+    ax.set(xlabel="encoder (by size)", ylabel="main metric, best resolution")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_linear_vs_knn(df: pd.DataFrame, path: Path) -> bool:
+    """Linear probe against kNN on the same feature sets (classification AUROC)."""
+    sub = df[df.metric == "auroc"].pivot_table(
+        index=["dataset", "encoder", "resolution"], columns="probe", values="value"
+    )
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if {"linear", "knn"} <= set(sub.columns):
+        for name, g in sub.groupby(level="dataset"):
+            ax.scatter(g["knn"], g["linear"], label=name, s=25)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="kNN AUROC", ylabel="linear AUROC")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def pca_rgb(patch: np.ndarray) -> np.ndarray:
+    """First three principal components of patch tokens as colours.
+
+    patch: (n, rows, cols, D) -> (n, rows, cols, 3) in [0, 1], one PCA for all n.
+    """
+    n, r, c, d = patch.shape
+    x = patch.reshape(-1, d).astype(np.float64)
+    x -= x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    for j in range(comps.shape[1]):  # fix sign for determinism across BLAS builds
+        if comps[np.argmax(np.abs(comps[:, j])), j] < 0:
+            comps[:, j] *= -1
+    lo, hi = np.percentile(comps, [1, 99], axis=0)
+    rgb = np.clip((comps - lo) / np.maximum(hi - lo, 1e-9), 0, 1)
+    return rgb.reshape(n, r, c, 3)
+
+
+def plot_examples(
+    images: Sequence[np.ndarray],
+    pca: np.ndarray | None,
+    pred: np.ndarray | None,
+    truth: np.ndarray | None,
+    title: str,
+    path: Path,
+) -> bool:
+    """Per example: the image, its patch-token PCA, and (segmentation) truth and prediction.
+
+    images: (R, R) arrays in [0, 1]; pca: (n, rows, cols, 3); pred/truth: (n, R, R).
+    """
+    cols = 2 + (2 if pred is not None else 0)
+    fig, axes = plt.subplots(
+        len(images), cols, figsize=(2.2 * cols, 2.2 * len(images)), squeeze=False
+    )
+    for i, img in enumerate(images):
+        panels = [("image", img, "gray")]
+        if pca is not None:
+            panels.append(("patch PCA", pca[i], None))
+        if pred is not None:
+            k = max(int(truth.max()), int(pred.max()), 1)
+            panels += [
+                ("ground truth", truth[i] / k, "viridis"),
+                ("prediction", pred[i] / k, "viridis"),
+            ]
+        for ax, (name, arr, cmap) in zip(axes[i], panels, strict=False):
+            ax.imshow(arr, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,154 @@
+"""The report stage: results (and their feature sets) -> report.md, report.html, plots.
+
+Reads what `featstore probe --out DIR` wrote into DIR (results.csv, run-config.json,
+examples/), draws the scaling plots and per-dataset example figures, and writes
+DIR/report.md and DIR/report.html. Never loads torch; rerunning on unchanged
+results rewrites nothing.
+
+    python -m pipelines.report --out results
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from featstore import readers
+from featstore import report as rpt
+from featstore.errors import ProbeError
+from featstore.manifest import Dataset, Intensity, Manifest
+from featstore.preprocess import Preprocess, preprocess
+from featstore.store import open_set
+
+N_EXAMPLES = 3
+
+
+def _find_set(cache: Path, key: str) -> Path | None:
+    hits = sorted(Path(cache).glob(f"{key}*.zarr"))
+    return hits[0] if hits else None
+
+
+def _example_items(xs, keep: dict | None) -> np.ndarray:
+    if keep is not None:
+        return keep["item"]
+    split, sample = np.asarray(xs.split.values).tolist(), np.asarray(xs.sample.values).tolist()
+    test = [i for i, s in enumerate(split) if s == "test"]
+    volumes = list(dict.fromkeys(sample[i] for i in test))[:N_EXAMPLES]
+    middle = []
+    for v in volumes:  # the middle slice of each volume (the item itself for 2D)
+        items = [i for i in test if sample[i] == v]
+        middle.append(items[len(items) // 2])
+    return np.asarray(middle)
+
+
+def _images(ds: Dataset, xs, items: np.ndarray) -> list[np.ndarray]:
+    """The encoder's view of each item, un-normalised to [0, 1] for display."""
+    pre_attrs = xs.attrs["preprocess"]
+    pre = Preprocess(
+        resolution=pre_attrs["resolution"],
+        intensity=Intensity(**pre_attrs["intensity"]),
+        mean=tuple(pre_attrs["mean"]),
+        std=tuple(pre_attrs["std"]),
+        fit=pre_attrs["fit"],
+    )
+    by_id = {s.id: s for s in readers.list_samples(ds)}
+    out = []
+    for i in items:
+        sample = by_id[str(xs.sample.values[i])]
+        pixels, _ = preprocess(readers.load(ds, sample).image, None, pre)
+        out.append(pixels[int(xs.slice.values[i]), 0] * pre.std[0] + pre.mean[0])
+    return out
+
+
+def _examples(ds: Dataset, df: pd.DataFrame, cache: Path, out: Path, task: str) -> str | None:
+    """Example figure for the best non-baseline cell of `ds`; returns its file name."""
+    main = df[
+        (df.dataset == ds.name)
+        & (df.metric == rpt.MAIN_METRIC[task])
+        & (df.probe == rpt.MAIN_PROBE[task])
+        & (df.encoder != rpt.BASELINE)
+    ]
+    if main.empty:
+        return None
+    best = main.loc[main.value.idxmax()]
+    path = _find_set(cache, best.feature_set)
+    if path is None:
+        return None
+    xs = open_set(path)
+    npz = out / "examples" / f"{best.feature_set}.npz"
+    keep = dict(np.load(npz)) if task == "segmentation" and npz.is_file() else None
+    items = _example_items(xs, keep)
+    pca = rpt.pca_rgb(np.asarray(xs.patch[items].values)) if "patch" in xs else None
+    name = f"examples_{ds.name}.png"
+    title = f"{ds.name}: {rpt.label(best.encoder, best.random_init)} @ {best.resolution}px"
+    pred, truth = (keep["pred"], keep["truth"]) if keep else (None, None)
+    rpt.plot_examples(_images(ds, xs, items), pca, pred, truth, title, out / "plots" / name)
+    return name
+
+
+def run(out: Path, echo=print) -> Path:
+    csv, cfg = out / "results.csv", out / "run-config.json"
+    if not csv.is_file() or not cfg.is_file():
+        raise ProbeError(
+            f"{out}: no results.csv/run-config.json; run `featstore probe --out {out}` first"
+        )
+    df = pd.read_csv(csv)
+    manifest = Manifest.model_validate(json.loads(cfg.read_text())["manifest"])
+    datasets = [d for d in manifest.datasets if d.name in set(df.dataset)]
+    tasks = {d.name: d.task for d in datasets}
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    plots = ["resolution.png", "size.png", "linear_vs_knn.png"]
+    rpt.plot_resolution(df, tasks, out / "plots" / plots[0])
+    rpt.plot_size(df, tasks, out / "plots" / plots[1])
+    rpt.plot_linear_vs_knn(df, out / "plots" / plots[2])
+    random = sorted(set(df.encoder[df.random_init.astype(bool)]))
+    warn = (
+        f"**Random-init encoders:** {', '.join(random)} have no pretrained weights here: "
+        "their features come from a fixed-seed random initialisation, so their scores "
+        "measure the pipeline, not DINOv3."
+        if random
+        else "All encoders are pretrained."
+    )
+    md = [
+        "# featstore study report",
+        "",
+        warn,
+        "",
+        f"Cells: {df.groupby(['encoder', 'resolution']).ngroups} encoder x resolution; "
+        "values are test-split scores with bootstrap 95% intervals; **bold** marks the best "
+        "cell of the main probe; `pixels` is the raw-pixel baseline.",
+        "",
+    ]
+    body = [f"<h1>featstore study report</h1><p>{warn.replace('**', '')}</p>"]
+    for task in ("classification", "multilabel", "segmentation"):
+        for ds in (d for d in datasets if d.task == task):
+            table = rpt.task_table(df[df.dataset == ds.name], task)
+            md += [f"## {ds.name} ({task}, {ds.dims}D)", "", rpt.to_markdown(table), ""]
+            body += [f"<h2>{ds.name} ({task}, {ds.dims}D)</h2>", rpt.to_html(table)]
+            figure = _examples(ds, df, manifest.cache, out, task)
+            if figure:
+                md += [f"![{ds.name} examples](plots/{figure})", ""]
+                body.append(f'<img src="plots/{figure}" alt="{ds.name} examples">')
+    md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
+    body += ["<h2>Scaling</h2>"] + [f'<img src="plots/{p}" alt="{p}">' for p in plots]
+    rpt.write_if_changed(out / "report.md", "\n".join(md).encode())
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>featstore report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-"
+        "collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "font-size:13px}img{max-width:100%}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    rpt.write_if_changed(out / "report.html", page.encode())
+    echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
+    return out / "report.md"
+
+
+if __name__ == "__main__":
+    from featstore.cli import app
+
+    app(["report", *__import__("sys").argv[1:]], prog_name="pipelines.report")

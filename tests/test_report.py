@@ -1,0 +1,99 @@
+"""Study report: two tiny encoders x two resolutions, extract -> probe -> report."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import synth_entry, write_manifest
+from PIL import Image
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from typer.testing import CliRunner
+
+from featstore.cli import app
+
+
+def test_report_names_every_cell_and_plots_are_pngs(tmp_path, tiny_dinov3):
+    wide = tmp_path / "tiny-wide"
+    torch.manual_seed(2)
+    DINOv3ViTModel(
+        DINOv3ViTConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=8,
+            num_register_tokens=1,
+        )
+    ).save_pretrained(wide)
+    datasets = synth_entry("lesions", "cls2d", n=24) + synth_entry("organs", "seg3d", n=8)
+    mpath = write_manifest(tmp_path, datasets, f"['{tiny_dinov3}', '{wide}']", "[32, 48]")
+    args = ["--manifest", str(mpath)]
+    out = tmp_path / "results"
+    runner = CliRunner()
+    for cmd in (
+        ["extract", *args],
+        ["probe", *args, "--out", str(out)],
+        ["report", "--out", str(out)],
+    ):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    for enc in (tiny_dinov3.name, "tiny-wide", "pixels"):
+        for res in (32, 48):
+            assert f"{enc} @ {res}px" in md
+    assert "**" in md and "All encoders are pretrained." in md
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {
+        "resolution.png",
+        "size.png",
+        "linear_vs_knn.png",
+        "examples_lesions.png",
+        "examples_organs.png",
+    }
+    for p in pngs:
+        with Image.open(p) as im:
+            im.verify()
+            assert im.format == "PNG"
+        assert f"plots/{p.name}" in md and f"plots/{p.name}" in (out / "report.html").read_text()
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert runner.invoke(app, ["report", "--out", str(out)]).exit_code == 0
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert before == after  # unchanged results: nothing rewritten
+
+
+def test_report_says_random_init(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    row = dict(
+        dataset="d",
+        encoder="dinov3-vits16",
+        random_init=True,
+        resolution=224,
+        protocol="default",
+        probe="linear",
+        metric="auroc",
+        value=0.7,
+        ci_low=0.6,
+        ci_high=0.8,
+        feature_set="abc",
+        pool="",
+    )
+    import pandas as pd
+
+    pd.DataFrame([row]).to_csv(out / "results.csv", index=False)
+    manifest = {
+        "datasets": [
+            {
+                "name": "d",
+                "format": "synthetic",
+                "path": str(tmp_path),
+                "synthetic": {"kind": "cls2d"},
+                "task": "classification",
+                "dims": 2,
+            }
+        ]
+    }
+    (out / "run-config.json").write_text(json.dumps({"manifest": manifest}))
+    assert CliRunner().invoke(app, ["report", "--out", str(out)]).exit_code == 0
+    assert "**Random-init encoders:** dinov3-vits16" in (out / "report.md").read_text()
