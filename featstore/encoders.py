@@ -213,7 +213,7 @@ class Encoder:
 
 
 def _pixel_features(pixels: torch.Tensor, p: int, layers: int) -> FeatureBatch:
-    """Raw-pixel baseline: the image at 16x16 as 'CLS', each patch at 4x4 as its token."""
+    """Raw-pixel baseline: the image at 16x16 as 'CLS', each p-px patch at 4x4 as its token."""
     grey = pixels[:, :1].float()
     cls = F.adaptive_avg_pool2d(grey, 16).flatten(1)[:, None].expand(-1, layers, -1)
     b, _, h, w = grey.shape
@@ -269,9 +269,21 @@ def _load_folder(name: str, folder: Path, source: str) -> tuple[torch.nn.Module,
 
 def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> Encoder:
     """Resolve an encoder name (preset, folder, hub id or ``pixels``) and load it."""
-    if spec == "pixels":
+    if spec == "pixels" or spec.startswith("pixels:"):
+        patch = int(spec.partition(":")[2] or 16)
+        if patch % 4:
+            raise EncoderNotFoundError(f"encoder '{spec}': the pixel patch must be a multiple of 4")
         info = EncoderInfo(
-            "pixels", "raw pixels", "", "pixels", 16, 0, 16, IMAGENET_MEAN, IMAGENET_STD, False
+            "pixels",
+            f"raw pixels, {patch}-px patches",
+            f"pixels-{patch}",
+            "pixels",
+            patch,
+            0,
+            16,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            False,
         )
         return Encoder(None, info, device)
     preset, _, flag = spec.partition(":")

@@ -149,6 +149,9 @@ class Manifest(_Frozen):
     # medmnist+: small images zero-padded (fit: pad) and kNN with k=11, Euclidean
     # distance, majority vote (Doerrich et al. 2024), beside the default probes.
     protocol: Literal["default", "medmnist+"] = "default"
+    # The raw-pixel baseline run beside every encoder: `pixels` (16-px patches, as
+    # the DINOv3 presets) or `pixels:<patch>`; null to leave it out.
+    baseline: str | None = Field(default="pixels", pattern=r"^pixels(:\d+)?$")
     datasets: tuple[Dataset, ...]
     source: Path | None = Field(default=None, exclude=True)  # the YAML file, for messages
     resolutions_override: bool = Field(default=False, exclude=True)  # --resolution given

@@ -127,21 +127,26 @@ def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool
     """Main metric against input resolution, one line per encoder (the paper's Fig. 1)."""
     main = _main_rows(df, tasks)
     names = sorted(tasks)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    encoders = sorted(
+        {(e, bool(r)) for e, r in zip(main.encoder, main.random_init, strict=True)},
+        key=lambda er: (er[0] == BASELINE, size_rank(er[0]), er),
+    )
+    colour = {er: f"C{i % 10}" for i, er in enumerate(encoders)}  # one colour per encoder
+    style = {er: "--" if er[0] == BASELINE else "-" for er in encoders}
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         sub = main[main.dataset == name]
-        for (enc, rnd), g in sorted(
-            sub.groupby(["encoder", "random_init"]), key=lambda kv: size_rank(kv[0][0])
-        ):
+        for (enc, rnd), g in sub.groupby(["encoder", "random_init"]):
             g = g.sort_values("resolution")
+            er = (enc, bool(rnd))
             ax.errorbar(
                 g.resolution,
                 g.value,
                 yerr=[g.value - g.ci_low, g.ci_high - g.value],
                 marker="o",
                 capsize=3,
-                label=label(enc, rnd),
-                linestyle="--" if enc == BASELINE else "-",
+                color=colour[er],
+                linestyle=style[er],
             )
         ax.set(
             title=name,
@@ -149,8 +154,18 @@ def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool
             ylabel=f"{MAIN_METRIC[tasks[name]]} ({MAIN_PROBE[tasks[name]]})",
         )
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [
+        plt.Line2D([], [], color=colour[er], marker="o", linestyle=style[er]) for er in encoders
+    ]
+    fig.legend(
+        handles,
+        [label(*er) for er in encoders],
+        loc="lower center",
+        ncol=min(4, max(1, len(encoders))),
+        fontsize=7,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return save_figure(fig, path)
 
 

@@ -30,8 +30,6 @@ from featstore.manifest import Dataset, Manifest, request
 from featstore.preprocess import Preprocess, preprocess
 from featstore.readers import Prepared, prepare
 
-BASELINE = "pixels"
-
 
 @dataclass(frozen=True)
 class Summary:
@@ -380,7 +378,9 @@ def run(
 ) -> list[Summary]:
     """Extract every dataset x encoder x resolution of `manifest` (plus the pixel baseline)."""
     prepared = [prepare(ds) for ds in manifest.datasets]
-    names = list(manifest.encoders) + ([BASELINE] if baseline else [])
+    names = list(manifest.encoders) + (
+        [manifest.baseline] if baseline and manifest.baseline else []
+    )
     summaries = []
     for spec in dict.fromkeys(names):
         encoder = load_encoder(spec, device)  # type: ignore[arg-type]

@@ -23,7 +23,6 @@ from featstore.manifest import Dataset, Manifest, request
 from featstore.metrics import classification_scores, with_intervals
 from featstore.readers import prepare
 
-BASELINE = "pixels"
 KEY = ["dataset", "encoder", "random_init", "resolution", "protocol", "probe", "metric"]
 MAIN_METRIC = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice"}
 
@@ -256,7 +255,8 @@ def run(
     baseline: bool = True,
     echo=print,
 ) -> pd.DataFrame:
-    specs = list(dict.fromkeys([*manifest.encoders, *([BASELINE] if baseline else [])]))
+    extra = [manifest.baseline] if baseline and manifest.baseline else []
+    specs = list(dict.fromkeys([*manifest.encoders, *extra]))
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     for ds in manifest.datasets:

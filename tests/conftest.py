@@ -50,7 +50,8 @@ def write_manifest(
 ) -> Path:
     path = tmp / "manifest.yaml"
     path.write_text(
-        f"cache: cache\nencoders: {encoders}\nresolutions: {resolutions}\n{extra}"
+        f"cache: cache\nencoders: {encoders}\nresolutions: {resolutions}\n"
+        f"baseline: 'pixels:8'\n{extra}"
         f"datasets:\n{datasets}"
     )
     return path
