@@ -33,6 +33,7 @@ EncoderOpt = typer.Option(
 ResolutionOpt = typer.Option(
     [], "--resolution", "-r", help="Input sizes instead of the manifest's (repeatable)."
 )
+StudyOpt = typer.Option(None, "--study", help="Only this study of the manifest's `studies:`.")
 CacheOpt = typer.Option(
     None,
     "--cache",
@@ -45,10 +46,10 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _manifest(path: Path, datasets, encoders, resolutions, cache):
+def _manifest(path: Path, datasets, encoders, resolutions, cache, study=None):
     from featstore.manifest import load_manifest
 
-    return load_manifest(path, cache).select(datasets, encoders, resolutions)
+    return load_manifest(path, cache).select(datasets, encoders, resolutions, study=study)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -70,6 +71,7 @@ def extract(
     encoder: list[str] = EncoderOpt,
     resolution: list[int] = ResolutionOpt,
     cache: Path | None = CacheOpt,
+    study: str | None = StudyOpt,
     batch_size: int | None = typer.Option(None, help="Items per forward pass and per chunk."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Replace existing feature sets of this request."),
@@ -84,7 +86,7 @@ def extract(
     try:
         from pipelines import extract as pipeline
 
-        m = _manifest(manifest, dataset, encoder, resolution, cache)
+        m = _manifest(manifest, dataset, encoder, resolution, cache, study)
         if batch_size:
             m = m.model_copy(update={"batch_size": batch_size})
         summaries = pipeline.run(
@@ -113,6 +115,7 @@ def probe(
     encoder: list[str] = EncoderOpt,
     resolution: list[int] = ResolutionOpt,
     cache: Path | None = CacheOpt,
+    study: str | None = StudyOpt,
     out: Path = typer.Option(Path("results"), help="Results folder."),
     pool: str = typer.Option("mean", help="3D volume pooling: mean | max | cls+patch"),
 ) -> None:
@@ -120,7 +123,7 @@ def probe(
     try:
         from pipelines import probe as pipeline
 
-        m = _manifest(manifest, dataset, encoder, resolution, cache)
+        m = _manifest(manifest, dataset, encoder, resolution, cache, study)
         pipeline.run(m, out, pool=pool, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)

@@ -138,6 +138,15 @@ class Dataset(_Frozen):
         return self
 
 
+class Study(_Frozen):
+    """A grid of encoders x resolutions over some datasets (all when `datasets` is empty)."""
+
+    name: str
+    datasets: tuple[str, ...] = ()
+    encoders: tuple[str, ...]
+    resolutions: tuple[int, ...]
+
+
 class Manifest(_Frozen):
     cache: Path = Path(DEFAULT_CACHE)
     encoders: tuple[str, ...] = ("dinov3-vits16",)
@@ -153,6 +162,7 @@ class Manifest(_Frozen):
     # the DINOv3 presets) or `pixels:<patch>`; null to leave it out.
     baseline: str | None = Field(default="pixels", pattern=r"^pixels(:\d+)?$")
     datasets: tuple[Dataset, ...]
+    studies: tuple[Study, ...] = ()  # without studies: one grid, encoders x resolutions
     source: Path | None = Field(default=None, exclude=True)  # the YAML file, for messages
     resolutions_override: bool = Field(default=False, exclude=True)  # --resolution given
 
@@ -169,6 +179,12 @@ class Manifest(_Frozen):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"dataset names must be unique; repeated: {dup}")
+        for study in self.studies:
+            unknown = sorted(set(study.datasets) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"study '{study.name}' names unknown datasets {unknown}; known: {names}"
+                )
         return self
 
     def dataset(self, name: str) -> Dataset:
@@ -190,15 +206,45 @@ class Manifest(_Frozen):
             else (ds.resolutions)
         )
 
+    def cells(self, baseline: bool = True) -> list[tuple[Dataset, str, int]]:
+        """Every (dataset, encoder, resolution) to extract and probe, baseline included."""
+        extra = [self.baseline] if baseline and self.baseline else []
+        grids = [(s.datasets, s.encoders, s.resolutions) for s in self.studies] or [
+            ((), self.encoders, ())
+        ]
+        out: dict[tuple[str, str, int], tuple[Dataset, str, int]] = {}
+        for names, encoders, resolutions in grids:
+            for ds in self.datasets:
+                if names and ds.name not in names:
+                    continue
+                for enc in [*encoders, *extra]:
+                    for res in resolutions or self.resolutions_for(ds):
+                        out.setdefault((ds.name, enc, res), (ds, enc, res))
+        return list(out.values())
+
     def select(
         self,
         datasets: Sequence[str] = (),
         encoders: Sequence[str] = (),
         resolutions: Sequence[int] = (),
         cache: Path | None = None,
+        study: str | None = None,
     ) -> Manifest:
-        """A copy with CLI overrides applied (flags win over the manifest)."""
+        """A copy with CLI overrides applied (flags win over the manifest).
+
+        --encoder/--resolution define the grid themselves, replacing the studies.
+        """
         update: dict[str, Any] = {}
+        if study is not None:
+            chosen = [s for s in self.studies if s.name == study]
+            if not chosen:
+                raise ManifestError(
+                    f"no study named '{study}'; known: "
+                    f"{', '.join(s.name for s in self.studies) or '(none)'}"
+                )
+            update["studies"] = tuple(chosen)
+        if encoders or resolutions:
+            update["studies"] = ()
         if datasets:
             update["datasets"] = tuple(self.dataset(n) for n in datasets)
         if encoders:

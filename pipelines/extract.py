@@ -376,13 +376,14 @@ def run(
     progress: bool = True,
     echo=print,
 ) -> list[Summary]:
-    """Extract every dataset x encoder x resolution of `manifest` (plus the pixel baseline)."""
-    prepared = [prepare(ds) for ds in manifest.datasets]
-    names = list(manifest.encoders) + (
-        [manifest.baseline] if baseline and manifest.baseline else []
-    )
+    """Extract every cell (dataset x encoder x resolution) of `manifest`, baseline included."""
+    cells = manifest.cells(baseline)
+    prepared = {}
+    for ds, _, _ in cells:
+        if ds.name not in prepared:
+            prepared[ds.name] = prepare(ds)
     summaries = []
-    for spec in dict.fromkeys(names):
+    for spec in dict.fromkeys(enc for _, enc, _ in cells):
         encoder = load_encoder(spec, device)  # type: ignore[arg-type]
         if encoder.info.random_init:
             echo(
@@ -391,22 +392,21 @@ def run(
             )
         if encoder.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
-        for prep in prepared:
-            for res in manifest.resolutions_for(prep.ds):
-                s = extract_one(
-                    prep,
-                    encoder,
-                    spec,
-                    res,
-                    manifest,
-                    overwrite=overwrite,
-                    skip_bad=skip_bad,
-                    shard=shard,
-                    num_workers=num_workers,
-                    progress=progress,
-                )
-                echo(s.line())
-                summaries.append(s)
+        for ds, _, res in (c for c in cells if c[1] == spec):
+            s = extract_one(
+                prepared[ds.name],
+                encoder,
+                spec,
+                res,
+                manifest,
+                overwrite=overwrite,
+                skip_bad=skip_bad,
+                shard=shard,
+                num_workers=num_workers,
+                progress=progress,
+            )
+            echo(s.line())
+            summaries.append(s)
     return summaries
 
 

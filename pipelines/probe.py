@@ -255,38 +255,36 @@ def run(
     baseline: bool = True,
     echo=print,
 ) -> pd.DataFrame:
-    extra = [manifest.baseline] if baseline and manifest.baseline else []
-    specs = list(dict.fromkeys([*manifest.encoders, *extra]))
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    for ds in manifest.datasets:
-        try:
-            prep = prepare(ds)
-        except FeatstoreError as exc:
-            problems.append(f"{ds.name}: {exc}")
+    prepared: dict[str, Any] = {}
+    for ds, spec, res in manifest.cells(baseline):
+        where = f"{ds.name} / {spec} @ {res}px"
+        if ds.name not in prepared:
+            try:
+                prepared[ds.name] = prepare(ds)
+            except FeatstoreError as exc:
+                prepared[ds.name] = None
+                problems.append(f"{ds.name}: {exc}")
+        if prepared[ds.name] is None:
             continue
-        for spec in specs:
-            for res in manifest.resolutions_for(ds):
-                where = f"{ds.name} / {spec} @ {res}px"
-                path = store.find_set(
-                    manifest.cache, request(ds, prep.fingerprint, spec, res, manifest)
-                )
-                if path is None:
-                    src = f" --manifest {manifest.source}" if manifest.source else ""
-                    src += f" --cache {manifest.cache}"
-                    problems.append(
-                        f"{where}: no feature set in {manifest.cache}; make it with "
-                        f"`featstore extract{src} --dataset {ds.name} "
-                        f"--encoder {spec} --resolution {res}`"
-                    )
-                    continue
-                try:
-                    got = probe_set(path, ds, pool, seed, manifest.protocol, out / "examples")
-                except FeatstoreError as exc:
-                    problems.append(f"{where}: {exc}")
-                    continue
-                rows += got
-                echo(f"probed {where}: {len(got)} scores")
+        req = request(ds, prepared[ds.name].fingerprint, spec, res, manifest)
+        path = store.find_set(manifest.cache, req)
+        if path is None:
+            src = f" --manifest {manifest.source}" if manifest.source else ""
+            problems.append(
+                f"{where}: no feature set in {manifest.cache}; make it with "
+                f"`featstore extract{src} --cache {manifest.cache} --dataset {ds.name} "
+                f"--encoder {spec} --resolution {res}`"
+            )
+            continue
+        try:
+            got = probe_set(path, ds, pool, seed, manifest.protocol, out / "examples")
+        except FeatstoreError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        rows += got
+        echo(f"probed {where}: {len(got)} scores")
     df = write_results(out, rows)
     (out / "run-config.json").write_text(
         json.dumps(

@@ -81,3 +81,33 @@ def test_missing_manifest_and_bad_yaml(tmp_path):
 def test_shipped_manifest_is_valid():
     m = load_manifest(Path(__file__).resolve().parents[1] / "data_manifest.yaml")
     assert {d.synthetic.kind for d in m.datasets} == {"cls2d", "seg2d", "cls3d", "seg3d"}
+
+
+STUDIES = """\
+encoders: [dinov3-vits16]
+resolutions: [224]
+datasets:
+  - {name: a, format: synthetic, synthetic: {kind: cls2d}, path: a, task: classification, dims: 2}
+  - {name: b, format: synthetic, synthetic: {kind: seg2d}, path: b, task: segmentation, dims: 2}
+studies:
+  - {name: scaling, datasets: [a], encoders: [dinov3-vits16, dinov3-vitb16], resolutions: [112, 224]}
+  - {name: seg, datasets: [b], encoders: [dinov3-vits16], resolutions: [448]}
+"""
+
+
+def test_studies_declare_grids_of_cells(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(STUDIES)
+    m = load_manifest(path)
+    cells = {(d.name, e, r) for d, e, r in m.cells()}
+    assert len(cells) == 3 * 2 + 2 * 1  # (2 encoders + pixels) x 2 sizes, (1 + pixels) x 1
+    assert ("a", "dinov3-vitb16", 112) in cells and ("a", "pixels", 224) in cells
+    assert ("b", "dinov3-vits16", 448) in cells and ("b", "pixels", 448) in cells
+    assert {c[0].name for c in m.select(study="seg").cells()} == {"b"}
+    flags = m.select(encoders=["x"], resolutions=[64]).cells(baseline=False)
+    assert {(d.name, e, r) for d, e, r in flags} == {("a", "x", 64), ("b", "x", 64)}
+    with pytest.raises(ManifestError, match="no study named 'nope'"):
+        m.select(study="nope")
+    path.write_text(STUDIES.replace("datasets: [b]", "datasets: [c]"))
+    with pytest.raises(ManifestError, match=r"study 'seg' names unknown datasets \['c'\]"):
+        load_manifest(path)
