@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -97,11 +98,14 @@ def create(
     config: dict[str, Any],
     attrs: dict[str, Any],
     metadata: dict[str, Sequence[str]] | None = None,
-) -> None:
+) -> bool:
     """Allocate an empty feature set (metadata, coordinates, labels, marks).
 
     Data variables are allocated, not written: each unit fills its own chunk later.
     `metadata` adds per-item coordinates (numeric when every value parses as one).
+    The set is built in a temporary sibling folder and renamed into place, so another
+    process (a second --shard) sees either nothing or a whole skeleton. Returns False
+    when another process created `path` first (its skeleton is kept).
     """
     n, c = layout.n_items, layout.chunk_items
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
@@ -153,11 +157,19 @@ def create(
         if name in encoding:
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
-    root = zarr.open_group(path, mode="r+")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.to_zarr(tmp, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
+    root = zarr.open_group(tmp, mode="r+")
     root.create_group("_featstore").create_array(
         "done", shape=(layout.n_units,), chunks=(1,), dtype="uint8", fill_value=0
     )
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another shard won the race: use its skeleton
+        shutil.rmtree(tmp)
+        return False
+    return True
 
 
 def read_attrs(path: Path) -> dict[str, Any]:

@@ -238,7 +238,7 @@ def extract_one(
     if not path.exists():
         labels = _labels(prep, layout)
         idx = prep.index
-        store.create(
+        created = store.create(
             path,
             layout,
             [prep.samples[i].id for i, _ in idx],
@@ -270,6 +270,9 @@ def extract_one(
                 for name in prep.ds.metadata.values()
             },
         )
+        if not created:  # a concurrent shard allocated it: it must be for the same request
+            store.check_matches(path, config, layout)
+            status = "resumed"
     units = [u for u in store.pending_units(path) if u % shard[1] == shard[0]]
     n_items = sum(layout.unit_slice(u).stop - layout.unit_slice(u).start for u in units)
     cuda = encoder.device.type == "cuda"

@@ -199,3 +199,39 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     (resumed,) = _run(mpath, baseline=False)
     assert resumed.status == "resumed" and 0 < resumed.items < ref.items  # only unmarked units
     assert _chunks(path) == _chunks(ref.path)
+
+
+def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
+    entry = synth_entry("d", "cls3d", n=8, slices=12)
+    (tmp_path / "clean").mkdir()
+    (ref, _) = _run(
+        write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra="batch_size: 8\n")
+    )
+    mpath = write_manifest(tmp_path, entry, f"['{tiny_dinov3}']", extra="batch_size: 8\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.extract",
+        "--manifest",
+        str(mpath),
+        "--no-baseline",
+        "--workers",
+        "0",
+        "--shard",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"{i}/2"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    path = tmp_path / "cache" / ref.path.name
+    assert store.read_attrs(path)["complete"] and store.verify(path) == []
+    assert _chunks(path) == _chunks(ref.path)
+    assert not list(path.parent.glob(".*tmp*"))  # no leftover skeletons
