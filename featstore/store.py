@@ -204,30 +204,33 @@ def pending_units(path: Path) -> list[int]:
     return [int(u) for u in np.flatnonzero(done == 0)]
 
 
-def write_unit(
-    path: Path,
-    layout: Layout,
-    unit: int,
-    cls: np.ndarray,
-    patch: np.ndarray | None,
-    mask: np.ndarray | None,
-) -> int:
-    """Write one unit's arrays into its own chunks, then mark it done. Returns bytes stored.
+class UnitWriter:
+    """Writes whole units into an allocated set; arrays are opened once, not per unit."""
 
-    cls: (n, channel) or (n, layer, channel); patch: (n, rows, cols, channel);
-    mask: (n, y, x) uint8; n = the unit's item count.
-    """
-    region = layout.unit_slice(unit)
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    nbytes = 0
-    for name, data in (("cls", cls), ("patch", patch), ("mask", mask)):
-        if data is None or name not in root:
-            continue
-        arr = root[name]
-        arr[region] = data.astype(arr.dtype, copy=False)
-        nbytes += data.size * arr.dtype.itemsize
-    root[MARKS][unit] = 1
-    return nbytes
+    def __init__(self, path: Path, layout: Layout):
+        root = zarr.open_group(path, mode="r+", use_consolidated=False)
+        self.layout = layout
+        self.arrays = {name: root[name] for name in ("cls", "patch", "mask") if name in root}
+        self.marks = root[MARKS]
+
+    def write(
+        self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
+    ) -> int:
+        """Write one unit into its own chunks, then mark it done. Returns bytes written.
+
+        cls: (n, channel) or (n, layer, channel); patch: (n, rows, cols, channel);
+        mask: (n, y, x) uint8; n = the unit's item count.
+        """
+        region = self.layout.unit_slice(unit)
+        nbytes = 0
+        for name, data in (("cls", cls), ("patch", patch), ("mask", mask)):
+            if data is None or name not in self.arrays:
+                continue
+            arr = self.arrays[name]
+            arr[region] = data.astype(arr.dtype, copy=False)
+            nbytes += data.size * arr.dtype.itemsize
+        self.marks[unit] = 1
+        return nbytes
 
 
 def finish(path: Path) -> None:

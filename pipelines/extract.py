@@ -175,7 +175,7 @@ class _Writer:
     """Writes units on a background thread so the next forward pass overlaps the I/O."""
 
     def __init__(self, path: Path, layout: store.Layout):
-        self.path, self.layout = path, layout
+        self.units = store.UnitWriter(path, layout)
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.nbytes = 0
@@ -186,7 +186,7 @@ class _Writer:
         while (job := self.q.get()) is not None:
             if self.error is None:
                 try:
-                    self.nbytes += store.write_unit(self.path, self.layout, *job)
+                    self.nbytes += self.units.write(*job)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     self.error = exc
 
