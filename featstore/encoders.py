@@ -213,13 +213,15 @@ class Encoder:
 
 
 def _pixel_features(pixels: torch.Tensor, p: int, layers: int) -> FeatureBatch:
-    """Raw-pixel baseline: the image at 16x16 as 'CLS', each p-px patch at 4x4 as its token."""
+    """Raw-pixel baseline with p*p channels: the whole image pooled to p x p as 'CLS',
+    and each p-px patch's own p*p grey values as its token."""
     grey = pixels[:, :1].float()
-    cls = F.adaptive_avg_pool2d(grey, 16).flatten(1)[:, None].expand(-1, layers, -1)
     b, _, h, w = grey.shape
-    tiles = F.avg_pool2d(grey, p // 4)  # (B, 1, 4*rows, 4*cols)
+    cls = F.adaptive_avg_pool2d(grey, p).flatten(1)[:, None].expand(-1, layers, -1)
     patch = (
-        tiles.reshape(b, h // p, 4, w // p, 4).permute(0, 1, 3, 2, 4).reshape(b, h // p, w // p, 16)
+        grey.reshape(b, h // p, p, w // p, p)
+        .permute(0, 1, 3, 2, 4)
+        .reshape(b, h // p, w // p, p * p)
     )
     return FeatureBatch(cls=cls.contiguous().cpu(), patch=patch.contiguous().cpu())
 
@@ -271,16 +273,14 @@ def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> 
     """Resolve an encoder name (preset, folder, hub id or ``pixels``) and load it."""
     if spec == "pixels" or spec.startswith("pixels:"):
         patch = int(spec.partition(":")[2] or 16)
-        if patch % 4:
-            raise EncoderNotFoundError(f"encoder '{spec}': the pixel patch must be a multiple of 4")
         info = EncoderInfo(
             "pixels",
             f"raw pixels, {patch}-px patches",
-            f"pixels-{patch}",
+            f"raw-pixels-p{patch}-v2",
             "pixels",
             patch,
             0,
-            16,
+            patch * patch,
             IMAGENET_MEAN,
             IMAGENET_STD,
             False,

@@ -227,6 +227,9 @@ class UnitWriter:
             if data is None or name not in self.arrays:
                 continue
             arr = self.arrays[name]
+            expected = (region.stop - region.start, *arr.shape[1:])
+            if data.shape != expected:  # zarr would silently crop a wider array
+                raise ValueError(f"{name}: got {data.shape} for unit {unit}, expected {expected}")
             arr[region] = data.astype(arr.dtype, copy=False)
             nbytes += data.size * arr.dtype.itemsize
         self.marks[unit] = 1

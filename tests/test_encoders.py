@@ -92,5 +92,10 @@ def test_presets_describe_published_architectures(name):
 
 def test_pixel_baseline_shapes():
     enc = load_encoder("pixels", "cpu")
-    out = enc.encode(torch.randn(3, 3, 64, 64))
-    assert out.cls.shape == (3, 1, 256) and out.patch.shape == (3, 4, 4, 16)
+    x = torch.randn(3, 3, 64, 64)
+    out = enc.encode(x)
+    assert enc.info.hidden_size == 256  # cls and patch share the channel dimension
+    assert out.cls.shape == (3, 1, 256) and out.patch.shape == (3, 4, 4, 256)
+    torch.testing.assert_close(out.patch[1, 2, 3], x[1, 0, 32:48, 48:64].reshape(-1))
+    small = load_encoder("pixels:8", "cpu").encode(x)
+    assert small.cls.shape == (3, 1, 64) and small.patch.shape == (3, 8, 8, 64)

@@ -235,3 +235,68 @@ def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
     assert store.read_attrs(path)["complete"] and store.verify(path) == []
     assert _chunks(path) == _chunks(ref.path)
     assert not list(path.parent.glob(".*tmp*"))  # no leftover skeletons
+
+
+def test_intermediate_layers_and_float32(tmp_path, tiny_dinov3):
+    mpath = write_manifest(
+        tmp_path,
+        synth_entry("d", "cls2d", n=8),
+        f"['{tiny_dinov3}']",
+        extra="layers: 2\ndtype: float32\n",
+    )
+    (s,) = _run(mpath, baseline=False)
+    xs = xr.open_zarr(s.path)
+    assert xs.cls.dims == ("item", "layer", "channel") and xs.sizes["layer"] == 2
+    assert xs.cls.dtype == np.float32 and xs.patch.dtype == np.float32
+    # the last layer's CLS is the final-norm CLS that layers: 1 stores
+    (one,) = _run(
+        write_manifest(
+            tmp_path, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']", extra="dtype: float32\n"
+        ),
+        baseline=False,
+    )
+    np.testing.assert_allclose(xs.cls.values[:, -1], xr.open_zarr(one.path).cls.values, atol=1e-5)
+
+
+def test_ls_and_info_commands(tmp_path, tiny_dinov3):
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+
+    mpath = write_manifest(tmp_path, synth_entry("d", "seg2d", n=8), f"['{tiny_dinov3}']")
+    summaries = _run(mpath)
+    runner = CliRunner()
+    listing = runner.invoke(app, ["ls", str(tmp_path / "cache")])
+    assert listing.exit_code == 0
+    assert "d " in listing.output and "pixels" in listing.output and "True" in listing.output
+    info = runner.invoke(app, ["info", str(summaries[0].path)])
+    assert info.exit_code == 0 and '"complete": true' in info.output
+    assert '"random_init": false' in info.output
+
+
+def test_unit_writer_refuses_wrong_shapes(tmp_path):
+    layout = store.Layout(
+        n_items=4,
+        chunk_items=2,
+        channels=8,
+        layers=1,
+        rows=2,
+        cols=2,
+        mask_size=0,
+        n_classes=0,
+        dtype="float16",
+    )
+    store.create(
+        tmp_path / "s.zarr",
+        layout,
+        list("abcd"),
+        [0] * 4,
+        ["train"] * 4,
+        np.zeros(4, np.int64),
+        {"k": 1},
+        {},
+    )
+    writer = store.UnitWriter(tmp_path / "s.zarr", layout)
+    with pytest.raises(ValueError, match=r"cls: got \(2, 16\) for unit 0, expected \(2, 8\)"):
+        writer.write(0, np.zeros((2, 16)), np.zeros((2, 2, 2, 8)), None)
+    assert store.pending_units(tmp_path / "s.zarr") == [0, 1]  # nothing marked

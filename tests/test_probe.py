@@ -179,3 +179,77 @@ def test_upsampling_matches_torch_bilinear():
         .numpy()
     )
     np.testing.assert_allclose(probes.upsample_logits(logits, 32), ref, atol=1e-5)
+
+
+def test_bad_dataset_is_reported_and_others_still_probed(tmp_path, tiny_dinov3):
+    from conftest import synth_entry, write_manifest
+
+    good = synth_entry("good", "cls2d", n=12)
+    one_class = synth_entry("oneclass", "cls2d", n=12).replace(
+        "path: data/oneclass", "path: data/oneclass\n    index: one.csv"
+    )
+    mpath = write_manifest(tmp_path, good + one_class, f"['{tiny_dinov3}']")
+    from featstore.manifest import load_manifest
+    from featstore.synthetic import generate
+
+    ds = load_manifest(mpath).dataset("oneclass")
+    generate(ds.synthetic, ds.path)  # then relabel every training image as class 0
+    rows = (ds.path / "index.csv").read_text().splitlines()
+    relabelled = [rows[0]] + [
+        ",".join(
+            [r.split(",")[0], "0" if r.endswith("train") else r.split(",")[1], r.split(",")[2]]
+        )
+        for r in rows[1:]
+    ]
+    (ds.path / "one.csv").write_text("\n".join(relabelled) + "\n")
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    assert "problem: oneclass" in out.output and "single class" in out.output
+    df = pd.read_csv(tmp_path / "r" / "results.csv")
+    assert set(df.dataset) == {"good"}
+
+
+def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov3):
+    from conftest import synth_entry, write_manifest
+
+    mpath = write_manifest(
+        tmp_path,
+        synth_entry("d", "cls2d", n=24, size=24),
+        f"['{tiny_dinov3}']",
+        extra="protocol: medmnist+\n",
+    )
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    df = pd.read_csv(tmp_path / "r" / "results.csv")
+    knn = df[df.probe == "knn"]
+    assert set(knn.param) == {11} and set(df.protocol) == {"medmnist+"}
+    import xarray as xr
+
+    from featstore.store import list_sets
+
+    (enc,) = [r for r in list_sets(tmp_path / "cache") if r["encoder"] != "pixels"]
+    assert xr.open_zarr(enc["path"]).attrs["preprocess"]["fit"] == "pad"
+
+
+def test_cls_plus_patch_pooling(shipped, tmp_path):
+    work, args, _, _ = shipped
+    out = runner.invoke(
+        app,
+        [
+            "probe",
+            *args,
+            "--dataset",
+            "synth-nodules-3d",
+            "--pool",
+            "cls+patch",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert set(df.pool) == {"cls+patch"} and len(df) == 16
