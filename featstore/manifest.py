@@ -155,6 +155,9 @@ class Manifest(_Frozen):
     layers: int = Field(default=1, ge=1)  # CLS of the last N blocks (N > 1 adds a `layer` dim)
     patch: bool = True  # store patch tokens
     batch_size: int = Field(default=32, ge=1)
+    # Items per storage chunk = unit of work and of resume, rounded up to whole batches
+    # and capped at ~64 MB of patch tokens. Few large chunks read much faster.
+    unit_items: int = Field(default=256, ge=1)
     # medmnist+: small images zero-padded (fit: pad) and kNN with k=11, Euclidean
     # distance, majority vote (Doerrich et al. 2024), beside the default probes.
     protocol: Literal["default", "medmnist+"] = "default"

@@ -97,10 +97,22 @@ def set_config(prep: Prepared, encoder: Encoder, pre: Preprocess, manifest: Mani
     }
 
 
+UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
+
+
 def layout_for(
-    prep: Prepared, encoder: Encoder, pre: Preprocess, manifest: Manifest, chunk_items: int
+    prep: Prepared, encoder: Encoder, pre: Preprocess, manifest: Manifest
 ) -> store.Layout:
+    """Shapes of the set; a unit (= one chunk) is a whole number of batches."""
     grid = pre.resolution // encoder.patch_size
+    per_item = (
+        (grid * grid if manifest.patch else 1)
+        * encoder.info.hidden_size
+        * (2 if manifest.dtype == "float16" else 4)
+    )
+    bs = manifest.batch_size
+    batches = max(1, min(-(-manifest.unit_items // bs), UNIT_BYTES // (bs * per_item)))
+    chunk_items = bs * batches
     task = prep.ds.task
     n_classes = (
         -1
@@ -121,16 +133,26 @@ def layout_for(
     )
 
 
-class _Units(torch.utils.data.Dataset):
-    """Decodes and preprocesses one unit (one chunk of items) per call, in a worker."""
+class _Batches(torch.utils.data.Dataset):
+    """Decodes and preprocesses one batch of items per call, in a worker.
 
-    def __init__(self, prep: Prepared, pre: Preprocess, layout: store.Layout, units: list[int]):
-        self.prep, self.pre, self.layout, self.units = prep, pre, layout, units
+    Batches never straddle units and always cover the same items, so a resumed run
+    forwards exactly the batches an uninterrupted one would (byte-identical output).
+    """
+
+    def __init__(
+        self,
+        prep: Prepared,
+        pre: Preprocess,
+        layout: store.Layout,
+        batches: list[tuple[int, int, int]],
+    ):
+        self.prep, self.pre, self.layout, self.batches = prep, pre, layout, batches
         self.index = prep.index
-        self._last: tuple[int, object] | None = None  # volumes span units: keep the last one
+        self._last: tuple[int, object] | None = None  # volumes span batches: keep the last
 
     def __len__(self) -> int:
-        return len(self.units)
+        return len(self.batches)
 
     def _sample(self, i: int):
         if self._last is None or self._last[0] != i:
@@ -149,13 +171,12 @@ class _Units(torch.utils.data.Dataset):
         return self._last[1]
 
     def __getitem__(self, k: int):
-        unit = self.units[k]
-        region = self.layout.unit_slice(unit)
-        n, r = region.stop - region.start, self.pre.resolution
+        unit, start, stop = self.batches[k]
+        n, r = stop - start, self.pre.resolution
         pixels = np.zeros((n, 3, r, r), np.float32)
         masks = np.zeros((n, r, r), np.uint8) if self.layout.mask_size else None
         errors: dict[str, str] = {}
-        for j, item in enumerate(range(region.start, region.stop)):
+        for j, item in enumerate(range(start, stop)):
             i, k_slice = self.index[item]
             got = self._sample(i)
             if isinstance(got, str):
@@ -164,7 +185,18 @@ class _Units(torch.utils.data.Dataset):
             pixels[j] = got[0][k_slice]
             if masks is not None:
                 masks[j] = got[1][k_slice]
-        return unit, torch.from_numpy(pixels), masks, errors
+        return unit, start, torch.from_numpy(pixels), masks, errors
+
+
+def _batches(layout: store.Layout, units: list[int], batch_size: int):
+    out = []
+    for u in units:
+        region = layout.unit_slice(u)
+        out += [
+            (u, s, min(s + batch_size, region.stop))
+            for s in range(region.start, region.stop, batch_size)
+        ]
+    return out
 
 
 def _quiet_worker(_: int) -> None:
@@ -172,13 +204,16 @@ def _quiet_worker(_: int) -> None:
 
 
 class _Writer:
-    """Writes units on a background thread so the next forward pass overlaps the I/O."""
+    """Assembles batches into units and writes each whole unit on a background thread,
+    so the next forward pass overlaps the I/O."""
 
     def __init__(self, path: Path, layout: store.Layout):
+        self.layout = layout
         self.units = store.UnitWriter(path, layout)
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.nbytes = 0
+        self.parts: dict[int, list] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -190,16 +225,87 @@ class _Writer:
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     self.error = exc
 
-    def put(self, *job) -> None:
+    def put(self, unit: int, cls, patch, mask) -> None:
+        """Add one batch; queue the unit for writing once all its items are in."""
         if self.error is not None:
             raise self.error
-        self.q.put(job)
+        parts = self.parts.setdefault(unit, [])
+        parts.append((cls, patch, mask))
+        region = self.layout.unit_slice(unit)
+        if sum(len(c) for c, _, _ in parts) == region.stop - region.start:
+            del self.parts[unit]
+            joined = [
+                None if parts[0][j] is None else np.concatenate([p[j] for p in parts])
+                for j in range(3)
+            ]
+            self.q.put((unit, *joined))
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def _allocate(
+    path: Path,
+    prep: Prepared,
+    encoder: Encoder,
+    pre: Preprocess,
+    config: dict,
+    layout: store.Layout,
+    req: dict,
+    manifest: Manifest,
+) -> bool:
+    idx = prep.index
+    attrs = {
+        "dataset": {
+            "name": prep.ds.name,
+            "format": prep.ds.format,
+            "path": str(prep.ds.path),
+            "modality": prep.ds.modality,
+            "classes": prep.ds.classes,
+            **config["dataset"],
+        },
+        "encoder": encoder.info.to_dict(),
+        "preprocess": pre.to_dict(),
+        "storage": {
+            "dtype": manifest.dtype,
+            "codec": store.CODEC.to_dict(),
+            "chunk_items": layout.chunk_items,
+        },
+        "versions": _versions(),
+        "requests": [req],
+    }
+    metadata = {
+        name: [dict(prep.samples[i].meta)[name] for i, _ in idx]
+        for name in prep.ds.metadata.values()
+    }
+    return store.create(
+        path,
+        layout,
+        [prep.samples[i].id for i, _ in idx],
+        [k for _, k in idx],
+        [prep.samples[i].split for i, _ in idx],
+        _labels(prep, layout),
+        config,
+        attrs,
+        metadata,
+    )
+
+
+def _checked(arr: np.ndarray | None, bad: np.ndarray, ids: np.ndarray, what: str):
+    """NaN for skipped items; any other NaN/Inf is an error (float16 overflow)."""
+    if arr is None:
+        return None
+    if not np.isfinite(arr[~bad]).all():
+        rows = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1) & ~bad)
+        raise FloatingPointError(
+            f"the encoder gave NaN/Inf {what} features for {sorted(set(ids[rows]))[:5]}; "
+            "with float16 storage this is an overflow: set `dtype: float32` in the manifest"
+        )
+    arr[bad] = np.nan
+    return arr
 
 
 def extract_one(
@@ -219,9 +325,8 @@ def extract_one(
     t0 = time.perf_counter()
     pre = preprocess_config(prep.ds, encoder, resolution, manifest)
     config = set_config(prep, encoder, pre, manifest)
-    key = store.cache_key(config)
-    path = store.store_path(manifest.cache, key)
-    layout = layout_for(prep, encoder, pre, manifest, manifest.batch_size)
+    path = store.store_path(manifest.cache, store.cache_key(config))
+    layout = layout_for(prep, encoder, pre, manifest)
     req = request(prep.ds, prep.fingerprint, spec, resolution, manifest)
     name = prep.ds.name, encoder.info.name + (" (random_init)" if encoder.info.random_init else "")
     status = "new"
@@ -235,51 +340,16 @@ def extract_one(
             return Summary(*name, resolution, "cached", 0, time.perf_counter() - t0, 0.0, path)
         store.check_matches(path, config, layout)
         status = "resumed"
-    if not path.exists():
-        labels = _labels(prep, layout)
-        idx = prep.index
-        created = store.create(
-            path,
-            layout,
-            [prep.samples[i].id for i, _ in idx],
-            [k for _, k in idx],
-            [prep.samples[i].split for i, _ in idx],
-            labels,
-            config,
-            {
-                "dataset": {
-                    "name": prep.ds.name,
-                    "format": prep.ds.format,
-                    "path": str(prep.ds.path),
-                    "modality": prep.ds.modality,
-                    "classes": prep.ds.classes,
-                    **config["dataset"],
-                },
-                "encoder": encoder.info.to_dict(),
-                "preprocess": pre.to_dict(),
-                "storage": {
-                    "dtype": manifest.dtype,
-                    "codec": store.CODEC.to_dict(),
-                    "chunk_items": layout.chunk_items,
-                },
-                "versions": _versions(),
-                "requests": [req],
-            },
-            metadata={
-                name: [dict(prep.samples[i].meta)[name] for i, _ in idx]
-                for name in prep.ds.metadata.values()
-            },
-        )
-        if not created:  # a concurrent shard allocated it: it must be for the same request
-            store.check_matches(path, config, layout)
-            status = "resumed"
+    if not path.exists() and not _allocate(path, prep, encoder, pre, config, layout, req, manifest):
+        store.check_matches(path, config, layout)  # a concurrent shard allocated it
+        status = "resumed"
     units = [u for u in store.pending_units(path) if u % shard[1] == shard[0]]
-    n_items = sum(layout.unit_slice(u).stop - layout.unit_slice(u).start for u in units)
+    batches = _batches(layout, units, manifest.batch_size)
     cuda = encoder.device.type == "cuda"
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if cuda else 1
     loader = DataLoader(
-        _Units(prep, pre, layout, units),
+        _Batches(prep, pre, layout, batches),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=cuda,
@@ -288,6 +358,7 @@ def extract_one(
     )
     writer = _Writer(path, layout)
     skipped: dict[str, str] = {}
+    n_items = sum(b[2] - b[1] for b in batches)
     bar = tqdm(
         total=n_items,
         unit="item",
@@ -296,7 +367,7 @@ def extract_one(
         mininterval=1.0,
     )
     try:
-        for unit, pixels, masks, errors in loader:
+        for unit, start, pixels, masks, errors in loader:
             if errors and not skip_bad:
                 raise BadInputError(next(iter(errors.values())))
             skipped.update(errors)
@@ -304,19 +375,15 @@ def extract_one(
             cls = fb.cls.numpy().astype(manifest.dtype)
             cls = cls[:, 0] if layout.layers == 1 else cls
             patch = fb.patch.numpy().astype(manifest.dtype) if layout.rows else None
-            ids = np.asarray([prep.samples[i].id for i, _ in prep.index[layout.unit_slice(unit)]])
+            index = prep.index[start : start + len(pixels)]
+            ids = np.asarray([prep.samples[i].id for i, _ in index])
             bad = np.isin(ids, list(errors))
-            for var, arr in (("cls", cls), ("patch", patch)):
-                if arr is not None and not np.isfinite(arr[~bad]).all():
-                    rows = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1) & ~bad)
-                    raise FloatingPointError(
-                        f"{prep.ds.name}: the encoder gave NaN/Inf {var} features for "
-                        f"{sorted(set(ids[rows]))[:5]}; with float16 storage this is an "
-                        "overflow: set `dtype: float32` in the manifest"
-                    )
-                if arr is not None:  # skipped samples: NaN, recorded in the attributes
-                    arr[bad] = np.nan
-            writer.put(unit, cls, patch, None if masks is None else masks.numpy())
+            writer.put(
+                unit,
+                _checked(cls, bad, ids, "cls"),
+                _checked(patch, bad, ids, "patch"),
+                None if masks is None else masks.numpy(),
+            )
             bar.update(len(pixels))
     finally:
         bar.close()

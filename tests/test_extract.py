@@ -32,7 +32,10 @@ def _run(manifest_path: Path, **kw):
 @pytest.mark.parametrize("kind", ["cls2d", "seg3d"])
 def test_stored_tokens_equal_direct_forward(tmp_path, tiny_dinov3, kind):
     mpath = write_manifest(
-        tmp_path, synth_entry("d", kind, n=8), f"['{tiny_dinov3}']", extra="batch_size: 5\n"
+        tmp_path,
+        synth_entry("d", kind, n=8),
+        f"['{tiny_dinov3}']",
+        extra="batch_size: 5\nunit_items: 10\n",
     )
     (summary, _) = _run(mpath)
     xs = xr.open_zarr(summary.path)
@@ -110,7 +113,10 @@ def test_mismatch_is_an_error_and_overwrite_replaces(tmp_path, tiny_dinov3):
 
 def test_verify_catches_missing_chunk(tmp_path, tiny_dinov3):
     mpath = write_manifest(
-        tmp_path, synth_entry("d", "cls2d", n=12), f"['{tiny_dinov3}']", extra="batch_size: 4\n"
+        tmp_path,
+        synth_entry("d", "cls2d", n=12),
+        f"['{tiny_dinov3}']",
+        extra="batch_size: 4\nunit_items: 4\n",
     )
     (s, _) = _run(mpath)
     assert store.verify(s.path) == []
@@ -164,12 +170,13 @@ def _chunks(path: Path) -> dict[str, bytes]:
 
 def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     entry = synth_entry("d", "cls3d", n=16, slices=24)
+    extra = "batch_size: 4\nunit_items: 8\n"  # two batches per unit
     (tmp_path / "clean").mkdir()
-    clean = write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra="batch_size: 4\n")
+    clean = write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra=extra)
     (ref, _) = _run(clean)
     killed = tmp_path / "killed"
     killed.mkdir()
-    mpath = write_manifest(killed, entry, f"['{tiny_dinov3}']", extra="batch_size: 4\n")
+    mpath = write_manifest(killed, entry, f"['{tiny_dinov3}']", extra=extra)
     cmd = [
         sys.executable,
         "-m",
@@ -195,7 +202,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     proc.wait()
     path = killed / "cache" / ref.path.name
     left = store.pending_units(path)
-    assert 0 < len(left) < ref.items // 4, "the run must be killed part-way"
+    assert 0 < len(left) < ref.items // 8, "the run must be killed part-way"
     (resumed,) = _run(mpath, baseline=False)
     assert resumed.status == "resumed" and 0 < resumed.items < ref.items  # only unmarked units
     assert _chunks(path) == _chunks(ref.path)
@@ -205,9 +212,13 @@ def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
     entry = synth_entry("d", "cls3d", n=8, slices=12)
     (tmp_path / "clean").mkdir()
     (ref, _) = _run(
-        write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra="batch_size: 8\n")
+        write_manifest(
+            tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra="batch_size: 8\nunit_items: 8\n"
+        )
     )
-    mpath = write_manifest(tmp_path, entry, f"['{tiny_dinov3}']", extra="batch_size: 8\n")
+    mpath = write_manifest(
+        tmp_path, entry, f"['{tiny_dinov3}']", extra="batch_size: 8\nunit_items: 8\n"
+    )
     cmd = [
         sys.executable,
         "-m",
