@@ -6,6 +6,7 @@ validation split and the final model is fitted on the training split.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from featstore.metrics import dice_iou
 C_GRID = tuple(10.0**e for e in range(-4, 3))  # 1e-4 .. 1e2
 K_GRID = (1, 3, 5, 10, 20, 50)
 SEG_C_GRID = (0.01, 0.1, 1.0)
-SEG_MAX_PATCHES = 20_000
+SEG_MAX_PATCHES = 10_000  # ample for a linear head; the fits dominate probe time
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,14 @@ def _logreg(c: float, seed: int) -> LogisticRegression:
     return LogisticRegression(C=c, max_iter=1000, random_state=seed)
 
 
+def _sweep(x: np.ndarray, y: np.ndarray, grid, seed: int):
+    """Yield (C, model) along the grid, weakest regularisation last, each fit warm-started
+    from the previous one (the path converges in a fraction of the cold-start time)."""
+    model = LogisticRegression(max_iter=1000, random_state=seed, warm_start=True)
+    for c in sorted(grid):
+        yield c, model.set_params(C=c).fit(x, y)
+
+
 def linear_probe(xtr, ytr, xva, yva, xte, n_classes: int, grid=C_GRID, seed: int = 0) -> Prediction:
     """Standardised features, L2 logistic regression; C chosen by val accuracy.
 
@@ -77,11 +86,11 @@ def linear_probe(xtr, ytr, xva, yva, xte, n_classes: int, grid=C_GRID, seed: int
     best = (-1.0, grid[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for c in grid:
-            acc = float((_logreg(c, seed).fit(xtr, ytr).predict(xva) == yva).mean())
+        for c, model in _sweep(xtr, ytr, grid, seed):
+            acc = float((model.predict(xva) == yva).mean())
             if acc > best[0]:
                 best = (acc, c)
-        model = _logreg(best[1], seed).fit(xtr, ytr)
+        model = _logreg(best[1], seed).fit(xtr, ytr)  # a clean fit: reproducible on its own
     return Prediction(_full_proba(model, xte, n_classes), best[1], time.perf_counter() - t0)
 
 
@@ -233,9 +242,8 @@ def seg_probe(
     best = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for c in grid:
-            model = _logreg(c, seed).fit(x, y)
-            cand = SegModel(scaler, model, n_classes, c, 0.0)
+        for c, model in _sweep(x, y, grid, seed):
+            cand = SegModel(scaler, copy.deepcopy(model), n_classes, c, 0.0)
             dice = mean_dice(
                 cand.predict(patch_va, mask_va.shape[-1]), mask_va, volumes_va, n_classes
             )
