@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoder", default="dinov3-vits16")
     ap.add_argument("--resolution", type=int, default=224)
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", type=int, default=768)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
