@@ -199,6 +199,24 @@ def remove(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def discard_partials(path: Path, units: Sequence[int]) -> int:
+    """Delete half-written chunk files (zarr's `*.partial` temporaries) of `units`.
+
+    A killed writer can leave one behind; it is never part of the data, but it would
+    linger beside the chunk that the resumed run writes. Only the given units' files
+    are touched, so a concurrent shard's in-flight writes are left alone.
+    """
+    wanted = {str(u) for u in units}
+    removed = 0
+    for name in ("cls", "patch", "mask", MARKS):
+        chunks = Path(path) / name / "c"
+        for f in chunks.rglob("*.partial") if chunks.is_dir() else ():
+            if f.relative_to(chunks).parts[0].split(".")[0] in wanted:
+                f.unlink()
+                removed += 1
+    return removed
+
+
 def pending_units(path: Path) -> list[int]:
     done = zarr.open_array(path / MARKS, mode="r")[:]
     return [int(u) for u in np.flatnonzero(done == 0)]

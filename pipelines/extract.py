@@ -229,6 +229,7 @@ def extract_one(
         store.check_matches(path, config, layout)  # a concurrent shard allocated it
         status = "resumed"
     units = [u for u in store.pending_units(path) if u % shard[1] == shard[0]]
+    store.discard_partials(path, units)
     batches = plan_batches(layout, units, manifest.batch_size)
     cuda = encoder.device.type == "cuda"
     if num_workers is None:

@@ -201,6 +201,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     path = killed / "cache" / ref.path.name
+    # Whatever the kill interrupted (even a half-written chunk file) must not survive.
     left = store.pending_units(path)
     assert 0 < len(left) < ref.items // 8, "the run must be killed part-way"
     (resumed,) = _run(mpath, baseline=False)
@@ -311,3 +312,29 @@ def test_unit_writer_refuses_wrong_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"cls: got \(2, 16\) for unit 0, expected \(2, 8\)"):
         writer.write(0, np.zeros((2, 16)), np.zeros((2, 2, 2, 8)), None)
     assert store.pending_units(tmp_path / "s.zarr") == [0, 1]  # nothing marked
+
+
+def test_resume_discards_half_written_chunks(tmp_path):
+    layout = store.Layout(
+        n_items=4,
+        chunk_items=2,
+        channels=8,
+        layers=1,
+        rows=0,
+        cols=0,
+        mask_size=0,
+        n_classes=0,
+        dtype="float16",
+    )
+    path = tmp_path / "s.zarr"
+    store.create(
+        path, layout, list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), {"k": 1}, {}
+    )
+    (path / "cls" / "c" / "1").mkdir(parents=True)
+    mine = path / "cls" / "c" / "1" / "0.5f3a.partial"
+    other = path / "cls" / "c" / "0.9e1b.partial"  # unit 0: another shard's write
+    mine.write_bytes(b"half")
+    (path / "cls" / "c" / "0").mkdir()
+    other.write_bytes(b"half")
+    assert store.discard_partials(path, [1]) == 1
+    assert not mine.exists() and other.exists()
