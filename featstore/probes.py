@@ -236,6 +236,11 @@ def seg_probe(
         patch_tr, patch_targets(mask_tr, rows, cols, n_classes), SEG_MAX_PATCHES, seed
     )
     if len(np.unique(y)) < 2:
+        if len(np.unique(mask_tr)) > 1:
+            raise ProbeError(
+                f"at the {rows}x{cols} patch grid every patch is background: the "
+                "structures are smaller than a patch; use a higher resolution"
+            )
         raise ProbeError("the train masks hold a single class; nothing to segment")
     scaler = StandardScaler().fit(x)
     x = scaler.transform(x)

@@ -78,26 +78,22 @@ def test_hippocampus_volumes_labels_and_grouped_splits(real):
 
 @pytest.mark.slow
 def test_whole_real_manifest_end_to_end(real, tmp_path):
-    """extract + probe on every real dataset at 32 px (the lowest useful size)."""
+    """extract + probe every real dataset, cold, at the manifest's own resolutions (the
+    lowest that serve every task on a CPU: 32 px leaves Hippocampus a 2x2 patch grid)."""
     from typer.testing import CliRunner
 
     from featstore.cli import app
 
-    args = [
-        "--manifest",
-        str(REPO / "manifests" / "real.yaml"),
-        "--cache",
-        str(tmp_path / "c"),
-        "--resolution",
-        "32",
-    ]
+    args = ["--manifest", str(REPO / "manifests" / "real.yaml"), "--cache", str(tmp_path / "c")]
     ex = CliRunner().invoke(app, ["extract", *args])
     assert ex.exit_code == 0, ex.output
     pr = CliRunner().invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
     assert pr.exit_code == 0, pr.output
+    assert "problem:" not in pr.output, pr.output
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "r" / "results.csv")
     assert set(df.dataset) == set(real)
+    assert set(df.encoder) == {"dinov3-vits16", "pixels"}
     hippo = df[(df.dataset == "msd-hippocampus") & (df.encoder != "pixels")]
     assert {"dice", "dice:anterior", "dice:posterior"} <= set(hippo.metric)
