@@ -253,3 +253,13 @@ def test_cls_plus_patch_pooling(shipped, tmp_path):
     assert out.exit_code == 0, out.output
     df = pd.read_csv(tmp_path / "results.csv")
     assert set(df.pool) == {"cls+patch"} and len(df) == 16
+
+
+def test_too_coarse_patch_grid_is_explained():
+    from featstore.errors import ProbeError
+
+    mask = np.zeros((4, 32, 32), np.uint8)
+    mask[:, 3:6, 3:6] = 1  # far smaller than a 16-px patch
+    patch = np.random.default_rng(0).normal(size=(4, 2, 2, 8)).astype(np.float32)
+    with pytest.raises(ProbeError, match="2x2 patch grid every patch is background"):
+        probes.seg_probe(patch, mask, patch, mask, np.arange(4).astype(str), 2)
