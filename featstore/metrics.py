@@ -89,19 +89,6 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray, classes: int) -> tuple[np.ndar
     return dice, iou
 
 
-def bootstrap(
-    stat: Callable[[np.ndarray], float], n: int, seed: int = 0, n_boot: int = N_BOOT
-) -> tuple[float, float]:
-    """Percentile 95% interval of `stat(idx)` over `n_boot` resamples of range(n)."""
-    rng = np.random.default_rng(seed)
-    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
-    vals = vals[np.isfinite(vals)]
-    if len(vals) == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(vals, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def with_intervals(
     scores: Callable[[np.ndarray], dict[str, float]], n: int, seed: int = 0
 ) -> dict[str, tuple[float, float, float]]:

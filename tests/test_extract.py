@@ -286,28 +286,27 @@ def test_ls_and_info_commands(tmp_path, tiny_dinov3):
     assert '"random_init": false' in info.output
 
 
-def test_unit_writer_refuses_wrong_shapes(tmp_path):
+def _small_store(path: Path, rows: int) -> store.Layout:
+    """A 4-item, 2-unit feature set allocated at `path` (no data written)."""
     layout = store.Layout(
         n_items=4,
         chunk_items=2,
         channels=8,
         layers=1,
-        rows=2,
-        cols=2,
+        rows=rows,
+        cols=rows,
         mask_size=0,
         n_classes=0,
         dtype="float16",
     )
     store.create(
-        tmp_path / "s.zarr",
-        layout,
-        list("abcd"),
-        [0] * 4,
-        ["train"] * 4,
-        np.zeros(4, np.int64),
-        {"k": 1},
-        {},
+        path, layout, list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), {"k": 1}, {}
     )
+    return layout
+
+
+def test_unit_writer_refuses_wrong_shapes(tmp_path):
+    layout = _small_store(tmp_path / "s.zarr", rows=2)
     writer = store.UnitWriter(tmp_path / "s.zarr", layout)
     with pytest.raises(ValueError, match=r"cls: got \(2, 16\) for unit 0, expected \(2, 8\)"):
         writer.write(0, np.zeros((2, 16)), np.zeros((2, 2, 2, 8)), None)
@@ -315,21 +314,8 @@ def test_unit_writer_refuses_wrong_shapes(tmp_path):
 
 
 def test_resume_discards_half_written_chunks(tmp_path):
-    layout = store.Layout(
-        n_items=4,
-        chunk_items=2,
-        channels=8,
-        layers=1,
-        rows=0,
-        cols=0,
-        mask_size=0,
-        n_classes=0,
-        dtype="float16",
-    )
     path = tmp_path / "s.zarr"
-    store.create(
-        path, layout, list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), {"k": 1}, {}
-    )
+    _small_store(path, rows=0)
     (path / "cls" / "c" / "1").mkdir(parents=True)
     mine = path / "cls" / "c" / "1" / "0.5f3a.partial"
     other = path / "cls" / "c" / "0.9e1b.partial"  # unit 0: another shard's write
