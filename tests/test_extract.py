@@ -169,14 +169,16 @@ def _chunks(path: Path) -> dict[str, bytes]:
 
 
 def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
-    entry = synth_entry("d", "cls3d", n=16, slices=24)
+    # Enough work (72 units at 64 px) that the run is still busy for seconds after its
+    # first mark, even when this polling process is slow to be scheduled.
+    entry = synth_entry("d", "cls3d", n=24, slices=24)
     extra = "batch_size: 4\nunit_items: 8\n"  # two batches per unit
     (tmp_path / "clean").mkdir()
-    clean = write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", extra=extra)
+    clean = write_manifest(tmp_path / "clean", entry, f"['{tiny_dinov3}']", "[64]", extra)
     (ref, _) = _run(clean)
     killed = tmp_path / "killed"
     killed.mkdir()
-    mpath = write_manifest(killed, entry, f"['{tiny_dinov3}']", extra=extra)
+    mpath = write_manifest(killed, entry, f"['{tiny_dinov3}']", "[64]", extra)
     cmd = [
         sys.executable,
         "-m",
