@@ -21,24 +21,30 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("FEATSTORE_CACHE", raising=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_dinov3(tmp_path_factory) -> Path:
-    """A tiny DINOv3 ViT (patch 8, 2 registers) saved like real weights, with mean/std."""
+def save_tiny_vit(config_cls, model_cls, folder: Path, seed: int, **overrides) -> Path:
+    """A 2-block ViT with 8-px patches, fixed-seed init, saved like real weights."""
     import torch
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    folder = tmp_path_factory.mktemp("tiny-dinov3")
-    config = DINOv3ViTConfig(
+    arch = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         patch_size=8,
-        num_register_tokens=2,
         image_size=32,
     )
-    torch.manual_seed(1)
-    DINOv3ViTModel(config).eval().save_pretrained(folder)
+    torch.manual_seed(seed)
+    model_cls(config_cls(**{**arch, **overrides})).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov3(tmp_path_factory) -> Path:
+    """A tiny DINOv3 ViT (patch 8, 2 registers) saved like real weights, with mean/std."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-dinov3")
+    save_tiny_vit(DINOv3ViTConfig, DINOv3ViTModel, folder, seed=1, num_register_tokens=2)
     (folder / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]})
     )

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import save_tiny_vit
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 from featstore.encoders import PRESETS, load_encoder
@@ -62,16 +63,7 @@ def test_pth_without_architecture_is_explained(tmp_path):
 
 
 def test_dinov2_folder_loads_through_the_same_interface(tmp_path):
-    config = Dinov2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        patch_size=8,
-        image_size=32,
-    )
-    torch.manual_seed(0)
-    Dinov2Model(config).eval().save_pretrained(tmp_path)
+    save_tiny_vit(Dinov2Config, Dinov2Model, tmp_path, seed=0)
     enc = load_encoder(str(tmp_path), "cpu")
     assert enc.info.model_type == "dinov2" and enc.info.num_register_tokens == 0
     x = torch.randn(2, 3, 32, 32)

@@ -160,6 +160,22 @@ def test_preset_without_weights_is_flagged_random_init():
     assert again.info.weights_sha256 == enc.info.weights_sha256  # fixed seed
 
 
+def _spawn_extract(mpath: Path, *args: str, **popen) -> subprocess.Popen:
+    """`python -m pipelines.extract` on `mpath` in its own process (no baseline, no workers)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.extract",
+        "--manifest",
+        str(mpath),
+        "--no-baseline",
+        "--workers",
+        "0",
+        *args,
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, **popen)
+
+
 def _chunks(path: Path) -> dict[str, bytes]:
     return {
         str(f.relative_to(path)): f.read_bytes()
@@ -179,23 +195,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     killed = tmp_path / "killed"
     killed.mkdir()
     mpath = write_manifest(killed, entry, f"['{tiny_dinov3}']", "[64]", extra)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.extract",
-        "--manifest",
-        str(mpath),
-        "--no-baseline",
-        "--workers",
-        "0",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _spawn_extract(mpath, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marks = killed / "cache" / ref.path.name / "_featstore" / "done" / "c"
     deadline = time.time() + 120
     while time.time() < deadline and not (marks.is_dir() and any(marks.iterdir())):
@@ -222,25 +222,8 @@ def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
     mpath = write_manifest(
         tmp_path, entry, f"['{tiny_dinov3}']", extra="batch_size: 8\nunit_items: 8\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.extract",
-        "--manifest",
-        str(mpath),
-        "--no-baseline",
-        "--workers",
-        "0",
-        "--shard",
-    ]
     procs = [
-        subprocess.Popen(
-            [*cmd, f"{i}/2"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+        _spawn_extract(mpath, "--shard", f"{i}/2", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]

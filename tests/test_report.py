@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
-from conftest import synth_entry, write_manifest
+from conftest import save_tiny_vit, synth_entry, write_manifest
 from PIL import Image
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from typer.testing import CliRunner
@@ -15,17 +14,15 @@ from featstore.cli import app
 
 def test_report_names_every_cell_and_plots_are_pngs(tmp_path, tiny_dinov3):
     wide = tmp_path / "tiny-wide"
-    torch.manual_seed(2)
-    DINOv3ViTModel(
-        DINOv3ViTConfig(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=8,
-            num_register_tokens=1,
-        )
-    ).save_pretrained(wide)
+    save_tiny_vit(
+        DINOv3ViTConfig,
+        DINOv3ViTModel,
+        wide,
+        seed=2,
+        hidden_size=48,
+        intermediate_size=96,
+        num_register_tokens=1,
+    )
     datasets = synth_entry("lesions", "cls2d", n=24) + synth_entry("organs", "seg3d", n=8)
     mpath = write_manifest(tmp_path, datasets, f"['{tiny_dinov3}', '{wide}']", "[32, 48]")
     args = ["--manifest", str(mpath)]
