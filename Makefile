@@ -24,13 +24,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 extract: $(STAMP)
-	$(BIN)/python -m pipelines.extract --manifest $(MANIFEST)
+	$(BIN)/featstore extract --manifest $(MANIFEST)
 
 probe: extract
-	$(BIN)/python -m pipelines.probe --manifest $(MANIFEST) --out $(OUT)
+	$(BIN)/featstore probe --manifest $(MANIFEST) --out $(OUT)
 
 report: $(STAMP)
-	$(BIN)/python -m pipelines.report --out $(OUT)
+	$(BIN)/featstore report --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

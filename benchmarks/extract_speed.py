@@ -3,7 +3,7 @@
     python benchmarks/extract_speed.py [--resolution 224] [--n 128] [--workers 1]
 
 Prints items/s for (a) a loop of forward passes on ready, preprocessed tensors and
-(b) `pipelines.extract.extract_one` (read PNG, preprocess in a worker, forward,
+(b) `featstore.extraction.extract_one` (read PNG, preprocess in a worker, forward,
 write Zarr in a background thread, from allocation to `complete`), and their ratio.
 The two alternate for --rounds rounds and the medians are compared, so that drift in
 the machine's speed hits both alike. Target: ratio >= 0.9.
@@ -22,9 +22,10 @@ import torch
 
 from featstore import readers
 from featstore.encoders import load_encoder
+from featstore.extraction import Options, extract_one
+from featstore.identity import requested
 from featstore.manifest import Dataset, Manifest, Synthetic
 from featstore.preprocess import preprocess
-from pipelines import extract
 
 
 def main() -> None:
@@ -55,7 +56,8 @@ def main() -> None:
         )
         prep = readers.prepare(ds)
         encoder = load_encoder(args.encoder, "cpu")
-        pre = extract.preprocess_config(ds, encoder, args.resolution, manifest)
+        ident = requested(ds, manifest, prep.fingerprint, args.encoder, args.resolution)
+        pre = ident.with_weights(encoder.info).preprocess()
         ready = torch.from_numpy(
             np.concatenate(
                 [preprocess(readers.load(ds, s).image, None, pre)[0] for s in prep.samples]
@@ -71,15 +73,8 @@ def main() -> None:
             bare.append(len(ready) / (time.perf_counter() - t0))
             run = manifest.model_copy(update={"cache": Path(tmp) / f"cache{r}"})
             t0 = time.perf_counter()
-            summary = extract.extract_one(
-                prep,
-                encoder,
-                args.encoder,
-                args.resolution,
-                run,
-                num_workers=args.workers,
-                progress=False,
-            )
+            opts = Options(num_workers=args.workers, progress=False)
+            summary = extract_one(prep, encoder, args.encoder, args.resolution, run, opts)
             full.append(summary.items / (time.perf_counter() - t0))
             print(f"round {r}: bare {bare[-1]:.2f} items/s, pipeline {full[-1]:.2f} items/s")
         bare_rate, full_rate = float(np.median(bare)), float(np.median(full))

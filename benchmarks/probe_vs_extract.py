@@ -2,8 +2,8 @@
 
     python benchmarks/probe_vs_extract.py [--manifest data_manifest.yaml]
 
-Runs, in one go and into a fresh temporary cache, `pipelines.extract` (cold) and then
-`pipelines.probe` twice (the second is what every later study pays), each in its own
+Runs, in one go and into a fresh temporary cache, `featstore extract` (cold) and then
+`featstore probe` twice (the second is what every later study pays), each in its own
 process; prints wall seconds, their ratio and each stage's peak memory (max RSS).
 """
 
@@ -35,11 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--manifest", args.manifest, "--cache", f"{tmp}/cache"]
-        ext = timed([sys.executable, "-m", "pipelines.extract", *common])
-        probes = [
-            timed([sys.executable, "-m", "pipelines.probe", *common, "--out", f"{tmp}/results{i}"])
-            for i in range(2)
-        ]
+        cli = str(Path(sys.executable).parent / "featstore")
+        ext = timed([cli, "extract", *common])
+        probes = [timed([cli, "probe", *common, "--out", f"{tmp}/results{i}"]) for i in range(2)]
         size = sum(f.stat().st_size for f in Path(tmp, "cache").rglob("*") if f.is_file())
     print(f"manifest {args.manifest}; feature sets: {size / 1e6:.0f} MB on disk")
     print(f"{'stage':<22} {'seconds':>8} {'peak MB':>8}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,37 @@ from featstore import readers, store
 from featstore.errors import BadInputError
 from featstore.preprocess import Preprocess, preprocess
 from featstore.readers import Prepared
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One sample ready for the encoder, or the reason it could not be read.
+
+    pixels: (D, 3, R, R) float32 normalised; mask: (D, R, R) uint8 or None.
+    """
+
+    pixels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of consecutive items of one unit.
+
+    pixels: (B, 3, R, R) float32; masks: (B, R, R) uint8 or None; errors: sample id ->
+    reason for each unreadable sample in the batch (its rows are zeros).
+    """
+
+    unit: int
+    start: int
+    pixels: torch.Tensor
+    masks: np.ndarray | None
+    errors: dict[str, str]
+
+    def pin_memory(self) -> Batch:
+        """DataLoader(pin_memory=True) calls this: page-locked pixels copy to a GPU faster."""
+        return replace(self, pixels=self.pixels.pin_memory())
 
 
 class Batches(torch.utils.data.Dataset):
@@ -36,28 +68,31 @@ class Batches(torch.utils.data.Dataset):
     ):
         self.prep, self.pre, self.layout, self.batches = prep, pre, layout, batches
         self.index = prep.index
-        self._last: tuple[int, object] | None = None  # volumes span batches: keep the last
+        self._last: tuple[int, Decoded] | None = None  # volumes span batches: keep the last
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _sample(self, i: int):
+    def _decode(self, i: int) -> Decoded:
+        sample = self.prep.samples[i]
+        try:
+            loaded = readers.load(self.prep.ds, sample)
+            pixels, mask = preprocess(loaded.image, loaded.mask, self.pre)
+        except BadInputError as exc:
+            return Decoded(error=str(exc))
+        if pixels.shape[0] != sample.n_items:
+            return Decoded(
+                error=f"{sample.image}: {pixels.shape[0]} slices, the index listed "
+                f"{sample.n_items}; the file changed during the run"
+            )
+        return Decoded(pixels, mask)
+
+    def _sample(self, i: int) -> Decoded:
         if self._last is None or self._last[0] != i:
-            sample = self.prep.samples[i]
-            try:
-                loaded = readers.load(self.prep.ds, sample)
-                value: object = preprocess(loaded.image, loaded.mask, self.pre)
-                if value[0].shape[0] != sample.n_items:
-                    raise BadInputError(
-                        f"{sample.image}: {value[0].shape[0]} slices, the index "
-                        f"listed {sample.n_items}; the file changed during the run"
-                    )
-            except BadInputError as exc:
-                value = str(exc)
-            self._last = (i, value)
+            self._last = (i, self._decode(i))
         return self._last[1]
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> Batch:
         unit, start, stop = self.batches[k]
         n, r = stop - start, self.pre.resolution
         pixels = np.zeros((n, 3, r, r), np.float32)
@@ -66,13 +101,13 @@ class Batches(torch.utils.data.Dataset):
         for j, item in enumerate(range(start, stop)):
             i, k_slice = self.index[item]
             got = self._sample(i)
-            if isinstance(got, str):
-                errors[self.prep.samples[i].id] = got
+            if got.pixels is None:
+                errors[self.prep.samples[i].id] = str(got.error)
                 continue
-            pixels[j] = got[0][k_slice]
-            if masks is not None:
-                masks[j] = got[1][k_slice]
-        return unit, start, torch.from_numpy(pixels), masks, errors
+            pixels[j] = got.pixels[k_slice]
+            if masks is not None and got.mask is not None:
+                masks[j] = got.mask[k_slice]
+        return Batch(unit, start, torch.from_numpy(pixels), masks, errors)
 
 
 def plan_batches(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,94 +24,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from featstore.errors import EncoderNotFoundError
-from featstore.manifest import files_sha256, hash_memo
+from featstore.fingerprint import files_sha256
+from featstore.identity import EncoderInfo
+from featstore.presets import PRESETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0
-
-# Published DINOv3 ViT architectures (Siméoni et al. 2025, and the transformers configs).
-_DINOV3 = dict(
-    model_type="dinov3_vit",
-    patch_size=16,
-    num_register_tokens=4,
-    layerscale_value=1.0,
-    rope_theta=100.0,
-    key_bias=False,
-)
-PRESETS: dict[str, dict] = {
-    "dinov3-vits16": dict(
-        _DINOV3,
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        hub="facebook/dinov3-vits16-pretrain-lvd1689m",
-    ),
-    "dinov3-vits16plus": dict(
-        _DINOV3,
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        intermediate_size=1536,
-        use_gated_mlp=True,
-        hub="facebook/dinov3-vits16plus-pretrain-lvd1689m",
-    ),
-    "dinov3-vitb16": dict(
-        _DINOV3,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        hub="facebook/dinov3-vitb16-pretrain-lvd1689m",
-    ),
-    "dinov3-vitl16": dict(
-        _DINOV3,
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        hub="facebook/dinov3-vitl16-pretrain-lvd1689m",
-    ),
-    "dinov3-vith16plus": dict(
-        _DINOV3,
-        hidden_size=1280,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        intermediate_size=5120,
-        use_gated_mlp=True,
-        hub="facebook/dinov3-vith16plus-pretrain-lvd1689m",
-    ),
-    "dinov3-vit7b16": dict(
-        _DINOV3,
-        hidden_size=4096,
-        num_hidden_layers=40,
-        num_attention_heads=32,
-        intermediate_size=8192,
-        use_gated_mlp=True,
-        layerscale_value=1e-5,
-        hub="facebook/dinov3-vit7b16-pretrain-lvd1689m",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What identifies an encoder's features; stored in every feature set and result."""
-
-    name: str
-    source: str  # folder, hub id@revision, or "random-init(seed=0)"
-    weights_sha256: str
-    model_type: str
-    patch_size: int
-    num_register_tokens: int
-    hidden_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    random_init: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -141,13 +60,13 @@ def _hub_folder(repo_id: str) -> Path | None:
         return None
 
 
-def _weights_sha256(folder: Path, model: torch.nn.Module) -> str:
+def _weights_sha256(folder: Path, model: torch.nn.Module, memo: Path | None) -> str:
     files = sorted(
         p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth") and p.is_file()
     )
     if not files:
         return _state_sha256(model)
-    digests = files_sha256(files, hash_memo())
+    digests = files_sha256(files, memo)
     return hashlib.sha256("".join(digests[str(p)] for p in files).encode()).hexdigest()
 
 
@@ -256,7 +175,9 @@ def _info(
     )
 
 
-def _load_folder(name: str, folder: Path, source: str) -> tuple[torch.nn.Module, EncoderInfo]:
+def _load_folder(
+    name: str, folder: Path, source: str, memo: Path | None
+) -> tuple[torch.nn.Module, EncoderInfo]:
     from transformers import AutoModel
 
     try:
@@ -266,11 +187,17 @@ def _load_folder(name: str, folder: Path, source: str) -> tuple[torch.nn.Module,
             f"{folder}: not a loadable transformers model ({exc}); it "
             "needs config.json and model.safetensors"
         ) from None
-    return model, _info(name, source, model, folder, _weights_sha256(folder, model), False)
+    return model, _info(name, source, model, folder, _weights_sha256(folder, model, memo), False)
 
 
-def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> Encoder:
-    """Resolve an encoder name (preset, folder, hub id or ``pixels``) and load it."""
+def load_encoder(
+    spec: str, device: Literal["auto", "cpu", "cuda"] = "auto", memo: Path | None = None
+) -> Encoder:
+    """Resolve an encoder name (preset, folder, hub id or ``pixels``) and load it.
+
+    `memo` is the file-hash memo (see `featstore.fingerprint`) used to hash weight
+    files; None hashes them afresh.
+    """
     if spec == "pixels" or spec.startswith("pixels:"):
         patch = int(spec.partition(":")[2] or 16)
         info = EncoderInfo(
@@ -292,7 +219,9 @@ def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> 
             raise EncoderNotFoundError(f"encoder '{spec}': unknown flag ':{flag}'; use ':random'")
         folder = None if flag else _hub_folder(PRESETS[preset]["hub"])
         if folder is not None:
-            model, info = _load_folder(preset, folder, f"{PRESETS[preset]['hub']}@{folder.name}")
+            model, info = _load_folder(
+                preset, folder, f"{PRESETS[preset]['hub']}@{folder.name}", memo
+            )
             return Encoder(model, info, device)
         model = _from_config(preset, PRESETS[preset])
         info = _info(
@@ -304,17 +233,17 @@ def load_encoder(spec: str, device: Literal["auto", "cpu", "cuda"] = "auto") -> 
         from featstore.dinov3_pth import load_pth
 
         model, _ = load_pth(path, PRESETS)
-        sha = files_sha256([path], hash_memo())[str(path)]
+        sha = files_sha256([path], memo)[str(path)]
         return Encoder(
             model, _info(path.stem, str(path.resolve()), model, path.parent, sha, False), device
         )
     if path.is_dir():
-        model, info = _load_folder(path.name, path, str(path.resolve()))
+        model, info = _load_folder(path.name, path, str(path.resolve()), memo)
         return Encoder(model, info, device)
     if spec.count("/") == 1 and not path.exists():
         folder = _hub_folder(spec)
         if folder is not None:
-            model, info = _load_folder(spec, folder, f"{spec}@{folder.name}")
+            model, info = _load_folder(spec, folder, f"{spec}@{folder.name}", memo)
             return Encoder(model, info, device)
     from huggingface_hub.constants import HF_HUB_CACHE
 

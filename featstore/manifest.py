@@ -7,11 +7,9 @@ them. A typo is a `ManifestError` naming the dataset, the field and the fix.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,9 +50,10 @@ class Intensity(_Frozen):
 
 
 class Splits(_Frozen):
-    """Either read from the data (`from: column` / `from: file`) or assigned by ratio."""
+    """Either read from the data (`from: column`: the index's `split` column, MedMNIST's
+    own keys) or assigned by ratio, whole patients at a time."""
 
-    from_: Literal["column", "file"] | None = Field(default=None, alias="from")
+    from_: Literal["column"] | None = Field(default=None, alias="from")
     ratios: tuple[float, float, float] | None = None
     seed: int = 0
 
@@ -166,8 +165,6 @@ class Manifest(_Frozen):
     baseline: str | None = Field(default="pixels", pattern=r"^pixels(:\d+)?$")
     datasets: tuple[Dataset, ...]
     studies: tuple[Study, ...] = ()  # without studies: one grid, encoders x resolutions
-    source: Path | None = Field(default=None, exclude=True)  # the YAML file, for messages
-    resolutions_override: bool = Field(default=False, exclude=True)  # --resolution given
 
     @field_validator("resolutions")
     @classmethod
@@ -195,7 +192,7 @@ class Manifest(_Frozen):
             if d.name == name:
                 return d
         raise ManifestError(
-            f"no dataset named '{name}' in {self.source or 'the manifest'}; "
+            f"no dataset named '{name}' in the manifest; "
             f"known: {', '.join(d.name for d in self.datasets)}"
         )
 
@@ -203,11 +200,7 @@ class Manifest(_Frozen):
         return "pad" if self.protocol == "medmnist+" else ds.fit
 
     def resolutions_for(self, ds: Dataset) -> tuple[int, ...]:
-        return (
-            self.resolutions
-            if self.resolutions_override or ds.resolutions is None
-            else (ds.resolutions)
-        )
+        return self.resolutions if ds.resolutions is None else ds.resolutions
 
     def cells(self, baseline: bool = True) -> list[tuple[Dataset, str, int]]:
         """Every (dataset, encoder, resolution) to extract and probe, baseline included."""
@@ -230,12 +223,12 @@ class Manifest(_Frozen):
         datasets: Sequence[str] = (),
         encoders: Sequence[str] = (),
         resolutions: Sequence[int] = (),
-        cache: Path | None = None,
         study: str | None = None,
     ) -> Manifest:
         """A copy with CLI overrides applied (flags win over the manifest).
 
-        --encoder/--resolution define the grid themselves, replacing the studies.
+        --encoder/--resolution define the grid themselves, replacing the studies;
+        --resolution also replaces every dataset's own `resolutions`.
         """
         update: dict[str, Any] = {}
         if study is not None:
@@ -248,15 +241,14 @@ class Manifest(_Frozen):
             update["studies"] = tuple(chosen)
         if encoders or resolutions:
             update["studies"] = ()
-        if datasets:
-            update["datasets"] = tuple(self.dataset(n) for n in datasets)
+        chosen_ds = tuple(self.dataset(n) for n in datasets) if datasets else self.datasets
+        if resolutions:
+            chosen_ds = tuple(d.model_copy(update={"resolutions": None}) for d in chosen_ds)
+        update["datasets"] = chosen_ds
         if encoders:
             update["encoders"] = tuple(encoders)
         if resolutions:
             update["resolutions"] = tuple(resolutions)
-            update["resolutions_override"] = True
-        if cache is not None:
-            update["cache"] = Path(cache).resolve()
         return self.model_copy(update=update)
 
 
@@ -288,7 +280,7 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
         if not inner:
             return []
         model = inner[0]
-    return [f.alias or n for n, f in model.model_fields.items() if n != "source"]
+    return [f.alias or n for n, f in model.model_fields.items()]
 
 
 def _explain(err: ValidationError, raw: dict[str, Any], source: Path) -> ManifestError:
@@ -333,7 +325,7 @@ def load_manifest(
     if not isinstance(raw, dict) or "datasets" not in raw:
         raise ManifestError(f"{source}: expected a mapping with a `datasets:` list (see README)")
     try:
-        manifest = Manifest.model_validate({**raw, "source": source})
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise _explain(exc, raw, source) from None
     root = source.resolve().parent
@@ -357,87 +349,3 @@ def load_manifest(
     if not cache_path.is_absolute():
         cache_path = (root if chosen == manifest.cache else Path.cwd()) / cache_path
     return manifest.model_copy(update={"datasets": tuple(datasets), "cache": cache_path})
-
-
-def request(
-    ds: Dataset, fingerprint: str, encoder: str, resolution: int, manifest: Manifest
-) -> dict[str, Any]:
-    """What a study asks for, in terms known without loading the encoder.
-
-    Extract records it in each feature set; probe finds sets by it (probe never
-    loads torch, so it cannot compute the content key, which needs the weights).
-    """
-    return {
-        "dataset": fingerprint,
-        "encoder": encoder,
-        "resolution": resolution,
-        "intensity": ds.intensity.model_dump(),
-        "fit": manifest.fit_for(ds),
-        "metadata": ds.metadata,
-        "mask_map": {str(k): v for k, v in ds.mask_map.items()},
-        "fill_outlines": ds.fill_outlines,
-        "slice_axis": ds.slice_axis,
-        "layers": manifest.layers,
-        "dtype": manifest.dtype,
-        "patch": manifest.patch,
-    }
-
-
-# ---------------------------------------------------------------- fingerprints
-
-
-def _file_sha256(path: Path, memo: dict[str, Any]) -> str:
-    st = path.stat()
-    key = str(path.resolve())
-    hit = memo.get(key)
-    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
-        return hit["sha256"]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    memo[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-    return memo[key]["sha256"]
-
-
-def hash_memo() -> Path:
-    """Where file hashes are memoised by (size, mtime): $FEATSTORE_HOME or ~/.cache/featstore."""
-    home = os.environ.get("FEATSTORE_HOME") or Path.home() / ".cache" / "featstore"
-    return Path(home) / "file-sha256.json"
-
-
-def files_sha256(paths: Iterable[Path], memo_file: Path | None) -> dict[str, str]:
-    """sha256 of each file, memoised by (size, mtime) in `memo_file` (a JSON file)."""
-    memo: dict[str, Any] = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except json.JSONDecodeError:
-            memo = {}  # a damaged memo is only a cache: rebuild it
-    out = {str(p): _file_sha256(p, memo) for p in paths}
-    if memo_file is not None:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
-    return out
-
-
-def fingerprint(
-    files: Iterable[Path],
-    table: Sequence[tuple[Any, ...]],
-    root: Path,
-    memo_file: Path | None = None,
-) -> str:
-    """Hash of a dataset's file contents, labels and split assignment.
-
-    Args:
-        files: every file the dataset reads (images, masks, index CSV).
-        table: one row per sample, e.g. (id, split, label, n_items); its order matters.
-        root: file names are hashed relative to it, so a moved dataset keeps its hash.
-    """
-    h = hashlib.sha256()
-    for p, digest in sorted(files_sha256(sorted(set(files)), memo_file).items()):
-        h.update(f"{os.path.relpath(p, root)}\0{digest}\n".encode())
-    h.update(json.dumps([list(map(str, row)) for row in table]).encode())
-    return h.hexdigest()

@@ -13,6 +13,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 N_BOOT = 1000
+# The headline metric of each task: tables, plots and the report's "best cell".
+MAIN_METRIC = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice"}
 
 
 def _auroc_binary(y: np.ndarray, s: np.ndarray) -> float:

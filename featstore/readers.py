@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from featstore.errors import BadInputError
-from featstore.manifest import SPLITS, Dataset, GlobIndex, fingerprint, hash_memo
+from featstore.fingerprint import fingerprint
+from featstore.manifest import SPLITS, Dataset, GlobIndex
 from featstore.synthetic import generate
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ canonical orientation
@@ -50,46 +51,56 @@ class Loaded:
 # ------------------------------------------------------------------ listing
 
 
-def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[dict[str, str]]:
+def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[tuple[str, dict[str, str]]]:
+    """(where, row) per image found by the glob; `where` names the join CSV's line."""
     images = sorted(p for p in ds.path.glob(spec.glob) if p.is_file())
     if not images:
         raise BadInputError(
             f"{ds.path}: index.glob {spec.glob!r} matches no file; check the "
             "pattern (relative to the dataset path)"
         )
-    joined: dict[str, dict[str, str]] = {}
-    if spec.join:
-        with (ds.path / spec.join).open(newline="", encoding="utf-8-sig") as f:
+    joined: dict[str, tuple[int, dict[str, str]]] = {}
+    join = ds.path / spec.join if spec.join else None
+    if join is not None:
+        if not join.is_file():
+            raise BadInputError(
+                f"{join}: index.join names a CSV that does not exist; fix the name "
+                "(relative to the dataset path) or drop `join`"
+            )
+        with join.open(newline="", encoding="utf-8-sig") as f:
             table = list(csv.DictReader(f))
         if table and spec.key not in table[0]:
             raise BadInputError(
                 f"{ds.path / spec.join}: no column {spec.key!r} (index.key); "
                 f"columns are {list(table[0])}"
             )
-        joined = {row[spec.key]: row for row in table}
+        joined = {row[spec.key]: (n, row) for n, row in enumerate(table, start=2)}
     rows = []
     for img in images:
         row = {"image": img.relative_to(ds.path).as_posix()}
         if spec.mask:
             mask = img.parent / spec.mask.format(name=img.name, stem=img.name.split(".")[0])
             row["mask"] = os.path.relpath(mask, ds.path)
-        if spec.join:
+        where = str(img)
+        if join is not None:
             if img.name not in joined:
-                raise BadInputError(
-                    f"{ds.path / spec.join}: no row for {img.name} (column {spec.key!r})"
-                )
-            row |= {k: v for k, v in joined[img.name].items() if k != spec.key}
-        rows.append(row)
+                raise BadInputError(f"{join}: no row for {img.name} (column {spec.key!r})")
+            line, extra = joined[img.name]
+            row |= {k: v for k, v in extra.items() if k != spec.key}
+            where = f"{join}, line {line}"
+        rows.append((where, row))
     return rows
 
 
-def _read_index(ds: Dataset) -> list[dict[str, str]]:
+def _read_index(ds: Dataset) -> list[tuple[str, dict[str, str]]]:
+    """(where, row) per sample; `where` names the file and line for messages."""
     if isinstance(ds.index, GlobIndex):
-        path, rows = ds.path / ds.index.glob, _glob_rows(ds, ds.index)
+        path, located = ds.path / ds.index.glob, _glob_rows(ds, ds.index)
     else:
         path = ds.path / (ds.index or "index.csv")
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            located = [(f"{path}, line {n}", r) for n, r in enumerate(csv.DictReader(f), start=2)]
+    rows = [r for _, r in located]
     if not rows:
         raise BadInputError(f"{path}: index has no rows; add one row per sample")
     need = {"image"} | ({"mask"} if ds.task == "segmentation" else {"label"}) | set(ds.metadata)
@@ -99,7 +110,7 @@ def _read_index(ds: Dataset) -> list[dict[str, str]]:
             f"{path}: index lacks column(s) {sorted(missing)}; columns are "
             f"{list(rows[0])} (see README, 'Formats')"
         )
-    return rows
+    return located
 
 
 def _parse_label(text: str, ds: Dataset, where: str) -> tuple[int, ...]:
@@ -134,10 +145,8 @@ def _count_items(ds: Dataset, path: Path) -> int:
 
 
 def _list_indexed(ds: Dataset) -> list[Sample]:
-    index = ds.path / (ds.index if isinstance(ds.index, str) else "index.csv")
     out = []
-    for n, row in enumerate(_read_index(ds), start=2):
-        where = f"{index}, line {n}"
+    for where, row in _read_index(ds):
         image = ds.path / row["image"]
         if not image.exists():
             raise BadInputError(f"{where}: image {image} does not exist")
@@ -258,16 +267,17 @@ class Prepared:
     samples: list[Sample]
     fingerprint: str
 
-    @property
+    @cached_property
     def index(self) -> list[tuple[int, int]]:
         """(sample index, slice) of every item, in item order."""
         return [(i, k) for i, s in enumerate(self.samples) for k in range(s.n_items)]
 
 
-def prepare(ds: Dataset) -> Prepared:
+def prepare(ds: Dataset, memo: Path | None = None) -> Prepared:
+    """List and fingerprint `ds`; `memo` is the file-hash memo (None: hash afresh)."""
     samples = list_samples(ds)
     table = [(s.id, s.split, s.label, s.n_items, s.group, s.meta) for s in samples]
-    fp = fingerprint(dataset_files(ds, samples), table, ds.path, hash_memo())
+    fp = fingerprint(dataset_files(ds, samples), table, ds.path, memo)
     return Prepared(ds, samples, fp)
 
 

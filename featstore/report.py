@@ -12,23 +12,16 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from featstore.metrics import MAIN_METRIC
+from featstore.presets import PRESETS
 
-MAIN_METRIC = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice"}
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
-SIZE_ORDER = [
-    "dinov3-vits16",
-    "dinov3-vits16plus",
-    "dinov3-vitb16",
-    "dinov3-vitl16",
-    "dinov3-vith16plus",
-    "dinov3-vit7b16",
-]
+SIZE_ORDER = list(PRESETS)  # smallest first
 BASELINE = "pixels"
 
 
@@ -40,10 +33,10 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def save_figure(fig, path: Path) -> bool:
+def save_figure(fig: Figure, path: Path) -> bool:
+    """PNG bytes without a version stamp, written only when they change."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
     return write_if_changed(path, buf.getvalue())
 
 
@@ -133,7 +126,8 @@ def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool
     )
     colour = {er: f"C{i % 10}" for i, er in enumerate(encoders)}  # one colour per encoder
     style = {er: "--" if er[0] == BASELINE else "-" for er in encoders}
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
+    fig = Figure(figsize=(4 * len(names), 3.8))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         sub = main[main.dataset == name]
         for (enc, rnd), g in sub.groupby(["encoder", "random_init"]):
@@ -154,9 +148,7 @@ def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool
             ylabel=f"{MAIN_METRIC[tasks[name]]} ({MAIN_PROBE[tasks[name]]})",
         )
         ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D([], [], color=colour[er], marker="o", linestyle=style[er]) for er in encoders
-    ]
+    handles = [Line2D([], [], color=colour[er], marker="o", linestyle=style[er]) for er in encoders]
     fig.legend(
         handles,
         [label(*er) for er in encoders],
@@ -174,7 +166,8 @@ def plot_size(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool:
     main = _main_rows(df, tasks)
     main = main[main.encoder != BASELINE]
     encoders = sorted(main.encoder.unique(), key=lambda e: (size_rank(e), e))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     for name in sorted(tasks):
         best = main[main.dataset == name].groupby("encoder").value.max()
         xs = [i for i, e in enumerate(encoders) if e in best]
@@ -192,7 +185,8 @@ def plot_linear_vs_knn(df: pd.DataFrame, path: Path) -> bool:
     sub = df[df.metric == "auroc"].pivot_table(
         index=["dataset", "encoder", "resolution"], columns="probe", values="value"
     )
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     if {"linear", "knn"} <= set(sub.columns):
         for name, g in sub.groupby(level="dataset"):
             ax.scatter(g["knn"], g["linear"], label=name, s=25)
@@ -238,9 +232,8 @@ def plot_examples(
     images: (R, R) arrays in [0, 1]; pca: (n, rows, cols, 3); pred/truth: (n, R, R).
     """
     cols = 2 + (2 if pred is not None else 0)
-    fig, axes = plt.subplots(
-        len(images), cols, figsize=(2.2 * cols, 2.2 * len(images)), squeeze=False
-    )
+    fig = Figure(figsize=(2.2 * cols, 2.2 * len(images)))
+    axes = fig.subplots(len(images), cols, squeeze=False)
     for i, img in enumerate(images):
         panels = [("image", img, "gray")]
         if pca is not None:

@@ -17,13 +17,12 @@ unit. `complete: true` is written once every unit is marked and verified.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import os
 import shutil
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,14 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from featstore.errors import StoreIncompleteError, StoreMismatchError
+from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
 
-FORMAT_VERSION = 1
 MARKS = "_featstore/done"
 # Chosen by benchmarks/codecs.py on ViT features: blosc-zstd with bit-shuffle
 # compresses float16 tokens better than zstd alone at similar speed.
 CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
+VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,51 @@ class Layout:
         return slice(unit * self.chunk_items, min((unit + 1) * self.chunk_items, self.n_items))
 
 
-def cache_key(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of everything that determines the content."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+def layout_for(
+    ident: SetIdentity, n_items: int, n_classes: int, batch_size: int, unit_items: int
+) -> Layout:
+    """Shapes of a set; a unit (= one chunk) is a whole number of batches, its patch
+    chunk capped at `UNIT_BYTES`. n_classes: 0 single label, k multi-hot, -1 none."""
+    w = ident.weights
+    r = ident.recipe
+    if w is None:
+        raise ValueError("layout_for needs the loaded encoder: ident.with_weights(info)")
+    grid = r.resolution // w.patch_size
+    per_item = (grid * grid if r.patch else 1) * w.hidden_size * np.dtype(r.dtype).itemsize
+    batches = max(1, min(-(-unit_items // batch_size), UNIT_BYTES // (batch_size * per_item)))
+    return Layout(
+        n_items=n_items,
+        chunk_items=batch_size * batches,
+        channels=w.hidden_size,
+        layers=r.layers,
+        rows=grid if r.patch else 0,
+        cols=grid if r.patch else 0,
+        mask_size=r.resolution if r.task == "segmentation" else 0,
+        n_classes=n_classes,
+        dtype=r.dtype,
+    )
+
+
+@dataclass(frozen=True)
+class Items:
+    """Per-item coordinates and labels of a set, in item order.
+
+    labels: (n,) or (n, classes) int64, or None for segmentation; metadata: extra
+    per-item coordinates (numeric when every value parses as one).
+    """
+
+    sample: Sequence[str]
+    slice: Sequence[int]
+    split: Sequence[str]
+    labels: np.ndarray | None
+    metadata: dict[str, Sequence[str]] = field(default_factory=dict)
 
 
 def store_path(cache: Path, key: str) -> Path:
     return Path(cache) / f"{key[:24]}.zarr"
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
@@ -84,29 +120,44 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+def versions() -> dict[str, str]:
+    """Installed versions of featstore and the packages that shape the features."""
+    out = {}
+    for name in ("featstore", *VERSIONED):
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
-def create(
-    path: Path,
-    layout: Layout,
-    sample: Sequence[str],
-    slice_: Sequence[int],
-    split: Sequence[str],
-    labels: np.ndarray | None,
-    config: dict[str, Any],
-    attrs: dict[str, Any],
-    metadata: dict[str, Sequence[str]] | None = None,
-) -> bool:
-    """Allocate an empty feature set (metadata, coordinates, labels, marks).
+def _attrs(ident: SetIdentity, layout: Layout, describe: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes: the identity (machine-readable) and readable copies of it."""
+    assert ident.weights is not None
+    return canonical(
+        {
+            "featstore_format": FORMAT_VERSION,
+            "cache_key": ident.key(),
+            "identity": ident.to_attrs(),
+            "requests": [ident.request()],
+            "dataset": {**describe, "fingerprint": ident.recipe.dataset},
+            "encoder": ident.weights.to_dict(),
+            "preprocess": ident.preprocess().to_dict(),
+            "storage": {
+                "dtype": layout.dtype,
+                "codec": CODEC.to_dict(),
+                "chunk_items": layout.chunk_items,
+            },
+            "layout": asdict(layout),
+            "versions": versions(),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "complete": False,
+        }
+    )
 
-    Data variables are allocated, not written: each unit fills its own chunk later.
-    `metadata` adds per-item coordinates (numeric when every value parses as one).
-    The set is built in a temporary sibling folder and renamed into place, so another
-    process (a second --shard) sees either nothing or a whole skeleton. Returns False
-    when another process created `path` first (its skeleton is kept).
-    """
+
+def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
+    """The empty dataset (lazy data variables, real coordinates) and its encoding."""
     n, c = layout.n_items, layout.chunk_items
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
     cls_shape = (n, layout.channels) if layout.layers == 1 else (n, layout.layers, layout.channels)
@@ -122,32 +173,20 @@ def create(
     if layout.mask_size:
         shape = (n, layout.mask_size, layout.mask_size)
         variables["mask"] = (("item", "y", "x"), da.empty(shape, dtype="uint8", chunks=(c, -1, -1)))
-    if labels is not None:
+    if items.labels is not None:
+        labels = items.labels
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
-    coords = {
-        "sample": ("item", np.asarray(sample, dtype=object)),
-        "slice": ("item", np.asarray(slice_, dtype=np.int32)),
-        "split": ("item", np.asarray(split, dtype=object)),
+    coords: dict[str, Any] = {
+        "sample": ("item", np.asarray(items.sample, dtype=object)),
+        "slice": ("item", np.asarray(items.slice, dtype=np.int32)),
+        "split": ("item", np.asarray(items.split, dtype=object)),
     }
-    for name, values in (metadata or {}).items():
+    for name, values in items.metadata.items():
         try:
             coords[name] = ("item", np.asarray(values, dtype=np.float64))
         except ValueError:
             coords[name] = ("item", np.asarray(values, dtype=object))
     ds = xr.Dataset(variables, coords=coords)
-    ds.attrs.update(
-        _json_safe(
-            {
-                **attrs,
-                "featstore_format": FORMAT_VERSION,
-                "config": config,
-                "cache_key": cache_key(config),
-                "layout": asdict(layout),
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "complete": False,
-            }
-        )
-    )
     encoding = {
         name: {"compressors": [CODEC], "chunks": var.data.chunksize}
         for name, var in ds.data_vars.items()
@@ -156,6 +195,22 @@ def create(
     for name in ("cls", "patch"):
         if name in encoding:
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
+    return ds, encoding
+
+
+def create(
+    path: Path, ident: SetIdentity, layout: Layout, items: Items, describe: dict[str, Any]
+) -> bool:
+    """Allocate an empty feature set (attributes, coordinates, labels, marks).
+
+    Data variables are allocated, not written: each unit fills its own chunk later.
+    `describe` holds readable facts about the dataset (name, format, path, ...).
+    The set is built in a temporary sibling folder and renamed into place, so another
+    process (a second --shard) sees either nothing or a whole skeleton. Returns False
+    when another process created `path` first (its skeleton is kept).
+    """
+    ds, encoding = _skeleton(layout, items)
+    ds.attrs.update(_attrs(ident, layout, describe))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -176,12 +231,18 @@ def read_attrs(path: Path) -> dict[str, Any]:
     return dict(zarr.open_group(path, mode="r", use_consolidated=False).attrs)
 
 
-def check_matches(path: Path, config: dict[str, Any], layout: Layout) -> None:
-    """Raise `StoreMismatchError` when the set at `path` was made for something else."""
+def check_matches(path: Path, ident: SetIdentity, layout: Layout | None = None) -> None:
+    """Raise `StoreMismatchError` when the set at `path` was made for something else.
+
+    layout None: check the identity only (a complete set keeps its own chunking).
+    """
     attrs = read_attrs(path)
-    stored_cfg = attrs.get("config", {})
-    diffs = _diff(stored_cfg, _json_safe(config))
-    diffs += _diff(attrs.get("layout", {}), asdict(layout), "layout.")
+    if attrs.get("featstore_format") != FORMAT_VERSION:
+        raise _old_format(path, attrs)
+    stored = SetIdentity.from_attrs(attrs["identity"])
+    diffs = _diff(stored.content(), ident.content())
+    if layout is not None:
+        diffs += _diff(attrs.get("layout", {}), asdict(layout), "layout.")
     if diffs:
         hint = (
             "the chunk size follows --batch-size: rerun with the stored one, or "
@@ -195,8 +256,28 @@ def check_matches(path: Path, config: dict[str, Any], layout: Layout) -> None:
         )
 
 
-def remove(path: Path) -> None:
-    shutil.rmtree(path)
+def _old_format(path: Path, attrs: dict[str, Any]) -> StoreMismatchError:
+    return StoreMismatchError(
+        f"{path} was written by another featstore format "
+        f"({attrs.get('featstore_format')!r}, this one reads {FORMAT_VERSION}); "
+        "re-extract it with `featstore extract` (the old folder can then be deleted)"
+    )
+
+
+def replace_aside(path: Path) -> None:
+    """Delete a set so that a kill midway leaves either the whole old set or nothing:
+    it is renamed aside first (one atomic step), then removed."""
+    aside = path.with_name(f".{path.name}.old{os.getpid()}")
+    os.rename(path, aside)
+    shutil.rmtree(aside)
+
+
+def record_skipped(path: Path, skipped: dict[str, str]) -> None:
+    """Add unreadable samples (id -> reason) to the set's `skipped` attribute."""
+    if not skipped:
+        return
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root.attrs["skipped"] = {**root.attrs.get("skipped", {}), **skipped}
 
 
 def discard_partials(path: Path, units: Sequence[int]) -> int:
@@ -278,36 +359,55 @@ def add_request(path: Path, request: dict[str, Any]) -> None:
     """Record another request that this (complete) set answers, so probe finds it by it."""
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     requests = list(root.attrs.get("requests", []))
-    if _json_safe(request) not in requests:
-        root.attrs["requests"] = [*requests, _json_safe(request)]
+    if canonical(request) not in requests:
+        root.attrs["requests"] = [*requests, canonical(request)]
         _consolidate(path)
 
 
-def find_set(cache: Path, request: dict[str, Any]) -> Path | None:
-    """The newest complete feature set under `cache` that answers `request`."""
-    want = _json_safe(request)
-    hits = []
-    for path in Path(cache).glob("*.zarr"):
+def _sets(cache: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, attributes) of every readable feature set of this format under `cache`."""
+    out = []
+    for path in sorted(Path(cache).glob("*.zarr")):
         try:
             attrs = read_attrs(path)
         except (FileNotFoundError, ValueError, KeyError):
             continue
-        if attrs.get("complete") and want in attrs.get("requests", []):
-            hits.append((attrs.get("completed", ""), path))
+        if attrs.get("featstore_format") == FORMAT_VERSION:
+            out.append((path, attrs))
+    return out
+
+
+def find_set(cache: Path, request: dict[str, Any]) -> Path | None:
+    """The newest complete feature set under `cache` that answers `request`."""
+    want = canonical(request)
+    hits = [
+        (attrs.get("completed", ""), path)
+        for path, attrs in _sets(cache)
+        if attrs.get("complete") and want in attrs.get("requests", [])
+    ]
     return max(hits)[1] if hits else None
 
 
+def find_by_key(cache: Path, key: str) -> Path | None:
+    """The feature set whose cache key starts with `key` (results record 12 characters)."""
+    hits = [p for p, attrs in _sets(cache) if str(attrs.get("cache_key", "")).startswith(key)]
+    return hits[0] if hits else None
+
+
 def open_set(path: Path) -> xr.Dataset:
-    """Open a complete feature set lazily (dask-backed)."""
+    """Open a complete feature set: data variables lazy (dask), coordinates loaded."""
     if not (Path(path) / "zarr.json").is_file():
         raise StoreIncompleteError(f"{path}: no feature set here; run `featstore extract` first")
     ds = xr.open_zarr(path, consolidated=None)
+    if ds.attrs.get("featstore_format") != FORMAT_VERSION:
+        raise _old_format(Path(path), ds.attrs)
     if not ds.attrs.get("complete"):
         raise StoreIncompleteError(
             f"{path} is incomplete (an extract was interrupted); rerun "
             "the same `featstore extract` to resume it"
         )
-    return ds
+    # Coordinates are small: in memory, `groupby("sample")` works without labels.
+    return ds.assign_coords({name: ds[name].load() for name in ds.coords})
 
 
 def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
@@ -380,6 +480,7 @@ def list_sets(cache: Path) -> list[dict[str, Any]]:
                 "items": attrs.get("layout", {}).get("n_items"),
                 "size_mb": round(size / 1e6, 1),
                 "complete": bool(attrs.get("complete")),
+                "format": attrs.get("featstore_format"),
                 "key": attrs.get("cache_key", "")[:12],
                 "path": str(path),
             }

@@ -5,7 +5,7 @@ examples/), draws the scaling plots and per-dataset example figures, and writes
 DIR/report.md and DIR/report.html. Never loads torch; rerunning on unchanged
 results rewrites nothing.
 
-    python -m pipelines.report --out results
+    featstore report --out results
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import pandas as pd
 from featstore import readers
 from featstore import report as rpt
 from featstore.errors import ProbeError
-from featstore.manifest import Dataset, Intensity, Manifest
-from featstore.preprocess import Preprocess, preprocess
-from featstore.store import open_set
+from featstore.identity import SetIdentity
+from featstore.manifest import Dataset, Manifest
+from featstore.metrics import MAIN_METRIC
+from featstore.preprocess import preprocess
+from featstore.store import find_by_key, open_set
 
 N_EXAMPLES = 3
-
-
-def _find_set(cache: Path, key: str) -> Path | None:
-    hits = sorted(Path(cache).glob(f"{key}*.zarr"))
-    return hits[0] if hits else None
 
 
 def _example_items(xs, keep: dict | None) -> np.ndarray:
@@ -46,14 +43,7 @@ def _example_items(xs, keep: dict | None) -> np.ndarray:
 
 def _images(ds: Dataset, xs, items: np.ndarray) -> list[np.ndarray]:
     """The encoder's view of each item, un-normalised to [0, 1] for display."""
-    pre_attrs = xs.attrs["preprocess"]
-    pre = Preprocess(
-        resolution=pre_attrs["resolution"],
-        intensity=Intensity(**pre_attrs["intensity"]),
-        mean=tuple(pre_attrs["mean"]),
-        std=tuple(pre_attrs["std"]),
-        fit=pre_attrs["fit"],
-    )
+    pre = SetIdentity.from_attrs(xs.attrs["identity"]).preprocess()
     by_id = {s.id: s for s in readers.list_samples(ds)}
     out = []
     for i in items:
@@ -67,14 +57,14 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path, out: Path, task: str) 
     """Example figure for the best non-baseline cell of `ds`; returns its file name."""
     main = df[
         (df.dataset == ds.name)
-        & (df.metric == rpt.MAIN_METRIC[task])
+        & (df.metric == MAIN_METRIC[task])
         & (df.probe == rpt.MAIN_PROBE[task])
         & (df.encoder != rpt.BASELINE)
     ]
     if main.empty:
         return None
     best = main.loc[main.value.idxmax()]
-    path = _find_set(cache, best.feature_set)
+    path = find_by_key(cache, best.feature_set)
     if path is None:
         return None
     xs = open_set(path)
@@ -146,9 +136,3 @@ def run(out: Path, echo=print) -> Path:
     rpt.write_if_changed(out / "report.html", page.encode())
     echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
     return out / "report.md"
-
-
-if __name__ == "__main__":
-    from featstore.cli import app
-
-    app(["report", *__import__("sys").argv[1:]], prog_name="pipelines.report")

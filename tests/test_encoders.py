@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_vit
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
-from featstore.encoders import PRESETS, load_encoder
+from featstore.encoders import load_encoder
 
 
 def _meta_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,14 +72,6 @@ def test_dinov2_folder_loads_through_the_same_interface(tmp_path):
     ref = Dinov2Model.from_pretrained(tmp_path).eval()(pixel_values=x).last_hidden_state
     torch.testing.assert_close(out.cls[:, -1], ref[:, 0])
     torch.testing.assert_close(out.patch, ref[:, 1:].reshape(2, 4, 4, 32))
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_describe_published_architectures(name):
-    spec = PRESETS[name]
-    assert spec["hidden_size"] % spec["num_attention_heads"] == 0
-    assert spec["patch_size"] == 16 and spec["num_register_tokens"] == 4
-    assert spec["hub"].startswith("facebook/dinov3-")
 
 
 def test_pixel_baseline_shapes():

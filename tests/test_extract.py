@@ -18,15 +18,22 @@ from conftest import REPO, synth_entry, write_manifest
 from transformers import AutoModel
 
 from featstore import readers, store
-from featstore.encoders import load_encoder
+from featstore.encoders import Encoder, load_encoder
 from featstore.errors import EncoderNotFoundError, StoreMismatchError
-from featstore.manifest import load_manifest
+from featstore.extraction import Options
+from featstore.identity import EncoderInfo, Recipe, SetIdentity, requested
+from featstore.manifest import Intensity, load_manifest
 from featstore.preprocess import preprocess
 from pipelines import extract
 
 
-def _run(manifest_path: Path, **kw):
-    return extract.run(load_manifest(manifest_path), progress=False, echo=lambda *_: None, **kw)
+def _run(manifest_path: Path, baseline: bool = True, **opts):
+    return extract.run(
+        load_manifest(manifest_path),
+        Options(progress=False, **opts),
+        baseline=baseline,
+        echo=lambda *_: None,
+    )
 
 
 @pytest.mark.parametrize("kind", ["cls2d", "seg3d"])
@@ -48,7 +55,9 @@ def test_stored_tokens_equal_direct_forward(tmp_path, tiny_dinov3, kind):
     ds = m.datasets[0]
     samples = readers.list_samples(ds)
     encoder = load_encoder(str(tiny_dinov3), "cpu")
-    pre = extract.preprocess_config(ds, encoder, 32, m)
+    prep = readers.prepare(ds)
+    pre = requested(ds, m, prep.fingerprint, str(tiny_dinov3), 32)
+    pre = pre.with_weights(encoder.info).preprocess()
     pixels = np.concatenate([preprocess(readers.load(ds, s).image, None, pre)[0] for s in samples])
     model = AutoModel.from_pretrained(tiny_dinov3).eval()
     with torch.no_grad():
@@ -69,7 +78,7 @@ def test_second_run_is_cached_without_forward(tmp_path, tiny_dinov3, monkeypatch
     def no_forward(*_a, **_k):
         raise AssertionError("a cached feature set must not run the encoder")
 
-    monkeypatch.setattr(extract.Encoder, "encode", no_forward)
+    monkeypatch.setattr(Encoder, "encode", no_forward)
     again = _run(mpath)
     assert [s.status for s in again] == ["cached", "cached"]
     # Another manifest asking for the same content gets the same set back.
@@ -103,12 +112,17 @@ def test_mismatch_is_an_error_and_overwrite_replaces(tmp_path, tiny_dinov3):
     mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']")
     (s, _) = _run(mpath)
     root = zarr.open_group(s.path, mode="r+", use_consolidated=False)
-    root.attrs["config"] = {**root.attrs["config"], "dtype": "float32"}  # written by "another"
+    ident = root.attrs["identity"]
+    ident["recipe"]["dtype"] = "float32"  # written by "another" configuration
+    root.attrs["identity"] = ident
     with pytest.raises(StoreMismatchError, match=r"dtype: stored 'float32', requested 'float16'"):
         _run(mpath)
     assert (s.path / "cls").is_dir()  # nothing was deleted
     (again, _) = _run(mpath, overwrite=True)
-    assert again.status == "new" and store.read_attrs(again.path)["config"]["dtype"] == "float16"
+    assert (
+        again.status == "new"
+        and store.read_attrs(again.path)["identity"]["recipe"]["dtype"] == "float16"
+    )
 
 
 def test_verify_catches_missing_chunk(tmp_path, tiny_dinov3):
@@ -127,7 +141,7 @@ def test_verify_catches_missing_chunk(tmp_path, tiny_dinov3):
     assert any("patch: 1 of 3 chunks missing" in p for p in problems)
     from typer.testing import CliRunner
 
-    from featstore.cli import app
+    from pipelines.cli import app
 
     result = CliRunner().invoke(app, ["verify", str(s.path)])
     assert result.exit_code == 1 and "chunks missing" in result.output
@@ -161,11 +175,10 @@ def test_preset_without_weights_is_flagged_random_init():
 
 
 def _spawn_extract(mpath: Path, *args: str, **popen) -> subprocess.Popen:
-    """`python -m pipelines.extract` on `mpath` in its own process (no baseline, no workers)."""
+    """`featstore extract` on `mpath` in its own process (no baseline, no workers)."""
     cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.extract",
+        str(Path(sys.executable).parent / "featstore"),
+        "extract",
         "--manifest",
         str(mpath),
         "--no-baseline",
@@ -258,7 +271,7 @@ def test_intermediate_layers_and_float32(tmp_path, tiny_dinov3):
 def test_ls_and_info_commands(tmp_path, tiny_dinov3):
     from typer.testing import CliRunner
 
-    from featstore.cli import app
+    from pipelines.cli import app
 
     mpath = write_manifest(tmp_path, synth_entry("d", "seg2d", n=8), f"['{tiny_dinov3}']")
     summaries = _run(mpath)
@@ -284,9 +297,24 @@ def _small_store(path: Path, rows: int) -> store.Layout:
         n_classes=0,
         dtype="float16",
     )
-    store.create(
-        path, layout, list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), {"k": 1}, {}
+    recipe = Recipe(
+        dataset="0" * 64,
+        task="classification",
+        dims=2,
+        slice_axis="axial",
+        fill_outlines=False,
+        mask_map=(),
+        metadata=(),
+        resolution=16 * rows or 16,
+        intensity=Intensity(),
+        fit="resize",
+        layers=1,
+        dtype="float16",
+        patch=rows > 0,
     )
+    weights = EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
+    items = store.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
+    store.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
     return layout
 
 

@@ -17,8 +17,8 @@ from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
 from featstore import probes
-from featstore.cli import app
 from featstore.metrics import classification_scores, dice_iou, with_intervals
+from pipelines.cli import app
 
 runner = CliRunner()
 
@@ -86,7 +86,7 @@ def test_rerun_is_deterministic_and_appends_nothing_twice(shipped):
 def test_probe_stage_never_imports_torch(shipped):
     work, args, _, _ = shipped
     code = (
-        "import sys; from typer.testing import CliRunner; from featstore.cli import app; "
+        "import sys; from typer.testing import CliRunner; from pipelines.cli import app; "
         f"r = CliRunner().invoke(app, ['probe', *{args!r}, '--out', {str(work / 'r2')!r}]); "
         "assert r.exit_code == 0, r.output; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "

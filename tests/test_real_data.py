@@ -82,7 +82,7 @@ def test_whole_real_manifest_end_to_end(real, tmp_path):
     lowest that serve every task on a CPU: 32 px leaves Hippocampus a 2x2 patch grid)."""
     from typer.testing import CliRunner
 
-    from featstore.cli import app
+    from pipelines.cli import app
 
     args = ["--manifest", str(REPO / "manifests" / "real.yaml"), "--cache", str(tmp_path / "c")]
     ex = CliRunner().invoke(app, ["extract", *args])

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from typer.testing import CliRunner
 
-from featstore.cli import app
+from pipelines.cli import app
 
 
 def test_report_names_every_cell_and_plots_are_pngs(tmp_path, tiny_dinov3):

@@ -1,4 +1,4 @@
-"""The `featstore` command line (typer). Commands parse options and call pipelines.
+"""The `featstore` command line (typer): each command parses options and calls a stage.
 
 Heavy modules are imported inside the commands: `featstore probe` must never load
 torch, and `featstore ls` should start instantly.
@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast
 
 import typer
 
 from featstore.errors import FeatstoreError
+
+if TYPE_CHECKING:
+    from featstore.manifest import Manifest
 
 app = typer.Typer(
     add_completion=False,
@@ -46,7 +50,14 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _manifest(path: Path, datasets, encoders, resolutions, cache, study=None):
+def _manifest(
+    path: Path,
+    datasets: list[str],
+    encoders: list[str],
+    resolutions: list[int],
+    cache: Path | None,
+    study: str | None = None,
+) -> Manifest:
     from featstore.manifest import load_manifest
 
     return load_manifest(path, cache).select(datasets, encoders, resolutions, study=study)
@@ -84,28 +95,22 @@ def extract(
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("--device must be auto, cpu or cuda")
     try:
-        from pipelines import extract as pipeline
+        from featstore.extraction import Options
+        from pipelines import extract as stage
 
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
         if batch_size:
             m = m.model_copy(update={"batch_size": batch_size})
-        summaries = pipeline.run(
-            m,
-            device=device,
+        opts = Options(
+            device=cast(Literal["auto", "cpu", "cuda"], device),
             overwrite=overwrite,
             skip_bad=skip_bad,
             shard=_parse_shard(shard),
             num_workers=workers,
-            baseline=baseline,
-            echo=typer.echo,
         )
+        stage.run(m, opts, baseline=baseline, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
-    counts = {k: sum(s.status == k for s in summaries) for k in ("new", "resumed", "cached")}
-    typer.echo(
-        f"done: {counts['new']} new, {counts['resumed']} resumed, "
-        f"{counts['cached']} cached, {sum(s.skipped for s in summaries)} samples skipped"
-    )
 
 
 @app.command()
@@ -121,10 +126,10 @@ def probe(
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
-        from pipelines import probe as pipeline
+        from pipelines import probe as stage
 
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
-        pipeline.run(m, out, pool=pool, echo=typer.echo)
+        stage.run(m, out, pool=pool, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
 
@@ -138,9 +143,9 @@ def report(
 ) -> None:
     """Write report.md, report.html and plots from the results in OUT."""
     try:
-        from pipelines import report as pipeline
+        from pipelines import report as stage
 
-        pipeline.run(out, echo=typer.echo)
+        stage.run(out, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
 

@@ -1,0 +1,136 @@
+"""The Python API for notebooks: open a feature set as xarray, extract, probe.
+
+    import featstore
+    xs = featstore.open_features("data_manifest.yaml", "synth-nodules-3d", "dinov3-vits16")
+    volumes = xs.cls.groupby("sample").mean()          # (sample, channel), lazy
+
+`extract` and `probe` run the same code as `featstore extract|probe` and return the
+per-set summaries and the result rows that the commands print and write. Heavy
+modules are imported inside the functions: `import featstore` loads no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from featstore.errors import ManifestError, StoreIncompleteError
+from featstore.manifest import Manifest, load_manifest
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xarray as xr
+
+    from featstore.extraction import Summary
+
+ManifestLike = Manifest | str | os.PathLike[str]
+
+
+def _manifest(manifest: ManifestLike, cache: str | os.PathLike[str] | None = None) -> Manifest:
+    if isinstance(manifest, Manifest):
+        return manifest if cache is None else manifest.model_copy(update={"cache": Path(cache)})
+    return load_manifest(manifest, cache)
+
+
+def open_features(
+    manifest: ManifestLike,
+    dataset: str,
+    encoder: str,
+    resolution: int | None = None,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+) -> xr.Dataset:
+    """The feature set of one cell, opened lazily (dask-backed) as an xarray Dataset.
+
+    Args:
+        manifest: a manifest file or a loaded `Manifest`.
+        dataset: a dataset name of the manifest.
+        encoder: as in the manifest (preset, folder, hub id, `pixels`).
+        resolution: input size; may be left out when the dataset has only one.
+    Returns:
+        cls (item, channel) or (item, layer, channel); patch (item, row, col, channel);
+        mask (item, y, x) for segmentation; label (item) or (item, class); coordinates
+        sample, slice, split on item. Skipped samples are still in it (NaN features).
+    Raises:
+        StoreIncompleteError: the set was never extracted, or its extract did not finish.
+    """
+    from featstore import store
+    from featstore.fingerprint import memo_for
+    from featstore.identity import requested
+    from featstore.readers import prepare
+
+    m = _manifest(manifest, cache)
+    ds = m.dataset(dataset)
+    sizes = m.resolutions_for(ds)
+    if resolution is None:
+        if len(sizes) != 1:
+            raise ManifestError(
+                f"dataset '{dataset}' has several resolutions {list(sizes)}: pass one"
+            )
+        resolution = sizes[0]
+    prep = prepare(ds, memo_for(m.cache))
+    path = store.find_set(
+        m.cache, requested(ds, m, prep.fingerprint, encoder, resolution).request()
+    )
+    if path is None:
+        raise StoreIncompleteError(
+            f"no complete feature set for {dataset} / {encoder} @ {resolution}px in {m.cache}; "
+            f"make it with featstore.extract(..., datasets=['{dataset}'], encoders=['{encoder}'], "
+            f"resolutions=[{resolution}]) or `featstore extract`"
+        )
+    return store.open_set(path)
+
+
+def extract(
+    manifest: ManifestLike,
+    *,
+    datasets: Sequence[str] = (),
+    encoders: Sequence[str] = (),
+    resolutions: Sequence[int] = (),
+    cache: str | os.PathLike[str] | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    baseline: bool = True,
+    progress: bool = True,
+    echo: Callable[[str], object] = print,
+) -> list[Summary]:
+    """Extract every selected cell (as `featstore extract`); one `Summary` per feature set."""
+    from featstore.extraction import Options, extract_manifest
+
+    m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
+    opts = Options(device=device, overwrite=overwrite, skip_bad=skip_bad, progress=progress)
+    return extract_manifest(m, opts, baseline=baseline, echo=echo)
+
+
+def probe(
+    manifest: ManifestLike,
+    *,
+    datasets: Sequence[str] = (),
+    encoders: Sequence[str] = (),
+    resolutions: Sequence[int] = (),
+    cache: str | os.PathLike[str] | None = None,
+    pool: str = "mean",
+    seed: int = 0,
+    baseline: bool = True,
+) -> pd.DataFrame:
+    """Probe every selected cell (as `featstore probe`, without writing files).
+
+    Returns one row per dataset, encoder, resolution, probe and metric (the columns
+    of results.csv). Raises `ProbeError` when no cell could be probed; cells that
+    could not be probed while others were are listed in `df.attrs["problems"]`.
+    """
+    import pandas as pd
+
+    from featstore.errors import ProbeError
+    from featstore.evaluation import probe_manifest
+
+    m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
+    found = probe_manifest(m, pool=pool, seed=seed, baseline=baseline)
+    if not found.rows:
+        raise ProbeError("no cell could be probed:\n  " + "\n  ".join(found.problems))
+    df = pd.DataFrame(found.rows)
+    df.attrs["problems"] = found.problems
+    return df

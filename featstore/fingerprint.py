@@ -1,0 +1,74 @@
+"""Content hashes of files and datasets, memoised by (size, mtime) in a JSON file.
+
+The memo is only a cache: its location is chosen by the caller (the pipelines keep
+it beside the feature sets, `<cache>/.file-sha256.json`), a damaged memo is rebuilt,
+and `memo=None` hashes every file afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+MEMO_NAME = ".file-sha256.json"
+
+
+def memo_for(cache: Path) -> Path:
+    """The memo file that belongs to a cache folder."""
+    return Path(cache) / MEMO_NAME
+
+
+def _file_sha256(path: Path, memo: dict[str, Any]) -> str:
+    st = path.stat()
+    key = str(path.resolve())
+    hit = memo.get(key)
+    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        return str(hit["sha256"])
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    memo[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def files_sha256(paths: Iterable[Path], memo_file: Path | None = None) -> dict[str, str]:
+    """sha256 of each file (keyed by str(path)), memoised in `memo_file` when given."""
+    memo: dict[str, Any] = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            memo = {}  # a damaged memo is only a cache: rebuild it
+    out = {str(p): _file_sha256(p, memo) for p in paths}
+    if memo_file is not None:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_file)
+    return out
+
+
+def fingerprint(
+    files: Iterable[Path],
+    table: Sequence[tuple[Any, ...]],
+    root: Path,
+    memo_file: Path | None = None,
+) -> str:
+    """Hash of a dataset's file contents, labels and split assignment.
+
+    Args:
+        files: every file the dataset reads (images, masks, index CSV).
+        table: one row per sample, e.g. (id, split, label, n_items); its order matters.
+        root: file names are hashed relative to it, so a moved dataset keeps its hash.
+        memo_file: where file hashes are memoised (None: no memo).
+    """
+    h = hashlib.sha256()
+    for p, digest in sorted(files_sha256(sorted(set(files)), memo_file).items()):
+        h.update(f"{os.path.relpath(p, root)}\0{digest}\n".encode())
+    h.update(json.dumps([list(map(str, row)) for row in table]).encode())
+    return h.hexdigest()

@@ -1,0 +1,186 @@
+"""What a feature set is: one frozen identity from which its request and its key derive.
+
+A feature set is determined by the dataset's content, the preprocessing, the encoder's
+weights and what is stored (layers, dtype, patch tokens). `Recipe` holds everything
+of that which the manifest decides, known without loading an encoder; `SetIdentity`
+adds the encoder, first as asked (the spec) and, once loaded, as weights:
+
+    request()  recipe + encoder spec     torch-free: how probe finds a set
+    content()  recipe + encoder weights  hashed into the cache key (folder name)
+
+Both views embed `Recipe.to_dict()` whole, so no setting can reach one and not the
+other. Nothing else lists these fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from featstore.manifest import Dataset, Intensity, Manifest
+from featstore.preprocess import Preprocess
+
+# 2: the identity object (recipe + encoder content) replaced the hand-kept config.
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What identifies an encoder's features; stored in every feature set and result."""
+
+    name: str
+    source: str  # folder, hub id@revision, or "random-init(seed=0)"
+    weights_sha256: str
+    model_type: str
+    patch_size: int
+    num_register_tokens: int
+    hidden_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    random_init: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    @property
+    def label(self) -> str:
+        return self.name + (" (random_init)" if self.random_init else "")
+
+
+# Fields of EncoderInfo that determine the features; name and source are labels only
+# (a moved model folder keeps its sets).
+ENCODER_CONTENT = (
+    "model_type",
+    "weights_sha256",
+    "random_init",
+    "patch_size",
+    "num_register_tokens",
+    "hidden_size",
+    "mean",
+    "std",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the manifest decides about a feature set's bytes."""
+
+    dataset: str  # fingerprint: file contents, labels, split assignment
+    task: str
+    dims: int
+    slice_axis: str
+    fill_outlines: bool
+    mask_map: tuple[tuple[int, int], ...]
+    metadata: tuple[tuple[str, str], ...]  # index column -> coordinate name
+    resolution: int
+    intensity: Intensity
+    fit: str
+    layers: int
+    dtype: str
+    patch: bool
+
+    @classmethod
+    def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
+        return cls(
+            dataset=fingerprint,
+            task=ds.task,
+            dims=ds.dims,
+            slice_axis=ds.slice_axis,
+            fill_outlines=ds.fill_outlines,
+            mask_map=tuple(sorted(ds.mask_map.items())),
+            metadata=tuple(sorted(ds.metadata.items())),
+            resolution=resolution,
+            intensity=ds.intensity,
+            fit=manifest.fit_for(ds),
+            layers=manifest.layers,
+            dtype=manifest.dtype,
+            patch=manifest.patch,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, one key per field."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["intensity"] = self.intensity.model_dump()
+        out["mask_map"] = [list(p) for p in self.mask_map]
+        out["metadata"] = [list(p) for p in self.metadata]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return cls(
+            **{
+                **d,
+                "intensity": Intensity(**d["intensity"]),
+                "mask_map": tuple((int(k), int(v)) for k, v in d["mask_map"]),
+                "metadata": tuple((str(k), str(v)) for k, v in d["metadata"]),
+            }
+        )
+
+
+def canonical(obj: Any) -> Any:
+    """The JSON form of `obj` (tuples as lists), as stored in attributes."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class SetIdentity:
+    """One feature set's identity: the recipe and the encoder (spec, then weights)."""
+
+    recipe: Recipe
+    encoder: str  # as asked: preset, folder, hub id, pixels[:p]
+    weights: EncoderInfo | None = None  # known once the encoder is loaded
+
+    def with_weights(self, info: EncoderInfo) -> SetIdentity:
+        return SetIdentity(self.recipe, self.encoder, info)
+
+    def request(self) -> dict[str, Any]:
+        """What a study asks for (no weights needed): probe finds sets by it."""
+        return canonical(
+            {"format": FORMAT_VERSION, "encoder": self.encoder, **self.recipe.to_dict()}
+        )
+
+    def content(self) -> dict[str, Any]:
+        """Everything that determines the bytes; its hash is the cache key."""
+        w = self._weights()
+        encoder = {name: getattr(w, name) for name in ENCODER_CONTENT}
+        return canonical({"format": FORMAT_VERSION, "encoder": encoder, **self.recipe.to_dict()})
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
+
+    def preprocess(self) -> Preprocess:
+        """The preprocessing of this set (the encoder's own mean/std)."""
+        w = self._weights()
+        r = self.recipe
+        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit)  # type: ignore[arg-type]
+
+    def to_attrs(self) -> dict[str, Any]:
+        return canonical(
+            {
+                "recipe": self.recipe.to_dict(),
+                "encoder": self.encoder,
+                "weights": asdict(self._weights()),
+            }
+        )
+
+    @classmethod
+    def from_attrs(cls, d: dict[str, Any]) -> SetIdentity:
+        return cls(Recipe.from_dict(d["recipe"]), d["encoder"], EncoderInfo.from_dict(d["weights"]))
+
+    def _weights(self) -> EncoderInfo:
+        if self.weights is None:
+            raise ValueError("the encoder is not loaded yet: call with_weights(encoder.info)")
+        return self.weights
+
+
+def requested(
+    ds: Dataset, manifest: Manifest, fingerprint: str, encoder: str, resolution: int
+) -> SetIdentity:
+    """The identity a manifest cell asks for, before any encoder is loaded."""
+    return SetIdentity(Recipe.of(ds, manifest, fingerprint, resolution), encoder)

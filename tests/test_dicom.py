@@ -1,0 +1,152 @@
+"""DICOM series: slices ordered by position along the slice normal, bad series named.
+
+Each series is written here from pydicom's bundled CT_small.dcm with 8x8 random
+pixels, in a shuffled file order, so only a reader that really sorts gets it right.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from featstore import readers
+from featstore.errors import BadInputError
+from featstore.manifest import Dataset
+
+AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # rows along +y, columns along -z: normal -x
+
+
+def _series(
+    folder: Path,
+    positions: list[list[float]] | None,
+    orientation: list[float] | None = AXIAL,
+    sizes: list[int] | None = None,
+) -> list[np.ndarray]:
+    """Write one slice per position (InstanceNumber = 1, 2, ...); return their HU planes.
+
+    Files are named in a shuffled order unrelated to position or InstanceNumber;
+    `positions=None` or `orientation=None` leaves that attribute out of every file.
+    """
+    ref = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder.mkdir(parents=True)
+    n = len(positions) if positions is not None else 5
+    sizes = sizes or [8] * n
+    rng = np.random.default_rng(0)
+    names = rng.permutation(n)
+    planes = []
+    for i in range(n):
+        ds = copy.deepcopy(ref)  # Dataset.copy() shares its elements
+        ds.Rows = ds.Columns = sizes[i]
+        raw = rng.integers(0, 2000, (sizes[i], sizes[i])).astype(np.int16)
+        ds.PixelData = raw.tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.InstanceNumber = i + 1
+        if positions is None:
+            del ds.ImagePositionPatient
+        else:
+            ds.ImagePositionPatient = positions[i]
+        if orientation is None:
+            del ds.ImageOrientationPatient
+        else:
+            ds.ImageOrientationPatient = orientation
+        ds.save_as(folder / f"IM{names[i]:04d}.dcm")
+        planes.append(raw.astype(np.float32) - 1024)
+    return planes
+
+
+def _dataset(root: Path, series: str = "series") -> Dataset:
+    (root / "index.csv").write_text(f"image,label,split\n{series},1,train\n")
+    return Dataset(
+        name="ct", format="dicom", path=root, index="index.csv", task="classification", dims=3
+    )
+
+
+def _load(root: Path) -> np.ndarray:
+    ds = _dataset(root)
+    (sample,) = readers.list_samples(ds)
+    got = readers.load(ds, sample)
+    assert got.mask is None and got.image.dtype == np.float32
+    assert sample.n_items == got.image.shape[0]  # the listing's count matches the volume
+    return got.image[..., 0]
+
+
+def test_files_are_shuffled_on_disk(tmp_path):
+    # Guards the other tests: name order must not already be slice order.
+    _series(tmp_path / "series", [[0.0, 0.0, 2.0 * i] for i in range(5)])
+    by_name = sorted((tmp_path / "series").iterdir())
+    numbers = [int(pydicom.dcmread(p).InstanceNumber) for p in by_name]
+    assert numbers != sorted(numbers) and numbers != sorted(numbers, reverse=True)
+
+
+def test_position_wins_over_instance_number(tmp_path):
+    # InstanceNumber goes up while z goes down: superior-to-inferior acquisition.
+    planes = _series(tmp_path / "series", [[-10.0, 5.0, 30.0 - 2.5 * i] for i in range(5)])
+    vol = _load(tmp_path)
+    assert vol.shape == (5, 8, 8)
+    np.testing.assert_array_equal(vol, np.stack(planes[::-1]))  # ascending z
+
+
+def test_ascending_positions_keep_their_order(tmp_path):
+    planes = _series(tmp_path / "series", [[0.0, 0.0, -40.0 + 3.0 * i] for i in range(6)])
+    np.testing.assert_array_equal(_load(tmp_path), np.stack(planes))
+
+
+@pytest.mark.parametrize(
+    "drop", ["ImagePositionPatient", "ImageOrientationPatient", "both"], ids=str
+)
+def test_instance_number_is_the_fallback(tmp_path, drop):
+    # Positions disagree with InstanceNumber, but without both tags they cannot be used.
+    positions = [[0.0, 0.0, -2.0 * i] for i in range(5)]
+    planes = _series(
+        tmp_path / "series",
+        None if drop in ("ImagePositionPatient", "both") else positions,
+        None if drop in ("ImageOrientationPatient", "both") else AXIAL,
+    )
+    dropped = ["ImagePositionPatient", "ImageOrientationPatient"] if drop == "both" else [drop]
+    written = pydicom.dcmread(next((tmp_path / "series").iterdir()))
+    assert not any(tag in written for tag in dropped)
+    np.testing.assert_array_equal(_load(tmp_path), np.stack(planes))  # by InstanceNumber
+
+
+def test_sagittal_series_is_ordered_along_its_normal(tmp_path):
+    # All slices share z, so a z-only sort cannot order them. The normal
+    # row x column = (0,1,0) x (0,0,-1) = (-1,0,0): ascending along it is descending
+    # DICOM x, i.e. patient left to right, as RAS+ NIfTI sagittal slices come.
+    xs = [12.0, -3.0, 6.0, 0.0, 9.0, 3.0]  # shuffled, 3 mm apart
+    planes = _series(tmp_path / "series", [[x, -20.0, 50.0] for x in xs], SAGITTAL)
+    order = np.argsort(xs)[::-1]  # x = 12, 9, 6, 3, 0, -3
+    np.testing.assert_array_equal(_load(tmp_path), np.stack([planes[i] for i in order]))
+
+
+def test_oblique_normal_uses_all_three_components(tmp_path):
+    # Rows along +x, columns tilted 45 degrees between -y and -z: normal (0, s, -s).
+    # Along the normal z goes down, so sorting on z alone would reverse the series.
+    s = round(float(np.sqrt(0.5)), 8)  # DS holds 16 characters
+    orient = [1.0, 0.0, 0.0, 0.0, -s, -s]
+    steps = [3, 0, 4, 1, 2]
+    positions = [[0.0, 2.0 * k * s, -2.0 * k * s] for k in steps]
+    planes = _series(tmp_path / "series", positions, orient)
+    np.testing.assert_array_equal(_load(tmp_path), np.stack([planes[i] for i in np.argsort(steps)]))
+
+
+def test_slices_of_different_sizes_name_the_folder(tmp_path):
+    _series(
+        tmp_path / "series",
+        [[0.0, 0.0, 2.0 * i] for i in range(4)],
+        sizes=[8, 8, 6, 8],
+    )
+    with pytest.raises(BadInputError, match=r"series: slices have different sizes"):
+        _load(tmp_path)
+
+
+def test_non_dicom_file_is_named(tmp_path):
+    _series(tmp_path / "series", [[0.0, 0.0, 2.0 * i] for i in range(3)])
+    (tmp_path / "series" / "notes.txt").write_text("exported by PACS on Monday\n")
+    with pytest.raises(BadInputError, match=r"notes\.txt: not a readable DICOM file"):
+        _load(tmp_path)

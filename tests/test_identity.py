@@ -1,0 +1,130 @@
+"""One identity per feature set: the request and the content key cannot drift apart."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import REPO
+
+from featstore import store
+from featstore.errors import StoreMismatchError
+from featstore.identity import ENCODER_CONTENT, EncoderInfo, Recipe, SetIdentity
+from featstore.manifest import Intensity
+
+WEIGHTS = EncoderInfo("e", "src", "a" * 64, "dinov3_vit", 16, 4, 384, (0.5,) * 3, (0.2,) * 3, True)
+RECIPE = Recipe(
+    dataset="f" * 64,
+    task="segmentation",
+    dims=3,
+    slice_axis="axial",
+    fill_outlines=False,
+    mask_map=((255, 1),),
+    metadata=(("pixel size", "spacing"),),
+    resolution=224,
+    intensity=Intensity(mode="window", center=40, width=400),
+    fit="resize",
+    layers=1,
+    dtype="float16",
+    patch=True,
+)
+# A different value for every field of Recipe; a new field without one fails below.
+OTHER = dict(
+    dataset="e" * 64,
+    task="classification",
+    dims=2,
+    slice_axis="coronal",
+    fill_outlines=True,
+    mask_map=((255, 2),),
+    metadata=(("pixel size", "px"),),
+    resolution=448,
+    intensity=Intensity(mode="minmax"),
+    fit="pad",
+    layers=4,
+    dtype="float32",
+    patch=False,
+)
+
+
+def test_every_recipe_field_is_in_both_views_and_changes_both():
+    ident = SetIdentity(RECIPE, "dinov3-vits16", WEIGHTS)
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    assert names == set(OTHER), "give every new Recipe field a changed value in OTHER"
+    request, content = ident.request(), ident.content()
+    assert set(request) - {"encoder", "format"} == names == set(content) - {"encoder", "format"}
+    for name, value in OTHER.items():
+        changed = SetIdentity(dataclasses.replace(RECIPE, **{name: value}), ident.encoder, WEIGHTS)
+        assert changed.request() != request, f"{name} does not reach the request"
+        assert changed.key() != ident.key(), f"{name} does not reach the content key"
+
+
+def test_encoder_weights_change_the_key_but_not_the_request():
+    ident = SetIdentity(RECIPE, "dinov3-vits16", WEIGHTS)
+    for name in ENCODER_CONTENT:
+        value = getattr(WEIGHTS, name)
+        new = (
+            not value
+            if isinstance(value, bool)
+            else value * 2
+            if not isinstance(value, str)
+            else value + "x"
+        )
+        other = ident.with_weights(dataclasses.replace(WEIGHTS, **{name: new}))
+        assert other.key() != ident.key(), name
+        assert other.request() == ident.request()
+    renamed = ident.with_weights(dataclasses.replace(WEIGHTS, name="moved", source="/elsewhere"))
+    assert renamed.key() == ident.key()  # a moved model folder keeps its feature sets
+
+
+def test_identity_round_trips_through_attributes():
+    ident = SetIdentity(RECIPE, "dinov3-vits16", WEIGHTS)
+    again = SetIdentity.from_attrs(ident.to_attrs())
+    assert again == ident and again.key() == ident.key()
+    pre = again.preprocess()
+    assert pre.mean == WEIGHTS.mean and pre.resolution == 224 and pre.intensity.mode == "window"
+
+
+def test_request_needs_no_weights_but_the_key_does():
+    ident = SetIdentity(RECIPE, "dinov3-vits16")
+    assert ident.request()["encoder"] == "dinov3-vits16"
+    with pytest.raises(ValueError, match="not loaded"):
+        ident.key()
+
+
+def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
+    ident = SetIdentity(
+        dataclasses.replace(RECIPE, task="classification", patch=False), "e", WEIGHTS
+    )
+    layout = store.layout_for(ident, 4, 0, 2, 2)
+    items = store.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
+    path = tmp_path / "s.zarr"
+    assert store.create(path, ident, layout, items, {"name": "t"})
+    store.check_matches(path, ident, layout)
+    zarr.open_group(path, mode="r+", use_consolidated=False).attrs["featstore_format"] = 1
+    with pytest.raises(StoreMismatchError, match=r"another featstore format.*re-extract"):
+        store.check_matches(path, ident, layout)
+    assert store.find_set(tmp_path, ident.request()) is None
+
+
+def _imports(folder: Path) -> set[str]:
+    found = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_library_never_imports_the_stages():
+    assert "pipelines" not in _imports(REPO / "featstore")
+
+
+def test_no_module_runs_the_cli_from_a_main_block():
+    for path in [*(REPO / "featstore").glob("*.py"), *(REPO / "pipelines").glob("*.py")]:
+        assert "__main__" not in path.read_text(), f"{path}: use the `featstore` command"
