@@ -14,6 +14,7 @@ the same readers as user data. Same seed, same bytes.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from featstore.errors import BadInputError
 from featstore.manifest import Synthetic
 
 SPLIT_CYCLE = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
@@ -148,19 +150,36 @@ def _gen_3d(spec: Synthetic, out: Path, rng: np.random.Generator) -> None:
     _write_index(out, header, rows)
 
 
+STAMP = ".featstore-synthetic.json"  # the spec a folder was generated from
+
+
 def generate(spec: Synthetic, out: Path) -> Path:
-    """Write the dataset into `out` unless it is already there; return `out`.
+    """Write the dataset into `out` unless it already holds this spec; return `out`.
 
     Files are written into a temporary sibling folder and renamed, so an interrupted
-    generation never leaves a half-written dataset behind.
+    generation never leaves a half-written dataset behind. A folder generated from
+    another spec (`n`, `seed`, ... changed in the manifest) is replaced; a folder that
+    featstore did not generate is never touched.
     """
-    if (out / "index.csv").is_file():
+    wanted = json.dumps(spec.model_dump(), sort_keys=True)
+    stamp = out / STAMP
+    if stamp.is_file() and stamp.read_text() == wanted:
         return out
+    if out.exists() and not stamp.is_file() and any(out.iterdir()):
+        raise BadInputError(
+            f"{out}: the folder of a synthetic dataset holds files featstore did not "
+            "generate; move them away (or give the dataset another `path`)"
+        )
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
     rng = np.random.default_rng(spec.seed)
     (_gen_3d if spec.kind.endswith("3d") else _gen_2d)(spec, tmp, rng)
+    (tmp / STAMP).write_text(wanted)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # generated from another spec: set it aside, then delete it
+        aside = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.rename(out, aside)
+        shutil.rmtree(aside)
     try:
         tmp.rename(out)
     except OSError:  # another process finished first; keep its copy

@@ -219,3 +219,21 @@ def test_fill_outlines_fills_closed_contours():
     ring[0, 2, 2:7] = ring[0, 6, 2:7] = ring[0, 2:7, 2] = ring[0, 2:7, 6] = 255
     filled = readers.fill_outlines(ring)
     assert filled[0, 4, 4] == 255 and filled[0, 0, 0] == 0 and (filled == 255).sum() == 25
+
+
+def test_synthetic_follows_its_spec_and_spares_foreign_folders(tmp_path):
+    spec = Synthetic(kind="cls2d", n=12, size=32, seed=0)
+    out = generate(spec, tmp_path / "d")
+    first = (out / "index.csv").read_text()
+    assert generate(spec, out) == out and (out / "index.csv").read_text() == first
+    bigger = generate(spec.model_copy(update={"n": 18}), out)
+    assert len((bigger / "index.csv").read_text().splitlines()) == 19  # regenerated
+    reseeded = generate(spec.model_copy(update={"n": 18, "seed": 1}), out)
+    assert (reseeded / "images" / "img0000.png").read_bytes() != (
+        generate(spec, tmp_path / "ref") / "images" / "img0000.png"
+    ).read_bytes()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "scan.png").write_bytes(b"user data")
+    with pytest.raises(BadInputError, match="did not generate"):
+        generate(spec, tmp_path / "mine")
+    assert (tmp_path / "mine" / "scan.png").read_bytes() == b"user data"
