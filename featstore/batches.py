@@ -125,6 +125,7 @@ def plan_batches(
 
 
 def quiet_worker(_: int) -> None:
+    """DataLoader `worker_init_fn`: one intra-op thread per decode worker."""
     torch.set_num_threads(1)  # the main process owns the cores for the forward pass
 
 
@@ -150,8 +151,17 @@ class UnitQueue:
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                     self.error = exc
 
-    def put(self, unit: int, cls, patch, mask) -> None:
-        """Add one batch; queue the unit for writing once all its items are in."""
+    def put(
+        self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
+    ) -> None:
+        """Add one batch; queue the unit for writing once all its items are in.
+
+        Args:
+            unit: the unit the batch belongs to.
+            cls: (B, D) or (B, L, D), in the set's dtype (float16 | float32).
+            patch: (B, rows, cols, D) in the set's dtype, or None without patch tokens.
+            mask: (B, R, R) uint8, or None without masks.
+        """
         if self.error is not None:
             raise self.error
         parts = self.parts.setdefault(unit, [])
@@ -166,6 +176,7 @@ class UnitQueue:
             self.q.put((unit, *joined))
 
     def close(self) -> None:
+        """Wait for every queued unit to be written; re-raise a writer error here."""
         self.q.put(None)
         self.thread.join()
         if self.error is not None:

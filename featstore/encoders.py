@@ -18,8 +18,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
@@ -83,7 +84,11 @@ def _mean_std(folder: Path | None) -> tuple[tuple[float, ...], tuple[float, ...]
     if cfg and cfg.is_file():
         data = json.loads(cfg.read_text())
         if "image_mean" in data and "image_std" in data:
-            return tuple(map(float, data["image_mean"])), tuple(map(float, data["image_std"]))
+            # transformers allows one number for all channels
+            mean, std = (
+                np.broadcast_to(np.asarray(data[k], float), 3) for k in ("image_mean", "image_std")
+            )
+            return tuple(map(float, mean)), tuple(map(float, std))
     return IMAGENET_MEAN, IMAGENET_STD  # the DINOv2/v3 web-image (LVD) statistics
 
 
@@ -104,11 +109,19 @@ class Encoder:
 
     @property
     def patch_size(self) -> int:
+        """Side of a square patch in pixels (from the model's config)."""
         return self.info.patch_size
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, layers: int = 1) -> FeatureBatch:
-        """pixels: (B, 3, H, W) float32 normalised, H and W multiples of the patch size."""
+        """Forward one batch through the frozen model (or the raw-pixel baseline).
+
+        Args:
+            pixels: (B, 3, H, W) float32 normalised, H and W multiples of the patch size.
+            layers: how many of the last blocks give a CLS token (L).
+        Returns:
+            cls (B, L, D) float32 and patch (B, H/p, W/p, D) float32, on the CPU.
+        """
         b, _, h, w = pixels.shape
         p = self.patch_size
         if h % p or w % p:
@@ -126,7 +139,7 @@ class Encoder:
             cls = last[:, :1]
         else:
             # DINOv3 names its final norm `norm`, DINOv2 `layernorm`.
-            norm = self.model.norm if hasattr(self.model, "norm") else self.model.layernorm
+            norm = self.model.get_submodule("norm" if hasattr(self.model, "norm") else "layernorm")
             cls = torch.stack([norm(hs[:, 0]).float() for hs in out.hidden_states[-layers:]], 1)
         return FeatureBatch(cls=cls.cpu(), patch=patch.cpu())
 
@@ -158,7 +171,7 @@ def _from_config(preset: str, spec: dict) -> torch.nn.Module:
 def _info(
     name: str, source: str, model: torch.nn.Module, folder: Path | None, sha: str, random_init: bool
 ) -> EncoderInfo:
-    cfg = model.config
+    cfg: Any = model.config  # a transformers PretrainedConfig (torch types it Tensor | Module)
     mean, std = _mean_std(folder)
     patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
     return EncoderInfo(

@@ -31,3 +31,27 @@ class StoreIncompleteError(FeatstoreError, RuntimeError):
 
 class ProbeError(FeatstoreError, ValueError):
     """A probe cannot run on this dataset (empty split, one class, missing labels)."""
+
+
+class StoreCorruptError(FeatstoreError, ValueError):
+    """A feature set's bytes or attributes changed after it was written."""
+
+
+class StoreBusyError(FeatstoreError, RuntimeError):
+    """Another live process is extracting this feature set."""
+
+
+class Interrupted(FeatstoreError):
+    """An extract was stopped by a signal; what was written is kept and resumable."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequested(BaseException):  # noqa: N818 - a signal, not an error
+    """Raised by the CLI's SIGINT/SIGTERM handler; a BaseException like KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

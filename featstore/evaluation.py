@@ -48,7 +48,7 @@ def _classification(
         sample = _str(xs.sample)
         patch_mean = (
             np.asarray(xs.patch.mean(("row", "col")).values, np.float64)
-            if pool == "cls+patch"
+            if pool == "cls+patch" and "patch" in xs
             else None
         )
         ids, cls = probes.pool_volumes(cls, sample, pool, patch_mean)
@@ -78,10 +78,11 @@ def _classification(
         ),
     }
     for name, (pname, pred) in runs.items():
-        scores = with_intervals(
-            lambda i, p=pred: classification_scores(yte[i], p.proba[i]), len(yte), seed
-        )
-        for metric, (v, lo, hi) in scores.items():
+
+        def score(i: np.ndarray, p: probes.Prediction = pred) -> dict[str, float]:
+            return classification_scores(yte[i], p.proba[i])
+
+        for metric, (v, lo, hi) in with_intervals(score, len(yte), seed).items():
             yield dict(
                 probe=name,
                 metric=metric,
@@ -124,8 +125,7 @@ def _segmentation(xs: xr.Dataset, ds: Dataset, seed: int) -> tuple[list[Row], Ex
     split = _str(xs.split)
     sample = _str(xs.sample)
     idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-    rows, cols = xs.sizes["row"], xs.sizes["col"]
-    per_item = max(1, rows * cols)
+    per_item = max(1, xs.sizes["row"] * xs.sizes["col"])
     rng = np.random.default_rng(seed)
     tr = idx["train"]
     if len(tr) * per_item > 4 * probes.SEG_MAX_PATCHES:  # read only what the head will see
@@ -236,6 +236,7 @@ class Evaluation:
 
     @property
     def rows(self) -> list[Row]:
+        """Every result row of every scored set, in probing order."""
         return [row for r in self.results for row in r.rows]
 
 

@@ -58,6 +58,7 @@ class Summary:
     skipped: int = 0
 
     def line(self) -> str:
+        """One line for the console: status, cell, items, rate, MB written, path."""
         rate = self.items / self.seconds if self.seconds > 0 else float("inf")
         skip = f", {self.skipped} skipped" if self.skipped else ""
         return (

@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from featstore.manifest import Dataset, Intensity, Manifest
+from featstore.manifest import Dataset, Fit, Intensity, Manifest
 from featstore.preprocess import Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
@@ -37,19 +37,22 @@ class EncoderInfo:
     patch_size: int
     num_register_tokens: int
     hidden_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # per input channel (3: RGB), from preprocessor_config.json
+    std: tuple[float, ...]
     random_init: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, one key per field (as stored in a feature set's attributes)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
+        """The inverse of `to_dict` (JSON lists back to tuples)."""
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
     @property
     def label(self) -> str:
+        """The name for people: flagged when the weights are a random init."""
         return self.name + (" (random_init)" if self.random_init else "")
 
 
@@ -80,13 +83,14 @@ class Recipe:
     metadata: tuple[tuple[str, str], ...]  # index column -> coordinate name
     resolution: int
     intensity: Intensity
-    fit: str
+    fit: Fit
     layers: int
     dtype: str
     patch: bool
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
+        """The recipe of one manifest cell; `fingerprint` is the dataset's content hash."""
         return cls(
             dataset=fingerprint,
             task=ds.task,
@@ -113,6 +117,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """The inverse of `to_dict`."""
         return cls(
             **{
                 **d,
@@ -137,6 +142,7 @@ class SetIdentity:
     weights: EncoderInfo | None = None  # known once the encoder is loaded
 
     def with_weights(self, info: EncoderInfo) -> SetIdentity:
+        """A copy that knows the loaded encoder's weights (needed for `key` and `content`)."""
         return SetIdentity(self.recipe, self.encoder, info)
 
     def request(self) -> dict[str, Any]:
@@ -152,15 +158,17 @@ class SetIdentity:
         return canonical({"format": FORMAT_VERSION, "encoder": encoder, **self.recipe.to_dict()})
 
     def key(self) -> str:
+        """The cache key: sha256 hex digest of `content()`."""
         return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
 
     def preprocess(self) -> Preprocess:
         """The preprocessing of this set (the encoder's own mean/std)."""
         w = self._weights()
         r = self.recipe
-        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit)  # type: ignore[arg-type]
+        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit)
 
     def to_attrs(self) -> dict[str, Any]:
+        """The whole identity, JSON-ready, for the set's `identity` attribute."""
         return canonical(
             {
                 "recipe": self.recipe.to_dict(),
@@ -171,6 +179,7 @@ class SetIdentity:
 
     @classmethod
     def from_attrs(cls, d: dict[str, Any]) -> SetIdentity:
+        """The inverse of `to_attrs`."""
         return cls(Recipe.from_dict(d["recipe"]), d["encoder"], EncoderInfo.from_dict(d["weights"]))
 
     def _weights(self) -> EncoderInfo:

@@ -20,6 +20,7 @@ from featstore.errors import ManifestError
 
 Format = Literal["medmnist", "images", "nifti", "dicom", "synthetic"]
 Task = Literal["classification", "multilabel", "segmentation"]
+Fit = Literal["resize", "pad"]  # pad: small images centred on a zero canvas
 SPLITS = ("train", "val", "test")
 DEFAULT_CACHE = "cache/features"
 
@@ -97,6 +98,8 @@ class Synthetic(_Frozen):
 
 
 class Dataset(_Frozen):
+    """One dataset of the manifest: where its files are, how to read them, its task."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     format: Format
     path: Path
@@ -108,7 +111,7 @@ class Dataset(_Frozen):
     splits: Splits | None = None  # None: from the data (CSV `split` column, npz keys)
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
     classes: tuple[str, ...] | None = None  # optional class names, index = label id
-    fit: Literal["resize", "pad"] = "resize"  # pad: small images centred on a zero canvas
+    fit: Fit = "resize"
     fill_outlines: bool = False  # masks given as closed outlines: fill them per slice
     metadata: dict[str, str] = {}  # index column -> coordinate name kept on `item`
     mask_map: dict[int, int] = {}  # mask value -> class id, e.g. {255: 1} for 0/255 masks
@@ -147,6 +150,8 @@ class Study(_Frozen):
 
 
 class Manifest(_Frozen):
+    """The whole manifest: datasets, the encoder x resolution grid, storage settings."""
+
     cache: Path = Path(DEFAULT_CACHE)
     encoders: tuple[str, ...] = ("dinov3-vits16",)
     resolutions: tuple[int, ...] = (224,)
@@ -188,6 +193,7 @@ class Manifest(_Frozen):
         return self
 
     def dataset(self, name: str) -> Dataset:
+        """The dataset called `name`; a `ManifestError` listing the known names otherwise."""
         for d in self.datasets:
             if d.name == name:
                 return d
@@ -196,10 +202,12 @@ class Manifest(_Frozen):
             f"known: {', '.join(d.name for d in self.datasets)}"
         )
 
-    def fit_for(self, ds: Dataset) -> str:
+    def fit_for(self, ds: Dataset) -> Fit:
+        """How `ds` is fitted to the input size (the medmnist+ protocol always pads)."""
         return "pad" if self.protocol == "medmnist+" else ds.fit
 
     def resolutions_for(self, ds: Dataset) -> tuple[int, ...]:
+        """Input sizes for `ds`: its own `resolutions`, else the manifest's."""
         return self.resolutions if ds.resolutions is None else ds.resolutions
 
     def cells(self, baseline: bool = True) -> list[tuple[Dataset, str, int]]:

@@ -27,7 +27,11 @@ def _auroc_binary(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def macro_auroc(y: np.ndarray, proba: np.ndarray) -> float:
-    """One-vs-rest AUROC averaged over classes (= sklearn's roc_auc_score 'ovr' macro)."""
+    """One-vs-rest AUROC averaged over classes (= sklearn's roc_auc_score 'ovr' macro).
+
+    y: (n,) int labels and proba: (n, K) float class scores, or (multi-label) y: (n, L)
+    multi-hot and proba: (n, L). NaN when no class has both positives and negatives.
+    """
     if y.ndim == 2:  # multi-label
         vals = [_auroc_binary(y[:, j], proba[:, j]) for j in range(y.shape[1])]
     elif proba.shape[1] == 2:
@@ -42,7 +46,11 @@ def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def classification_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """accuracy, balanced_accuracy, auroc (macro), f1 (macro) for one prediction."""
+    """accuracy, balanced_accuracy, auroc (macro), f1 (macro) for one prediction.
+
+    y: (n,) int labels and proba: (n, K) float class scores, or (multi-label) y: (n, L)
+    multi-hot and proba: (n, L) per-label probabilities (decided at 0.5).
+    """
     if y.ndim == 2:  # multi-label: per-label binary decisions at 0.5
         pred = proba >= 0.5
         tp = (pred & (y == 1)).sum(0)
@@ -75,7 +83,7 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray, classes: int) -> tuple[np.ndar
     """Per-class Dice and IoU of one item (image or volume).
 
     pred, truth: integer label maps of the same shape. Returns two (classes - 1,)
-    arrays for the foreground classes 1..classes-1; NaN where a class is absent from
+    float64 arrays for the foreground classes 1..classes-1; NaN where a class is absent from
     both prediction and truth (nothing to score).
     """
     dice = np.full(classes - 1, np.nan)
@@ -94,7 +102,11 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray, classes: int) -> tuple[np.ndar
 def with_intervals(
     scores: Callable[[np.ndarray], dict[str, float]], n: int, seed: int = 0
 ) -> dict[str, tuple[float, float, float]]:
-    """{metric: (value, ci_low, ci_high)}; `scores(idx)` scores the items `idx`."""
+    """{metric: (value, ci_low, ci_high)}; `scores(idx)` scores the items `idx`.
+
+    `idx` is (n,) int: first all items in order (the value), then `N_BOOT` bootstrap
+    resamples with replacement (the 95% percentile interval, NaN draws dropped).
+    """
     point = scores(np.arange(n))
     rng = np.random.default_rng(seed)
     draws = [scores(rng.integers(0, n, n)) for _ in range(N_BOOT)]

@@ -8,12 +8,11 @@ grey is replicated to 3 channels, and the encoder's own mean/std are applied.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from featstore.manifest import Intensity
+from featstore.manifest import Fit, Intensity
 
 
 @dataclass(frozen=True)
@@ -22,11 +21,12 @@ class Preprocess:
 
     resolution: int
     intensity: Intensity
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    fit: Literal["resize", "pad"] = "resize"  # pad: centre small images on a zero canvas
+    mean: tuple[float, ...]  # per channel; broadcast over the 3 input channels
+    std: tuple[float, ...]
+    fit: Fit = "resize"  # pad: centre small images on a zero canvas
 
     def to_dict(self) -> dict:
+        """JSON-ready, as stored in a feature set's `preprocess` attribute."""
         d = asdict(self)
         d["intensity"] = self.intensity.model_dump()
         return d
@@ -36,8 +36,10 @@ def to_unit(image: np.ndarray, intensity: Intensity) -> np.ndarray:
     """Raw intensities (any shape) to float32 in [0, 1] with one mapping per sample."""
     x = image.astype(np.float32, copy=False)
     if intensity.mode == "window":
-        lo = intensity.center - intensity.width / 2
-        hi = intensity.center + intensity.width / 2
+        center, width = intensity.center, intensity.width
+        assert center is not None and width is not None  # Intensity's validator checks them
+        lo = center - width / 2
+        hi = center + width / 2
     elif intensity.mode == "percentile":
         lo, hi = np.percentile(x, [intensity.low, intensity.high])
     elif intensity.mode == "minmax":
@@ -69,7 +71,7 @@ def preprocess(
     """Encoder input for every slice of one sample.
 
     Args:
-        image: (D, H, W, C) raw intensities, C in {1, 3}.
+        image: (D, H, W, C) float32 raw intensities, C in {1, 3}.
         mask: (D, H, W) uint8 class ids, or None.
     Returns:
         pixels: (D, 3, R, R) float32, normalised with the encoder's mean/std.

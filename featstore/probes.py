@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,11 +62,21 @@ def _sweep(x: np.ndarray, y: np.ndarray, grid, seed: int):
         yield c, model.set_params(C=c).fit(x, y)
 
 
-def linear_probe(xtr, ytr, xva, yva, xte, n_classes: int, grid=C_GRID, seed: int = 0) -> Prediction:
+def linear_probe(
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xva: np.ndarray,
+    yva: np.ndarray,
+    xte: np.ndarray,
+    n_classes: int,
+    grid: Sequence[float] = C_GRID,
+    seed: int = 0,
+) -> Prediction:
     """Standardised features, L2 logistic regression; C chosen by val accuracy.
 
     x*: (n, D) float features; y*: (n,) int labels, or (n, L) multi-hot (one binary
-    problem per label, C chosen per label).
+    problem per label, C chosen per label). The prediction's proba is
+    (n_test, n_classes) float64, or (n_test, L) for multi-hot labels.
     """
     for y, s in ((ytr, "train"), (yva, "val")):
         _check(y, s)
@@ -95,14 +106,26 @@ def linear_probe(xtr, ytr, xva, yva, xte, n_classes: int, grid=C_GRID, seed: int
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm: (n, D) float -> (n, D) float (zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def knn_probe(
-    xtr, ytr, xva, yva, xte, n_classes: int, grid=K_GRID, metric: str = "cosine"
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xva: np.ndarray,
+    yva: np.ndarray,
+    xte: np.ndarray,
+    n_classes: int,
+    grid: Sequence[int] = K_GRID,
+    metric: str = "cosine",
 ) -> Prediction:
     """kNN with majority vote; `cosine` on L2-normalised features (DINOv3) or
-    `euclidean` on raw features (MedMNIST+). k chosen by val accuracy."""
+    `euclidean` on raw features (MedMNIST+). k chosen by val accuracy.
+
+    x*: (n, D) float features; y*: (n,) int labels, or (n, L) multi-hot. The
+    prediction's proba is (n_test, n_classes) float64, or (n_test, L) for multi-hot.
+    """
     for y, s in ((ytr, "train"), (yva, "val")):
         _check(y, s)
     t0 = time.perf_counter()
@@ -141,12 +164,13 @@ def pool_volumes(
     """Slice CLS tokens to one vector per volume.
 
     cls: (n_items, D); sample: (n_items,) volume ids; patch_mean: (n_items, D) mean
-    patch token per slice, used by how="cls+patch". Returns (ids (V,), X (V, D or 2D)).
+    patch token per slice, used by how="cls+patch". Returns (ids (V,), X (V, D or 2D)
+    float64).
     """
     ids, inv = np.unique(sample, return_inverse=True)
-    feats = np.concatenate([cls, patch_mean], 1) if how == "cls+patch" else cls
     if how == "cls+patch" and patch_mean is None:
         raise ProbeError("pooling 'cls+patch' needs patch tokens in the feature set")
+    feats = np.concatenate([cls, patch_mean], 1) if patch_mean is not None else cls
     out = np.zeros((len(ids), feats.shape[1]), np.float64)
     if how == "max":
         out[:] = -np.inf
@@ -160,7 +184,7 @@ def pool_volumes(
 
 
 def patch_targets(mask: np.ndarray, rows: int, cols: int, n_classes: int) -> np.ndarray:
-    """Majority class id of each patch: (n, H, W) uint8 -> (n, rows, cols) int."""
+    """Majority class id of each patch: (n, H, W) uint8 -> (n, rows, cols) int64."""
     n, h, w = mask.shape
     onehot = np.eye(n_classes, dtype=np.float32)[mask.reshape(n, rows, h // rows, cols, w // cols)]
     return onehot.mean((2, 4)).argmax(-1)
@@ -178,7 +202,7 @@ def _linear_weights(src: int, dst: int) -> np.ndarray:
 
 
 def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (n, rows, cols, K) -> (n, size, size, K), as torch's
+    """Bilinear (n, rows, cols, K) -> (n, size, size, K) float32, as torch's
     `interpolate(mode="bilinear", align_corners=False)`; separable, so two matmuls."""
     _, r, c, _ = logits.shape
     wy, wx = _linear_weights(r, size), _linear_weights(c, size)
@@ -187,6 +211,8 @@ def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SegModel:
+    """A fitted linear segmentation head on patch tokens (C = `param`)."""
+
     scaler: StandardScaler
     model: LogisticRegression
     n_classes: int
@@ -194,7 +220,7 @@ class SegModel:
     seconds: float
 
     def predict(self, patch: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
-        """patch: (n, rows, cols, D) -> label maps (n, size, size) uint8."""
+        """patch: (n, rows, cols, D) float16 | float32 -> label maps (n, size, size) uint8."""
         out = np.empty((len(patch), size, size), np.uint8)
         for s in range(0, len(patch), batch):
             p = np.asarray(patch[s : s + batch], np.float32)
@@ -221,12 +247,20 @@ def _sample_patches(patch, targets, limit: int, seed: int):
 
 
 def seg_probe(
-    patch_tr, mask_tr, patch_va, mask_va, volumes_va, n_classes: int, grid=SEG_C_GRID, seed: int = 0
+    patch_tr: np.ndarray,
+    mask_tr: np.ndarray,
+    patch_va: np.ndarray,
+    mask_va: np.ndarray,
+    volumes_va: np.ndarray,
+    n_classes: int,
+    grid: Sequence[float] = SEG_C_GRID,
+    seed: int = 0,
 ) -> SegModel:
     """Linear head on patch tokens; C chosen by mean foreground Dice on val.
 
-    patch_*: (n, rows, cols, D); mask_*: (n, H, W) uint8; volumes_va: (n,) ids used
-    to re-stack val slices into volumes for Dice (each 2D image is its own id).
+    patch_*: (n, rows, cols, D) float16 | float32; mask_*: (n, H, W) uint8; volumes_va:
+    (n,) ids used to re-stack val slices into volumes for Dice (each 2D image is its
+    own id).
     """
     n, rows, cols, _ = patch_tr.shape
     if n == 0 or len(patch_va) == 0:
@@ -244,7 +278,7 @@ def seg_probe(
         raise ProbeError("the train masks hold a single class; nothing to segment")
     scaler = StandardScaler().fit(x)
     x = scaler.transform(x)
-    best = None
+    best: tuple[float, SegModel] | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c, model in _sweep(x, y, grid, seed):
@@ -254,12 +288,20 @@ def seg_probe(
             )
             if best is None or dice > best[0]:
                 best = (dice, cand)
+    if best is None:
+        raise ValueError("seg_probe needs a non-empty grid of C values")
     chosen = best[1]
     return SegModel(scaler, chosen.model, n_classes, chosen.param, time.perf_counter() - t0)
 
 
-def per_volume_scores(pred, truth, volumes, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dice and IoU per volume and class: two (V, K-1) arrays (NaN: class absent)."""
+def per_volume_scores(
+    pred: np.ndarray, truth: np.ndarray, volumes: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and IoU per volume and class: two (V, K-1) float64 arrays (NaN: class absent).
+
+    pred, truth: (n, H, W) uint8 label maps; volumes: (n,) volume id of each item
+    (V distinct ids, in order of first appearance).
+    """
     ids = list(dict.fromkeys(volumes))
     dice = np.zeros((len(ids), n_classes - 1))
     iou = np.zeros_like(dice)
@@ -269,7 +311,11 @@ def per_volume_scores(pred, truth, volumes, n_classes: int) -> tuple[np.ndarray,
     return dice, iou
 
 
-def mean_dice(pred, truth, volumes, n_classes: int) -> float:
+def mean_dice(pred: np.ndarray, truth: np.ndarray, volumes: np.ndarray, n_classes: int) -> float:
+    """Foreground Dice averaged over volumes and classes (0.0 when nothing is scorable).
+
+    pred, truth: (n, H, W) uint8 label maps; volumes: (n,) volume id of each item.
+    """
     dice, _ = per_volume_scores(pred, truth, volumes, n_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

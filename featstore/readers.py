@@ -32,6 +32,8 @@ AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ canonical orientatio
 
 @dataclass(frozen=True)
 class Sample:
+    """One row of a dataset's sample table (no pixels)."""
+
     id: str
     split: str  # train | val | test ("" until assigned)
     label: tuple[int, ...]  # () without labels, (k,) single-label, multi-hot for multilabel
@@ -44,6 +46,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class Loaded:
+    """One decoded sample: raw intensities and, for segmentation, its class ids."""
+
     image: np.ndarray  # (D, H, W, C) float32
     mask: np.ndarray | None  # (D, H, W) uint8
 
@@ -71,8 +75,7 @@ def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[tuple[str, dict[str, str]]]
             table = list(csv.DictReader(f))
         if table and spec.key not in table[0]:
             raise BadInputError(
-                f"{ds.path / spec.join}: no column {spec.key!r} (index.key); "
-                f"columns are {list(table[0])}"
+                f"{join}: no column {spec.key!r} (index.key); columns are {list(table[0])}"
             )
         joined = {row[spec.key]: (n, row) for n, row in enumerate(table, start=2)}
     rows = []
@@ -134,6 +137,8 @@ def _count_items(ds: Dataset, path: Path) -> int:
         img = nib.load(path)
     except (OSError, nib.filebasedimages.ImageFileError) as exc:
         raise BadInputError(f"{path}: cannot read NIfTI header ({exc})") from None
+    if not isinstance(img, nib.spatialimages.SpatialImage):  # e.g. a GIFTI surface
+        raise BadInputError(f"{path}: not a NIfTI volume ({type(img).__name__})")
     shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
     if len(shape) != 3:
         raise BadInputError(f"{path}: expected a 3D volume, got shape {img.shape}")

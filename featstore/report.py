@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ def save_figure(fig: Figure, path: Path) -> bool:
 
 
 def label(encoder: str, random_init: bool) -> str:
+    """An encoder's name for tables and legends, flagged when it is a random init."""
     return encoder + (" [random_init]" if random_init else "")
 
 
@@ -49,7 +51,8 @@ def size_rank(encoder: str) -> int:
     return SIZE_ORDER.index(encoder) if encoder in SIZE_ORDER else len(SIZE_ORDER)
 
 
-def cell(row) -> str:
+def cell(row: Any) -> str:
+    """'value [ci_low, ci_high]' of one results row (a DataFrame.itertuples() tuple)."""
     return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
 
 
@@ -70,7 +73,7 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
         & (sub.encoder != BASELINE)
     ]
     if len(main):
-        best = main.loc[main.value.idxmax()]
+        best = main.iloc[main.value.argmax()]
         sub.loc[(sub.row == best.row) & (sub.col == best.col), "text"] = f"**{best.text}**"
     table = sub.pivot_table(index="row", columns="col", values="text", aggfunc="first")
     order = sorted(
@@ -81,6 +84,7 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
+    """A `task_table` as a Markdown table (cells are strings)."""
     head = ["encoder @ resolution", *table.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [
@@ -91,6 +95,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def to_html(table: pd.DataFrame) -> str:
+    """A `task_table` as an HTML table; '**' marks become bold."""
+
     def fmt(text: str) -> str:
         bold = text.startswith("**")
         text = html.escape(text.strip("*"))
@@ -108,7 +114,7 @@ def to_html(table: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _main_rows(df: pd.DataFrame, tasks: dict[str, str]) -> pd.DataFrame:
+def _main_rows(df: pd.DataFrame, tasks: Mapping[str, str]) -> pd.DataFrame:
     keep = [
         MAIN_METRIC[tasks[d]] == m and MAIN_PROBE[tasks[d]] == p
         for d, m, p in zip(df.dataset, df.metric, df.probe, strict=True)
@@ -116,7 +122,7 @@ def _main_rows(df: pd.DataFrame, tasks: dict[str, str]) -> pd.DataFrame:
     return df[keep]
 
 
-def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool:
+def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     """Main metric against input resolution, one line per encoder (the paper's Fig. 1)."""
     main = _main_rows(df, tasks)
     names = sorted(tasks)
@@ -125,7 +131,9 @@ def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool
         key=lambda er: (er[0] == BASELINE, size_rank(er[0]), er),
     )
     colour = {er: f"C{i % 10}" for i, er in enumerate(encoders)}  # one colour per encoder
-    style = {er: "--" if er[0] == BASELINE else "-" for er in encoders}
+    style: dict[tuple[Any, bool], Literal["-", "--"]] = {
+        er: "--" if er[0] == BASELINE else "-" for er in encoders
+    }
     fig = Figure(figsize=(4 * len(names), 3.8))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -161,7 +169,7 @@ def plot_resolution(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool
     return save_figure(fig, path)
 
 
-def plot_size(df: pd.DataFrame, tasks: dict[str, str], path: Path) -> bool:
+def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     """Main metric against model size (best resolution per encoder), one line per dataset."""
     main = _main_rows(df, tasks)
     main = main[main.encoder != BASELINE]
@@ -202,7 +210,8 @@ def plot_linear_vs_knn(df: pd.DataFrame, path: Path) -> bool:
 def pca_rgb(patch: np.ndarray) -> np.ndarray:
     """First three principal components of patch tokens as colours.
 
-    patch: (n, rows, cols, D) -> (n, rows, cols, 3) in [0, 1], one PCA for all n.
+    patch: (n, rows, cols, D) float -> (n, rows, cols, 3) float64 in [0, 1], one PCA
+    for all n.
     """
     n, r, c, d = patch.shape
     x = patch.reshape(-1, d).astype(np.float64)
@@ -229,16 +238,17 @@ def plot_examples(
 ) -> bool:
     """Per example: the image, its patch-token PCA, and (segmentation) truth and prediction.
 
-    images: (R, R) arrays in [0, 1]; pca: (n, rows, cols, 3); pred/truth: (n, R, R).
+    images: n (R, R) float arrays in [0, 1]; pca: (n, rows, cols, 3) float in [0, 1];
+    pred/truth: (n, R, R) uint8 label maps (segmentation; both or neither).
     """
     cols = 2 + (2 if pred is not None else 0)
     fig = Figure(figsize=(2.2 * cols, 2.2 * len(images)))
     axes = fig.subplots(len(images), cols, squeeze=False)
     for i, img in enumerate(images):
-        panels = [("image", img, "gray")]
+        panels: list[tuple[str, np.ndarray, str | None]] = [("image", img, "gray")]
         if pca is not None:
             panels.append(("patch PCA", pca[i], None))
-        if pred is not None:
+        if pred is not None and truth is not None:
             k = max(int(truth.max()), int(pred.max()), 1)
             panels += [
                 ("ground truth", truth[i] / k, "viridis"),

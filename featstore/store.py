@@ -59,9 +59,11 @@ class Layout:
 
     @property
     def n_units(self) -> int:
+        """Number of units (= chunks along `item`); the last one may be short."""
         return -(-self.n_items // self.chunk_items)
 
     def unit_slice(self, unit: int) -> slice:
+        """The items of `unit`, as a slice along `item`."""
         return slice(unit * self.chunk_items, min((unit + 1) * self.chunk_items, self.n_items))
 
 
@@ -106,6 +108,7 @@ class Items:
 
 
 def store_path(cache: Path, key: str) -> Path:
+    """Where the set with cache key `key` lives under `cache`."""
     return Path(cache) / f"{key[:24]}.zarr"
 
 
@@ -165,14 +168,17 @@ def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]
         "cls": (cls_dims, da.empty(cls_shape, dtype=layout.dtype, chunks=c))
     }
     if layout.rows:
-        shape = (n, layout.rows, layout.cols, layout.channels)
+        patch_shape = (n, layout.rows, layout.cols, layout.channels)
         variables["patch"] = (
             ("item", "row", "col", "channel"),
-            da.empty(shape, dtype=layout.dtype, chunks=(c, -1, -1, -1)),
+            da.empty(patch_shape, dtype=layout.dtype, chunks=(c, -1, -1, -1)),
         )
     if layout.mask_size:
-        shape = (n, layout.mask_size, layout.mask_size)
-        variables["mask"] = (("item", "y", "x"), da.empty(shape, dtype="uint8", chunks=(c, -1, -1)))
+        mask_shape = (n, layout.mask_size, layout.mask_size)
+        variables["mask"] = (
+            ("item", "y", "x"),
+            da.empty(mask_shape, dtype="uint8", chunks=(c, -1, -1)),
+        )
     if items.labels is not None:
         labels = items.labels
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
@@ -188,7 +194,7 @@ def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]
             coords[name] = ("item", np.asarray(values, dtype=object))
     ds = xr.Dataset(variables, coords=coords)
     encoding = {
-        name: {"compressors": [CODEC], "chunks": var.data.chunksize}
+        str(name): {"compressors": [CODEC], "chunks": var.data.chunksize}
         for name, var in ds.data_vars.items()
         if name != "label"
     }
@@ -228,6 +234,7 @@ def create(
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
+    """The root attributes of the set at `path` (KeyError/FileNotFoundError if none)."""
     return dict(zarr.open_group(path, mode="r", use_consolidated=False).attrs)
 
 
@@ -277,7 +284,8 @@ def record_skipped(path: Path, skipped: dict[str, str]) -> None:
     if not skipped:
         return
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    root.attrs["skipped"] = {**root.attrs.get("skipped", {}), **skipped}
+    attrs: dict[str, Any] = dict(root.attrs)
+    root.attrs["skipped"] = {**attrs.get("skipped", {}), **skipped}
 
 
 def discard_partials(path: Path, units: Sequence[int]) -> int:
@@ -299,8 +307,20 @@ def discard_partials(path: Path, units: Sequence[int]) -> int:
 
 
 def pending_units(path: Path) -> list[int]:
+    """The units of the set at `path` not yet marked done, in order."""
     done = zarr.open_array(path / MARKS, mode="r")[:]
     return [int(u) for u in np.flatnonzero(done == 0)]
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of a set's group (zarr types members as array or group)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreIncompleteError(
+            f"{group.store_path}/{name}: a group where a feature-set array belongs; "
+            "re-extract with --overwrite"
+        )
+    return node
 
 
 class UnitWriter:
@@ -309,16 +329,19 @@ class UnitWriter:
     def __init__(self, path: Path, layout: Layout):
         root = zarr.open_group(path, mode="r+", use_consolidated=False)
         self.layout = layout
-        self.arrays = {name: root[name] for name in ("cls", "patch", "mask") if name in root}
-        self.marks = root[MARKS]
+        self.arrays = {
+            name: _array(root, name) for name in ("cls", "patch", "mask") if name in root
+        }
+        self.marks = _array(root, MARKS)
 
     def write(
         self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
     ) -> int:
         """Write one unit into its own chunks, then mark it done. Returns bytes written.
 
-        cls: (n, channel) or (n, layer, channel); patch: (n, rows, cols, channel);
-        mask: (n, y, x) uint8; n = the unit's item count.
+        cls: (n, channel) or (n, layer, channel); patch: (n, rows, cols, channel), both
+        cast to the set's dtype (float16 | float32); mask: (n, y, x) uint8; n = the
+        unit's item count.
         """
         region = self.layout.unit_slice(unit)
         nbytes = 0
@@ -358,7 +381,8 @@ def _consolidate(path: Path) -> None:
 def add_request(path: Path, request: dict[str, Any]) -> None:
     """Record another request that this (complete) set answers, so probe finds it by it."""
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    requests = list(root.attrs.get("requests", []))
+    attrs: dict[str, Any] = dict(root.attrs)
+    requests = list(attrs.get("requests", []))
     if canonical(request) not in requests:
         root.attrs["requests"] = [*requests, canonical(request)]
         _consolidate(path)
@@ -406,8 +430,16 @@ def open_set(path: Path) -> xr.Dataset:
             f"{path} is incomplete (an extract was interrupted); rerun "
             "the same `featstore extract` to resume it"
         )
-    # Coordinates are small: in memory, `groupby("sample")` works without labels.
-    return ds.assign_coords({name: ds[name].load() for name in ds.coords})
+    # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
+    # which pandas and xarray's groupby reject), `groupby("sample")` just works.
+    return ds.assign_coords({name: (ds[name].dims, _plain(ds[name].values)) for name in ds.coords})
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype.kind in ("T", "O"):
+        return np.array(values.tolist(), dtype=str)
+    return values
 
 
 def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
@@ -420,7 +452,7 @@ def verify(path: Path, require_complete: bool = True, values: bool = True) -> li
     if not (path / "zarr.json").is_file():
         return [f"{path}: not a feature set (no zarr.json)"]
     root = zarr.open_group(path, mode="r", use_consolidated=False)
-    attrs = dict(root.attrs)
+    attrs: dict[str, Any] = dict(root.attrs)
     problems = []
     if require_complete and not attrs.get("complete"):
         problems.append("not marked complete")
@@ -431,11 +463,11 @@ def verify(path: Path, require_complete: bool = True, values: bool = True) -> li
             f"{len(missing)} of {layout.n_units} units not marked done (first: {missing[:5]})"
         )
     skipped = set(attrs.get("skipped", {}))
-    samples = np.asarray(root["sample"][:]) if skipped else None
+    samples = np.asarray(_array(root, "sample")[:]) if skipped else None
     for name in ("cls", "patch", "mask"):
         if name not in root:
             continue
-        arr = root[name]
+        arr = _array(root, name)
         if arr.shape[0] != layout.n_items:
             problems.append(f"{name}: {arr.shape[0]} items, layout says {layout.n_items}")
         nchunks = arr.nchunks_initialized
@@ -463,7 +495,7 @@ def verify(path: Path, require_complete: bool = True, values: bool = True) -> li
 
 def list_sets(cache: Path) -> list[dict[str, Any]]:
     """One summary row per feature set under `cache` (for `featstore ls`)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in sorted(Path(cache).glob("*.zarr")):
         try:
             attrs = read_attrs(path)

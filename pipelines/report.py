@@ -11,6 +11,7 @@ results rewrites nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path, out: Path, task: str) 
     ]
     if main.empty:
         return None
-    best = main.loc[main.value.idxmax()]
+    best = main.iloc[main.value.argmax()]
     path = find_by_key(cache, best.feature_set)
     if path is None:
         return None
@@ -79,7 +80,12 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path, out: Path, task: str) 
     return name
 
 
-def run(out: Path, echo=print) -> Path:
+def run(out: Path, echo: Callable[[str], object] = print) -> Path:
+    """Write OUT/report.md, OUT/report.html and OUT/plots/ from OUT's probe results.
+
+    Raises `ProbeError` when OUT holds no results.csv/run-config.json. Returns the
+    path of report.md.
+    """
     csv, cfg = out / "results.csv", out / "run-config.json"
     if not csv.is_file() or not cfg.is_file():
         raise ProbeError(
