@@ -8,6 +8,7 @@ probe stage's job (`pipelines/probe.py`).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +19,9 @@ import numpy as np
 import xarray as xr
 
 from featstore import probes, store
-from featstore.errors import FeatstoreError, ProbeError
+from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.fingerprint import memo_for
-from featstore.identity import requested
+from featstore.identity import SetIdentity, requested
 from featstore.manifest import Dataset, Manifest
 from featstore.metrics import classification_scores, with_intervals
 from featstore.readers import Prepared, prepare
@@ -202,18 +203,52 @@ def probe_set(
     """Every probe that fits `ds.task`, on the feature set at `path`.
 
     protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote).
+    A chunk that fails its checksum while being read is a `StoreCorruptError`, never
+    a score.
     """
     xs = store.open_set(path)
-    skipped = list(xs.attrs.get("skipped", {}))
-    if skipped:
-        xs = xs.isel(item=~np.isin(_str(xs.sample), skipped))
-    enc = xs.attrs["encoder"]
+    try:
+        return _probe_open_set(path, xs, ds, pool, seed, protocol)
+    except (ValueError, RuntimeError, OSError) as exc:
+        if isinstance(exc, FeatstoreError) or not _from_storage(exc):
+            raise
+        raise store.corrupt(path, exc) from None
+
+
+def _from_storage(exc: BaseException) -> bool:
+    """Whether `exc` was raised while zarr or numcodecs decoded a chunk."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if f"{os.sep}zarr{os.sep}" in name or f"{os.sep}numcodecs{os.sep}" in name:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _probe_open_set(
+    path: Path, xs: xr.Dataset, ds: Dataset, pool: str, seed: int, protocol: str
+) -> SetResult:
+    ident = SetIdentity.from_attrs(xs.attrs["identity"])  # checked against the key on open
+    assert ident.weights is not None
+    sample = _str(xs.sample)
+    listed = np.isin(sample, list(xs.attrs.get("skipped", {})))
+    cls = np.asarray(xs.cls.values, np.float32).reshape(len(sample), -1)
+    nan = ~np.isfinite(cls).all(1)
+    if not np.array_equal(nan, listed):
+        raise StoreCorruptError(
+            f"{path}: the 'skipped' attribute disagrees with the features of samples "
+            f"{sorted({str(v) for v in sample[nan != listed]})[:5]}; run `featstore verify "
+            f"{path}` and re-extract the set with --overwrite"
+        )
+    if listed.any():
+        xs = xs.isel(item=~listed)
     key = str(xs.attrs["cache_key"])[:12]
-    ident = dict(
+    row_ident = dict(
         dataset=ds.name,
-        encoder=enc["name"],
-        random_init=bool(enc["random_init"]),
-        resolution=int(xs.attrs["preprocess"]["resolution"]),
+        encoder=ident.weights.name,
+        random_init=ident.weights.random_init,
+        resolution=ident.recipe.resolution,
         feature_set=key,
         pool=pool if ds.dims == 3 else "",
         protocol=protocol,
@@ -224,7 +259,7 @@ def probe_set(
     else:
         knn = ("euclidean", (11,)) if protocol == "medmnist+" else ("cosine", probes.K_GRID)
         found = list(_classification(xs, ds, pool, seed, *knn))
-    return SetResult(path, key, [{**ident, **row} for row in found], examples)
+    return SetResult(path, key, [{**row_ident, **row} for row in found], examples)
 
 
 @dataclass

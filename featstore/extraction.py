@@ -7,7 +7,10 @@ cached sets are skipped, interrupted ones resumed, new ones allocated.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +22,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from featstore import store
+from featstore import integrity, store
 from featstore.batches import Batches, UnitQueue, plan_batches, quiet_worker
 from featstore.encoders import Encoder, load_encoder
-from featstore.errors import BadInputError
+from featstore.errors import (
+    BadInputError,
+    FeatstoreError,
+    Interrupted,
+    StopRequested,
+    StoreCorruptError,
+)
 from featstore.fingerprint import memo_for
 from featstore.identity import SetIdentity, requested
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
 
-Status = Literal["cached", "new", "resumed"]
+Status = Literal["cached", "new", "resumed", "repaired"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class Options:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overwrite: bool = False  # replace an existing set of this identity
+    repair: bool = False  # verify every chunk of existing sets; recompute damaged units
     skip_bad: bool = False  # record unreadable samples and go on
     shard: tuple[int, int] = (0, 1)  # work on units u with u % n == i
     num_workers: int | None = None  # decode workers (None: 1 on CPU, up to 4 on GPU)
@@ -95,22 +105,52 @@ def _describe(prep: Prepared) -> dict[str, object]:
 
 
 def _open_or_allocate(
-    path: Path, ident: SetIdentity, layout: store.Layout, prep: Prepared, overwrite: bool
+    path: Path, ident: SetIdentity, layout: store.Layout, prep: Prepared, opts: Options
 ) -> Status:
-    """Find the set at `path` (cached / resumed) or allocate it (new)."""
-    if path.exists() and overwrite:
+    """Find the set at `path` (cached / resumed / repaired) or allocate it (new)."""
+    if path.exists() and (opts.overwrite or not (path / "zarr.json").is_file()):
+        # A folder without its root zarr.json is what a kill during a delete left.
+        integrity.refuse_if_busy(path, "replacing it")
         store.replace_aside(path)
     if path.exists():
-        if store.read_attrs(path).get("complete"):
-            store.check_matches(path, ident)
+        complete = bool(store.read_attrs(path).get("complete"))
+        store.check_matches(path, ident, None if complete else layout)
+        if opts.repair and _repair(path, prep):
+            return "repaired"
+        if complete:
             store.add_request(path, ident.request())
             return "cached"
-        store.check_matches(path, ident, layout)
         return "resumed"
     if store.create(path, ident, layout, items_of(prep), _describe(prep)):
         return "new"
     store.check_matches(path, ident, layout)  # a concurrent shard allocated it
     return "resumed"
+
+
+def _repair(path: Path, prep: Prepared) -> bool:
+    """Forget the units whose chunks are damaged (they are recomputed) and rewrite
+    damaged coordinates; True when anything was damaged."""
+    problems = integrity.verify(path, require_complete=False, values=False)
+    fatal = [
+        p
+        for p in problems
+        if p.startswith(("attributes:", "metadata: ")) and "consolidated" not in p
+    ]
+    if fatal:
+        raise StoreCorruptError(
+            f"{path} cannot be repaired:\n  "
+            + "\n  ".join(fatal)
+            + "\nre-extract it with --overwrite"
+        )
+    damage = integrity.scan_chunks(path, store.read_attrs(path))
+    units = sorted({d.unit for d in damage if d.array in (*integrity.ITEM_DATA, store.MARKS)})
+    coords = sorted({d.array for d in damage} - {*integrity.ITEM_DATA, store.MARKS})
+    if coords:
+        integrity.rewrite_items(path, items_of(prep), coords)
+    if units or coords or problems:
+        integrity.reset_units(path, units)  # also unmarks `complete`: finish re-checks all
+        return True
+    return False
 
 
 def _checked(arr: np.ndarray, bad: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
@@ -205,21 +245,53 @@ def extract_one(
         ident, len(items.sample), n_classes, manifest.batch_size, manifest.unit_items
     )
     path = store.store_path(manifest.cache, ident.key())
-    status = _open_or_allocate(path, ident, layout, prep, opts.overwrite)
+    integrity.clean_leftovers(manifest.cache)
     name = (prep.ds.name, encoder.info.label, resolution)
-    if status == "cached":
-        return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path)
-    i, n = opts.shard
-    units = [u for u in store.pending_units(path) if u % n == i]
-    store.discard_partials(path, units)
-    n_items, mbytes, skipped = _encode_units(
-        prep, encoder, ident, path, layout, units, manifest.batch_size, opts
-    )
-    store.record_skipped(path, skipped)
-    if not store.pending_units(path):
-        store.finish(path)
+    with integrity.claim(path):
+        status = _open_or_allocate(path, ident, layout, prep, opts)
+        if status == "cached":
+            return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path)
+        i, n = opts.shard
+        units = [u for u in store.pending_units(path) if u % n == i]
+        store.discard_partials(path, units)
+        try:
+            n_items, mbytes, skipped = _encode_units(
+                prep, encoder, ident, path, layout, units, manifest.batch_size, opts
+            )
+        except (KeyboardInterrupt, StopRequested) as exc:
+            raise _interrupted(path, exc) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(manifest.cache, path, layout) from None
+            raise
+        store.record_skipped(path, skipped)
+        if not store.pending_units(path):
+            integrity.finish(path)
     seconds = time.perf_counter() - t0
     return Summary(*name, status, n_items, seconds, mbytes, path, len(skipped))
+
+
+def _interrupted(path: Path, exc: BaseException) -> Interrupted:
+    signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
+    left = len(store.pending_units(path))
+    total = store.Layout(**store.read_attrs(path)["layout"]).n_units
+    return Interrupted(
+        f"stopped by {signal.Signals(signum).name}: {total - left} of {total} units of "
+        f"{path.name} are written and kept; rerun the same command to resume",
+        int(signum),
+    )
+
+
+def _disk_full(cache: Path, path: Path, layout: store.Layout) -> FeatstoreError:
+    per_item = layout.channels * np.dtype(layout.dtype).itemsize * max(1, layout.rows * layout.cols)
+    need = layout.n_items * (per_item + layout.mask_size**2) / 1e6
+    free = shutil.disk_usage(cache).free / 1e6
+    return FeatstoreError(
+        f"the cache folder {cache} is full (no space left on device) while writing "
+        f"{path.name}: the set needs about {need:.0f} MB uncompressed, {free:.0f} MB are "
+        "free. Free space or pass --cache DIR on a larger disk, then rerun the same "
+        "command: units already written are kept"
+    )
 
 
 def extract_manifest(

@@ -17,10 +17,11 @@ unit. `complete: true` is written once every unit is marked and verified.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -30,15 +31,19 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.array_spec import ArrayConfigParams
 
-from featstore.errors import StoreIncompleteError, StoreMismatchError
+from featstore.errors import StoreCorruptError, StoreIncompleteError, StoreMismatchError
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
 
 MARKS = "_featstore/done"
 # Chosen by benchmarks/codecs.py on ViT features: blosc-zstd with bit-shuffle
 # compresses float16 tokens better than zstd alone at similar speed.
 CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+# Every chunk of every array ends in a crc32c of its bytes: a flipped or truncated
+# chunk fails to decode instead of reading as other numbers.
+COMPRESSORS = (CODEC, Crc32cCodec())
 UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
 VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
 
@@ -165,7 +170,7 @@ def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
     cls_shape = (n, layout.channels) if layout.layers == 1 else (n, layout.layers, layout.channels)
     variables: dict[str, Any] = {
-        "cls": (cls_dims, da.empty(cls_shape, dtype=layout.dtype, chunks=c))
+        "cls": (cls_dims, da.empty(cls_shape, dtype=layout.dtype, chunks=(c, *cls_shape[1:])))
     }
     if layout.rows:
         patch_shape = (n, layout.rows, layout.cols, layout.channels)
@@ -179,29 +184,38 @@ def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]
             ("item", "y", "x"),
             da.empty(mask_shape, dtype="uint8", chunks=(c, -1, -1)),
         )
-    if items.labels is not None:
-        labels = items.labels
+    arrays = item_arrays(items)
+    if "label" in arrays:
+        labels = arrays.pop("label")
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
-    coords: dict[str, Any] = {
-        "sample": ("item", np.asarray(items.sample, dtype=object)),
-        "slice": ("item", np.asarray(items.slice, dtype=np.int32)),
-        "split": ("item", np.asarray(items.split, dtype=object)),
-    }
-    for name, values in items.metadata.items():
-        try:
-            coords[name] = ("item", np.asarray(values, dtype=np.float64))
-        except ValueError:
-            coords[name] = ("item", np.asarray(values, dtype=object))
+    coords = {name: ("item", values) for name, values in arrays.items()}
     ds = xr.Dataset(variables, coords=coords)
-    encoding = {
-        str(name): {"compressors": [CODEC], "chunks": var.data.chunksize}
-        for name, var in ds.data_vars.items()
-        if name != "label"
+    # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u.
+    encoding: dict[str, dict[str, Any]] = {
+        str(name): {"compressors": list(COMPRESSORS), "chunks": (c, *var.shape[1:])}
+        for name, var in ds.variables.items()
     }
     for name in ("cls", "patch"):
         if name in encoding:
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
     return ds, encoding
+
+
+def item_arrays(items: Items) -> dict[str, np.ndarray]:
+    """The per-item arrays written at allocation: coordinates and labels, by name."""
+    out = {
+        "sample": np.asarray(items.sample, dtype=object),
+        "slice": np.asarray(items.slice, dtype=np.int32),
+        "split": np.asarray(items.split, dtype=object),
+    }
+    for name, values in items.metadata.items():
+        try:
+            out[name] = np.asarray(values, dtype=np.float64)
+        except ValueError:
+            out[name] = np.asarray(values, dtype=object)
+    if items.labels is not None:
+        out["label"] = items.labels
+    return out
 
 
 def create(
@@ -220,10 +234,23 @@ def create(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.to_zarr(tmp, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
+    ds.to_zarr(
+        tmp,
+        mode="w-",
+        compute=False,
+        zarr_format=3,
+        encoding=encoding,
+        consolidated=False,
+        write_empty_chunks=True,  # every chunk on disk: a missing one is damage, not zeros
+    )
     root = zarr.open_group(tmp, mode="r+")
     root.create_group("_featstore").create_array(
-        "done", shape=(layout.n_units,), chunks=(1,), dtype="uint8", fill_value=0
+        "done",
+        shape=(layout.n_units,),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
     )
     try:
         os.rename(tmp, path)
@@ -234,8 +261,95 @@ def create(
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
-    """The root attributes of the set at `path` (KeyError/FileNotFoundError if none)."""
-    return dict(zarr.open_group(path, mode="r", use_consolidated=False).attrs)
+    """The root attributes of the set at `path`.
+
+    Raises StoreCorruptError when its zarr.json is not valid JSON, FileNotFoundError
+    when there is no set.
+    """
+    meta = Path(path) / "zarr.json"
+    try:
+        return dict(zarr.open_group(path, mode="r", use_consolidated=False).attrs)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreCorruptError(
+            f"{meta} is not valid JSON ({exc}); the set cannot be trusted: re-extract it "
+            "with --overwrite"
+        ) from None
+
+
+def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array]]:
+    """(name, array) of every array under `root`, nested groups included, by name."""
+    for name, node in sorted(root.members()):
+        if isinstance(node, zarr.Array):
+            yield prefix + name, node
+        else:
+            yield from arrays(node, f"{prefix}{name}/")
+
+
+def chunk_file(path: Path, name: str, arr: zarr.Array, unit: int) -> Path:
+    """The file of chunk `unit` (along the first axis) of array `name`."""
+    coords = (unit,) + (0,) * (arr.ndim - 1)
+    return Path(path) / name / arr.metadata.encode_chunk_key(coords)
+
+
+def missing_chunks(path: Path) -> list[str]:
+    """'<array> unit <u>: chunk file missing' for every absent chunk of a complete set."""
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    out = []
+    for name, arr in arrays(root):
+        for unit in range(-(-arr.shape[0] // arr.chunks[0])):
+            if not chunk_file(path, name, arr, unit).is_file():
+                out.append(f"{name} unit {unit}: chunk file missing")
+    return out
+
+
+def attribute_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
+    """Root attributes that disagree with the recorded identity or the folder name."""
+    if attrs.get("featstore_format") != FORMAT_VERSION:
+        return [f"attributes: {_old_format(Path(path), attrs)}"]
+    try:
+        ident = SetIdentity.from_attrs(attrs["identity"])
+        key = ident.key()
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"attributes: the recorded identity is missing or malformed ({exc!r})"]
+    out = []
+    edited = "(the attributes were edited: re-extract with --overwrite)"
+    if attrs.get("cache_key") != key or Path(path).name != f"{key[:24]}.zarr":
+        out.append(
+            f"attributes: the recorded identity hashes to {key[:24]}, but cache_key is "
+            f"{str(attrs.get('cache_key'))[:24]} and the folder {Path(path).name} {edited}"
+        )
+    assert ident.weights is not None  # from_attrs always sets it
+    copies = {"encoder": ident.weights.to_dict(), "preprocess": ident.preprocess().to_dict()}
+    for name, value in copies.items():
+        if attrs.get(name) != canonical(value):
+            out.append(f"attributes: '{name}' disagrees with the recorded identity {edited}")
+    mine = {k: v for k, v in ident.request().items() if k != "encoder"}
+    for req in attrs.get("requests", []):
+        if {k: v for k, v in req.items() if k != "encoder"} != mine:
+            out.append(f"attributes: a recorded request asks for other content {edited}")
+            break
+    return out
+
+
+def skipped_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
+    """`skipped` must name exactly the samples whose items hold NaN features."""
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    cls = np.asarray(_array(root, "cls")[:], np.float32)
+    nan = ~np.isfinite(cls.reshape(len(cls), -1)).all(1)
+    sample = plain(np.asarray(_array(root, "sample")[:]))
+    listed = np.isin(sample, list(attrs.get("skipped", {})))
+    written = np.ones(len(sample), bool)
+    layout = Layout(**attrs["layout"])
+    for unit in pending_units(path):  # not written yet: NaN fill, not a skipped sample
+        written[layout.unit_slice(unit)] = False
+    disagree = (nan != listed) & written
+    if not disagree.any():
+        return []
+    wrong = sorted({str(v) for v in sample[disagree]})[:5]
+    return [
+        f"attributes: 'skipped' disagrees with the features of samples {wrong} (NaN items "
+        "belong to skipped samples only; the attributes were edited: re-extract with --overwrite)"
+    ]
 
 
 def check_matches(path: Path, ident: SetIdentity, layout: Layout | None = None) -> None:
@@ -329,10 +443,15 @@ class UnitWriter:
     def __init__(self, path: Path, layout: Layout):
         root = zarr.open_group(path, mode="r+", use_consolidated=False)
         self.layout = layout
+        # Chunks equal to the fill value (an all-background mask) are written too:
+        # on disk, every chunk exists, so a missing one is always damage.
+        full: ArrayConfigParams = {"write_empty_chunks": True}
         self.arrays = {
-            name: _array(root, name) for name in ("cls", "patch", "mask") if name in root
+            name: _array(root, name).with_config(full)
+            for name in ("cls", "patch", "mask")
+            if name in root
         }
-        self.marks = _array(root, MARKS)
+        self.marks = _array(root, MARKS).with_config(full)
 
     def write(
         self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
@@ -358,14 +477,8 @@ class UnitWriter:
         return nbytes
 
 
-def finish(path: Path) -> None:
-    """Check marks and chunks, then write `complete: true` and consolidated metadata.
-
-    Values were checked for NaN/Inf before they were written; `verify` re-reads them.
-    """
-    problems = verify(path, require_complete=False, values=False)
-    if problems:
-        raise StoreIncompleteError(f"{path} failed verification:\n  " + "\n  ".join(problems))
+def mark_complete(path: Path) -> None:
+    """Write `complete: true` and consolidated metadata (after `integrity.finish` checks)."""
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     root.attrs["complete"] = True
     root.attrs["completed"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -419,78 +532,56 @@ def find_by_key(cache: Path, key: str) -> Path | None:
 
 
 def open_set(path: Path) -> xr.Dataset:
-    """Open a complete feature set: data variables lazy (dask), coordinates loaded."""
-    if not (Path(path) / "zarr.json").is_file():
+    """Open a complete, trusted feature set: data lazy (dask), coordinates in memory.
+
+    Checked here (cheaply, on every open): the format, that the attributes agree with
+    the recorded identity, and that every chunk of every array is on disk. Every chunk
+    read later checks its own crc32c. Consolidated metadata is not used: reads go by
+    each array's own metadata.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
         raise StoreIncompleteError(f"{path}: no feature set here; run `featstore extract` first")
-    ds = xr.open_zarr(path, consolidated=None)
-    if ds.attrs.get("featstore_format") != FORMAT_VERSION:
-        raise _old_format(Path(path), ds.attrs)
-    if not ds.attrs.get("complete"):
+    attrs = read_attrs(path)
+    if attrs.get("featstore_format") != FORMAT_VERSION:
+        raise _old_format(path, attrs)
+    if not attrs.get("complete"):
         raise StoreIncompleteError(
             f"{path} is incomplete (an extract was interrupted); rerun "
             "the same `featstore extract` to resume it"
         )
-    # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
-    # which pandas and xarray's groupby reject), `groupby("sample")` just works.
-    return ds.assign_coords({name: (ds[name].dims, _plain(ds[name].values)) for name in ds.coords})
+    problems = attribute_problems(path, attrs) + missing_chunks(path)
+    if problems:
+        raise StoreCorruptError(
+            f"{path} cannot be trusted:\n  "
+            + "\n  ".join(problems[:10])
+            + f"\nrun `featstore verify {path}` for every problem, then "
+            "`featstore extract --repair` (or --overwrite) with the same options"
+        )
+    try:
+        ds = xr.open_zarr(path, consolidated=False)
+        # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
+        # which pandas and xarray's groupby reject), `groupby("sample")` just works.
+        loaded = {name: (ds[name].dims, plain(ds[name].values)) for name in ds.coords}
+    except ValueError as exc:  # a coordinate chunk failed its checksum
+        raise corrupt(path, exc) from None
+    return ds.assign_coords(loaded)
 
 
-def _plain(values: np.ndarray) -> np.ndarray:
+def corrupt(path: Path, exc: BaseException) -> StoreCorruptError:
+    """The error for a chunk of `path` that failed to decode while being read."""
+    return StoreCorruptError(
+        f"{path}: a chunk failed to decode ({exc}); run `featstore verify {path}` to "
+        "list the bad units, then `featstore extract --repair` with the same options"
+    )
+
+
+def plain(values: np.ndarray) -> np.ndarray:
+    """Strings (zarr's StringDType or objects) as a plain '<U' array; others as they are."""
     values = np.asarray(values)
     if values.dtype.kind in ("T", "O"):
         return np.array(values.tolist(), dtype=str)
     return values
-
-
-def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
-    """Problems found in a feature set (empty when it is sound).
-
-    Checks marks, that every chunk of cls/patch/mask exists, shapes against the
-    recorded layout, and that no stored feature is NaN/Inf (except skipped samples).
-    """
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        return [f"{path}: not a feature set (no zarr.json)"]
-    root = zarr.open_group(path, mode="r", use_consolidated=False)
-    attrs: dict[str, Any] = dict(root.attrs)
-    problems = []
-    if require_complete and not attrs.get("complete"):
-        problems.append("not marked complete")
-    layout = Layout(**attrs["layout"])
-    missing = pending_units(path)
-    if missing:
-        problems.append(
-            f"{len(missing)} of {layout.n_units} units not marked done (first: {missing[:5]})"
-        )
-    skipped = set(attrs.get("skipped", {}))
-    samples = np.asarray(_array(root, "sample")[:]) if skipped else None
-    for name in ("cls", "patch", "mask"):
-        if name not in root:
-            continue
-        arr = _array(root, name)
-        if arr.shape[0] != layout.n_items:
-            problems.append(f"{name}: {arr.shape[0]} items, layout says {layout.n_items}")
-        nchunks = arr.nchunks_initialized
-        if nchunks != arr.nchunks:
-            problems.append(
-                f"{name}: {arr.nchunks - nchunks} of {arr.nchunks} chunks missing "
-                "on disk; rerun the extract with --overwrite"
-            )
-            continue
-        if name == "mask" or not values:
-            continue
-        for unit in range(layout.n_units):
-            block = np.asarray(arr[layout.unit_slice(unit)], dtype=np.float32)
-            bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-            if samples is not None:
-                bad &= ~np.isin(samples[layout.unit_slice(unit)], list(skipped))
-            if bad.any():
-                first = layout.unit_slice(unit).start + int(np.flatnonzero(bad)[0])
-                problems.append(
-                    f"{name}: {int(bad.sum())} items with NaN/Inf in unit {unit} "
-                    f"(first item {first})"
-                )
-    return problems
 
 
 def list_sets(cache: Path) -> list[dict[str, Any]]:

@@ -6,13 +6,16 @@ torch, and `featstore ls` should start instantly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
 import typer
 
-from featstore.errors import FeatstoreError
+from featstore.errors import FeatstoreError, Interrupted, StopRequested
 
 if TYPE_CHECKING:
     from featstore.manifest import Manifest
@@ -43,6 +46,21 @@ CacheOpt = typer.Option(
     "--cache",
     help="Feature-set folder (default: $FEATSTORE_CACHE, then the manifest's `cache:`).",
 )
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT/SIGTERM raise StopRequested: the extract stops cleanly and says how to resume."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise StopRequested(signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _fail(exc: Exception) -> None:
@@ -86,6 +104,9 @@ def extract(
     batch_size: int | None = typer.Option(None, help="Items per forward pass and per chunk."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Replace existing feature sets of this request."),
+    repair: bool = typer.Option(
+        False, help="Decode every chunk of existing sets; recompute only the damaged units."
+    ),
     skip_bad: bool = typer.Option(False, help="Record unreadable samples and go on."),
     shard: str = typer.Option("0/1", help="Work on units u with u % n == i (i/n)."),
     workers: int | None = typer.Option(None, help="Decode workers (default: 1 on CPU)."),
@@ -104,11 +125,16 @@ def extract(
         opts = Options(
             device=cast(Literal["auto", "cpu", "cuda"], device),
             overwrite=overwrite,
+            repair=repair,
             skip_bad=skip_bad,
             shard=_parse_shard(shard),
             num_workers=workers,
         )
-        stage.run(m, opts, baseline=baseline, echo=typer.echo)
+        with _stop_on_signals():
+            stage.run(m, opts, baseline=baseline, echo=typer.echo)
+    except Interrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(128 + exc.signum) from None
     except FeatstoreError as exc:
         _fail(exc)
 
@@ -180,13 +206,17 @@ def info(path: Path) -> None:
 
     if not (path / "zarr.json").is_file():
         _fail(FileNotFoundError(f"{path}: not a feature set (no zarr.json)"))
-    typer.echo(json.dumps(read_attrs(path), indent=2, default=str))
+    try:
+        typer.echo(json.dumps(read_attrs(path), indent=2, default=str))
+    except FeatstoreError as exc:
+        _fail(exc)
 
 
 @app.command()
 def verify(path: Path) -> None:
-    """Check completeness, chunks, shapes and NaN/Inf; exit 1 on any problem."""
-    from featstore.store import verify as check
+    """Decode every chunk of every array (checksums), check attributes against the
+    recorded identity, marks and NaN/Inf; one FAIL line per problem, exit 1 on any."""
+    from featstore.integrity import verify as check
 
     problems = check(path)
     for p in problems:

@@ -17,7 +17,7 @@ import zarr
 from conftest import REPO, synth_entry, write_manifest
 from transformers import AutoModel
 
-from featstore import readers, store
+from featstore import integrity, readers, store
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import EncoderNotFoundError, StoreMismatchError
 from featstore.extraction import Options
@@ -133,18 +133,18 @@ def test_verify_catches_missing_chunk(tmp_path, tiny_dinov3):
         extra="batch_size: 4\nunit_items: 4\n",
     )
     (s, _) = _run(mpath)
-    assert store.verify(s.path) == []
+    assert integrity.verify(s.path) == []
     chunk = s.path / "patch" / "c" / "1" / "0" / "0" / "0"
     assert chunk.is_file()
     chunk.unlink()
-    problems = store.verify(s.path)
-    assert any("patch: 1 of 3 chunks missing" in p for p in problems)
+    problems = integrity.verify(s.path)
+    assert "patch unit 1: chunk file missing" in problems
     from typer.testing import CliRunner
 
     from pipelines.cli import app
 
     result = CliRunner().invoke(app, ["verify", str(s.path)])
-    assert result.exit_code == 1 and "chunks missing" in result.output
+    assert result.exit_code == 1 and "FAIL patch unit 1: chunk file missing" in result.output
 
 
 def test_skip_bad_records_and_continues(tmp_path, tiny_dinov3):
@@ -158,7 +158,7 @@ def test_skip_bad_records_and_continues(tmp_path, tiny_dinov3):
     assert s.skipped == 1
     attrs = store.read_attrs(s.path)
     assert list(attrs["skipped"]) == ["img0003"] and attrs["complete"]
-    assert store.verify(s.path) == []
+    assert integrity.verify(s.path) == []
 
 
 def test_missing_encoder_says_where_it_looked(tmp_path):
@@ -242,7 +242,7 @@ def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     path = tmp_path / "cache" / ref.path.name
-    assert store.read_attrs(path)["complete"] and store.verify(path) == []
+    assert store.read_attrs(path)["complete"] and integrity.verify(path) == []
     assert _chunks(path) == _chunks(ref.path)
     assert not list(path.parent.glob(".*tmp*"))  # no leftover skeletons
 

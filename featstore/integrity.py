@@ -1,0 +1,280 @@
+"""Trusting a feature set: verify every chunk, repair bad units, claims of live extracts.
+
+Every chunk of every array carries a crc32c checksum (zarr's `crc32c` codec), so a
+flipped or truncated chunk fails to decode instead of reading as changed values.
+`verify` decodes every chunk of every array and coordinate and reports each bad one
+as `<array> unit <u>: <reason>`; `reset_units` and `rewrite_items` let an extract
+recompute just those. A claim file per live process (host, pid, start time) makes an
+extract visible to others, so `--overwrite` never deletes a set someone is writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.array_spec import ArrayConfigParams
+
+from featstore import store
+from featstore.errors import StoreBusyError, StoreCorruptError
+
+ITEM_DATA = ("cls", "patch", "mask")  # written per unit by the encoder loop
+FULL: ArrayConfigParams = {"write_empty_chunks": True}
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One chunk that cannot be trusted; `unit` is its index along `item`."""
+
+    array: str
+    unit: int
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.array} unit {self.unit}: {self.reason}"
+
+
+def _json_problems(path: Path) -> list[str]:
+    out = []
+    for meta in sorted(path.rglob("zarr.json")):
+        try:
+            json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            out.append(f"metadata: {meta} is not valid JSON ({exc}); re-extract with --overwrite")
+    return out
+
+
+def _consolidated_problems(path: Path) -> list[str]:
+    """Consolidated metadata (a copy in the root zarr.json) must equal each array's own."""
+    root = json.loads((path / "zarr.json").read_text())
+    copies = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+    out = []
+    for name, copy in sorted(copies.items()):
+        own_file = path / name / "zarr.json"
+        if not own_file.is_file():
+            out.append(f"metadata: consolidated metadata lists '{name}', which is absent")
+            continue
+        own = json.loads(own_file.read_text())
+        keys = ("shape", "data_type", "chunk_grid", "codecs", "fill_value", "node_type")
+        diff = [k for k in keys if own.get(k) != copy.get(k)]
+        if diff:
+            out.append(
+                f"metadata: consolidated metadata of '{name}' disagrees with {own_file} "
+                f"({', '.join(diff)}); featstore reads the arrays' own metadata"
+            )
+    return out
+
+
+def _decode_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "checksum" in text.lower():
+        return "checksum mismatch (the chunk's bytes changed after it was written)"
+    return f"cannot decode ({type(exc).__name__}: {text[:120]})"
+
+
+def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[Damage]:
+    """Decode every chunk of every array; NaN/Inf in cls/patch (outside skipped samples).
+
+    Marks (`_featstore/done`) may lack chunks: that is a pending unit, not damage, and
+    the data chunks of pending units are not checked (the resume rewrites them).
+    """
+    pending = set(store.pending_units(path))
+    layout = store.Layout(**attrs["layout"])
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    skipped = set(attrs.get("skipped", {}))
+    samples = None
+    out: list[Damage] = []
+    for name, arr in store.arrays(root):
+        marks = name == store.MARKS
+        step = 1 if marks else layout.chunk_items
+        expected = layout.n_units if marks else layout.n_items
+        if arr.shape[0] != expected or arr.chunks[0] != step:
+            out.append(
+                Damage(
+                    name,
+                    0,
+                    f"shape {arr.shape} / chunks {arr.chunks} disagree "
+                    f"with the layout ({expected} items in chunks of {step})",
+                )
+            )
+            continue
+        for unit in range(layout.n_units):
+            if name in ITEM_DATA and unit in pending:
+                continue  # not written yet (or half-written): the resume rewrites it
+            if not store.chunk_file(path, name, arr, unit).is_file():
+                if not marks:
+                    out.append(Damage(name, unit, "chunk file missing"))
+                continue
+            try:
+                block = np.asarray(arr[unit * step : (unit + 1) * step])
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is damage to report
+                out.append(Damage(name, unit, _decode_reason(exc)))
+                continue
+            if values and name in ("cls", "patch"):
+                bad = ~np.isfinite(block.reshape(len(block), -1).astype(np.float32)).all(1)
+                if skipped and bad.any():
+                    if samples is None:
+                        samples = store.plain(np.asarray(arr_of(root, "sample")[:]))
+                    bad &= ~np.isin(samples[layout.unit_slice(unit)], list(skipped))
+                if bad.any():
+                    first = unit * step + int(np.flatnonzero(bad)[0])
+                    out.append(
+                        Damage(name, unit, f"{int(bad.sum())} items NaN/Inf (first item {first})")
+                    )
+    return out
+
+
+def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
+    """Everything wrong with the set at `path` (empty when it is sound), one line each.
+
+    Lines start with `metadata:`, `attributes:`, `marks:` or `<array> unit <u>:`.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return [f"metadata: {path} is not a feature set (no zarr.json)"]
+    problems = _json_problems(path)
+    if problems:
+        return problems
+    problems += _consolidated_problems(path)
+    attrs = store.read_attrs(path)
+    problems += store.attribute_problems(path, attrs)
+    if problems and "layout" not in attrs:
+        return problems
+    if require_complete and not attrs.get("complete"):
+        problems.append("marks: not marked complete; rerun the same extract to finish it")
+    pending = store.pending_units(path)
+    if pending and (require_complete or attrs.get("complete")):
+        problems.append(f"marks: {len(pending)} units not marked done (first: {pending[:5]})")
+    problems += [d.line() for d in scan_chunks(path, attrs, values)]
+    if values and not any(p.startswith(("cls ", "sample ")) for p in problems):
+        problems += store.skipped_problems(path, attrs)
+    return problems
+
+
+def finish(path: Path) -> None:
+    """Check every chunk decodes and every unit is marked, then mark the set complete.
+
+    Values were checked for NaN/Inf before they were written; `verify` re-reads them.
+    """
+    problems = verify(path, require_complete=False, values=False)
+    if problems:
+        raise StoreCorruptError(f"{path} failed verification:\n  " + "\n  ".join(problems))
+    store.mark_complete(path)
+
+
+def arr_of(root: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of `root` (a path like '_featstore/done' allowed)."""
+    node = root[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreCorruptError(f"'{name}' in {root.store} is a group, expected an array")
+    return node
+
+
+def reset_units(path: Path, units: list[int]) -> None:
+    """Forget `units`: delete their data chunks and marks, and unmark the set complete."""
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name in (*ITEM_DATA, store.MARKS):
+        if name not in root:
+            continue
+        arr = arr_of(root, name)
+        for unit in units:
+            store.chunk_file(path, name, arr, unit).unlink(missing_ok=True)
+    root.attrs["complete"] = False
+
+
+def rewrite_items(path: Path, items: store.Items, names: list[str]) -> None:
+    """Rewrite coordinate/label arrays `names` whole from `items` (allocation-time data)."""
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    fresh = store.item_arrays(items)
+    for name in names:
+        if name not in fresh:
+            raise StoreCorruptError(f"{path}: cannot rebuild '{name}'; re-extract with --overwrite")
+        arr = arr_of(root, name).with_config(FULL)
+        arr[...] = fresh[name]
+
+
+# ------------------------------------------------------------------- claims
+
+
+def claims_dir(path: Path) -> Path:
+    """Where live extracts of the set at `path` leave their claim files."""
+    return path.parent / f".{path.name}.claims"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_claims(path: Path) -> list[dict[str, Any]]:
+    """Claims of other live processes on this set; stale ones (dead pids here) are removed."""
+    here = socket.gethostname()
+    out = []
+    folder = claims_dir(path)
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # half-written by a process that is starting: not a claim yet
+        if info.get("host") == here and info.get("pid") == os.getpid():
+            continue
+        if info.get("host") == here and not _alive(int(info.get("pid", -1))):
+            f.unlink(missing_ok=True)
+            continue
+        out.append({**info, "file": str(f)})
+    return out
+
+
+@contextlib.contextmanager
+def claim(path: Path) -> Iterator[None]:
+    """Mark this process as extracting the set at `path` for the duration."""
+    folder = claims_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    me = folder / f"{socket.gethostname()}-{os.getpid()}.json"
+    me.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+    )
+    try:
+        yield
+    finally:
+        me.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when no other claim is left
+
+
+def refuse_if_busy(path: Path, action: str) -> None:
+    """Raise `StoreBusyError` when another live process works on the set at `path`."""
+    for c in live_claims(path):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(c.get("started", 0))))
+        raise StoreBusyError(
+            f"{path}: pid {c.get('pid')} on {c.get('host')} (since {started}) is extracting "
+            f"this set; {action} would destroy its work. Wait for it or stop it; if that "
+            f"process is gone, delete {c['file']}"
+        )
+
+
+def clean_leftovers(cache: Path) -> list[Path]:
+    """Remove temporary skeletons and sets renamed aside by processes that died here."""
+    removed = []
+    for p in sorted(Path(cache).glob(".*.zarr.*")):
+        tag = p.name.rsplit(".", 1)[-1]
+        pid = tag[3:]
+        if tag[:3] in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

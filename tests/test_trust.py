@@ -1,0 +1,223 @@
+"""Trust the cache: corrupt, delete, truncate, edit, kill, interrupt; never a silent score."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+from conftest import REPO, synth_entry, write_manifest
+from typer.testing import CliRunner
+
+from featstore import integrity, store
+from featstore.errors import FeatstoreError
+from featstore.evaluation import probe_set
+from featstore.extraction import Options
+from featstore.manifest import load_manifest
+from pipelines import extract
+from pipelines.cli import app
+
+runner = CliRunner()
+ARRAYS = ["cls", "patch", "mask", "sample", "slice", "split"]
+
+
+def _run(mpath: Path, **opts):
+    m = load_manifest(mpath)
+    return extract.run(m, Options(progress=False, **opts), baseline=False, echo=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dinov3):
+    """A complete 2D segmentation set of 3 units, and its manifest."""
+    work = tmp_path_factory.mktemp("ref")
+    extra = "batch_size: 4\nunit_items: 4\n"
+    mpath = write_manifest(work, synth_entry("d", "seg2d", n=12), f"['{tiny_dinov3}']", extra=extra)
+    (summary,) = _run(mpath)
+    return mpath, summary.path
+
+
+@pytest.fixture
+def copy(reference, tmp_path):
+    """A private copy of the reference set (and its manifest pointing at the copy)."""
+    mpath, path = reference
+    cache = tmp_path / "cache"
+    shutil.copytree(path, cache / path.name)
+    text = mpath.read_text().replace("cache: cache", f"cache: {cache}")
+    text = text.replace("path: data/d", f"path: {mpath.parent / 'data' / 'd'}")
+    (tmp_path / "m.yaml").write_text(text)
+    return tmp_path / "m.yaml", cache / path.name
+
+
+def _chunk(path: Path, name: str, unit: int) -> Path:
+    chunk = path / name / "c" / str(unit)
+    return chunk if chunk.is_file() else next(p for p in sorted(chunk.rglob("*")) if p.is_file())
+
+
+def _damage(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    if how == "flip":
+        file.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    elif how == "truncate":
+        file.write_bytes(data[: len(data) // 2])
+    else:
+        file.unlink()
+
+
+def _probe(mpath: Path, path: Path):
+    return probe_set(path, load_manifest(mpath).datasets[0])
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("name", ARRAYS)
+def test_damaged_chunk_fails_verify_and_probe(copy, name, how):
+    mpath, path = copy
+    _damage(_chunk(path, name, 1), how)
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1, result.output
+    assert f"FAIL {name} unit 1:" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(FeatstoreError, match=r"verify|repair|extract"):
+        _probe(mpath, path)
+
+
+def _chunks(path: Path) -> dict[str, bytes]:
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+@pytest.mark.parametrize("name", ["cls", "patch", "mask", "split"])
+def test_repair_recomputes_only_bad_units_byte_identical(copy, reference, name):
+    mpath, path = copy
+    _damage(_chunk(path, name, 2), "flip")
+    (cached,) = _run(mpath)
+    assert cached.status == "cached"  # a plain run does not read every chunk
+    (fixed,) = _run(mpath, repair=True)
+    assert fixed.status == "repaired" and fixed.items == (4 if name != "split" else 0)
+    assert integrity.verify(path) == []
+    assert _chunks(path) == _chunks(reference[1])
+
+
+def _edit_attrs(path: Path, edit) -> None:
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    attrs = dict(root.attrs)
+    edit(attrs)
+    root.attrs.put(attrs)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda a: a["preprocess"].update(resolution=64),
+        lambda a: a["identity"]["recipe"].update(resolution=64),
+        lambda a: a.update(skipped={"img0000": "edited"}),
+        lambda a: a["encoder"].update(random_init=True),
+    ],
+    ids=["readable-resolution", "identity", "skipped", "encoder"],
+)
+def test_edited_attributes_are_caught(copy, edit):
+    mpath, path = copy
+    _edit_attrs(path, edit)
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and "FAIL attributes" in result.output, result.output
+    with pytest.raises(FeatstoreError):
+        _probe(mpath, path)
+
+
+def test_consolidated_metadata_that_disagrees_is_caught_and_not_used(copy):
+    mpath, path = copy
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["consolidated_metadata"]["metadata"]["cls"]["shape"][0] = 8
+    (path / "zarr.json").write_text(json.dumps(meta))
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and "FAIL metadata" in result.output, result.output
+    rows = _probe(mpath, path).rows  # reads go by the arrays' own metadata
+    assert rows and all(r["n_test"] > 0 for r in rows)
+
+
+def test_invalid_json_is_a_clear_error(copy):
+    mpath, path = copy
+    (path / "zarr.json").write_text("{ not json")
+    result = runner.invoke(app, ["verify", str(path)])
+    assert (
+        result.exit_code == 1 and "FAIL metadata" in result.output and "zarr.json" in result.output
+    )
+    with pytest.raises(FeatstoreError, match="zarr.json"):
+        _probe(mpath, path)
+    listing = runner.invoke(app, ["ls", str(path.parent)])
+    assert listing.exit_code == 0 and "zarr.json" in listing.output
+
+
+def test_folder_without_root_metadata_is_rebuilt(copy, reference):
+    mpath, path = copy
+    (path / "zarr.json").unlink()  # what a kill during a non-atomic delete left
+    (summary,) = _run(mpath)
+    assert summary.status == "new" and _chunks(path) == _chunks(reference[1])
+
+
+def test_leftovers_of_dead_processes_are_cleaned(copy):
+    mpath, path = copy
+    dead = 2**22 + 17  # no such pid (pid_max is 2**22)
+    for stem in (f".{path.name}.tmp{dead}", f".{path.name}.old{dead}"):
+        (path.parent / stem).mkdir()
+    mine = path.parent / f".{path.name}.tmp{os.getpid()}"  # a live process's: kept
+    mine.mkdir()
+    _run(mpath)
+    assert sorted(p.name for p in path.parent.glob(".*.zarr.*")) == [mine.name]
+
+
+def test_overwrite_refuses_while_another_process_works(copy):
+    mpath, path = copy
+    with integrity.claim(path):  # this process "extracts" the set
+        other = subprocess.run(
+            [str(Path(sys.executable).parent / "featstore"), "extract", "--manifest", str(mpath)]
+            + ["--no-baseline", "--overwrite", "--workers", "0"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert f"pid {os.getpid()}" in other.stderr and "is extracting" in other.stderr
+    assert (path / "zarr.json").is_file()  # nothing deleted
+    integrity.claims_dir(path).mkdir()
+    stale = integrity.claims_dir(path) / "somehost-1.json"
+    stale.write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 17, "started": 0}))
+    (summary,) = _run(mpath, overwrite=True)  # a dead process's claim is taken over
+    assert summary.status == "new" and not list(integrity.claims_dir(path).glob("*.json"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_dinov3, sig):
+    entry = synth_entry("d", "cls3d", n=24, slices=24)
+    mpath = write_manifest(tmp_path, entry, f"['{tiny_dinov3}']", "[64]", "batch_size: 4\n")
+    cmd = [str(Path(sys.executable).parent / "featstore"), "extract", "--manifest", str(mpath)]
+    proc = subprocess.Popen(
+        [*cmd, "--no-baseline", "--workers", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    marks = list((tmp_path / "cache").glob("*.zarr/_featstore/done/c"))
+    while time.time() < deadline and not (marks and any(marks[0].iterdir())):
+        time.sleep(0.01)
+        marks = list((tmp_path / "cache").glob("*.zarr/_featstore/done/c"))
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, out
+    last = out.strip().splitlines()[-1]
+    assert "rerun" in last and "resume" in last, out
+    (path,) = (tmp_path / "cache").glob("*.zarr")
+    assert store.pending_units(path) and integrity.verify(path, require_complete=False) == []
+    (resumed,) = _run(mpath)
+    assert resumed.status == "resumed" and integrity.verify(path) == []
