@@ -7,10 +7,7 @@ writes the whole unit on a background thread, so the forward pass never waits on
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,18 +92,24 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> Batch:
         unit, start, stop = self.batches[k]
         n, r = stop - start, self.pre.resolution
-        pixels = np.zeros((n, 3, r, r), np.float32)
+        pixels = np.empty((n, 3, r, r), np.float32)  # every row is set below
         masks = np.zeros((n, r, r), np.uint8) if self.layout.mask_size else None
         errors: dict[str, str] = {}
-        for j, item in enumerate(range(start, stop)):
-            i, k_slice = self.index[item]
+        j = 0
+        while j < n:  # one copy per run of slices of one sample, not one per item
+            i, first = self.index[start + j]
+            run = min(n - j, self.prep.samples[i].n_items - first)
             got = self._sample(i)
             if got.pixels is None:
                 errors[self.prep.samples[i].id] = str(got.error)
-                continue
-            pixels[j] = got.pixels[k_slice]
-            if masks is not None and got.mask is not None:
-                masks[j] = got.mask[k_slice]
+                pixels[j : j + run] = 0
+                if masks is not None:
+                    masks[j : j + run] = 0
+            else:
+                pixels[j : j + run] = got.pixels[first : first + run]
+                if masks is not None:
+                    masks[j : j + run] = 0 if got.mask is None else got.mask[first : first + run]
+            j += run
         return Batch(unit, start, torch.from_numpy(pixels), masks, errors)
 
 
@@ -127,57 +130,3 @@ def plan_batches(
 def quiet_worker(_: int) -> None:
     """DataLoader `worker_init_fn`: one intra-op thread per decode worker."""
     torch.set_num_threads(1)  # the main process owns the cores for the forward pass
-
-
-class UnitQueue:
-    """Assembles batches into units and writes each whole unit on a background thread,
-    so the next forward pass overlaps the I/O."""
-
-    def __init__(self, path: Path, layout: store.Layout):
-        self.layout = layout
-        self.units = store.UnitWriter(path, layout)
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.nbytes = 0
-        self.parts: dict[int, list] = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    self.nbytes += self.units.write(*job)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                    self.error = exc
-
-    def put(
-        self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
-    ) -> None:
-        """Add one batch; queue the unit for writing once all its items are in.
-
-        Args:
-            unit: the unit the batch belongs to.
-            cls: (B, D) or (B, L, D), in the set's dtype (float16 | float32).
-            patch: (B, rows, cols, D) in the set's dtype, or None without patch tokens.
-            mask: (B, R, R) uint8, or None without masks.
-        """
-        if self.error is not None:
-            raise self.error
-        parts = self.parts.setdefault(unit, [])
-        parts.append((cls, patch, mask))
-        region = self.layout.unit_slice(unit)
-        if sum(len(c) for c, _, _ in parts) == region.stop - region.start:
-            del self.parts[unit]
-            joined = [
-                None if parts[0][j] is None else np.concatenate([p[j] for p in parts])
-                for j in range(3)
-            ]
-            self.q.put((unit, *joined))
-
-    def close(self) -> None:
-        """Wait for every queued unit to be written; re-raise a writer error here."""
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error

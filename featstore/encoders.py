@@ -39,7 +39,8 @@ class FeatureBatch:
     """One forward pass. Shapes never depend on options.
 
     cls:   (B, L, D) float32, final-norm CLS token of the last L blocks (L >= 1).
-    patch: (B, rows, cols, D) float32, last block, register tokens removed.
+    patch: (B, P, rows, cols, D) float32, final-norm patch tokens of P chosen blocks,
+           register tokens removed.
     """
 
     cls: torch.Tensor
@@ -113,14 +114,19 @@ class Encoder:
         return self.info.patch_size
 
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor, layers: int = 1) -> FeatureBatch:
+    def encode(
+        self, pixels: torch.Tensor, layers: int = 1, patch_layers: tuple[int, ...] = (-1,)
+    ) -> FeatureBatch:
         """Forward one batch through the frozen model (or the raw-pixel baseline).
 
         Args:
             pixels: (B, 3, H, W) float32 normalised, H and W multiples of the patch size.
             layers: how many of the last blocks give a CLS token (L).
+            patch_layers: blocks whose patch tokens to return (P of them): -1 the last,
+                -2 the one before, ...; each through the model's final norm.
         Returns:
-            cls (B, L, D) float32 and patch (B, H/p, W/p, D) float32, on the CPU.
+            cls (B, L, D) float32 and patch (B, P, H/p, W/p, D) float32, on the encoder's
+            device (the caller casts and copies them to the host, off the critical path).
         """
         b, _, h, w = pixels.shape
         p = self.patch_size
@@ -128,34 +134,54 @@ class Encoder:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
         pixels = pixels.to(self.device, non_blocking=True)
         if self.model is None:
-            return _pixel_features(pixels, p, layers)
+            return _pixel_features(pixels, p, layers, len(patch_layers))
+        deep = layers > 1 or patch_layers != (-1,)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            out = self.model(pixel_values=pixels, output_hidden_states=layers > 1)
+            out = self.model(pixel_values=pixels, output_hidden_states=deep)
         last = out.last_hidden_state.float()
         start = 1 + self.info.num_register_tokens
-        patch = last[:, start:].reshape(b, h // p, w // p, -1)
-        if layers == 1:
-            cls = last[:, :1]
-        else:
-            # DINOv3 names its final norm `norm`, DINOv2 `layernorm`.
-            norm = self.model.get_submodule("norm" if hasattr(self.model, "norm") else "layernorm")
-            cls = torch.stack([norm(hs[:, 0]).float() for hs in out.hidden_states[-layers:]], 1)
-        return FeatureBatch(cls=cls.cpu(), patch=patch.cpu())
+        if not deep:
+            patch = last[:, None, start:].reshape(b, 1, h // p, w // p, -1)
+            return FeatureBatch(cls=last[:, :1], patch=patch)
+        # DINOv3 names its final norm `norm`, DINOv2 `layernorm`.
+        norm = self.model.get_submodule("norm" if hasattr(self.model, "norm") else "layernorm")
+        blocks = out.hidden_states[1:]  # [0] is the embedding output
+        if max(abs(i) for i in patch_layers) > len(blocks):
+            raise ValueError(
+                f"patch_layers {list(patch_layers)} reach beyond the {len(blocks)} blocks of "
+                f"'{self.info.name}'"
+            )
+        cls = (
+            last[:, :1]
+            if layers == 1
+            else torch.stack([norm(hs[:, 0]).float() for hs in blocks[-layers:]], 1)
+        )
+        patch = torch.stack(
+            [
+                (last if i == -1 else norm(blocks[i]).float())[:, start:].reshape(
+                    b, h // p, w // p, -1
+                )
+                for i in patch_layers
+            ],
+            1,
+        )
+        return FeatureBatch(cls=cls, patch=patch)
 
 
-def _pixel_features(pixels: torch.Tensor, p: int, layers: int) -> FeatureBatch:
+def _pixel_features(pixels: torch.Tensor, p: int, layers: int, patch_layers: int) -> FeatureBatch:
     """Raw-pixel baseline with p*p channels: the whole image pooled to p x p as 'CLS',
-    and each p-px patch's own p*p grey values as its token."""
+    and each p-px patch's own p*p grey values as its token (the same for every layer)."""
     grey = pixels[:, :1].float()
     b, _, h, w = grey.shape
     cls = F.adaptive_avg_pool2d(grey, p).flatten(1)[:, None].expand(-1, layers, -1)
     patch = (
         grey.reshape(b, h // p, p, w // p, p)
         .permute(0, 1, 3, 2, 4)
-        .reshape(b, h // p, w // p, p * p)
+        .reshape(b, 1, h // p, w // p, p * p)
+        .expand(-1, patch_layers, -1, -1, -1)
     )
-    return FeatureBatch(cls=cls.contiguous().cpu(), patch=patch.contiguous().cpu())
+    return FeatureBatch(cls=cls.contiguous(), patch=patch.contiguous())
 
 
 def _from_config(preset: str, spec: dict) -> torch.nn.Module:

@@ -55,3 +55,7 @@ class StopRequested(BaseException):  # noqa: N818 - a signal, not an error
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class FeatureOverflowError(FeatstoreError, FloatingPointError):
+    """The encoder gave NaN/Inf features (float16 storage overflows): store float32."""

@@ -1,37 +1,44 @@
-"""Evaluation: cached feature sets -> scores with intervals (CPU; never torch).
+"""Evaluation: cached feature sets -> scores with intervals (CPU; never an encoder).
 
 For each dataset x encoder x resolution of a manifest (plus the raw-pixel
 baseline) it finds the feature set, fits the probes that fit the task and scores
 the test split with bootstrap intervals. It returns rows; writing them is the
 probe stage's job (`pipelines/probe.py`).
+
+torch is imported (from `featstore.heads`) only for the trainable heads: the dense
+decoder of segmentation sets, `--pool abmil` and `protocol: seed`'s linear probe.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
-from featstore import probes, store
+from featstore import geometry, probes, store
+from featstore import metrics as fm
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.fingerprint import memo_for
 from featstore.identity import SetIdentity, requested
 from featstore.manifest import Dataset, Manifest
-from featstore.metrics import classification_scores, with_intervals
-from featstore.readers import Prepared, prepare
+from featstore.readers import Prepared, Sample, prepare
+from featstore.segmentation import (
+    Examples,
+    item_str,
+    patch_tokens,
+    probe_segmentation,
+    volume_items,
+)
 
 Row = dict[str, Any]
-
-
-def _str(var) -> np.ndarray:
-    """A string coordinate as a plain '<U' array (zarr may hand back StringDType)."""
-    return np.array(np.asarray(var.values).tolist(), dtype=str)
+POOLS = ("mean", "max", "cls+patch", "abmil")  # 3D volume pooling (`--pool`)
 
 
 def _split_arrays(x: np.ndarray, y: np.ndarray, split: np.ndarray):
@@ -39,57 +46,67 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, split: np.ndarray):
 
 
 def _classification(
-    xs: xr.Dataset, ds: Dataset, pool: str, seed: int, knn_metric: str, knn_k: tuple[int, ...]
+    xs: xr.Dataset, ds: Dataset, pool: str, seed: int, protocol: str
 ) -> Iterator[Row]:
-    """Rows (without the set's identity) for linear and kNN probes."""
+    """Rows (without the set's identity) for linear and kNN probes (and ABMIL)."""
     cls = np.asarray(xs.cls.values, np.float64).reshape(xs.sizes["item"], -1)
     label = np.asarray(xs.label.values)
-    split = _str(xs.split)
+    split = item_str(xs.split)
+    n_classes = label.shape[1] if label.ndim == 2 else int(label.max()) + 1
+    extra: dict[str, tuple[str, probes.Prediction]] = {}
     if ds.dims == 3:
-        sample = _str(xs.sample)
-        patch_mean = (
-            np.asarray(xs.patch.mean(("row", "col")).values, np.float64)
-            if pool == "cls+patch" and "patch" in xs
-            else None
-        )
-        ids, cls = probes.pool_volumes(cls, sample, pool, patch_mean)
-        first = {s: i for i, s in reversed(list(enumerate(sample)))}
-        label = label[[first[v] for v in ids]]
-        split = split[[first[v] for v in ids]]
+        sample = item_str(xs.sample)
+        vols = sorted(volume_items(sample, np.asarray(xs.slice.values)), key=lambda v: sample[v[0]])
+        first = np.array([v[0] for v in vols])  # volumes by id, as `pool_volumes` orders them
+        label, split = label[first], split[first]
+        if pool == "abmil":
+            from featstore import heads  # torch: only for this trainable pooling
+
+            bags = [cls[v] for v in vols]
+            mil = heads.fit_abmil(bags, label, split == "train", split == "test", n_classes, seed)
+            cls = np.stack([w @ b for w, b in zip(mil.weights, bags, strict=True)])
+            extra["abmil"] = ("lr", probes.Prediction(mil.proba, mil.lr, mil.seconds))
+        else:
+            patch_mean = (
+                patch_tokens(xs, np.arange(xs.sizes["item"]), last_only=True)
+                .astype(np.float64)
+                .mean((1, 2))
+                if pool == "cls+patch" and "patch" in xs
+                else None
+            )
+            _, cls = probes.pool_volumes(cls, sample, pool, patch_mean)
     if not np.isfinite(cls).all():
         raise ProbeError("features contain NaN/Inf; run `featstore verify` on the set")
     (xtr, ytr), (xva, yva), (xte, yte) = _split_arrays(cls, label, split)
     if len(yte) == 0:
         raise ProbeError("the test split is empty")
-    n_classes = label.shape[1] if label.ndim == 2 else int(label.max()) + 1
-    runs = {
-        "linear": ("C", probes.linear_probe(xtr, ytr, xva, yva, xte, n_classes, seed=seed)),
-        "knn": (
-            "k",
-            probes.knn_probe(
-                xtr,
-                ytr,
-                xva,
-                yva,
-                xte,
-                n_classes,
-                metric=knn_metric,
-                grid=knn_k,
-            ),
-        ),
-    }
+    if protocol == "seed":
+        from featstore import heads  # torch: the paper's BCE-trained linear layer
+
+        probes.check_split(ytr, "train")
+        t0 = time.perf_counter()
+        proba = heads.seed_linear(xtr, ytr, xte, n_classes, seed)
+        linear = ("lr", probes.Prediction(proba, heads.SEED_LR, time.perf_counter() - t0))
+    else:
+        linear = ("C", probes.linear_probe(xtr, ytr, xva, yva, xte, n_classes, seed=seed))
+    metric, grid = ("euclidean", (11,)) if protocol == "medmnist+" else ("cosine", probes.K_GRID)
+    knn = probes.knn_probe(
+        xtr, ytr, xva, yva, xte, n_classes, metric=metric, grid=grid, per_label=protocol == "seed"
+    )
+    runs = {"linear": linear, "knn": ("k", knn), **extra}
     for name, (pname, pred) in runs.items():
 
         def score(i: np.ndarray, p: probes.Prediction = pred) -> dict[str, float]:
-            return classification_scores(yte[i], p.proba[i])
+            return fm.classification_scores(yte[i], p.proba[i])
 
-        for metric, (v, lo, hi) in with_intervals(score, len(yte), seed).items():
+        for metric_name, (v, lo, hi) in fm.with_intervals(score, len(yte), seed).items():
             yield dict(
                 probe=name,
-                metric=metric,
+                metric=metric_name,
                 value=v,
                 ci_low=lo,
                 ci_high=hi,
+                unit="",
                 n_train=len(ytr),
                 n_val=len(yva),
                 n_test=len(yte),
@@ -97,18 +114,6 @@ def _classification(
                 param=pred.param,
                 fit_seconds=round(pred.seconds, 3),
             )
-
-
-@dataclass(frozen=True)
-class Examples:
-    """A few test predictions of a segmentation head, for the report.
-
-    item: (n,) item indices into the set; pred, truth: (n, R, R) uint8 label maps.
-    """
-
-    item: np.ndarray
-    pred: np.ndarray
-    truth: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -121,94 +126,32 @@ class SetResult:
     examples: Examples | None = None
 
 
-def _segmentation(xs: xr.Dataset, ds: Dataset, seed: int) -> tuple[list[Row], Examples]:
-    """Rows for the linear segmentation head, and a few test predictions."""
-    split = _str(xs.split)
-    sample = _str(xs.sample)
-    idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-    per_item = max(1, xs.sizes["row"] * xs.sizes["col"])
-    rng = np.random.default_rng(seed)
-    tr = idx["train"]
-    if len(tr) * per_item > 4 * probes.SEG_MAX_PATCHES:  # read only what the head will see
-        tr = np.sort(rng.choice(tr, 4 * probes.SEG_MAX_PATCHES // per_item, replace=False))
-    mask = xs.mask
-    n_classes = len(ds.classes) if ds.classes else int(mask.max().values) + 1
-    patch_tr = np.asarray(xs.patch[tr].values, np.float32)
-    patch_va = np.asarray(xs.patch[idx["val"]].values, np.float32)
-    mask_va = np.asarray(mask[idx["val"]].values)
-    head = probes.seg_probe(
-        patch_tr,
-        np.asarray(mask[tr].values),
-        patch_va,
-        mask_va,
-        sample[idx["val"]],
-        n_classes,
-        seed=seed,
-    )
-    te = idx["test"]
-    if len(te) == 0:
-        raise ProbeError("the test split is empty")
-    pred = np.concatenate(
-        [
-            head.predict(np.asarray(xs.patch[te[s : s + 256]].values), mask.shape[-1])
-            for s in range(0, len(te), 256)
-        ]
-    )
-    truth = np.asarray(mask[te].values)
-    dice, iou = probes.per_volume_scores(pred, truth, sample[te], n_classes)
-    # Examples for the report: per test volume (first 3), its slice with most foreground.
-    shown = [
-        int(np.flatnonzero(sample[te] == v)[np.argmax((truth[sample[te] == v] > 0).sum((1, 2)))])
-        for v in list(dict.fromkeys(sample[te]))[:3]
-    ]
-    examples = Examples(item=te[shown], pred=pred[shown], truth=truth[shown])
-    names = list(ds.classes[1:]) if ds.classes else [str(c) for c in range(1, n_classes)]
-
-    def scores(i: np.ndarray) -> dict[str, float]:
-        with np.errstate(all="ignore"):
-            out = {
-                "dice": float(np.nanmean(np.nanmean(dice[i], 1))),
-                "iou": float(np.nanmean(np.nanmean(iou[i], 1))),
-            }
-            for c, name in enumerate(names):
-                out[f"dice:{name}"] = float(np.nanmean(dice[i, c]))
-        return out
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples of a rare class
-        result = with_intervals(scores, len(dice), seed)
-    n_vol = {s: len(np.unique(sample[idx[s]])) for s in idx}
-    rows = [
-        dict(
-            probe="seg-linear",
-            metric=metric,
-            value=v,
-            ci_low=lo,
-            ci_high=hi,
-            n_train=n_vol["train"],
-            n_val=n_vol["val"],
-            n_test=n_vol["test"],
-            param_name="C",
-            param=head.param,
-            fit_seconds=round(head.seconds, 3),
-        )
-        for metric, (v, lo, hi) in result.items()
-    ]
-    return rows, examples
-
-
 def probe_set(
-    path: Path, ds: Dataset, pool: str = "mean", seed: int = 0, protocol: str = "default"
+    path: Path,
+    ds: Dataset,
+    pool: str = "mean",
+    seed: int = 0,
+    protocol: str = "default",
+    samples: Sequence[Sample] | None = None,
 ) -> SetResult:
     """Every probe that fits `ds.task`, on the feature set at `path`.
 
-    protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote).
-    A chunk that fails its checksum while being read is a `StoreCorruptError`, never
-    a score.
+    protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote);
+    "seed" trains the paper's linear layer (BCE, lr 0.005, batch 1024, 50 epochs) and
+    runs kNN per label of a multi-label set. `samples` (the dataset's listing) lets
+    segmentation find each image's spacing for HD95 in mm (`featstore.geometry`);
+    without it HD95 is in pixels. A chunk that fails its checksum while being read is
+    a `StoreCorruptError`, never a score.
     """
+    if pool not in POOLS:
+        raise ProbeError(f"unknown pooling '{pool}'; use {', '.join(POOLS)}")
     xs = store.open_set(path)
     try:
-        return _probe_open_set(path, xs, ds, pool, seed, protocol)
+        # One BLAS/OpenMP thread: the probes' matrices are small, and on a shared CPU
+        # multi-threaded OpenBLAS spin-waits (a 1.7 s linear segmentation fit took 69 s
+        # on this project's 2-core machine while another test run was going).
+        with threadpool_limits(limits=1):
+            return _probe_open_set(path, xs, ds, pool, seed, protocol, samples)
     except (ValueError, RuntimeError, OSError) as exc:
         if isinstance(exc, FeatstoreError) or not _from_storage(exc):
             raise
@@ -227,11 +170,17 @@ def _from_storage(exc: BaseException) -> bool:
 
 
 def _probe_open_set(
-    path: Path, xs: xr.Dataset, ds: Dataset, pool: str, seed: int, protocol: str
+    path: Path,
+    xs: xr.Dataset,
+    ds: Dataset,
+    pool: str,
+    seed: int,
+    protocol: str,
+    samples: Sequence[Sample] | None,
 ) -> SetResult:
     ident = SetIdentity.from_attrs(xs.attrs["identity"])  # checked against the key on open
     assert ident.weights is not None
-    sample = _str(xs.sample)
+    sample = item_str(xs.sample)
     listed = np.isin(sample, list(xs.attrs.get("skipped", {})))
     cls = np.asarray(xs.cls.values, np.float32).reshape(len(sample), -1)
     nan = ~np.isfinite(cls).all(1)
@@ -255,10 +204,20 @@ def _probe_open_set(
     )
     examples = None
     if ds.task == "segmentation":
-        found, examples = _segmentation(xs, ds, seed)
+        spacing = None
+        if samples is not None:
+            coords = {
+                str(n): np.asarray(c.values)
+                for n, c in xs.coords.items()
+                if c.dims == ("item",) and n not in ("sample", "slice", "split")
+            }
+            fit = ident.preprocess().fit
+            spacing = geometry.grid_spacing(
+                ds, samples, coords, item_str(xs.sample), xs.sizes["y"], fit
+            )
+        found, examples = probe_segmentation(xs, ds, seed, spacing)
     else:
-        knn = ("euclidean", (11,)) if protocol == "medmnist+" else ("cosine", probes.K_GRID)
-        found = list(_classification(xs, ds, pool, seed, *knn))
+        found = list(_classification(xs, ds, pool, seed, protocol))
     return SetResult(path, key, [{**row_ident, **row} for row in found], examples)
 
 
@@ -319,7 +278,7 @@ def probe_manifest(
             out.problems.append(_missing(where, manifest, ds, spec, res, src))
             continue
         try:
-            result = probe_set(path, ds, pool, seed, manifest.protocol)
+            result = probe_set(path, ds, pool, seed, manifest.protocol, prep.samples)
         except FeatstoreError as exc:
             out.problems.append(f"{where}: {exc}")
             continue

@@ -23,19 +23,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from featstore import integrity, store
-from featstore.batches import Batches, UnitQueue, plan_batches, quiet_worker
+from featstore.batches import Batches, plan_batches, quiet_worker
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import (
     BadInputError,
     FeatstoreError,
+    FeatureOverflowError,
     Interrupted,
     StopRequested,
     StoreCorruptError,
 )
 from featstore.fingerprint import memo_for
-from featstore.identity import SetIdentity, requested
+from featstore.identity import EncoderInfo, SetIdentity, requested
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
+from featstore.writer import Check, UnitQueue
 
 Status = Literal["cached", "new", "resumed", "repaired"]
 
@@ -50,6 +52,8 @@ class Options:
     skip_bad: bool = False  # record unreadable samples and go on
     shard: tuple[int, int] = (0, 1)  # work on units u with u % n == i
     num_workers: int | None = None  # decode workers (None: 1 on CPU, up to 4 on GPU)
+    writers: int = 2  # writer threads: units compressed and written at once
+    threads: int | None = None  # torch threads for a CPU forward pass (None: all cores)
     progress: bool = True
 
 
@@ -66,15 +70,17 @@ class Summary:
     mbytes: float
     path: Path
     skipped: int = 0
+    set_mb: float = 0.0  # the whole set, uncompressed (what its layout costs)
 
     def line(self) -> str:
-        """One line for the console: status, cell, items, rate, MB written, path."""
+        """One line for the console: status, cell, items, rate, MB written, set size, path."""
         rate = self.items / self.seconds if self.seconds > 0 else float("inf")
         skip = f", {self.skipped} skipped" if self.skipped else ""
         return (
-            f"{self.status:>7}  {self.dataset} / {self.encoder} @ {self.resolution}px: "
+            f"{self.status:>8}  {self.dataset} / {self.encoder} @ {self.resolution}px: "
             f"{self.items} items in {self.seconds:.1f}s ({rate:.1f} items/s), "
-            f"{self.mbytes:.1f} MB written{skip} -> {self.path}"
+            f"{self.mbytes:.1f} MB written{skip} (set: {self.set_mb:.0f} MB uncompressed)"
+            f" -> {self.path}"
         )
 
 
@@ -153,16 +159,29 @@ def _repair(path: Path, prep: Prepared) -> bool:
     return False
 
 
-def _checked(arr: np.ndarray, bad: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
-    """NaN for skipped items; any other NaN/Inf is an error (float16 overflow)."""
-    if not np.isfinite(arr[~bad]).all():
-        rows = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1) & ~bad)
-        raise FloatingPointError(
-            f"the encoder gave NaN/Inf {what} features for {sorted(set(ids[rows]))[:5]}; "
-            "with float16 storage this is an overflow: set `dtype: float32` in the manifest"
-        )
-    arr[bad] = np.nan
-    return arr
+def _checker(ids: np.ndarray, layout: store.Layout) -> Check:
+    """NaN rows for skipped items; any other NaN/Inf is an error (float16 overflow)."""
+
+    def check(arr: np.ndarray, bad: np.ndarray, unit: int, what: str) -> np.ndarray:
+        finite = np.isfinite(arr.reshape(len(arr), -1)).all(1)
+        if not finite[~bad].all():
+            names = ids[layout.unit_slice(unit)][~finite & ~bad]
+            raise FeatureOverflowError(
+                f"the encoder gave NaN/Inf {what} features for {sorted(set(names))[:5]}; "
+                "with float16 storage this is an overflow: set `dtype: float32` in the manifest"
+            )
+        arr[bad] = np.nan
+        return arr
+
+    return check
+
+
+def _pooled(patch: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, P, rows, cols, D) -> (B, P, rows/k, cols/k, D), the mean of each k x k block."""
+    if k == 1:
+        return patch
+    b, p, r, c, d = patch.shape
+    return patch.reshape(b, p, r // k, k, c // k, k, d).mean((3, 5))
 
 
 def _encode_units(
@@ -191,7 +210,7 @@ def _encode_units(
         prefetch_factor=2 if workers else None,
     )
     ids_all = np.asarray([prep.samples[i].id for i, _ in prep.index])
-    writer = UnitQueue(path, layout)
+    writer = UnitQueue(path, layout, _checker(ids_all, layout), opts.writers, encoder.device)
     skipped: dict[str, str] = {}
     n_items = sum(stop - start for _, start, stop in batches)
     desc = f"{prep.ds.name} / {encoder.info.label} @ {r.resolution}px"
@@ -201,22 +220,26 @@ def _encode_units(
             if batch.errors and not opts.skip_bad:
                 raise BadInputError(next(iter(batch.errors.values())))
             skipped.update(batch.errors)
-            fb = encoder.encode(batch.pixels, r.layers)
+            fb = encoder.encode(batch.pixels, r.layers, r.patch_layers)
             ids = ids_all[batch.start : batch.start + len(batch.pixels)]
             bad = np.isin(ids, list(batch.errors))
-            cls = fb.cls.numpy().astype(r.dtype)
-            patch = fb.patch.numpy().astype(r.dtype) if layout.rows else None
-            writer.put(
-                batch.unit,
-                _checked(cls[:, 0] if layout.layers == 1 else cls, bad, ids, "cls"),
-                None if patch is None else _checked(patch, bad, ids, "patch"),
-                batch.masks,
-            )
+            cls = fb.cls[:, 0] if layout.layers == 1 else fb.cls
+            patch = None
+            if layout.rows:
+                patch = _pooled(fb.patch, r.patch_pool)
+                patch = patch[:, 0] if layout.patch_layers == 1 else patch
+            writer.put(batch.unit, cls, patch, batch.masks, bad)
             bar.update(len(batch.pixels))
     finally:
         bar.close()
         writer.close()
     return n_items, writer.nbytes / 1e6, skipped
+
+
+# Encodes and writes the given units of an allocated set: (items, MB written, skipped).
+UnitRunner = Callable[
+    [SetIdentity, Path, store.Layout, list[int]], tuple[int, float, dict[str, str]]
+]
 
 
 def extract_one(
@@ -227,37 +250,60 @@ def extract_one(
     manifest: Manifest,
     opts: Options = Options(),
 ) -> Summary:
-    """Make (or find, or finish) one feature set and return what was done."""
+    """Make (or find, or finish) one feature set in this process; return what was done."""
+
+    def run(
+        ident: SetIdentity, path: Path, layout: store.Layout, units: list[int]
+    ) -> tuple[int, float, dict[str, str]]:
+        return _encode_units(prep, encoder, ident, path, layout, units, manifest.batch_size, opts)
+
+    return extract_set(prep, encoder.info, spec, resolution, manifest, opts, run)
+
+
+def extract_set(
+    prep: Prepared,
+    info: EncoderInfo,
+    spec: str,
+    resolution: int,
+    manifest: Manifest,
+    opts: Options,
+    run_units: UnitRunner,
+) -> Summary:
+    """Allocate, resume or find the set of one cell; `run_units` computes the pending
+    units of this shard (here, or as tasks on a cluster); then verify and finish."""
     t0 = time.perf_counter()
-    p = encoder.patch_size
+    p = info.patch_size
     if resolution % p:
         raise BadInputError(
             f"resolution {resolution} is not a multiple of the patch size {p} "
-            f"of '{encoder.info.name}'; use e.g. {resolution // p * p or p}"
+            f"of '{info.name}'; use e.g. {resolution // p * p or p}"
         )
-    ident = requested(prep.ds, manifest, prep.fingerprint, spec, resolution)
-    ident = ident.with_weights(encoder.info)
+    ident = requested(prep.ds, manifest, prep.fingerprint, spec, resolution).with_weights(info)
     items = items_of(prep)
     n_classes = (
         -1 if items.labels is None else (items.labels.shape[1] if items.labels.ndim == 2 else 0)
     )
     layout = store.layout_for(
-        ident, len(items.sample), n_classes, manifest.batch_size, manifest.unit_items
+        ident,
+        len(items.sample),
+        n_classes,
+        manifest.batch_size,
+        manifest.unit_items,
+        manifest.codec,
     )
     path = store.store_path(manifest.cache, ident.key())
+    set_mb = layout.n_items * layout.item_bytes / 1e6
     integrity.clean_leftovers(manifest.cache)
-    name = (prep.ds.name, encoder.info.label, resolution)
+    name = (prep.ds.name, info.label, resolution)
     with integrity.claim(path):
         status = _open_or_allocate(path, ident, layout, prep, opts)
         if status == "cached":
-            return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path)
+            return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path, 0, set_mb)
         i, n = opts.shard
         units = [u for u in store.pending_units(path) if u % n == i]
         store.discard_partials(path, units)
         try:
-            n_items, mbytes, skipped = _encode_units(
-                prep, encoder, ident, path, layout, units, manifest.batch_size, opts
-            )
+            n_items, mbytes, skipped = run_units(ident, path, layout, units)
         except (KeyboardInterrupt, StopRequested) as exc:
             raise _interrupted(path, exc) from None
         except OSError as exc:
@@ -268,7 +314,7 @@ def extract_one(
         if not store.pending_units(path):
             integrity.finish(path)
     seconds = time.perf_counter() - t0
-    return Summary(*name, status, n_items, seconds, mbytes, path, len(skipped))
+    return Summary(*name, status, n_items, seconds, mbytes, path, len(skipped), set_mb)
 
 
 def _interrupted(path: Path, exc: BaseException) -> Interrupted:
@@ -283,8 +329,7 @@ def _interrupted(path: Path, exc: BaseException) -> Interrupted:
 
 
 def _disk_full(cache: Path, path: Path, layout: store.Layout) -> FeatstoreError:
-    per_item = layout.channels * np.dtype(layout.dtype).itemsize * max(1, layout.rows * layout.cols)
-    need = layout.n_items * (per_item + layout.mask_size**2) / 1e6
+    need = layout.n_items * layout.item_bytes / 1e6
     free = shutil.disk_usage(cache).free / 1e6
     return FeatstoreError(
         f"the cache folder {cache} is full (no space left on device) while writing "
@@ -320,7 +365,7 @@ def extract_manifest(
                 "weights found); its feature sets and results are marked random_init"
             )
         if encoder.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(opts.threads or len(os.sched_getaffinity(0)))
         for ds, _, res in (c for c in cells if c[1] == spec):
             summary = extract_one(prepared[ds.name], encoder, spec, res, manifest, opts)
             echo(summary.line())

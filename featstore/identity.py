@@ -87,6 +87,9 @@ class Recipe:
     layers: int
     dtype: str
     patch: bool
+    patch_layers: tuple[int, ...] = (-1,)  # blocks whose patch tokens are stored
+    patch_pool: int = 1  # patch tokens average-pooled k x k
+    quantize: str = "none"  # "int8": patch tokens as int8 x per-channel scale
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -105,6 +108,9 @@ class Recipe:
             layers=manifest.layers,
             dtype=manifest.dtype,
             patch=manifest.patch,
+            patch_layers=manifest.patch_layers,
+            patch_pool=manifest.patch_pool,
+            quantize=manifest.quantize,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +119,7 @@ class Recipe:
         out["intensity"] = self.intensity.model_dump()
         out["mask_map"] = [list(p) for p in self.mask_map]
         out["metadata"] = [list(p) for p in self.metadata]
+        out["patch_layers"] = list(self.patch_layers)
         return out
 
     @classmethod
@@ -124,6 +131,7 @@ class Recipe:
                 "intensity": Intensity(**d["intensity"]),
                 "mask_map": tuple((int(k), int(v)) for k, v in d["mask_map"]),
                 "metadata": tuple((str(k), str(v)) for k, v in d["metadata"]),
+                "patch_layers": tuple(d.get("patch_layers", (-1,))),
             }
         )
 

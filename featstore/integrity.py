@@ -28,7 +28,7 @@ from zarr.core.array_spec import ArrayConfigParams
 from featstore import store
 from featstore.errors import StoreBusyError, StoreCorruptError
 
-ITEM_DATA = ("cls", "patch", "mask")  # written per unit by the encoder loop
+ITEM_DATA = store.ITEM_DATA  # written per unit by the encoder loop
 FULL: ArrayConfigParams = {"write_empty_chunks": True}
 
 
@@ -120,7 +120,7 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
             except Exception as exc:  # noqa: BLE001 - any decoder failure is damage to report
                 out.append(Damage(name, unit, _decode_reason(exc)))
                 continue
-            if values and name in ("cls", "patch"):
+            if values and name in ("cls", "patch", "patch_scale"):
                 bad = ~np.isfinite(block.reshape(len(block), -1).astype(np.float32)).all(1)
                 if skipped and bad.any():
                     if samples is None:

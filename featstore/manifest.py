@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from featstore.errors import ManifestError
 
@@ -23,10 +24,41 @@ Task = Literal["classification", "multilabel", "segmentation"]
 Fit = Literal["resize", "pad"]  # pad: small images centred on a zero canvas
 SPLITS = ("train", "val", "test")
 DEFAULT_CACHE = "cache/features"
+# Bounds checked before anything is allocated: a typo (224000) must not reach
+# `np.empty((n, 3, r, r))` or a zarr allocation.
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
+MAX_BATCH_SIZE = 4096
+MAX_LABEL = 65535  # largest class id without `classes:` (ids must fit the stored int64 and a probe)
+# A manifest is a few KB; these refuse a hostile file before it costs memory or time.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # values in the document with every alias expanded (billion laughs)
+MAX_YAML_DEPTH = 32  # nesting (PyYAML composes recursively)
+# Names a feature set already uses for its variables, coordinates and dimensions: a
+# `metadata:` coordinate of the same name would overwrite them (e.g. the splits).
+RESERVED = {"item", "sample", "slice", "split", "label", "cls", "patch", "mask", "channel"}
+RESERVED |= {"layer", "patch_layer", "row", "col", "class", "y", "x"}
+
+
+_COORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    # allow_inf_nan: `.nan` passes every `<`/`>` check, e.g. ratios [.nan, .nan, .nan]
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False
+    )
+
+
+def _check_resolutions(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or not all(MIN_RESOLUTION <= r <= MAX_RESOLUTION for r in v):
+        raise ValueError(
+            f"resolutions must be a non-empty list of sizes from {MIN_RESOLUTION} to "
+            f"{MAX_RESOLUTION}, e.g. [224]"
+        )
+    return v
+
+
+Resolutions = Annotated[tuple[int, ...], AfterValidator(_check_resolutions)]
 
 
 class Intensity(_Frozen):
@@ -56,7 +88,7 @@ class Splits(_Frozen):
 
     from_: Literal["column"] | None = Field(default=None, alias="from")
     ratios: tuple[float, float, float] | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # numpy's default_rng refuses negative seeds
 
     @model_validator(mode="after")
     def _check(self) -> Splits:
@@ -86,15 +118,29 @@ class GlobIndex(_Frozen):
     join: str | None = None
     key: str = "filename"  # (not `on`: YAML 1.1 reads a bare `on` as true)
 
+    @model_validator(mode="after")
+    def _check(self) -> GlobIndex:
+        if self.mask is not None:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.mask) if f is not None}
+            except ValueError as exc:  # an unmatched "{" or "}"
+                fields = {f"({exc})"}
+            if not fields <= {"name", "stem"}:
+                raise ValueError(
+                    f"mask template {self.mask!r} may use only {{name}} and {{stem}}, e.g. "
+                    "'../labelsTr/{name}'"
+                )
+        return self
+
 
 class Synthetic(_Frozen):
     """A generated dataset (written as real PNG/CSV or NIfTI files on first use)."""
 
     kind: Literal["cls2d", "seg2d", "cls3d", "seg3d"]
-    n: int = Field(default=60, ge=6)
-    size: int = Field(default=64, ge=16)
-    slices: int = Field(default=24, ge=1)
-    seed: int = 0
+    n: int = Field(default=60, ge=6, le=100_000)
+    size: int = Field(default=64, ge=16, le=MAX_RESOLUTION)
+    slices: int = Field(default=24, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0)
 
 
 class Dataset(_Frozen):
@@ -110,16 +156,29 @@ class Dataset(_Frozen):
     intensity: Intensity = Intensity()
     splits: Splits | None = None  # None: from the data (CSV `split` column, npz keys)
     slice_axis: Literal["axial", "coronal", "sagittal"] = "axial"
-    classes: tuple[str, ...] | None = None  # optional class names, index = label id
+    classes: tuple[str, ...] | None = Field(default=None, min_length=1)  # index = label id
     fit: Fit = "resize"
     fill_outlines: bool = False  # masks given as closed outlines: fill them per slice
     metadata: dict[str, str] = {}  # index column -> coordinate name kept on `item`
     mask_map: dict[int, int] = {}  # mask value -> class id, e.g. {255: 1} for 0/255 masks
-    resolutions: tuple[int, ...] | None = None  # overrides the top-level list for this set
+    resolutions: Resolutions | None = None  # overrides the top-level list for this set
     synthetic: Synthetic | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Dataset:
+        bad = {k: v for k, v in self.mask_map.items() if not (0 <= k <= 255 and 0 <= v <= 255)}
+        if bad:
+            raise ValueError(f"mask_map values and class ids must be in 0..255; got {bad}")
+        names = list(self.metadata.values())
+        clash = sorted(
+            {n for n in names if n in RESERVED or names.count(n) > 1 or not _COORD.match(n)}
+        )
+        if clash:
+            raise ValueError(
+                f"metadata coordinate names {clash} are reserved ({', '.join(sorted(RESERVED))}), "
+                "repeated, or not a plain name (letters, digits, _.-); rename them, e.g. "
+                "{site: site_id}"
+            )
         if (self.format == "synthetic") != (self.synthetic is not None):
             raise ValueError(
                 "format 'synthetic' goes with a `synthetic: {kind: cls2d|seg2d|cls3d|"
@@ -140,13 +199,25 @@ class Dataset(_Frozen):
         return self
 
 
+def _blocks(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or len(set(v)) != len(v) or max(v) >= 0 or min(v) < -64:
+        raise ValueError(
+            "patch_layers must be distinct negative block indices counted from the "
+            "end, e.g. [-4, -3, -2, -1] (-1 = the last block)"
+        )
+    return tuple(sorted(v))
+
+
+PatchLayers = Annotated[tuple[int, ...], AfterValidator(_blocks)]
+
+
 class Study(_Frozen):
     """A grid of encoders x resolutions over some datasets (all when `datasets` is empty)."""
 
     name: str
     datasets: tuple[str, ...] = ()
     encoders: tuple[str, ...]
-    resolutions: tuple[int, ...]
+    resolutions: Resolutions
 
 
 class Manifest(_Frozen):
@@ -154,29 +225,33 @@ class Manifest(_Frozen):
 
     cache: Path = Path(DEFAULT_CACHE)
     encoders: tuple[str, ...] = ("dinov3-vits16",)
-    resolutions: tuple[int, ...] = (224,)
+    resolutions: Resolutions = (224,)
     dtype: Literal["float16", "float32"] = "float16"
-    layers: int = Field(default=1, ge=1)  # CLS of the last N blocks (N > 1 adds a `layer` dim)
+    # CLS of the last N blocks (N > 1 adds a `layer` dim); ViT-7B has 40 blocks
+    layers: int = Field(default=1, ge=1, le=64)
     patch: bool = True  # store patch tokens
-    batch_size: int = Field(default=32, ge=1)
+    # Fewer bytes where the user chooses: patch tokens average-pooled k x k, and/or
+    # stored as int8 with a per-item, per-channel scale (both part of a set's identity).
+    # Blocks whose patch tokens to store: -1 the last (default), -4 the fourth from the
+    # end, ...; several add a `patch_layer` dimension (dense heads read them all).
+    patch_layers: PatchLayers = (-1,)
+    patch_pool: int = Field(default=1, ge=1, le=16)
+    quantize: Literal["none", "int8"] = "none"
+    batch_size: int = Field(default=32, ge=1, le=MAX_BATCH_SIZE)
     # Items per storage chunk = unit of work and of resume, rounded up to whole batches
     # and capped at ~64 MB of patch tokens. Few large chunks read much faster.
-    unit_items: int = Field(default=256, ge=1)
+    unit_items: int = Field(default=256, ge=1, le=1_000_000)
+    # Compressor of cls/patch/mask chunks (every chunk also carries a crc32c checksum).
+    # Features compress only ~1.1-1.3x; see benchmarks/codecs.py for speed and ratio.
+    codec: Literal["none", "lz4", "zstd-1", "zstd-3"] = "lz4"
     # medmnist+: small images zero-padded (fit: pad) and kNN with k=11, Euclidean
     # distance, majority vote (Doerrich et al. 2024), beside the default probes.
-    protocol: Literal["default", "medmnist+"] = "default"
+    protocol: Literal["default", "medmnist+", "seed"] = "default"
     # The raw-pixel baseline run beside every encoder: `pixels` (16-px patches, as
     # the DINOv3 presets) or `pixels:<patch>`; null to leave it out.
     baseline: str | None = Field(default="pixels", pattern=r"^pixels(:\d+)?$")
     datasets: tuple[Dataset, ...]
     studies: tuple[Study, ...] = ()  # without studies: one grid, encoders x resolutions
-
-    @field_validator("resolutions")
-    @classmethod
-    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or min(v) < 16:
-            raise ValueError("resolutions must be a non-empty list of sizes >= 16, e.g. [224]")
-        return v
 
     @model_validator(mode="after")
     def _unique(self) -> Manifest:
@@ -249,6 +324,13 @@ class Manifest(_Frozen):
             update["studies"] = tuple(chosen)
         if encoders or resolutions:
             update["studies"] = ()
+        try:
+            _check_resolutions(tuple(resolutions) or self.resolutions)
+        except ValueError:
+            raise ManifestError(
+                f"--resolution {list(resolutions)}: each size must be from "
+                f"{MIN_RESOLUTION} to {MAX_RESOLUTION} (a multiple of the patch size), e.g. 224"
+            ) from None
         chosen_ds = tuple(self.dataset(n) for n in datasets) if datasets else self.datasets
         if resolutions:
             chosen_ds = tuple(d.model_copy(update={"resolutions": None}) for d in chosen_ds)
@@ -263,7 +345,8 @@ class Manifest(_Frozen):
 def _where(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     """'dataset 'x', field 'intensity.mode'' from a pydantic error location."""
     if len(loc) >= 2 and loc[0] == "datasets" and isinstance(loc[1], int):
-        items = raw.get("datasets") or []
+        items = raw.get("datasets")
+        items = items if isinstance(items, list) else []  # (a YAML !!set validates too)
         name = (
             items[loc[1]].get("name", f"#{loc[1] + 1}")
             if loc[1] < len(items) and isinstance(items[loc[1]], dict)
@@ -305,7 +388,9 @@ def _explain(err: ValidationError, raw: dict[str, Any], source: Path) -> Manifes
             lines.append(f"{where}: required but missing; add it (see README, 'The manifest')")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            got = got if len(got) <= 120 else got[:100] + " ..."
+            lines.append(f"{where}: {msg} (got {got})")
     return ManifestError(f"{source}: invalid manifest\n  " + "\n  ".join(lines))
 
 
@@ -313,6 +398,120 @@ def _expand(text: str) -> str:
     """$VAR, ${VAR} and ${VAR:-default} from the environment."""
     text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1]) or m[2], text)
     return os.path.expandvars(text)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader bounded in nesting depth (PyYAML composes recursively)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(
+                    f"nested deeper than {MAX_YAML_DEPTH} levels (line {self.line + 1}); "
+                    "a manifest needs a handful"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _strict(construct: Any) -> Any:
+    """A scalar constructor whose failures are YAML errors: PyYAML's own raise ValueError
+    (`!!int x`, `2001-02-30`), IndexError (`!!int ""`), KeyError (`!!bool maybe`),
+    AttributeError (`!!timestamp x`)."""
+
+    def wrapped(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r} as {node.tag}", node.start_mark
+            ) from None
+
+    return wrapped
+
+
+for _kind in ("int", "float", "bool", "null", "timestamp", "binary"):
+    _tag = f"tag:yaml.org,2002:{_kind}"
+    _Loader.add_constructor(_tag, _strict(yaml.SafeLoader.yaml_constructors[_tag]))
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values `root` holds with every alias expanded, capped at MAX_YAML_NODES + 1.
+
+    An alias is the same node object as its anchor, so sizes are memoised per node: a
+    "billion laughs" costs its few real nodes here, not its 10^9 expanded ones (which
+    pydantic would walk, for minutes and gigabytes). A cycle (`&a [*a]`) is infinite.
+    """
+    cap = MAX_YAML_NODES + 1
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # nodes entered but not finished: the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        if finished:
+            open_.discard(id(node))
+            size[id(node)] = min(cap, 1 + sum(size[id(k)] for k in kids))
+        elif id(node) in open_:
+            return cap  # an alias to one of its own ancestors
+        elif id(node) not in size:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in size)
+    return size[id(root)]
+
+
+def _parse_yaml(source: Path) -> Any:
+    """The manifest's YAML, refused (ManifestError naming the file) when it is not a small
+    UTF-8 YAML document: binary garbage, a huge file, an alias bomb or deep nesting."""
+    try:
+        with source.open("rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(f"{source}: cannot read the manifest ({exc})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{source}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a small "
+            "YAML file (see README, 'The manifest'): is this the right file?"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"{source}: not a text file (byte {exc.start} is not UTF-8); "
+            "pass --manifest PATH to the YAML manifest"
+        ) from None
+    try:
+        loader = _Loader(text)  # checks the characters already
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node) > MAX_YAML_NODES:
+                raise ManifestError(
+                    f"{source}: more than {MAX_YAML_NODES} values once its aliases (*name) "
+                    "are expanded, or an alias refers to itself; write the manifest out "
+                    "without such aliases"
+                )
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+
+
+def _exists(path: Path, file: bool = False) -> bool:
+    """Path.exists/is_file, False for names the OS refuses (NUL bytes, over-long names)."""
+    try:
+        return path.is_file() if file else path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def load_manifest(
@@ -324,12 +523,9 @@ def load_manifest(
     the manifest's `cache:` key, `cache/features`.
     """
     source = Path(path)
-    if not source.is_file():
+    if not _exists(source, file=True):
         raise ManifestError(f"manifest not found: {source}; pass --manifest PATH to a YAML file")
-    try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+    raw = _parse_yaml(source) or {}
     if not isinstance(raw, dict) or "datasets" not in raw:
         raise ManifestError(f"{source}: expected a mapping with a `datasets:` list (see README)")
     try:
@@ -342,12 +538,12 @@ def load_manifest(
     for d in manifest.datasets:
         p = Path(_expand(str(d.path)))
         p = p if p.is_absolute() else root / p
-        if d.synthetic is None and not p.exists():
+        if d.synthetic is None and not _exists(p):
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'path': {p} does not exist; "
                 "fix the path (relative paths resolve against the manifest's folder)"
             )
-        if isinstance(d.index, str) and d.synthetic is None and not (p / d.index).is_file():
+        if isinstance(d.index, str) and d.synthetic is None and not _exists(p / d.index, True):
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'index': {p / d.index} does not exist; "
                 "give a CSV inside `path` with one row per sample"

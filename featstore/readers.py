@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -24,10 +26,19 @@ from scipy import ndimage
 
 from featstore.errors import BadInputError
 from featstore.fingerprint import fingerprint
-from featstore.manifest import SPLITS, Dataset, GlobIndex
+from featstore.manifest import MAX_LABEL, SPLITS, Dataset, GlobIndex
 from featstore.synthetic import generate
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ canonical orientation
+# Largest 2D image decoded (8192 x 8192), checked on the header before any pixel is
+# decoded: a 30000 x 30000 PNG of a few KB would otherwise take gigabytes. PIL's own
+# check (which Image.open raises over ~179M pixels) is caught too.
+MAX_PIXELS = 1 << 26
+_TOO_BIG = (
+    f"images are decoded up to {MAX_PIXELS:,} pixels (8192 x 8192): downscale it, or "
+    "exclude it (--skip-bad records and skips it)"
+)
+MAX_VOXELS = 1 << 30  # the same for a NIfTI header (4 GiB as float32)
 
 
 @dataclass(frozen=True)
@@ -55,15 +66,54 @@ class Loaded:
 # ------------------------------------------------------------------ listing
 
 
+def _read_csv(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """(where, row) per CSV row; `where` is "<file>, line <n>". Short rows read as empty
+    cells; a row with more cells than the header, or a file that is not a UTF-8 CSV,
+    is a `BadInputError` naming the file and line."""
+    out: list[tuple[str, dict[str, str]]] = []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise BadInputError(f"{path}: header repeats column(s) {repeated}; rename them")
+            for cells in reader:
+                if not "".join(cells).strip():  # blank line, or only commas (Excel)
+                    continue
+                where = f"{path}, line {reader.line_num}"
+                if len(cells) > len(header):
+                    raise BadInputError(
+                        f"{where}: {len(cells)} cells but the header has {len(header)}; "
+                        "quote cells that contain commas"
+                    )
+                out.append((where, dict(zip(header, cells + [""] * len(header), strict=False))))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(
+            f"{path}: not a UTF-8 text CSV (byte {exc.start}); save the index as CSV (UTF-8)"
+        ) from None
+    except csv.Error as exc:
+        raise BadInputError(f"{path}: not a valid CSV ({exc}); fix or re-export it") from None
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read the index ({exc})") from None
+    return out
+
+
 def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[tuple[str, dict[str, str]]]:
     """(where, row) per image found by the glob; `where` names the join CSV's line."""
-    images = sorted(p for p in ds.path.glob(spec.glob) if p.is_file())
+    try:
+        images = sorted(p for p in ds.path.glob(spec.glob) if p.is_file())
+    except (ValueError, NotImplementedError) as exc:  # "", "/abs/*.png"
+        raise BadInputError(
+            f"{ds.path}: index.glob {spec.glob!r} is not a usable pattern ({exc}); give one "
+            "relative to the dataset path, e.g. 'imagesTr/*.nii.gz'"
+        ) from None
     if not images:
         raise BadInputError(
             f"{ds.path}: index.glob {spec.glob!r} matches no file; check the "
             "pattern (relative to the dataset path)"
         )
-    joined: dict[str, tuple[int, dict[str, str]]] = {}
+    joined: dict[str, tuple[str, dict[str, str]]] = {}
     join = ds.path / spec.join if spec.join else None
     if join is not None:
         if not join.is_file():
@@ -71,13 +121,12 @@ def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[tuple[str, dict[str, str]]]
                 f"{join}: index.join names a CSV that does not exist; fix the name "
                 "(relative to the dataset path) or drop `join`"
             )
-        with join.open(newline="", encoding="utf-8-sig") as f:
-            table = list(csv.DictReader(f))
-        if table and spec.key not in table[0]:
+        table = _read_csv(join)
+        if table and spec.key not in table[0][1]:
             raise BadInputError(
-                f"{join}: no column {spec.key!r} (index.key); columns are {list(table[0])}"
+                f"{join}: no column {spec.key!r} (index.key); columns are {list(table[0][1])}"
             )
-        joined = {row[spec.key]: (n, row) for n, row in enumerate(table, start=2)}
+        joined = {row[spec.key]: (w, row) for w, row in table}
     rows = []
     for img in images:
         row = {"image": img.relative_to(ds.path).as_posix()}
@@ -88,9 +137,8 @@ def _glob_rows(ds: Dataset, spec: GlobIndex) -> list[tuple[str, dict[str, str]]]
         if join is not None:
             if img.name not in joined:
                 raise BadInputError(f"{join}: no row for {img.name} (column {spec.key!r})")
-            line, extra = joined[img.name]
+            where, extra = joined[img.name]
             row |= {k: v for k, v in extra.items() if k != spec.key}
-            where = f"{join}, line {line}"
         rows.append((where, row))
     return rows
 
@@ -101,12 +149,13 @@ def _read_index(ds: Dataset) -> list[tuple[str, dict[str, str]]]:
         path, located = ds.path / ds.index.glob, _glob_rows(ds, ds.index)
     else:
         path = ds.path / (ds.index or "index.csv")
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            located = [(f"{path}, line {n}", r) for n, r in enumerate(csv.DictReader(f), start=2)]
+        located = _read_csv(path)
     rows = [r for _, r in located]
     if not rows:
         raise BadInputError(f"{path}: index has no rows; add one row per sample")
     need = {"image"} | ({"mask"} if ds.task == "segmentation" else {"label"}) | set(ds.metadata)
+    if _splits_from_column(ds):
+        need.add("split")
     missing = need - set(rows[0])
     if missing:
         raise BadInputError(
@@ -116,56 +165,134 @@ def _read_index(ds: Dataset) -> list[tuple[str, dict[str, str]]]:
     return located
 
 
+def _splits_from_column(ds: Dataset) -> bool:
+    """Whether each row's `split` cell decides its split (no `splits: {ratios: ...}`)."""
+    return ds.splits is None or ds.splits.from_ == "column"
+
+
+def _integer(text: str) -> int | None:
+    """An integer cell: "3", or "3.0" as pandas writes a float column; else None."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
+
+
 def _parse_label(text: str, ds: Dataset, where: str) -> tuple[int, ...]:
-    text = (text or "").strip()
+    """A label cell -> (class id,) or, for multilabel, a multi-hot tuple ("0;1;0;0").
+
+    Refused where it is read, so a probe never meets it: a non-integer ("1.7"), a
+    negative id, an id past `classes` (or past MAX_LABEL without them), a multi-hot
+    value other than 0/1 or of the wrong length."""
+    text = text.strip()
     if not text:
         raise BadInputError(f"{where}: label is missing; every {ds.task} sample needs one")
-    try:
-        if ds.task == "multilabel":  # multi-hot, e.g. "0;1;0;0"
-            return tuple(int(v) for v in text.replace(" ", ";").split(";") if v)
-        return (int(float(text)),)
-    except ValueError:
-        raise BadInputError(f"{where}: label {text!r} is not an integer class id") from None
+    n_classes = len(ds.classes) if ds.classes else None
+    if ds.task == "multilabel":
+        values = [_integer(v) for v in text.replace(" ", ";").split(";") if v]
+        if not values or any(v not in (0, 1) for v in values):
+            raise BadInputError(
+                f"{where}: multilabel {text!r} must be 0/1 values separated by ';', e.g. 0;1;0"
+            )
+        if n_classes is not None and len(values) != n_classes:
+            raise BadInputError(
+                f"{where}: multilabel {text!r} has {len(values)} values but `classes` names "
+                f"{n_classes}; give one 0/1 per class"
+            )
+        return tuple(v for v in values if v is not None)
+    value = _integer(text)
+    if value is None:
+        raise BadInputError(
+            f"{where}: label {text!r} is not an integer class id (0, 1, 2, ...); "
+            "fix the index (a fractional value is not rounded)"
+        )
+    top = n_classes - 1 if n_classes is not None else MAX_LABEL
+    if not 0 <= value <= top:
+        named = (
+            f"`classes` names {n_classes} (ids 0..{top})"
+            if n_classes is not None
+            else f"ids are 0..{MAX_LABEL}"
+        )
+        raise BadInputError(f"{where}: label {value} is out of range: {named}; fix the index")
+    return (value,)
 
 
 def _count_items(ds: Dataset, path: Path) -> int:
     if ds.dims == 2:
         return 1
     if ds.format == "dicom":
-        return sum(1 for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        n = sum(1 for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if n == 0:
+            raise BadInputError(f"{path}: no DICOM files in the series folder")
+        return n
     try:
         img = nib.load(path)
-    except (OSError, nib.filebasedimages.ImageFileError) as exc:
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise BadInputError(f"{path}: cannot read NIfTI header ({exc})") from None
     if not isinstance(img, nib.spatialimages.SpatialImage):  # e.g. a GIFTI surface
         raise BadInputError(f"{path}: not a NIfTI volume ({type(img).__name__})")
     shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
     if len(shape) != 3:
         raise BadInputError(f"{path}: expected a 3D volume, got shape {img.shape}")
+    _check_voxels(path, shape)
     ornt = nib.orientations.io_orientation(img.affine)
     canonical = [0, 0, 0]
     for i, (out_axis, _) in enumerate(ornt):
         canonical[int(out_axis)] = shape[i]
-    return int(canonical[AXES[ds.slice_axis]])
+    n = int(canonical[AXES[ds.slice_axis]])
+    if n == 0:
+        raise BadInputError(f"{path}: the volume {tuple(img.shape)} has no {ds.slice_axis} slices")
+    return n
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for names the OS refuses rather than an exception."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # NUL bytes, over-long names
+        return False
 
 
 def _list_indexed(ds: Dataset) -> list[Sample]:
     out = []
+    width: tuple[int, str] | None = None  # multi-hot length, and the line that set it
     for where, row in _read_index(ds):
+        if not row["image"].strip():
+            raise BadInputError(f"{where}: the image cell is empty; give the file's path")
         image = ds.path / row["image"]
-        if not image.exists():
+        if not _exists(image):
             raise BadInputError(f"{where}: image {image} does not exist")
-        mask = ds.path / row["mask"] if row.get("mask") else None
-        if ds.task == "segmentation" and (mask is None or not mask.exists()):
+        if ds.format == "dicom" and not image.is_dir():
+            raise BadInputError(
+                f"{where}: image {image} is not a folder; a DICOM series is a folder of files"
+            )
+        if ds.format != "dicom" and image.is_dir():
+            raise BadInputError(f"{where}: image {image} is a folder, not an image file")
+        mask = ds.path / row["mask"] if row.get("mask", "").strip() else None
+        if ds.task == "segmentation" and (mask is None or not _exists(mask)):
             raise BadInputError(f"{where}: mask {mask or '(empty)'} does not exist")
+        if mask is not None and mask.is_dir():
+            raise BadInputError(f"{where}: mask {mask} is a folder, not a label file")
         label = () if ds.task == "segmentation" else _parse_label(row.get("label", ""), ds, where)
-        split = (row.get("split") or "").strip()
-        if ds.splits is None and split not in SPLITS:
+        if ds.task == "multilabel":
+            width = width or (len(label), where)
+            if len(label) != width[0]:
+                raise BadInputError(
+                    f"{where}: multilabel has {len(label)} values but {width[1]} has "
+                    f"{width[0]}; every row needs one 0/1 per class"
+                )
+        split = row.get("split", "").strip()
+        if _splits_from_column(ds) and split not in SPLITS:
             raise BadInputError(
                 f"{where}: split {split!r} must be one of {SPLITS}, or give the "
                 "dataset `splits: {ratios: [0.7, 0.1, 0.2], seed: 0}`"
             )
-        sid = row.get("id") or Path(row["image"]).name.split(".")[0]
+        sid = row.get("id", "").strip() or Path(row["image"]).name.split(".")[0]
         out.append(
             Sample(
                 id=sid,
@@ -174,7 +301,7 @@ def _list_indexed(ds: Dataset) -> list[Sample]:
                 n_items=_count_items(ds, image),
                 image=str(image),
                 mask=str(mask) if mask else None,
-                group=row.get("patient") or sid,
+                group=row.get("patient", "").strip() or sid,
                 meta=tuple((name, row[col]) for col, name in ds.metadata.items()),
             )
         )
@@ -183,8 +310,16 @@ def _list_indexed(ds: Dataset) -> list[Sample]:
 
 @lru_cache(maxsize=4)
 def _npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        z = np.load(path)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy array
+            raise ValueError(f"holds one {type(z).__name__}, not named arrays")
+        with z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BadInputError(
+            f"{path}: not a readable MedMNIST .npz ({exc}); give the official .npz file"
+        ) from None
 
 
 def _list_medmnist(ds: Dataset) -> list[Sample]:
@@ -302,6 +437,9 @@ def _check_finite(arr: np.ndarray, where: str) -> np.ndarray:
 def _load_picture(path: Path, is_mask: bool) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:  # from the header, before a pixel is decoded
+                raise BadInputError(f"{path}: its header claims {w} x {h} pixels; {_TOO_BIG}")
             im.load()
             if is_mask:
                 return np.asarray(im.convert("I") if im.mode not in ("L", "P", "I") else im)
@@ -316,17 +454,36 @@ def _load_picture(path: Path, is_mask: bool) -> np.ndarray:
                 ):
                     arr = arr[..., :1]
             return arr
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except BadInputError:
+        raise
+    except Image.DecompressionBombError as exc:  # Image.open's own check, over 2x its limit
+        raise BadInputError(
+            f"{path}: its header claims an image too large to decode ({exc}); {_TOO_BIG}"
+        ) from None
+    # What Pillow raises on corrupt files besides OSError: SyntaxError, ValueError
+    # (e.g. unsupported mode conversions), EOFError.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadInputError(
             f"{path}: cannot decode image ({exc}); the file is corrupt or "
             "truncated: replace it or run with --skip-bad"
         ) from None
 
 
+def _check_voxels(path: Path, shape: tuple[int, ...]) -> None:
+    if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise BadInputError(
+            f"{path}: its header says {' x '.join(map(str, shape))} voxels, over the "
+            f"{MAX_VOXELS:,}-voxel limit; crop or resample it, or exclude it"
+        )
+
+
 def _load_nifti(path: Path, axis: str) -> np.ndarray:
     try:
         img = nib.as_closest_canonical(nib.load(path))
+        _check_voxels(path, img.shape)
         arr = np.asarray(img.dataobj, dtype=np.float32)
+    except BadInputError:
+        raise
     except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise BadInputError(
             f"{path}: cannot read NIfTI ({exc}); the file is corrupt or truncated"
@@ -341,6 +498,15 @@ def _load_nifti(path: Path, axis: str) -> np.ndarray:
     return np.moveaxis(arr, AXES[axis], 0)  # slices first
 
 
+def _slice_positions(slices: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """Position of each slice along the series normal (InstanceNumber without geometry)."""
+    try:
+        normal = np.cross(*np.reshape(np.asarray(slices[0].ImageOrientationPatient, float), (2, 3)))
+        return np.array([np.dot(normal, np.asarray(s.ImagePositionPatient, float)) for s in slices])
+    except AttributeError:
+        return np.array([float(getattr(s, "InstanceNumber", i)) for i, s in enumerate(slices)])
+
+
 def _load_dicom(folder: Path) -> np.ndarray:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     slices = []
@@ -352,10 +518,14 @@ def _load_dicom(folder: Path) -> np.ndarray:
     if not slices:
         raise BadInputError(f"{folder}: no DICOM files in the series folder")
     try:
-        normal = np.cross(*np.reshape(np.asarray(slices[0].ImageOrientationPatient, float), (2, 3)))
-        pos = np.array([np.dot(normal, np.asarray(s.ImagePositionPatient, float)) for s in slices])
-    except AttributeError:
-        pos = np.array([float(getattr(s, "InstanceNumber", i)) for i, s in enumerate(slices)])
+        pos = _slice_positions(slices)
+    except (ValueError, TypeError) as exc:
+        raise BadInputError(
+            f"{folder}: unreadable slice geometry (ImageOrientationPatient, "
+            f"ImagePositionPatient or InstanceNumber: {exc}); re-export the series"
+        ) from None
+    if not np.isfinite(pos).all():
+        raise BadInputError(f"{folder}: slice positions are not finite numbers; re-export it")
     order = np.argsort(pos)
     if len(slices) > 2:
         gaps = np.diff(pos[order])
@@ -369,10 +539,23 @@ def _load_dicom(folder: Path) -> np.ndarray:
     vol = []
     for i in order:
         s = slices[i]
-        px = s.pixel_array.astype(np.float32)
-        vol.append(
-            px * float(getattr(s, "RescaleSlope", 1)) + float(getattr(s, "RescaleIntercept", 0))
-        )
+        # pydicom: AttributeError without pixel data, ValueError when it is short,
+        # NotImplementedError/RuntimeError for a compression it has no decoder for
+        try:
+            px = s.pixel_array.astype(np.float32)
+            slope = float(getattr(s, "RescaleSlope", 1))
+            intercept = float(getattr(s, "RescaleIntercept", 0))
+        except (AttributeError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+            raise BadInputError(
+                f"{files[i]}: cannot decode its pixel data ({exc}); replace the file or "
+                "run with --skip-bad"
+            ) from None
+        if px.ndim != 2:
+            raise BadInputError(
+                f"{files[i]}: pixel data of shape {px.shape}; give one grey 2D slice per "
+                "file (multi-frame and colour DICOM are not supported)"
+            )
+        vol.append(px * slope + intercept)
     shapes = {v.shape for v in vol}
     if len(shapes) != 1:
         raise BadInputError(f"{folder}: slices have different sizes {sorted(shapes)}")
@@ -418,6 +601,13 @@ def load(ds: Dataset, sample: Sample) -> Loaded:
             mask = lut[mask]
         if ds.fill_outlines:
             mask = fill_outlines(mask)
+        if ds.classes and int(mask.max()) >= len(ds.classes):
+            extra = sorted(int(v) for v in np.unique(mask) if v >= len(ds.classes))
+            raise BadInputError(
+                f"{mpath}: mask values {extra[:8]} are not class ids of `classes` "
+                f"({len(ds.classes)} names, ids 0..{len(ds.classes) - 1}); add the classes, "
+                "or map the values with `mask_map` (e.g. {255: 1})"
+            )
     return Loaded(image=image, mask=mask)
 
 

@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 
 from featstore.metrics import MAIN_METRIC
 from featstore.presets import PRESETS
+from featstore.references import Reference
 
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
 SIZE_ORDER = list(PRESETS)  # smallest first
@@ -59,13 +60,17 @@ def cell(row: Any) -> str:
 def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """Rows encoder x resolution, columns probe/metric; the best cell of the main
     probe's main metric is marked with '**'; the pixel baseline is the last row."""
-    metrics = [MAIN_METRIC[task]] + (["accuracy", "f1"] if task != "segmentation" else ["iou"])
+    metrics = [MAIN_METRIC[task]] + (
+        ["accuracy", "f1"] if task != "segmentation" else ["iou", "hd95"]
+    )
     sub = df[df.metric.isin(metrics)].copy()
     sub["row"] = [
         f"{label(e, r)} @ {res}px"
         for e, r, res in zip(sub.encoder, sub.random_init, sub.resolution, strict=True)
     ]
+    units = sub["unit"] if "unit" in sub else pd.Series("", index=sub.index)  # older results
     sub["col"] = sub.probe + " / " + sub.metric
+    sub["col"] += [f" ({u})" if isinstance(u, str) and u else "" for u in units]
     sub["text"] = [cell(r) for r in sub.itertuples()]
     main = sub[
         (sub.probe == MAIN_PROBE[task])
@@ -83,9 +88,9 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
     return table.loc[order, cols].fillna("")
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A `task_table` as a Markdown table (cells are strings)."""
-    head = ["encoder @ resolution", *table.columns]
+def to_markdown(table: pd.DataFrame, corner: str = "encoder @ resolution") -> str:
+    """A `task_table` (or `published_table`) as a Markdown table (cells are strings)."""
+    head = [corner, *table.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [
         "| " + " | ".join([idx, *row]) + " |"
@@ -94,15 +99,15 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def to_html(table: pd.DataFrame) -> str:
-    """A `task_table` as an HTML table; '**' marks become bold."""
+def to_html(table: pd.DataFrame, corner: str = "encoder @ resolution") -> str:
+    """A `task_table` (or `published_table`) as an HTML table; '**' marks become bold."""
 
     def fmt(text: str) -> str:
         bold = text.startswith("**")
         text = html.escape(text.strip("*"))
         return f"<b>{text}</b>" if bold else text
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["encoder @ resolution", *table.columns])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [corner, *table.columns])
     body = "".join(
         "<tr><td>"
         + html.escape(idx)
@@ -112,6 +117,36 @@ def to_html(table: pd.DataFrame) -> str:
         for idx, row in zip(table.index, table.values.tolist(), strict=True)
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame:
+    """Published values beside featstore's linear probe, for one dataset.
+
+    df: that dataset's results rows; refs: its `featstore.references`. Rows: one per
+    published model/resolution (labelled "published") and one per featstore encoder x
+    resolution x protocol (its linear probe, random-init flagged); columns: source,
+    model, resolution, accuracy, auroc (strings; "" where there is no value).
+    """
+    published: dict[tuple[str, str, str], dict[str, str]] = {}
+    for r in refs:
+        published.setdefault((r.source, r.model, r.resolution), {})[r.metric] = f"{r.value:.3f}"
+    out = [
+        {"source": f"published: {src}", "model": model, "resolution": res, **vals}
+        for (src, model, res), vals in published.items()
+    ]
+    lin = df[(df.probe == "linear") & df.metric.isin(["accuracy", "auroc"])]
+    keys = ["encoder", "random_init", "resolution", "protocol"]
+    for (enc, rnd, res, protocol), g in lin.groupby(keys, sort=False):
+        out.append(
+            {
+                "source": f"featstore ({protocol} protocol)",
+                "model": f"{label(str(enc), bool(rnd))}, frozen, linear probe",
+                "resolution": f"{res} px",
+                **{str(r.metric): cell(r) for r in g.itertuples()},
+            }
+        )
+    cols = ["source", "model", "resolution", "accuracy", "auroc"]
+    return pd.DataFrame(out, columns=cols).fillna("").set_index("source")
 
 
 def _main_rows(df: pd.DataFrame, tasks: Mapping[str, str]) -> pd.DataFrame:

@@ -34,16 +34,30 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.array_spec import ArrayConfigParams
 
-from featstore.errors import StoreCorruptError, StoreIncompleteError, StoreMismatchError
+from featstore.errors import (
+    BadInputError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreMismatchError,
+)
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
 
 MARKS = "_featstore/done"
+ITEM_DATA = ("cls", "patch", "patch_scale", "mask")  # written unit by unit by extract
 # Chosen by benchmarks/codecs.py on ViT features: blosc-zstd with bit-shuffle
 # compresses float16 tokens better than zstd alone at similar speed.
-CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+# Compressors of the data arrays (the manifest's `codec`), measured in benchmarks/codecs.py.
+CODECS: dict[str, tuple[BloscCodec, ...]] = {
+    "none": (),
+    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+    "zstd-1": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
+    "zstd-3": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),),
+}
+# Coordinates and labels are small and compress well.
+COORD_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 # Every chunk of every array ends in a crc32c of its bytes: a flipped or truncated
 # chunk fails to decode instead of reading as other numbers.
-COMPRESSORS = (CODEC, Crc32cCodec())
+CHECKSUM = Crc32cCodec()
 UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
 VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
 
@@ -61,6 +75,23 @@ class Layout:
     mask_size: int  # 0 without masks
     n_classes: int  # 0: single label (item,); k: multi-hot (item, k); -1: no label
     dtype: str
+    codec: str = "lz4"  # a key of CODECS, for cls/patch/mask
+    quantize: str = "none"  # "int8": patch int8 and patch_scale (item, channel) float32
+    patch_layers: int = 1  # > 1: patch is (item, patch_layer, row, col, channel)
+
+    @property
+    def patch_dtype(self) -> str:
+        return "int8" if self.quantize == "int8" else self.dtype
+
+    @property
+    def item_bytes(self) -> int:
+        """Uncompressed bytes of one item's cls, patch tokens (and scales) and mask."""
+        size = np.dtype(self.dtype).itemsize
+        cls = self.layers * self.channels * size
+        patch = self.patch_layers * self.rows * self.cols * self.channels
+        patch *= np.dtype(self.patch_dtype).itemsize
+        scale = self.patch_layers * self.channels * 4 if self.quantize == "int8" else 0
+        return int(cls + patch + scale + self.mask_size**2)
 
     @property
     def n_units(self) -> int:
@@ -73,7 +104,12 @@ class Layout:
 
 
 def layout_for(
-    ident: SetIdentity, n_items: int, n_classes: int, batch_size: int, unit_items: int
+    ident: SetIdentity,
+    n_items: int,
+    n_classes: int,
+    batch_size: int,
+    unit_items: int,
+    codec: str = "lz4",
 ) -> Layout:
     """Shapes of a set; a unit (= one chunk) is a whole number of batches, its patch
     chunk capped at `UNIT_BYTES`. n_classes: 0 single label, k multi-hot, -1 none."""
@@ -82,7 +118,14 @@ def layout_for(
     if w is None:
         raise ValueError("layout_for needs the loaded encoder: ident.with_weights(info)")
     grid = r.resolution // w.patch_size
-    per_item = (grid * grid if r.patch else 1) * w.hidden_size * np.dtype(r.dtype).itemsize
+    if grid % r.patch_pool:
+        raise BadInputError(
+            f"patch_pool {r.patch_pool} does not divide the {grid}x{grid} patch grid of "
+            f"{r.resolution} px / {w.patch_size} px patches; choose a divisor of {grid}"
+        )
+    grid //= r.patch_pool
+    itemsize = 1 if r.quantize == "int8" else np.dtype(r.dtype).itemsize
+    per_item = (grid * grid * len(r.patch_layers) if r.patch else 1) * w.hidden_size * itemsize
     batches = max(1, min(-(-unit_items // batch_size), UNIT_BYTES // (batch_size * per_item)))
     return Layout(
         n_items=n_items,
@@ -94,6 +137,9 @@ def layout_for(
         mask_size=r.resolution if r.task == "segmentation" else 0,
         n_classes=n_classes,
         dtype=r.dtype,
+        codec=codec,
+        quantize=r.quantize if r.patch else "none",
+        patch_layers=len(r.patch_layers),
     )
 
 
@@ -153,7 +199,7 @@ def _attrs(ident: SetIdentity, layout: Layout, describe: dict[str, Any]) -> dict
             "preprocess": ident.preprocess().to_dict(),
             "storage": {
                 "dtype": layout.dtype,
-                "codec": CODEC.to_dict(),
+                "codec": layout.codec,
                 "chunk_items": layout.chunk_items,
             },
             "layout": asdict(layout),
@@ -173,11 +219,21 @@ def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]
         "cls": (cls_dims, da.empty(cls_shape, dtype=layout.dtype, chunks=(c, *cls_shape[1:])))
     }
     if layout.rows:
-        patch_shape = (n, layout.rows, layout.cols, layout.channels)
+        several = layout.patch_layers > 1
+        dims = ("item", *(("patch_layer",) if several else ()), "row", "col", "channel")
+        lead = (n, layout.patch_layers) if several else (n,)
+        patch_shape = (*lead, layout.rows, layout.cols, layout.channels)
         variables["patch"] = (
-            ("item", "row", "col", "channel"),
-            da.empty(patch_shape, dtype=layout.dtype, chunks=(c, -1, -1, -1)),
+            dims,
+            da.empty(patch_shape, dtype=layout.patch_dtype, chunks=(c, *patch_shape[1:])),
         )
+        if layout.quantize == "int8":  # patch = int8 value x scale of (item[, layer], channel)
+            scale_dims = tuple(d for d in dims if d not in ("row", "col"))
+            scale_shape = (*lead, layout.channels)
+            variables["patch_scale"] = (
+                scale_dims,
+                da.empty(scale_shape, dtype="float32", chunks=(c, *scale_shape[1:])),
+            )
     if layout.mask_size:
         mask_shape = (n, layout.mask_size, layout.mask_size)
         variables["mask"] = (
@@ -192,11 +248,17 @@ def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]
     ds = xr.Dataset(variables, coords=coords)
     # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u.
     encoding: dict[str, dict[str, Any]] = {
-        str(name): {"compressors": list(COMPRESSORS), "chunks": (c, *var.shape[1:])}
+        str(name): {
+            "compressors": [
+                *(CODECS[layout.codec] if name in ITEM_DATA else (COORD_CODEC,)),
+                CHECKSUM,
+            ],
+            "chunks": (c, *var.shape[1:]),
+        }
         for name, var in ds.variables.items()
     }
-    for name in ("cls", "patch"):
-        if name in encoding:
+    for name in ("cls", "patch", "patch_scale"):
+        if name in encoding and ds[name].dtype.kind == "f":
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
     return ds, encoding
 
@@ -447,14 +509,17 @@ class UnitWriter:
         # on disk, every chunk exists, so a missing one is always damage.
         full: ArrayConfigParams = {"write_empty_chunks": True}
         self.arrays = {
-            name: _array(root, name).with_config(full)
-            for name in ("cls", "patch", "mask")
-            if name in root
+            name: _array(root, name).with_config(full) for name in ITEM_DATA if name in root
         }
         self.marks = _array(root, MARKS).with_config(full)
 
     def write(
-        self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
+        self,
+        unit: int,
+        cls: np.ndarray,
+        patch: np.ndarray | None,
+        mask: np.ndarray | None,
+        patch_scale: np.ndarray | None = None,
     ) -> int:
         """Write one unit into its own chunks, then mark it done. Returns bytes written.
 
@@ -464,7 +529,8 @@ class UnitWriter:
         """
         region = self.layout.unit_slice(unit)
         nbytes = 0
-        for name, data in (("cls", cls), ("patch", patch), ("mask", mask)):
+        data_of = {"cls": cls, "patch": patch, "mask": mask, "patch_scale": patch_scale}
+        for name, data in data_of.items():
             if data is None or name not in self.arrays:
                 continue
             arr = self.arrays[name]
@@ -565,7 +631,11 @@ def open_set(path: Path) -> xr.Dataset:
         loaded = {name: (ds[name].dims, plain(ds[name].values)) for name in ds.coords}
     except ValueError as exc:  # a coordinate chunk failed its checksum
         raise corrupt(path, exc) from None
-    return ds.assign_coords(loaded)
+    ds = ds.assign_coords(loaded)
+    if "patch_scale" in ds:  # int8 x per-channel scale, dequantized lazily
+        ds["patch"] = (ds.patch.astype(np.float32) * ds.patch_scale).transpose(*ds.patch.dims)
+        ds = ds.drop_vars("patch_scale")
+    return ds
 
 
 def corrupt(path: Path, exc: BaseException) -> StoreCorruptError:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 import typer
 
-from featstore.errors import FeatstoreError, Interrupted, StopRequested
+from featstore.errors import FeatstoreError, Interrupted, ManifestError, StopRequested
 
 if TYPE_CHECKING:
     from featstore.manifest import Manifest
@@ -110,17 +110,36 @@ def extract(
     skip_bad: bool = typer.Option(False, help="Record unreadable samples and go on."),
     shard: str = typer.Option("0/1", help="Work on units u with u % n == i (i/n)."),
     workers: int | None = typer.Option(None, help="Decode workers (default: 1 on CPU)."),
+    writers: int = typer.Option(2, min=1, max=64, help="Writer threads (units written at once)."),
+    threads: int | None = typer.Option(
+        None, min=1, max=1024, help="Torch threads of a CPU forward pass (default: every core)."
+    ),
     baseline: bool = typer.Option(True, help="Also extract the raw-pixel baseline."),
+    cluster: str | None = typer.Option(
+        None, help="Run units as tasks on a new dask LocalCluster of N processes: local:N."
+    ),
+    scheduler: str | None = typer.Option(
+        None, help="Run units as tasks on a running dask cluster (scheduler address)."
+    ),
 ) -> None:
     """Extract CLS and patch features into content-addressed Zarr feature sets."""
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("--device must be auto, cpu or cuda")
     try:
         from featstore.extraction import Options
+        from featstore.manifest import MAX_BATCH_SIZE
         from pipelines import extract as stage
 
+        if batch_size is not None and not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ManifestError(
+                f"--batch-size {batch_size}: give 1 to {MAX_BATCH_SIZE} items per forward pass"
+            )
+        if workers is not None and not 0 <= workers <= 128:
+            raise ManifestError(
+                f"--workers {workers}: give 0 (decode in this process) to 128 decode processes"
+            )
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
-        if batch_size:
+        if batch_size is not None:
             m = m.model_copy(update={"batch_size": batch_size})
         opts = Options(
             device=cast(Literal["auto", "cpu", "cuda"], device),
@@ -129,9 +148,13 @@ def extract(
             skip_bad=skip_bad,
             shard=_parse_shard(shard),
             num_workers=workers,
+            writers=writers,
+            threads=threads,
         )
         with _stop_on_signals():
-            stage.run(m, opts, baseline=baseline, echo=typer.echo)
+            stage.run(
+                m, opts, baseline=baseline, cluster=cluster, scheduler=scheduler, echo=typer.echo
+            )
     except Interrupted as exc:
         typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(128 + exc.signum) from None
@@ -148,12 +171,15 @@ def probe(
     cache: Path | None = CacheOpt,
     study: str | None = StudyOpt,
     out: Path = typer.Option(Path("results"), help="Results folder."),
-    pool: str = typer.Option("mean", help="3D volume pooling: mean | max | cls+patch"),
+    pool: str = typer.Option("mean", help="3D volume pooling: mean | max | cls+patch | abmil"),
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
+        from featstore.evaluation import POOLS
         from pipelines import probe as stage
 
+        if pool not in POOLS:
+            raise ManifestError(f"--pool {pool!r}: give one of {', '.join(POOLS)}")
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
         stage.run(m, out, pool=pool, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:

@@ -16,10 +16,21 @@ def run(
     opts: Options = Options(),
     *,
     baseline: bool = True,
+    cluster: str | None = None,
+    scheduler: str | None = None,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
-    """Extract (or find, or finish) every feature set; print a line per set and a tally."""
-    summaries = extract_manifest(manifest, opts, baseline=baseline, echo=echo)
+    """Extract (or find, or finish) every feature set; print a line per set and a tally.
+
+    `cluster` ("local:N") or `scheduler` (an address) run the units as dask tasks.
+    """
+    if cluster is None and scheduler is None:
+        summaries = extract_manifest(manifest, opts, baseline=baseline, echo=echo)
+    else:
+        from featstore.cluster import client_for, extract_on_cluster
+
+        with client_for(cluster, scheduler, opts.threads or 1) as client:
+            summaries = extract_on_cluster(manifest, client, opts, baseline=baseline, echo=echo)
     counts = {k: sum(s.status == k for s in summaries) for k in ("new", "resumed", "cached")}
     echo(
         f"done: {counts['new']} new, {counts['resumed']} resumed, "

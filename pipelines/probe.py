@@ -3,7 +3,9 @@
 Probes every cell of the manifest (`featstore.evaluation`), upserts the rows into
 OUT/results.csv and OUT/results.jsonl, writes the resolved configuration to
 OUT/run-config.json and segmentation examples to OUT/examples/<set>.npz, and prints
-the main metric of each cell. Never imports torch.
+the main metric of each cell. Never loads an encoder; torch is imported only by the
+trainable heads (`featstore.heads`: the segmentation decoder, `--pool abmil`,
+`protocol: seed`).
 
     featstore probe --manifest data_manifest.yaml --out results
 """
@@ -48,7 +50,7 @@ def write_results(out: Path, rows: list[Row]) -> pd.DataFrame:
 def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
     """One line per dataset/encoder/resolution/probe with its main metric and interval."""
     lines = [
-        f"{'dataset':<24} {'encoder':<30} {'res':>4} {'probe':<10} {'metric':<8} "
+        f"{'dataset':<24} {'encoder':<30} {'res':>4} {'probe':<11} {'metric':<8} "
         f"{'value':>6}  95% CI"
     ]
     for ds in datasets:
@@ -57,7 +59,7 @@ def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
         for r in sub.itertuples():
             enc = f"{r.encoder}{' [random_init]' if r.random_init else ''}"
             lines.append(
-                f"{ds.name:<24} {enc:<30} {r.resolution:>4} {r.probe:<10} "
+                f"{ds.name:<24} {enc:<30} {r.resolution:>4} {r.probe:<11} "
                 f"{metric:<8} {r.value:6.3f}  [{r.ci_low:.3f}, {r.ci_high:.3f}]"
             )
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featstore import readers
+from featstore import readers, references
 from featstore import report as rpt
 from featstore.errors import ProbeError
 from featstore.identity import SetIdentity
@@ -80,6 +80,21 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path, out: Path, task: str) 
     return name
 
 
+def _published_note(df: pd.DataFrame) -> str:
+    """What the published rows are, and whether featstore's may stand beside them."""
+    random = sorted(set(df.encoder[df.random_init.astype(bool) & (df.encoder != rpt.BASELINE)]))
+    note = (
+        "Published rows are supervised models trained end to end on the dataset; "
+        "featstore's are probes on frozen features, so they place, not score, each other."
+    )
+    if random:
+        note += (
+            f" **{', '.join(random)} here is a random init, not pretrained weights: its "
+            "rows measure the pipeline and must not be read as DINOv3's performance.**"
+        )
+    return note
+
+
 def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     """Write OUT/report.md, OUT/report.html and OUT/plots/ from OUT's probe results.
 
@@ -124,6 +139,13 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
             table = rpt.task_table(df[df.dataset == ds.name], task)
             md += [f"## {ds.name} ({task}, {ds.dims}D)", "", rpt.to_markdown(table), ""]
             body += [f"<h2>{ds.name} ({task}, {ds.dims}D)</h2>", rpt.to_html(table)]
+            refs = references.for_dataset(ds)
+            if refs:
+                pub = rpt.published_table(df[df.dataset == ds.name], refs)
+                note = _published_note(df[df.dataset == ds.name])
+                md += ["Published values beside featstore's:", "", rpt.to_markdown(pub, ""), ""]
+                md += [note, ""]
+                body += [rpt.to_html(pub, ""), f"<p>{note.replace('**', '')}</p>"]
             figure = _examples(ds, df, manifest.cache, out, task)
             if figure:
                 md += [f"![{ds.name} examples](plots/{figure})", ""]

@@ -52,7 +52,7 @@ def test_meta_pth_checkpoint_gives_the_same_features(tiny_dinov3, tmp_path):
     ref = hf(pixel_values=x).last_hidden_state
     got = enc.encode(x)
     torch.testing.assert_close(got.cls[:, 0], ref[:, 0])
-    torch.testing.assert_close(got.patch, ref[:, 3:].reshape(2, 4, 4, -1))
+    torch.testing.assert_close(got.patch[:, 0], ref[:, 3:].reshape(2, 4, 4, -1))
     assert not enc.info.random_init and len(enc.info.weights_sha256) == 64
 
 
@@ -68,10 +68,10 @@ def test_dinov2_folder_loads_through_the_same_interface(tmp_path):
     assert enc.info.model_type == "dinov2" and enc.info.num_register_tokens == 0
     x = torch.randn(2, 3, 32, 32)
     out = enc.encode(x, layers=2)
-    assert out.cls.shape == (2, 2, 32) and out.patch.shape == (2, 4, 4, 32)
+    assert out.cls.shape == (2, 2, 32) and out.patch.shape == (2, 1, 4, 4, 32)
     ref = Dinov2Model.from_pretrained(tmp_path).eval()(pixel_values=x).last_hidden_state
     torch.testing.assert_close(out.cls[:, -1], ref[:, 0])
-    torch.testing.assert_close(out.patch, ref[:, 1:].reshape(2, 4, 4, 32))
+    torch.testing.assert_close(out.patch[:, 0], ref[:, 1:].reshape(2, 4, 4, 32))
 
 
 def test_pixel_baseline_shapes():
@@ -79,7 +79,23 @@ def test_pixel_baseline_shapes():
     x = torch.randn(3, 3, 64, 64)
     out = enc.encode(x)
     assert enc.info.hidden_size == 256  # cls and patch share the channel dimension
-    assert out.cls.shape == (3, 1, 256) and out.patch.shape == (3, 4, 4, 256)
-    torch.testing.assert_close(out.patch[1, 2, 3], x[1, 0, 32:48, 48:64].reshape(-1))
+    assert out.cls.shape == (3, 1, 256) and out.patch.shape == (3, 1, 4, 4, 256)
+    torch.testing.assert_close(out.patch[1, 0, 2, 3], x[1, 0, 32:48, 48:64].reshape(-1))
     small = load_encoder("pixels:8", "cpu").encode(x)
-    assert small.cls.shape == (3, 1, 64) and small.patch.shape == (3, 8, 8, 64)
+    assert small.cls.shape == (3, 1, 64) and small.patch.shape == (3, 1, 8, 8, 64)
+
+
+def test_patch_tokens_of_chosen_blocks_go_through_the_final_norm(tiny_dinov3):
+    enc = load_encoder(str(tiny_dinov3), "cpu")
+    x = torch.randn(2, 3, 32, 32)
+    out = enc.encode(x, patch_layers=(-2, -1))
+    assert out.patch.shape == (2, 2, 4, 4, 32)
+    model = AutoModel.from_pretrained(tiny_dinov3).eval()
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True)
+    norm = model.norm
+    first_block = norm(ref.hidden_states[1])[:, 3:].reshape(2, 4, 4, 32)  # 2 blocks: -2 is #1
+    torch.testing.assert_close(out.patch[:, 0], first_block)
+    torch.testing.assert_close(out.patch[:, 1], enc.encode(x).patch[:, 0])
+    with pytest.raises(ValueError, match="reach beyond the 2 blocks"):
+        enc.encode(x, patch_layers=(-3, -1))

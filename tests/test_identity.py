@@ -47,6 +47,9 @@ OTHER = dict(
     layers=4,
     dtype="float32",
     patch=False,
+    patch_layers=(-4, -1),
+    patch_pool=2,
+    quantize="int8",
 )
 
 

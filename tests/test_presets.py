@@ -49,7 +49,7 @@ def test_encode_shapes_and_tokens_at_32_px(built):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out = enc.encode(x)
     assert out.cls.shape == (1, 1, hidden) and out.cls.dtype == torch.float32
-    assert out.patch.shape == (1, 2, 2, hidden)
+    assert out.patch.shape == (1, 1, 2, 2, hidden)
     assert torch.isfinite(out.cls).all() and torch.isfinite(out.patch).all()
     # The model's own sequence is CLS, 4 registers, then the 2x2 patches row by row:
     # the encoder keeps exactly the first and the last four.
@@ -57,7 +57,7 @@ def test_encode_shapes_and_tokens_at_32_px(built):
         seq = enc.model(pixel_values=x).last_hidden_state
     assert seq.shape == (1, 1 + 4 + 4, hidden)
     torch.testing.assert_close(out.cls[:, 0], seq[:, 0])
-    torch.testing.assert_close(out.patch, seq[:, 5:].reshape(1, 2, 2, hidden))
+    torch.testing.assert_close(out.patch[:, 0], seq[:, 5:].reshape(1, 2, 2, hidden))
 
 
 def test_random_init_is_reproducible():

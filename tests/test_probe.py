@@ -66,7 +66,24 @@ def test_each_probe_beats_chance(shipped):
     assert len(cls) == 4 and (cls.value > chance).all(), cls[["dataset", "probe", "value"]]
     assert (df[df.metric == "auroc"].value > 0.5).all()
     dice = df[df.metric == "dice"]  # predicting background everywhere scores 0
-    assert len(dice) == 2 and (dice.value > 0.2).all(), dice[["dataset", "value"]]
+    assert len(dice) == 4 and (dice.value > 0.2).all(), dice[["dataset", "probe", "value"]]
+    assert set(dice.probe) == {"seg-linear", "seg-decoder"}
+
+
+def test_seed_protocol_metrics_in_results(shipped):
+    """Precision/recall beside AUROC/F1; HD95, precision, recall for segmentation, HD95
+    in mm where the spacing is known (NIfTI header) and in pixels where it is not."""
+    df = shipped[3]
+    cls = df[df.dataset == "synth-lesions-2d"]
+    assert {"auroc", "accuracy", "f1", "precision", "recall"} <= set(cls.metric)
+    seg = df[df.dataset.str.startswith("synth-") & df.metric.str.startswith("hd95")]
+    for name, unit in (("synth-organs-3d", "mm"), ("synth-structures-2d", "px")):
+        rows = seg[seg.dataset == name]
+        assert set(rows.unit) == {unit} and {"hd95", "hd95:organ-a"} & set(rows.metric)
+        assert (rows.value.dropna() >= 0).all()
+    for metric in ("precision", "recall"):
+        got = df[(df.metric == metric) & (df.probe == "seg-decoder")]
+        assert len(got) == 4 and got.value.between(0, 1).all()
 
 
 def test_intervals_contain_point_estimates(shipped):
@@ -83,16 +100,26 @@ def test_rerun_is_deterministic_and_appends_nothing_twice(shipped):
     pd.testing.assert_frame_equal(before[cols], after[cols])
 
 
-def test_probe_stage_never_imports_torch(shipped):
+def test_probe_stage_loads_no_encoder_and_torch_only_for_heads(shipped):
     work, args, _, _ = shipped
     code = (
         "import sys; from typer.testing import CliRunner; from pipelines.cli import app; "
-        f"r = CliRunner().invoke(app, ['probe', *{args!r}, '--out', {str(work / 'r2')!r}]); "
+        "r = CliRunner().invoke(app, ['probe', *{args!r}, '--out', {out!r}]); "
         "assert r.exit_code == 0, r.output; "
-        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-        "assert not bad, bad"
+        "bad = [m for m in ('transformers', 'featstore.encoders') if m in sys.modules]; "
+        "assert not bad, bad; "
+        "assert ('torch' in sys.modules) == {heads}, sorted(sys.modules)"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    classification = [*args, "--dataset", "synth-lesions-2d", "--dataset", "synth-nodules-3d"]
+    segmentation = [*args, "--dataset", "synth-structures-2d"]
+    for a, heads in ((classification, False), (segmentation, True)):
+        run = code.format(args=a, out=str(work / "r2"), heads=heads)
+        subprocess.run([sys.executable, "-c", run], cwd=REPO, check=True)
+    # torch arrives with the trainable heads' module, and only there
+    sklearn_only = (
+        "import sys, featstore.probes, featstore.evaluation; assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", sklearn_only], cwd=REPO, check=True)
 
 
 def test_missing_set_names_the_extract_command(shipped, tmp_path):
@@ -235,6 +262,25 @@ def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov
     assert xr.open_zarr(enc["path"]).attrs["preprocess"]["fit"] == "pad"
 
 
+def test_seed_protocol_trains_the_papers_linear_layer(tmp_path, tiny_dinov3):
+    from conftest import synth_entry, write_manifest
+
+    mpath = write_manifest(
+        tmp_path,
+        synth_entry("d", "cls2d", n=24, size=24),
+        f"['{tiny_dinov3}']",
+        extra="protocol: seed\n",
+    )
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    df = pd.read_csv(tmp_path / "r" / "results.csv")
+    lin = df[df.probe == "linear"]
+    assert set(df.protocol) == {"seed"} and set(lin.param_name) == {"lr"}
+    assert set(lin.param) == {0.005}
+
+
 def test_cls_plus_patch_pooling(shipped, tmp_path):
     work, args, _, _ = shipped
     out = runner.invoke(
@@ -252,7 +298,21 @@ def test_cls_plus_patch_pooling(shipped, tmp_path):
     )
     assert out.exit_code == 0, out.output
     df = pd.read_csv(tmp_path / "results.csv")
-    assert set(df.pool) == {"cls+patch"} and len(df) == 16
+    assert set(df.pool) == {"cls+patch"} and len(df) == 2 * 2 * 6  # encoders x probes x metrics
+
+
+def test_abmil_pooling(shipped, tmp_path):
+    from featstore.manifest import load_manifest
+    from pipelines import probe as stage
+
+    work, args, _, _ = shipped
+    m = load_manifest(work / "data_manifest.yaml").select(
+        ["synth-nodules-3d"], [args[3]], [int(args[5])]
+    )
+    df = stage.run(m, tmp_path, pool="abmil", echo=lambda _: None)
+    assert set(df.pool) == {"abmil"} and set(df.probe) == {"linear", "knn", "abmil"}
+    enc = df[(df.encoder != "pixels") & (df.metric == "auroc")]
+    assert (enc.value > 0.5).all(), enc[["probe", "value"]]
 
 
 def test_too_coarse_patch_grid_is_explained():

@@ -1,0 +1,602 @@
+"""Hostile input and corrupted feature sets through the real CLI: a reliability table.
+
+    python benchmarks/reliability.py            # about 2-3 minutes on 2 CPU cores
+
+Part 1 runs a fixed list of hostile inputs (issue 11, and the cases of
+tests/test_hostile.py) through `featstore extract` / `featstore probe` as
+subprocesses, each in its own temp folder, mostly with the `pixels:8` encoder (no
+model); the decompression bomb also runs through a tiny DINOv3 saved with
+`save_pretrained`. Each outcome is classified from the exit code and the output:
+
+    refused     exit 2, one `error: ...` line naming what the case expects, no traceback
+    accepted    exit 0 (for `--skip-bad` cases: and the bad samples counted as skipped)
+    traceback   a Python traceback anywhere in the output
+    unclear     refused, but the message does not name the file/field/line expected
+    timeout     no answer within 60 s
+
+Part 2 damages one chunk of every array of a real feature set (flip a byte,
+truncate, delete; the logic of tests/test_trust.py), edits its attributes and its
+zarr.json, and counts how many `featstore verify` reports with a `FAIL` line.
+Exit status 1 when any case misses its expectation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FEATSTORE = str(Path(sys.executable).parent / "featstore")
+TIMEOUT = 60
+SPLITS = ("train", "val", "test")
+PIXELS = "cache: cache\nencoders: ['pixels:8']\nbaseline: null\nresolutions: [32]\nbatch_size: 4\n"
+IMAGES = "  - {name: d, format: images, path: data, index: index.csv, task: %s, dims: 2%s}\n"
+VOLUMES = "  - {name: v, format: %s, path: data, index: index.csv, task: classification, dims: 3}\n"
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def png(path: Path, value: int = 40, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+
+
+def png_header(path: Path, width: int, height: int) -> None:
+    """A ~100-byte PNG whose header claims `width` x `height` pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (width + 1) * 4)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def images(
+    root: Path,
+    rows: list[str] | None = None,
+    header: str = "image,label,split",
+    task: str = "classification",
+    extra: str = "",
+    top: str = PIXELS,
+) -> list[str]:
+    """An images dataset (one 8x8 PNG per row) and its manifest; returns extract args."""
+    rows = rows or [f"i{i}.png,{i % 2},{SPLITS[i % 3]}" for i in range(6)]
+    for row in rows:
+        if row.split(",")[0]:
+            png(root / "data" / row.split(",")[0], 20 + 30 * len(row) % 200)
+    (root / "data" / "index.csv").write_text("\n".join([header, *rows]) + "\n")
+    (root / "m.yaml").write_text(top + "datasets:\n" + IMAGES % (task, extra))
+    return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+
+def manifest(root: Path, text: str | bytes, command: str = "extract") -> list[str]:
+    """A manifest with a real images dataset beside it, so only the manifest is hostile."""
+    images(root)
+    path = root / "m.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return [command, "--manifest", "m.yaml"] + (["--workers", "0"] if command == "extract" else [])
+
+
+def billion_laughs() -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join([*lines, "datasets: [*l9]", ""])
+
+
+def with_file(edit: Callable[[Path], None], **kw) -> Callable[[Path], list[str]]:
+    """An images dataset in which `edit` then damages something."""
+
+    def setup(root: Path) -> list[str]:
+        args = images(root, **kw)
+        edit(root / "data")
+        return args
+
+    return setup
+
+
+def tiny_dinov3(folder: Path) -> Path:
+    """As tests/conftest.py `tiny_dinov3`: a 2-block DINOv3, 8-px patches, 2 registers,
+    saved with save_pretrained into `folder` (once)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    torch.manual_seed(1)
+    cfg = DINOv3ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        patch_size=8, image_size=32, num_register_tokens=2,
+    )  # fmt: skip
+    DINOv3ViTModel(cfg).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]})
+    )
+    return folder
+
+
+def nifti_bomb(root: Path) -> list[str]:
+    import nibabel as nib
+
+    (root / "data").mkdir(parents=True)
+    header = nib.Nifti1Header()
+    header.set_data_shape((3000, 3000, 3000))
+    header.set_data_dtype(np.float32)
+    (root / "data" / "v.nii").write_bytes(header.binaryblock + bytes(68))
+    (root / "data" / "index.csv").write_text("image,label,split\nv.nii,0,train\n")
+    (root / "m.yaml").write_text(PIXELS + "datasets:\n" + VOLUMES % "nifti")
+    return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+
+def dicom_without_pixels(root: Path) -> list[str]:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ct.PixelData
+    (root / "data" / "s").mkdir(parents=True)
+    ct.save_as(root / "data" / "s" / "a.dcm")
+    (root / "data" / "index.csv").write_text("image,label,split\ns,0,train\n")
+    (root / "m.yaml").write_text(PIXELS + "datasets:\n" + VOLUMES % "dicom")
+    return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+
+def seg_with_stray_mask_value(root: Path) -> list[str]:
+    """Masks of class 1 on a declared [bg, lesion], but m3.png also holds a 5."""
+    (root / "data").mkdir(parents=True)
+    for i in range(6):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:5, 2:5] = 5 if i == 3 else 1
+        Image.fromarray(mask).save(root / "data" / f"m{i}.png")
+    rows = [f"i{i}.png,m{i}.png,{SPLITS[i % 3]}" for i in range(6)]
+    return images(root, rows, "image,mask,split", "segmentation", ", classes: [bg, lesion]")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    expected: str  # refused | accepted | skipped
+    setup: Callable[[Path], list[str]]
+    pattern: str = ""  # what a clear refusal names (regex on the output)
+
+
+def _add(args: list[str], *extra: str) -> Callable[[Path], list[str]]:
+    return lambda root: images(root) + list(extra)
+
+
+SYNTH_BAD = PIXELS + "datasets:\n" + IMAGES % ("classification", "%s")
+CASES = [
+    # manifests
+    Case("valid images dataset (control)", "accepted", images),
+    Case(
+        "YAML anchors reused modestly (control)",
+        "accepted",
+        lambda r: manifest(
+            r,
+            PIXELS.replace("[32]", "&s [32]")
+            + "datasets:\n"
+            + IMAGES % ("classification", ", resolutions: *s"),
+        ),
+    ),
+    Case(
+        "YAML alias bomb (billion laughs)",
+        "refused",
+        lambda r: manifest(r, billion_laughs()),
+        r"m\.yaml: more than 100000 values",
+    ),
+    Case(
+        "YAML alias inside its own anchor",
+        "refused",
+        lambda r: manifest(r, "a: &a [*a]\ndatasets: *a\n"),
+        r"m\.yaml: .*refers to itself",
+    ),
+    Case(
+        "binary garbage as manifest",
+        "refused",
+        lambda r: manifest(r, os.urandom(4096)),
+        r"m\.yaml: not a text file",
+    ),
+    Case(
+        "manifest nested 5000 deep",
+        "refused",
+        lambda r: manifest(r, "x: " + "[" * 5000),
+        r"m\.yaml: not valid YAML: nested deeper",
+    ),
+    Case(
+        "manifest of 2 MB",
+        "refused",
+        lambda r: manifest(r, "# pad\n" * 400_000),
+        r"m\.yaml: larger than 1 MiB",
+    ),
+    Case(
+        "YAML tag !!timestamp on junk",
+        "refused",
+        lambda r: manifest(r, "datasets: !!timestamp 2001-01-01 -\n"),
+        r"m\.yaml: not valid YAML: cannot read",
+    ),
+    Case(
+        "YAML tag !!python/object",
+        "refused",
+        lambda r: manifest(r, "datasets: !!python/object:os.system x\n"),
+        r"m\.yaml: not valid YAML",
+    ),
+    Case(
+        "dataset resolution -224",
+        "refused",
+        lambda r: manifest(r, SYNTH_BAD % ", resolutions: [-224]"),
+        r"dataset 'd', field 'resolutions'",
+    ),
+    Case(
+        "dataset resolution 1000000",
+        "refused",
+        lambda r: manifest(r, SYNTH_BAD % ", resolutions: [1000000]"),
+        r"dataset 'd', field 'resolutions'",
+    ),
+    Case(
+        "top-level resolution 1000000",
+        "refused",
+        lambda r: manifest(
+            r,
+            (PIXELS + "datasets:\n" + IMAGES % ("classification", "")).replace("[32]", "[1000000]"),
+        ),
+        r"field 'resolutions'",
+    ),
+    Case(
+        "split ratios [.nan, .nan, .nan]",
+        "refused",
+        lambda r: manifest(r, SYNTH_BAD % ", splits: {ratios: [.nan, .nan, .nan]}"),
+        r"field 'splits.ratios",
+    ),
+    Case(
+        "metadata coordinate named 'split'",
+        "refused",
+        lambda r: manifest(r, SYNTH_BAD % ", metadata: {label: split}"),
+        r"metadata coordinate names \['split'\]",
+    ),
+    Case(
+        "mask_map {300: 1}",
+        "refused",
+        lambda r: manifest(r, SYNTH_BAD % ", mask_map: {300: 1}"),
+        r"dataset 'd'.*mask_map",
+    ),
+    Case(
+        "glob mask template '{nam}'",
+        "refused",
+        lambda r: manifest(
+            r,
+            (SYNTH_BAD % ", index: {glob: '*.png', mask: '{nam}'}").replace(
+                "index: index.csv, ", ""
+            ),
+        ),
+        r"dataset 'd', field 'index'",
+    ),
+    # command-line options
+    Case(
+        "extract --batch-size -4",
+        "refused",
+        _add([], "--batch-size", "-4"),
+        r"error: --batch-size -4",
+    ),
+    Case(
+        "extract --batch-size 0", "refused", _add([], "--batch-size", "0"), r"error: --batch-size 0"
+    ),
+    Case("extract --workers -1", "refused", _add([], "--workers", "-1"), r"error: --workers -1"),
+    Case(
+        "extract --resolution 1000000",
+        "refused",
+        _add([], "--resolution", "1000000"),
+        r"error: --resolution \[1000000\]",
+    ),
+    Case(
+        "probe --pool median",
+        "refused",
+        lambda r: (
+            manifest(r, PIXELS + "datasets:\n" + IMAGES % ("classification", ""), "probe")
+            + ["--pool", "median"]
+        ),
+        r"error: --pool 'median'",
+    ),
+    # images and index files
+    Case(
+        "PNG header 30000x30000",
+        "refused",
+        with_file(lambda d: png_header(d / "i4.png", 30000, 30000)),
+        r"i4\.png: its header claims",
+    ),
+    Case(
+        "PNG header 30000x30000, --skip-bad",
+        "skipped",
+        lambda r: with_file(lambda d: png_header(d / "i4.png", 30000, 30000))(r) + ["--skip-bad"],
+    ),
+    Case(
+        "PNG header 30000x30000, --skip-bad, tiny DINOv3",
+        "skipped",
+        lambda r: (
+            with_file(
+                lambda d: png_header(d / "i4.png", 30000, 30000),
+                top=PIXELS.replace("'pixels:8'", repr(str(tiny_dinov3(r.parent / "model")))),
+            )(r)
+            + ["--skip-bad"]
+        ),
+    ),
+    Case(
+        "truncated PNG, --skip-bad",
+        "skipped",
+        lambda r: (
+            with_file(lambda d: (d / "i2.png").write_bytes((d / "i2.png").read_bytes()[:40]))(r)
+            + ["--skip-bad"]
+        ),
+    ),
+    Case(
+        "split typo 'tset', splits: {from: column}",
+        "refused",
+        lambda r: images(r, ["a.png,0,train", "b.png,1,tset"], extra=", splits: {from: column}"),
+        r"index\.csv, line 3: split 'tset'",
+    ),
+    Case(
+        "no split column, splits: {from: column}",
+        "refused",
+        lambda r: images(
+            r, ["a.png,0", "b.png,1"], "image,label", extra=", splits: {from: column}"
+        ),
+        r"index\.csv: index lacks column\(s\) \['split'\]",
+    ),
+    Case(
+        "label 1.7",
+        "refused",
+        lambda r: images(r, ["a.png,0,train", "b.png,1.7,test"]),
+        r"index\.csv, line 3: label '1\.7'",
+    ),
+    Case(
+        "label -1",
+        "refused",
+        lambda r: images(r, ["a.png,0,train", "b.png,-1,test"]),
+        r"index\.csv, line 3: label -1",
+    ),
+    Case(
+        "label 2 with 2 classes",
+        "refused",
+        lambda r: images(r, ["a.png,0,train", "b.png,2,test"], extra=", classes: [a, b]"),
+        r"index\.csv, line 3: label 2 is out of range",
+    ),
+    Case(
+        "multilabel rows of 3 and 2 values",
+        "refused",
+        lambda r: images(r, ["a.png,0;1;0,train", "b.png,1;0,test"], task="multilabel"),
+        r"index\.csv, line 3: multilabel has 2",
+    ),
+    Case(
+        "mask value 5 outside classes",
+        "refused",
+        seg_with_stray_mask_value,
+        r"m3\.png: mask values \[5\]",
+    ),
+    Case(
+        "index CSV of binary garbage",
+        "refused",
+        with_file(lambda d: (d / "index.csv").write_bytes(os.urandom(2000))),
+        r"index\.csv: not a UTF-8",
+    ),
+    Case(
+        "index row with an extra cell",
+        "refused",
+        lambda r: images(r, ["a.png,0,train,x"]),
+        r"index\.csv, line 2: 4 cells",
+    ),
+    Case(
+        "NIfTI header 3000^3 voxels",
+        "refused",
+        nifti_bomb,
+        r"v\.nii: its header says 3000 x 3000 x 3000",
+    ),
+    Case(
+        "DICOM without pixel data",
+        "refused",
+        dicom_without_pixels,
+        r"a\.dcm: cannot decode its pixel data",
+    ),
+]
+
+
+def run_case(case: Case, root: Path, env: dict[str, str]) -> tuple[str, float, str]:
+    """(outcome, seconds, first line of the error or summary)."""
+    args = case.setup(root)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [FEATSTORE, *args], cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start, f"no answer in {TIMEOUT} s"
+    seconds = time.perf_counter() - start
+    out = proc.stdout + proc.stderr
+    lines = [x for x in out.splitlines() if x.strip()]
+    if "Traceback (most recent call last)" in out:
+        return "traceback", seconds, lines[-1] if lines else ""
+    error = proc.stderr[proc.stderr.find("error: ") :] if "error: " in proc.stderr else ""
+    if proc.returncode == 2 and error:
+        clear = re.search(case.pattern, out) is not None
+        message = " | ".join(x.strip() for x in error.splitlines()).removeprefix("error: ")
+        return ("refused" if clear else "unclear"), seconds, message.replace(str(root) + "/", "")
+    if proc.returncode == 0:
+        skipped = re.search(r"(\d+) samples? skipped", out)
+        n = int(skipped.group(1)) if skipped else 0
+        done = [x for x in lines if x.startswith("done:")]
+        return ("skipped" if n else "accepted"), seconds, (done or lines or [""])[-1]
+    return f"exit {proc.returncode}", seconds, lines[-1] if lines else ""
+
+
+# ------------------------------------------------------------------ corruption
+
+ARRAYS = ["cls", "patch", "mask", "sample", "slice", "split"]
+
+
+def _chunk(path: Path, name: str, unit: int) -> Path:
+    chunk = path / name / "c" / str(unit)
+    return chunk if chunk.is_file() else next(p for p in sorted(chunk.rglob("*")) if p.is_file())
+
+
+def _damage(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    if how == "flip":
+        file.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    elif how == "truncate":
+        file.write_bytes(data[: len(data) // 2])
+    else:
+        file.unlink()
+
+
+def _edit_attrs(path: Path, edit: Callable[[dict], None]) -> None:
+    import zarr
+
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    attrs = dict(root.attrs)
+    edit(attrs)
+    root.attrs.put(attrs)
+
+
+def _bad_json(path: Path) -> None:
+    (path / "zarr.json").write_text("{ not json")
+
+
+EDITS: dict[str, Callable[[Path], None]] = {
+    "attributes: preprocess.resolution": lambda p: _edit_attrs(
+        p, lambda a: a["preprocess"].update(resolution=64)
+    ),
+    "attributes: identity recipe": lambda p: _edit_attrs(
+        p, lambda a: a["identity"]["recipe"].update(resolution=64)
+    ),
+    "attributes: skipped list": lambda p: _edit_attrs(
+        p, lambda a: a.update(skipped={"img0000": "edited"})
+    ),
+    "attributes: encoder random_init": lambda p: _edit_attrs(
+        p, lambda a: a["encoder"].update(random_init=True)
+    ),
+    "zarr.json: invalid JSON": _bad_json,
+}
+
+
+def reference_set(work: Path, model: Path, env: dict[str, str]) -> Path:
+    """A complete 2D segmentation set of 3 units (12 items, 4 per unit), tiny DINOv3."""
+    entry = (
+        "  - {name: d, format: synthetic, synthetic: {kind: seg2d, n: 12, size: 32, seed: 0},"
+        " path: data/d, task: segmentation, dims: 2}\n"
+    )
+    (work / "m.yaml").write_text(
+        f"cache: cache\nencoders: ['{model}']\nresolutions: [32]\nbaseline: null\n"
+        f"batch_size: 4\nunit_items: 4\ndatasets:\n{entry}"
+    )
+    cmd = [FEATSTORE, "extract", "--manifest", "m.yaml", "--workers", "0"]
+    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    (path,) = (work / "cache").glob("*.zarr")
+    return path
+
+
+def corruption_cases(ref: Path, work: Path, env: dict[str, str]) -> list[tuple[str, str, bool]]:
+    """(case, what verify said, detected) for a clean copy and every damage."""
+    damages: list[tuple[str, Callable[[Path], None], str]] = [
+        (f"{name} unit 1: {how}", lambda p, n=name, h=how: _damage(_chunk(p, n, 1), h), name)
+        for name in ARRAYS
+        for how in ("flip", "truncate", "delete")
+    ]
+    damages += [(label, edit, "") for label, edit in EDITS.items()]
+    out = []
+    for i, (label, damage, name) in enumerate([("clean copy (control)", None, ""), *damages]):
+        copy = work / f"copy{i}" / ref.name
+        shutil.copytree(ref, copy)
+        if damage is not None:
+            damage(copy)
+        proc = subprocess.run(
+            [FEATSTORE, "verify", str(copy)], env=env, capture_output=True, text=True
+        )
+        fails = [x for x in proc.stdout.splitlines() if x.startswith("FAIL")]
+        if damage is None:
+            detected = proc.returncode == 0 and not fails
+            said = "ok" if detected else (fails or ["?"])[0]
+        else:
+            wanted = f"FAIL {name} unit 1" if name else "FAIL "
+            detected = proc.returncode == 1 and any(x.startswith(wanted) for x in fails)
+            said = fails[0] if fails else f"exit {proc.returncode}, no FAIL line"
+        if "Traceback" in proc.stdout + proc.stderr:
+            detected, said = False, "traceback"
+        out.append((label, said, detected))
+    return out
+
+
+# ------------------------------------------------------------------ report
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def main() -> int:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="featstore-reliability-") as tmp:
+        tmp_path = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if k != "FEATSTORE_CACHE"}
+        env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
+        print(f"{'input':50} {'expected':9} {'outcome':10} {'s':>5}  message")
+        tally: dict[str, int] = {}
+        misses = 0
+        for i, case in enumerate(CASES):
+            root = tmp_path / f"case{i:02d}"
+            root.mkdir()
+            outcome, seconds, message = run_case(case, root, env)
+            tally[outcome] = tally.get(outcome, 0) + 1
+            ok = outcome == case.expected
+            misses += not ok
+            mark = "" if ok else "  <-- expected " + case.expected
+            print(
+                f"{_cut(case.name, 50):50} {case.expected:9} {outcome:10} {seconds:5.1f}  "
+                f"{_cut(message.removeprefix('error: '), 90)}{mark}"
+            )
+        n = len(CASES)
+        print(
+            f"\nhostile inputs: {n} cases, {n - misses} as expected; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(tally.items()))
+        )
+
+        work = tmp_path / "corruption"
+        work.mkdir()
+        ref = reference_set(work, tiny_dinov3(tmp_path / "model"), env)
+        rows = corruption_cases(ref, work, env)
+        print(f"\n{'corruption (featstore verify)':40} {'detected':8}  first FAIL line")
+        for label, said, detected in rows:
+            print(f"{label:40} {'yes' if detected else 'NO':8}  {_cut(said, 100)}")
+        damaged = rows[1:]
+        found = sum(d for _, _, d in damaged)
+        chunk_found = sum(d for label, _, d in damaged if " unit 1: " in label)
+        print(
+            f"\ncorruptions detected: {found}/{len(damaged)} "
+            f"(chunks {chunk_found}/{len(ARRAYS) * 3}, attributes and metadata "
+            f"{found - chunk_found}/{len(EDITS)}); clean copy passes: "
+            f"{'yes' if rows[0][2] else 'NO'}"
+        )
+        misses += len(damaged) - found + (not rows[0][2])
+    print(f"total {time.perf_counter() - start:.0f} s; {misses} misses")
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Extraction on a dask.distributed cluster: every unit of work is one task.
+
+    featstore extract --cluster local:4          # a LocalCluster of 4 worker processes
+    featstore extract --scheduler tcp://host:8786  # a running cluster (dask worker, Slurm, ...)
+
+The client lists and fingerprints the data, allocates each feature set and, once
+every unit is written, verifies it and marks it complete. A task encodes exactly the
+batches of one unit (the batches a single process would forward) and writes only
+that unit's chunks and mark, so no two writers ever touch one object, a lost
+worker's units are simply run again elsewhere, and the store ends byte-identical to a
+single-process run on the same kind of device and thread count. Each worker process
+loads an encoder once (kept by a worker plugin) and reuses it for every task.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from distributed import WorkerPlugin
+
+from featstore import store
+from featstore.errors import ManifestError
+from featstore.extraction import Options, Summary, UnitRunner, extract_set
+from featstore.identity import EncoderInfo, SetIdentity
+from featstore.manifest import Manifest
+from featstore.readers import Prepared, prepare
+
+PLUGIN = "featstore-encoders"
+
+
+class EncoderCache(WorkerPlugin):
+    """Worker plugin: one loaded encoder per (spec, device) and worker process."""
+
+    name = PLUGIN
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self.encoders: dict[tuple[str, str], Any] = {}
+
+    def setup(self, worker: Any) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+    def get(self, spec: str, device: str, memo: Path | None) -> Any:
+        """The encoder `spec` on `device`, loaded on first use in this process."""
+        from featstore.encoders import load_encoder
+
+        key = (spec, device)
+        if key not in self.encoders:
+            self.encoders[key] = load_encoder(spec, device, memo)  # type: ignore[arg-type]
+        return self.encoders[key]
+
+
+def _cache() -> EncoderCache:
+    from distributed import get_worker
+
+    plugin = get_worker().plugins.get(PLUGIN)
+    if not isinstance(plugin, EncoderCache):
+        raise RuntimeError("the featstore worker plugin is not registered on this worker")
+    return plugin
+
+
+def _encoder_info(spec: str, device: str, memo: Path | None) -> EncoderInfo:
+    info: EncoderInfo = _cache().get(spec, device, memo).info
+    return info
+
+
+def _unit_task(
+    prep: Prepared,
+    spec: str,
+    device: str,
+    memo: Path | None,
+    ident: SetIdentity,
+    path: Path,
+    layout: store.Layout,
+    unit: int,
+    batch_size: int,
+    opts: Options,
+) -> tuple[int, float, dict[str, str]]:
+    """Encode and write one unit on a worker: (items, MB written, skipped samples)."""
+    from featstore.errors import StoreMismatchError
+    from featstore.extraction import _encode_units
+
+    encoder = _cache().get(spec, device, memo)
+    if encoder.info != ident.weights:
+        raise StoreMismatchError(
+            f"worker {os.uname().nodename} resolves encoder '{spec}' to other weights "
+            f"({encoder.info.weights_sha256[:12]}, the client's set expects "
+            f"{ident.weights.weights_sha256[:12] if ident.weights else '?'}); give every "
+            "worker the same model files"
+        )
+    one = replace(opts, num_workers=0, writers=1, progress=False)
+    return _encode_units(prep, encoder, ident, path, layout, [unit], batch_size, one)
+
+
+def parse_cluster(text: str) -> int:
+    """`local:N` -> N worker processes."""
+    kind, _, n = text.partition(":")
+    if kind != "local" or not n.isdigit() or not 1 <= int(n) <= 256:
+        raise ManifestError(f"--cluster {text!r}: expected local:N with 1 <= N <= 256")
+    return int(n)
+
+
+@contextmanager
+def client_for(cluster: str | None, scheduler: str | None, threads: int = 1) -> Iterator[Any]:
+    """A dask.distributed Client on a new LocalCluster or a running scheduler, with the
+    featstore plugin registered on every worker."""
+    from distributed import Client, LocalCluster
+
+    if (cluster is None) == (scheduler is None):
+        raise ManifestError("give exactly one of --cluster local:N and --scheduler ADDRESS")
+    if cluster is not None:
+        local = LocalCluster(
+            n_workers=parse_cluster(cluster), threads_per_worker=1, processes=True,
+            dashboard_address=":0",
+        )  # fmt: skip
+        client = Client(local)
+    else:
+        local, client = None, Client(scheduler)
+    try:
+        client.register_plugin(EncoderCache(threads))
+        yield client
+    finally:
+        client.close()
+        if local is not None:
+            local.close()
+
+
+def _runner(
+    client: Any,
+    remote: Any,
+    spec: str,
+    device: str,
+    memo: Path | None,
+    batch_size: int,
+    opts: Options,
+    name: str,
+) -> UnitRunner:
+    """Runs the units of a set as tasks on `client`, with a progress bar of units."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    def run(
+        ident: SetIdentity, path: Path, layout: store.Layout, units: list[int]
+    ) -> tuple[int, float, dict[str, str]]:
+        futures = [
+            client.submit(
+                _unit_task,
+                remote,
+                spec,
+                device,
+                memo,
+                ident,
+                path,
+                layout,
+                u,
+                batch_size,
+                opts,
+                pure=False,
+                retries=2,
+                key=f"featstore-{path.name}-unit-{u}",
+            )  # fmt: skip
+            for u in units
+        ]
+        items, mbytes, skipped = 0, 0.0, {}
+        label = ident.weights.label if ident.weights else spec
+        desc = f"{name} / {label} @ {ident.recipe.resolution}px on the cluster"
+        with tqdm(total=len(units), unit="unit", desc=desc, disable=not opts.progress) as bar:
+            for fut in as_completed(futures):
+                n, mb, bad = fut.result()
+                items, mbytes = items + n, mbytes + mb
+                skipped.update(bad)
+                bar.update(1)
+        return items, mbytes, skipped
+
+    return run
+
+
+def extract_on_cluster(
+    manifest: Manifest,
+    client: Any,
+    opts: Options = Options(),
+    *,
+    baseline: bool = True,
+    echo: Callable[[str], object] = print,
+) -> list[Summary]:
+    """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
+    from featstore.fingerprint import memo_for
+
+    echo(f"dask dashboard: {client.dashboard_link}")
+    memo = memo_for(manifest.cache)
+    device = "cuda" if opts.device == "cuda" else "cpu"
+    prepared: dict[str, Any] = {}
+    summaries = []
+    for ds, spec, res in manifest.cells(baseline):
+        if ds.name not in prepared:
+            prep = prepare(ds, memo)
+            prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
+        prep, remote = prepared[ds.name]
+        info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
+
+        run = _runner(client, remote, spec, device, memo, manifest.batch_size, opts, ds.name)
+        summary = extract_set(prep, info, spec, res, manifest, opts, run)
+        echo(summary.line())
+        summaries.append(summary)
+    return summaries

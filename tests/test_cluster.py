@@ -1,0 +1,87 @@
+"""Extraction on a 2-worker dask LocalCluster (CPU): byte-identical, survives a lost worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import synth_entry, write_manifest
+
+from featstore import integrity, store
+from featstore.extraction import Options
+from featstore.manifest import load_manifest
+from pipelines import extract
+
+distributed = pytest.importorskip("distributed")
+EXTRA = "batch_size: 4\nunit_items: 8\n"
+
+
+def _chunks(path):
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+@pytest.fixture(scope="module")
+def client():
+    from featstore.cluster import client_for
+
+    with client_for("local:2", None, threads=1) as c:
+        yield c
+
+
+def _manifests(tmp_path, tiny_dinov3, n=8, slices=12):
+    entry = synth_entry("d", "seg3d", n=n, slices=slices)
+    out = []
+    for name in ("single", "cluster"):
+        (tmp_path / name).mkdir()
+        out.append(write_manifest(tmp_path / name, entry, f"['{tiny_dinov3}']", "[32]", EXTRA))
+    return out
+
+
+def test_cluster_extract_is_byte_identical_to_one_process(tmp_path, tiny_dinov3, client):
+    from featstore.cluster import extract_on_cluster
+
+    single, clustered = _manifests(tmp_path, tiny_dinov3)
+    opts = Options(threads=1, progress=False)
+    (ref,) = extract.run(load_manifest(single), opts, baseline=False, echo=lambda *_: None)
+    lines: list[str] = []
+    (got,) = extract_on_cluster(
+        load_manifest(clustered), client, opts, baseline=False, echo=lines.append
+    )
+    assert got.status == "new" and got.items == ref.items and got.path.name == ref.path.name
+    assert "dask dashboard" in lines[0]
+    assert integrity.verify(got.path) == []
+    assert _chunks(got.path) == _chunks(ref.path)
+
+
+def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
+    from featstore.cluster import extract_on_cluster
+
+    single, clustered = _manifests(tmp_path, tiny_dinov3, n=16, slices=16)
+    opts = Options(threads=1, progress=False)
+    (ref,) = extract.run(load_manifest(single), opts, baseline=False, echo=lambda *_: None)
+    pids = list(client.run(os.getpid).values())
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        m = load_manifest(clustered)
+        result["s"] = extract_on_cluster(m, client, opts, baseline=False, echo=lambda *_: None)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    marks = clustered.parent / "cache" / ref.path.name / "_featstore" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (marks.is_dir() and any(marks.iterdir())):
+        time.sleep(0.01)
+    os.kill(pids[0], signal.SIGKILL)  # the nanny starts a new worker; its tasks run again
+    thread.join(timeout=300)
+    (got,) = result["s"]  # type: ignore[misc]
+    assert pids[0] not in client.run(os.getpid).values()  # the worker really was replaced
+    assert store.read_attrs(got.path)["complete"] and integrity.verify(got.path) == []
+    assert _chunks(got.path) == _chunks(ref.path)

@@ -1,0 +1,146 @@
+"""Feeding and writing: writer pool, codecs, pooled and int8 patch tokens, GPU path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from conftest import synth_entry, write_manifest
+
+from featstore import integrity, store
+from featstore.evaluation import probe_set
+from featstore.extraction import Options
+from featstore.manifest import load_manifest
+from featstore.writer import quantize_int8
+from pipelines import extract
+
+EXTRA = "batch_size: 4\nunit_items: 4\n"
+
+
+def _run(mpath, **opts):
+    m = load_manifest(mpath)
+    return extract.run(m, Options(progress=False, **opts), baseline=False, echo=lambda *_: None)
+
+
+def _chunks(path):
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+def test_writer_pool_size_does_not_change_a_byte(tmp_path, tiny_dinov3):
+    sets = []
+    for writers in (1, 4):
+        (tmp_path / str(writers)).mkdir()
+        m = write_manifest(
+            tmp_path / str(writers),
+            synth_entry("d", "seg2d", n=16),
+            f"['{tiny_dinov3}']",
+            extra=EXTRA,
+        )
+        (s,) = _run(m, writers=writers)
+        sets.append(s.path)
+    assert _chunks(sets[0]) == _chunks(sets[1]) and len(_chunks(sets[0])) > 10
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4", "zstd-1", "zstd-3"])
+def test_every_codec_stores_the_same_values(tmp_path, tiny_dinov3, codec):
+    m = write_manifest(
+        tmp_path, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']", extra=f"codec: {codec}\n"
+    )
+    (s,) = _run(m)
+    assert store.read_attrs(s.path)["storage"]["codec"] == codec
+    assert integrity.verify(s.path) == []
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (r,) = _run(write_manifest(ref, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']"))
+    assert r.path.name == s.path.name  # the codec is storage, not content: same key
+    a, b = xr.open_zarr(s.path), xr.open_zarr(r.path)
+    assert np.array_equal(a.patch.values, b.patch.values, equal_nan=True)
+
+
+def test_quantize_int8_is_within_half_a_step():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 4, 4, 8)).astype(np.float32) * rng.uniform(0.1, 50, 8)
+    x[1] = np.nan  # a skipped item
+    x[2, ..., 5] = 0  # an all-zero channel
+    q, scale = quantize_int8(x)
+    assert q.dtype == np.int8 and scale.shape == (3, 8)
+    back = q * scale[:, None, None, :]
+    assert np.all(np.abs(back[0] - x[0]) <= scale[0] / 2 + 1e-6)
+    assert np.isnan(scale[1]).all() and np.isnan(back[1]).all()
+    assert np.all(back[2, ..., 5] == 0)
+    assert np.abs(q).max() == 127
+
+
+def test_pooled_int8_patch_tokens_are_a_set_of_their_own(tmp_path, tiny_dinov3):
+    entry = synth_entry("d", "seg2d", n=12)
+    full = write_manifest(tmp_path, entry, f"['{tiny_dinov3}']", "[64]", extra=EXTRA)
+    (plain,) = _run(full)
+    (tmp_path / "small").mkdir()
+    small = write_manifest(
+        tmp_path / "small",
+        entry.replace("path: data/d", f"path: {tmp_path / 'data' / 'd'}"),
+        f"['{tiny_dinov3}']",
+        "[64]",
+        extra=EXTRA + "patch_pool: 2\nquantize: int8\n",
+    )
+    (fewer,) = _run(small)
+    assert fewer.path.name != plain.path.name  # part of the identity
+    a = store.open_set(plain.path)
+    b = store.open_set(fewer.path)  # dequantized on open
+    assert b.patch.dtype == np.float32 and b.sizes["row"] == a.sizes["row"] // 2
+    pooled = a.patch.values.astype(np.float32).reshape(12, 4, 2, 4, 2, 32).mean((2, 4))
+    step = np.abs(pooled).max((1, 2)) / 127
+    assert np.all(np.abs(b.patch.values - pooled) <= step[:, None, None, :] / 2 + 2e-3)
+    stored = sum(f.stat().st_size for f in (fewer.path / "patch").rglob("*") if f.is_file())
+    before = sum(f.stat().st_size for f in (plain.path / "patch").rglob("*") if f.is_file())
+    assert stored < before / 4
+    assert integrity.verify(fewer.path) == []
+    rows = probe_set(fewer.path, load_manifest(small).datasets[0]).rows
+    assert any(r["metric"] == "dice" and r["value"] >= 0 for r in rows)
+
+
+def test_patch_pool_must_divide_the_grid(tmp_path, tiny_dinov3):
+    m = write_manifest(
+        tmp_path, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']", extra="patch_pool: 3\n"
+    )
+    with pytest.raises(ValueError, match="patch_pool 3 does not divide the 4x4 patch grid"):
+        _run(m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_path_matches_cpu_within_rounding(tmp_path, tiny_dinov3):
+    sets = {}
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        m = write_manifest(tmp_path / device, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']")
+        (sets[device],) = _run(m, device=device)
+    a, b = (xr.open_zarr(sets[d].path).patch.values.astype(np.float32) for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)  # bf16 autocast on the GPU
+
+
+def test_several_blocks_of_patch_tokens_are_stored_and_cost_is_printed(tmp_path, tiny_dinov3):
+    entry = synth_entry("d", "seg2d", n=8)
+    m = write_manifest(
+        tmp_path, entry, f"['{tiny_dinov3}']", extra="patch_layers: [-1, -2]\n" + EXTRA
+    )
+    lines: list[str] = []
+    (s,) = extract.run(load_manifest(m), Options(progress=False), baseline=False, echo=lines.append)
+    xs = store.open_set(s.path)
+    assert xs.patch.dims == ("item", "patch_layer", "row", "col", "channel")
+    assert xs.sizes["patch_layer"] == 2 and s.set_mb > 0
+    assert "MB uncompressed" in lines[0]
+    (tmp_path / "one").mkdir()
+    one = write_manifest(
+        tmp_path / "one",
+        entry.replace("path: data/d", f"path: {tmp_path / 'data' / 'd'}"),
+        f"['{tiny_dinov3}']",
+        extra=EXTRA,
+    )
+    (last,) = _run(one)
+    np.testing.assert_array_equal(xs.patch.values[:, 1], store.open_set(last.path).patch.values)
