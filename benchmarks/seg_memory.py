@@ -79,7 +79,7 @@ def main() -> None:
         ).stdout  # fmt: skip
     got = json.loads(out.strip().splitlines()[-1])
     print(f"patch tokens: {n} items, {args.gb:.1f} GB float16 ({2 * args.gb:.1f} GB as float32)")
-    print(f"bound: {args.bound_mb:.0f} MB of float32 tokens per block")
+    print(f"bound: {args.bound_mb:.0f} MB for the block being fitted")
     print(
         f"peak RSS of the fitting process: {got['peak_mb']:.0f} MB = {got['base_mb']:.0f} MB "
         f"before fitting (Python, numpy, zarr, scikit-learn) + "

@@ -133,6 +133,7 @@ def probe_set(
     seed: int = 0,
     protocol: str = "default",
     samples: Sequence[Sample] | None = None,
+    stream_mb: float | None = None,
 ) -> SetResult:
     """Every probe that fits `ds.task`, on the feature set at `path`.
 
@@ -151,7 +152,7 @@ def probe_set(
         # multi-threaded OpenBLAS spin-waits (a 1.7 s linear segmentation fit took 69 s
         # on this project's 2-core machine while another test run was going).
         with threadpool_limits(limits=1):
-            return _probe_open_set(path, xs, ds, pool, seed, protocol, samples)
+            return _probe_open_set(path, xs, ds, pool, seed, protocol, samples, stream_mb)
     except (ValueError, RuntimeError, OSError) as exc:
         if isinstance(exc, FeatstoreError) or not _from_storage(exc):
             raise
@@ -177,6 +178,7 @@ def _probe_open_set(
     seed: int,
     protocol: str,
     samples: Sequence[Sample] | None,
+    stream_mb: float | None,
 ) -> SetResult:
     ident = SetIdentity.from_attrs(xs.attrs["identity"])  # checked against the key on open
     assert ident.weights is not None
@@ -215,7 +217,7 @@ def _probe_open_set(
             spacing = geometry.grid_spacing(
                 ds, samples, coords, item_str(xs.sample), xs.sizes["y"], fit
             )
-        found, examples = probe_segmentation(xs, ds, seed, spacing)
+        found, examples = probe_segmentation(xs, ds, seed, spacing, stream_mb)
     else:
         found = list(_classification(xs, ds, pool, seed, protocol))
     return SetResult(path, key, [{**row_ident, **row} for row in found], examples)
@@ -247,6 +249,7 @@ def probe_manifest(
     *,
     pool: str = "mean",
     seed: int = 0,
+    stream_mb: float | None = None,
     baseline: bool = True,
     manifest_file: Path | None = None,
     on_set: Callable[[str, SetResult], object] | None = None,
@@ -278,7 +281,7 @@ def probe_manifest(
             out.problems.append(_missing(where, manifest, ds, spec, res, src))
             continue
         try:
-            result = probe_set(path, ds, pool, seed, manifest.protocol, prep.samples)
+            result = probe_set(path, ds, pool, seed, manifest.protocol, prep.samples, stream_mb)
         except FeatstoreError as exc:
             out.problems.append(f"{where}: {exc}")
             continue

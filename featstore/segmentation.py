@@ -20,6 +20,7 @@ from featstore import geometry, probes
 from featstore import metrics as fm
 from featstore.errors import ProbeError
 from featstore.manifest import Dataset
+from featstore.streaming import StreamedHead, fit_streaming
 
 Row = dict[str, Any]
 PATCH_LAYER_DIMS = ("patch_layer", "layer")  # the store's name; "layer" as first announced
@@ -149,9 +150,17 @@ def decoder_predictions(
 
 
 def probe_segmentation(
-    xs: xr.Dataset, ds: Dataset, seed: int, spacing: Mapping[str, geometry.Spacing] | None
+    xs: xr.Dataset,
+    ds: Dataset,
+    seed: int,
+    spacing: Mapping[str, geometry.Spacing] | None,
+    stream_mb: float | None = None,
 ) -> tuple[list[Row], Examples]:
-    """Rows for the linear head and the dense decoder, and a few test predictions."""
+    """Rows for the linear head and the dense decoder, and a few test predictions.
+
+    stream_mb: train the linear head on every training patch, streaming blocks of at
+    most this many MB (`featstore.streaming`), instead of on a sample of patches.
+    """
     split = item_str(xs.split)
     sample = item_str(xs.sample)
     idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
@@ -164,16 +173,32 @@ def probe_segmentation(
         tr = np.sort(rng.choice(tr, 4 * probes.SEG_MAX_PATCHES // per_item, replace=False))
     mask = xs.mask
     n_classes = len(ds.classes) if ds.classes else int(mask.max().values) + 1
-    patch_va = patch_tokens(xs, idx["val"], last_only=True).astype(np.float32)
-    head = probes.seg_probe(
-        patch_tokens(xs, tr, last_only=True).astype(np.float32),
-        np.asarray(mask[tr].values),
-        patch_va,
-        np.asarray(mask[idx["val"]].values),
-        sample[idx["val"]],
-        n_classes,
-        seed=seed,
-    )
+    head: probes.SegModel | StreamedHead
+    if stream_mb is not None:  # every training patch, in blocks of bounded memory
+        rows_, cols_ = xs.sizes["row"], xs.sizes["col"]
+        train = idx["train"]
+        head = fit_streaming(
+            lambda a, b: (
+                patch_tokens(xs, train[a:b], last_only=True),
+                np.asarray(mask[train[a:b]].values),
+            ),
+            len(train),
+            per_item * xs.sizes["channel"],
+            lambda m: probes.patch_targets(m, rows_, cols_, n_classes),
+            n_classes,
+            stream_mb,
+            seed=seed,
+        )
+    else:
+        head = probes.seg_probe(
+            patch_tokens(xs, tr, last_only=True).astype(np.float32),
+            np.asarray(mask[tr].values),
+            patch_tokens(xs, idx["val"], last_only=True).astype(np.float32),
+            np.asarray(mask[idx["val"]].values),
+            sample[idx["val"]],
+            n_classes,
+            seed=seed,
+        )
     # Test items volume by volume, each in slice order (3D distances run across slices).
     test_vols = [
         idx["test"][v] for v in volume_items(sample[idx["test"]], xs.slice.values[idx["test"]])
@@ -197,7 +222,7 @@ def probe_segmentation(
     n_vol = {s: len(np.unique(sample[idx[s]])) for s in idx}
     rows = []
     for probe, p, pname, param, seconds in (
-        ("seg-linear", pred, "C", head.param, head.seconds),
+        ("seg-linear", pred, "alpha" if stream_mb else "C", head.param, head.seconds),
         ("seg-decoder", dec_pred, "lr", dec_lr, dec_seconds),
     ):
         for metric, (v, lo, hi) in seg_scores(p, truth, sample[te], names, spacing, seed).items():

@@ -8,6 +8,7 @@ the block size and not on the number of items. No torch; scikit-learn only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,6 +40,14 @@ class StreamedHead:
     scaler: StandardScaler
     model: SGDClassifier
     n_classes: int
+    param: float = 1e-4  # the SGD L2 penalty (alpha)
+    seconds: float = 0.0
+
+    def predict(self, patch: np.ndarray, size: int) -> np.ndarray:
+        """patch (n, rows, cols, D) -> label maps (n, size, size) uint8 (bilinear logits)."""
+        from featstore.probes import upsample_logits
+
+        return upsample_logits(self.logits(patch), size).argmax(-1).astype(np.uint8)
 
     def logits(self, patch: np.ndarray) -> np.ndarray:
         """patch (n, rows, cols, D) -> (n, rows, cols, K) float32 scores (absent classes -1e9)."""
@@ -70,6 +79,7 @@ def fit_streaming(
         memory_mb: the bound on what a block holds while it is fitted.
         targets: mask (n, H, W) -> per-patch class ids (n, rows, cols).
     """
+    t0 = time.perf_counter()
     scaler = StandardScaler()
     for start, stop in blocks(n_items, item_elements, memory_mb):
         patch, _ = read(start, stop)
@@ -84,4 +94,4 @@ def fit_streaming(
             y = targets(mask).reshape(-1)
             order = rng.permutation(len(y))
             model.partial_fit(x[order], y[order], classes=classes)
-    return StreamedHead(scaler, model, n_classes)
+    return StreamedHead(scaler, model, n_classes, 1e-4, time.perf_counter() - t0)

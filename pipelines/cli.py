@@ -112,7 +112,7 @@ def extract(
     workers: int | None = typer.Option(None, help="Decode workers (default: 1 on CPU)."),
     writers: int = typer.Option(2, min=1, max=64, help="Writer threads (units written at once)."),
     threads: int | None = typer.Option(
-        None, min=1, max=1024, help="Torch threads of a CPU forward pass (default: every core)."
+        None, min=1, max=1024, help="Torch threads of a CPU forward pass (default: free cores)."
     ),
     baseline: bool = typer.Option(True, help="Also extract the raw-pixel baseline."),
     cluster: str | None = typer.Option(
@@ -172,6 +172,15 @@ def probe(
     study: str | None = StudyOpt,
     out: Path = typer.Option(Path("results"), help="Results folder."),
     pool: str = typer.Option("mean", help="3D volume pooling: mean | max | cls+patch | abmil"),
+    memory_mb: float | None = typer.Option(
+        None,
+        min=16,
+        help="Train the linear segmentation head on every training patch, streaming blocks "
+        "of at most this many MB (default: a fixed sample of patches in memory).",
+    ),
+    scheduler: str | None = typer.Option(
+        None, help="Run the probes' dask computations on a running cluster (address)."
+    ),
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
@@ -181,7 +190,15 @@ def probe(
         if pool not in POOLS:
             raise ManifestError(f"--pool {pool!r}: give one of {', '.join(POOLS)}")
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
-        stage.run(m, out, pool=pool, manifest_file=manifest, echo=typer.echo)
+        with contextlib.ExitStack() as stack:
+            if scheduler is not None:
+                from distributed import Client
+
+                client = stack.enter_context(Client(scheduler))
+                typer.echo(f"dask dashboard: {client.dashboard_link}")
+            stage.run(
+                m, out, pool=pool, stream_mb=memory_mb, manifest_file=manifest, echo=typer.echo
+            )
     except FeatstoreError as exc:
         _fail(exc)
 

@@ -85,3 +85,26 @@ def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
     assert pids[0] not in client.run(os.getpid).values()  # the worker really was replaced
     assert store.read_attrs(got.path)["complete"] and integrity.verify(got.path) == []
     assert _chunks(got.path) == _chunks(ref.path)
+
+
+def test_streamed_seg_head_on_every_patch_and_probe_on_the_cluster(tmp_path, tiny_dinov3, client):
+    from typer.testing import CliRunner
+
+    from featstore.evaluation import probe_set
+    from featstore.streaming import blocks
+    from pipelines.cli import app
+
+    mpath = write_manifest(tmp_path, synth_entry("d", "seg2d", n=24), f"['{tiny_dinov3}']", "[64]")
+    (s,) = extract.run(load_manifest(mpath), Options(progress=False), baseline=False, echo=print)
+    ds = load_manifest(mpath).datasets[0]
+    # a bound of 16 MB streams 24 items of 8x8x32 tokens in one block; 0.01 MB item by item
+    assert len(list(blocks(24, 8 * 8 * 32, 0.01))) == 24
+    streamed = probe_set(s.path, ds, stream_mb=0.01).rows
+    linear = [r for r in streamed if r["probe"] == "seg-linear" and r["metric"] == "dice"]
+    assert linear and linear[0]["param_name"] == "alpha" and linear[0]["value"] > 0.2
+    address = client.scheduler.address
+    out = tmp_path / "results"
+    args = ["probe", "--manifest", str(mpath), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--scheduler", address, "--memory-mb", "16"])
+    assert result.exit_code == 0, result.output
+    assert "dask dashboard" in result.output and (out / "results.csv").is_file()

@@ -144,3 +144,22 @@ def test_several_blocks_of_patch_tokens_are_stored_and_cost_is_printed(tmp_path,
     )
     (last,) = _run(one)
     np.testing.assert_array_equal(xs.patch.values[:, 1], store.open_set(last.path).patch.values)
+
+
+def test_free_cores_leaves_a_busy_core_alone():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from featstore.extraction import free_cores
+
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= free_cores() <= cores
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # let the hog start
+        if cores == 2:
+            assert free_cores(window=0.5) == 1
+    finally:
+        hog.kill()
