@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +63,26 @@ def _sweep(x: np.ndarray, y: np.ndarray, grid, seed: int):
         yield c, model.set_params(C=c).fit(x, y)
 
 
+def fit_per_label(
+    fit: Callable[[int], Prediction], ytr: np.ndarray, n_test: int, t0: float
+) -> Prediction:
+    """Multi-hot labels (n, L) as L binary problems: `fit(j)` scores label j.
+
+    A label never (or always) on in train gets a constant score; `param` is the
+    median of the chosen hyper-parameters.
+    """
+    cols, params = [], []
+    for j in range(ytr.shape[1]):
+        if len(np.unique(ytr[:, j])) < 2:
+            cols.append(np.full(n_test, float(ytr[0, j])))
+            continue
+        p = fit(j)
+        cols.append(p.proba[:, 1])
+        params.append(p.param)
+    param = float(np.median(params)) if params else float("nan")
+    return Prediction(np.stack(cols, 1), param, time.perf_counter() - t0)
+
+
 def linear_probe(
     xtr: np.ndarray,
     ytr: np.ndarray,
@@ -85,16 +105,12 @@ def linear_probe(
     scaler = StandardScaler().fit(xtr)
     xtr, xva, xte = (scaler.transform(x) for x in (xtr, xva, xte))
     if ytr.ndim == 2:
-        cols, params = [], []
-        for j in range(ytr.shape[1]):
-            if len(np.unique(ytr[:, j])) < 2:  # a label never (or always) on in train
-                cols.append(np.full(len(xte), float(ytr[0, j])))
-                continue
-            p = linear_probe(xtr, ytr[:, j], xva, yva[:, j], xte, 2, grid, seed)
-            cols.append(p.proba[:, 1])
-            params.append(p.param)
-        param = float(np.median(params)) if params else float("nan")
-        return Prediction(np.stack(cols, 1), param, time.perf_counter() - t0)
+        return fit_per_label(
+            lambda j: linear_probe(xtr, ytr[:, j], xva, yva[:, j], xte, 2, grid, seed),
+            ytr,
+            len(xte),
+            t0,
+        )
     best = (-1.0, grid[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -135,16 +151,12 @@ def knn_probe(
         check_split(y, s)
     t0 = time.perf_counter()
     if ytr.ndim == 2 and per_label:
-        cols, ks_chosen = [], []
-        for j in range(ytr.shape[1]):
-            if len(np.unique(ytr[:, j])) < 2:  # a label never (or always) on in train
-                cols.append(np.full(len(xte), float(ytr[0, j])))
-                continue
-            p = knn_probe(xtr, ytr[:, j], xva, yva[:, j], xte, 2, grid, metric)
-            cols.append(p.proba[:, 1])
-            ks_chosen.append(p.param)
-        param = float(np.median(ks_chosen)) if ks_chosen else float("nan")
-        return Prediction(np.stack(cols, 1), param, time.perf_counter() - t0)
+        return fit_per_label(
+            lambda j: knn_probe(xtr, ytr[:, j], xva, yva[:, j], xte, 2, grid, metric),
+            ytr,
+            len(xte),
+            t0,
+        )
     if metric == "cosine":  # on unit vectors, Euclidean ranks neighbours as cosine does
         xtr, xva, xte = l2_normalise(xtr), l2_normalise(xva), l2_normalise(xte)
     ks = [k for k in grid if k <= len(xtr)] or [len(xtr)]

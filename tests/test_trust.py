@@ -221,3 +221,49 @@ def test_signal_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_dinov3, sig)
     assert store.pending_units(path) and integrity.verify(path, require_complete=False) == []
     (resumed,) = _run(mpath)
     assert resumed.status == "resumed" and integrity.verify(path) == []
+
+
+def test_kill_during_overwrite_leaves_a_usable_cache(copy, reference):
+    mpath, path = copy
+    cmd = [str(Path(sys.executable).parent / "featstore"), "extract", "--manifest", str(mpath)]
+    proc = subprocess.Popen(
+        [*cmd, "--no-baseline", "--workers", "0", "--overwrite"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    aside = path.parent.glob(f".{path.name}.old*")
+    while time.time() < deadline and path.exists() and not any(aside):
+        time.sleep(0.001)  # the old set is being replaced: kill now
+        aside = path.parent.glob(f".{path.name}.old*")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (summary,) = _run(mpath)  # a plain run afterwards: no traceback, a whole set
+    assert summary.status in ("new", "resumed", "cached")
+    assert integrity.verify(path) == [] and _chunks(path) == _chunks(reference[1])
+    assert not list(path.parent.glob(f".{path.name}.old*")) and not list(
+        path.parent.glob(f".{path.name}.tmp*")
+    )
+
+
+def test_full_disk_names_the_cache_and_marks_nothing_unwritten(tmp_path, tiny_dinov3):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode()}")
+    try:
+        entry = synth_entry("d", "seg2d", n=64)  # ~2 MB of tokens and masks at 128 px
+        extra = "batch_size: 4\nunit_items: 4\ncodec: none\n"
+        mpath = write_manifest(tmp_path, entry, f"['{tiny_dinov3}']", "[128]", extra)
+        mpath.write_text(mpath.read_text().replace("cache: cache", f"cache: {small}"))
+        with pytest.raises(FeatstoreError, match=rf"cache folder {small} is full.*needs about"):
+            _run(mpath)
+        (path,) = small.glob("*.zarr")
+        assert store.pending_units(path)  # it did run out of space
+        assert integrity.verify(path, require_complete=False) == []  # marked = written
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
