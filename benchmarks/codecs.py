@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from featstore.store import CHECKSUM, CODECS
+from featstore.schema import CHECKSUM, CODECS
 
 # The manifest's `codec` choices, each followed by the crc32c checksum every chunk carries.
 CANDIDATES = {name: [*codecs, CHECKSUM] for name, codecs in CODECS.items()}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from featstore import readers, store
+from featstore import readers, schema
 from featstore.errors import BadInputError
 from featstore.preprocess import Preprocess, preprocess
 from featstore.readers import Prepared
@@ -60,7 +60,7 @@ class Batches(torch.utils.data.Dataset):
         self,
         prep: Prepared,
         pre: Preprocess,
-        layout: store.Layout,
+        layout: schema.Layout,
         batches: list[tuple[int, int, int]],
     ):
         self.prep, self.pre, self.layout, self.batches = prep, pre, layout, batches
@@ -114,7 +114,7 @@ class Batches(torch.utils.data.Dataset):
 
 
 def plan_batches(
-    layout: store.Layout, units: list[int], batch_size: int
+    layout: schema.Layout, units: list[int], batch_size: int
 ) -> list[tuple[int, int, int]]:
     """(unit, first item, end item) of every batch of `units`, in order."""
     out = []

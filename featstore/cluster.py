@@ -23,7 +23,7 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
-from featstore import store
+from featstore import schema
 from featstore.errors import ManifestError
 from featstore.extraction import Options, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo, SetIdentity
@@ -78,7 +78,7 @@ def _unit_task(
     memo: Path | None,
     ident: SetIdentity,
     path: Path,
-    layout: store.Layout,
+    layout: schema.Layout,
     unit: int,
     batch_size: int,
     opts: Options,
@@ -147,7 +147,7 @@ def _runner(
     from tqdm.auto import tqdm
 
     def run(
-        ident: SetIdentity, path: Path, layout: store.Layout, units: list[int]
+        ident: SetIdentity, path: Path, layout: schema.Layout, units: list[int]
     ) -> tuple[int, float, dict[str, str]]:
         futures = [
             client.submit(

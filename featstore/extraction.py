@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from featstore import integrity, store
+from featstore import integrity, schema, store
 from featstore.batches import Batches, plan_batches, quiet_worker
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import (
@@ -111,14 +111,14 @@ def free_cores(window: float = 0.3) -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
-def items_of(prep: Prepared) -> store.Items:
+def items_of(prep: Prepared) -> schema.Items:
     """Per-item coordinates and labels of a prepared dataset, in item order."""
     idx = prep.index
     labels = None
     if prep.ds.task != "segmentation":
         rows = np.asarray([prep.samples[i].label for i, _ in idx], dtype=np.int64)
         labels = rows if prep.ds.task == "multilabel" else rows[:, 0]
-    return store.Items(
+    return schema.Items(
         sample=[prep.samples[i].id for i, _ in idx],
         slice=[k for _, k in idx],
         split=[prep.samples[i].split for i, _ in idx],
@@ -138,7 +138,7 @@ def _describe(prep: Prepared) -> dict[str, object]:
 
 
 def _open_or_allocate(
-    path: Path, ident: SetIdentity, layout: store.Layout, prep: Prepared, opts: Options
+    path: Path, ident: SetIdentity, layout: schema.Layout, prep: Prepared, opts: Options
 ) -> Status:
     """Find the set at `path` (cached / resumed / repaired) or allocate it (new)."""
     if path.exists() and (opts.overwrite or not (path / "zarr.json").is_file()):
@@ -176,8 +176,8 @@ def _repair(path: Path, prep: Prepared) -> bool:
             + "\nre-extract it with --overwrite"
         )
     damage = integrity.scan_chunks(path, store.read_attrs(path))
-    units = sorted({d.unit for d in damage if d.array in (*integrity.ITEM_DATA, store.MARKS)})
-    coords = sorted({d.array for d in damage} - {*integrity.ITEM_DATA, store.MARKS})
+    units = sorted({d.unit for d in damage if d.array in (*integrity.ITEM_DATA, schema.MARKS)})
+    coords = sorted({d.array for d in damage} - {*integrity.ITEM_DATA, schema.MARKS})
     if coords:
         integrity.rewrite_items(path, items_of(prep), coords)
     if units or coords or problems:
@@ -186,7 +186,7 @@ def _repair(path: Path, prep: Prepared) -> bool:
     return False
 
 
-def _checker(ids: np.ndarray, layout: store.Layout) -> Check:
+def _checker(ids: np.ndarray, layout: schema.Layout) -> Check:
     """NaN rows for skipped items; any other NaN/Inf is an error (float16 overflow)."""
 
     def check(arr: np.ndarray, bad: np.ndarray, unit: int, what: str) -> np.ndarray:
@@ -216,7 +216,7 @@ def _encode_units(
     encoder: Encoder,
     ident: SetIdentity,
     path: Path,
-    layout: store.Layout,
+    layout: schema.Layout,
     units: list[int],
     batch_size: int,
     opts: Options,
@@ -265,7 +265,7 @@ def _encode_units(
 
 # Encodes and writes the given units of an allocated set: (items, MB written, skipped).
 UnitRunner = Callable[
-    [SetIdentity, Path, store.Layout, list[int]], tuple[int, float, dict[str, str]]
+    [SetIdentity, Path, schema.Layout, list[int]], tuple[int, float, dict[str, str]]
 ]
 
 
@@ -280,7 +280,7 @@ def extract_one(
     """Make (or find, or finish) one feature set in this process; return what was done."""
 
     def run(
-        ident: SetIdentity, path: Path, layout: store.Layout, units: list[int]
+        ident: SetIdentity, path: Path, layout: schema.Layout, units: list[int]
     ) -> tuple[int, float, dict[str, str]]:
         return _encode_units(prep, encoder, ident, path, layout, units, manifest.batch_size, opts)
 
@@ -310,7 +310,7 @@ def extract_set(
     n_classes = (
         -1 if items.labels is None else (items.labels.shape[1] if items.labels.ndim == 2 else 0)
     )
-    layout = store.layout_for(
+    layout = schema.layout_for(
         ident,
         len(items.sample),
         n_classes,
@@ -347,7 +347,7 @@ def extract_set(
 def _interrupted(path: Path, exc: BaseException) -> Interrupted:
     signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
     left = len(store.pending_units(path))
-    total = store.Layout(**store.read_attrs(path)["layout"]).n_units
+    total = schema.Layout(**store.read_attrs(path)["layout"]).n_units
     return Interrupted(
         f"stopped by {signal.Signals(signum).name}: {total - left} of {total} units of "
         f"{path.name} are written and kept; rerun the same command to resume",
@@ -355,7 +355,7 @@ def _interrupted(path: Path, exc: BaseException) -> Interrupted:
     )
 
 
-def _disk_full(cache: Path, path: Path, layout: store.Layout) -> FeatstoreError:
+def _disk_full(cache: Path, path: Path, layout: schema.Layout) -> FeatstoreError:
     need = layout.n_items * layout.item_bytes / 1e6
     free = shutil.disk_usage(cache).free / 1e6
     return FeatstoreError(

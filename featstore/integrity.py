@@ -25,10 +25,10 @@ import numpy as np
 import zarr
 from zarr.core.array_spec import ArrayConfigParams
 
-from featstore import store
+from featstore import schema, store
 from featstore.errors import StoreBusyError, StoreCorruptError
 
-ITEM_DATA = store.ITEM_DATA  # written per unit by the encoder loop
+ITEM_DATA = schema.ITEM_DATA  # written per unit by the encoder loop
 FULL: ArrayConfigParams = {"write_empty_chunks": True}
 
 
@@ -89,13 +89,13 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
     the data chunks of pending units are not checked (the resume rewrites them).
     """
     pending = set(store.pending_units(path))
-    layout = store.Layout(**attrs["layout"])
+    layout = schema.Layout(**attrs["layout"])
     root = zarr.open_group(path, mode="r", use_consolidated=False)
     skipped = set(attrs.get("skipped", {}))
     samples = None
     out: list[Damage] = []
     for name, arr in store.arrays(root):
-        marks = name == store.MARKS
+        marks = name == schema.MARKS
         step = 1 if marks else layout.chunk_items
         expected = layout.n_units if marks else layout.n_items
         if arr.shape[0] != expected or arr.chunks[0] != step:
@@ -183,7 +183,7 @@ def arr_of(root: zarr.Group, name: str) -> zarr.Array:
 def reset_units(path: Path, units: list[int]) -> None:
     """Forget `units`: delete their data chunks and marks, and unmark the set complete."""
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    for name in (*ITEM_DATA, store.MARKS):
+    for name in (*ITEM_DATA, schema.MARKS):
         if name not in root:
             continue
         arr = arr_of(root, name)
@@ -192,10 +192,10 @@ def reset_units(path: Path, units: list[int]) -> None:
     root.attrs["complete"] = False
 
 
-def rewrite_items(path: Path, items: store.Items, names: list[str]) -> None:
+def rewrite_items(path: Path, items: schema.Items, names: list[str]) -> None:
     """Rewrite coordinate/label arrays `names` whole from `items` (allocation-time data)."""
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
-    fresh = store.item_arrays(items)
+    fresh = schema.item_arrays(items)
     for name in names:
         if name not in fresh:
             raise StoreCorruptError(f"{path}: cannot rebuild '{name}'; re-extract with --overwrite")

@@ -22,140 +22,30 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from importlib import metadata as importlib_metadata
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 from zarr.core.array_spec import ArrayConfigParams
 
 from featstore.errors import (
-    BadInputError,
     StoreCorruptError,
     StoreIncompleteError,
     StoreMismatchError,
 )
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
-
-MARKS = "_featstore/done"
-ITEM_DATA = ("cls", "patch", "patch_scale", "mask")  # written unit by unit by extract
-# Chosen by benchmarks/codecs.py on ViT features: blosc-zstd with bit-shuffle
-# compresses float16 tokens better than zstd alone at similar speed.
-# Compressors of the data arrays (the manifest's `codec`), measured in benchmarks/codecs.py.
-CODECS: dict[str, tuple[BloscCodec, ...]] = {
-    "none": (),
-    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
-    "zstd-1": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
-    "zstd-3": (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),),
-}
-# Coordinates and labels are small and compress well.
-COORD_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-# Every chunk of every array ends in a crc32c of its bytes: a flipped or truncated
-# chunk fails to decode instead of reading as other numbers.
-CHECKSUM = Crc32cCodec()
-UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
-VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shapes of one feature set; everything else follows from these numbers."""
-
-    n_items: int
-    chunk_items: int
-    channels: int
-    layers: int  # 1: cls is (item, channel)
-    rows: int  # patch grid; 0 when patch tokens are not stored
-    cols: int
-    mask_size: int  # 0 without masks
-    n_classes: int  # 0: single label (item,); k: multi-hot (item, k); -1: no label
-    dtype: str
-    codec: str = "lz4"  # a key of CODECS, for cls/patch/mask
-    quantize: str = "none"  # "int8": patch int8 and patch_scale (item, channel) float32
-    patch_layers: int = 1  # > 1: patch is (item, patch_layer, row, col, channel)
-
-    @property
-    def patch_dtype(self) -> str:
-        return "int8" if self.quantize == "int8" else self.dtype
-
-    @property
-    def item_bytes(self) -> int:
-        """Uncompressed bytes of one item's cls, patch tokens (and scales) and mask."""
-        size = np.dtype(self.dtype).itemsize
-        cls = self.layers * self.channels * size
-        patch = self.patch_layers * self.rows * self.cols * self.channels
-        patch *= np.dtype(self.patch_dtype).itemsize
-        scale = self.patch_layers * self.channels * 4 if self.quantize == "int8" else 0
-        return int(cls + patch + scale + self.mask_size**2)
-
-    @property
-    def n_units(self) -> int:
-        """Number of units (= chunks along `item`); the last one may be short."""
-        return -(-self.n_items // self.chunk_items)
-
-    def unit_slice(self, unit: int) -> slice:
-        """The items of `unit`, as a slice along `item`."""
-        return slice(unit * self.chunk_items, min((unit + 1) * self.chunk_items, self.n_items))
-
-
-def layout_for(
-    ident: SetIdentity,
-    n_items: int,
-    n_classes: int,
-    batch_size: int,
-    unit_items: int,
-    codec: str = "lz4",
-) -> Layout:
-    """Shapes of a set; a unit (= one chunk) is a whole number of batches, its patch
-    chunk capped at `UNIT_BYTES`. n_classes: 0 single label, k multi-hot, -1 none."""
-    w = ident.weights
-    r = ident.recipe
-    if w is None:
-        raise ValueError("layout_for needs the loaded encoder: ident.with_weights(info)")
-    grid = r.resolution // w.patch_size
-    if grid % r.patch_pool:
-        raise BadInputError(
-            f"patch_pool {r.patch_pool} does not divide the {grid}x{grid} patch grid of "
-            f"{r.resolution} px / {w.patch_size} px patches; choose a divisor of {grid}"
-        )
-    grid //= r.patch_pool
-    itemsize = 1 if r.quantize == "int8" else np.dtype(r.dtype).itemsize
-    per_item = (grid * grid * len(r.patch_layers) if r.patch else 1) * w.hidden_size * itemsize
-    batches = max(1, min(-(-unit_items // batch_size), UNIT_BYTES // (batch_size * per_item)))
-    return Layout(
-        n_items=n_items,
-        chunk_items=batch_size * batches,
-        channels=w.hidden_size,
-        layers=r.layers,
-        rows=grid if r.patch else 0,
-        cols=grid if r.patch else 0,
-        mask_size=r.resolution if r.task == "segmentation" else 0,
-        n_classes=n_classes,
-        dtype=r.dtype,
-        codec=codec,
-        quantize=r.quantize if r.patch else "none",
-        patch_layers=len(r.patch_layers),
-    )
-
-
-@dataclass(frozen=True)
-class Items:
-    """Per-item coordinates and labels of a set, in item order.
-
-    labels: (n,) or (n, classes) int64, or None for segmentation; metadata: extra
-    per-item coordinates (numeric when every value parses as one).
-    """
-
-    sample: Sequence[str]
-    slice: Sequence[int]
-    split: Sequence[str]
-    labels: np.ndarray | None
-    metadata: dict[str, Sequence[str]] = field(default_factory=dict)
+from featstore.schema import (
+    ITEM_DATA,
+    MARKS,
+    Items,
+    Layout,
+    root_attrs,
+    skeleton,
+)
 
 
 def store_path(cache: Path, key: str) -> Path:
@@ -174,112 +64,6 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of featstore and the packages that shape the features."""
-    out = {}
-    for name in ("featstore", *VERSIONED):
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _attrs(ident: SetIdentity, layout: Layout, describe: dict[str, Any]) -> dict[str, Any]:
-    """Root attributes: the identity (machine-readable) and readable copies of it."""
-    assert ident.weights is not None
-    return canonical(
-        {
-            "featstore_format": FORMAT_VERSION,
-            "cache_key": ident.key(),
-            "identity": ident.to_attrs(),
-            "requests": [ident.request()],
-            "dataset": {**describe, "fingerprint": ident.recipe.dataset},
-            "encoder": ident.weights.to_dict(),
-            "preprocess": ident.preprocess().to_dict(),
-            "storage": {
-                "dtype": layout.dtype,
-                "codec": layout.codec,
-                "chunk_items": layout.chunk_items,
-            },
-            "layout": asdict(layout),
-            "versions": versions(),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "complete": False,
-        }
-    )
-
-
-def _skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
-    """The empty dataset (lazy data variables, real coordinates) and its encoding."""
-    n, c = layout.n_items, layout.chunk_items
-    cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
-    cls_shape = (n, layout.channels) if layout.layers == 1 else (n, layout.layers, layout.channels)
-    variables: dict[str, Any] = {
-        "cls": (cls_dims, da.empty(cls_shape, dtype=layout.dtype, chunks=(c, *cls_shape[1:])))
-    }
-    if layout.rows:
-        several = layout.patch_layers > 1
-        dims = ("item", *(("patch_layer",) if several else ()), "row", "col", "channel")
-        lead = (n, layout.patch_layers) if several else (n,)
-        patch_shape = (*lead, layout.rows, layout.cols, layout.channels)
-        variables["patch"] = (
-            dims,
-            da.empty(patch_shape, dtype=layout.patch_dtype, chunks=(c, *patch_shape[1:])),
-        )
-        if layout.quantize == "int8":  # patch = int8 value x scale of (item[, layer], channel)
-            scale_dims = tuple(d for d in dims if d not in ("row", "col"))
-            scale_shape = (*lead, layout.channels)
-            variables["patch_scale"] = (
-                scale_dims,
-                da.empty(scale_shape, dtype="float32", chunks=(c, *scale_shape[1:])),
-            )
-    if layout.mask_size:
-        mask_shape = (n, layout.mask_size, layout.mask_size)
-        variables["mask"] = (
-            ("item", "y", "x"),
-            da.empty(mask_shape, dtype="uint8", chunks=(c, -1, -1)),
-        )
-    arrays = item_arrays(items)
-    if "label" in arrays:
-        labels = arrays.pop("label")
-        variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
-    coords = {name: ("item", values) for name, values in arrays.items()}
-    ds = xr.Dataset(variables, coords=coords)
-    # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u.
-    encoding: dict[str, dict[str, Any]] = {
-        str(name): {
-            "compressors": [
-                *(CODECS[layout.codec] if name in ITEM_DATA else (COORD_CODEC,)),
-                CHECKSUM,
-            ],
-            "chunks": (c, *var.shape[1:]),
-        }
-        for name, var in ds.variables.items()
-    }
-    for name in ("cls", "patch", "patch_scale"):
-        if name in encoding and ds[name].dtype.kind == "f":
-            encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
-    return ds, encoding
-
-
-def item_arrays(items: Items) -> dict[str, np.ndarray]:
-    """The per-item arrays written at allocation: coordinates and labels, by name."""
-    out = {
-        "sample": np.asarray(items.sample, dtype=object),
-        "slice": np.asarray(items.slice, dtype=np.int32),
-        "split": np.asarray(items.split, dtype=object),
-    }
-    for name, values in items.metadata.items():
-        try:
-            out[name] = np.asarray(values, dtype=np.float64)
-        except ValueError:
-            out[name] = np.asarray(values, dtype=object)
-    if items.labels is not None:
-        out["label"] = items.labels
-    return out
-
-
 def create(
     path: Path, ident: SetIdentity, layout: Layout, items: Items, describe: dict[str, Any]
 ) -> bool:
@@ -291,8 +75,8 @@ def create(
     process (a second --shard) sees either nothing or a whole skeleton. Returns False
     when another process created `path` first (its skeleton is kept).
     """
-    ds, encoding = _skeleton(layout, items)
-    ds.attrs.update(_attrs(ident, layout, describe))
+    ds, encoding = skeleton(layout, items)
+    ds.attrs.update(root_attrs(ident, layout, describe))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featstore import store
+from featstore import schema, store
 
 # check(array, bad_rows, unit, what) -> array to write; see UnitQueue.
 Check = Callable[[np.ndarray, np.ndarray, int, str], np.ndarray]
@@ -83,7 +83,7 @@ class UnitQueue:
     def __init__(
         self,
         path: Path,
-        layout: store.Layout,
+        layout: schema.Layout,
         check: Check,
         threads: int = 2,
         device: torch.device | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featstore import readers, store
+from featstore import readers, schema
 from featstore.batches import Batches, plan_batches
 from featstore.manifest import Dataset, Intensity, Synthetic
 from featstore.preprocess import Preprocess, preprocess
@@ -22,7 +22,7 @@ def _volumes(tmp_path, n: int = 6, slices: int = 5):
         splits={"ratios": [0.5, 0.25, 0.25]},
     )
     prep = readers.prepare(ds)
-    layout = store.Layout(
+    layout = schema.Layout(
         n_items=n * slices,
         chunk_items=6,  # units of 6 items: every unit boundary cuts a volume
         channels=8,

@@ -17,7 +17,7 @@ import zarr
 from conftest import REPO, synth_entry, write_manifest
 from transformers import AutoModel
 
-from featstore import integrity, readers, store
+from featstore import integrity, readers, schema, store
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import EncoderNotFoundError, StoreMismatchError
 from featstore.extraction import Options
@@ -284,9 +284,9 @@ def test_ls_and_info_commands(tmp_path, tiny_dinov3):
     assert '"random_init": false' in info.output
 
 
-def _small_store(path: Path, rows: int) -> store.Layout:
+def _small_store(path: Path, rows: int) -> schema.Layout:
     """A 4-item, 2-unit feature set allocated at `path` (no data written)."""
-    layout = store.Layout(
+    layout = schema.Layout(
         n_items=4,
         chunk_items=2,
         channels=8,
@@ -313,7 +313,7 @@ def _small_store(path: Path, rows: int) -> store.Layout:
         patch=rows > 0,
     )
     weights = EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
-    items = store.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
+    items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
     store.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
     return layout
 

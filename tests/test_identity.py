@@ -11,7 +11,7 @@ import pytest
 import zarr
 from conftest import REPO
 
-from featstore import store
+from featstore import schema, store
 from featstore.errors import StoreMismatchError
 from featstore.identity import ENCODER_CONTENT, EncoderInfo, Recipe, SetIdentity
 from featstore.manifest import Intensity
@@ -102,8 +102,8 @@ def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
     ident = SetIdentity(
         dataclasses.replace(RECIPE, task="classification", patch=False), "e", WEIGHTS
     )
-    layout = store.layout_for(ident, 4, 0, 2, 2)
-    items = store.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
+    layout = schema.layout_for(ident, 4, 0, 2, 2)
+    items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
     path = tmp_path / "s.zarr"
     assert store.create(path, ident, layout, items, {"name": "t"})
     store.check_matches(path, ident, layout)
