@@ -151,6 +151,12 @@ def _open_or_allocate(
         if opts.repair and _repair(path, prep):
             return "repaired"
         if complete:
+            missing = store.missing_chunks(path)  # cheap: file names, not contents
+            if missing:
+                raise StoreCorruptError(
+                    f"{path} is marked complete but has lost chunks ({missing[0]}, "
+                    f"{len(missing)} in all); rerun with --repair to recompute them"
+                )
             store.add_request(path, ident.request())
             return "cached"
         return "resumed"

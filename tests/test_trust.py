@@ -267,3 +267,12 @@ def test_full_disk_names_the_cache_and_marks_nothing_unwritten(tmp_path, tiny_di
         assert integrity.verify(path, require_complete=False) == []  # marked = written
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_complete_set_that_lost_a_chunk_is_not_reported_cached(copy, reference):
+    mpath, path = copy
+    _damage(_chunk(path, "mask", 1), "delete")
+    with pytest.raises(FeatstoreError, match=r"lost chunks \(mask unit 1.*--repair"):
+        _run(mpath)
+    (fixed,) = _run(mpath, repair=True)
+    assert fixed.status == "repaired" and _chunks(path) == _chunks(reference[1])
