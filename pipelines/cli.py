@@ -126,9 +126,7 @@ def extract(
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("--device must be auto, cpu or cuda")
     try:
-        from featstore.extraction import Options
         from featstore.manifest import MAX_BATCH_SIZE
-        from pipelines import extract as stage
 
         if batch_size is not None and not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ManifestError(
@@ -141,12 +139,17 @@ def extract(
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
         if batch_size is not None:
             m = m.model_copy(update={"batch_size": batch_size})
+        shards = _parse_shard(shard)
+        # torch loads only now: a bad manifest or option is refused at once
+        from featstore.extraction import Options
+        from pipelines import extract as stage
+
         opts = Options(
             device=cast(Literal["auto", "cpu", "cuda"], device),
             overwrite=overwrite,
             repair=repair,
             skip_bad=skip_bad,
-            shard=_parse_shard(shard),
+            shard=shards,
             num_workers=workers,
             writers=writers,
             threads=threads,
