@@ -184,6 +184,7 @@ def _probe_open_set(
     assert ident.weights is not None
     sample = item_str(xs.sample)
     listed = np.isin(sample, list(xs.attrs.get("skipped", {})))
+    xs = xs.assign(cls=xs.cls.load())  # read once: checked here, probed below
     cls = np.asarray(xs.cls.values, np.float32).reshape(len(sample), -1)
     nan = ~np.isfinite(cls).all(1)
     if not np.array_equal(nan, listed):

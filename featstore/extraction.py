@@ -138,7 +138,12 @@ def _describe(prep: Prepared) -> dict[str, object]:
 
 
 def _open_or_allocate(
-    path: Path, ident: SetIdentity, layout: schema.Layout, prep: Prepared, opts: Options
+    path: Path,
+    ident: SetIdentity,
+    layout: schema.Layout,
+    prep: Prepared,
+    items: schema.Items,
+    opts: Options,
 ) -> Status:
     """Find the set at `path` (cached / resumed / repaired) or allocate it (new)."""
     if path.exists() and (opts.overwrite or not (path / "zarr.json").is_file()):
@@ -148,7 +153,7 @@ def _open_or_allocate(
     if path.exists():
         complete = bool(store.read_attrs(path).get("complete"))
         store.check_matches(path, ident, None if complete else layout)
-        if opts.repair and _repair(path, prep):
+        if opts.repair and _repair(path, items):
             return "repaired"
         if complete:
             missing = store.missing_chunks(path)  # cheap: file names, not contents
@@ -160,32 +165,28 @@ def _open_or_allocate(
             store.add_request(path, ident.request())
             return "cached"
         return "resumed"
-    if store.create(path, ident, layout, items_of(prep), _describe(prep)):
+    if store.create(path, ident, layout, items, _describe(prep)):
         return "new"
     store.check_matches(path, ident, layout)  # a concurrent shard allocated it
     return "resumed"
 
 
-def _repair(path: Path, prep: Prepared) -> bool:
+def _repair(path: Path, items: schema.Items) -> bool:
     """Forget the units whose chunks are damaged (they are recomputed) and rewrite
     damaged coordinates; True when anything was damaged."""
-    problems = integrity.verify(path, require_complete=False, values=False)
-    fatal = [
-        p
-        for p in problems
-        if p.startswith(("attributes:", "metadata: ")) and "consolidated" not in p
-    ]
+    problems = integrity.header_problems(path)
+    fatal = [p for p in problems if "consolidated" not in p]
     if fatal:
         raise StoreCorruptError(
             f"{path} cannot be repaired:\n  "
             + "\n  ".join(fatal)
             + "\nre-extract it with --overwrite"
         )
-    damage = integrity.scan_chunks(path, store.read_attrs(path))
+    damage = integrity.scan_chunks(path, store.read_attrs(path))  # one pass over every chunk
     units = sorted({d.unit for d in damage if d.array in (*integrity.ITEM_DATA, schema.MARKS)})
     coords = sorted({d.array for d in damage} - {*integrity.ITEM_DATA, schema.MARKS})
     if coords:
-        integrity.rewrite_items(path, items_of(prep), coords)
+        integrity.rewrite_items(path, items, coords)
     if units or coords or problems:
         integrity.reset_units(path, units)  # also unmarks `complete`: finish re-checks all
         return True
@@ -329,7 +330,7 @@ def extract_set(
     integrity.clean_leftovers(manifest.cache)
     name = (prep.ds.name, info.label, resolution)
     with integrity.claim(path):
-        status = _open_or_allocate(path, ident, layout, prep, opts)
+        status = _open_or_allocate(path, ident, layout, prep, items, opts)
         if status == "cached":
             return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path, 0, set_mb)
         i, n = opts.shard

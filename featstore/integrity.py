@@ -89,7 +89,7 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
     the data chunks of pending units are not checked (the resume rewrites them).
     """
     pending = set(store.pending_units(path))
-    layout = schema.Layout(**attrs["layout"])
+    layout = schema.Layout.from_attrs(attrs["layout"])
     root = zarr.open_group(path, mode="r", use_consolidated=False)
     skipped = set(attrs.get("skipped", {}))
     samples = None
@@ -134,10 +134,11 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
     return out
 
 
-def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
-    """Everything wrong with the set at `path` (empty when it is sound), one line each.
+def header_problems(path: Path) -> list[str]:
+    """Problems of the set's metadata and attributes (no chunk is read).
 
-    Lines start with `metadata:`, `attributes:`, `marks:` or `<array> unit <u>:`.
+    `metadata:` lines for invalid JSON or consolidated metadata that disagrees with
+    the arrays (the only ones a repair can fix), `attributes:` lines otherwise.
     """
     path = Path(path)
     if not (path / "zarr.json").is_file():
@@ -145,11 +146,20 @@ def verify(path: Path, require_complete: bool = True, values: bool = True) -> li
     problems = _json_problems(path)
     if problems:
         return problems
-    problems += _consolidated_problems(path)
+    return _consolidated_problems(path) + store.attribute_problems(path, store.read_attrs(path))
+
+
+def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
+    """Everything wrong with the set at `path` (empty when it is sound), one line each.
+
+    Lines start with `metadata:`, `attributes:`, `marks:` or `<array> unit <u>:`.
+    """
+    path = Path(path)
+    problems = header_problems(path)
+    fatal = ("metadata: ", "attributes: 'layout' is malformed")
+    if any(p.startswith(fatal) and "consolidated" not in p for p in problems):
+        return problems  # no JSON or no layout: nothing below can be read
     attrs = store.read_attrs(path)
-    problems += store.attribute_problems(path, attrs)
-    if problems and "layout" not in attrs:
-        return problems
     if require_complete and not attrs.get("complete"):
         problems.append("marks: not marked complete; rerun the same extract to finish it")
     pending = store.pending_units(path)

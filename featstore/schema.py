@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -72,6 +72,23 @@ class Layout:
         patch *= np.dtype(self.patch_dtype).itemsize
         scale = self.patch_layers * self.channels * 4 if self.quantize == "int8" else 0
         return int(cls + patch + scale + self.mask_size**2)
+
+    @classmethod
+    def from_attrs(cls, d: Any) -> Layout:
+        """The recorded layout; ValueError when keys or types were edited."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or not set(d) <= names:
+            raise ValueError(
+                f"unknown layout keys {sorted(set(d) - names) if isinstance(d, dict) else d!r}"
+            )
+        layout = cls(**d)
+        for f in fields(cls):
+            value = getattr(layout, f.name)
+            if type(value) is not (str if f.type == "str" else int):
+                raise ValueError(f"layout.{f.name} = {value!r}")
+        if layout.n_items < 1 or layout.chunk_items < 1:
+            raise ValueError(f"layout has {layout.n_items} items in chunks of {layout.chunk_items}")
+        return layout
 
     @property
     def n_units(self) -> int:

@@ -16,19 +16,18 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from featstore import geometry, probes
+from featstore import geometry, probes, store
 from featstore import metrics as fm
 from featstore.errors import ProbeError
 from featstore.manifest import Dataset
 from featstore.streaming import StreamedHead, fit_streaming
 
 Row = dict[str, Any]
-PATCH_LAYER_DIMS = ("patch_layer", "layer")  # the store's name; "layer" as first announced
 
 
-def item_str(var) -> np.ndarray:
-    """A string coordinate as a plain '<U' array (zarr may hand back StringDType)."""
-    return np.array(np.asarray(var.values).tolist(), dtype=str)
+def item_str(var: xr.DataArray) -> np.ndarray:
+    """A string coordinate as a plain '<U' array (`store.open_set` already made it one)."""
+    return store.plain(np.asarray(var.values))
 
 
 def volume_items(sample: np.ndarray, slice_: np.ndarray) -> list[np.ndarray]:
@@ -45,8 +44,8 @@ def patch_tokens(xs: xr.Dataset, items: np.ndarray, last_only: bool = False) -> 
     `patch_layers` sorts them) gives the deepest stored block (`last_only`) or all of
     them concatenated along channels, shallowest first."""
     var = xs.patch
-    dim = next((d for d in PATCH_LAYER_DIMS if d in var.dims), None)
-    if dim is None:
+    dim = "patch_layer"
+    if dim not in var.dims:
         return np.asarray(var[items].values)
     if last_only:
         return np.asarray(var[items].isel({dim: -1}).values)

@@ -43,6 +43,7 @@ from featstore.schema import (
     MARKS,
     Items,
     Layout,
+    layout_for,
     root_attrs,
     skeleton,
 )
@@ -169,6 +170,15 @@ def attribute_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
     for name, value in copies.items():
         if attrs.get(name) != canonical(value):
             out.append(f"attributes: '{name}' disagrees with the recorded identity {edited}")
+    try:  # the shapes follow from the identity; only the counts and chunking are free
+        rec = Layout.from_attrs(attrs.get("layout"))
+        derived = layout_for(
+            ident, rec.n_items, rec.n_classes, rec.chunk_items, rec.chunk_items, rec.codec
+        )
+        if derived != rec:
+            out.append(f"attributes: 'layout' disagrees with the recorded identity {edited}")
+    except (TypeError, ValueError) as exc:
+        out.append(f"attributes: 'layout' is malformed ({exc}) {edited}")
     mine = {k: v for k, v in ident.request().items() if k != "encoder"}
     for req in attrs.get("requests", []):
         if {k: v for k, v in req.items() if k != "encoder"} != mine:
@@ -185,7 +195,7 @@ def skipped_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
     sample = plain(np.asarray(_array(root, "sample")[:]))
     listed = np.isin(sample, list(attrs.get("skipped", {})))
     written = np.ones(len(sample), bool)
-    layout = Layout(**attrs["layout"])
+    layout = Layout.from_attrs(attrs["layout"])
     for unit in pending_units(path):  # not written yet: NaN fill, not a skipped sample
         written[layout.unit_slice(unit)] = False
     disagree = (nan != listed) & written

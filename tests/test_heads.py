@@ -173,8 +173,7 @@ def test_seed_knn_scores_each_label_on_its_own():
         np.testing.assert_allclose(p.proba[:, j], alone.proba[:, 1])
 
 
-@pytest.mark.parametrize("dim", ["patch_layer", "layer"])
-def test_decoder_input_concatenates_stored_layers(dim):
+def test_decoder_input_concatenates_stored_layers():
     """A set storing several blocks' patch tokens, (item, patch_layer, row, col,
     channel): the decoder reads them concatenated along channels (shallowest block
     first), the linear head and cls+patch the deepest."""
@@ -183,7 +182,7 @@ def test_decoder_input_concatenates_stored_layers(dim):
     from featstore.segmentation import patch_tokens
 
     arr = np.arange(3 * 2 * 2 * 2 * 4, dtype=np.float32).reshape(3, 2, 2, 2, 4)
-    xs = xr.Dataset({"patch": (("item", dim, "row", "col", "channel"), arr)})
+    xs = xr.Dataset({"patch": (("item", "patch_layer", "row", "col", "channel"), arr)})
     items = np.array([0, 2])
     got = patch_tokens(xs, items)
     assert got.shape == (2, 2, 2, 8)

@@ -121,8 +121,19 @@ def _edit_attrs(path: Path, edit) -> None:
         lambda a: a["identity"]["recipe"].update(resolution=64),
         lambda a: a.update(skipped={"img0000": "edited"}),
         lambda a: a["encoder"].update(random_init=True),
+        lambda a: a["layout"].update(n_items="lots"),
+        lambda a: a["layout"].update(bogus=1),
+        lambda a: a["layout"].update(rows=7),
     ],
-    ids=["readable-resolution", "identity", "skipped", "encoder"],
+    ids=[
+        "readable-resolution",
+        "identity",
+        "skipped",
+        "encoder",
+        "layout-type",
+        "layout-key",
+        "layout-shape",
+    ],  # fmt: skip
 )
 def test_edited_attributes_are_caught(copy, edit):
     mpath, path = copy
