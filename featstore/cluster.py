@@ -27,6 +27,7 @@ from featstore import schema
 from featstore.errors import ManifestError
 from featstore.extraction import Options, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo, SetIdentity
+from featstore.location import Place
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
 
@@ -77,7 +78,7 @@ def _unit_task(
     device: str,
     memo: Path | None,
     ident: SetIdentity,
-    path: Path,
+    path: Place,
     layout: schema.Layout,
     unit: int,
     batch_size: int,
@@ -147,7 +148,7 @@ def _runner(
     from tqdm.auto import tqdm
 
     def run(
-        ident: SetIdentity, path: Path, layout: schema.Layout, units: list[int]
+        ident: SetIdentity, path: Place, layout: schema.Layout, units: list[int]
     ) -> tuple[int, float, dict[str, str]]:
         futures = [
             client.submit(

@@ -27,6 +27,7 @@ from featstore import metrics as fm
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.fingerprint import memo_for
 from featstore.identity import SetIdentity, requested
+from featstore.location import Place
 from featstore.manifest import Dataset, Manifest
 from featstore.readers import Prepared, Sample, prepare
 from featstore.segmentation import (
@@ -120,14 +121,14 @@ def _classification(
 class SetResult:
     """Every score of one feature set, and (segmentation) a few example predictions."""
 
-    path: Path
+    path: Place
     key: str  # the set's cache key, 12 characters (as in results rows)
     rows: list[Row]
     examples: Examples | None = None
 
 
 def probe_set(
-    path: Path,
+    path: Place,
     ds: Dataset,
     pool: str = "mean",
     seed: int = 0,
@@ -171,7 +172,7 @@ def _from_storage(exc: BaseException) -> bool:
 
 
 def _probe_open_set(
-    path: Path,
+    path: Place,
     xs: xr.Dataset,
     ds: Dataset,
     pool: str,

@@ -35,6 +35,7 @@ from featstore.errors import (
 )
 from featstore.fingerprint import memo_for
 from featstore.identity import EncoderInfo, SetIdentity, requested
+from featstore.location import Place
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
 from featstore.writer import Check, UnitQueue
@@ -68,7 +69,7 @@ class Summary:
     items: int
     seconds: float
     mbytes: float
-    path: Path
+    path: Place
     skipped: int = 0
     set_mb: float = 0.0  # the whole set, uncompressed (what its layout costs)
 
@@ -138,7 +139,7 @@ def _describe(prep: Prepared) -> dict[str, object]:
 
 
 def _open_or_allocate(
-    path: Path,
+    path: Place,
     ident: SetIdentity,
     layout: schema.Layout,
     prep: Prepared,
@@ -171,7 +172,7 @@ def _open_or_allocate(
     return "resumed"
 
 
-def _repair(path: Path, items: schema.Items) -> bool:
+def _repair(path: Place, items: schema.Items) -> bool:
     """Forget the units whose chunks are damaged (they are recomputed) and rewrite
     damaged coordinates; True when anything was damaged."""
     problems = integrity.header_problems(path)
@@ -222,7 +223,7 @@ def _encode_units(
     prep: Prepared,
     encoder: Encoder,
     ident: SetIdentity,
-    path: Path,
+    path: Place,
     layout: schema.Layout,
     units: list[int],
     batch_size: int,
@@ -272,7 +273,7 @@ def _encode_units(
 
 # Encodes and writes the given units of an allocated set: (items, MB written, skipped).
 UnitRunner = Callable[
-    [SetIdentity, Path, schema.Layout, list[int]], tuple[int, float, dict[str, str]]
+    [SetIdentity, Place, schema.Layout, list[int]], tuple[int, float, dict[str, str]]
 ]
 
 
@@ -287,7 +288,7 @@ def extract_one(
     """Make (or find, or finish) one feature set in this process; return what was done."""
 
     def run(
-        ident: SetIdentity, path: Path, layout: schema.Layout, units: list[int]
+        ident: SetIdentity, path: Place, layout: schema.Layout, units: list[int]
     ) -> tuple[int, float, dict[str, str]]:
         return _encode_units(prep, encoder, ident, path, layout, units, manifest.batch_size, opts)
 
@@ -351,7 +352,7 @@ def extract_set(
     return Summary(*name, status, n_items, seconds, mbytes, path, len(skipped), set_mb)
 
 
-def _interrupted(path: Path, exc: BaseException) -> Interrupted:
+def _interrupted(path: Place, exc: BaseException) -> Interrupted:
     signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
     left = len(store.pending_units(path))
     total = schema.Layout(**store.read_attrs(path)["layout"]).n_units
@@ -362,9 +363,9 @@ def _interrupted(path: Path, exc: BaseException) -> Interrupted:
     )
 
 
-def _disk_full(cache: Path, path: Path, layout: schema.Layout) -> FeatstoreError:
+def _disk_full(cache: Path | str, path: Place, layout: schema.Layout) -> FeatstoreError:
     need = layout.n_items * layout.item_bytes / 1e6
-    free = shutil.disk_usage(cache).free / 1e6
+    free = shutil.disk_usage(cache).free / 1e6 if isinstance(cache, Path) else float("nan")
     return FeatstoreError(
         f"the cache folder {cache} is full (no space left on device) while writing "
         f"{path.name}: the set needs about {need:.0f} MB uncompressed, {free:.0f} MB are "

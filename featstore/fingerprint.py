@@ -1,8 +1,9 @@
 """Content hashes of files and datasets, memoised by (size, mtime) in a JSON file.
 
 The memo is only a cache: its location is chosen by the caller (the pipelines keep
-it beside the feature sets, `<cache>/.file-sha256.json`), a damaged memo is rebuilt,
-and `memo=None` hashes every file afresh.
+it beside the feature sets, `<cache>/.file-sha256.json`, or for a cache on an object
+store in `$XDG_CACHE_HOME/featstore/`, since it describes this machine's files), a
+damaged memo is rebuilt, and `memo=None` hashes every file afresh.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from featstore.location import is_url
+
 MEMO_NAME = ".file-sha256.json"
 
 
-def memo_for(cache: Path) -> Path:
-    """The memo file that belongs to a cache folder."""
+def memo_for(cache: Path | str) -> Path:
+    """The memo file that belongs to a cache folder (a URL: a local folder of this user)."""
+    if is_url(cache):
+        home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(home) / "featstore" / MEMO_NAME
     return Path(cache) / MEMO_NAME
 
 

@@ -27,6 +27,7 @@ from zarr.core.array_spec import ArrayConfigParams
 
 from featstore import schema, store
 from featstore.errors import StoreBusyError, StoreCorruptError
+from featstore.location import Place, Remote, files, glob, place
 
 ITEM_DATA = schema.ITEM_DATA  # written per unit by the encoder loop
 FULL: ArrayConfigParams = {"write_empty_chunks": True}
@@ -44,9 +45,9 @@ class Damage:
         return f"{self.array} unit {self.unit}: {self.reason}"
 
 
-def _json_problems(path: Path) -> list[str]:
+def _json_problems(path: Place) -> list[str]:
     out = []
-    for meta in sorted(path.rglob("zarr.json")):
+    for meta in glob(path, "zarr.json", recursive=True):
         try:
             json.loads(meta.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -54,7 +55,7 @@ def _json_problems(path: Path) -> list[str]:
     return out
 
 
-def _consolidated_problems(path: Path) -> list[str]:
+def _consolidated_problems(path: Place) -> list[str]:
     """Consolidated metadata (a copy in the root zarr.json) must equal each array's own."""
     root = json.loads((path / "zarr.json").read_text())
     copies = (root.get("consolidated_metadata") or {}).get("metadata") or {}
@@ -82,7 +83,7 @@ def _decode_reason(exc: BaseException) -> str:
     return f"cannot decode ({type(exc).__name__}: {text[:120]})"
 
 
-def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[Damage]:
+def scan_chunks(path: Place, attrs: dict[str, Any], values: bool = True) -> list[Damage]:
     """Decode every chunk of every array; NaN/Inf in cls/patch (outside skipped samples).
 
     Marks (`_featstore/done`) may lack chunks: that is a pending unit, not damage, and
@@ -90,7 +91,8 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
     """
     pending = set(store.pending_units(path))
     layout = schema.Layout.from_attrs(attrs["layout"])
-    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    present = files(path)
     skipped = set(attrs.get("skipped", {}))
     samples = None
     out: list[Damage] = []
@@ -111,7 +113,7 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
         for unit in range(layout.n_units):
             if name in ITEM_DATA and unit in pending:
                 continue  # not written yet (or half-written): the resume rewrites it
-            if not store.chunk_file(path, name, arr, unit).is_file():
+            if store.chunk_key(name, arr, unit) not in present:
                 if not marks:
                     out.append(Damage(name, unit, "chunk file missing"))
                 continue
@@ -134,13 +136,13 @@ def scan_chunks(path: Path, attrs: dict[str, Any], values: bool = True) -> list[
     return out
 
 
-def header_problems(path: Path) -> list[str]:
+def header_problems(path: Place | str) -> list[str]:
     """Problems of the set's metadata and attributes (no chunk is read).
 
     `metadata:` lines for invalid JSON or consolidated metadata that disagrees with
     the arrays (the only ones a repair can fix), `attributes:` lines otherwise.
     """
-    path = Path(path)
+    path = place(path)
     if not (path / "zarr.json").is_file():
         return [f"metadata: {path} is not a feature set (no zarr.json)"]
     problems = _json_problems(path)
@@ -149,12 +151,12 @@ def header_problems(path: Path) -> list[str]:
     return _consolidated_problems(path) + store.attribute_problems(path, store.read_attrs(path))
 
 
-def verify(path: Path, require_complete: bool = True, values: bool = True) -> list[str]:
+def verify(path: Place | str, require_complete: bool = True, values: bool = True) -> list[str]:
     """Everything wrong with the set at `path` (empty when it is sound), one line each.
 
     Lines start with `metadata:`, `attributes:`, `marks:` or `<array> unit <u>:`.
     """
-    path = Path(path)
+    path = place(path)
     problems = header_problems(path)
     fatal = ("metadata: ", "attributes: 'layout' is malformed")
     if any(p.startswith(fatal) and "consolidated" not in p for p in problems):
@@ -171,7 +173,7 @@ def verify(path: Path, require_complete: bool = True, values: bool = True) -> li
     return problems
 
 
-def finish(path: Path) -> None:
+def finish(path: Place) -> None:
     """Check every chunk decodes and every unit is marked, then mark the set complete.
 
     Values were checked for NaN/Inf before they were written; `verify` re-reads them.
@@ -190,21 +192,21 @@ def arr_of(root: zarr.Group, name: str) -> zarr.Array:
     return node
 
 
-def reset_units(path: Path, units: list[int]) -> None:
+def reset_units(path: Place, units: list[int]) -> None:
     """Forget `units`: delete their data chunks and marks, and unmark the set complete."""
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     for name in (*ITEM_DATA, schema.MARKS):
         if name not in root:
             continue
         arr = arr_of(root, name)
         for unit in units:
-            store.chunk_file(path, name, arr, unit).unlink(missing_ok=True)
+            (path / store.chunk_key(name, arr, unit)).unlink(missing_ok=True)
     root.attrs["complete"] = False
 
 
-def rewrite_items(path: Path, items: schema.Items, names: list[str]) -> None:
+def rewrite_items(path: Place, items: schema.Items, names: list[str]) -> None:
     """Rewrite coordinate/label arrays `names` whole from `items` (allocation-time data)."""
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     fresh = schema.item_arrays(items)
     for name in names:
         if name not in fresh:
@@ -216,7 +218,7 @@ def rewrite_items(path: Path, items: schema.Items, names: list[str]) -> None:
 # ------------------------------------------------------------------- claims
 
 
-def claims_dir(path: Path) -> Path:
+def claims_dir(path: Place) -> Place:
     """Where live extracts of the set at `path` leave their claim files."""
     return path.parent / f".{path.name}.claims"
 
@@ -231,12 +233,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def live_claims(path: Path) -> list[dict[str, Any]]:
+def live_claims(path: Place) -> list[dict[str, Any]]:
     """Claims of other live processes on this set; stale ones (dead pids here) are removed."""
     here = socket.gethostname()
     out = []
     folder = claims_dir(path)
-    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for f in glob(folder, "*.json") if folder.is_dir() else []:
         try:
             info = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
@@ -251,7 +253,7 @@ def live_claims(path: Path) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def claim(path: Path) -> Iterator[None]:
+def claim(path: Place) -> Iterator[None]:
     """Mark this process as extracting the set at `path` for the duration."""
     folder = claims_dir(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -267,7 +269,7 @@ def claim(path: Path) -> Iterator[None]:
             folder.rmdir()  # only when no other claim is left
 
 
-def refuse_if_busy(path: Path, action: str) -> None:
+def refuse_if_busy(path: Place, action: str) -> None:
     """Raise `StoreBusyError` when another live process works on the set at `path`."""
     for c in live_claims(path):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(c.get("started", 0))))
@@ -278,10 +280,14 @@ def refuse_if_busy(path: Path, action: str) -> None:
         )
 
 
-def clean_leftovers(cache: Path) -> list[Path]:
-    """Remove temporary skeletons and sets renamed aside by processes that died here."""
-    removed = []
-    for p in sorted(Path(cache).glob(".*.zarr.*")):
+def clean_leftovers(cache: Place | str) -> list[Path]:
+    """Remove temporary skeletons and sets renamed aside by processes that died here
+    (a remote cache has none: its skeletons are built locally, see `location`)."""
+    removed: list[Path] = []
+    cache = place(cache)
+    if isinstance(cache, Remote):
+        return removed
+    for p in sorted(cache.glob(".*.zarr.*")):
         tag = p.name.rsplit(".", 1)[-1]
         pid = tag[3:]
         if tag[:3] in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):

@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from featstore.errors import ManifestError
+from featstore.location import place
 
 Format = Literal["medmnist", "images", "nifti", "dicom", "synthetic"]
 Task = Literal["classification", "multilabel", "segmentation"]
@@ -223,7 +224,8 @@ class Study(_Frozen):
 class Manifest(_Frozen):
     """The whole manifest: datasets, the encoder x resolution grid, storage settings."""
 
-    cache: Path = Path(DEFAULT_CACHE)
+    # a folder, or an fsspec URL (s3://bucket/prefix, gs://...; file:// is a folder)
+    cache: Path | str = Path(DEFAULT_CACHE)
     encoders: tuple[str, ...] = ("dinov3-vits16",)
     resolutions: Resolutions = (224,)
     dtype: Literal["float16", "float32"] = "float16"
@@ -549,7 +551,8 @@ def load_manifest(
                 "give a CSV inside `path` with one row per sample"
             )
         datasets.append(d.model_copy(update={"path": p}))
-    cache_path = Path(chosen)
-    if not cache_path.is_absolute():
-        cache_path = (root if chosen == manifest.cache else Path.cwd()) / cache_path
+    where = place(chosen)
+    if isinstance(where, Path) and not where.is_absolute():
+        where = (root if chosen == manifest.cache else Path.cwd()) / where
+    cache_path = where if isinstance(where, Path) else str(where)  # a URL stays a string
     return manifest.model_copy(update={"datasets": tuple(datasets), "cache": cache_path})

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -38,6 +39,7 @@ from featstore.errors import (
     StoreMismatchError,
 )
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
+from featstore.location import Place, Remote, files, glob, place, publish, remove, size
 from featstore.schema import (
     ITEM_DATA,
     MARKS,
@@ -49,9 +51,9 @@ from featstore.schema import (
 )
 
 
-def store_path(cache: Path, key: str) -> Path:
-    """Where the set with cache key `key` lives under `cache`."""
-    return Path(cache) / f"{key[:24]}.zarr"
+def store_path(cache: Place | str, key: str) -> Place:
+    """Where the set with cache key `key` lives under `cache` (a folder or a URL)."""
+    return place(cache) / f"{key[:24]}.zarr"
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -66,7 +68,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def create(
-    path: Path, ident: SetIdentity, layout: Layout, items: Items, describe: dict[str, Any]
+    path: Place, ident: SetIdentity, layout: Layout, items: Items, describe: dict[str, Any]
 ) -> bool:
     """Allocate an empty feature set (attributes, coordinates, labels, marks).
 
@@ -79,8 +81,11 @@ def create(
     ds, encoding = skeleton(layout, items)
     ds.attrs.update(root_attrs(ident, layout, describe))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(path, Remote):  # built here, uploaded whole by `publish`
+        tmp = Path(tempfile.mkdtemp(prefix="featstore-")) / path.name
+    else:  # a sibling, so that `publish` is one atomic rename
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
     ds.to_zarr(
         tmp,
         mode="w-",
@@ -99,23 +104,21 @@ def create(
         fill_value=0,
         compressors=[Crc32cCodec()],
     )
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another shard won the race: use its skeleton
-        shutil.rmtree(tmp)
-        return False
-    return True
+    published = publish(tmp, path)  # False: another shard won the race; use its skeleton
+    if isinstance(path, Remote):
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return published
 
 
-def read_attrs(path: Path) -> dict[str, Any]:
+def read_attrs(path: Place) -> dict[str, Any]:
     """The root attributes of the set at `path`.
 
     Raises StoreCorruptError when its zarr.json is not valid JSON, FileNotFoundError
     when there is no set.
     """
-    meta = Path(path) / "zarr.json"
+    meta = place(path) / "zarr.json"
     try:
-        return dict(zarr.open_group(path, mode="r", use_consolidated=False).attrs)
+        return dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreCorruptError(
             f"{meta} is not valid JSON ({exc}); the set cannot be trusted: re-extract it "
@@ -132,27 +135,29 @@ def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array
             yield from arrays(node, f"{prefix}{name}/")
 
 
-def chunk_file(path: Path, name: str, arr: zarr.Array, unit: int) -> Path:
-    """The file of chunk `unit` (along the first axis) of array `name`."""
+def chunk_key(name: str, arr: zarr.Array, unit: int) -> str:
+    """The file of chunk `unit` (along the first axis) of array `name`, relative to
+    the set's folder."""
     coords = (unit,) + (0,) * (arr.ndim - 1)
-    return Path(path) / name / arr.metadata.encode_chunk_key(coords)
+    return f"{name}/{arr.metadata.encode_chunk_key(coords)}"
 
 
-def missing_chunks(path: Path) -> list[str]:
+def missing_chunks(path: Place) -> list[str]:
     """'<array> unit <u>: chunk file missing' for every absent chunk of a complete set."""
-    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    present = files(path)  # one listing, not one request per chunk
     out = []
     for name, arr in arrays(root):
         for unit in range(-(-arr.shape[0] // arr.chunks[0])):
-            if not chunk_file(path, name, arr, unit).is_file():
+            if chunk_key(name, arr, unit) not in present:
                 out.append(f"{name} unit {unit}: chunk file missing")
     return out
 
 
-def attribute_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
+def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[str]:
     """Root attributes that disagree with the recorded identity or the folder name."""
     if attrs.get("featstore_format") != FORMAT_VERSION:
-        return [f"attributes: {_old_format(Path(path), attrs)}"]
+        return [f"attributes: {_old_format(path, attrs)}"]
     try:
         ident = SetIdentity.from_attrs(attrs["identity"])
         key = ident.key()
@@ -160,10 +165,10 @@ def attribute_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
         return [f"attributes: the recorded identity is missing or malformed ({exc!r})"]
     out = []
     edited = "(the attributes were edited: re-extract with --overwrite)"
-    if attrs.get("cache_key") != key or Path(path).name != f"{key[:24]}.zarr":
+    if attrs.get("cache_key") != key or place(path).name != f"{key[:24]}.zarr":
         out.append(
             f"attributes: the recorded identity hashes to {key[:24]}, but cache_key is "
-            f"{str(attrs.get('cache_key'))[:24]} and the folder {Path(path).name} {edited}"
+            f"{str(attrs.get('cache_key'))[:24]} and the folder {place(path).name} {edited}"
         )
     assert ident.weights is not None  # from_attrs always sets it
     copies = {"encoder": ident.weights.to_dict(), "preprocess": ident.preprocess().to_dict()}
@@ -187,9 +192,9 @@ def attribute_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
     return out
 
 
-def skipped_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
+def skipped_problems(path: Place, attrs: dict[str, Any]) -> list[str]:
     """`skipped` must name exactly the samples whose items hold NaN features."""
-    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
     cls = np.asarray(_array(root, "cls")[:], np.float32)
     nan = ~np.isfinite(cls.reshape(len(cls), -1)).all(1)
     sample = plain(np.asarray(_array(root, "sample")[:]))
@@ -208,7 +213,7 @@ def skipped_problems(path: Path, attrs: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_matches(path: Path, ident: SetIdentity, layout: Layout | None = None) -> None:
+def check_matches(path: Place, ident: SetIdentity, layout: Layout | None = None) -> None:
     """Raise `StoreMismatchError` when the set at `path` was made for something else.
 
     layout None: check the identity only (a complete set keeps its own chunking).
@@ -233,7 +238,7 @@ def check_matches(path: Path, ident: SetIdentity, layout: Layout | None = None) 
         )
 
 
-def _old_format(path: Path, attrs: dict[str, Any]) -> StoreMismatchError:
+def _old_format(path: Place, attrs: dict[str, Any]) -> StoreMismatchError:
     return StoreMismatchError(
         f"{path} was written by another featstore format "
         f"({attrs.get('featstore_format')!r}, this one reads {FORMAT_VERSION}); "
@@ -241,24 +246,22 @@ def _old_format(path: Path, attrs: dict[str, Any]) -> StoreMismatchError:
     )
 
 
-def replace_aside(path: Path) -> None:
-    """Delete a set so that a kill midway leaves either the whole old set or nothing:
-    it is renamed aside first (one atomic step), then removed."""
-    aside = path.with_name(f".{path.name}.old{os.getpid()}")
-    os.rename(path, aside)
-    shutil.rmtree(aside)
+def replace_aside(path: Place) -> None:
+    """Delete a set so that a kill midway leaves either the whole old set or nothing
+    (see `location.remove`)."""
+    remove(path)
 
 
-def record_skipped(path: Path, skipped: dict[str, str]) -> None:
+def record_skipped(path: Place, skipped: dict[str, str]) -> None:
     """Add unreadable samples (id -> reason) to the set's `skipped` attribute."""
     if not skipped:
         return
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     attrs: dict[str, Any] = dict(root.attrs)
     root.attrs["skipped"] = {**attrs.get("skipped", {}), **skipped}
 
 
-def discard_partials(path: Path, units: Sequence[int]) -> int:
+def discard_partials(path: Place, units: Sequence[int]) -> int:
     """Delete half-written chunk files (zarr's `*.partial` temporaries) of `units`.
 
     A killed writer can leave one behind; it is never part of the data, but it would
@@ -267,18 +270,21 @@ def discard_partials(path: Path, units: Sequence[int]) -> int:
     """
     wanted = {str(u) for u in units}
     removed = 0
-    for name in ("cls", "patch", "mask", MARKS):
-        chunks = Path(path) / name / "c"
-        for f in chunks.rglob("*.partial") if chunks.is_dir() else ():
-            if f.relative_to(chunks).parts[0].split(".")[0] in wanted:
-                f.unlink()
-                removed += 1
+    for rel in sorted(files(path)):
+        if not rel.endswith(".partial"):
+            continue
+        for name in ("cls", "patch", "mask", MARKS):
+            if rel.startswith(f"{name}/c/"):
+                unit = rel[len(name) + 3 :].split("/")[0].split(".")[0]
+                if unit in wanted:
+                    (place(path) / rel).unlink(missing_ok=True)
+                    removed += 1
     return removed
 
 
-def pending_units(path: Path) -> list[int]:
+def pending_units(path: Place) -> list[int]:
     """The units of the set at `path` not yet marked done, in order."""
-    done = zarr.open_array(path / MARKS, mode="r")[:]
+    done = zarr.open_array(str(place(path) / MARKS), mode="r")[:]
     return [int(u) for u in np.flatnonzero(done == 0)]
 
 
@@ -296,8 +302,8 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
 class UnitWriter:
     """Writes whole units into an allocated set; arrays are opened once, not per unit."""
 
-    def __init__(self, path: Path, layout: Layout):
-        root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    def __init__(self, path: Place, layout: Layout):
+        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         self.layout = layout
         # Chunks equal to the fill value (an all-background mask) are written too:
         # on disk, every chunk exists, so a missing one is always damage.
@@ -337,23 +343,23 @@ class UnitWriter:
         return nbytes
 
 
-def mark_complete(path: Path) -> None:
+def mark_complete(path: Place) -> None:
     """Write `complete: true` and consolidated metadata (after `integrity.finish` checks)."""
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     root.attrs["complete"] = True
     root.attrs["completed"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     _consolidate(path)
 
 
-def _consolidate(path: Path) -> None:
+def _consolidate(path: Place) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(path)
+        zarr.consolidate_metadata(str(path))
 
 
-def add_request(path: Path, request: dict[str, Any]) -> None:
+def add_request(path: Place, request: dict[str, Any]) -> None:
     """Record another request that this (complete) set answers, so probe finds it by it."""
-    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     attrs: dict[str, Any] = dict(root.attrs)
     requests = list(attrs.get("requests", []))
     if canonical(request) not in requests:
@@ -361,10 +367,10 @@ def add_request(path: Path, request: dict[str, Any]) -> None:
         _consolidate(path)
 
 
-def _sets(cache: Path) -> list[tuple[Path, dict[str, Any]]]:
+def _sets(cache: Place | str) -> list[tuple[Place, dict[str, Any]]]:
     """(path, attributes) of every readable feature set of this format under `cache`."""
     out = []
-    for path in sorted(Path(cache).glob("*.zarr")):
+    for path in glob(place(cache), "*.zarr"):
         try:
             attrs = read_attrs(path)
         except (FileNotFoundError, ValueError, KeyError):
@@ -374,7 +380,7 @@ def _sets(cache: Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def find_set(cache: Path, request: dict[str, Any]) -> Path | None:
+def find_set(cache: Place | str, request: dict[str, Any]) -> Place | None:
     """The newest complete feature set under `cache` that answers `request`."""
     want = canonical(request)
     hits = [
@@ -385,13 +391,13 @@ def find_set(cache: Path, request: dict[str, Any]) -> Path | None:
     return max(hits)[1] if hits else None
 
 
-def find_by_key(cache: Path, key: str) -> Path | None:
+def find_by_key(cache: Place | str, key: str) -> Place | None:
     """The feature set whose cache key starts with `key` (results record 12 characters)."""
     hits = [p for p, attrs in _sets(cache) if str(attrs.get("cache_key", "")).startswith(key)]
     return hits[0] if hits else None
 
 
-def open_set(path: Path) -> xr.Dataset:
+def open_set(path: Place | str) -> xr.Dataset:
     """Open a complete, trusted feature set: data lazy (dask), coordinates in memory.
 
     Checked here (cheaply, on every open): the format, that the attributes agree with
@@ -399,7 +405,7 @@ def open_set(path: Path) -> xr.Dataset:
     read later checks its own crc32c. Consolidated metadata is not used: reads go by
     each array's own metadata.
     """
-    path = Path(path)
+    path = place(path)
     if not (path / "zarr.json").is_file():
         raise StoreIncompleteError(f"{path}: no feature set here; run `featstore extract` first")
     attrs = read_attrs(path)
@@ -419,7 +425,7 @@ def open_set(path: Path) -> xr.Dataset:
             "`featstore extract --repair` (or --overwrite) with the same options"
         )
     try:
-        ds = xr.open_zarr(path, consolidated=False)
+        ds = xr.open_zarr(str(path), consolidated=False)
         # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
         # which pandas and xarray's groupby reject), `groupby("sample")` just works.
         loaded = {name: (ds[name].dims, plain(ds[name].values)) for name in ds.coords}
@@ -432,7 +438,7 @@ def open_set(path: Path) -> xr.Dataset:
     return ds
 
 
-def corrupt(path: Path, exc: BaseException) -> StoreCorruptError:
+def corrupt(path: Place, exc: BaseException) -> StoreCorruptError:
     """The error for a chunk of `path` that failed to decode while being read."""
     return StoreCorruptError(
         f"{path}: a chunk failed to decode ({exc}); run `featstore verify {path}` to "
@@ -448,16 +454,16 @@ def plain(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def list_sets(cache: Path) -> list[dict[str, Any]]:
+def list_sets(cache: Place | str) -> list[dict[str, Any]]:
     """One summary row per feature set under `cache` (for `featstore ls`)."""
     rows: list[dict[str, Any]] = []
-    for path in sorted(Path(cache).glob("*.zarr")):
+    for path in glob(place(cache), "*.zarr"):
         try:
             attrs = read_attrs(path)
         except (FileNotFoundError, ValueError, KeyError) as exc:
             rows.append({"path": str(path), "error": str(exc)})
             continue
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        nbytes = size(path)
         enc, pre = attrs.get("encoder", {}), attrs.get("preprocess", {})
         rows.append(
             {
@@ -465,7 +471,7 @@ def list_sets(cache: Path) -> list[dict[str, Any]]:
                 "encoder": enc.get("name") + (" (random_init)" if enc.get("random_init") else ""),
                 "resolution": pre.get("resolution"),
                 "items": attrs.get("layout", {}).get("n_items"),
-                "size_mb": round(size / 1e6, 1),
+                "size_mb": round(nbytes / 1e6, 1),
                 "complete": bool(attrs.get("complete")),
                 "format": attrs.get("featstore_format"),
                 "key": attrs.get("cache_key", "")[:12],

@@ -176,6 +176,9 @@ def generate(spec: Synthetic, out: Path) -> Path:
     (_gen_3d if spec.kind.endswith("3d") else _gen_2d)(spec, tmp, rng)
     (tmp / STAMP).write_text(wanted)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if stamp.is_file() and stamp.read_text() == wanted:  # another process finished first
+        shutil.rmtree(tmp)
+        return out
     if out.exists():  # generated from another spec: set it aside, then delete it
         aside = out.with_name(f".{out.name}.old{os.getpid()}")
         os.rename(out, aside)

@@ -15,12 +15,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from featstore import schema, store
+from featstore.location import Place
 
 # check(array, bad_rows, unit, what) -> array to write; see UnitQueue.
 Check = Callable[[np.ndarray, np.ndarray, int, str], np.ndarray]
@@ -82,7 +82,7 @@ class UnitQueue:
 
     def __init__(
         self,
-        path: Path,
+        path: Place,
         layout: schema.Layout,
         check: Check,
         threads: int = 2,

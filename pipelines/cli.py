@@ -44,7 +44,8 @@ StudyOpt = typer.Option(None, "--study", help="Only this study of the manifest's
 CacheOpt = typer.Option(
     None,
     "--cache",
-    help="Feature-set folder (default: $FEATSTORE_CACHE, then the manifest's `cache:`).",
+    help="Feature-set folder or fsspec URL (s3://bucket/prefix); default: $FEATSTORE_CACHE, "
+    "then the manifest's `cache:`.",
 )
 
 
@@ -73,7 +74,7 @@ def _manifest(
     datasets: list[str],
     encoders: list[str],
     resolutions: list[int],
-    cache: Path | None,
+    cache: str | None,
     study: str | None = None,
 ) -> Manifest:
     from featstore.manifest import load_manifest
@@ -99,7 +100,7 @@ def extract(
     dataset: list[str] = DatasetOpt,
     encoder: list[str] = EncoderOpt,
     resolution: list[int] = ResolutionOpt,
-    cache: Path | None = CacheOpt,
+    cache: str | None = CacheOpt,
     study: str | None = StudyOpt,
     batch_size: int | None = typer.Option(None, help="Items per forward pass and per chunk."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -171,7 +172,7 @@ def probe(
     dataset: list[str] = DatasetOpt,
     encoder: list[str] = EncoderOpt,
     resolution: list[int] = ResolutionOpt,
-    cache: Path | None = CacheOpt,
+    cache: str | None = CacheOpt,
     study: str | None = StudyOpt,
     out: Path = typer.Option(Path("results"), help="Results folder."),
     pool: str = typer.Option("mean", help="3D volume pooling: mean | max | cls+patch | abmil"),
@@ -224,8 +225,9 @@ def report(
 
 @app.command("ls")
 def ls(
-    cache: Path = typer.Argument(
-        None, help="Feature-set folder (default: $FEATSTORE_CACHE or cache/features)."
+    cache: str = typer.Argument(
+        None,
+        help="Feature-set folder or URL (default: $FEATSTORE_CACHE or cache/features).",
     ),
 ) -> None:
     """List the feature sets in a cache folder."""
@@ -233,7 +235,7 @@ def ls(
 
     from featstore.store import list_sets
 
-    cache = cache or Path(os.environ.get("FEATSTORE_CACHE", "cache/features"))
+    cache = cache or os.environ.get("FEATSTORE_CACHE", "cache/features")
     rows = list_sets(cache)
     if not rows:
         typer.echo(f"no feature sets in {cache}")
@@ -246,10 +248,12 @@ def ls(
 
 
 @app.command()
-def info(path: Path) -> None:
-    """Print a feature set's attributes and variables."""
+def info(where: str = typer.Argument(..., metavar="PATH")) -> None:
+    """Print a feature set's attributes and variables (a folder or a URL)."""
+    from featstore.location import place
     from featstore.store import read_attrs
 
+    path = place(where)
     if not (path / "zarr.json").is_file():
         _fail(FileNotFoundError(f"{path}: not a feature set (no zarr.json)"))
     try:
@@ -259,7 +263,7 @@ def info(path: Path) -> None:
 
 
 @app.command()
-def verify(path: Path) -> None:
+def verify(path: str = typer.Argument(..., metavar="PATH")) -> None:
     """Decode every chunk of every array (checksums), check attributes against the
     recorded identity, marks and NaN/Inf; one FAIL line per problem, exit 1 on any."""
     from featstore.integrity import verify as check

@@ -54,7 +54,7 @@ def _images(ds: Dataset, xs, items: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _examples(ds: Dataset, df: pd.DataFrame, cache: Path, out: Path, task: str) -> str | None:
+def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task: str) -> str | None:
     """Example figure for the best non-baseline cell of `ds`; returns its file name."""
     main = df[
         (df.dataset == ds.name)

@@ -1,0 +1,209 @@
+"""Where feature sets live: a local folder (`pathlib.Path`) or an fsspec URL (`Remote`).
+
+A cache given as `s3://bucket/prefix`, `gs://bucket/prefix` (or any fsspec protocol
+with an async file system, which zarr needs) is a `Remote`; `file://` URLs and plain
+paths are `Path`s, so local sets behave exactly as before. `Remote` offers the small
+part of the pathlib API that the store uses, plus the two steps that differ on an
+object store, where there is no atomic rename of a folder:
+
+- `publish` makes a set appear in one step: locally by renaming a finished temporary
+  folder; on an object store by uploading every object but the root `zarr.json`, and
+  that one last (a set without its root `zarr.json` counts as absent);
+- `remove` makes it vanish in one step: locally by renaming it aside first, on an
+  object store by deleting its root `zarr.json` first.
+
+Credentials and endpoints come from the usual places of each file system (for S3:
+`AWS_*` variables, `AWS_ENDPOINT_URL` for an S3-compatible server, ~/.aws), or from
+fsspec's own configuration (`FSSPEC_S3_ENDPOINT_URL`, ...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+ROOT_META = "zarr.json"
+
+
+class Remote:
+    """A path in an fsspec file system, with the pathlib methods the store needs."""
+
+    def __init__(self, url: str, fs: Any = None, path: str | None = None):
+        if fs is None or path is None:
+            fs, path = fsspec.core.url_to_fs(url)
+        self.fs = fs
+        self.path = str(path).rstrip("/")
+        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        self.protocol = str(protocol)
+
+    def _at(self, path: str) -> Remote:
+        return Remote(f"{self.protocol}://{path}", self.fs, path)
+
+    def __str__(self) -> str:
+        return f"{self.protocol}://{self.path}"
+
+    def __repr__(self) -> str:
+        return f"Remote({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Remote) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __lt__(self, other: Remote) -> bool:
+        return str(self) < str(other)
+
+    def __truediv__(self, name: str) -> Remote:
+        return self._at(f"{self.path}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Remote:
+        return self._at(self.path.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> Remote:
+        return self.parent / name
+
+    def _fresh(self) -> None:
+        """Forget cached listings: other processes (cluster workers) write here too."""
+        self.fs.invalidate_cache(self.path)
+
+    def exists(self) -> bool:
+        self._fresh()
+        return bool(self.fs.exists(self.path))
+
+    def is_file(self) -> bool:
+        self._fresh()
+        return bool(self.fs.isfile(self.path))
+
+    def is_dir(self) -> bool:
+        self._fresh()
+        return bool(self.fs.isdir(self.path))
+
+    def read_bytes(self) -> bytes:
+        return bytes(self.fs.cat_file(self.path))
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_text(self, text: str) -> None:
+        self.fs.pipe_file(self.path, text.encode())
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self.path, exist_ok=True)  # object stores have no folders
+
+    def rmdir(self) -> None:
+        """Object stores have no empty folders to remove; a local file system raises
+        OSError when the folder is not empty, as `Path.rmdir` does."""
+        if self.fs.ls(self.path, detail=False):
+            raise OSError(f"{self} is not empty")
+
+    def glob(self, pattern: str) -> Iterator[Remote]:
+        self._fresh()
+        for p in sorted(self.fs.glob(f"{self.path}/{pattern}")):
+            yield self._at(p)
+
+    def rglob(self, pattern: str) -> Iterator[Remote]:
+        for rel in sorted(files(self)):
+            if fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern):
+                yield self / rel
+
+
+Place = Path | Remote
+
+
+def place(where: str | os.PathLike[str] | Remote) -> Place:
+    """A cache folder or set: `Remote` for URLs like s3://bucket/prefix, else a Path."""
+    if isinstance(where, (Path, Remote)):
+        return where
+    text = os.fspath(where)
+    if text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    if "://" in text:
+        return Remote(text)
+    return Path(text)
+
+
+def is_url(where: str | os.PathLike[str]) -> bool:
+    """True for a remote URL (s3://, gs://, ...); file:// and plain paths are local."""
+    return isinstance(place(where), Remote)
+
+
+def glob(where: Place, pattern: str, recursive: bool = False) -> list[Place]:
+    """The paths under `where` matching `pattern` (by name when `recursive`), sorted."""
+    found: list[Place] = list(where.rglob(pattern) if recursive else where.glob(pattern))
+    return sorted(found, key=str)
+
+
+def files(where: Place) -> set[str]:
+    """Every file under `where`, as '/'-joined paths relative to it (one listing)."""
+    if isinstance(where, Remote):
+        where._fresh()
+        found = where.fs.find(where.path) if where.fs.isdir(where.path) else []
+        return {p[len(where.path) + 1 :] for p in found}
+    out = set()
+    for folder, _, names in os.walk(where):
+        rel = os.path.relpath(folder, where)
+        for n in names:
+            out.add(n if rel == "." else f"{rel}/{n}".replace(os.sep, "/"))
+    return out
+
+
+def size(where: Place) -> int:
+    """Bytes of every file under `where`."""
+    if isinstance(where, Remote):
+        where._fresh()
+        return int(where.fs.du(where.path, total=True)) if where.fs.isdir(where.path) else 0
+    return sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
+
+
+def publish(built: Path, dest: Place) -> bool:
+    """Move the finished set folder `built` (local) to `dest` in one visible step.
+
+    Returns False, and deletes `built`, when `dest` already exists (another process
+    published first: its set is kept).
+    """
+    if isinstance(dest, Path):
+        try:
+            os.rename(built, dest)
+        except OSError:
+            shutil.rmtree(built)
+            return False
+        return True
+    if (dest / ROOT_META).exists():
+        shutil.rmtree(built)
+        return False
+    rels = sorted(files(built), key=lambda rel: rel == ROOT_META)  # the root one last
+    for rel in rels:
+        dest.fs.put_file(str(built / rel), f"{dest.path}/{rel}")
+    shutil.rmtree(built)
+    return True
+
+
+def remove(where: Place) -> None:
+    """Delete a set so that a kill midway leaves either the whole set or no set."""
+    if isinstance(where, Path):
+        aside = where.with_name(f".{where.name}.old{os.getpid()}")
+        os.rename(where, aside)
+        shutil.rmtree(aside)
+        return
+    (where / ROOT_META).unlink(missing_ok=True)  # from here on, the set is absent
+    if where.exists():
+        where.fs.rm(where.path, recursive=True)
