@@ -2,8 +2,8 @@
 
 The memo is only a cache: its location is chosen by the caller (the pipelines keep
 it beside the feature sets, `<cache>/.file-sha256.json`, or for a cache on an object
-store in `$XDG_CACHE_HOME/featstore/`, since it describes this machine's files), a
-damaged memo is rebuilt, and `memo=None` hashes every file afresh.
+store in `$FEATSTORE_HOME`, by default `~/.cache/featstore`, since it describes this
+machine's files), a damaged memo is rebuilt, and `memo=None` hashes every file afresh.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ MEMO_NAME = ".file-sha256.json"
 def memo_for(cache: Path | str) -> Path:
     """The memo file that belongs to a cache folder (a URL: a local folder of this user)."""
     if is_url(cache):
-        home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(home) / "featstore" / MEMO_NAME
+        xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return Path(os.environ.get("FEATSTORE_HOME") or xdg / "featstore") / MEMO_NAME
     return Path(cache) / MEMO_NAME
 
 

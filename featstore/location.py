@@ -42,11 +42,15 @@ class Remote:
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
         self.protocol = str(protocol)
 
+    def __reduce__(self) -> tuple[type[Remote], tuple[str]]:
+        """Pickled as its URL (to cluster workers): each process opens its own file system."""
+        return (Remote, (str(self),))
+
     def _at(self, path: str) -> Remote:
         return Remote(f"{self.protocol}://{path}", self.fs, path)
 
     def __str__(self) -> str:
-        return f"{self.protocol}://{self.path}"
+        return str(self.fs.unstrip_protocol(self.path))
 
     def __repr__(self) -> str:
         return f"Remote({str(self)!r})"
@@ -75,8 +79,9 @@ class Remote:
         return self.parent / name
 
     def _fresh(self) -> None:
-        """Forget cached listings: other processes (cluster workers) write here too."""
-        self.fs.invalidate_cache(self.path)
+        """Forget cached listings, all of them: zarr and other processes (cluster
+        workers) write here through file-system instances of their own."""
+        self.fs.invalidate_cache()
 
     def exists(self) -> bool:
         self._fresh()
@@ -91,6 +96,7 @@ class Remote:
         return bool(self.fs.isdir(self.path))
 
     def read_bytes(self) -> bytes:
+        self._fresh()
         return bytes(self.fs.cat_file(self.path))
 
     def read_text(self) -> str:
@@ -116,13 +122,21 @@ class Remote:
             raise OSError(f"{self} is not empty")
 
     def glob(self, pattern: str) -> Iterator[Remote]:
+        """Direct children whose name matches `pattern` (the folder's own name is
+        taken literally, brackets and all)."""
         self._fresh()
-        for p in sorted(self.fs.glob(f"{self.path}/{pattern}")):
-            yield self._at(p)
+        try:
+            children = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return
+        for p in sorted(children):
+            child = self._at(str(p).rstrip("/"))
+            if fnmatch.fnmatchcase(child.name, pattern):
+                yield child
 
     def rglob(self, pattern: str) -> Iterator[Remote]:
         for rel in sorted(files(self)):
-            if fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern):
+            if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern):
                 yield self / rel
 
 
@@ -205,5 +219,9 @@ def remove(where: Place) -> None:
         shutil.rmtree(aside)
         return
     (where / ROOT_META).unlink(missing_ok=True)  # from here on, the set is absent
-    if where.exists():
-        where.fs.rm(where.path, recursive=True)
+    objects = [f"{where.path}/{rel}" for rel in sorted(files(where))]
+    if any(c in where.path for c in "*?["):  # fsspec would read these as a glob pattern
+        for obj in objects:
+            where.fs.rm_file(obj)
+    elif objects:
+        where.fs.rm(objects)  # bulk deletes
