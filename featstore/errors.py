@@ -37,6 +37,10 @@ class StoreCorruptError(FeatstoreError, ValueError):
     """A feature set's bytes or attributes changed after it was written."""
 
 
+class CacheUnreachableError(FeatstoreError, OSError):
+    """A cache URL cannot be opened (unknown protocol, missing driver, no access)."""
+
+
 class StoreBusyError(FeatstoreError, RuntimeError):
     """Another live process is extracting this feature set."""
 

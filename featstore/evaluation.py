@@ -27,7 +27,7 @@ from featstore import metrics as fm
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.fingerprint import memo_for
 from featstore.identity import SetIdentity, requested
-from featstore.location import Place
+from featstore.location import Place, place, reachable
 from featstore.manifest import Dataset, Manifest
 from featstore.readers import Prepared, Sample, prepare
 from featstore.segmentation import (
@@ -263,6 +263,7 @@ def probe_manifest(
     is called with each (cell name, SetResult) as it is done.
     """
     out = Evaluation()
+    reachable(place(manifest.cache))
     memo = memo_for(manifest.cache)
     prepared: dict[str, Prepared | None] = {}
     src = f" --manifest {manifest_file}" if manifest_file else ""

@@ -22,11 +22,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from featstore.errors import CacheUnreachableError
 
 ROOT_META = "zarr.json"
 
@@ -36,7 +39,15 @@ class Remote:
 
     def __init__(self, url: str, fs: Any = None, path: str | None = None):
         if fs is None or path is None:
-            fs, path = fsspec.core.url_to_fs(url)
+            try:
+                fs, path = fsspec.core.url_to_fs(url)
+            except ImportError as exc:  # fsspec names the package: "install s3fs ..."
+                raise CacheUnreachableError(f"cache {url}: {exc}") from None
+            except ValueError as exc:
+                raise CacheUnreachableError(
+                    f"cache {url}: {exc}; give a folder or a URL such as s3://bucket/prefix "
+                    "or gs://bucket/prefix"
+                ) from None
         self.fs = fs
         self.path = str(path).rstrip("/")
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -158,6 +169,35 @@ def place(where: str | os.PathLike[str] | Remote) -> Place:
 def is_url(where: str | os.PathLike[str]) -> bool:
     """True for a remote URL (s3://, gs://, ...); file:// and plain paths are local."""
     return isinstance(place(where), Remote)
+
+
+def reachable(where: Place, write: bool = False) -> None:
+    """Raise `CacheUnreachableError` unless the cache at `where` can be listed (and,
+    with `write`, written): a wrong endpoint, bucket or credential fails here, once,
+    with a message, not in the middle of an extract. A local folder always passes."""
+    if not isinstance(where, Remote):
+        return
+    try:
+        if write:
+            probe = where / f".featstore-write-test-{socket.gethostname()}-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        else:
+            where._fresh()
+            where.fs.ls(where.path, detail=False)
+    except FileNotFoundError:
+        if write:
+            raise CacheUnreachableError(
+                f"cannot write to the cache {where}: the bucket does not exist; create it "
+                "or give another --cache"
+            ) from None
+    except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, aiohttp errors differ by driver
+        verb = "write to" if write else "read"
+        raise CacheUnreachableError(
+            f"cannot {verb} the cache {where} ({type(exc).__name__}: {str(exc)[:200]}); check "
+            "the URL, the credentials and the endpoint (for S3: AWS_* variables, ~/.aws, "
+            "AWS_ENDPOINT_URL)"
+        ) from None
 
 
 def glob(where: Place, pattern: str, recursive: bool = False) -> list[Place]:

@@ -39,7 +39,17 @@ from featstore.errors import (
     StoreMismatchError,
 )
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
-from featstore.location import Place, Remote, files, glob, place, publish, remove, size
+from featstore.location import (
+    Place,
+    Remote,
+    files,
+    glob,
+    place,
+    publish,
+    reachable,
+    remove,
+    size,
+)
 from featstore.schema import (
     ITEM_DATA,
     MARKS,
@@ -457,6 +467,7 @@ def plain(values: np.ndarray) -> np.ndarray:
 def list_sets(cache: Place | str) -> list[dict[str, Any]]:
     """One summary row per feature set under `cache` (for `featstore ls`)."""
     rows: list[dict[str, Any]] = []
+    reachable(place(cache))
     for path in glob(place(cache), "*.zarr"):
         try:
             attrs = read_attrs(path)

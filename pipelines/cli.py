@@ -236,7 +236,10 @@ def ls(
     from featstore.store import list_sets
 
     cache = cache or os.environ.get("FEATSTORE_CACHE", "cache/features")
-    rows = list_sets(cache)
+    try:
+        rows = list_sets(cache)
+    except FeatstoreError as exc:
+        _fail(exc)
     if not rows:
         typer.echo(f"no feature sets in {cache}")
         return
@@ -250,13 +253,14 @@ def ls(
 @app.command()
 def info(where: str = typer.Argument(..., metavar="PATH")) -> None:
     """Print a feature set's attributes and variables (a folder or a URL)."""
-    from featstore.location import place
+    from featstore.location import place, reachable
     from featstore.store import read_attrs
 
-    path = place(where)
-    if not (path / "zarr.json").is_file():
-        _fail(FileNotFoundError(f"{path}: not a feature set (no zarr.json)"))
     try:
+        path = place(where)
+        reachable(path)
+        if not (path / "zarr.json").is_file():
+            _fail(FileNotFoundError(f"{path}: not a feature set (no zarr.json)"))
         typer.echo(json.dumps(read_attrs(path), indent=2, default=str))
     except FeatstoreError as exc:
         _fail(exc)
@@ -267,8 +271,13 @@ def verify(path: str = typer.Argument(..., metavar="PATH")) -> None:
     """Decode every chunk of every array (checksums), check attributes against the
     recorded identity, marks and NaN/Inf; one FAIL line per problem, exit 1 on any."""
     from featstore.integrity import verify as check
+    from featstore.location import place, reachable
 
-    problems = check(path)
+    try:
+        reachable(place(path))
+        problems = check(path)
+    except FeatstoreError as exc:
+        _fail(exc)
     for p in problems:
         typer.secho(f"FAIL {p}", fg=typer.colors.RED)
     if problems:

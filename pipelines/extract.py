@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from featstore.extraction import Options, Summary, extract_manifest
+from featstore.location import place, reachable
 from featstore.manifest import Manifest
 
 
@@ -24,6 +25,7 @@ def run(
 
     `cluster` ("local:N") or `scheduler` (an address) run the units as dask tasks.
     """
+    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     if cluster is None and scheduler is None:
         summaries = extract_manifest(manifest, opts, baseline=baseline, echo=echo)
     else:

@@ -196,3 +196,16 @@ def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
         (got,) = extract_on_cluster(remote, client, opts, baseline=False, echo=lambda *_: None)
     assert got.status == "new" and isinstance(got.path, location.Remote)
     assert integrity.verify(got.path) == [] and _objects(got.path) == _objects(ref.path)
+
+
+def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
+    from featstore.errors import CacheUnreachableError
+
+    with pytest.raises(CacheUnreachableError, match="Protocol not known: nope"):
+        location.place("nope://bucket/x")
+    missing = "s3://no-such-bucket-here/cache"
+    with pytest.raises(CacheUnreachableError, match="no-such-bucket-here.*does not exist"):
+        _extract(_manifest(tmp_path, "cls2d", missing, tiny_dinov3))
+    out = CliRunner().invoke(app, ["ls", "nope://x"])
+    assert out.exit_code == 2 and "Protocol not known" in out.output
+    assert load_manifest(_manifest(tmp_path, "cls2d", s3, tiny_dinov3)).cache == s3
