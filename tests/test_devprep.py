@@ -46,7 +46,7 @@ def _layout(n: int, r: int, masks: bool = False) -> schema.Layout:
     )  # fmt: skip
 
 
-def _both(ds: Dataset, r: int, fit: str = "resize", **intensity):
+def _both(ds: Dataset, r: int, fit: str = "resize", device: torch.device = CPU, **intensity):
     """(cpu pixels, device pixels, cpu masks, device masks, shipped dtypes, batches)."""
     prep = readers.prepare(ds)
     pre = Preprocess(r, Intensity(**intensity), MEAN, STD, fit)
@@ -56,7 +56,8 @@ def _both(ds: Dataset, r: int, fit: str = "resize", **intensity):
     dev = [Batches(prep, pre, layout, plan, "device")[k] for k in range(len(plan))]
     assert all(isinstance(b.pixels, RawPixels) for b in dev)
     a = torch.cat([b.pixels for b in cpu if isinstance(b.pixels, torch.Tensor)]).numpy()
-    b = torch.cat([to_input(b.pixels, pre, CPU) for b in dev]).numpy()
+    pinned = [b.pin_memory() if device.type == "cuda" else b for b in dev]  # as DataLoader does
+    b = torch.cat([to_input(b.pixels, pre, device) for b in pinned]).cpu().numpy()
     dtypes = {
         g.pixels.dtype for d in dev if isinstance(d.pixels, RawPixels) for g in d.pixels.groups
     }
@@ -242,3 +243,17 @@ def test_cli_option_is_checked_and_recorded(tmp_path):
     assert ok.exit_code == 0, ok.output
     (path,) = (tmp_path / "cache").glob("*.zarr")
     assert store.read_attrs(path)["compute"] == {"device": "cpu", "preprocess_on": "device"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_preprocessing_matches_the_cpu_path(tmp_path):
+    cuda = torch.device("cuda")
+    grey = _synthetic(tmp_path, "cls2d", 96)
+    for fit, r in (("resize", 64), ("pad", 128)):
+        a, b, *_ = _both(grey, r, fit, cuda, mode="minmax")
+        assert np.abs(a - b).max() <= RESIZED
+    rng = np.random.default_rng(1)
+    u16 = _images(tmp_path / "u16", [rng.integers(0, 65535, (48, 40), dtype=np.uint16)] * 5)
+    a, b, *_, dtypes, _ = _both(u16, 32, "resize", cuda, mode="percentile")
+    assert dtypes == {torch.uint16} and np.abs(a - b).max() <= RESIZED
