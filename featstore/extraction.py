@@ -28,7 +28,6 @@ from featstore.encoders import Encoder, load_encoder
 from featstore.errors import (
     BadInputError,
     FeatstoreError,
-    FeatureOverflowError,
     Interrupted,
     StopRequested,
     StoreCorruptError,
@@ -37,7 +36,7 @@ from featstore.fingerprint import memo_for
 from featstore.identity import EncoderInfo, SetIdentity, requested
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
-from featstore.writer import Check, UnitQueue
+from featstore.writer import UnitQueue, nan_checker, pooled
 
 Status = Literal["cached", "new", "resumed", "repaired"]
 
@@ -203,31 +202,6 @@ def _repair(path: Path, items: schema.Items) -> bool:
     return False
 
 
-def _checker(ids: np.ndarray, layout: schema.Layout) -> Check:
-    """NaN rows for skipped items; any other NaN/Inf is an error (float16 overflow)."""
-
-    def check(arr: np.ndarray, bad: np.ndarray, unit: int, what: str) -> np.ndarray:
-        finite = np.isfinite(arr.reshape(len(arr), -1)).all(1)
-        if not finite[~bad].all():
-            names = ids[layout.unit_slice(unit)][~finite & ~bad]
-            raise FeatureOverflowError(
-                f"the encoder gave NaN/Inf {what} features for {sorted(set(names))[:5]}; "
-                "with float16 storage this is an overflow: set `dtype: float32` in the manifest"
-            )
-        arr[bad] = np.nan
-        return arr
-
-    return check
-
-
-def _pooled(patch: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, P, rows, cols, D) -> (B, P, rows/k, cols/k, D), the mean of each k x k block."""
-    if k == 1:
-        return patch
-    b, p, r, c, d = patch.shape
-    return patch.reshape(b, p, r // k, k, c // k, k, d).mean((3, 5))
-
-
 def _encode_units(
     prep: Prepared,
     encoder: Encoder,
@@ -256,7 +230,7 @@ def _encode_units(
         prefetch_factor=2 if workers else None,
     )
     ids_all = np.asarray([prep.samples[i].id for i, _ in prep.index])
-    writer = UnitQueue(path, layout, _checker(ids_all, layout), opts.writers, encoder.device)
+    writer = UnitQueue(path, layout, nan_checker(ids_all, layout), opts.writers, encoder.device)
     skipped: dict[str, str] = {}
     n_items = sum(stop - start for _, start, stop in batches)
     desc = f"{prep.ds.name} / {encoder.info.label} @ {r.resolution}px"
@@ -273,7 +247,7 @@ def _encode_units(
             cls = fb.cls[:, 0] if layout.layers == 1 else fb.cls
             patch = None
             if layout.rows:
-                patch = _pooled(fb.patch, r.patch_pool)
+                patch = pooled(fb.patch, r.patch_pool)
                 patch = patch[:, 0] if layout.patch_layers == 1 else patch
             writer.put(batch.unit, cls, patch, batch.masks, bad)
             bar.update(len(batch.pixels))
