@@ -1,13 +1,17 @@
 """Extraction on a GPU: bare forward vs the whole pipeline, DINOv3 ViT-S/B/L shapes.
 
     python benchmarks/gpu_extract.py [--models vits16,vitb16,vitl16] [--sizes 224,512]
+        [--preprocess-on cpu,device] [--source-size 512]
 
 For each model (the preset architecture, random init: the speed is the same as with
-real weights) and input size: bare images/s (bf16 autocast forward on ready device
-tensors), pipeline images/s (`extract_one`: PNG decode and preprocessing in
-DataLoader workers, pinned non-blocking copies, cast and check on the device,
-writer pool), their ratio, peak GPU memory and MB/s written. Without a CUDA device
-it says so and exits 0.
+real weights), input size and preprocessing placement: bare images/s (bf16 autocast
+forward on ready device tensors), pipeline images/s (`extract_one`: PNG decode in
+DataLoader workers, preprocessing there (`cpu`: float32 tensors shipped) or on the
+GPU (`device`: uint8 pixels shipped), pinned non-blocking copies, cast and check on
+the device, writer pool), their ratio, peak GPU memory and MB/s written. The PNGs
+are --source-size px (default: the input size, so nothing is resized); another size
+adds the resize to what each placement does. Without a CUDA device it says so and
+exits 0.
 """
 
 from __future__ import annotations
@@ -37,19 +41,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--preprocess-on", default="cpu,device", help="cpu, device or cpu,device")
+    ap.add_argument("--source-size", type=int, default=None, help="PNG size (default: input)")
     args = ap.parse_args()
+    places = args.preprocess_on.split(",")
+    if not set(places) <= {"cpu", "device"}:
+        ap.error("--preprocess-on takes cpu, device or cpu,device")
     if not torch.cuda.is_available():
         print("no CUDA device: gpu_extract.py measures nothing here (skipped)")
         sys.exit(0)
     print(f"device: {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores")
-    print(f"{'model':<8} {'px':>4} {'bare img/s':>11} {'pipe img/s':>11} {'ratio':>6} "
-          f"{'GPU GB':>7} {'MB/s':>7}")  # fmt: skip
+    print(f"{'model':<8} {'px':>4} {'src':>4} {'prep':>6} {'bare img/s':>11} {'pipe img/s':>11} "
+          f"{'ratio':>6} {'GPU GB':>7} {'MB/s':>7}")  # fmt: skip
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         for size in map(int, args.sizes.split(",")):
+            src = args.source_size or size
             ds = Dataset(
-                name=f"png{size}", format="synthetic", path=tmp / f"data{size}",
-                synthetic=Synthetic(kind="cls2d", n=args.n, size=size),
+                name=f"png{src}", format="synthetic", path=tmp / f"data{src}",
+                synthetic=Synthetic(kind="cls2d", n=args.n, size=src),
                 task="classification", dims=2,
             )  # fmt: skip
             prep = readers.prepare(ds)
@@ -77,13 +87,19 @@ def main() -> None:
                     enc.encode(x)
                 torch.cuda.synchronize()
                 bare = steps * len(x) / (time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                s = extract_one(prep, enc, spec, size, m, Options(num_workers=args.workers,
-                                                                  progress=False))  # fmt: skip
-                secs = time.perf_counter() - t0
-                gb = torch.cuda.max_memory_allocated() / 1e9
-                print(f"{model:<8} {size:>4} {bare:11.0f} {s.items / secs:11.0f} "
-                      f"{s.items / secs / bare:6.3f} {gb:7.2f} {s.mbytes / secs:7.0f}")  # fmt: skip
+                bare_gb = torch.cuda.max_memory_allocated() / 1e9
+                for place in places:
+                    run = m.model_copy(update={"cache": tmp / f"cache-{model}-{size}-{place}"})
+                    opts = Options(num_workers=args.workers, progress=False,
+                                   preprocess_on=place)  # type: ignore[arg-type]  # fmt: skip
+                    torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    s = extract_one(prep, enc, spec, size, run, opts)
+                    secs = time.perf_counter() - t0
+                    gb = max(bare_gb, torch.cuda.max_memory_allocated() / 1e9)
+                    print(f"{model:<8} {size:>4} {src:>4} {place:>6} {bare:11.0f} "
+                          f"{s.items / secs:11.0f} {s.items / secs / bare:6.3f} {gb:7.2f} "
+                          f"{s.mbytes / secs:7.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

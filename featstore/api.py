@@ -91,6 +91,7 @@ def extract(
     resolutions: Sequence[int] = (),
     cache: str | os.PathLike[str] | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
+    preprocess_on: Literal["auto", "cpu", "device"] = "auto",
     overwrite: bool = False,
     skip_bad: bool = False,
     baseline: bool = True,
@@ -101,7 +102,13 @@ def extract(
     from featstore.extraction import Options, extract_manifest
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
-    opts = Options(device=device, overwrite=overwrite, skip_bad=skip_bad, progress=progress)
+    opts = Options(
+        device=device,
+        preprocess_on=preprocess_on,
+        overwrite=overwrite,
+        skip_bad=skip_bad,
+        progress=progress,
+    )
     return extract_manifest(m, opts, baseline=baseline, echo=echo)
 
 

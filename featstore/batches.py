@@ -3,6 +3,8 @@
 A unit is one storage chunk made of whole batches. `Batches` decodes and preprocesses
 one batch per call (in a worker process); `UnitQueue` collects a unit's batches and
 writes the whole unit on a background thread, so the forward pass never waits on I/O.
+With placement "device" a worker only decodes, and its batch carries the stored
+integers for `devprep.to_input` to preprocess on the encoder's device.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import numpy as np
 import torch
 
 from featstore import readers, schema
+from featstore.devprep import Part, Placement, RawPixels, RawSample, pack, raw_sample
 from featstore.errors import BadInputError
-from featstore.preprocess import Preprocess, preprocess
+from featstore.preprocess import Preprocess, fit_mask, preprocess
 from featstore.readers import Prepared
 
 
@@ -22,25 +25,36 @@ from featstore.readers import Prepared
 class Decoded:
     """One sample ready for the encoder, or the reason it could not be read.
 
-    pixels: (D, 3, R, R) float32 normalised; mask: (D, R, R) uint8 or None.
+    pixels: (D, 3, R, R) float32 normalised (placement "cpu"); raw: the decoded sample
+    for the device (placement "device"); mask: (D, R, R) uint8 or None.
     """
 
     pixels: np.ndarray | None = None
     mask: np.ndarray | None = None
     error: str | None = None
+    raw: RawSample | None = None
+
+    @property
+    def slices(self) -> int:
+        """Slices decoded (0 when unreadable)."""
+        if self.raw is not None:
+            return len(self.raw.image)
+        return 0 if self.pixels is None else len(self.pixels)
 
 
 @dataclass(frozen=True)
 class Batch:
     """One batch of consecutive items of one unit.
 
-    pixels: (B, 3, R, R) float32; masks: (B, R, R) uint8 or None; errors: sample id ->
-    reason for each unreadable sample in the batch (its rows are zeros).
+    pixels: (B, 3, R, R) float32 normalised, or (placement "device") the decoded
+    integers that `devprep.to_input` turns into it; masks: (B, R, R) uint8 or None;
+    errors: sample id -> reason for each unreadable sample in the batch (its rows are
+    zeros).
     """
 
     unit: int
     start: int
-    pixels: torch.Tensor
+    pixels: torch.Tensor | RawPixels
     masks: np.ndarray | None
     errors: dict[str, str]
 
@@ -62,8 +76,10 @@ class Batches(torch.utils.data.Dataset):
         pre: Preprocess,
         layout: schema.Layout,
         batches: list[tuple[int, int, int]],
+        placement: Placement = "cpu",
     ):
         self.prep, self.pre, self.layout, self.batches = prep, pre, layout, batches
+        self.placement = placement
         self.index = prep.index
         self._last: tuple[int, Decoded] | None = None  # volumes span batches: keep the last
 
@@ -72,17 +88,24 @@ class Batches(torch.utils.data.Dataset):
 
     def _decode(self, i: int) -> Decoded:
         sample = self.prep.samples[i]
+        device = self.placement == "device"
         try:
-            loaded = readers.load(self.prep.ds, sample)
-            pixels, mask = preprocess(loaded.image, loaded.mask, self.pre)
+            loaded = readers.load(self.prep.ds, sample, as_read=device)
+            if device:
+                got = Decoded(
+                    mask=fit_mask(loaded.mask, self.pre),
+                    raw=raw_sample(loaded.image, self.pre.intensity),
+                )
+            else:
+                got = Decoded(*preprocess(loaded.image, loaded.mask, self.pre))
         except BadInputError as exc:
             return Decoded(error=str(exc))
-        if pixels.shape[0] != sample.n_items:
+        if got.slices != sample.n_items:
             return Decoded(
-                error=f"{sample.image}: {pixels.shape[0]} slices, the index listed "
+                error=f"{sample.image}: {got.slices} slices, the index listed "
                 f"{sample.n_items}; the file changed during the run"
             )
-        return Decoded(pixels, mask)
+        return got
 
     def _sample(self, i: int) -> Decoded:
         if self._last is None or self._last[0] != i:
@@ -92,7 +115,9 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> Batch:
         unit, start, stop = self.batches[k]
         n, r = stop - start, self.pre.resolution
-        pixels = np.empty((n, 3, r, r), np.float32)  # every row is set below
+        device = self.placement == "device"
+        pixels = None if device else np.empty((n, 3, r, r), np.float32)  # rows set below
+        parts: list[Part] = []  # device: what each run of rows holds
         masks = np.zeros((n, r, r), np.uint8) if self.layout.mask_size else None
         errors: dict[str, str] = {}
         j = 0
@@ -100,17 +125,22 @@ class Batches(torch.utils.data.Dataset):
             i, first = self.index[start + j]
             run = min(n - j, self.prep.samples[i].n_items - first)
             got = self._sample(i)
-            if got.pixels is None:
-                errors[self.prep.samples[i].id] = str(got.error)
-                pixels[j : j + run] = 0
+            if got.error is not None:
+                errors[self.prep.samples[i].id] = got.error
+                if pixels is not None:
+                    pixels[j : j + run] = 0
                 if masks is not None:
                     masks[j : j + run] = 0
             else:
-                pixels[j : j + run] = got.pixels[first : first + run]
+                if got.raw is not None:
+                    parts.append(Part(j, got.raw, first, run))
+                elif pixels is not None and got.pixels is not None:
+                    pixels[j : j + run] = got.pixels[first : first + run]
                 if masks is not None:
                     masks[j : j + run] = 0 if got.mask is None else got.mask[first : first + run]
             j += run
-        return Batch(unit, start, torch.from_numpy(pixels), masks, errors)
+        out = pack(n, parts) if pixels is None else torch.from_numpy(pixels)
+        return Batch(unit, start, out, masks, errors)
 
 
 def plan_batches(

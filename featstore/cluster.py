@@ -207,7 +207,7 @@ def extract_on_cluster(
         info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
 
         run = _runner(client, remote, spec, device, memo, manifest.batch_size, opts, ds.name)
-        summary = extract_set(prep, info, spec, res, manifest, opts, run)
+        summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
         echo(summary.line())
         summaries.append(summary)
     return summaries

@@ -22,13 +22,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from featstore import integrity, schema, store
+from featstore import devprep, integrity, schema, store
 from featstore.batches import Batches, plan_batches, quiet_worker
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import (
     BadInputError,
     FeatstoreError,
-    FeatureOverflowError,
     Interrupted,
     StopRequested,
     StoreCorruptError,
@@ -38,7 +37,7 @@ from featstore.identity import EncoderInfo, SetIdentity, requested
 from featstore.location import Place
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
-from featstore.writer import Check, UnitQueue
+from featstore.writer import UnitQueue, nan_checker, pooled
 
 Status = Literal["cached", "new", "resumed", "repaired"]
 
@@ -48,6 +47,9 @@ class Options:
     """How to run an extract (not what to compute: that is the identity)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # where intensity mapping, resize and mean/std run: the CPU workers, or (device)
+    # the encoder's device on the stored integers; auto: device on CUDA only
+    preprocess_on: devprep.Setting = "auto"
     overwrite: bool = False  # replace an existing set of this identity
     repair: bool = False  # verify every chunk of existing sets; recompute damaged units
     skip_bad: bool = False  # record unreadable samples and go on
@@ -145,8 +147,12 @@ def _open_or_allocate(
     prep: Prepared,
     items: schema.Items,
     opts: Options,
+    compute: dict[str, str],
 ) -> Status:
-    """Find the set at `path` (cached / resumed / repaired) or allocate it (new)."""
+    """Find the set at `path` (cached / resumed / repaired) or allocate it (new).
+
+    `compute` (device, preprocess_on) is recorded in a new set; units are added to an
+    existing one only when it was made the same way (see `integrity.check_compute`)."""
     if path.exists() and (opts.overwrite or not (path / "zarr.json").is_file()):
         # A folder without its root zarr.json is what a kill during a delete left.
         integrity.refuse_if_busy(path, "replacing it")
@@ -154,6 +160,8 @@ def _open_or_allocate(
     if path.exists():
         complete = bool(store.read_attrs(path).get("complete"))
         store.check_matches(path, ident, None if complete else layout)
+        if not complete or opts.repair:
+            integrity.check_compute(path, compute)
         if opts.repair and _repair(path, items):
             return "repaired"
         if complete:
@@ -166,9 +174,10 @@ def _open_or_allocate(
             store.add_request(path, ident.request())
             return "cached"
         return "resumed"
-    if store.create(path, ident, layout, items, _describe(prep)):
+    if store.create(path, ident, layout, items, _describe(prep), compute):
         return "new"
     store.check_matches(path, ident, layout)  # a concurrent shard allocated it
+    integrity.check_compute(path, compute)
     return "resumed"
 
 
@@ -194,31 +203,6 @@ def _repair(path: Place, items: schema.Items) -> bool:
     return False
 
 
-def _checker(ids: np.ndarray, layout: schema.Layout) -> Check:
-    """NaN rows for skipped items; any other NaN/Inf is an error (float16 overflow)."""
-
-    def check(arr: np.ndarray, bad: np.ndarray, unit: int, what: str) -> np.ndarray:
-        finite = np.isfinite(arr.reshape(len(arr), -1)).all(1)
-        if not finite[~bad].all():
-            names = ids[layout.unit_slice(unit)][~finite & ~bad]
-            raise FeatureOverflowError(
-                f"the encoder gave NaN/Inf {what} features for {sorted(set(names))[:5]}; "
-                "with float16 storage this is an overflow: set `dtype: float32` in the manifest"
-            )
-        arr[bad] = np.nan
-        return arr
-
-    return check
-
-
-def _pooled(patch: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, P, rows, cols, D) -> (B, P, rows/k, cols/k, D), the mean of each k x k block."""
-    if k == 1:
-        return patch
-    b, p, r, c, d = patch.shape
-    return patch.reshape(b, p, r // k, k, c // k, k, d).mean((3, 5))
-
-
 def _encode_units(
     prep: Prepared,
     encoder: Encoder,
@@ -236,8 +220,10 @@ def _encode_units(
     workers = opts.num_workers
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if cuda else 1
+    pre = ident.preprocess()
+    placement = devprep.resolve(opts.preprocess_on, encoder.device.type)
     loader = DataLoader(
-        Batches(prep, ident.preprocess(), layout, batches),
+        Batches(prep, pre, layout, batches, placement),
         batch_size=None,
         num_workers=workers,
         pin_memory=cuda,
@@ -245,7 +231,7 @@ def _encode_units(
         prefetch_factor=2 if workers else None,
     )
     ids_all = np.asarray([prep.samples[i].id for i, _ in prep.index])
-    writer = UnitQueue(path, layout, _checker(ids_all, layout), opts.writers, encoder.device)
+    writer = UnitQueue(path, layout, nan_checker(ids_all, layout), opts.writers, encoder.device)
     skipped: dict[str, str] = {}
     n_items = sum(stop - start for _, start, stop in batches)
     desc = f"{prep.ds.name} / {encoder.info.label} @ {r.resolution}px"
@@ -255,13 +241,14 @@ def _encode_units(
             if batch.errors and not opts.skip_bad:
                 raise BadInputError(next(iter(batch.errors.values())))
             skipped.update(batch.errors)
-            fb = encoder.encode(batch.pixels, r.layers, r.patch_layers)
+            pixels = devprep.to_input(batch.pixels, pre, encoder.device)
+            fb = encoder.encode(pixels, r.layers, r.patch_layers)
             ids = ids_all[batch.start : batch.start + len(batch.pixels)]
             bad = np.isin(ids, list(batch.errors))
             cls = fb.cls[:, 0] if layout.layers == 1 else fb.cls
             patch = None
             if layout.rows:
-                patch = _pooled(fb.patch, r.patch_pool)
+                patch = pooled(fb.patch, r.patch_pool)
                 patch = patch[:, 0] if layout.patch_layers == 1 else patch
             writer.put(batch.unit, cls, patch, batch.masks, bad)
             bar.update(len(batch.pixels))
@@ -292,7 +279,9 @@ def extract_one(
     ) -> tuple[int, float, dict[str, str]]:
         return _encode_units(prep, encoder, ident, path, layout, units, manifest.batch_size, opts)
 
-    return extract_set(prep, encoder.info, spec, resolution, manifest, opts, run)
+    return extract_set(
+        prep, encoder.info, spec, resolution, manifest, opts, run, encoder.device.type
+    )
 
 
 def extract_set(
@@ -303,9 +292,11 @@ def extract_set(
     manifest: Manifest,
     opts: Options,
     run_units: UnitRunner,
+    device: str,
 ) -> Summary:
     """Allocate, resume or find the set of one cell; `run_units` computes the pending
-    units of this shard (here, or as tasks on a cluster); then verify and finish."""
+    units of this shard (here, or as tasks on a cluster) on `device` ("cpu", "cuda");
+    then verify and finish."""
     t0 = time.perf_counter()
     p = info.patch_size
     if resolution % p:
@@ -331,7 +322,8 @@ def extract_set(
     integrity.clean_leftovers(manifest.cache)
     name = (prep.ds.name, info.label, resolution)
     with integrity.claim(path):
-        status = _open_or_allocate(path, ident, layout, prep, items, opts)
+        compute = {"device": device, "preprocess_on": devprep.resolve(opts.preprocess_on, device)}
+        status = _open_or_allocate(path, ident, layout, prep, items, opts, compute)
         if status == "cached":
             return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path, 0, set_mb)
         i, n = opts.shard

@@ -6,6 +6,8 @@ flipped or truncated chunk fails to decode instead of reading as changed values.
 as `<array> unit <u>: <reason>`; `reset_units` and `rewrite_items` let an extract
 recompute just those. A claim file per live process (host, pid, start time) makes an
 extract visible to others, so `--overwrite` never deletes a set someone is writing.
+`check_compute` keeps units computed on another device, or with preprocessing placed
+elsewhere, out of a set.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import zarr
 from zarr.core.array_spec import ArrayConfigParams
 
 from featstore import schema, store
-from featstore.errors import StoreBusyError, StoreCorruptError
+from featstore.errors import StoreBusyError, StoreCorruptError, StoreMismatchError
 from featstore.location import Place, Remote, files, glob, place
 
 ITEM_DATA = schema.ITEM_DATA  # written per unit by the encoder loop
@@ -182,6 +184,29 @@ def finish(path: Place) -> None:
     if problems:
         raise StoreCorruptError(f"{path} failed verification:\n  " + "\n  ".join(problems))
     store.mark_complete(path)
+
+
+def check_compute(path: Place, compute: dict[str, str]) -> None:
+    """Refuse to add units to a set that was started on another kind of device or with
+    preprocessing placed elsewhere (`compute`: device, preprocess_on).
+
+    Such units differ only within float rounding, so the cache key ignores how a set
+    was computed (a CPU study reuses a GPU-made set); but within one set every unit
+    comes from one computation, so that a resumed or sharded run ends byte-identical
+    to a clean one. Sets made before this was recorded are not checked.
+    """
+    stored = store.read_attrs(path).get("compute")
+    if stored is None or stored == compute:
+        return
+
+    def said(c: dict[str, str]) -> str:
+        return f"--device {c.get('device')} --preprocess-on {c.get('preprocess_on')}"
+
+    raise StoreMismatchError(
+        f"{path} was started with {said(stored)}, this run uses {said(compute)}; the "
+        "units of one set are all computed one way (they would differ within float "
+        f"rounding). Finish it with {said(stored)}, or pass --overwrite to start it again"
+    )
 
 
 def arr_of(root: zarr.Group, name: str) -> zarr.Array:

@@ -32,21 +32,31 @@ class Preprocess:
         return d
 
 
-def to_unit(image: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Raw intensities (any shape) to float32 in [0, 1] with one mapping per sample."""
-    x = image.astype(np.float32, copy=False)
+def unit_map(image: np.ndarray, intensity: Intensity) -> tuple[float, float] | None:
+    """(lo, scale) of the sample's mapping x -> clip((x - lo) * scale, 0, 1), or None
+    for mode `none` (clip only). `image` is the whole sample, any shape and dtype."""
     if intensity.mode == "window":
         center, width = intensity.center, intensity.width
         assert center is not None and width is not None  # Intensity's validator checks them
         lo = center - width / 2
         hi = center + width / 2
     elif intensity.mode == "percentile":
-        lo, hi = np.percentile(x, [intensity.low, intensity.high])
+        lo, hi = np.percentile(image, [intensity.low, intensity.high])
     elif intensity.mode == "minmax":
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(image.min()), float(image.max())
     else:  # none: the data is already in [0, 1]
-        return np.clip(x, 0.0, 1.0)
+        return None
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    return lo, scale
+
+
+def to_unit(image: np.ndarray, intensity: Intensity) -> np.ndarray:
+    """Raw intensities (any shape) to float32 in [0, 1] with one mapping per sample."""
+    x = image.astype(np.float32, copy=False)
+    mapping = unit_map(x, intensity)
+    if mapping is None:
+        return np.clip(x, 0.0, 1.0)
+    lo, scale = mapping
     return np.clip((x - lo) * scale, 0.0, 1.0)
 
 
@@ -86,7 +96,12 @@ def preprocess(
         out[i] = planes * 3 if c == 1 else planes
     out -= np.asarray(cfg.mean, np.float32)[None, :, None, None]
     out /= np.asarray(cfg.std, np.float32)[None, :, None, None]
-    small = None
-    if mask is not None:
-        small = np.stack([_fit_plane(m, r, cfg.fit, nearest=True) for m in mask]).astype(np.uint8)
-    return out, small
+    return out, fit_mask(mask, cfg)
+
+
+def fit_mask(mask: np.ndarray | None, cfg: Preprocess) -> np.ndarray | None:
+    """(D, H, W) uint8 class ids -> (D, R, R) uint8, nearest-neighbour (never blended)."""
+    if mask is None:
+        return None
+    r = cfg.resolution
+    return np.stack([_fit_plane(m, r, cfg.fit, nearest=True) for m in mask]).astype(np.uint8)

@@ -434,7 +434,9 @@ def _check_finite(arr: np.ndarray, where: str) -> np.ndarray:
     return arr
 
 
-def _load_picture(path: Path, is_mask: bool) -> np.ndarray:
+def _load_picture(path: Path, is_mask: bool, as_read: bool = False) -> np.ndarray:
+    # as_read: keep PIL's integer dtype (uint8, uint16, ...) instead of float32
+    dtype = None if as_read else np.float32
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -444,11 +446,11 @@ def _load_picture(path: Path, is_mask: bool) -> np.ndarray:
             if is_mask:
                 return np.asarray(im.convert("I") if im.mode not in ("L", "P", "I") else im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float32)[..., None]
+                arr = np.asarray(im, dtype=dtype)[..., None]
             elif im.mode in ("L", "LA", "1"):
-                arr = np.asarray(im.convert("L"), dtype=np.float32)[..., None]
+                arr = np.asarray(im.convert("L"), dtype=dtype)[..., None]
             else:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+                arr = np.asarray(im.convert("RGB"), dtype=dtype)
                 if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(
                     arr[..., 0], arr[..., 2]
                 ):
@@ -562,12 +564,18 @@ def _load_dicom(folder: Path) -> np.ndarray:
     return np.stack(vol)
 
 
-def load(ds: Dataset, sample: Sample) -> Loaded:
-    """Decode one sample; raises `BadInputError` naming the file on any problem."""
+def load(ds: Dataset, sample: Sample, as_read: bool = False) -> Loaded:
+    """Decode one sample; raises `BadInputError` naming the file on any problem.
+
+    as_read: MedMNIST and PNG/JPEG/TIFF images keep the integer dtype they are stored
+    in (uint8, uint16, int32) instead of float32, with the same values; NIfTI and DICOM
+    are float32 either way (their scaling is applied here).
+    """
     mask = None
     if ds.format == "medmnist":
         split, i = sample.image.split(":")
-        arr = _npz(ds.path)[f"{split}_images"][int(i)].astype(np.float32)
+        arr = _npz(ds.path)[f"{split}_images"][int(i)]
+        arr = arr if as_read else arr.astype(np.float32)
         if arr.ndim == ds.dims:  # grey: add the channel axis
             arr = arr[..., None]
         return Loaded(image=arr if ds.dims == 3 else arr[None], mask=None)
@@ -577,8 +585,9 @@ def load(ds: Dataset, sample: Sample) -> Loaded:
     elif ds.dims == 3:
         image = _load_nifti(path, ds.slice_axis)[..., None]
     else:
-        image = _load_picture(path, is_mask=False)[None]
-    _check_finite(image, str(path))
+        image = _load_picture(path, is_mask=False, as_read=as_read)[None]
+    if image.dtype.kind == "f":
+        _check_finite(image, str(path))
     if sample.mask:
         mpath = Path(sample.mask)
         m = _load_nifti(mpath, ds.slice_axis) if ds.dims == 3 else _load_picture(mpath, True)[None]

@@ -166,11 +166,21 @@ def versions() -> dict[str, str]:
     return out
 
 
-def root_attrs(ident: SetIdentity, layout: Layout, describe: dict[str, Any]) -> dict[str, Any]:
-    """Root attributes: the identity (machine-readable) and readable copies of it."""
+def root_attrs(
+    ident: SetIdentity,
+    layout: Layout,
+    describe: dict[str, Any],
+    compute: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Root attributes: the identity (machine-readable) and readable copies of it.
+
+    `compute` is provenance, not identity: how the units are computed (`device`:
+    cpu | cuda, `preprocess_on`: cpu | device), which changes the features only within
+    float rounding (README, "Preprocessing on the device")."""
     assert ident.weights is not None
     return canonical(
         {
+            **({"compute": compute} if compute else {}),
             "featstore_format": FORMAT_VERSION,
             "cache_key": ident.key(),
             "identity": ident.to_attrs(),

@@ -78,18 +78,24 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def create(
-    path: Place, ident: SetIdentity, layout: Layout, items: Items, describe: dict[str, Any]
+    path: Place,
+    ident: SetIdentity,
+    layout: Layout,
+    items: Items,
+    describe: dict[str, Any],
+    compute: dict[str, str] | None = None,
 ) -> bool:
     """Allocate an empty feature set (attributes, coordinates, labels, marks).
 
     Data variables are allocated, not written: each unit fills its own chunk later.
-    `describe` holds readable facts about the dataset (name, format, path, ...).
+    `describe` holds readable facts about the dataset (name, format, path, ...);
+    `compute` how its units are computed (see `integrity.check_compute`).
     The set is built in a temporary sibling folder and renamed into place, so another
     process (a second --shard) sees either nothing or a whole skeleton. Returns False
     when another process created `path` first (its skeleton is kept).
     """
     ds, encoding = skeleton(layout, items)
-    ds.attrs.update(root_attrs(ident, layout, describe))
+    ds.attrs.update(root_attrs(ident, layout, describe, compute))
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(path, Remote):  # built here, uploaded whole by `publish`
         tmp = Path(tempfile.mkdtemp(prefix="featstore-")) / path.name

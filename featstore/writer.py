@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from featstore import schema, store
+from featstore.errors import FeatureOverflowError
 from featstore.location import Place
 
 # check(array, bad_rows, unit, what) -> array to write; see UnitQueue.
@@ -40,6 +41,31 @@ def quantize_int8(patch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = np.rint(x / scale[..., None, None, :])
     q[~np.isfinite(q)] = 0
     return q.astype(np.int8), scale.astype(np.float32)
+
+
+def nan_checker(ids: np.ndarray, layout: schema.Layout) -> Check:
+    """NaN rows for skipped items; any other NaN/Inf is an error (float16 overflow)."""
+
+    def check(arr: np.ndarray, bad: np.ndarray, unit: int, what: str) -> np.ndarray:
+        finite = np.isfinite(arr.reshape(len(arr), -1)).all(1)
+        if not finite[~bad].all():
+            names = ids[layout.unit_slice(unit)][~finite & ~bad]
+            raise FeatureOverflowError(
+                f"the encoder gave NaN/Inf {what} features for {sorted(set(names))[:5]}; "
+                "with float16 storage this is an overflow: set `dtype: float32` in the manifest"
+            )
+        arr[bad] = np.nan
+        return arr
+
+    return check
+
+
+def pooled(patch: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, P, rows, cols, D) -> (B, P, rows/k, cols/k, D), the mean of each k x k block."""
+    if k == 1:
+        return patch
+    b, p, r, c, d = patch.shape
+    return patch.reshape(b, p, r // k, k, c // k, k, d).mean((3, 5))
 
 
 @dataclass

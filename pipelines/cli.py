@@ -104,6 +104,11 @@ def extract(
     study: str | None = StudyOpt,
     batch_size: int | None = typer.Option(None, help="Items per forward pass and per chunk."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    preprocess_on: str = typer.Option(
+        "auto",
+        help="Where intensity mapping, resize and mean/std run: cpu (decode workers), "
+        "device (the encoder's device, on the stored integers) or auto (device on CUDA).",
+    ),
     overwrite: bool = typer.Option(False, help="Replace existing feature sets of this request."),
     repair: bool = typer.Option(
         False, help="Decode every chunk of existing sets; recompute only the damaged units."
@@ -126,6 +131,8 @@ def extract(
     """Extract CLS and patch features into content-addressed Zarr feature sets."""
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter("--device must be auto, cpu or cuda")
+    if preprocess_on not in ("auto", "cpu", "device"):
+        raise typer.BadParameter("--preprocess-on must be auto, cpu or device")
     try:
         from featstore.manifest import MAX_BATCH_SIZE
 
@@ -147,6 +154,7 @@ def extract(
 
         opts = Options(
             device=cast(Literal["auto", "cpu", "cuda"], device),
+            preprocess_on=cast(Literal["auto", "cpu", "device"], preprocess_on),
             overwrite=overwrite,
             repair=repair,
             skip_bad=skip_bad,
