@@ -147,6 +147,16 @@ Predict = Callable[[np.ndarray, list[int]], np.ndarray]
 Read = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def block_items(memory_mb: float | None, tokens: int, pixels: int, n_classes: int) -> int:
+    """Items per scoring block: `SCORE_ITEMS` without a bound, else as many as fit in
+    `memory_mb` (at least one) with `tokens` token elements and `pixels` mask pixels
+    per item."""
+    if memory_mb is None:
+        return SCORE_ITEMS
+    item = tokens * BYTES_PER_ELEMENT + pixels * (PIXEL_BYTES_PER_CLASS * n_classes + PIXEL_BYTES)
+    return max(1, int(memory_mb * 1e6 // item))
+
+
 def _groups(vols: Sequence[np.ndarray], max_items: int) -> Iterator[list[int]]:
     """Runs of whole volumes with at most `max_items` items (at least one volume)."""
     group: list[int] = []
@@ -292,7 +302,6 @@ def probe_segmentation(
     ids = [str(sample[v[0]]) for v in test_vols]
     names = list(ds.classes[1:]) if ds.classes else [str(c) for c in range(1, n_classes)]
     size = mask.shape[-1]
-    pixel_bytes = size * size * (PIXEL_BYTES_PER_CLASS * n_classes + PIXEL_BYTES)
     depth = xs.sizes.get("patch_layer", 1)
 
     def read(last_only: bool) -> Read:
@@ -301,13 +310,7 @@ def probe_segmentation(
             np.asarray(mask[items].values),
         )
 
-    def max_items(channels: int) -> int:
-        if stream_mb is None:
-            return SCORE_ITEMS
-        item = per_item * channels * BYTES_PER_ELEMENT + pixel_bytes
-        return max(1, int(stream_mb * 1e6 // item))
-
-    channels = xs.sizes["channel"]
+    tokens = per_item * xs.sizes["channel"]
     lin_scores, examples = score_volumes(
         lambda p, _: head.predict(p, size),
         read(True),
@@ -316,7 +319,7 @@ def probe_segmentation(
         names,
         spacing,
         seed,
-        max_items(channels),
+        block_items(stream_mb, tokens, size * size, n_classes),
     )
     dec = fit_decoder_head(xs, ds, idx, n_classes, seed)
 
@@ -326,8 +329,9 @@ def probe_segmentation(
         cuts = np.cumsum(lengths)[:-1]
         return np.concatenate([dec.predict(v, size) for v in np.split(p, cuts)])
 
+    items = block_items(stream_mb, tokens * depth, size * size, n_classes)
     dec_scores, _ = score_volumes(
-        dec_predict, read(False), test_vols, ids, names, spacing, seed, max_items(channels * depth)
+        dec_predict, read(False), test_vols, ids, names, spacing, seed, items
     )
     n_vol = {s: len(np.unique(sample[idx[s]])) for s in idx}
     rows = []
