@@ -114,7 +114,7 @@ def main() -> None:
         got = _child(path, args.bound_mb, False)
         ref = _child(path, args.bound_mb, True) if args.in_memory else None
         same = ref and np.array_equal(np.load(path / "blockwise.npy"), np.load(path / "memory.npy"))
-    p = plan(D, 50, args.bound_mb)
+    p = plan(D, 50, args.bound_mb, votes=2)  # as knn_blockwise plans 10 classes, k <= 50
     queries = 2 * args.queries
     mb = args.train * D * 2 / 1e6
     print(f"features: {args.train} train rows + {queries} val/test rows x {D}, float16")

@@ -43,19 +43,21 @@ class Plan:
     query_rows: int
 
 
-def plan(dim: int, k: int, memory_mb: float) -> Plan:
+def plan(dim: int, k: int, memory_mb: float, votes: int = 1) -> Plan:
     """Blocks whose working set stays within `memory_mb` (at least one row each).
 
     A row costs `BYTES_PER_ROW_ELEMENT` per feature; a query also holds its running
-    top-k (distances, indices and the merge's candidates); a (query, train) pair its
-    distance and what partitions it (`BYTES_PER_PAIR`). The train block takes at most a
-    quarter of the bound, the query block the rest: few passes over the train rows.
+    top-k (distances, indices and the merge's candidates) and its neighbours' votes
+    (`votes` int64 per neighbour, twice: labels and their sum); a (query, train) pair
+    its distance and what partitions it (`BYTES_PER_PAIR`). The train block takes at
+    most a quarter of the bound, the query block the rest: few passes over the train
+    rows.
     """
     row = BYTES_PER_ROW_ELEMENT * dim
     budget = memory_mb * 1e6
     train = int(max(1, min(TRAIN_ROWS_MAX, budget // (4 * row))))
-    query = int(max(1, (budget - train * row) // (row + BYTES_PER_PAIR * train + 64 * k)))
-    return Plan(train, query)
+    per_query = row + BYTES_PER_PAIR * train + 64 * k + 16 * k * votes
+    return Plan(train, int(max(1, (budget - train * row) // per_query)))
 
 
 def _rows(x: Any, start: int, stop: int, cosine: bool) -> np.ndarray:
@@ -150,14 +152,16 @@ def knn_blockwise(
     """
     for y, s in ((ytr, "train"), (yva, "val")):
         check_split(y, s)
-    t0 = time.perf_counter()
-    cosine = metric == "cosine"
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"unknown kNN metric {metric!r}; use cosine or euclidean")
+    t0 = time.perf_counter()
+    cosine = metric == "cosine"
     n_train = xtr.shape[0]
     ks = [k for k in grid if k <= n_train] or [n_train]
-    p = plan(xtr.shape[1], max(ks), memory_mb)
     multi = ytr.ndim == 2
+    # Votes per neighbour: one per label, or (single label) one, plus the class counts.
+    votes = ytr.shape[1] if multi else 1 + -(-n_classes // max(ks))
+    p = plan(xtr.shape[1], max(ks), memory_mb, votes)
     # Correct val predictions per k (and per label: the vote of a binary label is 1
     # when more than half the neighbours have it, as scikit-learn's argmax decides).
     correct = np.zeros((len(ks), ytr.shape[1] if multi else 1), np.int64)
