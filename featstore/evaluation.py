@@ -27,6 +27,7 @@ from featstore import metrics as fm
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.fingerprint import memo_for
 from featstore.identity import SetIdentity, requested
+from featstore.knn import knn_blockwise
 from featstore.location import Place, place, reachable
 from featstore.manifest import Dataset, Manifest
 from featstore.readers import Prepared, Sample, prepare
@@ -47,9 +48,13 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, split: np.ndarray):
 
 
 def _classification(
-    xs: xr.Dataset, ds: Dataset, pool: str, seed: int, protocol: str
+    xs: xr.Dataset, ds: Dataset, pool: str, seed: int, protocol: str, stream_mb: float | None
 ) -> Iterator[Row]:
-    """Rows (without the set's identity) for linear and kNN probes (and ABMIL)."""
+    """Rows (without the set's identity) for linear and kNN probes (and ABMIL).
+
+    stream_mb: run kNN in blocks of at most this many MB (`featstore.knn`; the same
+    predictions) instead of scikit-learn's on the whole matrices.
+    """
     cls = np.asarray(xs.cls.values, np.float64).reshape(xs.sizes["item"], -1)
     label = np.asarray(xs.label.values)
     split = item_str(xs.split)
@@ -91,9 +96,11 @@ def _classification(
     else:
         linear = ("C", probes.linear_probe(xtr, ytr, xva, yva, xte, n_classes, seed=seed))
     metric, grid = ("euclidean", (11,)) if protocol == "medmnist+" else ("cosine", probes.K_GRID)
-    knn = probes.knn_probe(
-        xtr, ytr, xva, yva, xte, n_classes, metric=metric, grid=grid, per_label=protocol == "seed"
-    )
+    per_label = protocol == "seed"
+    if stream_mb is None:
+        knn = probes.knn_probe(xtr, ytr, xva, yva, xte, n_classes, grid, metric, per_label)
+    else:
+        knn = knn_blockwise(xtr, ytr, xva, yva, xte, n_classes, grid, metric, per_label, stream_mb)
     runs = {"linear": linear, "knn": ("k", knn), **extra}
     for name, (pname, pred) in runs.items():
 
@@ -221,7 +228,7 @@ def _probe_open_set(
             )
         found, examples = probe_segmentation(xs, ds, seed, spacing, stream_mb)
     else:
-        found = list(_classification(xs, ds, pool, seed, protocol))
+        found = list(_classification(xs, ds, pool, seed, protocol, stream_mb))
     return SetResult(path, key, [{**row_ident, **row} for row in found], examples)
 
 

@@ -9,9 +9,9 @@ coordinates, volumes in slice order, patch tokens with or without a `layer` dim.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -20,7 +20,10 @@ from featstore import geometry, probes, store
 from featstore import metrics as fm
 from featstore.errors import ProbeError
 from featstore.manifest import Dataset
-from featstore.streaming import StreamedHead, fit_streaming
+from featstore.streaming import BYTES_PER_ELEMENT, StreamedHead, fit_streaming
+
+if TYPE_CHECKING:
+    from featstore.heads import DenseHead  # torch: imported where a decoder is fitted
 
 Row = dict[str, Any]
 
@@ -65,6 +68,54 @@ class Examples:
     truth: np.ndarray
 
 
+METRICS = ("dice", "iou", "precision", "recall", "hd95")
+# Bytes per pixel of a block being scored: the (H, W, K) float32 upsampled logits, the
+# int64 argmax, the uint8 prediction and truth (measured: benchmarks/seg_memory.py).
+PIXEL_BYTES_PER_CLASS, PIXEL_BYTES = 8, 16
+SCORE_ITEMS = 256  # items per block without a memory bound
+
+
+def volume_scores(
+    pred: np.ndarray, truth: np.ndarray, k: int, spacing: geometry.Spacing | None
+) -> np.ndarray:
+    """`METRICS` of one image or volume: (5, k-1) float64 (NaN: class absent).
+
+    pred, truth: (n, H, W) uint8, the items of ONE volume in slice order (a 2D image:
+    n = 1); spacing: its grid spacing (None: pixels).
+    """
+    if len(pred) == 1 and (spacing is None or len(spacing) == 2):  # a 2D image
+        pred, truth = pred[0], truth[0]
+    return np.stack(
+        [
+            *fm.dice_iou(pred, truth, k),
+            *fm.precision_recall(pred, truth, k),
+            fm.hd95_per_class(pred, truth, k, spacing),
+        ]
+    )
+
+
+def summarise(
+    per: np.ndarray, names: Sequence[str], seed: int
+) -> dict[str, tuple[float, float, float]]:
+    """Scores averaged over volumes (NaN, nothing to score, left out), with intervals.
+
+    per: (V, 5, K-1) `volume_scores` of each volume. Gives every metric of `METRICS`
+    (averaged over classes first), and dice and hd95 per class name.
+    """
+
+    def scores(i: np.ndarray) -> dict[str, float]:
+        with np.errstate(all="ignore"):
+            out = {m: float(np.nanmean(np.nanmean(per[i, j], 1))) for j, m in enumerate(METRICS)}
+            for c, name in enumerate(names):
+                out[f"dice:{name}"] = float(np.nanmean(per[i, 0, c]))
+                out[f"hd95:{name}"] = float(np.nanmean(per[i, 4, c]))
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples of a rare class
+        return fm.with_intervals(scores, len(per), seed)
+
+
 def seg_scores(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -77,43 +128,94 @@ def seg_scores(
     averaged over items (NaN, i.e. nothing to score, left out), with intervals.
 
     pred, truth: (n, H, W) uint8, a volume's items contiguous and in slice order;
-    volumes: (n,) ids; spacing: grid spacing per id (None: pixels).
+    volumes: (n,) ids; spacing: grid spacing per id (None: pixels). The whole-array
+    form of `score_volumes`.
     """
     k = len(names) + 1
     ids = list(dict.fromkeys(volumes))
-    per = {m: np.zeros((len(ids), k - 1)) for m in ("dice", "iou", "precision", "recall", "hd95")}
-    for i, v in enumerate(ids):
-        sel = volumes == v
-        p, t = pred[sel], truth[sel]
-        if len(p) == 1 and (spacing is None or len(spacing[v]) == 2):  # a 2D image
-            p, t = p[0], t[0]
-        per["dice"][i], per["iou"][i] = fm.dice_iou(p, t, k)
-        per["precision"][i], per["recall"][i] = fm.precision_recall(p, t, k)
-        per["hd95"][i] = fm.hd95_per_class(p, t, k, None if spacing is None else spacing[v])
-
-    def scores(i: np.ndarray) -> dict[str, float]:
-        with np.errstate(all="ignore"):
-            out = {m: float(np.nanmean(np.nanmean(a[i], 1))) for m, a in per.items()}
-            for c, name in enumerate(names):
-                out[f"dice:{name}"] = float(np.nanmean(per["dice"][i, c]))
-                out[f"hd95:{name}"] = float(np.nanmean(per["hd95"][i, c]))
-        return out
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples of a rare class
-        return fm.with_intervals(scores, len(ids), seed)
+    per = []
+    for v in ids:
+        sp = None if spacing is None else spacing[v]
+        per.append(volume_scores(pred[volumes == v], truth[volumes == v], k, sp))
+    return summarise(np.stack(per), names, seed)
 
 
-def decoder_predictions(
-    xs: xr.Dataset,
-    ds: Dataset,
-    idx: dict[str, np.ndarray],
-    test_vols: list[np.ndarray],
-    n_classes: int,
+# A head's prediction for a block of whole volumes: patch (n, rows, cols, C) and the
+# number of items of each volume -> label maps (n, H, W) uint8.
+Predict = Callable[[np.ndarray, list[int]], np.ndarray]
+# Reads items (m,) of the set -> (patch (m, rows, cols, C), mask (m, H, W) uint8).
+Read = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def block_items(memory_mb: float | None, tokens: int, pixels: int, n_classes: int) -> int:
+    """Items per scoring block: `SCORE_ITEMS` without a bound, else as many as fit in
+    `memory_mb` (at least one) with `tokens` token elements and `pixels` mask pixels
+    per item."""
+    if memory_mb is None:
+        return SCORE_ITEMS
+    item = tokens * BYTES_PER_ELEMENT + pixels * (PIXEL_BYTES_PER_CLASS * n_classes + PIXEL_BYTES)
+    return max(1, int(memory_mb * 1e6 // item))
+
+
+def _groups(vols: Sequence[np.ndarray], max_items: int) -> Iterator[list[int]]:
+    """Runs of whole volumes with at most `max_items` items (at least one volume)."""
+    group: list[int] = []
+    n = 0
+    for v, items in enumerate(vols):
+        if group and n + len(items) > max_items:
+            yield group
+            group, n = [], 0
+        group.append(v)
+        n += len(items)
+    if group:
+        yield group
+
+
+def score_volumes(
+    predict: Predict,
+    read: Read,
+    vols: Sequence[np.ndarray],
+    ids: Sequence[str],
+    names: Sequence[str],
+    spacing: Mapping[str, geometry.Spacing] | None,
     seed: int,
-) -> tuple[np.ndarray, float, float]:
-    """Fit the dense decoder on train items, predict the test items (in `test_vols`
-    order). Returns (pred (n_test, H, W) uint8, lr, seconds)."""
+    max_items: int = SCORE_ITEMS,
+) -> tuple[dict[str, tuple[float, float, float]], Examples]:
+    """`seg_scores` of a head, predicted and scored a block of whole volumes at a time.
+
+    vols: the set's item indices of each test volume, in slice order; ids: their
+    volume ids; max_items: items per block (a larger volume is a block on its own).
+    Only one block's tokens, predictions and masks are held, plus each volume's
+    scores, so memory follows `max_items` and the largest volume, not the test split.
+    Examples: per volume (first 3), its slice with most foreground.
+    """
+    k = len(names) + 1
+    per = np.zeros((len(vols), len(METRICS), k - 1))
+    shown: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for group in _groups(vols, max_items):
+        patch, truth = read(np.concatenate([vols[v] for v in group]))
+        lengths = [len(vols[v]) for v in group]
+        pred = predict(patch, lengths)
+        del patch
+        starts = np.cumsum([0, *lengths])
+        for v, a, b in zip(group, starts[:-1], starts[1:], strict=True):
+            sp = None if spacing is None else spacing[ids[v]]
+            per[v] = volume_scores(pred[a:b], truth[a:b], k, sp)
+            if v < 3:
+                j = int(np.argmax((truth[a:b] > 0).sum((1, 2))))
+                shown.append((int(vols[v][j]), pred[a + j], truth[a + j]))
+    examples = Examples(
+        item=np.array([s[0] for s in shown]),
+        pred=np.stack([s[1] for s in shown]),
+        truth=np.stack([s[2] for s in shown]),
+    )
+    return summarise(per, names, seed), examples
+
+
+def fit_decoder_head(
+    xs: xr.Dataset, ds: Dataset, idx: dict[str, np.ndarray], n_classes: int, seed: int
+) -> DenseHead:
+    """The dense decoder fitted on (a budget-sized sample of) the train items."""
     from featstore import heads  # torch: the one trainable segmentation head
 
     cfg = heads.DecoderConfig()
@@ -134,18 +236,9 @@ def decoder_predictions(
         tr = np.concatenate([idx["train"][v] for v in train_vols])
         offsets = np.cumsum([0] + [len(v) for v in train_vols])
         vols = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-    head = heads.fit_decoder(
+    return heads.fit_decoder(
         patch_tokens(xs, tr), np.asarray(xs.mask[tr].values), vols, n_classes, ds.dims, seed, cfg
     )
-    size = xs.sizes["y"]
-    if ds.dims == 2:
-        te = np.concatenate(test_vols)
-        pred = np.concatenate(
-            [head.predict(patch_tokens(xs, te[s : s + 256]), size) for s in range(0, len(te), 256)]
-        )
-    else:
-        pred = np.concatenate([head.predict(patch_tokens(xs, v), size) for v in test_vols])
-    return pred, head.param, head.seconds
 
 
 def probe_segmentation(
@@ -158,7 +251,10 @@ def probe_segmentation(
     """Rows for the linear head and the dense decoder, and a few test predictions.
 
     stream_mb: train the linear head on every training patch, streaming blocks of at
-    most this many MB (`featstore.streaming`), instead of on a sample of patches.
+    most this many MB (`featstore.streaming`), instead of on a sample of patches; and
+    score both heads in blocks of whole test volumes that fit it (`score_volumes`;
+    without it, blocks of `SCORE_ITEMS` items). The decoder's training sample is
+    capped by its step budget (`heads.DecoderConfig`), not by `stream_mb`.
     """
     split = item_str(xs.split)
     sample = item_str(xs.sample)
@@ -198,33 +294,52 @@ def probe_segmentation(
             n_classes,
             seed=seed,
         )
-    # Test items volume by volume, each in slice order (3D distances run across slices).
+    # Test items volume by volume, each in slice order (3D distances run across slices),
+    # scored a block of whole volumes at a time: with a bound, blocks that fit it.
     test_vols = [
         idx["test"][v] for v in volume_items(sample[idx["test"]], xs.slice.values[idx["test"]])
     ]
-    te = np.concatenate(test_vols)
-    pred = np.concatenate(
-        [
-            head.predict(patch_tokens(xs, te[s : s + 256], last_only=True), mask.shape[-1])
-            for s in range(0, len(te), 256)
-        ]
-    )
-    truth = np.asarray(mask[te].values)
-    # Examples for the report: per test volume (first 3), its slice with most foreground.
-    shown = [
-        int(np.flatnonzero(sample[te] == v)[np.argmax((truth[sample[te] == v] > 0).sum((1, 2)))])
-        for v in list(dict.fromkeys(sample[te]))[:3]
-    ]
-    examples = Examples(item=te[shown], pred=pred[shown], truth=truth[shown])
+    ids = [str(sample[v[0]]) for v in test_vols]
     names = list(ds.classes[1:]) if ds.classes else [str(c) for c in range(1, n_classes)]
-    dec_pred, dec_lr, dec_seconds = decoder_predictions(xs, ds, idx, test_vols, n_classes, seed)
+    size = mask.shape[-1]
+    depth = xs.sizes.get("patch_layer", 1)
+
+    def read(last_only: bool) -> Read:
+        return lambda items: (
+            patch_tokens(xs, items, last_only),
+            np.asarray(mask[items].values),
+        )
+
+    tokens = per_item * xs.sizes["channel"]
+    lin_scores, examples = score_volumes(
+        lambda p, _: head.predict(p, size),
+        read(True),
+        test_vols,
+        ids,
+        names,
+        spacing,
+        seed,
+        block_items(stream_mb, tokens, size * size, n_classes),
+    )
+    dec = fit_decoder_head(xs, ds, idx, n_classes, seed)
+
+    def dec_predict(p: np.ndarray, lengths: list[int]) -> np.ndarray:
+        if ds.dims == 2:
+            return dec.predict(p, size)
+        cuts = np.cumsum(lengths)[:-1]
+        return np.concatenate([dec.predict(v, size) for v in np.split(p, cuts)])
+
+    items = block_items(stream_mb, tokens * depth, size * size, n_classes)
+    dec_scores, _ = score_volumes(
+        dec_predict, read(False), test_vols, ids, names, spacing, seed, items
+    )
     n_vol = {s: len(np.unique(sample[idx[s]])) for s in idx}
     rows = []
-    for probe, p, pname, param, seconds in (
-        ("seg-linear", pred, "alpha" if stream_mb else "C", head.param, head.seconds),
-        ("seg-decoder", dec_pred, "lr", dec_lr, dec_seconds),
+    for probe, found, pname, param, seconds in (
+        ("seg-linear", lin_scores, "alpha" if stream_mb else "C", head.param, head.seconds),
+        ("seg-decoder", dec_scores, "lr", dec.param, dec.seconds),
     ):
-        for metric, (v, lo, hi) in seg_scores(p, truth, sample[te], names, spacing, seed).items():
+        for metric, (v, lo, hi) in found.items():
             rows.append(
                 dict(
                     probe=probe,

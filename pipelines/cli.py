@@ -188,7 +188,8 @@ def probe(
         None,
         min=16,
         help="Train the linear segmentation head on every training patch, streaming blocks "
-        "of at most this many MB (default: a fixed sample of patches in memory).",
+        "of at most this many MB (default: a fixed sample of patches in memory); score "
+        "segmentation and run kNN in blocks of at most this many MB too.",
     ),
     scheduler: str | None = typer.Option(
         None, help="Run the probes' dask computations on a running cluster (address)."

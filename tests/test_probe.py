@@ -315,6 +315,26 @@ def test_abmil_pooling(shipped, tmp_path):
     assert (enc.value > 0.5).all(), enc[["probe", "value"]]
 
 
+def test_memory_bound_runs_knn_blockwise_with_the_same_rows(shipped, tmp_path):
+    """A memory bound runs kNN in blocks (`featstore.knn`): the in-memory kNN's rows."""
+    from featstore.manifest import load_manifest
+    from pipelines import probe as stage
+
+    work, args, _, full = shipped
+    names = ["synth-lesions-2d", "synth-nodules-3d"]
+    m = load_manifest(work / "data_manifest.yaml").select(names, [args[3]], [int(args[5])])
+    stage.run(m, tmp_path, stream_mb=0.05, echo=lambda _: None)  # a few rows a block
+    cols = ["dataset", "encoder", "metric", "value", "ci_low", "ci_high", "param"]
+
+    def knn(df: pd.DataFrame) -> pd.DataFrame:
+        df = df[(df.probe == "knn") & df.dataset.isin(names)][cols]
+        return df.sort_values(cols[:3]).reset_index(drop=True)
+
+    got = knn(pd.read_csv(tmp_path / "results.csv"))
+    assert len(got) == 2 * 2 * 6  # datasets x (encoder, pixels) x metrics
+    pd.testing.assert_frame_equal(got, knn(full))
+
+
 def test_too_coarse_patch_grid_is_explained():
     from featstore.errors import ProbeError
 
