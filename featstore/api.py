@@ -56,7 +56,7 @@ def open_features(
     Raises:
         StoreIncompleteError: the set was never extracted, or its extract did not finish.
     """
-    from featstore import store
+    from featstore import catalog, store
     from featstore.fingerprint import memo_for
     from featstore.identity import requested
     from featstore.readers import prepare
@@ -71,7 +71,7 @@ def open_features(
             )
         resolution = sizes[0]
     prep = prepare(ds, memo_for(m.cache))
-    path = store.find_set(
+    path = catalog.find_set(
         m.cache, requested(ds, m, prep.fingerprint, encoder, resolution).request()
     )
     if path is None:

@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
-from featstore import geometry, probes, store
+from featstore import catalog, geometry, probes, store
 from featstore import metrics as fm
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.fingerprint import memo_for
@@ -286,7 +286,7 @@ def probe_manifest(
         if prep is None:
             continue
         request = requested(ds, manifest, prep.fingerprint, spec, res).request()
-        path = store.find_set(manifest.cache, request)
+        path = catalog.find_set(manifest.cache, request)
         if path is None:
             out.problems.append(_missing(where, manifest, ds, spec, res, src))
             continue

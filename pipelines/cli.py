@@ -242,7 +242,7 @@ def ls(
     """List the feature sets in a cache folder."""
     import os
 
-    from featstore.store import list_sets
+    from featstore.catalog import list_sets
 
     cache = cache or os.environ.get("FEATSTORE_CACHE", "cache/features")
     try:

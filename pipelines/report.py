@@ -19,12 +19,13 @@ import pandas as pd
 
 from featstore import readers, references
 from featstore import report as rpt
+from featstore.catalog import find_by_key
 from featstore.errors import ProbeError
 from featstore.identity import SetIdentity
 from featstore.manifest import Dataset, Manifest
 from featstore.metrics import MAIN_METRIC
 from featstore.preprocess import preprocess
-from featstore.store import find_by_key, open_set
+from featstore.store import open_set
 
 N_EXAMPLES = 3
 

@@ -11,7 +11,7 @@ import pytest
 import zarr
 from conftest import REPO
 
-from featstore import schema, store
+from featstore import catalog, schema, store
 from featstore.errors import StoreMismatchError
 from featstore.identity import ENCODER_CONTENT, EncoderInfo, Recipe, SetIdentity
 from featstore.manifest import Intensity
@@ -110,7 +110,7 @@ def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
     zarr.open_group(path, mode="r+", use_consolidated=False).attrs["featstore_format"] = 1
     with pytest.raises(StoreMismatchError, match=r"another featstore format.*re-extract"):
         store.check_matches(path, ident, layout)
-    assert store.find_set(tmp_path, ident.request()) is None
+    assert catalog.find_set(tmp_path, ident.request()) is None
 
 
 def _imports(folder: Path) -> set[str]:

@@ -256,7 +256,7 @@ def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov
     assert set(knn.param) == {11} and set(df.protocol) == {"medmnist+"}
     import xarray as xr
 
-    from featstore.store import list_sets
+    from featstore.catalog import list_sets
 
     (enc,) = [r for r in list_sets(tmp_path / "cache") if r["encoder"] != "pixels"]
     assert xr.open_zarr(enc["path"]).attrs["preprocess"]["fit"] == "pad"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featstore import integrity, location, store
+from featstore import catalog, integrity, location, store
 from featstore.manifest import load_manifest
 from pipelines import extract
 from pipelines.cli import app
@@ -132,7 +132,7 @@ def test_s3_cache_extract_probe_verify_repair(tmp_path, tiny_dinov3, s3, kind):
     cli = CliRunner()
     out = cli.invoke(app, ["ls", s3])
     assert out.exit_code == 0 and made.path.name[:12] in out.output.replace(" ", "")[:10_000]
-    assert made.path.name.startswith(store.list_sets(s3)[0]["key"])
+    assert made.path.name.startswith(catalog.list_sets(s3)[0]["key"])
     out = cli.invoke(app, ["info", str(made.path)])
     assert out.exit_code == 0 and '"complete": true' in out.output
     out = cli.invoke(app, ["verify", str(made.path)])
