@@ -32,8 +32,9 @@ import pydicom
 from PIL import Image
 
 from featstore.errors import ProbeError
+from featstore.formats import AXES
 from featstore.manifest import Dataset
-from featstore.readers import AXES, Sample
+from featstore.readers import Sample
 
 SPACING_COORDS = ("spacing_mm", "pixel_spacing_mm")  # native in-plane spacing, mm
 SLICE_COORD = "slice_spacing_mm"  # native slice spacing of a volume, mm

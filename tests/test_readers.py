@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from featstore import readers
+from featstore import formats, readers
 from featstore.errors import BadInputError
 from featstore.manifest import Dataset, Synthetic
 from featstore.synthetic import generate
@@ -217,7 +217,7 @@ def test_missing_label_and_missing_file(tmp_path):
 def test_fill_outlines_fills_closed_contours():
     ring = np.zeros((1, 9, 9), np.uint8)
     ring[0, 2, 2:7] = ring[0, 6, 2:7] = ring[0, 2:7, 2] = ring[0, 2:7, 6] = 255
-    filled = readers.fill_outlines(ring)
+    filled = formats.fill_outlines(ring)
     assert filled[0, 4, 4] == 255 and filled[0, 0, 0] == 0 and (filled == 255).sum() == 25
 
 

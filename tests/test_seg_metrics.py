@@ -14,9 +14,10 @@ from scipy.spatial.distance import cdist
 from sklearn import metrics as skm
 
 from featstore import geometry
+from featstore.formats import load_nifti
 from featstore.manifest import Dataset
 from featstore.metrics import classification_scores, hd95, precision_recall
-from featstore.readers import Sample, _load_nifti
+from featstore.readers import Sample
 
 
 def _boundary_points(mask: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ def test_grid_spacing_from_a_nifti_header_follows_the_readers_axes(tmp_path):
     affine = np.array([[0, 0.9, 0, 0], [0, 0, 2.5, 0], [0.8, 0, 0, 0], [0, 0, 0, 1.0]])
     path = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((10, 40, 30), np.float32), affine), path)
-    slices = _load_nifti(path, "axial")  # what extract sees: (slices, rows, cols)
+    slices = load_nifti(path, "axial")  # what extract sees: (slices, rows, cols)
     assert slices.shape == (10, 40, 30)
     ds = _dataset(tmp_path, "nifti", 3)
     sample = Sample("v", "test", (), 10, str(path))
