@@ -34,7 +34,7 @@ from featstore.errors import (
 )
 from featstore.fingerprint import memo_for
 from featstore.identity import EncoderInfo, SetIdentity, requested
-from featstore.location import Place
+from featstore.location import Place, Remote
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
 from featstore.writer import UnitQueue, nan_checker, pooled
@@ -153,11 +153,16 @@ def _open_or_allocate(
 
     `compute` (device, preprocess_on) is recorded in a new set; units are added to an
     existing one only when it was made the same way (see `integrity.check_compute`)."""
-    if path.exists() and (opts.overwrite or not (path / "zarr.json").is_file()):
-        # A folder without its root zarr.json is what a kill during a delete left.
-        integrity.refuse_if_busy(path, "replacing it")
-        store.replace_aside(path)
-    if path.exists():
+    meta = path / "zarr.json"
+    if path.exists() and (opts.overwrite or not meta.is_file()):
+        # A folder without its root zarr.json is what a kill during a delete left; on an
+        # object store it may also be a skeleton that a live shard is uploading, which
+        # `store.create` below then races fairly (see `location.publish`).
+        uploading = isinstance(path, Remote) and not meta.is_file()
+        if not (uploading and integrity.live_claims(path)):
+            integrity.refuse_if_busy(path, "replacing it")
+            store.replace_aside(path)
+    if meta.is_file():  # not `path.exists()`: objects without a root are no set
         complete = bool(store.read_attrs(path).get("complete"))
         store.check_matches(path, ident, None if complete else layout)
         if not complete or opts.repair:

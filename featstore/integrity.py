@@ -154,7 +154,9 @@ def header_problems(path: Place | str) -> list[str]:
     problems = _json_problems(path)
     if problems:
         return problems
-    return _consolidated_problems(path) + store.attribute_problems(path, store.read_attrs(path))
+    attrs = store.read_attrs(path)
+    problems = store.absent_arrays(path, attrs)
+    return problems + _consolidated_problems(path) + store.attribute_problems(path, attrs)
 
 
 def verify(

@@ -8,7 +8,9 @@ object store, where there is no atomic rename of a folder:
 
 - `publish` makes a set appear in one step: locally by renaming a finished temporary
   folder; on an object store by uploading every object but the root `zarr.json`, and
-  that one last (a set without its root `zarr.json` counts as absent);
+  that one last, by an exclusive write where the store has one (S3's If-None-Match),
+  so that of two shards allocating at once one wins (a set without its root
+  `zarr.json` counts as absent);
 - `remove` makes it vanish in one step: locally by renaming it aside first, on an
   object store by deleting its root `zarr.json` first.
 
@@ -232,7 +234,8 @@ def publish(built: Path, dest: Place) -> bool:
     """Move the finished set folder `built` (local) to `dest` in one visible step.
 
     Returns False, and deletes `built`, when `dest` already exists (another process
-    published first: its set is kept).
+    published first: its set is kept). On an object store, `dest` exists once its
+    root zarr.json does; another shard may be uploading the rest meanwhile.
     """
     if isinstance(dest, Path):
         try:
@@ -244,10 +247,19 @@ def publish(built: Path, dest: Place) -> bool:
     if (dest / ROOT_META).exists():
         shutil.rmtree(built)
         return False
-    rels = sorted(files(built), key=lambda rel: rel == ROOT_META)  # the root one last
-    for rel in rels:
-        dest.fs.put_file(str(built / rel), f"{dest.path}/{rel}")
-    shutil.rmtree(built)
+    # Everything but the root first, in one concurrent batch (a skeleton has a few
+    # objects per unit); a shard racing us uploads the same bytes there.
+    rels = sorted(files(built) - {ROOT_META})
+    dest.fs.put([str(built / rel) for rel in rels], [f"{dest.path}/{rel}" for rel in rels])
+    root = (built / ROOT_META).read_bytes()
+    try:  # the root last, and only if no other shard's root landed since the check above
+        dest.fs.pipe_file(f"{dest.path}/{ROOT_META}", root, mode="create")
+    except FileExistsError:
+        return False
+    except (TypeError, NotImplementedError):  # a file system without exclusive writes
+        dest.fs.pipe_file(f"{dest.path}/{ROOT_META}", root)
+    finally:
+        shutil.rmtree(built)
     return True
 
 

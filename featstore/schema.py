@@ -73,6 +73,15 @@ class Layout:
         scale = self.patch_layers * self.channels * 4 if self.quantize == "int8" else 0
         return int(cls + patch + scale + self.mask_size**2)
 
+    def arrays(self) -> list[str]:
+        """The arrays every set of this layout holds (metadata columns aside), by name."""
+        out = ["cls", "sample", "slice", "split", MARKS]
+        out += ["patch"] if self.rows else []
+        out += ["patch_scale"] if self.quantize == "int8" else []
+        out += ["mask"] if self.mask_size else []
+        out += ["label"] if self.n_classes >= 0 else []
+        return sorted(out)
+
     @classmethod
     def from_attrs(cls, d: Any) -> Layout:
         """The recorded layout; ValueError when keys or types were edited."""

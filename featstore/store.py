@@ -167,6 +167,20 @@ def missing_chunks(path: Place) -> list[str]:
     return out
 
 
+def absent_arrays(path: Place, attrs: dict[str, Any]) -> list[str]:
+    """'metadata: array ...' for each array of the recorded layout whose zarr.json is
+    gone (zarr would skip it, and a re-consolidation would drop it for good)."""
+    try:
+        names = Layout.from_attrs(attrs.get("layout")).arrays()
+    except (TypeError, ValueError):
+        return []  # a malformed layout is an `attribute_problems` line
+    return [
+        f"metadata: array '{name}' is missing (no {name}/zarr.json); re-extract with --overwrite"
+        for name in names
+        if not (place(path) / name / "zarr.json").is_file()
+    ]
+
+
 def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[str]:
     """Root attributes that disagree with the recorded identity or the folder name."""
     if attrs.get("featstore_format") != FORMAT_VERSION:
@@ -399,7 +413,8 @@ def open_set(path: Place | str) -> xr.Dataset:
             f"{path} is incomplete (an extract was interrupted); rerun "
             "the same `featstore extract` to resume it"
         )
-    problems = attribute_problems(path, attrs) + missing_chunks(path)
+    problems = absent_arrays(path, attrs) + attribute_problems(path, attrs)
+    problems += missing_chunks(path)
     if problems:
         raise StoreCorruptError(
             f"{path} cannot be trusted:\n  "

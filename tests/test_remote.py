@@ -4,6 +4,7 @@ cache on a local disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -209,3 +210,35 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
     out = CliRunner().invoke(app, ["ls", "nope://x"])
     assert out.exit_code == 2 and "Protocol not known" in out.output
     assert load_manifest(_manifest(tmp_path, "cls2d", s3, tiny_dinov3)).cache == s3
+
+
+def test_s3_two_shards_allocating_at_once_one_wins(tmp_path, s3, monkeypatch):
+    """Both shards saw no set; the later root upload loses (If-None-Match) instead of
+    overwriting the first skeleton's root zarr.json."""
+    dest = location.place(s3) / "x.zarr"
+    for tag in ("first", "second"):
+        built = tmp_path / tag / "x.zarr"
+        (built / "cls").mkdir(parents=True)
+        (built / "cls" / "zarr.json").write_text("{}")
+        (built / "zarr.json").write_text(tag)
+    assert location.publish(tmp_path / "first" / "x.zarr", dest)
+    monkeypatch.setattr(location.Remote, "exists", lambda self: False)  # looked too early
+    assert not location.publish(tmp_path / "second" / "x.zarr", dest)
+    assert dest.fs.cat_file(f"{dest.path}/zarr.json") == b"first"
+    assert not (tmp_path / "second" / "x.zarr").exists()
+
+
+def test_s3_shard_meeting_a_skeleton_in_upload_allocates_too(tmp_path, tiny_dinov3, s3):
+    """Objects without a root zarr.json and a live claim: another shard is uploading
+    its skeleton. This one races it fairly instead of failing (busy, or no group)."""
+    mpath = _manifest(tmp_path, "cls2d", s3, tiny_dinov3)
+    (ref,) = _extract(mpath)
+    path, before = ref.path, _objects(ref.path)
+    half = (path / "cls" / "zarr.json").read_bytes()
+    location.remove(path)
+    path.fs.pipe_file(f"{path.path}/cls/zarr.json", half)  # an upload under way
+    host = socket.gethostname()
+    other = {"host": host, "pid": os.getppid(), "started": time.time()}  # alive
+    (integrity.claims_dir(path) / f"{host}-{os.getppid()}.json").write_text(json.dumps(other))
+    (got,) = _extract(mpath)
+    assert got.status == "new" and integrity.verify(path) == [] and _objects(path) == before

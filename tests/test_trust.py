@@ -155,6 +155,21 @@ def test_consolidated_metadata_that_disagrees_is_caught_and_not_used(copy):
     assert rows and all(r["n_test"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("name", ["patch", "mask", "sample"])
+def test_an_array_without_its_metadata_is_caught_and_not_repaired(copy, name):
+    """Its zarr.json gone, zarr skips the array; a repair used to re-consolidate the set
+    without it and verify then said ok."""
+    mpath, path = copy
+    (path / name / "zarr.json").unlink()
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and f"FAIL metadata: array '{name}'" in result.output
+    with pytest.raises(FeatstoreError, match=f"array '{name}'"):
+        _probe(mpath, path)
+    with pytest.raises(FeatstoreError, match="cannot be repaired"):
+        _run(mpath, repair=True)
+    assert runner.invoke(app, ["verify", str(path)]).exit_code == 1
+
+
 def test_invalid_json_is_a_clear_error(copy):
     mpath, path = copy
     (path / "zarr.json").write_text("{ not json")
