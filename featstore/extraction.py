@@ -27,6 +27,7 @@ from featstore.batches import Batches, plan_batches, quiet_worker
 from featstore.encoders import Encoder, load_encoder
 from featstore.errors import (
     BadInputError,
+    CacheUnreachableError,
     FeatstoreError,
     Interrupted,
     StopRequested,
@@ -34,7 +35,7 @@ from featstore.errors import (
 )
 from featstore.fingerprint import memo_for
 from featstore.identity import EncoderInfo, SetIdentity, requested
-from featstore.location import Place, Remote
+from featstore.location import Place, Remote, remove
 from featstore.manifest import Manifest
 from featstore.readers import Prepared, prepare
 from featstore.writer import UnitQueue, nan_checker, pooled
@@ -161,7 +162,7 @@ def _open_or_allocate(
         uploading = isinstance(path, Remote) and not meta.is_file()
         if not (uploading and integrity.live_claims(path)):
             integrity.refuse_if_busy(path, "replacing it")
-            store.replace_aside(path)
+            remove(path)
     if meta.is_file():  # not `path.exists()`: objects without a root are no set
         complete = bool(store.read_attrs(path).get("complete"))
         store.check_matches(path, ident, None if complete else layout)
@@ -341,6 +342,14 @@ def extract_set(
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(manifest.cache, path, layout) from None
+            if isinstance(path, Remote):
+                raise _lost(path, exc) from exc
+            raise
+        except FeatstoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, aiohttp errors differ by driver
+            if isinstance(path, Remote):
+                raise _lost(path, exc) from exc
             raise
         store.record_skipped(path, skipped)
         if not store.pending_units(path):
@@ -360,9 +369,23 @@ def _interrupted(path: Place, exc: BaseException) -> Interrupted:
     )
 
 
+def _lost(path: Remote, exc: BaseException) -> CacheUnreachableError:
+    """The error for a remote cache that failed while units were being written."""
+    return CacheUnreachableError(
+        f"lost the cache while writing {path} ({type(exc).__name__}: {str(exc)[:200]}); "
+        "the units written so far are kept: rerun the same command to resume once the "
+        "store answers again"
+    )
+
+
 def _disk_full(cache: Path | str, path: Place, layout: schema.Layout) -> FeatstoreError:
     need = layout.n_items * layout.item_bytes / 1e6
-    free = shutil.disk_usage(cache).free / 1e6 if isinstance(cache, Path) else float("nan")
+    if not isinstance(cache, Path):  # a full local disk: temporary files, not the bucket
+        return FeatstoreError(
+            f"no space left on the local disk while writing {path.name} to {cache}; free "
+            "space in the temporary folder ($TMPDIR), then rerun the same command"
+        )
+    free = shutil.disk_usage(cache).free / 1e6
     return FeatstoreError(
         f"the cache folder {cache} is full (no space left on device) while writing "
         f"{path.name}: the set needs about {need:.0f} MB uncompressed, {free:.0f} MB are "

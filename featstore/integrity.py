@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -302,8 +303,11 @@ def claim(path: Place) -> Iterator[None]:
     try:
         yield
     finally:
-        me.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
+        # Best effort: a cache that stopped answering must not hide the error that
+        # ended the extract (a claim left behind is taken over by the next run here).
+        with contextlib.suppress(Exception):
+            me.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
             folder.rmdir()  # only when no other claim is left
 
 
@@ -320,10 +324,15 @@ def refuse_if_busy(path: Place, action: str) -> None:
 
 def clean_leftovers(cache: Place | str) -> list[Path]:
     """Remove temporary skeletons and sets renamed aside by processes that died here
-    (a remote cache has none: its skeletons are built locally, see `location`)."""
+    (for a remote cache: the local folders its skeletons were built in)."""
     removed: list[Path] = []
     cache = place(cache)
     if isinstance(cache, Remote):
+        for p in sorted(Path(tempfile.gettempdir()).glob(f"{store.LOCAL_BUILD}*")):
+            pid = p.name.removeprefix(store.LOCAL_BUILD).split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
         return removed
     for p in sorted(cache.glob(".*.zarr.*")):
         tag = p.name.rsplit(".", 1)[-1]

@@ -45,7 +45,6 @@ from featstore.location import (
     files,
     place,
     publish,
-    remove,
 )
 from featstore.schema import (
     ITEM_DATA,
@@ -56,6 +55,8 @@ from featstore.schema import (
     root_attrs,
     skeleton,
 )
+
+LOCAL_BUILD = "featstore-build-"  # + pid: local folders where remote skeletons are built
 
 
 def store_path(cache: Place | str, key: str) -> Place:
@@ -95,7 +96,7 @@ def create(
     ds.attrs.update(root_attrs(ident, layout, describe, compute))
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(path, Remote):  # built here, uploaded whole by `publish`
-        tmp = Path(tempfile.mkdtemp(prefix="featstore-")) / path.name
+        tmp = Path(tempfile.mkdtemp(prefix=f"{LOCAL_BUILD}{os.getpid()}-")) / path.name
     else:  # a sibling, so that `publish` is one atomic rename
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,12 +272,6 @@ def _old_format(path: Place, attrs: dict[str, Any]) -> StoreMismatchError:
         f"({attrs.get('featstore_format')!r}, this one reads {FORMAT_VERSION}); "
         "re-extract it with `featstore extract` (the old folder can then be deleted)"
     )
-
-
-def replace_aside(path: Place) -> None:
-    """Delete a set so that a kill midway leaves either the whole old set or nothing
-    (see `location.remove`)."""
-    remove(path)
 
 
 def record_skipped(path: Place, skipped: dict[str, str]) -> None:

@@ -256,7 +256,10 @@ def ls(
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
-        typer.echo("  ".join(str(r.get(c, r.get("error", ""))).ljust(widths[c]) for c in cols))
+        if "error" in r:  # an unreadable set: its path and why, not a row of columns
+            typer.echo(f"{r['path']}: unreadable ({r['error']})")
+            continue
+        typer.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
 @app.command()

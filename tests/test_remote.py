@@ -242,3 +242,43 @@ def test_s3_shard_meeting_a_skeleton_in_upload_allocates_too(tmp_path, tiny_dino
     (integrity.claims_dir(path) / f"{host}-{os.getppid()}.json").write_text(json.dumps(other))
     (got,) = _extract(mpath)
     assert got.status == "new" and integrity.verify(path) == [] and _objects(path) == before
+
+
+def test_a_lost_server_is_one_error_saying_units_are_kept(tmp_path, tiny_dinov3, s3, monkeypatch):
+    """The store stops answering mid-extract: a CacheUnreachableError that says how to
+    resume (not a driver traceback), and the rerun finishes the set."""
+    from featstore.errors import CacheUnreachableError
+
+    class EndpointGone(Exception):  # like botocore's errors: not an OSError
+        pass
+
+    mpath = _manifest(tmp_path, "cls3d", s3, tiny_dinov3)
+    real_write = store.UnitWriter.write
+    calls = {"n": 0}
+
+    def flaky(self, unit, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise EndpointGone("the endpoint stopped answering")
+        return real_write(self, unit, *args, **kwargs)
+
+    monkeypatch.setattr(store.UnitWriter, "write", flaky)
+    with pytest.raises(CacheUnreachableError, match="units written so far are kept"):
+        _extract(mpath, writers=1)
+    monkeypatch.setattr(store.UnitWriter, "write", real_write)
+    (done,) = _extract(mpath)
+    assert done.status == "resumed" and integrity.verify(done.path) == []
+
+
+def test_dead_local_builds_of_remote_skeletons_are_removed(tmp_path, s3, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True).stdout.strip()  # fmt: skip
+    left = tmp_path / f"{store.LOCAL_BUILD}{dead}-abc" / "x.zarr"
+    left.mkdir(parents=True)
+    mine = tmp_path / f"{store.LOCAL_BUILD}{os.getpid()}-abc"
+    mine.mkdir()
+    assert integrity.clean_leftovers(s3) == [left.parent]
+    assert not left.parent.exists() and mine.exists()
