@@ -67,8 +67,7 @@ def s3(s3_server, monkeypatch, request):
         monkeypatch.setenv(k, v)
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem()  # the same server (and env) for the whole module
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
     return f"s3://{BUCKET}/{request.node.name}/cache"
