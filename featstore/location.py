@@ -187,11 +187,12 @@ def reachable(where: Place, write: bool = False) -> None:
         else:
             where._fresh()
             where.fs.ls(where.path, detail=False)
-    except FileNotFoundError:
-        if write:
+    except FileNotFoundError:  # an empty prefix reads as no sets; a missing bucket fails
+        bucket = where.path.split("/")[0]
+        if write or not where.fs.exists(bucket):
             raise CacheUnreachableError(
-                f"cannot write to the cache {where}: the bucket does not exist; create it "
-                "or give another --cache"
+                f"cannot {'write to' if write else 'read'} the cache {where}: the bucket "
+                f"'{bucket}' does not exist; create it or give another --cache"
             ) from None
     except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, aiohttp errors differ by driver
         verb = "write to" if write else "read"

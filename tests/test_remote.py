@@ -208,6 +208,10 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
         _extract(_manifest(tmp_path, "cls2d", missing, tiny_dinov3))
     out = CliRunner().invoke(app, ["ls", "nope://x"])
     assert out.exit_code == 2 and "Protocol not known" in out.output
+    out = CliRunner().invoke(app, ["ls", missing])
+    assert out.exit_code == 2 and "'no-such-bucket-here' does not exist" in out.output
+    out = CliRunner().invoke(app, ["ls", f"{s3}-empty-prefix"])
+    assert out.exit_code == 0 and "no feature sets" in out.output
     assert load_manifest(_manifest(tmp_path, "cls2d", s3, tiny_dinov3)).cache == s3
 
 
