@@ -155,6 +155,7 @@ def test_consolidated_metadata_that_disagrees_is_caught_and_not_used(copy):
     assert rows and all(r["n_test"] > 0 for r in rows)
 
 
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")  # the damage
 @pytest.mark.parametrize("name", ["patch", "mask", "sample"])
 def test_an_array_without_its_metadata_is_caught_and_not_repaired(copy, name):
     """Its zarr.json gone, zarr skips the array; a repair used to re-consolidate the set
