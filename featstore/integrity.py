@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,8 +273,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# A live extract rewrites its claim every CLAIM_BEAT seconds. A claim from another
+# host (a cluster node, another machine on shared storage) whose last beat is older
+# than CLAIM_STALE is a process that died there: its pid cannot be checked from here.
+CLAIM_BEAT = 60.0
+CLAIM_STALE = 600.0
+
+
 def live_claims(path: Place) -> list[dict[str, Any]]:
-    """Claims of other live processes on this set; stale ones (dead pids here) are removed."""
+    """Claims of other live processes on this set; stale ones (a dead pid on this host,
+    no beat for CLAIM_STALE seconds from another host) are removed."""
     here = socket.gethostname()
     out = []
     folder = claims_dir(path)
@@ -284,7 +293,11 @@ def live_claims(path: Place) -> list[dict[str, Any]]:
             continue  # half-written by a process that is starting: not a claim yet
         if info.get("host") == here and info.get("pid") == os.getpid():
             continue
-        if info.get("host") == here and not _alive(int(info.get("pid", -1))):
+        mine = info.get("host") == here
+        beat = float(info.get("beat", info.get("started", 0)))
+        if (mine and not _alive(int(info.get("pid", -1)))) or (
+            not mine and time.time() - beat > CLAIM_STALE
+        ):
             f.unlink(missing_ok=True)
             continue
         out.append({**info, "file": str(f)})
@@ -293,16 +306,32 @@ def live_claims(path: Place) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def claim(path: Place) -> Iterator[None]:
-    """Mark this process as extracting the set at `path` for the duration."""
+    """Mark this process as extracting the set at `path` for the duration; the claim
+    is rewritten every CLAIM_BEAT seconds so that other hosts can tell it is alive."""
     folder = claims_dir(path)
     folder.mkdir(parents=True, exist_ok=True)
     me = folder / f"{socket.gethostname()}-{os.getpid()}.json"
-    me.write_text(
-        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
-    )
+    started = time.time()
+
+    def write() -> None:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
+        me.write_text(json.dumps({**info, "beat": time.time()}))
+
+    write()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(CLAIM_BEAT):
+            with contextlib.suppress(Exception):  # best effort: a missed beat is harmless
+                write()
+
+    beating = threading.Thread(target=beat, name="featstore-claim", daemon=True)
+    beating.start()
     try:
         yield
     finally:
+        stop.set()
+        beating.join()
         # Best effort: a cache that stopped answering must not hide the error that
         # ended the extract (a claim left behind is taken over by the next run here).
         with contextlib.suppress(Exception):
@@ -318,7 +347,8 @@ def refuse_if_busy(path: Place, action: str) -> None:
         raise StoreBusyError(
             f"{path}: pid {c.get('pid')} on {c.get('host')} (since {started}) is extracting "
             f"this set; {action} would destroy its work. Wait for it or stop it; if that "
-            f"process is gone, delete {c['file']}"
+            f"process is gone, delete {c['file']} (a claim from another host expires "
+            f"{CLAIM_STALE / 60:.0f} minutes after its last beat)"
         )
 
 

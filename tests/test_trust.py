@@ -17,7 +17,7 @@ from conftest import REPO, synth_entry, write_manifest
 from typer.testing import CliRunner
 
 from featstore import integrity, store
-from featstore.errors import FeatstoreError
+from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.evaluation import probe_set
 from featstore.extraction import Options
 from featstore.manifest import load_manifest
@@ -220,6 +220,28 @@ def test_overwrite_refuses_while_another_process_works(copy):
     stale.write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 17, "started": 0}))
     (summary,) = _run(mpath, overwrite=True)  # a dead process's claim is taken over
     assert summary.status == "new" and not list(integrity.claims_dir(path).glob("*.json"))
+
+
+def test_claims_beat_and_other_hosts_expire(copy, monkeypatch):
+    """A claim is rewritten while its extract runs; one from another host (whose pid
+    cannot be checked here) counts until CLAIM_STALE seconds pass without a beat."""
+    _, path = copy
+    monkeypatch.setattr(integrity, "CLAIM_BEAT", 0.05)
+    with integrity.claim(path):
+        (mine,) = integrity.claims_dir(path).glob("*.json")
+        first = json.loads(mine.read_text())["beat"]
+        time.sleep(0.3)
+        assert json.loads(mine.read_text())["beat"] > first
+    folder = integrity.claims_dir(path)
+    folder.mkdir()
+    now = time.time()
+    for name, beat in (("fresh", now - 30), ("gone", now - integrity.CLAIM_STALE - 1)):
+        info = {"host": f"node-{name}", "pid": 1, "started": now - 7200, "beat": beat}
+        (folder / f"node-{name}-1.json").write_text(json.dumps(info))
+    assert [c["host"] for c in integrity.live_claims(path)] == ["node-fresh"]
+    assert not (folder / "node-gone-1.json").exists()
+    with pytest.raises(StoreBusyError, match="node-fresh.*expires 10 minutes"):
+        integrity.refuse_if_busy(path, "replacing it")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
