@@ -42,7 +42,9 @@ class Remote:
     def __init__(self, url: str, fs: Any = None, path: str | None = None):
         if fs is None or path is None:
             try:
-                fs, path = fsspec.core.url_to_fs(url)
+                # No listings cache: zarr and other processes (cluster workers, other
+                # shards) write here through file-system instances of their own.
+                fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
             except ImportError as exc:  # fsspec names the package: "install s3fs ..."
                 raise CacheUnreachableError(f"cache {url}: {exc}") from None
             except ValueError as exc:
@@ -91,25 +93,16 @@ class Remote:
     def with_name(self, name: str) -> Remote:
         return self.parent / name
 
-    def _fresh(self) -> None:
-        """Forget cached listings, all of them: zarr and other processes (cluster
-        workers) write here through file-system instances of their own."""
-        self.fs.invalidate_cache()
-
     def exists(self) -> bool:
-        self._fresh()
         return bool(self.fs.exists(self.path))
 
     def is_file(self) -> bool:
-        self._fresh()
         return bool(self.fs.isfile(self.path))
 
     def is_dir(self) -> bool:
-        self._fresh()
         return bool(self.fs.isdir(self.path))
 
     def read_bytes(self) -> bytes:
-        self._fresh()
         return bytes(self.fs.cat_file(self.path))
 
     def read_text(self) -> str:
@@ -137,7 +130,6 @@ class Remote:
     def glob(self, pattern: str) -> Iterator[Remote]:
         """Direct children whose name matches `pattern` (the folder's own name is
         taken literally, brackets and all)."""
-        self._fresh()
         try:
             children = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:
@@ -161,8 +153,11 @@ def place(where: str | os.PathLike[str] | Remote) -> Place:
     if isinstance(where, (Path, Remote)):
         return where
     text = os.fspath(where)
-    if text.startswith("file://"):
-        return Path(text.removeprefix("file://"))
+    if text.startswith("file://"):  # file:///abs, file://localhost/abs, file://rel
+        rest = text.removeprefix("file://")
+        return Path(
+            "/" + rest.removeprefix("localhost/") if rest.startswith("localhost/") else rest
+        )
     if "://" in text:
         return Remote(text)
     return Path(text)
@@ -185,7 +180,6 @@ def reachable(where: Place, write: bool = False) -> None:
             probe.write_text("ok")
             probe.unlink()
         else:
-            where._fresh()
             where.fs.ls(where.path, detail=False)
     except FileNotFoundError:  # an empty prefix reads as no sets; a missing bucket fails
         bucket = where.path.split("/")[0]
@@ -212,7 +206,6 @@ def glob(where: Place, pattern: str, recursive: bool = False) -> list[Place]:
 def files(where: Place) -> set[str]:
     """Every file under `where`, as '/'-joined paths relative to it (one listing)."""
     if isinstance(where, Remote):
-        where._fresh()
         found = where.fs.find(where.path) if where.fs.isdir(where.path) else []
         return {p[len(where.path) + 1 :] for p in found}
     out = set()
@@ -226,7 +219,6 @@ def files(where: Place) -> set[str]:
 def size(where: Place) -> int:
     """Bytes of every file under `where`."""
     if isinstance(where, Remote):
-        where._fresh()
         return int(where.fs.du(where.path, total=True)) if where.fs.isdir(where.path) else 0
     return sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
 

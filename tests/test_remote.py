@@ -98,6 +98,7 @@ def _objects(where: location.Place) -> dict[str, bytes]:
 
 def test_place_parses_urls_and_paths(tmp_path):
     assert location.place(f"file://{tmp_path}") == tmp_path
+    assert location.place(f"file://localhost{tmp_path}") == tmp_path
     assert location.place("cache/x") == Path("cache/x")
     remote = location.place("memory://bucket/prefix")
     assert isinstance(remote, location.Remote)
