@@ -49,9 +49,12 @@ class Damage:
         return f"{self.array} unit {self.unit}: {self.reason}"
 
 
-def _json_problems(path: Place) -> list[str]:
+def _json_problems(path: Place, present: set[str]) -> list[str]:
     out = []
-    for meta in glob(path, "zarr.json", recursive=True):
+    for rel in sorted(present):
+        if rel.rsplit("/", 1)[-1] != "zarr.json":
+            continue
+        meta = path / rel
         try:
             json.loads(meta.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -153,11 +156,12 @@ def header_problems(path: Place | str) -> list[str]:
     path = place(path)
     if not (path / "zarr.json").is_file():
         return [f"metadata: {path} is not a feature set (no zarr.json)"]
-    problems = _json_problems(path)
+    present = files(path)  # one listing for the metadata checks
+    problems = _json_problems(path, present)
     if problems:
         return problems
     attrs = store.read_attrs(path)
-    problems = store.absent_arrays(path, attrs)
+    problems = store.absent_arrays(path, attrs, present)
     return problems + _consolidated_problems(path) + store.attribute_problems(path, attrs)
 
 

@@ -139,11 +139,6 @@ class Remote:
             if fnmatch.fnmatchcase(child.name, pattern):
                 yield child
 
-    def rglob(self, pattern: str) -> Iterator[Remote]:
-        for rel in sorted(files(self)):
-            if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern):
-                yield self / rel
-
 
 Place = Path | Remote
 
@@ -197,9 +192,9 @@ def reachable(where: Place, write: bool = False) -> None:
         ) from None
 
 
-def glob(where: Place, pattern: str, recursive: bool = False) -> list[Place]:
-    """The paths under `where` matching `pattern` (by name when `recursive`), sorted."""
-    found: list[Place] = list(where.rglob(pattern) if recursive else where.glob(pattern))
+def glob(where: Place, pattern: str) -> list[Place]:
+    """The children of `where` whose names match `pattern`, sorted."""
+    found: list[Place] = list(where.glob(pattern))
     return sorted(found, key=str)
 
 

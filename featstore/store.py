@@ -156,10 +156,13 @@ def chunk_key(name: str, arr: zarr.Array, unit: int) -> str:
     return f"{name}/{arr.metadata.encode_chunk_key(coords)}"
 
 
-def missing_chunks(path: Place) -> list[str]:
-    """'<array> unit <u>: chunk file missing' for every absent chunk of a complete set."""
+def missing_chunks(path: Place, present: set[str] | None = None) -> list[str]:
+    """'<array> unit <u>: chunk file missing' for every absent chunk of a complete set.
+
+    present: `location.files(path)` when the caller has listed the set already.
+    """
     root = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    present = files(path)  # one listing, not one request per chunk
+    present = files(path) if present is None else present  # one listing, not one per chunk
     out = []
     for name, arr in arrays(root):
         for unit in range(-(-arr.shape[0] // arr.chunks[0])):
@@ -168,17 +171,21 @@ def missing_chunks(path: Place) -> list[str]:
     return out
 
 
-def absent_arrays(path: Place, attrs: dict[str, Any]) -> list[str]:
+def absent_arrays(path: Place, attrs: dict[str, Any], present: set[str] | None = None) -> list[str]:
     """'metadata: array ...' for each array of the recorded layout whose zarr.json is
-    gone (zarr would skip it, and a re-consolidation would drop it for good)."""
+    gone (zarr would skip it, and a re-consolidation would drop it for good).
+
+    present: `location.files(path)` when the caller has listed the set already.
+    """
     try:
         names = Layout.from_attrs(attrs.get("layout")).arrays()
     except (TypeError, ValueError):
         return []  # a malformed layout is an `attribute_problems` line
+    present = files(path) if present is None else present
     return [
         f"metadata: array '{name}' is missing (no {name}/zarr.json); re-extract with --overwrite"
         for name in names
-        if not (place(path) / name / "zarr.json").is_file()
+        if f"{name}/zarr.json" not in present
     ]
 
 
@@ -290,6 +297,8 @@ def discard_partials(path: Place, units: Sequence[int]) -> int:
     linger beside the chunk that the resumed run writes. Only the given units' files
     are touched, so a concurrent shard's in-flight writes are left alone.
     """
+    if isinstance(path, Remote):
+        return 0  # an object is written by one PUT: an object store has no temporaries
     wanted = {str(u) for u in units}
     removed = 0
     for rel in sorted(files(path)):
@@ -408,8 +417,9 @@ def open_set(path: Place | str) -> xr.Dataset:
             f"{path} is incomplete (an extract was interrupted); rerun "
             "the same `featstore extract` to resume it"
         )
-    problems = absent_arrays(path, attrs) + attribute_problems(path, attrs)
-    problems += missing_chunks(path)
+    present = files(path)  # one listing for both checks
+    problems = absent_arrays(path, attrs, present) + attribute_problems(path, attrs)
+    problems += missing_chunks(path, present)
     if problems:
         raise StoreCorruptError(
             f"{path} cannot be trusted:\n  "
