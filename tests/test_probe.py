@@ -238,20 +238,25 @@ def test_bad_dataset_is_reported_and_others_still_probed(tmp_path, tiny_dinov3):
     assert set(df.dataset) == {"good"}
 
 
-def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov3):
+def _protocol_run(tmp_path, tiny_dinov3, protocol: str) -> pd.DataFrame:
+    """Extract and probe a small 2D classification set under `protocol`; the results."""
     from conftest import synth_entry, write_manifest
 
     mpath = write_manifest(
         tmp_path,
         synth_entry("d", "cls2d", n=24, size=24),
         f"['{tiny_dinov3}']",
-        extra="protocol: medmnist+\n",
+        extra=f"protocol: {protocol}\n",
     )
     args = ["--manifest", str(mpath)]
     assert runner.invoke(app, ["extract", *args]).exit_code == 0
     out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output
-    df = pd.read_csv(tmp_path / "r" / "results.csv")
+    return pd.read_csv(tmp_path / "r" / "results.csv")
+
+
+def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov3):
+    df = _protocol_run(tmp_path, tiny_dinov3, "medmnist+")
     knn = df[df.probe == "knn"]
     assert set(knn.param) == {11} and set(df.protocol) == {"medmnist+"}
     import xarray as xr
@@ -263,19 +268,7 @@ def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov
 
 
 def test_seed_protocol_trains_the_papers_linear_layer(tmp_path, tiny_dinov3):
-    from conftest import synth_entry, write_manifest
-
-    mpath = write_manifest(
-        tmp_path,
-        synth_entry("d", "cls2d", n=24, size=24),
-        f"['{tiny_dinov3}']",
-        extra="protocol: seed\n",
-    )
-    args = ["--manifest", str(mpath)]
-    assert runner.invoke(app, ["extract", *args]).exit_code == 0
-    out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
-    assert out.exit_code == 0, out.output
-    df = pd.read_csv(tmp_path / "r" / "results.csv")
+    df = _protocol_run(tmp_path, tiny_dinov3, "seed")
     lin = df[df.probe == "linear"]
     assert set(df.protocol) == {"seed"} and set(lin.param_name) == {"lr"}
     assert set(lin.param) == {0.005}
