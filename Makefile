@@ -1,9 +1,9 @@
 # featstore: `make probe` (extracts first when needed) and `make test`.
 # Both create .venv on first use. torch is installed first with a pin so that pip
-# takes the CPU build lying on this machine; on a GPU machine override it, e.g.
-#   make probe TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# takes the wheels lying on this machine (a CUDA build that also runs on the CPU;
+# torchvision is needed by timm and open_clip) instead of resolving another build.
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 MANIFEST ?= data_manifest.yaml
 OUT ?= results
 # Real data for manifests/real.yaml (see ../shared/data/PROVENANCE.md).

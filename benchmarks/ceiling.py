@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featstore import readers
-from featstore.encoders import Encoder, FeatureBatch
-from featstore.extraction import Options, extract_one
+from featstore.data import readers
+from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.encode.encoders import Encoder, FeatureBatch
+from featstore.extraction.run import Options, extract_one
 from featstore.identity import EncoderInfo
-from featstore.manifest import Dataset, Manifest, Synthetic
 
 HIDDEN, PATCH = 768, 16
 

@@ -22,8 +22,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from featstore.schema import CHECKSUM, CODECS
-from featstore.writer import quantize_int8
+from featstore.extraction.writer import quantize_int8
+from featstore.store.schema import CHECKSUM, CODECS
 
 # The manifest's `codec` choices, each followed by the crc32c checksum every chunk carries.
 CANDIDATES = {name: [*codecs, CHECKSUM] for name, codecs in CODECS.items()}

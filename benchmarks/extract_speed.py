@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featstore import readers
-from featstore.batches import Batches, plan_batches
-from featstore.devprep import RawPixels, to_input
-from featstore.encoders import load_encoder
-from featstore.extraction import Options, extract_one
+from featstore.data import readers
+from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.encode.devprep import RawPixels, to_input
+from featstore.encode.encoders import load_encoder
+from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.extraction.batches import Batches, plan_batches
+from featstore.extraction.run import Options, extract_one
 from featstore.identity import requested
-from featstore.manifest import Dataset, Manifest, Synthetic
-from featstore.preprocess import Preprocess, preprocess
-from featstore.schema import layout_for
+from featstore.store.schema import layout_for
 
 CASES = {  # encoder, resolution, images, batch
     "vits-224": ("dinov3-vits16", 224, 768, 32),
@@ -141,7 +141,7 @@ def main() -> None:
                 threads=args.threads,
                 progress=False,
                 preprocess_on=p,  # type: ignore[arg-type]
-            )  # fmt: skip
+            )
             for p in places
         }
         layout = layout_for(ident.with_weights(encoder.info), len(ready), 0, batch, batch)

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featstore import readers
-from featstore.encoders import load_encoder
-from featstore.extraction import Options, extract_one
+from featstore.data import readers
+from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.encode.encoders import load_encoder
+from featstore.encode.preprocess import preprocess
+from featstore.extraction.run import Options, extract_one
 from featstore.identity import requested
-from featstore.manifest import Dataset, Manifest, Synthetic
-from featstore.preprocess import preprocess
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Writes a Zarr group of synthetic float16 CLS-like features (ViT-S: 384 channels;
 --train rows, and --queries rows each of val and test) whose 10 classes are
-noisy cluster centres, then, in a fresh process, runs `featstore.knn.knn_blockwise`
+noisy cluster centres, then, in a fresh process, runs `featstore.probing.knn.knn_blockwise`
 (cosine, k chosen from the default grid on val) reading the rows from Zarr with
 --bound-mb, on one BLAS thread as `featstore probe` runs it, and prints that process's
 peak RSS beside the bound and the features' size, and items/s. --in-memory also runs
@@ -61,8 +61,8 @@ def _rss_mb() -> float:
 def _run(path: str, bound_mb: float, in_memory: bool) -> None:
     from threadpoolctl import threadpool_limits
 
-    from featstore import probes
-    from featstore.knn import knn_blockwise
+    from featstore.probing import probes
+    from featstore.probing.knn import knn_blockwise
 
     root = zarr.open_group(path, mode="r")
     x = {s: root[s] for s in ("train", "val", "test")}
@@ -106,7 +106,7 @@ def main() -> None:
     if args.run:
         _run(args.run, args.bound_mb, args.in_memory)
         return
-    from featstore.knn import plan
+    from featstore.probing.knn import plan
 
     with tempfile.TemporaryDirectory(dir="." if Path("cache").is_dir() else None) as tmp:
         path = Path(tmp) / "features.zarr"

@@ -311,8 +311,11 @@ CASES = [
         "probe --pool median",
         "refused",
         lambda r: (
-            manifest(r, PIXELS + "datasets:\n" + IMAGES % ("classification", ""), "probe")
-            + ["--pool", "median"]
+            [
+                *manifest(r, PIXELS + "datasets:\n" + IMAGES % ("classification", ""), "probe"),
+                "--pool",
+                "median",
+            ]
         ),
         r"error: --pool 'median'",
     ),
@@ -326,25 +329,31 @@ CASES = [
     Case(
         "PNG header 30000x30000, --skip-bad",
         "skipped",
-        lambda r: with_file(lambda d: png_header(d / "i4.png", 30000, 30000))(r) + ["--skip-bad"],
+        lambda r: [*with_file(lambda d: png_header(d / "i4.png", 30000, 30000))(r), "--skip-bad"],
     ),
     Case(
         "PNG header 30000x30000, --skip-bad, tiny DINOv3",
         "skipped",
         lambda r: (
-            with_file(
-                lambda d: png_header(d / "i4.png", 30000, 30000),
-                top=PIXELS.replace("'pixels:8'", repr(str(tiny_dinov3(r.parent / "model")))),
-            )(r)
-            + ["--skip-bad"]
+            [
+                *with_file(
+                    lambda d: png_header(d / "i4.png", 30000, 30000),
+                    top=PIXELS.replace("'pixels:8'", repr(str(tiny_dinov3(r.parent / "model")))),
+                )(r),
+                "--skip-bad",
+            ]
         ),
     ),
     Case(
         "truncated PNG, --skip-bad",
         "skipped",
         lambda r: (
-            with_file(lambda d: (d / "i2.png").write_bytes((d / "i2.png").read_bytes()[:40]))(r)
-            + ["--skip-bad"]
+            [
+                *with_file(lambda d: (d / "i2.png").write_bytes((d / "i2.png").read_bytes()[:40]))(
+                    r
+                ),
+                "--skip-bad",
+            ]
         ),
     ),
     Case(

@@ -4,7 +4,7 @@
 
 Writes a feature-set-shaped Zarr group of synthetic float16 patch tokens (ViT-S/16
 at 224 px: 14x14x384 per item; --gb of tokens in all) with masks whose classes
-follow the tokens, then, in a fresh process, fits `featstore.streaming.fit_streaming`
+follow the tokens, then, in a fresh process, fits `featstore.probing.streaming.fit_streaming`
 over every training patch with --bound-mb of float32 tokens per block, and prints
 that process's peak RSS beside the bound and the tokens' size, and items/s.
 --score also scores every item as a test image, in another fresh process
@@ -43,8 +43,8 @@ def _write(path: Path, n: int) -> None:
 
 
 def _fit(path: str, bound_mb: float) -> None:
-    from featstore.probes import patch_targets
-    from featstore.streaming import fit_streaming
+    from featstore.probing.probes import patch_targets
+    from featstore.probing.streaming import fit_streaming
 
     root = zarr.open_group(path, mode="r")
     patch, mask = root["patch"], root["mask"]
@@ -72,9 +72,9 @@ def _rss_mb() -> float:
 
 
 def _score(path: str, bound_mb: float) -> None:
-    from featstore.probes import patch_targets
-    from featstore.segmentation import block_items, score_volumes
-    from featstore.streaming import fit_streaming
+    from featstore.probing.probes import patch_targets
+    from featstore.probing.segmentation import block_items, score_volumes
+    from featstore.probing.streaming import fit_streaming
 
     root = zarr.open_group(path, mode="r")
     patch, mask = root["patch"], root["mask"]

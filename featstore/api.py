@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from featstore.data.manifest import Manifest, load_manifest
 from featstore.errors import ManifestError, StoreIncompleteError
-from featstore.manifest import Manifest, load_manifest
 
 if TYPE_CHECKING:
     import pandas as pd
     import xarray as xr
 
-    from featstore.extraction import Summary
+    from featstore.extraction.run import Summary
 
 ManifestLike = Manifest | str | os.PathLike[str]
 
@@ -56,10 +56,10 @@ def open_features(
     Raises:
         StoreIncompleteError: the set was never extracted, or its extract did not finish.
     """
-    from featstore import catalog, store
-    from featstore.fingerprint import memo_for
+    from featstore.data.fingerprint import memo_for
+    from featstore.data.readers import prepare
     from featstore.identity import requested
-    from featstore.readers import prepare
+    from featstore.store import catalog, sets
 
     m = _manifest(manifest, cache)
     ds = m.dataset(dataset)
@@ -80,7 +80,7 @@ def open_features(
             f"make it with featstore.extract(..., datasets=['{dataset}'], encoders=['{encoder}'], "
             f"resolutions=[{resolution}]) or `featstore extract`"
         )
-    return store.open_set(path)
+    return sets.open_set(path)
 
 
 def extract(
@@ -99,7 +99,7 @@ def extract(
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
     """Extract every selected cell (as `featstore extract`); one `Summary` per feature set."""
-    from featstore.extraction import Options, extract_manifest
+    from featstore.extraction.run import Options, extract_manifest
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
     opts = Options(
@@ -132,7 +132,7 @@ def probe(
     import pandas as pd
 
     from featstore.errors import ProbeError
-    from featstore.evaluation import probe_manifest
+    from featstore.probing.evaluation import probe_manifest
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
     found = probe_manifest(m, pool=pool, seed=seed, baseline=baseline)

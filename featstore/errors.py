@@ -53,7 +53,7 @@ class Interrupted(FeatstoreError):
         self.signum = signum
 
 
-class StopRequested(BaseException):  # noqa: N818 - a signal, not an error
+class StopRequested(BaseException):
     """Raised by the CLI's SIGINT/SIGTERM handler; a BaseException like KeyboardInterrupt."""
 
     def __init__(self, signum: int) -> None:

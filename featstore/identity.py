@@ -19,8 +19,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from featstore.manifest import Dataset, Fit, Intensity, Manifest
-from featstore.preprocess import Preprocess
+from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
+from featstore.encode.preprocess import Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
 FORMAT_VERSION = 2

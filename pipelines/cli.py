@@ -18,7 +18,7 @@ import typer
 from featstore.errors import FeatstoreError, Interrupted, ManifestError, StopRequested
 
 if TYPE_CHECKING:
-    from featstore.manifest import Manifest
+    from featstore.data.manifest import Manifest
 
 app = typer.Typer(
     add_completion=False,
@@ -77,7 +77,7 @@ def _manifest(
     cache: str | None,
     study: str | None = None,
 ) -> Manifest:
-    from featstore.manifest import load_manifest
+    from featstore.data.manifest import load_manifest
 
     return load_manifest(path, cache).select(datasets, encoders, resolutions, study=study)
 
@@ -134,7 +134,7 @@ def extract(
     if preprocess_on not in ("auto", "cpu", "device"):
         raise typer.BadParameter("--preprocess-on must be auto, cpu or device")
     try:
-        from featstore.manifest import MAX_BATCH_SIZE
+        from featstore.data.manifest import MAX_BATCH_SIZE
 
         if batch_size is not None and not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ManifestError(
@@ -149,7 +149,7 @@ def extract(
             m = m.model_copy(update={"batch_size": batch_size})
         shards = _parse_shard(shard)
         # torch loads only now: a bad manifest or option is refused at once
-        from featstore.extraction import Options
+        from featstore.extraction.run import Options
         from pipelines import extract as stage
 
         opts = Options(
@@ -197,7 +197,7 @@ def probe(
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
-        from featstore.evaluation import POOLS
+        from featstore.probing.evaluation import POOLS
         from pipelines import probe as stage
 
         if pool not in POOLS:
@@ -242,7 +242,7 @@ def ls(
     """List the feature sets in a cache folder."""
     import os
 
-    from featstore.catalog import list_sets
+    from featstore.store.catalog import list_sets
 
     cache = cache or os.environ.get("FEATSTORE_CACHE", "cache/features")
     try:
@@ -265,8 +265,8 @@ def ls(
 @app.command()
 def info(where: str = typer.Argument(..., metavar="PATH")) -> None:
     """Print a feature set's attributes and variables (a folder or a URL)."""
-    from featstore.location import place, reachable
-    from featstore.store import read_attrs
+    from featstore.store.location import place, reachable
+    from featstore.store.sets import read_attrs
 
     try:
         path = place(where)
@@ -282,8 +282,8 @@ def info(where: str = typer.Argument(..., metavar="PATH")) -> None:
 def verify(path: str = typer.Argument(..., metavar="PATH")) -> None:
     """Decode every chunk of every array (checksums), check attributes against the
     recorded identity, marks and NaN/Inf; one FAIL line per problem, exit 1 on any."""
-    from featstore.integrity import verify as check
-    from featstore.location import place, reachable
+    from featstore.store.integrity import verify as check
+    from featstore.store.location import place, reachable
 
     try:
         reachable(place(path))

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from featstore.extraction import Options, Summary, extract_manifest
-from featstore.location import place, reachable
-from featstore.manifest import Manifest
+from featstore.data.manifest import Manifest
+from featstore.extraction.run import Options, Summary, extract_manifest
+from featstore.store.location import place, reachable
 
 
 def run(
@@ -29,7 +29,7 @@ def run(
     if cluster is None and scheduler is None:
         summaries = extract_manifest(manifest, opts, baseline=baseline, echo=echo)
     else:
-        from featstore.cluster import client_for, extract_on_cluster
+        from featstore.extraction.cluster import client_for, extract_on_cluster
 
         with client_for(cluster, scheduler, opts.threads or 1) as client:
             summaries = extract_on_cluster(manifest, client, opts, baseline=baseline, echo=echo)

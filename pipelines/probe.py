@@ -1,10 +1,10 @@
 """The probe stage: cached feature sets -> results.csv/.jsonl, a table, report inputs.
 
-Probes every cell of the manifest (`featstore.evaluation`), upserts the rows into
+Probes every cell of the manifest (`featstore.probing.evaluation`), upserts the rows into
 OUT/results.csv and OUT/results.jsonl, writes the resolved configuration to
 OUT/run-config.json and segmentation examples to OUT/examples/<set>.npz, and prints
 the main metric of each cell. Never loads an encoder; torch is imported only by the
-trainable heads (`featstore.heads`: the segmentation decoder, `--pool abmil`,
+trainable heads (`featstore.probing.heads`: the segmentation decoder, `--pool abmil`,
 `protocol: seed`).
 
     featstore probe --manifest data_manifest.yaml --out results
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
-from featstore.evaluation import Row, SetResult, probe_manifest
-from featstore.manifest import Dataset, Manifest
-from featstore.metrics import MAIN_METRIC
+from featstore.probing.evaluation import Row, SetResult, probe_manifest
+from featstore.probing.metrics import MAIN_METRIC
 
 KEY = ["dataset", "encoder", "random_init", "resolution", "protocol", "probe", "metric"]
 

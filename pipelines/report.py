@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featstore import readers, references
-from featstore import report as rpt
-from featstore.catalog import find_by_key
+from featstore.data import readers
+from featstore.data.manifest import Dataset, Manifest
+from featstore.encode.preprocess import preprocess
 from featstore.errors import ProbeError
 from featstore.identity import SetIdentity
-from featstore.manifest import Dataset, Manifest
-from featstore.metrics import MAIN_METRIC
-from featstore.preprocess import preprocess
-from featstore.store import open_set
+from featstore.probing.metrics import MAIN_METRIC
+from featstore.report import references
+from featstore.report import tables as rpt
+from featstore.store.catalog import find_by_key
+from featstore.store.sets import open_set
 
 N_EXAMPLES = 3
 

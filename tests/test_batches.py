@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featstore import readers, schema
-from featstore.batches import Batches, plan_batches
-from featstore.manifest import Dataset, Intensity, Synthetic
-from featstore.preprocess import Preprocess, preprocess
+from featstore.data import readers
+from featstore.data.manifest import Dataset, Intensity, Synthetic
+from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.extraction.batches import Batches, plan_batches
+from featstore.store import schema
 
 
 def _volumes(tmp_path, n: int = 6, slices: int = 5):
@@ -38,7 +39,7 @@ def _volumes(tmp_path, n: int = 6, slices: int = 5):
 
 
 def test_plan_never_straddles_units(tmp_path):
-    prep, layout, _ = _volumes(tmp_path)
+    _prep, layout, _ = _volumes(tmp_path)
     batches = plan_batches(layout, list(range(layout.n_units)), 4)
     assert batches[:3] == [(0, 0, 4), (0, 4, 6), (1, 6, 10)]
     assert [b[0] for b in batches] == sorted(b[0] for b in batches)

@@ -10,9 +10,9 @@ import time
 import pytest
 from conftest import synth_entry, write_manifest
 
-from featstore import integrity, store
-from featstore.extraction import Options
-from featstore.manifest import load_manifest
+from featstore.data.manifest import load_manifest
+from featstore.extraction.run import Options
+from featstore.store import integrity, sets
 from pipelines import extract
 
 distributed = pytest.importorskip("distributed")
@@ -29,7 +29,7 @@ def _chunks(path):
 
 @pytest.fixture(scope="module")
 def client():
-    from featstore.cluster import client_for
+    from featstore.extraction.cluster import client_for
 
     with client_for("local:2", None, threads=1) as c:
         yield c
@@ -45,7 +45,7 @@ def _manifests(tmp_path, tiny_dinov3, n=8, slices=12):
 
 
 def test_cluster_extract_is_byte_identical_to_one_process(tmp_path, tiny_dinov3, client):
-    from featstore.cluster import extract_on_cluster
+    from featstore.extraction.cluster import extract_on_cluster
 
     single, clustered = _manifests(tmp_path, tiny_dinov3)
     opts = Options(threads=1, progress=False)
@@ -61,7 +61,7 @@ def test_cluster_extract_is_byte_identical_to_one_process(tmp_path, tiny_dinov3,
 
 
 def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
-    from featstore.cluster import extract_on_cluster
+    from featstore.extraction.cluster import extract_on_cluster
 
     single, clustered = _manifests(tmp_path, tiny_dinov3, n=16, slices=16)
     opts = Options(threads=1, progress=False)
@@ -83,15 +83,15 @@ def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
     thread.join(timeout=300)
     (got,) = result["s"]  # type: ignore[misc]
     assert pids[0] not in client.run(os.getpid).values()  # the worker really was replaced
-    assert store.read_attrs(got.path)["complete"] and integrity.verify(got.path) == []
+    assert sets.read_attrs(got.path)["complete"] and integrity.verify(got.path) == []
     assert _chunks(got.path) == _chunks(ref.path)
 
 
 def test_streamed_seg_head_on_every_patch_and_probe_on_the_cluster(tmp_path, tiny_dinov3, client):
     from typer.testing import CliRunner
 
-    from featstore.evaluation import probe_set
-    from featstore.streaming import blocks
+    from featstore.probing.evaluation import probe_set
+    from featstore.probing.streaming import blocks
     from pipelines.cli import app
 
     mpath = write_manifest(tmp_path, synth_entry("d", "seg2d", n=24), f"['{tiny_dinov3}']", "[64]")

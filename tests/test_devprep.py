@@ -24,13 +24,14 @@ from PIL import Image
 from test_readers import _dicom_series
 from typer.testing import CliRunner
 
-from featstore import readers, schema, store
-from featstore.batches import Batches, plan_batches
-from featstore.devprep import RawPixels, narrowest, to_input
+from featstore.data import readers
+from featstore.data.manifest import Dataset, Intensity, Synthetic, load_manifest
+from featstore.encode.devprep import RawPixels, narrowest, to_input
+from featstore.encode.preprocess import Preprocess
 from featstore.errors import StoreMismatchError
-from featstore.extraction import Options
-from featstore.manifest import Dataset, Intensity, Synthetic, load_manifest
-from featstore.preprocess import Preprocess
+from featstore.extraction.batches import Batches, plan_batches
+from featstore.extraction.run import Options
+from featstore.store import schema, sets
 from pipelines import extract
 from pipelines.cli import app
 
@@ -202,16 +203,18 @@ def _run(mpath, **opts):
 
 def test_features_agree_and_the_set_is_shared(tmp_path, tiny_dinov3):
     """End to end with a tiny DINOv3: 40 px PNGs resized to 32 px, float32 storage."""
-    sets = {}
+    made_sets = {}
     for where in ("cpu", "device"):
         (tmp_path / where).mkdir()
         m = write_manifest(
             tmp_path / where, synth_entry("d", "cls2d", n=8, size=40), f"['{tiny_dinov3}']",
             extra="dtype: float32\nbatch_size: 4\nunit_items: 4\n",
         )  # fmt: skip
-        (sets[where],) = _run(m, device="cpu", preprocess_on=where)
-    cpu, dev = (store.open_set(sets[w].path) for w in ("cpu", "device"))
-    assert sets["cpu"].path.name == sets["device"].path.name  # one cache key: provenance only
+        (made_sets[where],) = _run(m, device="cpu", preprocess_on=where)
+    cpu, dev = (sets.open_set(made_sets[w].path) for w in ("cpu", "device"))
+    assert (
+        made_sets["cpu"].path.name == made_sets["device"].path.name
+    )  # one cache key: provenance only
     assert cpu.attrs["compute"] == {"device": "cpu", "preprocess_on": "cpu"}
     assert dev.attrs["compute"] == {"device": "cpu", "preprocess_on": "device"}
     for name in ("cls", "patch"):
@@ -225,8 +228,8 @@ def test_a_set_is_not_finished_with_another_placement(tmp_path, tiny_dinov3):
         extra="batch_size: 4\nunit_items: 4\n",
     )  # fmt: skip
     (made,) = _run(mpath, preprocess_on="cpu", shard=(0, 2))  # half the units: incomplete
-    assert store.pending_units(made.path)
-    with pytest.raises(StoreMismatchError, match="--preprocess-on cpu.*--preprocess-on device"):
+    assert sets.pending_units(made.path)
+    with pytest.raises(StoreMismatchError, match=r"--preprocess-on cpu.*--preprocess-on device"):
         _run(mpath, preprocess_on="device")
     (done,) = _run(mpath, preprocess_on="cpu")
     assert done.status == "resumed"
@@ -236,7 +239,7 @@ def test_a_set_is_not_finished_with_another_placement(tmp_path, tiny_dinov3):
 
 def test_device_placement_resumes_byte_identical(tmp_path, tiny_dinov3):
     """Half the units in one run, the rest in another == one clean run, byte for byte."""
-    sets = []
+    made_sets = []
     for name, shards in (("clean", [(0, 1)]), ("halves", [(1, 2), (0, 1)])):
         (tmp_path / name).mkdir()
         m = write_manifest(
@@ -245,14 +248,14 @@ def test_device_placement_resumes_byte_identical(tmp_path, tiny_dinov3):
         )  # fmt: skip
         for shard in shards:
             (made,) = _run(m, preprocess_on="device", shard=shard)
-        sets.append(made.path)
+        made_sets.append(made.path)
     chunks = [
         {
             str(f.relative_to(p)): f.read_bytes()
             for f in sorted(p.rglob("*"))
             if f.is_file() and "/c/" in str(f)
         }
-        for p in sets
+        for p in made_sets
     ]
     assert chunks[0] and chunks[0] == chunks[1]
 
@@ -265,7 +268,7 @@ def test_cli_option_is_checked_and_recorded(tmp_path):
     ok = CliRunner().invoke(app, [*args, "--preprocess-on", "device"])
     assert ok.exit_code == 0, ok.output
     (path,) = (tmp_path / "cache").glob("*.zarr")
-    assert store.read_attrs(path)["compute"] == {"device": "cpu", "preprocess_on": "device"}
+    assert sets.read_attrs(path)["compute"] == {"device": "cpu", "preprocess_on": "device"}
 
 
 @pytest.mark.gpu

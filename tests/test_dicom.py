@@ -14,9 +14,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from featstore import readers
+from featstore.data import readers
+from featstore.data.manifest import Dataset
 from featstore.errors import BadInputError
-from featstore.manifest import Dataset
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # rows along +y, columns along -z: normal -x

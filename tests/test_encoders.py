@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_vit
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
-from featstore.encoders import load_encoder
+from featstore.encode.encoders import load_encoder
 
 
 def _meta_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

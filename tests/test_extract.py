@@ -17,13 +17,14 @@ import zarr
 from conftest import REPO, synth_entry, write_manifest
 from transformers import AutoModel
 
-from featstore import integrity, readers, schema, store
-from featstore.encoders import Encoder, load_encoder
+from featstore.data import readers
+from featstore.data.manifest import Intensity, load_manifest
+from featstore.encode.encoders import Encoder, load_encoder
+from featstore.encode.preprocess import preprocess
 from featstore.errors import EncoderNotFoundError, StoreMismatchError
-from featstore.extraction import Options
+from featstore.extraction.run import Options
 from featstore.identity import EncoderInfo, Recipe, SetIdentity, requested
-from featstore.manifest import Intensity, load_manifest
-from featstore.preprocess import preprocess
+from featstore.store import integrity, schema, sets
 from pipelines import extract
 
 
@@ -95,9 +96,9 @@ def test_second_run_is_cached_without_forward(tmp_path, tiny_dinov3, monkeypatch
 
 def test_other_resolution_is_other_set_and_patch_grid(tmp_path, tiny_dinov3):
     mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']", "[32, 48]")
-    sets = [s for s in _run(mpath, baseline=False)]
-    assert len({s.path for s in sets}) == 2
-    for s in sets:
+    made_sets = [s for s in _run(mpath, baseline=False)]
+    assert len({s.path for s in made_sets}) == 2
+    for s in made_sets:
         xs = xr.open_zarr(s.path)
         assert xs.sizes["row"] == xs.sizes["col"] == s.resolution // 8
 
@@ -121,7 +122,7 @@ def test_mismatch_is_an_error_and_overwrite_replaces(tmp_path, tiny_dinov3):
     (again, _) = _run(mpath, overwrite=True)
     assert (
         again.status == "new"
-        and store.read_attrs(again.path)["identity"]["recipe"]["dtype"] == "float16"
+        and sets.read_attrs(again.path)["identity"]["recipe"]["dtype"] == "float16"
     )
 
 
@@ -156,7 +157,7 @@ def test_skip_bad_records_and_continues(tmp_path, tiny_dinov3):
         _run(mpath, baseline=False)
     (s,) = _run(mpath, baseline=False, skip_bad=True)
     assert s.skipped == 1
-    attrs = store.read_attrs(s.path)
+    attrs = sets.read_attrs(s.path)
     assert list(attrs["skipped"]) == ["img0003"] and attrs["complete"]
     assert integrity.verify(s.path) == []
 
@@ -217,7 +218,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     proc.wait()
     path = killed / "cache" / ref.path.name
     # Whatever the kill interrupted (even a half-written chunk file) must not survive.
-    left = store.pending_units(path)
+    left = sets.pending_units(path)
     assert 0 < len(left) < ref.items // 8, "the run must be killed part-way"
     (resumed,) = _run(mpath, baseline=False)
     assert resumed.status == "resumed" and 0 < resumed.items < ref.items  # only unmarked units
@@ -242,7 +243,7 @@ def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     path = tmp_path / "cache" / ref.path.name
-    assert store.read_attrs(path)["complete"] and integrity.verify(path) == []
+    assert sets.read_attrs(path)["complete"] and integrity.verify(path) == []
     assert _chunks(path) == _chunks(ref.path)
     assert not list(path.parent.glob(".*tmp*"))  # no leftover skeletons
 
@@ -314,16 +315,16 @@ def _small_store(path: Path, rows: int) -> schema.Layout:
     )
     weights = EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
     items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
-    store.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
+    sets.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
     return layout
 
 
 def test_unit_writer_refuses_wrong_shapes(tmp_path):
     layout = _small_store(tmp_path / "s.zarr", rows=2)
-    writer = store.UnitWriter(tmp_path / "s.zarr", layout)
+    writer = sets.UnitWriter(tmp_path / "s.zarr", layout)
     with pytest.raises(ValueError, match=r"cls: got \(2, 16\) for unit 0, expected \(2, 8\)"):
         writer.write(0, np.zeros((2, 16)), np.zeros((2, 2, 2, 8)), None)
-    assert store.pending_units(tmp_path / "s.zarr") == [0, 1]  # nothing marked
+    assert sets.pending_units(tmp_path / "s.zarr") == [0, 1]  # nothing marked
 
 
 def test_resume_discards_half_written_chunks(tmp_path):
@@ -335,5 +336,5 @@ def test_resume_discards_half_written_chunks(tmp_path):
     mine.write_bytes(b"half")
     (path / "cls" / "c" / "0").mkdir()
     other.write_bytes(b"half")
-    assert store.discard_partials(path, [1]) == 1
+    assert sets.discard_partials(path, [1]) == 1
     assert not mine.exists() and other.exists()

@@ -8,11 +8,11 @@ import torch
 import xarray as xr
 from conftest import synth_entry, write_manifest
 
-from featstore import integrity, store
-from featstore.evaluation import probe_set
-from featstore.extraction import Options
-from featstore.manifest import load_manifest
-from featstore.writer import quantize_int8
+from featstore.data.manifest import load_manifest
+from featstore.extraction.run import Options
+from featstore.extraction.writer import quantize_int8
+from featstore.probing.evaluation import probe_set
+from featstore.store import integrity, sets
 from pipelines import extract
 
 EXTRA = "batch_size: 4\nunit_items: 4\n"
@@ -32,7 +32,7 @@ def _chunks(path):
 
 
 def test_writer_pool_size_does_not_change_a_byte(tmp_path, tiny_dinov3):
-    sets = []
+    made_sets = []
     for writers in (1, 4):
         (tmp_path / str(writers)).mkdir()
         m = write_manifest(
@@ -42,8 +42,8 @@ def test_writer_pool_size_does_not_change_a_byte(tmp_path, tiny_dinov3):
             extra=EXTRA,
         )
         (s,) = _run(m, writers=writers)
-        sets.append(s.path)
-    assert _chunks(sets[0]) == _chunks(sets[1]) and len(_chunks(sets[0])) > 10
+        made_sets.append(s.path)
+    assert _chunks(made_sets[0]) == _chunks(made_sets[1]) and len(_chunks(made_sets[0])) > 10
 
 
 @pytest.mark.parametrize("codec", ["none", "lz4", "zstd-1", "zstd-3"])
@@ -52,7 +52,7 @@ def test_every_codec_stores_the_same_values(tmp_path, tiny_dinov3, codec):
         tmp_path, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']", extra=f"codec: {codec}\n"
     )
     (s,) = _run(m)
-    assert store.read_attrs(s.path)["storage"]["codec"] == codec
+    assert sets.read_attrs(s.path)["storage"]["codec"] == codec
     assert integrity.verify(s.path) == []
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -90,8 +90,8 @@ def test_pooled_int8_patch_tokens_are_a_set_of_their_own(tmp_path, tiny_dinov3):
     )
     (fewer,) = _run(small)
     assert fewer.path.name != plain.path.name  # part of the identity
-    a = store.open_set(plain.path)
-    b = store.open_set(fewer.path)  # dequantized on open
+    a = sets.open_set(plain.path)
+    b = sets.open_set(fewer.path)  # dequantized on open
     assert b.patch.dtype == np.float32 and b.sizes["row"] == a.sizes["row"] // 2
     pooled = a.patch.values.astype(np.float32).reshape(12, 4, 2, 4, 2, 32).mean((2, 4))
     step = np.abs(pooled).max((1, 2)) / 127
@@ -115,12 +115,14 @@ def test_patch_pool_must_divide_the_grid(tmp_path, tiny_dinov3):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_path_matches_cpu_within_rounding(tmp_path, tiny_dinov3):
-    sets = {}
+    made_sets = {}
     for device in ("cpu", "cuda"):
         (tmp_path / device).mkdir()
         m = write_manifest(tmp_path / device, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']")
-        (sets[device],) = _run(m, device=device)
-    a, b = (xr.open_zarr(sets[d].path).patch.values.astype(np.float32) for d in ("cpu", "cuda"))
+        (made_sets[device],) = _run(m, device=device)
+    a, b = (
+        xr.open_zarr(made_sets[d].path).patch.values.astype(np.float32) for d in ("cpu", "cuda")
+    )
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)  # bf16 autocast on the GPU
 
 
@@ -131,7 +133,7 @@ def test_several_blocks_of_patch_tokens_are_stored_and_cost_is_printed(tmp_path,
     )
     lines: list[str] = []
     (s,) = extract.run(load_manifest(m), Options(progress=False), baseline=False, echo=lines.append)
-    xs = store.open_set(s.path)
+    xs = sets.open_set(s.path)
     assert xs.patch.dims == ("item", "patch_layer", "row", "col", "channel")
     assert xs.sizes["patch_layer"] == 2 and s.set_mb > 0
     assert "MB uncompressed" in lines[0]
@@ -143,7 +145,7 @@ def test_several_blocks_of_patch_tokens_are_stored_and_cost_is_printed(tmp_path,
         extra=EXTRA,
     )
     (last,) = _run(one)
-    np.testing.assert_array_equal(xs.patch.values[:, 1], store.open_set(last.path).patch.values)
+    np.testing.assert_array_equal(xs.patch.values[:, 1], sets.open_set(last.path).patch.values)
 
 
 def test_free_cores_leaves_a_busy_core_alone():
@@ -152,7 +154,7 @@ def test_free_cores_leaves_a_busy_core_alone():
     import sys
     import time
 
-    from featstore.extraction import free_cores
+    from featstore.extraction.run import free_cores
 
     cores = len(os.sched_getaffinity(0))
     assert 1 <= free_cores() <= cores

@@ -21,10 +21,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
-from featstore import readers
+from featstore.data import readers
+from featstore.data.manifest import Dataset, load_manifest
 from featstore.errors import BadInputError, FeatstoreError, FeatureOverflowError, ManifestError
-from featstore.extraction import Options
-from featstore.manifest import Dataset, load_manifest
+from featstore.extraction.run import Options
 from pipelines import extract
 from pipelines.cli import app
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featstore import readers
+from featstore.data import readers
+from featstore.data.manifest import Dataset
 from featstore.errors import BadInputError
-from featstore.manifest import Dataset
 
 STEMS = ("a", "b", "c")
 META = (

@@ -1,4 +1,4 @@
-"""Blockwise kNN (`featstore.knn`): the in-memory kNN's predictions, in bounded memory."""
+"""Blockwise kNN (`featstore.probing.knn`): the in-memory kNN's predictions, in bounded memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import zarr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from featstore import probes
-from featstore.knn import knn_blockwise, nearest, plan
+from featstore.probing import probes
+from featstore.probing.knn import knn_blockwise, nearest, plan
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from featstore.data.manifest import load_manifest
 from featstore.errors import ManifestError
-from featstore.manifest import load_manifest
 
 # The example of issue 2, verbatim (long comment lines included).
 ISSUE_EXAMPLE = """\

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featstore.manifest import Intensity
-from featstore.preprocess import Preprocess, preprocess
+from featstore.data.manifest import Intensity
+from featstore.encode.preprocess import Preprocess, preprocess
 
 # Deliberately not ImageNet's: distinct per channel so a swapped channel shows.
 MEAN = (0.1, 0.2, 0.3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featstore.encoders import load_encoder
+from featstore.encode.encoders import load_encoder
 
 PUBLISHED = {
     # name: (parameters, hidden size, attention heads)

@@ -16,8 +16,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
-from featstore import probes
-from featstore.metrics import classification_scores, dice_iou, with_intervals
+from featstore.probing import probes
+from featstore.probing.metrics import classification_scores, dice_iou, with_intervals
 from pipelines.cli import app
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_probe_stage_loads_no_encoder_and_torch_only_for_heads(shipped):
         "import sys; from typer.testing import CliRunner; from pipelines.cli import app; "
         "r = CliRunner().invoke(app, ['probe', *{args!r}, '--out', {out!r}]); "
         "assert r.exit_code == 0, r.output; "
-        "bad = [m for m in ('transformers', 'featstore.encoders') if m in sys.modules]; "
+        "bad = [m for m in ('transformers', 'featstore.encode.encoders') if m in sys.modules]; "
         "assert not bad, bad; "
         "assert ('torch' in sys.modules) == {heads}, sorted(sys.modules)"
     )
@@ -117,13 +117,14 @@ def test_probe_stage_loads_no_encoder_and_torch_only_for_heads(shipped):
         subprocess.run([sys.executable, "-c", run], cwd=REPO, check=True)
     # torch arrives with the trainable heads' module, and only there
     sklearn_only = (
-        "import sys, featstore.probes, featstore.evaluation; assert 'torch' not in sys.modules"
+        "import sys, featstore.probing.probes, featstore.probing.evaluation; "
+        "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", sklearn_only], cwd=REPO, check=True)
 
 
 def test_missing_set_names_the_extract_command(shipped, tmp_path):
-    work, args, _, _ = shipped
+    _work, args, _, _ = shipped
     args = [*args[:-1], "48"]  # a resolution that was never extracted
     out = runner.invoke(app, ["probe", *args, "--out", str(tmp_path)])
     assert out.exit_code == 2
@@ -192,7 +193,7 @@ def test_pool_volumes():
 
 def test_upsampling_matches_torch_bilinear():
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
 
     logits = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     ref = (
@@ -216,8 +217,8 @@ def test_bad_dataset_is_reported_and_others_still_probed(tmp_path, tiny_dinov3):
         "path: data/oneclass", "path: data/oneclass\n    index: one.csv"
     )
     mpath = write_manifest(tmp_path, good + one_class, f"['{tiny_dinov3}']")
-    from featstore.manifest import load_manifest
-    from featstore.synthetic import generate
+    from featstore.data.manifest import load_manifest
+    from featstore.data.synthetic import generate
 
     ds = load_manifest(mpath).dataset("oneclass")
     generate(ds.synthetic, ds.path)  # then relabel every training image as class 0
@@ -261,7 +262,7 @@ def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov
     assert set(knn.param) == {11} and set(df.protocol) == {"medmnist+"}
     import xarray as xr
 
-    from featstore.catalog import list_sets
+    from featstore.store.catalog import list_sets
 
     (enc,) = [r for r in list_sets(tmp_path / "cache") if r["encoder"] != "pixels"]
     assert xr.open_zarr(enc["path"]).attrs["preprocess"]["fit"] == "pad"
@@ -275,7 +276,7 @@ def test_seed_protocol_trains_the_papers_linear_layer(tmp_path, tiny_dinov3):
 
 
 def test_cls_plus_patch_pooling(shipped, tmp_path):
-    work, args, _, _ = shipped
+    _work, args, _, _ = shipped
     out = runner.invoke(
         app,
         [
@@ -295,7 +296,7 @@ def test_cls_plus_patch_pooling(shipped, tmp_path):
 
 
 def test_abmil_pooling(shipped, tmp_path):
-    from featstore.manifest import load_manifest
+    from featstore.data.manifest import load_manifest
     from pipelines import probe as stage
 
     work, args, _, _ = shipped
@@ -309,8 +310,8 @@ def test_abmil_pooling(shipped, tmp_path):
 
 
 def test_memory_bound_runs_knn_blockwise_with_the_same_rows(shipped, tmp_path):
-    """A memory bound runs kNN in blocks (`featstore.knn`): the in-memory kNN's rows."""
-    from featstore.manifest import load_manifest
+    """A memory bound runs kNN in blocks (`featstore.probing.knn`): the in-memory kNN's rows."""
+    from featstore.data.manifest import load_manifest
     from pipelines import probe as stage
 
     work, args, _, full = shipped

@@ -29,9 +29,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from test_hostile import png_header
 
-from featstore import readers
+from featstore.data import readers
+from featstore.data.manifest import MAX_LABEL, SPLITS, Dataset, Manifest, load_manifest
 from featstore.errors import FeatstoreError
-from featstore.manifest import MAX_LABEL, SPLITS, Dataset, Manifest, load_manifest
 
 # FEATSTORE_HYPOTHESIS_EXAMPLES=3000 for a deeper search (minutes)
 FAST = settings(

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from featstore import formats, readers
+from featstore.data import formats, readers
+from featstore.data.manifest import Dataset, Synthetic
+from featstore.data.synthetic import generate
 from featstore.errors import BadInputError
-from featstore.manifest import Dataset, Synthetic
-from featstore.synthetic import generate
 
 
 def _ds(path: Path, **kw) -> Dataset:

@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from featstore import readers
-from featstore.manifest import load_manifest
+from featstore.data import readers
+from featstore.data.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 from typer.testing import CliRunner
 
-from featstore import references
-from featstore.manifest import Dataset
+from featstore.data.manifest import Dataset
+from featstore.report import references
 from pipelines.cli import app
 
 

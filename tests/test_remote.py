@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from featstore import catalog, integrity, location, store
-from featstore.manifest import load_manifest
+from featstore.data.manifest import load_manifest
+from featstore.store import catalog, integrity, location, sets
 from pipelines import extract
 from pipelines.cli import app
 from pipelines.probe import run as probe_run
@@ -170,13 +170,13 @@ def test_s3_cache_cli_and_resume(tmp_path, tiny_dinov3, s3):
     cmd += ["--no-baseline", "--workers", "0", "--cache", s3]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    path = store.store_path(s3, ref.path.name.removesuffix(".zarr"))
+    path = sets.store_path(s3, ref.path.name.removesuffix(".zarr"))
     assert _objects(path) == _objects(ref.path)
     assert not (tmp_path / "cache").exists()  # nothing went to the manifest's folder
 
     # forget two units as a killed run would have left them; the rerun recomputes them
     integrity.reset_units(path, [0, 2])
-    assert store.pending_units(path) == [0, 2]
+    assert sets.pending_units(path) == [0, 2]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resumed" in done.stdout, done.stdout + done.stderr
     assert _objects(path) == _objects(ref.path) and integrity.verify(path) == []
@@ -186,7 +186,7 @@ def test_s3_cache_cli_and_resume(tmp_path, tiny_dinov3, s3):
 def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
     """Workers write their units straight to the object store; same bytes as one process."""
     pytest.importorskip("distributed")
-    from featstore.cluster import client_for, extract_on_cluster
+    from featstore.extraction.cluster import client_for, extract_on_cluster
 
     (tmp_path / "local").mkdir()
     opts = extract.Options(threads=1, progress=False, num_workers=0)
@@ -205,7 +205,7 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
     with pytest.raises(CacheUnreachableError, match="Protocol not known: nope"):
         location.place("nope://bucket/x")
     missing = "s3://no-such-bucket-here/cache"
-    with pytest.raises(CacheUnreachableError, match="no-such-bucket-here.*does not exist"):
+    with pytest.raises(CacheUnreachableError, match=r"no-such-bucket-here.*does not exist"):
         _extract(_manifest(tmp_path, "cls2d", missing, tiny_dinov3))
     out = CliRunner().invoke(app, ["ls", "nope://x"])
     assert out.exit_code == 2 and "Protocol not known" in out.output
@@ -257,7 +257,7 @@ def test_a_lost_server_is_one_error_saying_units_are_kept(tmp_path, tiny_dinov3,
         pass
 
     mpath = _manifest(tmp_path, "cls3d", s3, tiny_dinov3)
-    real_write = store.UnitWriter.write
+    real_write = sets.UnitWriter.write
     calls = {"n": 0}
 
     def flaky(self, unit, *args, **kwargs):
@@ -266,10 +266,10 @@ def test_a_lost_server_is_one_error_saying_units_are_kept(tmp_path, tiny_dinov3,
             raise EndpointGone("the endpoint stopped answering")
         return real_write(self, unit, *args, **kwargs)
 
-    monkeypatch.setattr(store.UnitWriter, "write", flaky)
+    monkeypatch.setattr(sets.UnitWriter, "write", flaky)
     with pytest.raises(CacheUnreachableError, match="units written so far are kept"):
         _extract(mpath, writers=1)
-    monkeypatch.setattr(store.UnitWriter, "write", real_write)
+    monkeypatch.setattr(sets.UnitWriter, "write", real_write)
     (done,) = _extract(mpath)
     assert done.status == "resumed" and integrity.verify(done.path) == []
 
@@ -280,9 +280,9 @@ def test_dead_local_builds_of_remote_skeletons_are_removed(tmp_path, s3, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
                           capture_output=True).stdout.strip()  # fmt: skip
-    left = tmp_path / f"{store.LOCAL_BUILD}{dead}-abc" / "x.zarr"
+    left = tmp_path / f"{sets.LOCAL_BUILD}{dead}-abc" / "x.zarr"
     left.mkdir(parents=True)
-    mine = tmp_path / f"{store.LOCAL_BUILD}{os.getpid()}-abc"
+    mine = tmp_path / f"{sets.LOCAL_BUILD}{os.getpid()}-abc"
     mine.mkdir()
     assert integrity.clean_leftovers(s3) == [left.parent]
     assert not left.parent.exists() and mine.exists()

@@ -13,11 +13,11 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from sklearn import metrics as skm
 
-from featstore import geometry
-from featstore.formats import load_nifti
-from featstore.manifest import Dataset
-from featstore.metrics import classification_scores, hd95, precision_recall
-from featstore.readers import Sample
+from featstore.data.formats import load_nifti
+from featstore.data.manifest import Dataset
+from featstore.data.readers import Sample
+from featstore.probing import geometry
+from featstore.probing.metrics import classification_scores, hd95, precision_recall
 
 
 def _boundary_points(mask: np.ndarray) -> np.ndarray:

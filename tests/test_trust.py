@@ -16,11 +16,11 @@ import zarr
 from conftest import REPO, synth_entry, write_manifest
 from typer.testing import CliRunner
 
-from featstore import integrity, store
+from featstore.data.manifest import load_manifest
 from featstore.errors import FeatstoreError, StoreBusyError
-from featstore.evaluation import probe_set
-from featstore.extraction import Options
-from featstore.manifest import load_manifest
+from featstore.extraction.run import Options
+from featstore.probing.evaluation import probe_set
+from featstore.store import integrity, sets
 from pipelines import extract
 from pipelines.cli import app
 
@@ -133,7 +133,7 @@ def _edit_attrs(path: Path, edit) -> None:
         "layout-type",
         "layout-key",
         "layout-shape",
-    ],  # fmt: skip
+    ],
 )
 def test_edited_attributes_are_caught(copy, edit):
     mpath, path = copy
@@ -178,7 +178,7 @@ def test_invalid_json_is_a_clear_error(copy):
     assert (
         result.exit_code == 1 and "FAIL metadata" in result.output and "zarr.json" in result.output
     )
-    with pytest.raises(FeatstoreError, match="zarr.json"):
+    with pytest.raises(FeatstoreError, match=r"zarr.json"):
         _probe(mpath, path)
     listing = runner.invoke(app, ["ls", str(path.parent)])
     assert listing.exit_code == 0 and "zarr.json" in listing.output
@@ -206,8 +206,16 @@ def test_overwrite_refuses_while_another_process_works(copy):
     mpath, path = copy
     with integrity.claim(path):  # this process "extracts" the set
         other = subprocess.run(
-            [str(Path(sys.executable).parent / "featstore"), "extract", "--manifest", str(mpath)]
-            + ["--no-baseline", "--overwrite", "--workers", "0"],
+            [
+                str(Path(sys.executable).parent / "featstore"),
+                "extract",
+                "--manifest",
+                str(mpath),
+                "--no-baseline",
+                "--overwrite",
+                "--workers",
+                "0",
+            ],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -240,7 +248,7 @@ def test_claims_beat_and_other_hosts_expire(copy, monkeypatch):
         (folder / f"node-{name}-1.json").write_text(json.dumps(info))
     assert [c["host"] for c in integrity.live_claims(path)] == ["node-fresh"]
     assert not (folder / "node-gone-1.json").exists()
-    with pytest.raises(StoreBusyError, match="node-fresh.*expires 10 minutes"):
+    with pytest.raises(StoreBusyError, match=r"node-fresh.*expires 10 minutes"):
         integrity.refuse_if_busy(path, "replacing it")
 
 
@@ -267,7 +275,7 @@ def test_signal_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_dinov3, sig)
     last = out.strip().splitlines()[-1]
     assert "rerun" in last and "resume" in last, out
     (path,) = (tmp_path / "cache").glob("*.zarr")
-    assert store.pending_units(path) and integrity.verify(path, require_complete=False) == []
+    assert sets.pending_units(path) and integrity.verify(path, require_complete=False) == []
     (resumed,) = _run(mpath)
     assert resumed.status == "resumed" and integrity.verify(path) == []
 
@@ -312,7 +320,7 @@ def test_full_disk_names_the_cache_and_marks_nothing_unwritten(tmp_path, tiny_di
         with pytest.raises(FeatstoreError, match=rf"cache folder {small} is full.*needs about"):
             _run(mpath)
         (path,) = small.glob("*.zarr")
-        assert store.pending_units(path)  # it did run out of space
+        assert sets.pending_units(path)  # it did run out of space
         assert integrity.verify(path, require_complete=False) == []  # marked = written
     finally:
         subprocess.run(["umount", str(small)], check=False)

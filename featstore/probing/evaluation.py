@@ -5,7 +5,7 @@ baseline) it finds the feature set, fits the probes that fit the task and scores
 the test split with bootstrap intervals. It returns rows; writing them is the
 probe stage's job (`pipelines/probe.py`).
 
-torch is imported (from `featstore.heads`) only for the trainable heads: the dense
+torch is imported (from `featstore.probing.heads`) only for the trainable heads: the dense
 decoder of segmentation sets, `--pool abmil` and `protocol: seed`'s linear probe.
 """
 
@@ -22,22 +22,23 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
-from featstore import catalog, geometry, probes, store
-from featstore import metrics as fm
+from featstore.data.fingerprint import memo_for
+from featstore.data.manifest import Dataset, Manifest
+from featstore.data.readers import Prepared, Sample, prepare
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
-from featstore.fingerprint import memo_for
 from featstore.identity import SetIdentity, requested
-from featstore.knn import knn_blockwise
-from featstore.location import Place, place, reachable
-from featstore.manifest import Dataset, Manifest
-from featstore.readers import Prepared, Sample, prepare
-from featstore.segmentation import (
+from featstore.probing import geometry, probes
+from featstore.probing import metrics as fm
+from featstore.probing.knn import knn_blockwise
+from featstore.probing.segmentation import (
     Examples,
     item_str,
     patch_tokens,
     probe_segmentation,
     volume_items,
 )
+from featstore.store import catalog, sets
+from featstore.store.location import Place, place, reachable
 
 Row = dict[str, Any]
 POOLS = ("mean", "max", "cls+patch", "abmil")  # 3D volume pooling (`--pool`)
@@ -52,7 +53,7 @@ def _classification(
 ) -> Iterator[Row]:
     """Rows (without the set's identity) for linear and kNN probes (and ABMIL).
 
-    stream_mb: run kNN in blocks of at most this many MB (`featstore.knn`; the same
+    stream_mb: run kNN in blocks of at most this many MB (`featstore.probing.knn`; the same
     predictions) instead of scikit-learn's on the whole matrices.
     """
     cls = np.asarray(xs.cls.values, np.float64).reshape(xs.sizes["item"], -1)
@@ -66,7 +67,7 @@ def _classification(
         first = np.array([v[0] for v in vols])  # volumes by id, as `pool_volumes` orders them
         label, split = label[first], split[first]
         if pool == "abmil":
-            from featstore import heads  # torch: only for this trainable pooling
+            from featstore.probing import heads
 
             bags = [cls[v] for v in vols]
             mil = heads.fit_abmil(bags, label, split == "train", split == "test", n_classes, seed)
@@ -87,7 +88,7 @@ def _classification(
     if len(yte) == 0:
         raise ProbeError("the test split is empty")
     if protocol == "seed":
-        from featstore import heads  # torch: the paper's BCE-trained linear layer
+        from featstore.probing import heads
 
         probes.check_split(ytr, "train")
         t0 = time.perf_counter()
@@ -148,13 +149,13 @@ def probe_set(
     protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote);
     "seed" trains the paper's linear layer (BCE, lr 0.005, batch 1024, 50 epochs) and
     runs kNN per label of a multi-label set. `samples` (the dataset's listing) lets
-    segmentation find each image's spacing for HD95 in mm (`featstore.geometry`);
+    segmentation find each image's spacing for HD95 in mm (`featstore.probing.geometry`);
     without it HD95 is in pixels. A chunk that fails its checksum while being read is
     a `StoreCorruptError`, never a score.
     """
     if pool not in POOLS:
         raise ProbeError(f"unknown pooling '{pool}'; use {', '.join(POOLS)}")
-    xs = store.open_set(path)
+    xs = sets.open_set(path)
     try:
         # One BLAS/OpenMP thread: the probes' matrices are small, and on a shared CPU
         # multi-threaded OpenBLAS spin-waits (a 1.7 s linear segmentation fit took 69 s
@@ -164,7 +165,7 @@ def probe_set(
     except (ValueError, RuntimeError, OSError) as exc:
         if isinstance(exc, FeatstoreError) or not _from_storage(exc):
             raise
-        raise store.corrupt(path, exc) from None
+        raise sets.corrupt(path, exc) from None
 
 
 def _from_storage(exc: BaseException) -> bool:

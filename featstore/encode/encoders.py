@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
+from featstore.data.fingerprint import files_sha256
+from featstore.encode.presets import PRESETS
 from featstore.errors import EncoderNotFoundError
-from featstore.fingerprint import files_sha256
 from featstore.identity import EncoderInfo
-from featstore.presets import PRESETS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -234,7 +234,7 @@ def load_encoder(
 ) -> Encoder:
     """Resolve an encoder name (preset, folder, hub id or ``pixels``) and load it.
 
-    `memo` is the file-hash memo (see `featstore.fingerprint`) used to hash weight
+    `memo` is the file-hash memo (see `featstore.data.fingerprint`) used to hash weight
     files; None hashes them afresh.
     """
     if spec == "pixels" or spec.startswith("pixels:"):
@@ -269,7 +269,7 @@ def load_encoder(
         return Encoder(model, info, device)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".pth":  # Meta's original DINOv3 checkpoint
-        from featstore.dinov3_pth import load_pth
+        from featstore.encode.dinov3_pth import load_pth
 
         model, _ = load_pth(path, PRESETS)
         sha = files_sha256([path], memo)[str(path)]

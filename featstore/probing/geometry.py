@@ -31,10 +31,10 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from featstore.data.formats import AXES
+from featstore.data.manifest import Dataset
+from featstore.data.readers import Sample
 from featstore.errors import ProbeError
-from featstore.formats import AXES
-from featstore.manifest import Dataset
-from featstore.readers import Sample
 
 SPACING_COORDS = ("spacing_mm", "pixel_spacing_mm")  # native in-plane spacing, mm
 SLICE_COORD = "slice_spacing_mm"  # native slice spacing of a volume, mm

@@ -39,14 +39,14 @@ from featstore.errors import (
     StoreMismatchError,
 )
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
-from featstore.location import (
+from featstore.store.location import (
     Place,
     Remote,
     files,
     place,
     publish,
 )
-from featstore.schema import (
+from featstore.store.schema import (
     ITEM_DATA,
     MARKS,
     Items,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from featstore.probes import K_GRID, Prediction, check_split
+from featstore.probing.probes import K_GRID, Prediction, check_split
 
 # Working bytes per (query, train) pair of a block: the float64 distance, its int64
 # argpartition index, argpartition's own copy of the distances and a comparison's

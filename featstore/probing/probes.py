@@ -19,7 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from featstore.errors import ProbeError
-from featstore.metrics import dice_iou
+from featstore.probing.metrics import dice_iou
 
 C_GRID = tuple(10.0**e for e in range(-4, 3))  # 1e-4 .. 1e2
 K_GRID = (1, 3, 5, 10, 20, 50)

@@ -19,9 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from featstore.errors import BadInputError
-from featstore.fingerprint import fingerprint
-from featstore.formats import (
+from featstore.data.fingerprint import fingerprint
+from featstore.data.formats import (
     AXES,
     check_finite,
     check_voxels,
@@ -31,8 +30,9 @@ from featstore.formats import (
     load_picture,
     npz,
 )
-from featstore.manifest import MAX_LABEL, SPLITS, Dataset, GlobIndex
-from featstore.synthetic import generate
+from featstore.data.manifest import MAX_LABEL, SPLITS, Dataset, GlobIndex
+from featstore.data.synthetic import generate
+from featstore.errors import BadInputError
 
 
 @dataclass(frozen=True)

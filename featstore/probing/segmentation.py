@@ -1,6 +1,6 @@
 """Segmentation probes of one feature set: the linear head and the dense decoder,
 scored per image (2D) or re-stacked volume (3D) and class (no torch here: the
-decoder's torch lives in `featstore.heads`, imported when it runs).
+decoder's torch lives in `featstore.probing.heads`, imported when it runs).
 
 Also the small readers of a set's items that classification shares: string
 coordinates, volumes in slice order, patch tokens with or without a `layer` dim.
@@ -8,6 +8,7 @@ coordinates, volumes in slice order, patch tokens with or without a `layer` dim.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,21 +17,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
-from featstore import geometry, probes, store
-from featstore import metrics as fm
+from featstore.data.manifest import Dataset
 from featstore.errors import ProbeError
-from featstore.manifest import Dataset
-from featstore.streaming import BYTES_PER_ELEMENT, StreamedHead, fit_streaming
+from featstore.probing import geometry, probes
+from featstore.probing import metrics as fm
+from featstore.probing.streaming import BYTES_PER_ELEMENT, StreamedHead, fit_streaming
+from featstore.store import sets
 
 if TYPE_CHECKING:
-    from featstore.heads import DenseHead  # torch: imported where a decoder is fitted
+    from featstore.probing.heads import DenseHead  # torch: imported where a decoder is fitted
 
 Row = dict[str, Any]
 
 
 def item_str(var: xr.DataArray) -> np.ndarray:
-    """A string coordinate as a plain '<U' array (`store.open_set` already made it one)."""
-    return store.plain(np.asarray(var.values))
+    """A string coordinate as a plain '<U' array (`sets.open_set` already made it one)."""
+    return sets.plain(np.asarray(var.values))
 
 
 def volume_items(sample: np.ndarray, slice_: np.ndarray) -> list[np.ndarray]:
@@ -216,7 +218,7 @@ def fit_decoder_head(
     xs: xr.Dataset, ds: Dataset, idx: dict[str, np.ndarray], n_classes: int, seed: int
 ) -> DenseHead:
     """The dense decoder fitted on (a budget-sized sample of) the train items."""
-    from featstore import heads  # torch: the one trainable segmentation head
+    from featstore.probing import heads
 
     cfg = heads.DecoderConfig()
     rng = np.random.default_rng(seed)
@@ -235,7 +237,7 @@ def fit_decoder_head(
             ]
         tr = np.concatenate([idx["train"][v] for v in train_vols])
         offsets = np.cumsum([0] + [len(v) for v in train_vols])
-        vols = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        vols = [np.arange(a, b) for a, b in itertools.pairwise(offsets)]
     return heads.fit_decoder(
         patch_tokens(xs, tr), np.asarray(xs.mask[tr].values), vols, n_classes, ds.dims, seed, cfg
     )
@@ -251,7 +253,7 @@ def probe_segmentation(
     """Rows for the linear head and the dense decoder, and a few test predictions.
 
     stream_mb: train the linear head on every training patch, streaming blocks of at
-    most this many MB (`featstore.streaming`), instead of on a sample of patches; and
+    most this many MB (`featstore.probing.streaming`), instead of on a sample of patches; and
     score both heads in blocks of whole test volumes that fit it (`score_volumes`;
     without it, blocks of `SCORE_ITEMS` items). The decoder's training sample is
     capped by its step budget (`heads.DecoderConfig`), not by `stream_mb`.

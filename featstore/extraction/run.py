@@ -22,9 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from featstore import devprep, integrity, schema, store
-from featstore.batches import Batches, plan_batches, quiet_worker
-from featstore.encoders import Encoder, load_encoder
+from featstore.data.fingerprint import memo_for
+from featstore.data.manifest import Manifest
+from featstore.data.readers import Prepared, prepare
+from featstore.encode import devprep
+from featstore.encode.encoders import Encoder, load_encoder
 from featstore.errors import (
     BadInputError,
     CacheUnreachableError,
@@ -33,12 +35,11 @@ from featstore.errors import (
     StopRequested,
     StoreCorruptError,
 )
-from featstore.fingerprint import memo_for
+from featstore.extraction.batches import Batches, plan_batches, quiet_worker
+from featstore.extraction.writer import UnitQueue, nan_checker, pooled
 from featstore.identity import EncoderInfo, SetIdentity, requested
-from featstore.location import Place, Remote, remove
-from featstore.manifest import Manifest
-from featstore.readers import Prepared, prepare
-from featstore.writer import UnitQueue, nan_checker, pooled
+from featstore.store import integrity, schema, sets
+from featstore.store.location import Place, Remote, remove
 
 Status = Literal["cached", "new", "resumed", "repaired"]
 
@@ -158,31 +159,31 @@ def _open_or_allocate(
     if path.exists() and (opts.overwrite or not meta.is_file()):
         # A folder without its root zarr.json is what a kill during a delete left; on an
         # object store it may also be a skeleton that a live shard is uploading, which
-        # `store.create` below then races fairly (see `location.publish`).
+        # `sets.create` below then races fairly (see `location.publish`).
         uploading = isinstance(path, Remote) and not meta.is_file()
         if not (uploading and integrity.live_claims(path)):
             integrity.refuse_if_busy(path, "replacing it")
             remove(path)
     if meta.is_file():  # not `path.exists()`: objects without a root are no set
-        complete = bool(store.read_attrs(path).get("complete"))
-        store.check_matches(path, ident, None if complete else layout)
+        complete = bool(sets.read_attrs(path).get("complete"))
+        sets.check_matches(path, ident, None if complete else layout)
         if not complete or opts.repair:
             integrity.check_compute(path, compute)
         if opts.repair and _repair(path, items):
             return "repaired"
         if complete:
-            missing = store.missing_chunks(path)  # cheap: file names, not contents
+            missing = sets.missing_chunks(path)  # cheap: file names, not contents
             if missing:
                 raise StoreCorruptError(
                     f"{path} is marked complete but has lost chunks ({missing[0]}, "
                     f"{len(missing)} in all); rerun with --repair to recompute them"
                 )
-            store.add_request(path, ident.request())
+            sets.add_request(path, ident.request())
             return "cached"
         return "resumed"
-    if store.create(path, ident, layout, items, _describe(prep), compute):
+    if sets.create(path, ident, layout, items, _describe(prep), compute):
         return "new"
-    store.check_matches(path, ident, layout)  # a concurrent shard allocated it
+    sets.check_matches(path, ident, layout)  # a concurrent shard allocated it
     integrity.check_compute(path, compute)
     return "resumed"
 
@@ -198,7 +199,7 @@ def _repair(path: Place, items: schema.Items) -> bool:
             + "\n  ".join(fatal)
             + "\nre-extract it with --overwrite"
         )
-    damage = integrity.scan_chunks(path, store.read_attrs(path))  # one pass over every chunk
+    damage = integrity.scan_chunks(path, sets.read_attrs(path))  # one pass over every chunk
     units = sorted({d.unit for d in damage if d.array in (*integrity.ITEM_DATA, schema.MARKS)})
     coords = sorted({d.array for d in damage} - {*integrity.ITEM_DATA, schema.MARKS})
     if coords:
@@ -323,7 +324,7 @@ def extract_set(
         manifest.unit_items,
         manifest.codec,
     )
-    path = store.store_path(manifest.cache, ident.key())
+    path = sets.store_path(manifest.cache, ident.key())
     set_mb = layout.n_items * layout.item_bytes / 1e6
     integrity.clean_leftovers(manifest.cache)
     name = (prep.ds.name, info.label, resolution)
@@ -333,8 +334,8 @@ def extract_set(
         if status == "cached":
             return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path, 0, set_mb)
         i, n = opts.shard
-        units = [u for u in store.pending_units(path) if u % n == i]
-        store.discard_partials(path, units)
+        units = [u for u in sets.pending_units(path) if u % n == i]
+        sets.discard_partials(path, units)
         try:
             n_items, mbytes, skipped = run_units(ident, path, layout, units)
         except (KeyboardInterrupt, StopRequested) as exc:
@@ -347,12 +348,12 @@ def extract_set(
             raise
         except FeatstoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - botocore, gcsfs, aiohttp errors differ by driver
+        except Exception as exc:
             if isinstance(path, Remote):
                 raise _lost(path, exc) from exc
             raise
-        store.record_skipped(path, skipped)
-        if not store.pending_units(path):
+        sets.record_skipped(path, skipped)
+        if not sets.pending_units(path):
             integrity.finish(path)
     seconds = time.perf_counter() - t0
     return Summary(*name, status, n_items, seconds, mbytes, path, len(skipped), set_mb)
@@ -360,8 +361,8 @@ def extract_set(
 
 def _interrupted(path: Place, exc: BaseException) -> Interrupted:
     signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
-    left = len(store.pending_units(path))
-    total = schema.Layout(**store.read_attrs(path)["layout"]).n_units
+    left = len(sets.pending_units(path))
+    total = schema.Layout(**sets.read_attrs(path)["layout"]).n_units
     return Interrupted(
         f"stopped by {signal.Signals(signum).name}: {total - left} of {total} units of "
         f"{path.name} are written and kept; rerun the same command to resume",

@@ -18,9 +18,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from featstore.metrics import MAIN_METRIC
-from featstore.presets import PRESETS
-from featstore.references import Reference
+from featstore.encode.presets import PRESETS
+from featstore.probing.metrics import MAIN_METRIC
+from featstore.report.references import Reference
 
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
 SIZE_ORDER = list(PRESETS)  # smallest first
@@ -122,7 +122,7 @@ def to_html(table: pd.DataFrame, corner: str = "encoder @ resolution") -> str:
 def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame:
     """Published values beside featstore's linear probe, for one dataset.
 
-    df: that dataset's results rows; refs: its `featstore.references`. Rows: one per
+    df: that dataset's results rows; refs: its `featstore.report.references`. Rows: one per
     published model/resolution (labelled "published") and one per featstore encoder x
     resolution x protocol (its linear probe, random-init flagged); columns: source,
     model, resolution, accuracy, auroc (strings; "" where there is no value).

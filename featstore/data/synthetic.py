@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from featstore.data.manifest import Synthetic
 from featstore.errors import BadInputError
-from featstore.manifest import Synthetic
 
 SPLIT_CYCLE = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
 

@@ -19,8 +19,8 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
+from featstore.data.manifest import Dataset
 from featstore.errors import BadInputError
-from featstore.manifest import Dataset
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # in RAS+ canonical orientation
 # Largest 2D image decoded (8192 x 8192), checked on the header before any pixel is

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from featstore import schema, store
 from featstore.errors import FeatureOverflowError
-from featstore.location import Place
+from featstore.store import schema, sets
+from featstore.store.location import Place
 
 # check(array, bad_rows, unit, what) -> array to write; see UnitQueue.
 Check = Callable[[np.ndarray, np.ndarray, int, str], np.ndarray]
@@ -116,7 +116,7 @@ class UnitQueue:
     ) -> None:
         self.layout = layout
         self.check = check
-        self.units = store.UnitWriter(path, layout)
+        self.units = sets.UnitWriter(path, layout)
         self.cuda = device is not None and device.type == "cuda"
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="featstore-writer")
         # Units in flight (assembling + writing) are bounded: memory stays bounded and

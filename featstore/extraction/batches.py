@@ -14,11 +14,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from featstore import readers, schema
-from featstore.devprep import Part, Placement, RawPixels, RawSample, pack, raw_sample
+from featstore.data import readers
+from featstore.data.readers import Prepared
+from featstore.encode.devprep import Part, Placement, RawPixels, RawSample, pack, raw_sample
+from featstore.encode.preprocess import Preprocess, fit_mask, preprocess
 from featstore.errors import BadInputError
-from featstore.preprocess import Preprocess, fit_mask, preprocess
-from featstore.readers import Prepared
+from featstore.store import schema
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from featstore.location import is_url
+from featstore.store.location import is_url
 
 MEMO_NAME = ".file-sha256.json"
 

@@ -29,9 +29,9 @@ import numpy as np
 import zarr
 from zarr.core.array_spec import ArrayConfigParams
 
-from featstore import schema, store
 from featstore.errors import StoreBusyError, StoreCorruptError, StoreMismatchError
-from featstore.location import Place, Remote, files, glob, place
+from featstore.store import schema, sets
+from featstore.store.location import Place, Remote, files, glob, place
 
 ITEM_DATA = schema.ITEM_DATA  # written per unit by the encoder loop
 FULL: ArrayConfigParams = {"write_empty_chunks": True}
@@ -98,14 +98,14 @@ def scan_chunks(
     Marks (`_featstore/done`) may lack chunks: that is a pending unit, not damage, and
     the data chunks of pending units are not checked (the resume rewrites them).
     """
-    pending = set(store.pending_units(path))
+    pending = set(sets.pending_units(path))
     layout = schema.Layout.from_attrs(attrs["layout"])
     root = zarr.open_group(str(path), mode="r", use_consolidated=False)
     present = files(path)
     skipped = set(attrs.get("skipped", {}))
     samples = None
     out: list[Damage] = []
-    for name, arr in store.arrays(root):
+    for name, arr in sets.arrays(root):
         marks = name == schema.MARKS
         step = 1 if marks else layout.chunk_items
         expected = layout.n_units if marks else layout.n_items
@@ -122,7 +122,7 @@ def scan_chunks(
         for unit in range(layout.n_units):
             if name in ITEM_DATA and unit in pending:
                 continue  # not written yet (or half-written): the resume rewrites it
-            if store.chunk_key(name, arr, unit) not in present:
+            if sets.chunk_key(name, arr, unit) not in present:
                 if not marks:
                     out.append(Damage(name, unit, "chunk file missing"))
                 continue
@@ -137,7 +137,7 @@ def scan_chunks(
                 bad = ~np.isfinite(block.reshape(len(block), -1).astype(np.float32)).all(1)
                 if skipped and bad.any():
                     if samples is None:
-                        samples = store.plain(np.asarray(arr_of(root, "sample")[:]))
+                        samples = sets.plain(np.asarray(arr_of(root, "sample")[:]))
                     bad &= ~np.isin(samples[layout.unit_slice(unit)], list(skipped))
                 if bad.any():
                     first = unit * step + int(np.flatnonzero(bad)[0])
@@ -160,9 +160,9 @@ def header_problems(path: Place | str) -> list[str]:
     problems = _json_problems(path, present)
     if problems:
         return problems
-    attrs = store.read_attrs(path)
-    problems = store.absent_arrays(path, attrs, present)
-    return problems + _consolidated_problems(path) + store.attribute_problems(path, attrs)
+    attrs = sets.read_attrs(path)
+    problems = sets.absent_arrays(path, attrs, present)
+    return problems + _consolidated_problems(path) + sets.attribute_problems(path, attrs)
 
 
 def verify(
@@ -178,15 +178,15 @@ def verify(
     fatal = ("metadata: ", "attributes: 'layout' is malformed")
     if any(p.startswith(fatal) and "consolidated" not in p for p in problems):
         return problems  # no JSON or no layout: nothing below can be read
-    attrs = store.read_attrs(path)
+    attrs = sets.read_attrs(path)
     if require_complete and not attrs.get("complete"):
         problems.append("marks: not marked complete; rerun the same extract to finish it")
-    pending = store.pending_units(path)
+    pending = sets.pending_units(path)
     if pending and (require_complete or attrs.get("complete")):
         problems.append(f"marks: {len(pending)} units not marked done (first: {pending[:5]})")
     problems += [d.line() for d in scan_chunks(path, attrs, values and decode, decode)]
     if values and decode and not any(p.startswith(("cls ", "sample ")) for p in problems):
-        problems += store.skipped_problems(path, attrs)
+        problems += sets.skipped_problems(path, attrs)
     return problems
 
 
@@ -202,7 +202,7 @@ def finish(path: Place) -> None:
     problems = verify(path, require_complete=False, values=False, decode=False)
     if problems:
         raise StoreCorruptError(f"{path} failed verification:\n  " + "\n  ".join(problems))
-    store.mark_complete(path)
+    sets.mark_complete(path)
 
 
 def check_compute(path: Place, compute: dict[str, str]) -> None:
@@ -214,7 +214,7 @@ def check_compute(path: Place, compute: dict[str, str]) -> None:
     comes from one computation, so that a resumed or sharded run ends byte-identical
     to a clean one. Sets made before this was recorded are not checked.
     """
-    stored = store.read_attrs(path).get("compute")
+    stored = sets.read_attrs(path).get("compute")
     if stored is None or stored == compute:
         return
 
@@ -244,7 +244,7 @@ def reset_units(path: Place, units: list[int]) -> None:
             continue
         arr = arr_of(root, name)
         for unit in units:
-            (path / store.chunk_key(name, arr, unit)).unlink(missing_ok=True)
+            (path / sets.chunk_key(name, arr, unit)).unlink(missing_ok=True)
     root.attrs["complete"] = False
 
 
@@ -362,8 +362,8 @@ def clean_leftovers(cache: Place | str) -> list[Path]:
     removed: list[Path] = []
     cache = place(cache)
     if isinstance(cache, Remote):
-        for p in sorted(Path(tempfile.gettempdir()).glob(f"{store.LOCAL_BUILD}*")):
-            pid = p.name.removeprefix(store.LOCAL_BUILD).split("-")[0]
+        for p in sorted(Path(tempfile.gettempdir()).glob(f"{sets.LOCAL_BUILD}*")):
+            pid = p.name.removeprefix(sets.LOCAL_BUILD).split("-")[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)

@@ -4,7 +4,7 @@ With `--preprocess-on device` the DataLoader workers only decode: each sample tr
 as the integers it is stored in (uint8, int16, ...: the narrowest exact integer
 dtype; float data stays float32) with its intensity mapping (lo, scale), and the
 mapping, resize, grey-to-RGB and mean/std run here as batched torch ops on the
-device. The steps and their order are those of `featstore.preprocess`:
+device. The steps and their order are those of `featstore.encode.preprocess`:
 
     unit = clip((x - lo) * scale, 0, 1)  # one (lo, scale) per sample, from unit_map
     fit  = pad onto a zero canvas | resize (bilinear, antialiased) | as is
@@ -26,10 +26,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
-from featstore.manifest import Intensity
-from featstore.preprocess import Preprocess, unit_map
+from featstore.data.manifest import Intensity
+from featstore.encode.preprocess import Preprocess, unit_map
 
 Setting = Literal["auto", "cpu", "device"]
 Placement = Literal["cpu", "device"]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from featstore.manifest import Fit, Intensity
+from featstore.data.manifest import Fit, Intensity
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featstore.manifest import Dataset
+from featstore.data.manifest import Dataset
 
 MEDMNIST_V2 = (
     "MedMNIST v2, Yang et al., Scientific Data 10:41 (2023), Table 3 (test split, "

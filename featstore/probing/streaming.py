@@ -45,7 +45,7 @@ class StreamedHead:
 
     def predict(self, patch: np.ndarray, size: int) -> np.ndarray:
         """patch (n, rows, cols, D) -> label maps (n, size, size) uint8 (bilinear logits)."""
-        from featstore.probes import upsample_logits
+        from featstore.probing.probes import upsample_logits
 
         return upsample_logits(self.logits(patch), size).argmax(-1).astype(np.uint8)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from featstore.identity import FORMAT_VERSION, canonical
-from featstore.location import Place, glob, place, reachable, size
-from featstore.store import read_attrs
+from featstore.store.location import Place, glob, place, reachable, size
+from featstore.store.sets import read_attrs
 
 
 def _sets(cache: Place | str) -> list[tuple[Place, dict[str, Any]]]:

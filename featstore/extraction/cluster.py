@@ -23,13 +23,13 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
-from featstore import schema
+from featstore.data.manifest import Manifest
+from featstore.data.readers import Prepared, prepare
 from featstore.errors import ManifestError
-from featstore.extraction import Options, Summary, UnitRunner, extract_set
+from featstore.extraction.run import Options, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo, SetIdentity
-from featstore.location import Place
-from featstore.manifest import Manifest
-from featstore.readers import Prepared, prepare
+from featstore.store import schema
+from featstore.store.location import Place
 
 PLUGIN = "featstore-encoders"
 
@@ -50,7 +50,7 @@ class EncoderCache(WorkerPlugin):
 
     def get(self, spec: str, device: str, memo: Path | None) -> Any:
         """The encoder `spec` on `device`, loaded on first use in this process."""
-        from featstore.encoders import load_encoder
+        from featstore.encode.encoders import load_encoder
 
         key = (spec, device)
         if key not in self.encoders:
@@ -86,7 +86,7 @@ def _unit_task(
 ) -> tuple[int, float, dict[str, str]]:
     """Encode and write one unit on a worker: (items, MB written, skipped samples)."""
     from featstore.errors import StoreMismatchError
-    from featstore.extraction import _encode_units
+    from featstore.extraction.run import _encode_units
 
     encoder = _cache().get(spec, device, memo)
     if encoder.info != ident.weights:
@@ -166,7 +166,7 @@ def _runner(
                 pure=False,
                 retries=2,
                 key=f"featstore-{path.name}-unit-{u}",
-            )  # fmt: skip
+            )
             for u in units
         ]
         items, mbytes, skipped = 0, 0.0, {}
@@ -192,7 +192,7 @@ def extract_on_cluster(
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
     """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
-    from featstore.fingerprint import memo_for
+    from featstore.data.fingerprint import memo_for
 
     echo(f"dask dashboard: {client.dashboard_link}")
     memo = memo_for(manifest.cache)

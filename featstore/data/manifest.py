@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from featstore.data.safe_yaml import parse_yaml
 from featstore.errors import ManifestError
-from featstore.location import place
-from featstore.safe_yaml import parse_yaml
+from featstore.store.location import place
 
 Format = Literal["medmnist", "images", "nifti", "dicom", "synthetic"]
 Task = Literal["classification", "multilabel", "segmentation"]

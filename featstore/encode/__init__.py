@@ -1,0 +1,1 @@
+"""Encoders behind one protocol, their preprocessing, and the batches fed to them."""

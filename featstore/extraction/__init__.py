@@ -1,0 +1,3 @@
+"""The extract stage: encoding units of work into feature sets, in one process or on
+a dask cluster.
+"""

@@ -1,0 +1,1 @@
+"""Tables and plots from result rows, and the published reference numbers."""
