@@ -55,8 +55,8 @@ def examples(prep: Prepared, pre: Preprocess, skip_bad: bool) -> tuple[np.ndarra
     `skip_bad` kept as item -1 with a blank thumbnail (its items are skipped too).
     """
     first = np.cumsum([0] + [s.n_items for s in prep.samples])
-    t = min(pre.resolution, THUMB_MAX)
     chosen = example_samples(prep)
+    t = min(pre.resolution, THUMB_MAX) if chosen else 0  # as `schema.layout_for` says
     items = np.full(len(chosen), -1, np.int64)
     thumbs = np.zeros((len(chosen), t, t), np.uint8)
     for j, i in enumerate(chosen):
