@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from featstore.data import readers
 from featstore.data.fingerprint import memo_for
@@ -115,6 +116,7 @@ def native(ds: Dataset, sample: Sample) -> Native:
         AttributeError,
         IndexError,
         UnidentifiedImageError,
+        DecompressionBombError,  # refused (or skipped) by its header when decoded
         nib.filebasedimages.ImageFileError,
         pydicom.errors.InvalidDicomError,
     ):
