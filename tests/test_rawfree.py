@@ -18,7 +18,12 @@ import featstore
 from featstore.data import readers
 from featstore.data.manifest import RESERVED, load_manifest
 from featstore.encode.preprocess import preprocess
-from featstore.errors import DataAbsentWarning, StoreIncompleteError, StoreMismatchError
+from featstore.errors import (
+    DataAbsentWarning,
+    ProbeError,
+    StoreIncompleteError,
+    StoreMismatchError,
+)
 from featstore.identity import FORMAT_VERSION, SetIdentity, requested
 from featstore.store import catalog, schema, sets
 from pipelines.cli import app
@@ -145,9 +150,12 @@ def test_changed_data_is_named_and_a_stale_set_is_not_probed(extracted, tmp_path
     )
     with pytest.raises(StoreIncompleteError, match="changed since its feature set"):
         featstore.open_features(changed, "lesions", m.encoders[0])
+    with pytest.raises(ProbeError, match=r"changed since its feature set.*featstore extract"):
+        featstore.probe(changed)
     request = requested(ds, m, "", m.encoders[0], 32).request()
     found = catalog.find_cell(m.cache, request, "lesions", checked=False)
-    assert found.path is not None and not found.checked
+    assert found.path is not None and not found.checked  # without data: by identity
+    assert catalog.find_cell(m.cache, request, "other", checked=False).path is None
 
 
 def test_sets_of_the_previous_format_are_refused_with_the_fix(extracted, tmp_path):
