@@ -270,18 +270,11 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
     if "label" in arrays:
         labels = arrays.pop("label")
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
-    examples = {name: arrays.pop(name) for name in EXAMPLES if name in arrays}
-    thumbs = examples.get(THUMBNAIL, np.zeros((0, 0, 0), np.uint8))
-    t = layout.thumb_size
-    if len(examples[EXAMPLE_ITEM]) != layout.examples or thumbs.shape != (layout.examples, t, t):
-        raise ValueError(
-            f"examples {examples[EXAMPLE_ITEM].shape} with thumbnails {thumbs.shape}; the "
-            f"layout has {layout.examples} of {t}x{t} pixels"
-        )
+    examples = _examples(layout, arrays)  # taken out of `arrays`
     coords = {name: ("item", values) for name, values in arrays.items()}
     if layout.examples:
-        variables[THUMBNAIL] = ((EXAMPLE_DIM, "thumb_y", "thumb_x"), thumbs)
-        coords[EXAMPLE_ITEM] = (EXAMPLE_DIM, examples[EXAMPLE_ITEM])
+        variables[THUMBNAIL] = examples[THUMBNAIL]
+        coords[EXAMPLE_ITEM] = examples[EXAMPLE_ITEM]
     ds = xr.Dataset(variables, coords=coords)
     # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u
     # (the few examples are one chunk).
@@ -299,6 +292,22 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
         if name in encoding and ds[name].dtype.kind == "f":
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
     return ds, encoding
+
+
+def _examples(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The example arrays, popped from `arrays`, as (dims, values) on `example`."""
+    items = arrays.pop(EXAMPLE_ITEM)
+    thumbs = arrays.pop(THUMBNAIL, np.zeros((0, 0, 0), np.uint8))
+    t = layout.thumb_size
+    if len(items) != layout.examples or thumbs.shape != (layout.examples, t, t):
+        raise ValueError(
+            f"examples {items.shape} with thumbnails {thumbs.shape}; the layout has "
+            f"{layout.examples} of {t}x{t} pixels"
+        )
+    return {
+        THUMBNAIL: ((EXAMPLE_DIM, "thumb_y", "thumb_x"), thumbs),
+        EXAMPLE_ITEM: (EXAMPLE_DIM, items),
+    }
 
 
 def item_arrays(items: Items) -> dict[str, np.ndarray]:
