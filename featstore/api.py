@@ -12,12 +12,13 @@ modules are imported inside the functions: `import featstore` loads no torch.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from featstore.data.manifest import Manifest, load_manifest
-from featstore.errors import ManifestError, StoreIncompleteError
+from featstore.errors import DataAbsentWarning, ManifestError, StoreIncompleteError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,10 +29,12 @@ if TYPE_CHECKING:
 ManifestLike = Manifest | str | os.PathLike[str]
 
 
-def _manifest(manifest: ManifestLike, cache: str | os.PathLike[str] | None = None) -> Manifest:
+def _manifest(
+    manifest: ManifestLike, cache: str | os.PathLike[str] | None = None, need_data: bool = True
+) -> Manifest:
     if isinstance(manifest, Manifest):
         return manifest if cache is None else manifest.model_copy(update={"cache": Path(cache)})
-    return load_manifest(manifest, cache)
+    return load_manifest(manifest, cache, need_data=need_data)
 
 
 def open_features(
@@ -53,15 +56,17 @@ def open_features(
         cls (item, channel) or (item, layer, channel); patch (item, row, col, channel);
         mask (item, y, x) for segmentation; label (item) or (item, class); coordinates
         sample, slice, split on item. Skipped samples are still in it (NaN features).
+    Where the dataset's data folder is absent the set is found by its recorded
+    identity, and a `DataAbsentWarning` says that the data's fingerprint was not checked.
+
     Raises:
         StoreIncompleteError: the set was never extracted, or its extract did not finish.
     """
-    from featstore.data.fingerprint import memo_for
-    from featstore.data.readers import prepare
+    from featstore.data.native import data_check
     from featstore.identity import requested
     from featstore.store import catalog, sets
 
-    m = _manifest(manifest, cache)
+    m = _manifest(manifest, cache, need_data=False)
     ds = m.dataset(dataset)
     sizes = m.resolutions_for(ds)
     if resolution is None:
@@ -70,17 +75,23 @@ def open_features(
                 f"dataset '{dataset}' has several resolutions {list(sizes)}: pass one"
             )
         resolution = sizes[0]
-    prep = prepare(ds, memo_for(m.cache))
-    path = catalog.find_set(
-        m.cache, requested(ds, m, prep.fingerprint, encoder, resolution).request()
-    )
-    if path is None:
+    fp = data_check(m.cache)(ds)
+    if fp is None:
+        warnings.warn(catalog.unchecked_note(ds.name, ds.path), DataAbsentWarning, stacklevel=2)
+    request = requested(ds, m, fp or "", encoder, resolution).request()
+    found = catalog.find_cell(m.cache, request, ds.name, checked=fp is not None)
+    if found.path is None:
+        changed = (
+            f"the data in {ds.path} changed since its feature set was extracted; re-extract: "
+            if found.stale
+            else f"no complete feature set for {dataset} / {encoder} @ {resolution}px in "
+            f"{m.cache}; make it with "
+        )
         raise StoreIncompleteError(
-            f"no complete feature set for {dataset} / {encoder} @ {resolution}px in {m.cache}; "
-            f"make it with featstore.extract(..., datasets=['{dataset}'], encoders=['{encoder}'], "
+            f"{changed}featstore.extract(..., datasets=['{dataset}'], encoders=['{encoder}'], "
             f"resolutions=[{resolution}]) or `featstore extract`"
         )
-    return sets.open_set(path)
+    return sets.open_set(found.path)
 
 
 def extract(
@@ -127,17 +138,22 @@ def probe(
 
     Returns one row per dataset, encoder, resolution, probe and metric (the columns
     of results.csv). Raises `ProbeError` when no cell could be probed; cells that
-    could not be probed while others were are listed in `df.attrs["problems"]`.
+    could not be probed while others were are listed in `df.attrs["problems"]`, and
+    datasets whose data folder is absent (found by identity) in `df.attrs["notes"]`.
     """
     import pandas as pd
 
+    from featstore.data.native import data_check
     from featstore.errors import ProbeError
     from featstore.probing.evaluation import probe_manifest
 
-    m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
-    found = probe_manifest(m, pool=pool, seed=seed, baseline=baseline)
+    m = _manifest(manifest, cache, need_data=False).select(datasets, encoders, resolutions)
+    found = probe_manifest(
+        m, pool=pool, seed=seed, baseline=baseline, data_check=data_check(m.cache)
+    )
     if not found.rows:
         raise ProbeError("no cell could be probed:\n  " + "\n  ".join(found.problems))
     df = pd.DataFrame(found.rows)
     df.attrs["problems"] = found.problems
+    df.attrs["notes"] = found.notes
     return df

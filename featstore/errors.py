@@ -63,3 +63,8 @@ class StopRequested(BaseException):
 
 class FeatureOverflowError(FeatstoreError, FloatingPointError):
     """The encoder gave NaN/Inf features (float16 storage overflows): store float32."""
+
+
+class DataAbsentWarning(UserWarning):
+    """A dataset's data folder is absent: its feature set was found by its recorded
+    identity, and the data's fingerprint could not be checked."""

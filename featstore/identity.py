@@ -23,7 +23,9 @@ from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
 from featstore.encode.preprocess import Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
-FORMAT_VERSION = 2
+# 3: what the probes need from the raw data is in the set (native size and spacing per
+#    item, example thumbnails), so a set is probed where its data is not.
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,16 @@ class SetIdentity:
         if self.weights is None:
             raise ValueError("the encoder is not loaded yet: call with_weights(encoder.info)")
         return self.weights
+
+
+def without_data(request: dict[str, Any]) -> dict[str, Any]:
+    """`request` less the data's fingerprint: what a probe can ask for where the data
+    folder is absent (it cannot hash files it does not have)."""
+    return {k: v for k, v in request.items() if k != DATA_FIELD}
+
+
+# The field of `Recipe` (and so of every request) that hashes the dataset's files.
+DATA_FIELD = "dataset"
 
 
 def requested(

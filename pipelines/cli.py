@@ -76,10 +76,12 @@ def _manifest(
     resolutions: list[int],
     cache: str | None,
     study: str | None = None,
+    need_data: bool = True,
 ) -> Manifest:
     from featstore.data.manifest import load_manifest
 
-    return load_manifest(path, cache).select(datasets, encoders, resolutions, study=study)
+    m = load_manifest(path, cache, need_data=need_data)
+    return m.select(datasets, encoders, resolutions, study=study)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -202,7 +204,8 @@ def probe(
 
         if pool not in POOLS:
             raise ManifestError(f"--pool {pool!r}: give one of {', '.join(POOLS)}")
-        m = _manifest(manifest, dataset, encoder, resolution, cache, study)
+        # the data folders may be absent: the feature sets hold what probes need
+        m = _manifest(manifest, dataset, encoder, resolution, cache, study, need_data=False)
         with contextlib.ExitStack() as stack:
             if scheduler is not None:
                 from distributed import Client

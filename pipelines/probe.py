@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from featstore.data.manifest import Dataset, Manifest
+from featstore.data.native import data_check
 from featstore.errors import ProbeError
 from featstore.probing.evaluation import Row, SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
@@ -102,12 +103,15 @@ def run(
         baseline=baseline,
         manifest_file=manifest_file,
         on_set=done,
+        data_check=data_check(manifest.cache),
     )
     df = write_results(out, found.rows)
     config: dict[str, Any] = {"manifest": manifest.model_dump(mode="json"), "pool": pool}
     (out / "run-config.json").write_text(json.dumps({**config, "seed": seed}, indent=2))
     if len(df):
         echo(table(df, list(manifest.datasets)))
+    for n in found.notes:
+        echo(f"note: {n}")
     for p in found.problems:
         echo(f"problem: {p}")
     if found.problems and not found.rows:

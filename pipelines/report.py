@@ -1,9 +1,9 @@
 """The report stage: results (and their feature sets) -> report.md, report.html, plots.
 
 Reads what `featstore probe --out DIR` wrote into DIR (results.csv, run-config.json,
-examples/), draws the scaling plots and per-dataset example figures, and writes
-DIR/report.md and DIR/report.html. Never loads torch; rerunning on unchanged
-results rewrites nothing.
+examples/), draws the scaling plots and per-dataset example figures (from the feature
+sets' thumbnails: never the raw data), and writes DIR/report.md and DIR/report.html.
+Never loads torch; rerunning on unchanged results rewrites nothing.
 
     featstore report --out results
 """
@@ -17,47 +17,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from featstore.data import readers
 from featstore.data.manifest import Dataset, Manifest
-from featstore.encode.preprocess import preprocess
 from featstore.errors import ProbeError
-from featstore.identity import SetIdentity
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.report import references
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key
+from featstore.store.schema import EXAMPLE_ITEM, THUMBNAIL
 from featstore.store.sets import open_set
-
-N_EXAMPLES = 3
-
-
-def _example_items(xs, keep: dict | None) -> np.ndarray:
-    if keep is not None:
-        return keep["item"]
-    split, sample = np.asarray(xs.split.values).tolist(), np.asarray(xs.sample.values).tolist()
-    test = [i for i, s in enumerate(split) if s == "test"]
-    volumes = list(dict.fromkeys(sample[i] for i in test))[:N_EXAMPLES]
-    middle = []
-    for v in volumes:  # the middle slice of each volume (the item itself for 2D)
-        items = [i for i in test if sample[i] == v]
-        middle.append(items[len(items) // 2])
-    return np.asarray(middle)
-
-
-def _images(ds: Dataset, xs, items: np.ndarray) -> list[np.ndarray]:
-    """The encoder's view of each item, un-normalised to [0, 1] for display."""
-    pre = SetIdentity.from_attrs(xs.attrs["identity"]).preprocess()
-    by_id = {s.id: s for s in readers.list_samples(ds)}
-    out = []
-    for i in items:
-        sample = by_id[str(xs.sample.values[i])]
-        pixels, _ = preprocess(readers.load(ds, sample).image, None, pre)
-        out.append(pixels[int(xs.slice.values[i]), 0] * pre.std[0] + pre.mean[0])
-    return out
 
 
 def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task: str) -> str | None:
-    """Example figure for the best non-baseline cell of `ds`; returns its file name."""
+    """Example figure for the best non-baseline cell of `ds`; returns its file name.
+
+    The images are the set's own thumbnails (recorded at extraction): the raw data is
+    not read, so a report can be made where only the cache is.
+    """
     main = df[
         (df.dataset == ds.name)
         & (df.metric == MAIN_METRIC[task])
@@ -71,14 +46,27 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task:
     if path is None:
         return None
     xs = open_set(path)
+    if THUMBNAIL not in xs:
+        return None  # no test items
+    items = np.asarray(xs[EXAMPLE_ITEM].values)
+    thumbs = np.asarray(xs[THUMBNAIL].values)[items >= 0]
+    items = items[items >= 0]  # -1: a sample extraction skipped
+    pred = truth = None
     npz = out / "examples" / f"{best.feature_set}.npz"
-    keep = dict(np.load(npz)) if task == "segmentation" and npz.is_file() else None
-    items = _example_items(xs, keep)
+    if task == "segmentation" and npz.is_file():
+        keep = dict(np.load(npz))
+        at = {int(i): j for j, i in enumerate(keep["item"])}
+        both = [k for k, i in enumerate(items) if int(i) in at]
+        items, thumbs = items[both], thumbs[both]
+        rows = [at[int(i)] for i in items]
+        pred, truth = keep["pred"][rows], keep["truth"][rows]
+    if len(items) == 0:
+        return None
     pca = rpt.pca_rgb(np.asarray(xs.patch[items].values)) if "patch" in xs else None
     name = f"examples_{ds.name}.png"
     title = f"{ds.name}: {rpt.label(best.encoder, best.random_init)} @ {best.resolution}px"
-    pred, truth = (keep["pred"], keep["truth"]) if keep else (None, None)
-    rpt.plot_examples(_images(ds, xs, items), pca, pred, truth, title, out / "plots" / name)
+    images = [t.astype(np.float32) / 255 for t in thumbs]
+    rpt.plot_examples(images, pca, pred, truth, title, out / "plots" / name)
     return name
 
 

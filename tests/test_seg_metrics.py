@@ -13,11 +13,13 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from sklearn import metrics as skm
 
+from featstore.data import native
 from featstore.data.formats import load_nifti
 from featstore.data.manifest import Dataset
 from featstore.data.readers import Sample
 from featstore.probing import geometry
 from featstore.probing.metrics import classification_scores, hd95, precision_recall
+from featstore.store import schema
 
 
 def _boundary_points(mask: np.ndarray) -> np.ndarray:
@@ -136,6 +138,17 @@ def _dataset(tmp_path, fmt: str, dims: int) -> Dataset:
     )
 
 
+def _coords(table: list[native.Native], n_items: list[int]) -> dict[str, np.ndarray]:
+    """The NATIVE coordinates extraction writes, for samples of `n_items` items each."""
+    rows = [n for n, k in zip(table, n_items, strict=True) for _ in range(k)]
+    columns = (
+        [n.rows for n in rows],
+        [n.cols for n in rows],
+        *([n.spacing[a] for n in rows] for a in range(3)),
+    )
+    return {name: np.asarray(c) for name, c in zip(schema.NATIVE, columns, strict=True)}
+
+
 def test_grid_spacing_from_a_nifti_header_follows_the_readers_axes(tmp_path):
     # Input axis 0 lies along z (0.8 mm), axis 1 along x (0.9 mm), axis 2 along y (2.5 mm).
     affine = np.array([[0, 0.9, 0, 0], [0, 0, 2.5, 0], [0.8, 0, 0, 0], [0, 0, 0, 1.0]])
@@ -144,12 +157,15 @@ def test_grid_spacing_from_a_nifti_header_follows_the_readers_axes(tmp_path):
     slices = load_nifti(path, "axial")  # what extract sees: (slices, rows, cols)
     assert slices.shape == (10, 40, 30)
     ds = _dataset(tmp_path, "nifti", 3)
-    sample = Sample("v", "test", (), 10, str(path))
-    got = geometry.grid_spacing(ds, [sample], {}, np.array(["v"] * 10), 32, "resize")
+    found = native.native(ds, Sample("v", "test", (), 10, str(path)))
+    assert (found.rows, found.cols) == (40, 30)
+    assert found.spacing == pytest.approx((0.8, 0.9, 2.5))
+    coords = _coords([found], [10])
+    got = geometry.grid_spacing(3, coords, np.array(["v"] * 10), 32, "resize")
     assert got == {"v": pytest.approx((0.8, 0.9 * 40 / 32, 2.5 * 30 / 32))}
     # a per-item coordinate overrides the header's in-plane spacing
-    coords = {"spacing_mm": np.full(10, 0.5)}
-    got = geometry.grid_spacing(ds, [sample], coords, np.array(["v"] * 10), 32, "resize")
+    coords["spacing_mm"] = np.full(10, 0.5)
+    got = geometry.grid_spacing(3, coords, np.array(["v"] * 10), 32, "resize")
     assert got == {"v": pytest.approx((0.8, 0.5 * 40 / 32, 0.5 * 30 / 32))}
 
 
@@ -158,15 +174,19 @@ def test_grid_spacing_of_2d_images_needs_a_coordinate(tmp_path):
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "b.png")
     ds = _dataset(tmp_path, "images", 2)
     samples = [Sample(n, "test", (), 1, str(tmp_path / f"{n}.png")) for n in "ab"]
+    table = native.native_table(ds, samples)
+    assert [(n.rows, n.cols) for n in table] == [(40, 30), (20, 20)]
+    assert all(np.isnan(n.spacing).all() for n in table)  # a PNG states no spacing
+    coords = _coords(table, [1, 1])
     ids = np.array(["a", "b"])
-    assert geometry.grid_spacing(ds, samples, {}, ids, 32, "resize") is None  # pixels
-    coords = {"pixel_spacing_mm": np.array([0.2, 0.1])}
-    got = geometry.grid_spacing(ds, samples, coords, ids, 32, "resize")
+    assert geometry.grid_spacing(2, coords, ids, 32, "resize") is None  # pixels
+    coords["pixel_spacing_mm"] = np.array([0.2, 0.1])
+    got = geometry.grid_spacing(2, coords, ids, 32, "resize")
     assert got == {
         "a": pytest.approx((0.2 * 40 / 32, 0.2 * 30 / 32)),
         "b": pytest.approx((0.1 * 20 / 32, 0.1 * 20 / 32)),
     }
-    padded = geometry.grid_spacing(ds, samples, coords, ids, 32, "pad")
+    padded = geometry.grid_spacing(2, coords, ids, 32, "pad")
     assert padded is not None and padded["b"] == pytest.approx((0.1, 0.1))  # not resampled
-    coords = {"pixel_spacing_mm": np.array([0.2, np.nan])}  # one unknown: the set in pixels
-    assert geometry.grid_spacing(ds, samples, coords, ids, 32, "resize") is None
+    coords["pixel_spacing_mm"] = np.array([0.2, np.nan])  # one unknown: the set in pixels
+    assert geometry.grid_spacing(2, coords, ids, 32, "resize") is None

@@ -35,6 +35,9 @@ MAX_LABEL = 65535  # largest class id without `classes:` (ids must fit the store
 # `metadata:` coordinate of the same name would overwrite them (e.g. the splits).
 RESERVED = {"item", "sample", "slice", "split", "label", "cls", "patch", "mask", "channel"}
 RESERVED |= {"layer", "patch_layer", "row", "col", "class", "y", "x"}
+# what extraction records from the raw data (featstore.store.schema.NATIVE, EXAMPLES)
+RESERVED |= {"native_rows", "native_cols", "native_slice_mm", "native_row_mm", "native_col_mm"}
+RESERVED |= {"example", "example_item", "thumbnail", "thumb_y", "thumb_x"}
 
 
 _COORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -408,12 +411,17 @@ def _exists(path: Path, file: bool = False) -> bool:
 
 
 def load_manifest(
-    path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    cache: str | os.PathLike[str] | None = None,
+    *,
+    need_data: bool = True,
 ) -> Manifest:
     """Parse and validate a manifest; relative paths resolve against its folder.
 
     The cache folder is, in order: `cache` (the --cache flag), $FEATSTORE_CACHE,
-    the manifest's `cache:` key, `cache/features`.
+    the manifest's `cache:` key, `cache/features`. need_data False (probe, report,
+    `open_features`): a dataset whose `path` is absent is accepted, since its feature
+    sets hold what those need.
     """
     source = Path(path)
     if not _exists(source, file=True):
@@ -431,6 +439,9 @@ def load_manifest(
     for d in manifest.datasets:
         p = Path(_expand(str(d.path)))
         p = p if p.is_absolute() else root / p
+        if not need_data and not _exists(p):
+            datasets.append(d.model_copy(update={"path": p}))
+            continue
         if d.synthetic is None and not _exists(p):
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'path': {p} does not exist; "

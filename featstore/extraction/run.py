@@ -35,6 +35,7 @@ from featstore.errors import (
     StopRequested,
     StoreCorruptError,
 )
+from featstore.extraction import recorded
 from featstore.extraction.batches import Batches, plan_batches, quiet_worker
 from featstore.extraction.writer import UnitQueue, nan_checker, pooled
 from featstore.identity import EncoderInfo, SetIdentity, requested
@@ -169,7 +170,9 @@ def _open_or_allocate(
         sets.check_matches(path, ident, None if complete else layout)
         if not complete or opts.repair:
             integrity.check_compute(path, compute)
-        if opts.repair and _repair(path, items):
+        if opts.repair and _repair(
+            path, recorded.with_raw_facts(items, prep, ident.preprocess(), opts.skip_bad)
+        ):
             return "repaired"
         if complete:
             missing = sets.missing_chunks(path)  # cheap: file names, not contents
@@ -181,7 +184,8 @@ def _open_or_allocate(
             sets.add_request(path, ident.request())
             return "cached"
         return "resumed"
-    if sets.create(path, ident, layout, items, _describe(prep), compute):
+    full = recorded.with_raw_facts(items, prep, ident.preprocess(), opts.skip_bad)
+    if sets.create(path, ident, layout, full, _describe(prep), compute):
         return "new"
     sets.check_matches(path, ident, layout)  # a concurrent shard allocated it
     integrity.check_compute(path, compute)
@@ -323,6 +327,7 @@ def extract_set(
         manifest.batch_size,
         manifest.unit_items,
         manifest.codec,
+        len(recorded.example_samples(prep)),
     )
     path = sets.store_path(manifest.cache, ident.key())
     set_mb = layout.n_items * layout.item_bytes / 1e6

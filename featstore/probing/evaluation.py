@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,7 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
-from featstore.data.fingerprint import memo_for
 from featstore.data.manifest import Dataset, Manifest
-from featstore.data.readers import Prepared, Sample, prepare
 from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
 from featstore.identity import SetIdentity, requested
 from featstore.probing import geometry, probes
@@ -39,9 +37,13 @@ from featstore.probing.segmentation import (
 )
 from featstore.store import catalog, sets
 from featstore.store.location import Place, place, reachable
+from featstore.store.schema import EXAMPLE_ITEM
 
 Row = dict[str, Any]
 POOLS = ("mean", "max", "cls+patch", "abmil")  # 3D volume pooling (`--pool`)
+# The fingerprint of a dataset's data on this machine, or None where its data is absent
+# (`featstore.data.native.present`); the probe itself never reads the data.
+DataCheck = Callable[[Dataset], str | None]
 
 
 def _split_arrays(x: np.ndarray, y: np.ndarray, split: np.ndarray):
@@ -141,16 +143,15 @@ def probe_set(
     pool: str = "mean",
     seed: int = 0,
     protocol: str = "default",
-    samples: Sequence[Sample] | None = None,
     stream_mb: float | None = None,
 ) -> SetResult:
     """Every probe that fits `ds.task`, on the feature set at `path`.
 
     protocol "medmnist+" scores kNN as MedMNIST+ does (k=11, Euclidean, majority vote);
     "seed" trains the paper's linear layer (BCE, lr 0.005, batch 1024, 50 epochs) and
-    runs kNN per label of a multi-label set. `samples` (the dataset's listing) lets
-    segmentation find each image's spacing for HD95 in mm (`featstore.probing.geometry`);
-    without it HD95 is in pixels. A chunk that fails its checksum while being read is
+    runs kNN per label of a multi-label set. HD95 is in mm where the set records each
+    sample's spacing (`featstore.probing.geometry`), in pixels otherwise. Only the set
+    is read, never the raw data. A chunk that fails its checksum while being read is
     a `StoreCorruptError`, never a score.
     """
     if pool not in POOLS:
@@ -161,7 +162,7 @@ def probe_set(
         # multi-threaded OpenBLAS spin-waits (a 1.7 s linear segmentation fit took 69 s
         # on this project's 2-core machine while another test run was going).
         with threadpool_limits(limits=1):
-            return _probe_open_set(path, xs, ds, pool, seed, protocol, samples, stream_mb)
+            return _probe_open_set(path, xs, ds, pool, seed, protocol, stream_mb)
     except (ValueError, RuntimeError, OSError) as exc:
         if isinstance(exc, FeatstoreError) or not _from_storage(exc):
             raise
@@ -186,7 +187,6 @@ def _probe_open_set(
     pool: str,
     seed: int,
     protocol: str,
-    samples: Sequence[Sample] | None,
     stream_mb: float | None,
 ) -> SetResult:
     ident = SetIdentity.from_attrs(xs.attrs["identity"])  # checked against the key on open
@@ -216,21 +216,29 @@ def _probe_open_set(
     )
     examples = None
     if ds.task == "segmentation":
-        spacing = None
-        if samples is not None:
-            coords = {
-                str(n): np.asarray(c.values)
-                for n, c in xs.coords.items()
-                if c.dims == ("item",) and n not in ("sample", "slice", "split")
-            }
-            fit = ident.preprocess().fit
-            spacing = geometry.grid_spacing(
-                ds, samples, coords, item_str(xs.sample), xs.sizes["y"], fit
-            )
-        found, examples = probe_segmentation(xs, ds, seed, spacing, stream_mb)
+        coords = {
+            str(n): np.asarray(c.values)
+            for n, c in xs.coords.items()
+            if c.dims == ("item",) and n not in ("sample", "slice", "split")
+        }
+        fit = ident.preprocess().fit
+        spacing = geometry.grid_spacing(ds.dims, coords, item_str(xs.sample), xs.sizes["y"], fit)
+        kept = np.flatnonzero(~listed)  # the set's item number of each item probed
+        shown = _positions(kept, xs[EXAMPLE_ITEM].values if EXAMPLE_ITEM in xs.coords else [])
+        found, examples = probe_segmentation(xs, ds, seed, spacing, stream_mb, shown.tolist())
+        examples = replace(examples, item=kept[examples.item])
     else:
         found = list(_classification(xs, ds, pool, seed, protocol, stream_mb))
     return SetResult(path, key, [{**row_ident, **row} for row in found], examples)
+
+
+def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Where each of the set's `items` lies among the `kept` ones (absent ones left out)."""
+    items = np.asarray(items, np.int64)
+    pos = np.searchsorted(kept, items)
+    ok = (items >= 0) & (pos < len(kept))
+    ok[ok] = kept[pos[ok]] == items[ok]
+    return pos[ok]
 
 
 @dataclass
@@ -239,6 +247,7 @@ class Evaluation:
 
     results: list[SetResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a data folder that is absent
 
     @property
     def rows(self) -> list[Row]:
@@ -246,12 +255,21 @@ class Evaluation:
         return [row for r in self.results for row in r.rows]
 
 
-def _missing(where: str, manifest: Manifest, ds: Dataset, spec: str, res: int, src: str) -> str:
-    return (
-        f"{where}: no feature set in {manifest.cache}; make it with "
+def _missing(
+    where: str, manifest: Manifest, ds: Dataset, spec: str, res: int, src: str, found: catalog.Found
+) -> str:
+    """The problem line of a cell without a set, naming the command that makes it."""
+    cmd = (
         f"`featstore extract{src} --cache {manifest.cache} --dataset {ds.name} "
         f"--encoder {spec} --resolution {res}`"
     )
+    if found.stale:  # sets of this request exist, made from other files
+        recorded = ", ".join(f[:12] for f in found.stale)
+        return (
+            f"{where}: the data in {ds.path} changed since its feature set was extracted "
+            f"(fingerprint {recorded} recorded, another now); re-extract it with {cmd}"
+        )
+    return f"{where}: no feature set in {manifest.cache}; make it with {cmd}"
 
 
 def probe_manifest(
@@ -263,36 +281,43 @@ def probe_manifest(
     baseline: bool = True,
     manifest_file: Path | None = None,
     on_set: Callable[[str, SetResult], object] | None = None,
+    data_check: DataCheck | None = None,
 ) -> Evaluation:
     """Probe every cell of `manifest` whose feature set exists.
 
     A cell without a set, or whose dataset or set is bad, becomes a problem line
     (naming the command that fixes it) and the others are still probed. `on_set`
-    is called with each (cell name, SetResult) as it is done.
+    is called with each (cell name, SetResult) as it is done. `data_check` gives the
+    fingerprint of each dataset's data where it is here; a set must then match it.
+    Where it gives None (or is not passed) sets are found by their recorded identity
+    alone, and a note says so.
     """
     out = Evaluation()
     reachable(place(manifest.cache))
-    memo = memo_for(manifest.cache)
-    prepared: dict[str, Prepared | None] = {}
+    fingerprints: dict[str, str | None] = {}
+    unreadable: set[str] = set()  # data here but not readable: one problem line each
     src = f" --manifest {manifest_file}" if manifest_file else ""
     for ds, spec, res in manifest.cells(baseline):
         where = f"{ds.name} / {spec} @ {res}px"
-        if ds.name not in prepared:
+        if ds.name not in fingerprints and ds.name not in unreadable:
             try:
-                prepared[ds.name] = prepare(ds, memo)
+                fingerprints[ds.name] = data_check(ds) if data_check else None
             except FeatstoreError as exc:
-                prepared[ds.name] = None
                 out.problems.append(f"{ds.name}: {exc}")
-        prep = prepared[ds.name]
-        if prep is None:
+                unreadable.add(ds.name)
+                continue
+            if fingerprints[ds.name] is None:
+                out.notes.append(catalog.unchecked_note(ds.name, ds.path))
+        if ds.name in unreadable:
             continue
-        request = requested(ds, manifest, prep.fingerprint, spec, res).request()
-        path = catalog.find_set(manifest.cache, request)
-        if path is None:
-            out.problems.append(_missing(where, manifest, ds, spec, res, src))
+        fp = fingerprints[ds.name]
+        request = requested(ds, manifest, fp or "", spec, res).request()
+        found = catalog.find_cell(manifest.cache, request, ds.name, checked=fp is not None)
+        if found.path is None:
+            out.problems.append(_missing(where, manifest, ds, spec, res, src, found))
             continue
         try:
-            result = probe_set(path, ds, pool, seed, manifest.protocol, prep.samples, stream_mb)
+            result = probe_set(found.path, ds, pool, seed, manifest.protocol, stream_mb)
         except FeatstoreError as exc:
             out.problems.append(f"{where}: {exc}")
             continue

@@ -182,6 +182,7 @@ def score_volumes(
     spacing: Mapping[str, geometry.Spacing] | None,
     seed: int,
     max_items: int = SCORE_ITEMS,
+    shown: Sequence[int] | None = None,
 ) -> tuple[dict[str, tuple[float, float, float]], Examples]:
     """`seg_scores` of a head, predicted and scored a block of whole volumes at a time.
 
@@ -189,11 +190,13 @@ def score_volumes(
     volume ids; max_items: items per block (a larger volume is a block on its own).
     Only one block's tokens, predictions and masks are held, plus each volume's
     scores, so memory follows `max_items` and the largest volume, not the test split.
-    Examples: per volume (first 3), its slice with most foreground.
+    Examples: the items `shown` (the set's example items) that are scored here;
+    without it, per volume (first 3), its slice with most foreground.
     """
     k = len(names) + 1
     per = np.zeros((len(vols), len(METRICS), k - 1))
-    shown: list[tuple[int, np.ndarray, np.ndarray]] = []
+    wanted = None if shown is None else {int(i) for i in shown}
+    kept: list[tuple[int, np.ndarray, np.ndarray]] = []
     for group in _groups(vols, max_items):
         patch, truth = read(np.concatenate([vols[v] for v in group]))
         lengths = [len(vols[v]) for v in group]
@@ -203,13 +206,17 @@ def score_volumes(
         for v, a, b in zip(group, starts[:-1], starts[1:], strict=True):
             sp = None if spacing is None else spacing[ids[v]]
             per[v] = volume_scores(pred[a:b], truth[a:b], k, sp)
-            if v < 3:
+            if wanted is not None:
+                at = [j for j, item in enumerate(vols[v]) if int(item) in wanted]
+                kept += [(int(vols[v][j]), pred[a + j], truth[a + j]) for j in at]
+            elif v < 3:
                 j = int(np.argmax((truth[a:b] > 0).sum((1, 2))))
-                shown.append((int(vols[v][j]), pred[a + j], truth[a + j]))
+                kept.append((int(vols[v][j]), pred[a + j], truth[a + j]))
+    none = np.zeros((0, 0, 0), np.uint8)
     examples = Examples(
-        item=np.array([s[0] for s in shown]),
-        pred=np.stack([s[1] for s in shown]),
-        truth=np.stack([s[2] for s in shown]),
+        item=np.array([s[0] for s in kept], np.int64),
+        pred=np.stack([s[1] for s in kept]) if kept else none,
+        truth=np.stack([s[2] for s in kept]) if kept else none,
     )
     return summarise(per, names, seed), examples
 
@@ -249,6 +256,7 @@ def probe_segmentation(
     seed: int,
     spacing: Mapping[str, geometry.Spacing] | None,
     stream_mb: float | None = None,
+    shown: Sequence[int] | None = None,
 ) -> tuple[list[Row], Examples]:
     """Rows for the linear head and the dense decoder, and a few test predictions.
 
@@ -256,7 +264,8 @@ def probe_segmentation(
     most this many MB (`featstore.probing.streaming`), instead of on a sample of patches; and
     score both heads in blocks of whole test volumes that fit it (`score_volumes`;
     without it, blocks of `SCORE_ITEMS` items). The decoder's training sample is
-    capped by its step budget (`heads.DecoderConfig`), not by `stream_mb`.
+    capped by its step budget (`heads.DecoderConfig`), not by `stream_mb`. shown: the
+    items whose linear-head predictions come back as Examples (`score_volumes`).
     """
     split = item_str(xs.split)
     sample = item_str(xs.sample)
@@ -322,6 +331,7 @@ def probe_segmentation(
         spacing,
         seed,
         block_items(stream_mb, tokens, size * size, n_classes),
+        shown,
     )
     dec = fit_decoder_head(xs, ds, idx, n_classes, seed)
 

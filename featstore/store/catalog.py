@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from featstore.identity import FORMAT_VERSION, canonical
+from featstore.identity import FORMAT_VERSION, canonical, without_data
 from featstore.store.location import Place, glob, place, reachable, size
 from featstore.store.sets import read_attrs
 
@@ -31,6 +32,57 @@ def find_set(cache: Place | str, request: dict[str, Any]) -> Place | None:
         if attrs.get("complete") and want in attrs.get("requests", [])
     ]
     return max(hits)[1] if hits else None
+
+
+@dataclass(frozen=True)
+class Found:
+    """The set a probe cell uses, and what was compared to find it.
+
+    path: None when no set answers. checked: the data's fingerprint was compared.
+    stale: recorded fingerprints of complete sets of this dataset name and request
+    made from other data (a set that the data's current content no longer answers).
+    """
+
+    path: Place | None
+    checked: bool
+    stale: tuple[str, ...] = ()
+
+
+def find_cell(cache: Place | str, request: dict[str, Any], name: str, checked: bool) -> Found:
+    """The newest complete set under `cache` that answers `request` for dataset `name`.
+
+    checked: the request's fingerprint is that of the data on this machine, and must
+    match. Otherwise (the data folder is absent) sets are found by everything else
+    the request records, among sets made for a dataset of this `name`.
+    """
+    want, loose = canonical(request), without_data(canonical(request))
+    exact: list[tuple[str, Place]] = []
+    near: list[tuple[str, Place]] = []
+    fingerprints: set[str] = set()
+    for path, attrs in _sets(cache):
+        if not attrs.get("complete"):
+            continue
+        recorded = attrs.get("requests", [])
+        stamp = (str(attrs.get("completed", "")), path)
+        if want in recorded:
+            exact.append(stamp)
+        elif attrs.get("dataset", {}).get("name") == name and any(
+            without_data(r) == loose for r in recorded
+        ):
+            near.append(stamp)
+            fingerprints.add(str(attrs["dataset"].get("fingerprint", "")))
+    if checked:
+        return Found(max(exact)[1] if exact else None, True, tuple(sorted(fingerprints)))
+    hits = exact + near
+    return Found(max(hits)[1] if hits else None, False)
+
+
+def unchecked_note(name: str, data: object) -> str:
+    """The line said once per dataset whose data (folder or file `data`) is absent."""
+    return (
+        f"{name}: data folder {data} is absent; its feature sets are found by their "
+        "recorded identity and the data's fingerprint is not checked"
+    )
 
 
 def find_by_key(cache: Place | str, key: str) -> Place | None:

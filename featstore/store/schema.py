@@ -39,6 +39,20 @@ COORD_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 # chunk fails to decode instead of reading as other numbers.
 CHECKSUM = Crc32cCodec()
 UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
+# What the probes and the report need from the raw data, recorded at allocation so that
+# a set is probed where its data is not (README, "Probing without the data"). Per item:
+# the original image's (slice's) size, and its header spacing (NaN where unknown).
+NATIVE_SIZE = ("native_rows", "native_cols")  # int32, pixels; 0 where unknown
+NATIVE_SPACING = ("native_slice_mm", "native_row_mm", "native_col_mm")  # float64, mm
+NATIVE = (*NATIVE_SIZE, *NATIVE_SPACING)
+# A few test items as the encoder saw them (channel 0, in [0, 1] as uint8), for the
+# report's example figures: one per sample, on their own `example` dimension.
+EXAMPLE_DIM = "example"
+THUMBNAIL = "thumbnail"  # (example, thumb_y, thumb_x) uint8
+EXAMPLE_ITEM = "example_item"  # (example,) int64: the item shown; -1 unreadable sample
+EXAMPLES = (THUMBNAIL, EXAMPLE_ITEM)
+N_EXAMPLES = 3  # the first test samples, in item order
+THUMB_MAX = 224  # thumbnails of larger inputs are shrunk to this many pixels
 VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
 
 
@@ -58,6 +72,8 @@ class Layout:
     codec: str = "lz4"  # a key of CODECS, for cls/patch/mask
     quantize: str = "none"  # "int8": patch int8 and patch_scale (item, channel) float32
     patch_layers: int = 1  # > 1: patch is (item, patch_layer, row, col, channel)
+    examples: int = 0  # example thumbnails (0: none, e.g. no test split)
+    thumb_size: int = 0  # their side, min(resolution, THUMB_MAX)
 
     @property
     def patch_dtype(self) -> str:
@@ -75,7 +91,8 @@ class Layout:
 
     def arrays(self) -> list[str]:
         """The arrays every set of this layout holds (metadata columns aside), by name."""
-        out = ["cls", "sample", "slice", "split", MARKS]
+        out = ["cls", "sample", "slice", "split", MARKS, *NATIVE]
+        out += list(EXAMPLES) if self.examples else []
         out += ["patch"] if self.rows else []
         out += ["patch_scale"] if self.quantize == "int8" else []
         out += ["mask"] if self.mask_size else []
@@ -116,9 +133,11 @@ def layout_for(
     batch_size: int,
     unit_items: int,
     codec: str = "lz4",
+    examples: int = 0,
 ) -> Layout:
     """Shapes of a set; a unit (= one chunk) is a whole number of batches, its patch
-    chunk capped at `UNIT_BYTES`. n_classes: 0 single label, k multi-hot, -1 none."""
+    chunk capped at `UNIT_BYTES`. n_classes: 0 single label, k multi-hot, -1 none;
+    examples: how many example thumbnails it keeps."""
     w = ident.weights
     r = ident.recipe
     if w is None:
@@ -146,6 +165,8 @@ def layout_for(
         codec=codec,
         quantize=r.quantize if r.patch else "none",
         patch_layers=len(r.patch_layers),
+        examples=examples,
+        thumb_size=min(r.resolution, THUMB_MAX) if examples else 0,
     )
 
 
@@ -154,7 +175,9 @@ class Items:
     """Per-item coordinates and labels of a set, in item order.
 
     labels: (n,) or (n, classes) int64, or None for segmentation; metadata: extra
-    per-item coordinates (numeric when every value parses as one).
+    per-item coordinates (numeric when every value parses as one); native: the
+    `NATIVE` facts per item (absent names are unknown: 0 size, NaN spacing);
+    example_item: (examples,) int64 and thumbnails: (examples, t, t) uint8.
     """
 
     sample: Sequence[str]
@@ -162,6 +185,9 @@ class Items:
     split: Sequence[str]
     labels: np.ndarray | None
     metadata: dict[str, Sequence[str]] = field(default_factory=dict)
+    native: dict[str, Sequence[float]] = field(default_factory=dict)
+    example_item: Sequence[int] = ()
+    thumbnails: np.ndarray | None = None
 
 
 def versions() -> dict[str, str]:
@@ -244,16 +270,21 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
     if "label" in arrays:
         labels = arrays.pop("label")
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
+    examples = _examples(layout, arrays)  # taken out of `arrays`
     coords = {name: ("item", values) for name, values in arrays.items()}
+    if layout.examples:
+        variables[THUMBNAIL] = examples[THUMBNAIL]
+        coords[EXAMPLE_ITEM] = examples[EXAMPLE_ITEM]
     ds = xr.Dataset(variables, coords=coords)
-    # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u.
+    # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u
+    # (the few examples are one chunk).
     encoding: dict[str, dict[str, Any]] = {
         str(name): {
             "compressors": [
                 *(CODECS[layout.codec] if name in ITEM_DATA else (COORD_CODEC,)),
                 CHECKSUM,
             ],
-            "chunks": (c, *var.shape[1:]),
+            "chunks": var.shape if name in EXAMPLES else (c, *var.shape[1:]),
         }
         for name, var in ds.variables.items()
     }
@@ -261,6 +292,22 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
         if name in encoding and ds[name].dtype.kind == "f":
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
     return ds, encoding
+
+
+def _examples(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The example arrays, popped from `arrays`, as (dims, values) on `example`."""
+    items = arrays.pop(EXAMPLE_ITEM)
+    thumbs = arrays.pop(THUMBNAIL, np.zeros((0, 0, 0), np.uint8))
+    t = layout.thumb_size
+    if len(items) != layout.examples or thumbs.shape != (layout.examples, t, t):
+        raise ValueError(
+            f"examples {items.shape} with thumbnails {thumbs.shape}; the layout has "
+            f"{layout.examples} of {t}x{t} pixels"
+        )
+    return {
+        THUMBNAIL: ((EXAMPLE_DIM, "thumb_y", "thumb_x"), thumbs),
+        EXAMPLE_ITEM: (EXAMPLE_DIM, items),
+    }
 
 
 def item_arrays(items: Items) -> dict[str, np.ndarray]:
@@ -275,6 +322,14 @@ def item_arrays(items: Items) -> dict[str, np.ndarray]:
             out[name] = np.asarray(values, dtype=np.float64)
         except ValueError:
             out[name] = np.asarray(values, dtype=object)
+    n = len(items.sample)
+    for name in NATIVE:
+        size = name in NATIVE_SIZE
+        default = np.zeros(n) if size else np.full(n, np.nan)
+        out[name] = np.asarray(items.native.get(name, default), np.int32 if size else np.float64)
     if items.labels is not None:
         out["label"] = items.labels
+    out[EXAMPLE_ITEM] = np.asarray(items.example_item, np.int64)
+    if items.thumbnails is not None:
+        out[THUMBNAIL] = np.asarray(items.thumbnails, np.uint8)
     return out

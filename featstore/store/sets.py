@@ -6,7 +6,8 @@ Layout of one set (see DESIGN.md, "Feature set contract"):
     patch  (item, row, col, channel)                    float16 | float32
     mask   (item, y, x)                                 uint8, segmentation only
     label  (item,) or (item, class)                     int64, classification only
-    coords on item: sample (str), slice (int32), split (str)
+    coords on item: sample (str), slice (int32), split (str), native_* (size, spacing)
+    thumbnail (example, thumb_y, thumb_x)             uint8, coord example_item
     _featstore/done (unit,)  uint8, one chunk per unit: the resume marks
 
 A unit of work is one chunk of `chunk_items` items along `item`; its data is
@@ -212,9 +213,8 @@ def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[str]:
             out.append(f"attributes: '{name}' disagrees with the recorded identity {edited}")
     try:  # the shapes follow from the identity; only the counts and chunking are free
         rec = Layout.from_attrs(attrs.get("layout"))
-        derived = layout_for(
-            ident, rec.n_items, rec.n_classes, rec.chunk_items, rec.chunk_items, rec.codec
-        )
+        chunks = (rec.chunk_items, rec.chunk_items)
+        derived = layout_for(ident, rec.n_items, rec.n_classes, *chunks, rec.codec, rec.examples)
         if derived != rec:
             out.append(f"attributes: 'layout' disagrees with the recorded identity {edited}")
     except (TypeError, ValueError) as exc:

@@ -1,0 +1,88 @@
+"""What the probes and the report need from the raw data, recorded when a set is made.
+
+A feature set must be probed where its data is not (a cache on S3, scans on another
+machine), so whatever a probe or a report would otherwise read from the source files
+is written into the set when it is allocated (or its coordinates repaired):
+
+- per item, the native slice size and header spacing (`featstore.data.native`), from
+  which `featstore.probing.geometry` scales HD95 to millimetres;
+- a few example thumbnails: for each of the first `N_EXAMPLES` test samples, the
+  slice the report shows (segmentation: the one with most foreground in the stored
+  mask; otherwise the middle slice), as the encoder saw it (channel 0, in [0, 1]) in
+  uint8, at the input resolution or shrunk to `THUMB_MAX`.
+
+Costs: one header read per sample and the decoding of `N_EXAMPLES` samples, once per
+set; a cached set reads nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from featstore.data import native, readers
+from featstore.data.readers import Prepared
+from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.errors import BadInputError
+from featstore.store.schema import N_EXAMPLES, NATIVE, THUMB_MAX, Items
+
+
+def example_samples(prep: Prepared) -> list[int]:
+    """Indices (into `prep.samples`) of the samples whose thumbnails a set keeps."""
+    return [i for i, s in enumerate(prep.samples) if s.split == "test"][:N_EXAMPLES]
+
+
+def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray]:
+    """(slice shown, (t, t) uint8 thumbnail) of sample `i`."""
+    loaded = readers.load(prep.ds, prep.samples[i])
+    pixels, masks = preprocess(loaded.image, loaded.mask, pre)
+    k = int(np.argmax((masks > 0).sum((1, 2)))) if masks is not None else len(pixels) // 2
+    unit = np.clip(pixels[k, 0] * pre.std[0] + pre.mean[0], 0.0, 1.0)
+    if pre.resolution > THUMB_MAX:
+        shrunk = Image.fromarray(unit.astype(np.float32)).resize(
+            (THUMB_MAX, THUMB_MAX), Image.Resampling.BILINEAR
+        )
+        unit = np.clip(np.asarray(shrunk), 0.0, 1.0)
+    return k, np.round(unit * 255).astype(np.uint8)
+
+
+def examples(prep: Prepared, pre: Preprocess, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(example_item (n,) int64, thumbnails (n, t, t) uint8) of the example samples.
+
+    A sample that cannot be decoded is refused as extraction would refuse it, or with
+    `skip_bad` kept as item -1 with a blank thumbnail (its items are skipped too).
+    """
+    first = np.cumsum([0] + [s.n_items for s in prep.samples])
+    chosen = example_samples(prep)
+    t = min(pre.resolution, THUMB_MAX) if chosen else 0  # as `schema.layout_for` says
+    items = np.full(len(chosen), -1, np.int64)
+    thumbs = np.zeros((len(chosen), t, t), np.uint8)
+    for j, i in enumerate(chosen):
+        try:
+            k, thumbs[j] = _thumbnail(prep, i, pre)
+        except BadInputError:
+            if not skip_bad:
+                raise
+            continue
+        items[j] = first[i] + k
+    return items, thumbs
+
+
+def with_raw_facts(items: Items, prep: Prepared, pre: Preprocess, skip_bad: bool) -> Items:
+    """`items` with the native geometry of every item and the example thumbnails."""
+    table = native.native_table(prep.ds, prep.samples)
+    per_item = [table[i] for i, _ in prep.index]
+    columns: list[list[float]] = [
+        [n.rows for n in per_item],
+        [n.cols for n in per_item],
+        *([n.spacing[a] for n in per_item] for a in range(3)),
+    ]
+    example_item, thumbnails = examples(prep, pre, skip_bad)
+    return dataclasses.replace(
+        items,
+        native=dict(zip(NATIVE, columns, strict=True)),
+        example_item=example_item.tolist(),
+        thumbnails=thumbnails,
+    )
