@@ -57,9 +57,11 @@ def open_features(
         StoreIncompleteError: the set was never extracted, or its extract did not finish.
     """
     from featstore.data.fingerprint import memo_for
+    from featstore.data.formats import release_npz
     from featstore.data.readers import prepare
     from featstore.identity import requested
-    from featstore.store import catalog, sets
+    from featstore.store import catalog
+    from featstore.store.sets import FeatureSet
 
     m = _manifest(manifest, cache)
     ds = m.dataset(dataset)
@@ -71,6 +73,7 @@ def open_features(
             )
         resolution = sizes[0]
     prep = prepare(ds, memo_for(m.cache))
+    release_npz()  # only the fingerprint was needed: no source file stays in memory
     path = catalog.find_set(
         m.cache, requested(ds, m, prep.fingerprint, encoder, resolution).request()
     )
@@ -80,7 +83,7 @@ def open_features(
             f"make it with featstore.extract(..., datasets=['{dataset}'], encoders=['{encoder}'], "
             f"resolutions=[{resolution}]) or `featstore extract`"
         )
-    return sets.open_set(path)
+    return FeatureSet(path).open()
 
 
 def extract(
@@ -98,7 +101,10 @@ def extract(
     progress: bool = True,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
-    """Extract every selected cell (as `featstore extract`); one `Summary` per feature set."""
+    """Extract every selected cell (as `featstore extract`); one `Summary` per feature set.
+
+    Raises `CacheUnreachableError` before any work when the cache cannot be written.
+    """
     from featstore.extraction.run import Options, extract_manifest
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)

@@ -63,3 +63,12 @@ class StopRequested(BaseException):
 
 class FeatureOverflowError(FeatstoreError, FloatingPointError):
     """The encoder gave NaN/Inf features (float16 storage overflows): store float32."""
+
+
+class ChunkChecksumError(ValueError):
+    """A chunk's bytes fail their crc32c (raised by the store's codec while decoding).
+
+    Raised deep inside zarr, where the set is unknown: the store (`FeatureSet.verify`)
+    and the probes catch it by this type and raise a `StoreCorruptError` naming the set
+    and the fix (verify, then extract --repair).
+    """
