@@ -339,3 +339,32 @@ def test_resume_discards_half_written_chunks(tmp_path):
     other.write_bytes(b"half")
     assert FeatureSet(path).discard_partials([1]) == 1
     assert not mine.exists() and other.exists()
+
+
+def test_extract_leaves_no_state_behind(tmp_path):
+    """torch's thread count is restored (a notebook's own setting survives
+    `featstore.extract`), and no MedMNIST file stays in memory after it."""
+    import torch
+
+    import featstore
+    from featstore.data import formats
+
+    rng = np.random.default_rng(0)
+    splits = ("train", "val", "test")
+    data = {f"{s}_images": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8) for s in splits}
+    data |= {f"{s}_labels": (np.arange(4) % 2)[:, None].astype(np.uint8) for s in splits}
+    np.savez(tmp_path / "m.npz", **data)
+    mpath = tmp_path / "manifest.yaml"
+    mpath.write_text(
+        "cache: cache\nencoders: ['pixels:8']\nresolutions: [32]\nbaseline: 'pixels:8'\n"
+        "datasets:\n  - {name: m, format: medmnist, path: m.npz, task: classification, dims: 2}\n"
+    )
+    before = torch.get_num_threads()
+    mine = len(os.sched_getaffinity(0)) + 1  # never the count an extract picks (free cores)
+    torch.set_num_threads(mine)
+    try:
+        (made,) = featstore.extract(mpath, device="cpu", progress=False, echo=lambda *_: None)
+        assert made.status == "new" and torch.get_num_threads() == mine
+    finally:
+        torch.set_num_threads(before)
+    assert formats._LastNpz.key is None  # the arrays read to list and decode it are dropped

@@ -201,6 +201,7 @@ def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
 
 
 def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
+    import featstore
     from featstore.errors import CacheUnreachableError
 
     with pytest.raises(CacheUnreachableError, match="Protocol not known: nope"):
@@ -208,6 +209,10 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
     missing = "s3://no-such-bucket-here/cache"
     with pytest.raises(CacheUnreachableError, match=r"no-such-bucket-here.*does not exist"):
         _extract(_manifest(tmp_path, "cls2d", missing, tiny_dinov3))
+    with pytest.raises(CacheUnreachableError, match=r"cannot write to .*no-such-bucket-here"):
+        featstore.extract(  # the Python API checks the cache as the command does
+            _manifest(tmp_path, "cls2d", missing, tiny_dinov3), baseline=False, progress=False
+        )
     out = CliRunner().invoke(app, ["ls", "nope://x"])
     assert out.exit_code == 2 and "Protocol not known" in out.output
     out = CliRunner().invoke(app, ["ls", missing])

@@ -21,6 +21,7 @@ from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.extraction.run import Options
 from featstore.probing.evaluation import probe_set
 from featstore.store import claims
+from featstore.store.integrity import Kind
 from featstore.store.sets import FeatureSet
 from pipelines import extract
 from pipelines.cli import app
@@ -63,8 +64,9 @@ def _chunk(path: Path, name: str, unit: int) -> Path:
 
 def _damage(file: Path, how: str) -> None:
     data = file.read_bytes()
-    if how == "flip":
-        file.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    if how == "flip":  # a byte of the payload (a mark's chunk is 1 byte and its crc32c)
+        i = len(data) - 9 if len(data) > 9 else 0
+        file.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :])
     elif how == "truncate":
         file.write_bytes(data[: len(data) // 2])
     else:
@@ -84,6 +86,8 @@ def test_damaged_chunk_fails_verify_and_probe(copy, name, how):
     assert result.exit_code == 1, result.output
     assert f"FAIL {name} unit 1:" in result.output
     assert "Traceback" not in result.output
+    kinds = {(p.kind, p.array, p.unit) for p in FeatureSet(path).verify()}
+    assert (Kind.CHUNK, name, 1) in kinds
     with pytest.raises(FeatstoreError, match=r"verify|repair|extract"):
         _probe(mpath, path)
 
@@ -336,3 +340,19 @@ def test_a_complete_set_that_lost_a_chunk_is_not_reported_cached(copy, reference
         _run(mpath)
     (fixed,) = _run(mpath, repair=True)
     assert fixed.status == "repaired" and _chunks(path) == _chunks(reference[1])
+
+
+@pytest.mark.parametrize("how", ["delete", "flip"])
+def test_a_lost_or_damaged_mark_of_a_complete_set_is_found_and_repaired(copy, reference, how):
+    """Marks are data: a lost mark made a plain run ask for --repair, and --repair found
+    nothing (a missing mark read as a pending unit), so the advice looped."""
+    mpath, path = copy
+    _damage(_chunk(path, "_featstore/done", 1), how)
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and "FAIL _featstore/done unit 1:" in result.output
+    if how == "delete":
+        with pytest.raises(FeatstoreError, match=r"lost chunks \(_featstore/done unit 1.*--repair"):
+            _run(mpath)
+    (fixed,) = _run(mpath, repair=True)
+    assert fixed.status == "repaired" and fixed.items == 4
+    assert FeatureSet(path).verify() == [] and _chunks(path) == _chunks(reference[1])

@@ -40,7 +40,7 @@ from featstore.extraction.batches import Batches, plan_batches, quiet_worker
 from featstore.extraction.writer import UnitQueue, nan_checker, pooled
 from featstore.identity import EncoderInfo, SetIdentity, requested
 from featstore.store import claims, schema
-from featstore.store.location import Place, Remote, place, reachable
+from featstore.store.location import Place, place, reachable
 from featstore.store.sets import FeatureSet, Status
 
 
@@ -299,14 +299,14 @@ def _run_guarded(
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise _disk_full(cache, fs.path, job.layout) from None
-        if isinstance(fs.path, Remote):
-            raise _lost(fs.path, exc) from exc
+        if fs.remote:
+            raise _lost(fs, exc) from exc
         raise
     except FeatstoreError:
         raise
     except Exception as exc:
-        if isinstance(fs.path, Remote):
-            raise _lost(fs.path, exc) from exc
+        if fs.remote:
+            raise _lost(fs, exc) from exc
         raise
 
 
@@ -320,7 +320,7 @@ def _interrupted(fs: FeatureSet, exc: BaseException) -> Interrupted:
     )
 
 
-def _lost(path: Remote, exc: BaseException) -> CacheUnreachableError:
+def _lost(path: FeatureSet, exc: BaseException) -> CacheUnreachableError:
     """The error for a remote cache that failed while units were being written."""
     return CacheUnreachableError(
         f"lost the cache while writing {path} ({type(exc).__name__}: {str(exc)[:200]}); "

@@ -61,6 +61,11 @@ class FeatureSet:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def remote(self) -> bool:
+        """Whether the set lives on an object store (its failures are the network's)."""
+        return isinstance(self.path, Remote)
+
     # ------------------------------------------------------------ reading
 
     def exists(self) -> bool:
