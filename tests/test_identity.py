@@ -104,7 +104,8 @@ def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
         dataclasses.replace(RECIPE, task="classification", patch=False), "e", WEIGHTS
     )
     layout = schema.layout_for(ident, 4, 0, 2, 2)
-    items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
+    spacing = {"spacing": ["1"] * 4}  # every coordinate the recipe records
+    items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), spacing)
     path = tmp_path / "s.zarr"
     fs, compute = FeatureSet(path), {"device": "cpu", "preprocess_on": "cpu"}
     assert fs.open_or_create(ident, layout, items, {"name": "t"}, compute) == "new"

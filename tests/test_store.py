@@ -147,3 +147,15 @@ def test_a_lost_coordinate_or_marks_group_metadata_is_noticed(tmp_path, lost):
         FeatureSet(fs.path).open()
     with pytest.raises(StoreCorruptError, match="cannot be repaired"):
         FeatureSet(fs.path).repair(ITEMS)
+
+
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")  # the damage
+def test_an_unfinished_set_that_lost_its_marks_group_is_refused_with_the_fix(tmp_path):
+    fs, layout = _allocated(tmp_path)
+    (fs.path / "_featstore" / "zarr.json").unlink()
+    with pytest.raises(StoreCorruptError, match=r"'_featstore' is missing.*--overwrite"):
+        fs.open_or_create(_identity(), layout, ITEMS, {"name": "t"}, COMPUTE)
+    again = FeatureSet(fs.path)
+    assert again.open_or_create(
+        _identity(), layout, ITEMS, {"name": "t"}, COMPUTE, overwrite=True
+    ) == "new" and again.pending_units() == [0, 1, 2]

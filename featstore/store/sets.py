@@ -260,6 +260,12 @@ class FeatureSet:
             integrity.compute_mismatch(self.path, self.attrs.get("compute"), compute)
         if repair and self.repair(items):
             return "repaired"
+        absent = integrity.absent_arrays(self.attrs, self.files())
+        if absent:  # zarr would skip these arrays: nothing can be added to the set
+            raise StoreCorruptError(
+                f"{self.path} cannot be reused:\n  {integrity.lines(absent)}\n"
+                "re-extract it with --overwrite"
+            )
         if not complete:
             return "resumed"
         lost = integrity.scan_chunks(self.path, self.attrs, self.files(), set(), decode=False)
