@@ -85,7 +85,9 @@ def header_problems(path: Place, present: set[str]) -> list[Problem]:
     if problems:
         return problems
     attrs = arrays.read_attrs(path)
-    problems = absent_arrays(attrs, present) + _consolidated_problems(path, present)
+    absent = absent_arrays(attrs, present)
+    named = {p.array for p in absent}  # one line per lost array, not one per copy of it
+    problems = absent + [p for p in _consolidated_problems(path, present) if p.array not in named]
     return problems + attribute_problems(path, attrs)
 
 
