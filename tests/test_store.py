@@ -3,6 +3,7 @@ every array the set records checked (no encoder, no extract)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import xarray as xr
 
 from featstore.data.manifest import Intensity
-from featstore.errors import ChunkChecksumError, StoreCorruptError
+from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreMismatchError
 from featstore.identity import EncoderInfo, Recipe, SetIdentity
 from featstore.store import schema
 from featstore.store.integrity import Kind
@@ -159,3 +160,12 @@ def test_an_unfinished_set_that_lost_its_marks_group_is_refused_with_the_fix(tmp
     assert again.open_or_create(
         _identity(), layout, ITEMS, {"name": "t"}, COMPUTE, overwrite=True
     ) == "new" and again.pending_units() == [0, 1, 2]
+
+
+def test_an_unfinished_set_with_other_chunking_names_the_key_and_the_fix(tmp_path):
+    fs, layout = _allocated(tmp_path)
+    other = dataclasses.replace(layout, chunk_items=3)
+    with pytest.raises(StoreMismatchError, match=r"layout.chunk_items: stored 2, requested 3\n"):
+        fs.open_or_create(_identity(), other, ITEMS, {"name": "t"}, COMPUTE)
+    with pytest.raises(StoreMismatchError, match=r"follows --batch-size"):
+        fs.open_or_create(_identity(), other, ITEMS, {"name": "t"}, COMPUTE)

@@ -230,28 +230,29 @@ def mismatch(path: Place, attrs: dict[str, Any], ident: SetIdentity, layout: Lay
         raise old_format(path, attrs)
     diffs = _diff(SetIdentity.from_attrs(attrs["identity"]).content(), ident.content())
     if layout is not None:
-        diffs += _diff(attrs.get("layout", {}), asdict(layout), "layout.")
+        diffs |= _diff(attrs.get("layout", {}), asdict(layout), "layout.")
     if diffs:
         hint = (
             "the chunk size follows --batch-size: rerun with the stored one, or "
-            if any(d.startswith("layout.chunk_items") for d in diffs)
+            if "layout.chunk_items" in diffs
             else ""
         )
         raise StoreMismatchError(
             f"{path} holds a feature set with another configuration:\n  "
-            + "\n  ".join(diffs)
+            + "\n  ".join(f"{k}: stored {va!r}, requested {vb!r}" for k, (va, vb) in diffs.items())
             + f"\n{hint}pass --overwrite to replace it (its features will be deleted)"
         )
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (stored, requested) for every leaf that differs."""
+    out: dict[str, tuple[Any, Any]] = {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
+            out |= _diff(va, vb, f"{prefix}{k}.")
         elif va != vb:
-            out.append(f"{prefix}{k}: stored {va!r}, requested {vb!r}")
+            out[f"{prefix}{k}"] = (va, vb)
     return out
 
 
