@@ -502,6 +502,9 @@ EDITS: dict[str, Callable[[Path], None]] = {
         p, lambda a: a["encoder"].update(random_init=True)
     ),
     "zarr.json: invalid JSON": _bad_json,
+    # marks are data: a complete set's lost mark, and the marks group's own metadata
+    "marks: unit 1's mark deleted": lambda p: (p / "_featstore" / "done" / "c" / "1").unlink(),
+    "zarr.json of _featstore deleted": lambda p: (p / "_featstore" / "zarr.json").unlink(),
 }
 
 

@@ -64,7 +64,8 @@ def open_features(
     """
     from featstore.data.native import data_check
     from featstore.identity import requested
-    from featstore.store import catalog, sets
+    from featstore.store import catalog
+    from featstore.store.sets import FeatureSet
 
     m = _manifest(manifest, cache, need_data=False)
     ds = m.dataset(dataset)
@@ -91,7 +92,7 @@ def open_features(
             f"{changed}featstore.extract(..., datasets=['{dataset}'], encoders=['{encoder}'], "
             f"resolutions=[{resolution}]) or `featstore extract`"
         )
-    return sets.open_set(found.path)
+    return FeatureSet(found.path).open()
 
 
 def extract(
@@ -109,7 +110,10 @@ def extract(
     progress: bool = True,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
-    """Extract every selected cell (as `featstore extract`); one `Summary` per feature set."""
+    """Extract every selected cell (as `featstore extract`); one `Summary` per feature set.
+
+    Raises `CacheUnreachableError` before any work when the cache cannot be written.
+    """
     from featstore.extraction.run import Options, extract_manifest
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)

@@ -68,3 +68,12 @@ class FeatureOverflowError(FeatstoreError, FloatingPointError):
 class DataAbsentWarning(UserWarning):
     """A dataset's data folder is absent: its feature set was found by its recorded
     identity, and the data's fingerprint could not be checked."""
+
+
+class ChunkChecksumError(ValueError):
+    """A chunk's bytes fail their crc32c (raised by the store's codec while decoding).
+
+    Raised deep inside zarr, where the set is unknown: the store (`FeatureSet.verify`)
+    and the probes catch it by this type and raise a `StoreCorruptError` naming the set
+    and the fix (verify, then extract --repair).
+    """

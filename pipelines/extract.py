@@ -23,14 +23,15 @@ def run(
 ) -> list[Summary]:
     """Extract (or find, or finish) every feature set; print a line per set and a tally.
 
-    `cluster` ("local:N") or `scheduler` (an address) run the units as dask tasks.
+    `cluster` ("local:N") or `scheduler` (an address) run the units as dask tasks. A
+    cache that cannot be written fails before anything starts.
     """
-    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     if cluster is None and scheduler is None:
         summaries = extract_manifest(manifest, opts, baseline=baseline, echo=echo)
     else:
         from featstore.extraction.cluster import client_for, extract_on_cluster
 
+        reachable(place(manifest.cache), write=True)  # before a cluster is started
         with client_for(cluster, scheduler, opts.threads or 1) as client:
             summaries = extract_on_cluster(manifest, client, opts, baseline=baseline, echo=echo)
     counts = {k: sum(s.status == k for s in summaries) for k in ("new", "resumed", "cached")}

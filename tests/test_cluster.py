@@ -12,7 +12,7 @@ from conftest import synth_entry, write_manifest
 
 from featstore.data.manifest import load_manifest
 from featstore.extraction.run import Options
-from featstore.store import integrity, sets
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 
 distributed = pytest.importorskip("distributed")
@@ -56,7 +56,7 @@ def test_cluster_extract_is_byte_identical_to_one_process(tmp_path, tiny_dinov3,
     )
     assert got.status == "new" and got.items == ref.items and got.path.name == ref.path.name
     assert "dask dashboard" in lines[0]
-    assert integrity.verify(got.path) == []
+    assert FeatureSet(got.path).verify() == []
     assert _chunks(got.path) == _chunks(ref.path)
 
 
@@ -83,7 +83,7 @@ def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
     thread.join(timeout=300)
     (got,) = result["s"]  # type: ignore[misc]
     assert pids[0] not in client.run(os.getpid).values()  # the worker really was replaced
-    assert sets.read_attrs(got.path)["complete"] and integrity.verify(got.path) == []
+    assert FeatureSet(got.path).attrs["complete"] and FeatureSet(got.path).verify() == []
     assert _chunks(got.path) == _chunks(ref.path)
 
 

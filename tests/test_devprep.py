@@ -32,6 +32,7 @@ from featstore.errors import StoreMismatchError
 from featstore.extraction.batches import Batches, plan_batches
 from featstore.extraction.run import Options
 from featstore.store import schema, sets
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 from pipelines.cli import app
 
@@ -228,7 +229,7 @@ def test_a_set_is_not_finished_with_another_placement(tmp_path, tiny_dinov3):
         extra="batch_size: 4\nunit_items: 4\n",
     )  # fmt: skip
     (made,) = _run(mpath, preprocess_on="cpu", shard=(0, 2))  # half the units: incomplete
-    assert sets.pending_units(made.path)
+    assert FeatureSet(made.path).pending_units()
     with pytest.raises(StoreMismatchError, match=r"--preprocess-on cpu.*--preprocess-on device"):
         _run(mpath, preprocess_on="device")
     (done,) = _run(mpath, preprocess_on="cpu")
@@ -268,7 +269,7 @@ def test_cli_option_is_checked_and_recorded(tmp_path):
     ok = CliRunner().invoke(app, [*args, "--preprocess-on", "device"])
     assert ok.exit_code == 0, ok.output
     (path,) = (tmp_path / "cache").glob("*.zarr")
-    assert sets.read_attrs(path)["compute"] == {"device": "cpu", "preprocess_on": "device"}
+    assert FeatureSet(path).attrs["compute"] == {"device": "cpu", "preprocess_on": "device"}
 
 
 @pytest.mark.gpu

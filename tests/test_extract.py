@@ -24,7 +24,8 @@ from featstore.encode.preprocess import preprocess
 from featstore.errors import EncoderNotFoundError, StoreMismatchError
 from featstore.extraction.run import Options
 from featstore.identity import EncoderInfo, Recipe, SetIdentity, requested
-from featstore.store import integrity, schema, sets
+from featstore.store import arrays, schema
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 
 
@@ -122,7 +123,7 @@ def test_mismatch_is_an_error_and_overwrite_replaces(tmp_path, tiny_dinov3):
     (again, _) = _run(mpath, overwrite=True)
     assert (
         again.status == "new"
-        and sets.read_attrs(again.path)["identity"]["recipe"]["dtype"] == "float16"
+        and FeatureSet(again.path).attrs["identity"]["recipe"]["dtype"] == "float16"
     )
 
 
@@ -134,12 +135,12 @@ def test_verify_catches_missing_chunk(tmp_path, tiny_dinov3):
         extra="batch_size: 4\nunit_items: 4\n",
     )
     (s, _) = _run(mpath)
-    assert integrity.verify(s.path) == []
+    assert FeatureSet(s.path).verify() == []
     chunk = s.path / "patch" / "c" / "1" / "0" / "0" / "0"
     assert chunk.is_file()
     chunk.unlink()
-    problems = integrity.verify(s.path)
-    assert "patch unit 1: chunk file missing" in problems
+    problems = FeatureSet(s.path).verify()
+    assert "patch unit 1: chunk file missing" in [str(p) for p in problems]
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -157,9 +158,9 @@ def test_skip_bad_records_and_continues(tmp_path, tiny_dinov3):
         _run(mpath, baseline=False)
     (s,) = _run(mpath, baseline=False, skip_bad=True)
     assert s.skipped == 1
-    attrs = sets.read_attrs(s.path)
+    attrs = FeatureSet(s.path).attrs
     assert list(attrs["skipped"]) == ["img0003"] and attrs["complete"]
-    assert integrity.verify(s.path) == []
+    assert FeatureSet(s.path).verify() == []
 
 
 def test_missing_encoder_says_where_it_looked(tmp_path):
@@ -218,7 +219,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     proc.wait()
     path = killed / "cache" / ref.path.name
     # Whatever the kill interrupted (even a half-written chunk file) must not survive.
-    left = sets.pending_units(path)
+    left = FeatureSet(path).pending_units()
     assert 0 < len(left) < ref.items // 8, "the run must be killed part-way"
     (resumed,) = _run(mpath, baseline=False)
     assert resumed.status == "resumed" and 0 < resumed.items < ref.items  # only unmarked units
@@ -243,7 +244,7 @@ def test_shards_split_units_and_end_identical(tmp_path, tiny_dinov3):
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     path = tmp_path / "cache" / ref.path.name
-    assert sets.read_attrs(path)["complete"] and integrity.verify(path) == []
+    assert FeatureSet(path).attrs["complete"] and FeatureSet(path).verify() == []
     assert _chunks(path) == _chunks(ref.path)
     assert not list(path.parent.glob(".*tmp*"))  # no leftover skeletons
 
@@ -315,16 +316,16 @@ def _small_store(path: Path, rows: int) -> schema.Layout:
     )
     weights = EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
     items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
-    sets.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
+    arrays.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
     return layout
 
 
 def test_unit_writer_refuses_wrong_shapes(tmp_path):
-    layout = _small_store(tmp_path / "s.zarr", rows=2)
-    writer = sets.UnitWriter(tmp_path / "s.zarr", layout)
+    _small_store(tmp_path / "s.zarr", rows=2)
+    writer = FeatureSet(tmp_path / "s.zarr").writer()
     with pytest.raises(ValueError, match=r"cls: got \(2, 16\) for unit 0, expected \(2, 8\)"):
         writer.write(0, np.zeros((2, 16)), np.zeros((2, 2, 2, 8)), None)
-    assert sets.pending_units(tmp_path / "s.zarr") == [0, 1]  # nothing marked
+    assert FeatureSet(tmp_path / "s.zarr").pending_units() == [0, 1]  # nothing marked
 
 
 def test_resume_discards_half_written_chunks(tmp_path):
@@ -336,5 +337,34 @@ def test_resume_discards_half_written_chunks(tmp_path):
     mine.write_bytes(b"half")
     (path / "cls" / "c" / "0").mkdir()
     other.write_bytes(b"half")
-    assert sets.discard_partials(path, [1]) == 1
+    assert FeatureSet(path).discard_partials([1]) == 1
     assert not mine.exists() and other.exists()
+
+
+def test_extract_leaves_no_state_behind(tmp_path):
+    """torch's thread count is restored (a notebook's own setting survives
+    `featstore.extract`), and no MedMNIST file stays in memory after it."""
+    import torch
+
+    import featstore
+    from featstore.data import formats
+
+    rng = np.random.default_rng(0)
+    splits = ("train", "val", "test")
+    data = {f"{s}_images": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8) for s in splits}
+    data |= {f"{s}_labels": (np.arange(4) % 2)[:, None].astype(np.uint8) for s in splits}
+    np.savez(tmp_path / "m.npz", **data)
+    mpath = tmp_path / "manifest.yaml"
+    mpath.write_text(
+        "cache: cache\nencoders: ['pixels:8']\nresolutions: [32]\nbaseline: 'pixels:8'\n"
+        "datasets:\n  - {name: m, format: medmnist, path: m.npz, task: classification, dims: 2}\n"
+    )
+    before = torch.get_num_threads()
+    mine = len(os.sched_getaffinity(0)) + 1  # never the count an extract picks (free cores)
+    torch.set_num_threads(mine)
+    try:
+        (made,) = featstore.extract(mpath, device="cpu", progress=False, echo=lambda *_: None)
+        assert made.status == "new" and torch.get_num_threads() == mine
+    finally:
+        torch.set_num_threads(before)
+    assert formats._LastNpz.key is None  # the arrays read to list and decode it are dropped

@@ -12,7 +12,8 @@ from featstore.data.manifest import load_manifest
 from featstore.extraction.run import Options
 from featstore.extraction.writer import quantize_int8
 from featstore.probing.evaluation import probe_set
-from featstore.store import integrity, sets
+from featstore.store import sets
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 
 EXTRA = "batch_size: 4\nunit_items: 4\n"
@@ -52,8 +53,8 @@ def test_every_codec_stores_the_same_values(tmp_path, tiny_dinov3, codec):
         tmp_path, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']", extra=f"codec: {codec}\n"
     )
     (s,) = _run(m)
-    assert sets.read_attrs(s.path)["storage"]["codec"] == codec
-    assert integrity.verify(s.path) == []
+    assert FeatureSet(s.path).attrs["storage"]["codec"] == codec
+    assert FeatureSet(s.path).verify() == []
     ref = tmp_path / "ref"
     ref.mkdir()
     (r,) = _run(write_manifest(ref, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']"))
@@ -99,7 +100,7 @@ def test_pooled_int8_patch_tokens_are_a_set_of_their_own(tmp_path, tiny_dinov3):
     stored = sum(f.stat().st_size for f in (fewer.path / "patch").rglob("*") if f.is_file())
     before = sum(f.stat().st_size for f in (plain.path / "patch").rglob("*") if f.is_file())
     assert stored < before / 4
-    assert integrity.verify(fewer.path) == []
+    assert FeatureSet(fewer.path).verify() == []
     rows = probe_set(fewer.path, load_manifest(small).datasets[0]).rows
     assert any(r["metric"] == "dice" and r["value"] >= 0 for r in rows)
 

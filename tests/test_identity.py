@@ -14,7 +14,8 @@ from conftest import REPO
 from featstore.data.manifest import Intensity
 from featstore.errors import StoreMismatchError
 from featstore.identity import ENCODER_CONTENT, EncoderInfo, Recipe, SetIdentity
-from featstore.store import catalog, schema, sets
+from featstore.store import catalog, schema
+from featstore.store.sets import FeatureSet
 
 WEIGHTS = EncoderInfo("e", "src", "a" * 64, "dinov3_vit", 16, 4, 384, (0.5,) * 3, (0.2,) * 3, True)
 RECIPE = Recipe(
@@ -103,13 +104,15 @@ def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
         dataclasses.replace(RECIPE, task="classification", patch=False), "e", WEIGHTS
     )
     layout = schema.layout_for(ident, 4, 0, 2, 2)
-    items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
+    spacing = {"spacing": ["1"] * 4}  # every coordinate the recipe records
+    items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), spacing)
     path = tmp_path / "s.zarr"
-    assert sets.create(path, ident, layout, items, {"name": "t"})
-    sets.check_matches(path, ident, layout)
+    fs, compute = FeatureSet(path), {"device": "cpu", "preprocess_on": "cpu"}
+    assert fs.open_or_create(ident, layout, items, {"name": "t"}, compute) == "new"
+    assert fs.open_or_create(ident, layout, items, {"name": "t"}, compute) == "resumed"
     zarr.open_group(path, mode="r+", use_consolidated=False).attrs["featstore_format"] = 1
     with pytest.raises(StoreMismatchError, match=r"another featstore format.*re-extract"):
-        sets.check_matches(path, ident, layout)
+        fs.open_or_create(ident, layout, items, {"name": "t"}, compute)
     assert catalog.find_set(tmp_path, ident.request()) is None
 
 

@@ -161,7 +161,7 @@ def test_changed_data_is_named_and_a_stale_set_is_not_probed(extracted, tmp_path
 def test_sets_of_the_previous_format_are_refused_with_the_fix(extracted, tmp_path):
     m = load_manifest(extracted)
     key = featstore.open_features(m, "lesions", m.encoders[0]).attrs["cache_key"]
-    path = sets.store_path(m.cache, key)
+    path = sets.FeatureSet.at(m.cache, key).path
     old = tmp_path / path.name
     shutil.copytree(path, old)
     zarr.open_group(old, mode="r+", use_consolidated=False).attrs["featstore_format"] = (

@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from featstore.data.manifest import load_manifest
-from featstore.store import catalog, integrity, location, sets
+from featstore.store import arrays, catalog, claims, location, sets
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 from pipelines.cli import app
 from pipelines.probe import run as probe_run
@@ -118,7 +119,7 @@ def test_s3_cache_extract_probe_verify_repair(tmp_path, tiny_dinov3, s3, kind):
     assert made.status == "new" and isinstance(made.path, location.Remote)
     assert str(made.path).startswith(s3) and made.path.name == ref.path.name
     assert _objects(made.path) == _objects(ref.path)  # byte-identical to a local cache
-    assert integrity.verify(made.path) == []
+    assert FeatureSet(made.path).verify() == []
     (again,) = _extract(remote)
     assert again.status == "cached"
 
@@ -170,16 +171,16 @@ def test_s3_cache_cli_and_resume(tmp_path, tiny_dinov3, s3):
     cmd += ["--no-baseline", "--workers", "0", "--cache", s3]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    path = sets.store_path(s3, ref.path.name.removesuffix(".zarr"))
+    path = FeatureSet.at(s3, ref.path.name.removesuffix(".zarr")).path
     assert _objects(path) == _objects(ref.path)
     assert not (tmp_path / "cache").exists()  # nothing went to the manifest's folder
 
     # forget two units as a killed run would have left them; the rerun recomputes them
-    integrity.reset_units(path, [0, 2])
-    assert sets.pending_units(path) == [0, 2]
+    arrays.reset_units(path, [0, 2])
+    assert FeatureSet(path).pending_units() == [0, 2]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resumed" in done.stdout, done.stdout + done.stderr
-    assert _objects(path) == _objects(ref.path) and integrity.verify(path) == []
+    assert _objects(path) == _objects(ref.path) and FeatureSet(path).verify() == []
 
 
 @pytest.mark.slow
@@ -196,10 +197,11 @@ def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
     with client_for("local:2", None, threads=1) as client:  # workers inherit AWS_* here
         (got,) = extract_on_cluster(remote, client, opts, baseline=False, echo=lambda *_: None)
     assert got.status == "new" and isinstance(got.path, location.Remote)
-    assert integrity.verify(got.path) == [] and _objects(got.path) == _objects(ref.path)
+    assert FeatureSet(got.path).verify() == [] and _objects(got.path) == _objects(ref.path)
 
 
 def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
+    import featstore
     from featstore.errors import CacheUnreachableError
 
     with pytest.raises(CacheUnreachableError, match="Protocol not known: nope"):
@@ -207,6 +209,10 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
     missing = "s3://no-such-bucket-here/cache"
     with pytest.raises(CacheUnreachableError, match=r"no-such-bucket-here.*does not exist"):
         _extract(_manifest(tmp_path, "cls2d", missing, tiny_dinov3))
+    with pytest.raises(CacheUnreachableError, match=r"cannot write to .*no-such-bucket-here"):
+        featstore.extract(  # the Python API checks the cache as the command does
+            _manifest(tmp_path, "cls2d", missing, tiny_dinov3), baseline=False, progress=False
+        )
     out = CliRunner().invoke(app, ["ls", "nope://x"])
     assert out.exit_code == 2 and "Protocol not known" in out.output
     out = CliRunner().invoke(app, ["ls", missing])
@@ -243,9 +249,9 @@ def test_s3_shard_meeting_a_skeleton_in_upload_allocates_too(tmp_path, tiny_dino
     path.fs.pipe_file(f"{path.path}/cls/zarr.json", half)  # an upload under way
     host = socket.gethostname()
     other = {"host": host, "pid": os.getppid(), "started": time.time()}  # alive
-    (integrity.claims_dir(path) / f"{host}-{os.getppid()}.json").write_text(json.dumps(other))
+    (claims.claims_dir(path) / f"{host}-{os.getppid()}.json").write_text(json.dumps(other))
     (got,) = _extract(mpath)
-    assert got.status == "new" and integrity.verify(path) == [] and _objects(path) == before
+    assert got.status == "new" and FeatureSet(path).verify() == [] and _objects(path) == before
 
 
 def test_a_lost_server_is_one_error_saying_units_are_kept(tmp_path, tiny_dinov3, s3, monkeypatch):
@@ -271,7 +277,7 @@ def test_a_lost_server_is_one_error_saying_units_are_kept(tmp_path, tiny_dinov3,
         _extract(mpath, writers=1)
     monkeypatch.setattr(sets.UnitWriter, "write", real_write)
     (done,) = _extract(mpath)
-    assert done.status == "resumed" and integrity.verify(done.path) == []
+    assert done.status == "resumed" and FeatureSet(done.path).verify() == []
 
 
 def test_dead_local_builds_of_remote_skeletons_are_removed(tmp_path, s3, monkeypatch):
@@ -280,9 +286,9 @@ def test_dead_local_builds_of_remote_skeletons_are_removed(tmp_path, s3, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
                           capture_output=True).stdout.strip()  # fmt: skip
-    left = tmp_path / f"{sets.LOCAL_BUILD}{dead}-abc" / "x.zarr"
+    left = tmp_path / f"{arrays.LOCAL_BUILD}{dead}-abc" / "x.zarr"
     left.mkdir(parents=True)
-    mine = tmp_path / f"{sets.LOCAL_BUILD}{os.getpid()}-abc"
+    mine = tmp_path / f"{arrays.LOCAL_BUILD}{os.getpid()}-abc"
     mine.mkdir()
-    assert integrity.clean_leftovers(s3) == [left.parent]
+    assert claims.clean_leftovers(s3) == [left.parent]
     assert not left.parent.exists() and mine.exists()

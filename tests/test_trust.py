@@ -20,7 +20,9 @@ from featstore.data.manifest import load_manifest
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.extraction.run import Options
 from featstore.probing.evaluation import probe_set
-from featstore.store import integrity, sets
+from featstore.store import claims
+from featstore.store.integrity import Kind
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 from pipelines.cli import app
 
@@ -62,8 +64,9 @@ def _chunk(path: Path, name: str, unit: int) -> Path:
 
 def _damage(file: Path, how: str) -> None:
     data = file.read_bytes()
-    if how == "flip":
-        file.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    if how == "flip":  # a byte of the payload (a mark's chunk is 1 byte and its crc32c)
+        i = len(data) - 9 if len(data) > 9 else 0
+        file.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :])
     elif how == "truncate":
         file.write_bytes(data[: len(data) // 2])
     else:
@@ -83,6 +86,8 @@ def test_damaged_chunk_fails_verify_and_probe(copy, name, how):
     assert result.exit_code == 1, result.output
     assert f"FAIL {name} unit 1:" in result.output
     assert "Traceback" not in result.output
+    kinds = {(p.kind, p.array, p.unit) for p in FeatureSet(path).verify()}
+    assert (Kind.CHUNK, name, 1) in kinds
     with pytest.raises(FeatstoreError, match=r"verify|repair|extract"):
         _probe(mpath, path)
 
@@ -103,7 +108,7 @@ def test_repair_recomputes_only_bad_units_byte_identical(copy, reference, name):
     assert cached.status == "cached"  # a plain run does not read every chunk
     (fixed,) = _run(mpath, repair=True)
     assert fixed.status == "repaired" and fixed.items == (4 if name != "split" else 0)
-    assert integrity.verify(path) == []
+    assert FeatureSet(path).verify() == []
     assert _chunks(path) == _chunks(reference[1])
 
 
@@ -204,7 +209,7 @@ def test_leftovers_of_dead_processes_are_cleaned(copy):
 
 def test_overwrite_refuses_while_another_process_works(copy):
     mpath, path = copy
-    with integrity.claim(path):  # this process "extracts" the set
+    with claims.claim(path):  # this process "extracts" the set
         other = subprocess.run(
             [
                 str(Path(sys.executable).parent / "featstore"),
@@ -223,33 +228,33 @@ def test_overwrite_refuses_while_another_process_works(copy):
     assert other.returncode == 2, other.stdout + other.stderr
     assert f"pid {os.getpid()}" in other.stderr and "is extracting" in other.stderr
     assert (path / "zarr.json").is_file()  # nothing deleted
-    integrity.claims_dir(path).mkdir()
-    stale = integrity.claims_dir(path) / "somehost-1.json"
+    claims.claims_dir(path).mkdir()
+    stale = claims.claims_dir(path) / "somehost-1.json"
     stale.write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 17, "started": 0}))
     (summary,) = _run(mpath, overwrite=True)  # a dead process's claim is taken over
-    assert summary.status == "new" and not list(integrity.claims_dir(path).glob("*.json"))
+    assert summary.status == "new" and not list(claims.claims_dir(path).glob("*.json"))
 
 
 def test_claims_beat_and_other_hosts_expire(copy, monkeypatch):
     """A claim is rewritten while its extract runs; one from another host (whose pid
     cannot be checked here) counts until CLAIM_STALE seconds pass without a beat."""
     _, path = copy
-    monkeypatch.setattr(integrity, "CLAIM_BEAT", 0.05)
-    with integrity.claim(path):
-        (mine,) = integrity.claims_dir(path).glob("*.json")
+    monkeypatch.setattr(claims, "CLAIM_BEAT", 0.05)
+    with claims.claim(path):
+        (mine,) = claims.claims_dir(path).glob("*.json")
         first = json.loads(mine.read_text())["beat"]
         time.sleep(0.3)
         assert json.loads(mine.read_text())["beat"] > first
-    folder = integrity.claims_dir(path)
+    folder = claims.claims_dir(path)
     folder.mkdir()
     now = time.time()
-    for name, beat in (("fresh", now - 30), ("gone", now - integrity.CLAIM_STALE - 1)):
+    for name, beat in (("fresh", now - 30), ("gone", now - claims.CLAIM_STALE - 1)):
         info = {"host": f"node-{name}", "pid": 1, "started": now - 7200, "beat": beat}
         (folder / f"node-{name}-1.json").write_text(json.dumps(info))
-    assert [c["host"] for c in integrity.live_claims(path)] == ["node-fresh"]
+    assert [c["host"] for c in claims.live_claims(path)] == ["node-fresh"]
     assert not (folder / "node-gone-1.json").exists()
     with pytest.raises(StoreBusyError, match=r"node-fresh.*expires 10 minutes"):
-        integrity.refuse_if_busy(path, "replacing it")
+        claims.refuse_if_busy(path, "replacing it")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -275,9 +280,11 @@ def test_signal_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_dinov3, sig)
     last = out.strip().splitlines()[-1]
     assert "rerun" in last and "resume" in last, out
     (path,) = (tmp_path / "cache").glob("*.zarr")
-    assert sets.pending_units(path) and integrity.verify(path, require_complete=False) == []
+    assert (
+        FeatureSet(path).pending_units() and FeatureSet(path).verify(require_complete=False) == []
+    )
     (resumed,) = _run(mpath)
-    assert resumed.status == "resumed" and integrity.verify(path) == []
+    assert resumed.status == "resumed" and FeatureSet(path).verify() == []
 
 
 def test_kill_during_overwrite_leaves_a_usable_cache(copy, reference):
@@ -298,7 +305,7 @@ def test_kill_during_overwrite_leaves_a_usable_cache(copy, reference):
     proc.wait()
     (summary,) = _run(mpath)  # a plain run afterwards: no traceback, a whole set
     assert summary.status in ("new", "resumed", "cached")
-    assert integrity.verify(path) == [] and _chunks(path) == _chunks(reference[1])
+    assert FeatureSet(path).verify() == [] and _chunks(path) == _chunks(reference[1])
     assert not list(path.parent.glob(f".{path.name}.old*")) and not list(
         path.parent.glob(f".{path.name}.tmp*")
     )
@@ -320,8 +327,8 @@ def test_full_disk_names_the_cache_and_marks_nothing_unwritten(tmp_path, tiny_di
         with pytest.raises(FeatstoreError, match=rf"cache folder {small} is full.*needs about"):
             _run(mpath)
         (path,) = small.glob("*.zarr")
-        assert sets.pending_units(path)  # it did run out of space
-        assert integrity.verify(path, require_complete=False) == []  # marked = written
+        assert FeatureSet(path).pending_units()  # it did run out of space
+        assert FeatureSet(path).verify(require_complete=False) == []  # marked = written
     finally:
         subprocess.run(["umount", str(small)], check=False)
 
@@ -333,3 +340,19 @@ def test_a_complete_set_that_lost_a_chunk_is_not_reported_cached(copy, reference
         _run(mpath)
     (fixed,) = _run(mpath, repair=True)
     assert fixed.status == "repaired" and _chunks(path) == _chunks(reference[1])
+
+
+@pytest.mark.parametrize("how", ["delete", "flip"])
+def test_a_lost_or_damaged_mark_of_a_complete_set_is_found_and_repaired(copy, reference, how):
+    """Marks are data: a lost mark made a plain run ask for --repair, and --repair found
+    nothing (a missing mark read as a pending unit), so the advice looped."""
+    mpath, path = copy
+    _damage(_chunk(path, "_featstore/done", 1), how)
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 1 and "FAIL _featstore/done unit 1:" in result.output
+    if how == "delete":
+        with pytest.raises(FeatstoreError, match=r"lost chunks \(_featstore/done unit 1.*--repair"):
+            _run(mpath)
+    (fixed,) = _run(mpath, repair=True)
+    assert fixed.status == "repaired" and fixed.items == 4
+    assert FeatureSet(path).verify() == [] and _chunks(path) == _chunks(reference[1])

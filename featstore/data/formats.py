@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -34,18 +33,39 @@ _TOO_BIG = (
 MAX_VOXELS = 1 << 30  # the same for a NIfTI header (4 GiB as float32)
 
 
-@lru_cache(maxsize=4)
+class _LastNpz:
+    """The arrays of the last MedMNIST file read, so that decoding its samples one by
+    one does not re-read the whole file; one file at most, dropped by `release_npz`
+    (an extract calls it when it ends) or when the file changes on disk."""
+
+    key: tuple[str, int, int] | None = None
+    arrays: dict[str, np.ndarray] = {}  # noqa: RUF012 - replaced whole, never mutated
+
+
 def npz(path: Path) -> dict[str, np.ndarray]:
+    """The named arrays of a MedMNIST .npz file (read once while it is the last one)."""
     try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        if _LastNpz.key == key:
+            return _LastNpz.arrays
+        release_npz()  # the previous file is not kept alive beside this one
         z = np.load(path)
         if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy array
             raise ValueError(f"holds one {type(z).__name__}, not named arrays")
         with z:
-            return {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise BadInputError(
             f"{path}: not a readable MedMNIST .npz ({exc}); give the official .npz file"
         ) from None
+    _LastNpz.key, _LastNpz.arrays = key, arrays
+    return arrays
+
+
+def release_npz() -> None:
+    """Drop the arrays of the last MedMNIST file read (they may be gigabytes)."""
+    _LastNpz.key, _LastNpz.arrays = None, {}
 
 
 def check_finite(arr: np.ndarray, where: str) -> np.ndarray:

@@ -402,7 +402,7 @@ def _expand(text: str) -> str:
     return os.path.expandvars(text)
 
 
-def _exists(path: Path, file: bool = False) -> bool:
+def path_exists(path: Path, file: bool = False) -> bool:
     """Path.exists/is_file, False for names the OS refuses (NUL bytes, over-long names)."""
     try:
         return path.is_file() if file else path.exists()
@@ -424,7 +424,7 @@ def load_manifest(
     sets hold what those need.
     """
     source = Path(path)
-    if not _exists(source, file=True):
+    if not path_exists(source, file=True):
         raise ManifestError(f"manifest not found: {source}; pass --manifest PATH to a YAML file")
     raw = parse_yaml(source) or {}
     if not isinstance(raw, dict) or "datasets" not in raw:
@@ -439,15 +439,15 @@ def load_manifest(
     for d in manifest.datasets:
         p = Path(_expand(str(d.path)))
         p = p if p.is_absolute() else root / p
-        if not need_data and not _exists(p):
+        if not need_data and not path_exists(p):
             datasets.append(d.model_copy(update={"path": p}))
             continue
-        if d.synthetic is None and not _exists(p):
+        if d.synthetic is None and not path_exists(p):
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'path': {p} does not exist; "
                 "fix the path (relative paths resolve against the manifest's folder)"
             )
-        if isinstance(d.index, str) and d.synthetic is None and not _exists(p / d.index, True):
+        if isinstance(d.index, str) and d.synthetic is None and not path_exists(p / d.index, True):
             raise ManifestError(
                 f"{source}: dataset '{d.name}', field 'index': {p / d.index} does not exist; "
                 "give a CSV inside `path` with one row per sample"

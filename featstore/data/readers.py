@@ -30,7 +30,7 @@ from featstore.data.formats import (
     load_picture,
     npz,
 )
-from featstore.data.manifest import MAX_LABEL, SPLITS, Dataset, GlobIndex
+from featstore.data.manifest import MAX_LABEL, SPLITS, Dataset, GlobIndex, path_exists
 from featstore.data.synthetic import generate
 from featstore.errors import BadInputError
 
@@ -244,14 +244,6 @@ def _count_items(ds: Dataset, path: Path) -> int:
     return n
 
 
-def _exists(path: Path) -> bool:
-    """Path.exists, False for names the OS refuses rather than an exception."""
-    try:
-        return path.exists()
-    except (OSError, ValueError):  # NUL bytes, over-long names
-        return False
-
-
 def _list_indexed(ds: Dataset) -> list[Sample]:
     out = []
     width: tuple[int, str] | None = None  # multi-hot length, and the line that set it
@@ -259,7 +251,7 @@ def _list_indexed(ds: Dataset) -> list[Sample]:
         if not row["image"].strip():
             raise BadInputError(f"{where}: the image cell is empty; give the file's path")
         image = ds.path / row["image"]
-        if not _exists(image):
+        if not path_exists(image):
             raise BadInputError(f"{where}: image {image} does not exist")
         if ds.format == "dicom" and not image.is_dir():
             raise BadInputError(
@@ -268,7 +260,7 @@ def _list_indexed(ds: Dataset) -> list[Sample]:
         if ds.format != "dicom" and image.is_dir():
             raise BadInputError(f"{where}: image {image} is a folder, not an image file")
         mask = ds.path / row["mask"] if row.get("mask", "").strip() else None
-        if ds.task == "segmentation" and (mask is None or not _exists(mask)):
+        if ds.task == "segmentation" and (mask is None or not path_exists(mask)):
             raise BadInputError(f"{where}: mask {mask or '(empty)'} does not exist")
         if mask is not None and mask.is_dir():
             raise BadInputError(f"{where}: mask {mask} is a folder, not a label file")

@@ -1,8 +1,9 @@
 """Feeding the encoder: batches decoded in DataLoader workers, units assembled for writing.
 
 A unit is one storage chunk made of whole batches. `Batches` decodes and preprocesses
-one batch per call (in a worker process); `UnitQueue` collects a unit's batches and
-writes the whole unit on a background thread, so the forward pass never waits on I/O.
+one batch per call (in a worker process); `writer.UnitQueue` collects a unit's batches
+and hands whole units to a pool of writer threads, so the forward pass never waits on
+I/O.
 With placement "device" a worker only decodes, and its batch carries the stored
 integers for `devprep.to_input` to preprocess on the encoder's device.
 """

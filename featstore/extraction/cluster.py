@@ -23,13 +23,12 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
+from featstore.data.formats import release_npz
 from featstore.data.manifest import Manifest
 from featstore.data.readers import Prepared, prepare
 from featstore.errors import ManifestError
-from featstore.extraction.run import Options, Summary, UnitRunner, extract_set
-from featstore.identity import EncoderInfo, SetIdentity
-from featstore.store import schema
-from featstore.store.location import Place
+from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set
+from featstore.identity import EncoderInfo
 
 PLUGIN = "featstore-encoders"
 
@@ -73,31 +72,22 @@ def _encoder_info(spec: str, device: str, memo: Path | None) -> EncoderInfo:
 
 
 def _unit_task(
-    prep: Prepared,
-    spec: str,
-    device: str,
-    memo: Path | None,
-    ident: SetIdentity,
-    path: Place,
-    layout: schema.Layout,
-    unit: int,
-    batch_size: int,
-    opts: Options,
+    prep: Prepared, job: SetJob, spec: str, device: str, memo: Path | None, unit: int
 ) -> tuple[int, float, dict[str, str]]:
     """Encode and write one unit on a worker: (items, MB written, skipped samples)."""
     from featstore.errors import StoreMismatchError
-    from featstore.extraction.run import _encode_units
+    from featstore.extraction.run import encode_units
 
     encoder = _cache().get(spec, device, memo)
-    if encoder.info != ident.weights:
+    if encoder.info != job.ident.weights:
+        expected = job.ident.weights.weights_sha256[:12] if job.ident.weights else "?"
         raise StoreMismatchError(
             f"worker {os.uname().nodename} resolves encoder '{spec}' to other weights "
-            f"({encoder.info.weights_sha256[:12]}, the client's set expects "
-            f"{ident.weights.weights_sha256[:12] if ident.weights else '?'}); give every "
-            "worker the same model files"
+            f"({encoder.info.weights_sha256[:12]}, the client's set expects {expected}); "
+            "give every worker the same model files"
         )
-    one = replace(opts, num_workers=0, writers=1, progress=False)
-    return _encode_units(prep, encoder, ident, path, layout, [unit], batch_size, one)
+    one = replace(job.opts, num_workers=0, writers=1, progress=False)
+    return encode_units(prep, encoder, replace(job, opts=one), [unit])
 
 
 def parse_cluster(text: str) -> int:
@@ -134,45 +124,33 @@ def client_for(cluster: str | None, scheduler: str | None, threads: int = 1) -> 
 
 
 def _runner(
-    client: Any,
-    remote: Any,
-    spec: str,
-    device: str,
-    memo: Path | None,
-    batch_size: int,
-    opts: Options,
-    name: str,
+    client: Any, remote: Any, spec: str, device: str, memo: Path | None, name: str
 ) -> UnitRunner:
     """Runs the units of a set as tasks on `client`, with a progress bar of units."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    def run(
-        ident: SetIdentity, path: Place, layout: schema.Layout, units: list[int]
-    ) -> tuple[int, float, dict[str, str]]:
+    def run(job: SetJob, units: list[int]) -> tuple[int, float, dict[str, str]]:
         futures = [
             client.submit(
                 _unit_task,
                 remote,
+                job,
                 spec,
                 device,
                 memo,
-                ident,
-                path,
-                layout,
                 u,
-                batch_size,
-                opts,
                 pure=False,
                 retries=2,
-                key=f"featstore-{path.name}-unit-{u}",
+                key=f"featstore-{job.fs.name}-unit-{u}",
             )
             for u in units
         ]
         items, mbytes, skipped = 0, 0.0, {}
-        label = ident.weights.label if ident.weights else spec
-        desc = f"{name} / {label} @ {ident.recipe.resolution}px on the cluster"
-        with tqdm(total=len(units), unit="unit", desc=desc, disable=not opts.progress) as bar:
+        label = job.ident.weights.label if job.ident.weights else spec
+        desc = f"{name} / {label} @ {job.ident.recipe.resolution}px on the cluster"
+        progress = job.opts.progress
+        with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
             for fut in as_completed(futures):
                 n, mb, bad = fut.result()
                 items, mbytes = items + n, mbytes + mb
@@ -193,21 +171,25 @@ def extract_on_cluster(
 ) -> list[Summary]:
     """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
     from featstore.data.fingerprint import memo_for
+    from featstore.store.location import place, reachable
 
+    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     echo(f"dask dashboard: {client.dashboard_link}")
     memo = memo_for(manifest.cache)
     device = "cuda" if opts.device == "cuda" else "cpu"
     prepared: dict[str, Any] = {}
     summaries = []
-    for ds, spec, res in manifest.cells(baseline):
-        if ds.name not in prepared:
-            prep = prepare(ds, memo)
-            prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
-        prep, remote = prepared[ds.name]
-        info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
-
-        run = _runner(client, remote, spec, device, memo, manifest.batch_size, opts, ds.name)
-        summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
-        echo(summary.line())
-        summaries.append(summary)
+    try:
+        for ds, spec, res in manifest.cells(baseline):
+            if ds.name not in prepared:
+                prep = prepare(ds, memo)
+                prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
+            prep, remote = prepared[ds.name]
+            info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
+            run = _runner(client, remote, spec, device, memo, ds.name)
+            summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
+            echo(summary.line())
+            summaries.append(summary)
+    finally:
+        release_npz()  # the client's copy of a MedMNIST file read to list its samples
     return summaries

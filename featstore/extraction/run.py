@@ -1,8 +1,9 @@
 """Extraction: datasets x encoders x resolutions -> complete feature sets.
 
 Wires readers, preprocessing (in DataLoader workers), the encoder (main process)
-and the store (a background writer thread) together. One call per feature set:
-cached sets are skipped, interrupted ones resumed, new ones allocated.
+and the store (a pool of writer threads, `writer.UnitQueue`) together. One call per
+feature set: cached sets are skipped, interrupted ones resumed, new ones allocated;
+the set itself is handled only through `store.sets.FeatureSet`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from featstore.data.fingerprint import memo_for
+from featstore.data.formats import release_npz
 from featstore.data.manifest import Manifest
 from featstore.data.readers import Prepared, prepare
 from featstore.encode import devprep
@@ -33,16 +35,14 @@ from featstore.errors import (
     FeatstoreError,
     Interrupted,
     StopRequested,
-    StoreCorruptError,
 )
 from featstore.extraction import recorded
 from featstore.extraction.batches import Batches, plan_batches, quiet_worker
 from featstore.extraction.writer import UnitQueue, nan_checker, pooled
 from featstore.identity import EncoderInfo, SetIdentity, requested
-from featstore.store import integrity, schema, sets
-from featstore.store.location import Place, Remote, remove
-
-Status = Literal["cached", "new", "resumed", "repaired"]
+from featstore.store import claims, schema
+from featstore.store.location import Place, place, reachable
+from featstore.store.sets import FeatureSet, Status
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Summary:
     items: int
     seconds: float
     mbytes: float
-    path: Place
+    path: Place  # of the feature set
     skipped: int = 0
     set_mb: float = 0.0  # the whole set, uncompressed (what its layout costs)
 
@@ -143,95 +143,28 @@ def _describe(prep: Prepared) -> dict[str, object]:
     )
 
 
-def _open_or_allocate(
-    path: Place,
-    ident: SetIdentity,
-    layout: schema.Layout,
-    prep: Prepared,
-    items: schema.Items,
-    opts: Options,
-    compute: dict[str, str],
-) -> Status:
-    """Find the set at `path` (cached / resumed / repaired) or allocate it (new).
+@dataclass(frozen=True)
+class SetJob:
+    """What the units of one allocated set are computed from (pickled to cluster workers)."""
 
-    `compute` (device, preprocess_on) is recorded in a new set; units are added to an
-    existing one only when it was made the same way (see `integrity.check_compute`)."""
-    meta = path / "zarr.json"
-    if path.exists() and (opts.overwrite or not meta.is_file()):
-        # A folder without its root zarr.json is what a kill during a delete left; on an
-        # object store it may also be a skeleton that a live shard is uploading, which
-        # `sets.create` below then races fairly (see `location.publish`).
-        uploading = isinstance(path, Remote) and not meta.is_file()
-        if not (uploading and integrity.live_claims(path)):
-            integrity.refuse_if_busy(path, "replacing it")
-            remove(path)
-    if meta.is_file():  # not `path.exists()`: objects without a root are no set
-        complete = bool(sets.read_attrs(path).get("complete"))
-        sets.check_matches(path, ident, None if complete else layout)
-        if not complete or opts.repair:
-            integrity.check_compute(path, compute)
-        if opts.repair and _repair(
-            path, recorded.with_raw_facts(items, prep, ident.preprocess(), opts.skip_bad)
-        ):
-            return "repaired"
-        if complete:
-            missing = sets.missing_chunks(path)  # cheap: file names, not contents
-            if missing:
-                raise StoreCorruptError(
-                    f"{path} is marked complete but has lost chunks ({missing[0]}, "
-                    f"{len(missing)} in all); rerun with --repair to recompute them"
-                )
-            sets.add_request(path, ident.request())
-            return "cached"
-        return "resumed"
-    full = recorded.with_raw_facts(items, prep, ident.preprocess(), opts.skip_bad)
-    if sets.create(path, ident, layout, full, _describe(prep), compute):
-        return "new"
-    sets.check_matches(path, ident, layout)  # a concurrent shard allocated it
-    integrity.check_compute(path, compute)
-    return "resumed"
+    ident: SetIdentity  # with the encoder's weights
+    fs: FeatureSet
+    layout: schema.Layout
+    batch_size: int
+    opts: Options
 
 
-def _repair(path: Place, items: schema.Items) -> bool:
-    """Forget the units whose chunks are damaged (they are recomputed) and rewrite
-    damaged coordinates; True when anything was damaged."""
-    problems = integrity.header_problems(path)
-    fatal = [p for p in problems if "consolidated" not in p]
-    if fatal:
-        raise StoreCorruptError(
-            f"{path} cannot be repaired:\n  "
-            + "\n  ".join(fatal)
-            + "\nre-extract it with --overwrite"
-        )
-    damage = integrity.scan_chunks(path, sets.read_attrs(path))  # one pass over every chunk
-    units = sorted({d.unit for d in damage if d.array in (*integrity.ITEM_DATA, schema.MARKS)})
-    coords = sorted({d.array for d in damage} - {*integrity.ITEM_DATA, schema.MARKS})
-    if coords:
-        integrity.rewrite_items(path, items, coords)
-    if units or coords or problems:
-        integrity.reset_units(path, units)  # also unmarks `complete`: finish re-checks all
-        return True
-    return False
-
-
-def _encode_units(
-    prep: Prepared,
-    encoder: Encoder,
-    ident: SetIdentity,
-    path: Place,
-    layout: schema.Layout,
-    units: list[int],
-    batch_size: int,
-    opts: Options,
+def encode_units(
+    prep: Prepared, encoder: Encoder, job: SetJob, units: list[int]
 ) -> tuple[int, float, dict[str, str]]:
     """Forward every batch of `units` and write them. Returns (items, MB, skipped)."""
-    r = ident.recipe
-    batches = plan_batches(layout, units, batch_size)
+    r, layout, opts = job.ident.recipe, job.layout, job.opts
+    batches = plan_batches(layout, units, job.batch_size)
     cuda = encoder.device.type == "cuda"
     workers = opts.num_workers
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if cuda else 1
-    pre = ident.preprocess()
+    pre = job.ident.preprocess()
     placement = devprep.resolve(opts.preprocess_on, encoder.device.type)
     loader = DataLoader(
         Batches(prep, pre, layout, batches, placement),
@@ -242,7 +175,8 @@ def _encode_units(
         prefetch_factor=2 if workers else None,
     )
     ids_all = np.asarray([prep.samples[i].id for i, _ in prep.index])
-    writer = UnitQueue(path, layout, nan_checker(ids_all, layout), opts.writers, encoder.device)
+    check = nan_checker(ids_all, layout)
+    writer = UnitQueue(job.fs.writer(), layout, check, opts.writers, encoder.device)
     skipped: dict[str, str] = {}
     n_items = sum(stop - start for _, start, stop in batches)
     desc = f"{prep.ds.name} / {encoder.info.label} @ {r.resolution}px"
@@ -255,13 +189,12 @@ def _encode_units(
             pixels = devprep.to_input(batch.pixels, pre, encoder.device)
             fb = encoder.encode(pixels, r.layers, r.patch_layers)
             ids = ids_all[batch.start : batch.start + len(batch.pixels)]
-            bad = np.isin(ids, list(batch.errors))
             cls = fb.cls[:, 0] if layout.layers == 1 else fb.cls
             patch = None
             if layout.rows:
                 patch = pooled(fb.patch, r.patch_pool)
                 patch = patch[:, 0] if layout.patch_layers == 1 else patch
-            writer.put(batch.unit, cls, patch, batch.masks, bad)
+            writer.put(batch.unit, cls, patch, batch.masks, np.isin(ids, list(batch.errors)))
             bar.update(len(batch.pixels))
     finally:
         bar.close()
@@ -270,9 +203,7 @@ def _encode_units(
 
 
 # Encodes and writes the given units of an allocated set: (items, MB written, skipped).
-UnitRunner = Callable[
-    [SetIdentity, Place, schema.Layout, list[int]], tuple[int, float, dict[str, str]]
-]
+UnitRunner = Callable[[SetJob, list[int]], tuple[int, float, dict[str, str]]]
 
 
 def extract_one(
@@ -285,30 +216,18 @@ def extract_one(
 ) -> Summary:
     """Make (or find, or finish) one feature set in this process; return what was done."""
 
-    def run(
-        ident: SetIdentity, path: Place, layout: schema.Layout, units: list[int]
-    ) -> tuple[int, float, dict[str, str]]:
-        return _encode_units(prep, encoder, ident, path, layout, units, manifest.batch_size, opts)
+    def run(job: SetJob, units: list[int]) -> tuple[int, float, dict[str, str]]:
+        return encode_units(prep, encoder, job, units)
 
     return extract_set(
         prep, encoder.info, spec, resolution, manifest, opts, run, encoder.device.type
     )
 
 
-def extract_set(
-    prep: Prepared,
-    info: EncoderInfo,
-    spec: str,
-    resolution: int,
-    manifest: Manifest,
-    opts: Options,
-    run_units: UnitRunner,
-    device: str,
-) -> Summary:
-    """Allocate, resume or find the set of one cell; `run_units` computes the pending
-    units of this shard (here, or as tasks on a cluster) on `device` ("cpu", "cuda");
-    then verify and finish."""
-    t0 = time.perf_counter()
+def _job(
+    prep: Prepared, info: EncoderInfo, spec: str, resolution: int, manifest: Manifest, opts: Options
+) -> tuple[SetJob, schema.Items]:
+    """The set of one cell (identity, handle, layout) and its items."""
     p = info.patch_size
     if resolution % p:
         raise BadInputError(
@@ -329,53 +248,83 @@ def extract_set(
         manifest.codec,
         len(recorded.example_samples(prep)),
     )
-    path = sets.store_path(manifest.cache, ident.key())
+    fs = FeatureSet.at(manifest.cache, ident.key())
+    return SetJob(ident, fs, layout, manifest.batch_size, opts), items
+
+
+def extract_set(
+    prep: Prepared,
+    info: EncoderInfo,
+    spec: str,
+    resolution: int,
+    manifest: Manifest,
+    opts: Options,
+    run_units: UnitRunner,
+    device: str,
+) -> Summary:
+    """Allocate, resume or find the set of one cell; `run_units` computes the pending
+    units of this shard (here, or as tasks on a cluster) on `device` ("cpu", "cuda");
+    then verify and finish."""
+    t0 = time.perf_counter()
+    job, items = _job(prep, info, spec, resolution, manifest, opts)
+    fs, layout = job.fs, job.layout
     set_mb = layout.n_items * layout.item_bytes / 1e6
-    integrity.clean_leftovers(manifest.cache)
+    claims.clean_leftovers(manifest.cache)
     name = (prep.ds.name, info.label, resolution)
-    with integrity.claim(path):
+    with fs.claim():
         compute = {"device": device, "preprocess_on": devprep.resolve(opts.preprocess_on, device)}
-        status = _open_or_allocate(path, ident, layout, prep, items, opts, compute)
+        status = fs.open_or_create(
+            job.ident, layout,
+            lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
+            _describe(prep), compute,
+            overwrite=opts.overwrite, repair=opts.repair,
+        )  # fmt: skip
         if status == "cached":
-            return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, path, 0, set_mb)
-        i, n = opts.shard
-        units = [u for u in sets.pending_units(path) if u % n == i]
-        sets.discard_partials(path, units)
-        try:
-            n_items, mbytes, skipped = run_units(ident, path, layout, units)
-        except (KeyboardInterrupt, StopRequested) as exc:
-            raise _interrupted(path, exc) from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise _disk_full(manifest.cache, path, layout) from None
-            if isinstance(path, Remote):
-                raise _lost(path, exc) from exc
-            raise
-        except FeatstoreError:
-            raise
-        except Exception as exc:
-            if isinstance(path, Remote):
-                raise _lost(path, exc) from exc
-            raise
-        sets.record_skipped(path, skipped)
-        if not sets.pending_units(path):
-            integrity.finish(path)
+            return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, fs.path, 0, set_mb)
+        units = fs.pending_units(opts.shard)
+        fs.discard_partials(units)
+        n_items, mbytes, skipped = _run_guarded(run_units, job, units, manifest.cache)
+        fs.record_skipped(skipped)
+        if not fs.pending_units():
+            fs.finish()
     seconds = time.perf_counter() - t0
-    return Summary(*name, status, n_items, seconds, mbytes, path, len(skipped), set_mb)
+    return Summary(*name, status, n_items, seconds, mbytes, fs.path, len(skipped), set_mb)
 
 
-def _interrupted(path: Place, exc: BaseException) -> Interrupted:
+def _run_guarded(
+    run_units: UnitRunner, job: SetJob, units: list[int], cache: Path | str
+) -> tuple[int, float, dict[str, str]]:
+    """`run_units`, its failures turned into errors that say what was kept and what to do."""
+    fs = job.fs
+    try:
+        return run_units(job, units)
+    except (KeyboardInterrupt, StopRequested) as exc:
+        raise _interrupted(fs, exc) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise _disk_full(cache, fs.path, job.layout) from None
+        if fs.remote:
+            raise _lost(fs, exc) from exc
+        raise
+    except FeatstoreError:
+        raise
+    except Exception as exc:
+        if fs.remote:
+            raise _lost(fs, exc) from exc
+        raise
+
+
+def _interrupted(fs: FeatureSet, exc: BaseException) -> Interrupted:
     signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
-    left = len(sets.pending_units(path))
-    total = schema.Layout(**sets.read_attrs(path)["layout"]).n_units
+    done, total = fs.units_done()
     return Interrupted(
-        f"stopped by {signal.Signals(signum).name}: {total - left} of {total} units of "
-        f"{path.name} are written and kept; rerun the same command to resume",
+        f"stopped by {signal.Signals(signum).name}: {done} of {total} units of "
+        f"{fs.name} are written and kept; rerun the same command to resume",
         int(signum),
     )
 
 
-def _lost(path: Remote, exc: BaseException) -> CacheUnreachableError:
+def _lost(path: FeatureSet, exc: BaseException) -> CacheUnreachableError:
     """The error for a remote cache that failed while units were being written."""
     return CacheUnreachableError(
         f"lost the cache while writing {path} ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -409,8 +358,11 @@ def extract_manifest(
 ) -> list[Summary]:
     """Extract every cell (dataset x encoder x resolution) of `manifest`, baseline included.
 
-    `echo` receives a line per feature set (and a note per random-init encoder).
+    `echo` receives a line per feature set (and a note per random-init encoder). torch's
+    thread count, set for a CPU forward pass, is restored on return, and no decoded
+    source file is kept in memory after it.
     """
+    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     cells = manifest.cells(baseline)
     memo = memo_for(manifest.cache)
     prepared: dict[str, Prepared] = {}
@@ -418,17 +370,22 @@ def extract_manifest(
         if ds.name not in prepared:
             prepared[ds.name] = prepare(ds, memo)
     summaries = []
-    for spec in dict.fromkeys(enc for _, enc, _ in cells):
-        encoder = load_encoder(spec, opts.device, memo)
-        if encoder.info.random_init:
-            echo(
-                f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
-                "weights found); its feature sets and results are marked random_init"
-            )
-        if encoder.device.type == "cpu":
-            torch.set_num_threads(opts.threads or free_cores())
-        for ds, _, res in (c for c in cells if c[1] == spec):
-            summary = extract_one(prepared[ds.name], encoder, spec, res, manifest, opts)
-            echo(summary.line())
-            summaries.append(summary)
+    threads = torch.get_num_threads()
+    try:
+        for spec in dict.fromkeys(enc for _, enc, _ in cells):
+            encoder = load_encoder(spec, opts.device, memo)
+            if encoder.info.random_init:
+                echo(
+                    f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
+                    "weights found); its feature sets and results are marked random_init"
+                )
+            if encoder.device.type == "cpu":
+                torch.set_num_threads(opts.threads or free_cores())
+            for ds, _, res in (c for c in cells if c[1] == spec):
+                summary = extract_one(prepared[ds.name], encoder, spec, res, manifest, opts)
+                echo(summary.line())
+                summaries.append(summary)
+    finally:
+        torch.set_num_threads(threads)
+        release_npz()
     return summaries

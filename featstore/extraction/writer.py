@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from featstore.errors import FeatureOverflowError
-from featstore.store import schema, sets
-from featstore.store.location import Place
+from featstore.store import schema
+from featstore.store.sets import UnitWriter
 
 # check(array, bad_rows, unit, what) -> array to write; see UnitQueue.
 Check = Callable[[np.ndarray, np.ndarray, int, str], np.ndarray]
@@ -97,7 +97,7 @@ class UnitQueue:
     """Collects batches into units and writes whole units on a pool of threads.
 
     Args:
-        path: the allocated feature set.
+        units: the writer of the allocated feature set (`FeatureSet.writer()`).
         layout: its shapes; `layout.dtype` is the storage dtype.
         check: called as check(array, bad_rows, unit, what) on each unit's cls and patch in
             the storage dtype; returns the array to write (NaN rows for bad items) or
@@ -108,7 +108,7 @@ class UnitQueue:
 
     def __init__(
         self,
-        path: Place,
+        units: UnitWriter,
         layout: schema.Layout,
         check: Check,
         threads: int = 2,
@@ -116,7 +116,7 @@ class UnitQueue:
     ) -> None:
         self.layout = layout
         self.check = check
-        self.units = sets.UnitWriter(path, layout)
+        self.units = units
         self.cuda = device is not None and device.type == "cuda"
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="featstore-writer")
         # Units in flight (assembling + writing) are bounded: memory stays bounded and

@@ -11,7 +11,6 @@ decoder of segmentation sets, `--pool abmil` and `protocol: seed`'s linear probe
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
 from featstore.data.manifest import Dataset, Manifest
-from featstore.errors import FeatstoreError, ProbeError, StoreCorruptError
+from featstore.errors import ChunkChecksumError, FeatstoreError, ProbeError, StoreCorruptError
 from featstore.identity import SetIdentity, requested
 from featstore.probing import geometry, probes
 from featstore.probing import metrics as fm
@@ -163,21 +162,8 @@ def probe_set(
         # on this project's 2-core machine while another test run was going).
         with threadpool_limits(limits=1):
             return _probe_open_set(path, xs, ds, pool, seed, protocol, stream_mb)
-    except (ValueError, RuntimeError, OSError) as exc:
-        if isinstance(exc, FeatstoreError) or not _from_storage(exc):
-            raise
+    except ChunkChecksumError as exc:  # a chunk's bytes changed after it was written
         raise sets.corrupt(path, exc) from None
-
-
-def _from_storage(exc: BaseException) -> bool:
-    """Whether `exc` was raised while zarr or numcodecs decoded a chunk."""
-    tb = exc.__traceback__
-    while tb is not None:
-        name = tb.tb_frame.f_code.co_filename
-        if f"{os.sep}zarr{os.sep}" in name or f"{os.sep}numcodecs{os.sep}" in name:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _probe_open_set(

@@ -5,21 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from featstore.errors import FeatstoreError, StoreCorruptError
 from featstore.identity import FORMAT_VERSION, canonical, without_data
-from featstore.store.location import Place, glob, place, reachable, size
-from featstore.store.sets import read_attrs
+from featstore.store.location import Place, glob, place, reachable
+from featstore.store.sets import FeatureSet
 
 
-def _sets(cache: Place | str) -> list[tuple[Place, dict[str, Any]]]:
-    """(path, attributes) of every readable feature set of this format under `cache`."""
+def _sets(cache: Place | str) -> list[FeatureSet]:
+    """Every readable feature set of this format under `cache`."""
     out = []
     for path in glob(place(cache), "*.zarr"):
-        try:
-            attrs = read_attrs(path)
-        except (FileNotFoundError, ValueError, KeyError):
+        fs = FeatureSet(path)
+        if not fs.exists():
             continue
-        if attrs.get("featstore_format") == FORMAT_VERSION:
-            out.append((path, attrs))
+        try:
+            if fs.attrs.get("featstore_format") == FORMAT_VERSION:
+                out.append(fs)
+        except StoreCorruptError:  # its zarr.json is not JSON: `ls` and `verify` say so
+            continue
     return out
 
 
@@ -27,9 +30,9 @@ def find_set(cache: Place | str, request: dict[str, Any]) -> Place | None:
     """The newest complete feature set under `cache` that answers `request`."""
     want = canonical(request)
     hits = [
-        (attrs.get("completed", ""), path)
-        for path, attrs in _sets(cache)
-        if attrs.get("complete") and want in attrs.get("requests", [])
+        (fs.attrs.get("completed", ""), fs.path)
+        for fs in _sets(cache)
+        if fs.complete and want in fs.attrs.get("requests", [])
     ]
     return max(hits)[1] if hits else None
 
@@ -59,7 +62,8 @@ def find_cell(cache: Place | str, request: dict[str, Any], name: str, checked: b
     exact: list[tuple[str, Place]] = []
     near: list[tuple[str, Place]] = []
     fingerprints: set[str] = set()
-    for path, attrs in _sets(cache):
+    for fs in _sets(cache):
+        path, attrs = fs.path, fs.attrs
         if not attrs.get("complete"):
             continue
         recorded = attrs.get("requests", [])
@@ -87,33 +91,19 @@ def unchecked_note(name: str, data: object) -> str:
 
 def find_by_key(cache: Place | str, key: str) -> Place | None:
     """The feature set whose cache key starts with `key` (results record 12 characters)."""
-    hits = [p for p, attrs in _sets(cache) if str(attrs.get("cache_key", "")).startswith(key)]
+    hits = [fs.path for fs in _sets(cache) if str(fs.attrs.get("cache_key", "")).startswith(key)]
     return hits[0] if hits else None
 
 
 def list_sets(cache: Place | str) -> list[dict[str, Any]]:
-    """One summary row per feature set under `cache` (for `featstore ls`)."""
+    """One summary row per feature set under `cache` (for `featstore ls`); an unreadable
+    one is a row of its path and the error."""
     rows: list[dict[str, Any]] = []
     reachable(place(cache))
     for path in glob(place(cache), "*.zarr"):
+        fs = FeatureSet(path)
         try:
-            attrs = read_attrs(path)
-        except (FileNotFoundError, ValueError, KeyError) as exc:
+            rows.append(fs.summary())
+        except (FeatstoreError, FileNotFoundError, ValueError, KeyError) as exc:
             rows.append({"path": str(path), "error": str(exc)})
-            continue
-        nbytes = size(path)
-        enc, pre = attrs.get("encoder", {}), attrs.get("preprocess", {})
-        rows.append(
-            {
-                "dataset": attrs.get("dataset", {}).get("name"),
-                "encoder": enc.get("name") + (" (random_init)" if enc.get("random_init") else ""),
-                "resolution": pre.get("resolution"),
-                "items": attrs.get("layout", {}).get("n_items"),
-                "size_mb": round(nbytes / 1e6, 1),
-                "complete": bool(attrs.get("complete")),
-                "format": attrs.get("featstore_format"),
-                "key": attrs.get("cache_key", "")[:12],
-                "path": str(path),
-            }
-        )
     return rows

@@ -1,213 +1,262 @@
-"""Trusting a feature set: verify every chunk, repair bad units, claims of live extracts.
+"""Trusting a feature set: typed problems of its metadata, attributes, marks and chunks.
 
-Every chunk of every array carries a crc32c checksum (zarr's `crc32c` codec), so a
+Every chunk of every array carries a crc32c checksum (`schema.Checksum`), so a
 flipped or truncated chunk fails to decode instead of reading as changed values.
-`verify` decodes every chunk of every array and coordinate and reports each bad one
-as `<array> unit <u>: <reason>`; `reset_units` and `rewrite_items` let an extract
-recompute just those. A claim file per live process (host, pid, start time) makes an
-extract visible to others, so `--overwrite` never deletes a set someone is writing.
-`check_compute` keeps units computed on another device, or with preprocessing placed
-elsewhere, out of a set.
+The checks here return `Problem`s (kind, array, unit, reason); callers decide on the
+kind, never on the text, which is for people. `FeatureSet` (`store.sets`) runs them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import socket
-import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.array_spec import ArrayConfigParams
 
-from featstore.errors import StoreBusyError, StoreCorruptError, StoreMismatchError
-from featstore.store import schema, sets
-from featstore.store.location import Place, Remote, files, glob, place
+from featstore.errors import ChunkChecksumError, StoreMismatchError
+from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
+from featstore.store import arrays
+from featstore.store.location import ROOT_META, Place
+from featstore.store.schema import EXAMPLES, FLOAT_DATA, MARKS, MARKS_GROUP, UNIT_ARRAYS, Layout
+from featstore.store.schema import layout_for as derive_layout
 
-ITEM_DATA = schema.ITEM_DATA  # written per unit by the encoder loop
-FULL: ArrayConfigParams = {"write_empty_chunks": True}
+READ_WHOLE = ("cls", "sample")  # by `skipped_problems`
+EDITED = "(the attributes were edited: re-extract with --overwrite)"
+
+
+class Kind(StrEnum):
+    """What is wrong, which decides what can be done about it."""
+
+    METADATA = "metadata"  # a zarr.json unreadable or gone: re-extract
+    CONSOLIDATED = "consolidated"  # the root's copy of array metadata disagrees: repairable
+    ATTRIBUTES = "attributes"  # attributes disagree with the recorded identity: re-extract
+    LAYOUT = "layout"  # the recorded layout is malformed: nothing can be read by it
+    MARKS = "marks"  # not complete, or units not marked done: rerun the extract
+    CHUNK = "chunk"  # a chunk of `array` at `unit` is missing or fails to decode
+    VALUES = "values"  # NaN/Inf in `array` at `unit` outside skipped samples
+    SKIPPED = "skipped"  # the `skipped` attribute disagrees with the features
 
 
 @dataclass(frozen=True)
-class Damage:
-    """One chunk that cannot be trusted; `unit` is its index along `item`."""
+class Problem:
+    """One thing wrong with a set; `str(problem)` is the line shown to people."""
 
-    array: str
-    unit: int
+    kind: Kind
     reason: str
+    array: str | None = None
+    unit: int | None = None
 
-    def line(self) -> str:
-        return f"{self.array} unit {self.unit}: {self.reason}"
+    def __str__(self) -> str:
+        if self.unit is not None:
+            return f"{self.array} unit {self.unit}: {self.reason}"
+        label = {
+            Kind.CONSOLIDATED: "metadata",
+            Kind.LAYOUT: "attributes",
+            Kind.SKIPPED: "attributes",
+        }
+        return f"{label.get(self.kind, self.kind.value)}: {self.reason}"
+
+    @property
+    def blocks_reading(self) -> bool:
+        """Nothing below the metadata can be read (no JSON, no usable layout)."""
+        return self.kind in (Kind.METADATA, Kind.LAYOUT)
+
+    @property
+    def repairable(self) -> bool:
+        """`extract --repair` mends it (recompute units, rewrite coordinates, re-consolidate)."""
+        return self.kind in (Kind.CONSOLIDATED, Kind.MARKS, Kind.CHUNK, Kind.VALUES)
 
 
-def _json_problems(path: Place, present: set[str]) -> list[str]:
+def lines(problems: Iterable[Problem]) -> str:
+    """The problems as indented lines for an error message."""
+    return "\n  ".join(str(p) for p in problems)
+
+
+def header_problems(path: Place, present: set[str]) -> list[Problem]:
+    """Problems of the set's metadata and attributes (no chunk is read).
+
+    present: the set's listing (`location.files`); the set must exist.
+    """
+    problems = _json_problems(path, present)
+    if problems:
+        return problems
+    attrs = arrays.read_attrs(path)
+    absent = absent_arrays(attrs, present)
+    named = {p.array for p in absent}  # one line per lost array, not one per copy of it
+    problems = absent + [p for p in _consolidated_problems(path, present) if p.array not in named]
+    return problems + attribute_problems(path, attrs)
+
+
+def _json_problems(path: Place, present: set[str]) -> list[Problem]:
     out = []
-    for rel in sorted(present):
-        if rel.rsplit("/", 1)[-1] != "zarr.json":
-            continue
+    for rel in sorted(r for r in present if r.rsplit("/", 1)[-1] == ROOT_META):
         meta = path / rel
         try:
             json.loads(meta.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            out.append(f"metadata: {meta} is not valid JSON ({exc}); re-extract with --overwrite")
-    return out
-
-
-def _consolidated_problems(path: Place) -> list[str]:
-    """Consolidated metadata (a copy in the root zarr.json) must equal each array's own."""
-    root = json.loads((path / "zarr.json").read_text())
-    copies = (root.get("consolidated_metadata") or {}).get("metadata") or {}
-    out = []
-    for name, copy in sorted(copies.items()):
-        own_file = path / name / "zarr.json"
-        if not own_file.is_file():
-            out.append(f"metadata: consolidated metadata lists '{name}', which is absent")
-            continue
-        own = json.loads(own_file.read_text())
-        keys = ("shape", "data_type", "chunk_grid", "codecs", "fill_value", "node_type")
-        diff = [k for k in keys if own.get(k) != copy.get(k)]
-        if diff:
             out.append(
-                f"metadata: consolidated metadata of '{name}' disagrees with {own_file} "
-                f"({', '.join(diff)}); featstore reads the arrays' own metadata"
+                Problem(
+                    Kind.METADATA, f"{meta} is not valid JSON ({exc}); re-extract with --overwrite"
+                )
             )
     return out
 
 
-def _decode_reason(exc: BaseException) -> str:
-    text = str(exc)
-    if "checksum" in text.lower():
-        return "checksum mismatch (the chunk's bytes changed after it was written)"
-    return f"cannot decode ({type(exc).__name__}: {text[:120]})"
+def expected_arrays(attrs: dict[str, Any]) -> list[str]:
+    """Every array the set's attributes say it holds: the layout's, and the metadata
+    coordinates its identity records. ValueError/KeyError/TypeError when malformed."""
+    names = Layout.from_attrs(attrs.get("layout")).arrays()
+    recipe = SetIdentity.from_attrs(attrs["identity"]).recipe
+    return sorted({*names, *(coord for _, coord in recipe.metadata)})
 
 
-def scan_chunks(
-    path: Place, attrs: dict[str, Any], values: bool = True, decode: bool = True
-) -> list[Damage]:
-    """Decode every chunk of every array; NaN/Inf in cls/patch (outside skipped samples).
+def absent_arrays(attrs: dict[str, Any], present: set[str]) -> list[Problem]:
+    """Each recorded array (and the marks group) whose zarr.json is gone: zarr would
+    skip it, xarray drop it, and a re-consolidation would drop it for good."""
+    try:
+        names = expected_arrays(attrs)
+    except (KeyError, TypeError, ValueError):
+        return []  # malformed attributes are an `attribute_problems` line
+    out = [
+        Problem(
+            Kind.METADATA,
+            f"array '{name}' is missing (no {name}/zarr.json); re-extract with --overwrite",
+            name,
+        )
+        for name in names
+        if f"{name}/{ROOT_META}" not in present
+    ]
+    if f"{MARKS_GROUP}/{ROOT_META}" not in present:
+        out.append(
+            Problem(
+                Kind.METADATA,
+                f"group '{MARKS_GROUP}' is missing (no {MARKS_GROUP}/zarr.json); "
+                "re-extract with --overwrite",
+                MARKS_GROUP,
+            )
+        )
+    return out
 
-    Marks (`_featstore/done`) may lack chunks: that is a pending unit, not damage, and
-    the data chunks of pending units are not checked (the resume rewrites them).
-    """
-    pending = set(sets.pending_units(path))
-    layout = schema.Layout.from_attrs(attrs["layout"])
-    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    present = files(path)
-    skipped = set(attrs.get("skipped", {}))
-    samples = None
-    out: list[Damage] = []
-    for name, arr in sets.arrays(root):
-        marks = name == schema.MARKS
-        step = 1 if marks else layout.chunk_items
-        expected = layout.n_units if marks else layout.n_items
-        if name in schema.EXAMPLES:  # a few items' thumbnails: one chunk, "unit 0"
-            step = expected = layout.examples
-        if arr.shape[0] != expected or arr.chunks[0] != step:
+
+def _consolidated_problems(path: Place, present: set[str]) -> list[Problem]:
+    """Consolidated metadata (a copy in the root zarr.json) must equal each array's own."""
+    root = json.loads((path / ROOT_META).read_text())
+    copies = (root.get("consolidated_metadata") or {}).get("metadata") or {}
+    out = []
+    keys = ("shape", "data_type", "chunk_grid", "codecs", "fill_value", "node_type")
+    for name, copy in sorted(copies.items()):
+        if f"{name}/{ROOT_META}" not in present:
             out.append(
-                Damage(
+                Problem(
+                    Kind.METADATA,
+                    f"'{name}' is listed in the consolidated metadata but its {name}/zarr.json "
+                    "is gone; re-extract with --overwrite",
                     name,
-                    0,
-                    f"shape {arr.shape} / chunks {arr.chunks} disagree "
-                    f"with the layout ({expected} items in chunks of {step})",
                 )
             )
             continue
-        for unit in range(1 if name in schema.EXAMPLES else layout.n_units):
-            if name in ITEM_DATA and unit in pending:
-                continue  # not written yet (or half-written): the resume rewrites it
-            if sets.chunk_key(name, arr, unit) not in present:
-                if not marks:
-                    out.append(Damage(name, unit, "chunk file missing"))
-                continue
-            if not decode:
-                continue  # the chunk is there: a listing is all that was asked
-            try:
-                block = np.asarray(arr[unit * step : (unit + 1) * step])
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is damage to report
-                out.append(Damage(name, unit, _decode_reason(exc)))
-                continue
-            if values and name in ("cls", "patch", "patch_scale"):
-                bad = ~np.isfinite(block.reshape(len(block), -1).astype(np.float32)).all(1)
-                if skipped and bad.any():
-                    if samples is None:
-                        samples = sets.plain(np.asarray(arr_of(root, "sample")[:]))
-                    bad &= ~np.isin(samples[layout.unit_slice(unit)], list(skipped))
-                if bad.any():
-                    first = unit * step + int(np.flatnonzero(bad)[0])
-                    out.append(
-                        Damage(name, unit, f"{int(bad.sum())} items NaN/Inf (first item {first})")
-                    )
+        own = json.loads((path / name / ROOT_META).read_text())
+        diff = [k for k in keys if own.get(k) != copy.get(k)]
+        if diff:
+            out.append(
+                Problem(
+                    Kind.CONSOLIDATED,
+                    f"consolidated metadata of '{name}' disagrees with {name}/zarr.json "
+                    f"({', '.join(diff)}); featstore reads the arrays' own metadata",
+                    name,
+                )
+            )
     return out
 
 
-def header_problems(path: Place | str) -> list[str]:
-    """Problems of the set's metadata and attributes (no chunk is read).
-
-    `metadata:` lines for invalid JSON or consolidated metadata that disagrees with
-    the arrays (the only ones a repair can fix), `attributes:` lines otherwise.
-    """
-    path = place(path)
-    if not (path / "zarr.json").is_file():
-        return [f"metadata: {path} is not a feature set (no zarr.json)"]
-    present = files(path)  # one listing for the metadata checks
-    problems = _json_problems(path, present)
-    if problems:
-        return problems
-    attrs = sets.read_attrs(path)
-    problems = sets.absent_arrays(path, attrs, present)
-    return problems + _consolidated_problems(path) + sets.attribute_problems(path, attrs)
-
-
-def verify(
-    path: Place | str, require_complete: bool = True, values: bool = True, decode: bool = True
-) -> list[str]:
-    """Everything wrong with the set at `path` (empty when it is sound), one line each.
-
-    Lines start with `metadata:`, `attributes:`, `marks:` or `<array> unit <u>:`.
-    decode False: chunks are checked by a listing, not read (values then unchecked too).
-    """
-    path = place(path)
-    problems = header_problems(path)
-    fatal = ("metadata: ", "attributes: 'layout' is malformed")
-    if any(p.startswith(fatal) and "consolidated" not in p for p in problems):
-        return problems  # no JSON or no layout: nothing below can be read
-    attrs = sets.read_attrs(path)
-    if require_complete and not attrs.get("complete"):
-        problems.append("marks: not marked complete; rerun the same extract to finish it")
-    pending = sets.pending_units(path)
-    if pending and (require_complete or attrs.get("complete")):
-        problems.append(f"marks: {len(pending)} units not marked done (first: {pending[:5]})")
-    problems += [d.line() for d in scan_chunks(path, attrs, values and decode, decode)]
-    if values and decode and not any(p.startswith(("cls ", "sample ")) for p in problems):
-        problems += sets.skipped_problems(path, attrs)
+def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
+    """Root attributes that disagree with the recorded identity or the folder name."""
+    if attrs.get("featstore_format") != FORMAT_VERSION:
+        return [Problem(Kind.ATTRIBUTES, str(old_format(path, attrs)))]
+    try:
+        ident = SetIdentity.from_attrs(attrs["identity"])
+        key = ident.key()
+    except (KeyError, TypeError, ValueError) as exc:
+        reason = f"the recorded identity is missing or malformed ({exc!r})"
+        return [Problem(Kind.ATTRIBUTES, reason)]
+    out = []
+    if attrs.get("cache_key") != key or path.name != f"{key[:24]}.zarr":
+        out.append(
+            f"the recorded identity hashes to {key[:24]}, but cache_key is "
+            f"{str(attrs.get('cache_key'))[:24]} and the folder {path.name} {EDITED}"
+        )
+    assert ident.weights is not None  # from_attrs always sets it
+    copies = {"encoder": ident.weights.to_dict(), "preprocess": ident.preprocess().to_dict()}
+    out += [
+        f"'{name}' disagrees with the recorded identity {EDITED}"
+        for name, value in copies.items()
+        if attrs.get(name) != canonical(value)
+    ]
+    mine = {k: v for k, v in ident.request().items() if k != "encoder"}
+    if any(
+        {k: v for k, v in r.items() if k != "encoder"} != mine for r in attrs.get("requests", [])
+    ):
+        out.append(f"a recorded request asks for other content {EDITED}")
+    problems = [Problem(Kind.ATTRIBUTES, reason) for reason in out]
+    try:  # the shapes follow from the identity; only the counts and chunking are free
+        rec = Layout.from_attrs(attrs.get("layout"))
+    except (TypeError, ValueError) as exc:
+        return [*problems, Problem(Kind.LAYOUT, f"'layout' is malformed ({exc}) {EDITED}")]
+    n, c = rec.n_items, rec.chunk_items
+    if derive_layout(ident, n, rec.n_classes, c, c, rec.codec, rec.examples) != rec:
+        problems.append(Problem(Kind.ATTRIBUTES, f"'layout' disagrees with the identity {EDITED}"))
     return problems
 
 
-def finish(path: Place) -> None:
-    """Check the metadata and attributes, that every unit is marked and every chunk is
-    there, then mark the set complete.
+def old_format(path: Place, attrs: dict[str, Any]) -> StoreMismatchError:
+    """The error for a set written by another featstore format."""
+    return StoreMismatchError(
+        f"{path} was written by another featstore format "
+        f"({attrs.get('featstore_format')!r}, this one reads {FORMAT_VERSION}); "
+        "re-extract it with `featstore extract` (the old folder can then be deleted)"
+    )
 
-    Chunks are not read back: each was written whole (zarr writes a chunk file by a
-    rename, an object store by one PUT) from values checked for NaN/Inf before, and
-    its crc32c is checked on every later read; re-reading a multi-TB set at the end of
-    its extract would cost as much as writing it. `featstore verify` decodes them all.
+
+def mismatch(path: Place, attrs: dict[str, Any], ident: SetIdentity, layout: Layout | None) -> None:
+    """Raise `StoreMismatchError` when the set at `path` was made for something else.
+
+    layout None: check the identity only (a complete set keeps its own chunking).
     """
-    problems = verify(path, require_complete=False, values=False, decode=False)
-    if problems:
-        raise StoreCorruptError(f"{path} failed verification:\n  " + "\n  ".join(problems))
-    sets.mark_complete(path)
+    if attrs.get("featstore_format") != FORMAT_VERSION:
+        raise old_format(path, attrs)
+    diffs = _diff(SetIdentity.from_attrs(attrs["identity"]).content(), ident.content())
+    if layout is not None:
+        diffs |= _diff(attrs.get("layout", {}), asdict(layout), "layout.")
+    if diffs:
+        hint = (
+            "the chunk size follows --batch-size: rerun with the stored one, or "
+            if "layout.chunk_items" in diffs
+            else ""
+        )
+        raise StoreMismatchError(
+            f"{path} holds a feature set with another configuration:\n  "
+            + "\n  ".join(f"{k}: stored {va!r}, requested {vb!r}" for k, (va, vb) in diffs.items())
+            + f"\n{hint}pass --overwrite to replace it (its features will be deleted)"
+        )
 
 
-def check_compute(path: Place, compute: dict[str, str]) -> None:
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (stored, requested) for every leaf that differs."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out[f"{prefix}{k}"] = (va, vb)
+    return out
+
+
+def compute_mismatch(path: Place, stored: dict[str, str] | None, compute: dict[str, str]) -> None:
     """Refuse to add units to a set that was started on another kind of device or with
     preprocessing placed elsewhere (`compute`: device, preprocess_on).
 
@@ -216,7 +265,6 @@ def check_compute(path: Place, compute: dict[str, str]) -> None:
     comes from one computation, so that a resumed or sharded run ends byte-identical
     to a clean one. Sets made before this was recorded are not checked.
     """
-    stored = sets.read_attrs(path).get("compute")
     if stored is None or stored == compute:
         return
 
@@ -230,150 +278,125 @@ def check_compute(path: Place, compute: dict[str, str]) -> None:
     )
 
 
-def arr_of(root: zarr.Group, name: str) -> zarr.Array:
-    """The array `name` of `root` (a path like '_featstore/done' allowed)."""
-    node = root[name]
-    if not isinstance(node, zarr.Array):
-        raise StoreCorruptError(f"'{name}' in {root.store} is a group, expected an array")
-    return node
-
-
-def reset_units(path: Place, units: list[int]) -> None:
-    """Forget `units`: delete their data chunks and marks, and unmark the set complete."""
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    for name in (*ITEM_DATA, schema.MARKS):
-        if name not in root:
-            continue
-        arr = arr_of(root, name)
-        for unit in units:
-            (path / sets.chunk_key(name, arr, unit)).unlink(missing_ok=True)
-    root.attrs["complete"] = False
-
-
-def rewrite_items(path: Place, items: schema.Items, names: list[str]) -> None:
-    """Rewrite coordinate/label arrays `names` whole from `items` (allocation-time data)."""
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    fresh = schema.item_arrays(items)
-    for name in names:
-        if name not in fresh:
-            raise StoreCorruptError(f"{path}: cannot rebuild '{name}'; re-extract with --overwrite")
-        arr = arr_of(root, name).with_config(FULL)
-        arr[...] = fresh[name]
-
-
-# ------------------------------------------------------------------- claims
-
-
-def claims_dir(path: Place) -> Place:
-    """Where live extracts of the set at `path` leave their claim files."""
-    return path.parent / f".{path.name}.claims"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# A live extract rewrites its claim every CLAIM_BEAT seconds. A claim from another
-# host (a cluster node, another machine on shared storage) whose last beat is older
-# than CLAIM_STALE is a process that died there: its pid cannot be checked from here.
-CLAIM_BEAT = 60.0
-CLAIM_STALE = 600.0
-
-
-def live_claims(path: Place) -> list[dict[str, Any]]:
-    """Claims of other live processes on this set; stale ones (a dead pid on this host,
-    no beat for CLAIM_STALE seconds from another host) are removed."""
-    here = socket.gethostname()
+def marks_problems(
+    attrs: dict[str, Any], pending: list[int], require_complete: bool
+) -> list[Problem]:
+    """A set not marked complete, or with units not marked done."""
     out = []
-    folder = claims_dir(path)
-    for f in glob(folder, "*.json") if folder.is_dir() else []:
-        try:
-            info = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # half-written by a process that is starting: not a claim yet
-        if info.get("host") == here and info.get("pid") == os.getpid():
-            continue
-        mine = info.get("host") == here
-        beat = float(info.get("beat", info.get("started", 0)))
-        if (mine and not _alive(int(info.get("pid", -1)))) or (
-            not mine and time.time() - beat > CLAIM_STALE
-        ):
-            f.unlink(missing_ok=True)
-            continue
-        out.append({**info, "file": str(f)})
+    if require_complete and not attrs.get("complete"):
+        out.append(Problem(Kind.MARKS, "not marked complete; rerun the same extract to finish it"))
+    if pending and (require_complete or attrs.get("complete")):
+        reason = f"{len(pending)} units not marked done (first: {pending[:5]})"
+        out.append(Problem(Kind.MARKS, reason))
     return out
 
 
-@contextlib.contextmanager
-def claim(path: Place) -> Iterator[None]:
-    """Mark this process as extracting the set at `path` for the duration; the claim
-    is rewritten every CLAIM_BEAT seconds so that other hosts can tell it is alive."""
-    folder = claims_dir(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    me = folder / f"{socket.gethostname()}-{os.getpid()}.json"
-    started = time.time()
+def scan_chunks(
+    path: Place,
+    attrs: dict[str, Any],
+    present: set[str],
+    pending: set[int],
+    values: bool = True,
+    decode: bool = True,
+) -> list[Problem]:
+    """Every chunk of every array: on disk, decodable (decode), finite (values: cls,
+    patch, patch_scale outside skipped samples).
 
-    def write() -> None:
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
-        me.write_text(json.dumps({**info, "beat": time.time()}))
-
-    write()
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(CLAIM_BEAT):
-            with contextlib.suppress(Exception):  # best effort: a missed beat is harmless
-                write()
-
-    beating = threading.Thread(target=beat, name="featstore-claim", daemon=True)
-    beating.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beating.join()
-        # Best effort: a cache that stopped answering must not hide the error that
-        # ended the extract (a claim left behind is taken over by the next run here).
-        with contextlib.suppress(Exception):
-            me.unlink(missing_ok=True)
-        with contextlib.suppress(Exception):
-            folder.rmdir()  # only when no other claim is left
-
-
-def refuse_if_busy(path: Place, action: str) -> None:
-    """Raise `StoreBusyError` when another live process works on the set at `path`."""
-    for c in live_claims(path):
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(c.get("started", 0))))
-        raise StoreBusyError(
-            f"{path}: pid {c.get('pid')} on {c.get('host')} (since {started}) is extracting "
-            f"this set; {action} would destroy its work. Wait for it or stop it; if that "
-            f"process is gone, delete {c['file']} (a claim from another host expires "
-            f"{CLAIM_STALE / 60:.0f} minutes after its last beat)"
+    pending: units not written yet, whose data and marks are not checked (the resume
+    rewrites them); a complete set has none, so there a lost mark is damage.
+    """
+    layout = Layout.from_attrs(attrs["layout"])
+    root = arrays.group(path)
+    skipped = list(attrs.get("skipped", {}))
+    sample = arrays.plain(np.asarray(arrays.array(root, "sample")[:])) if skipped else None
+    out: list[Problem] = []
+    for name, arr in arrays.arrays(root):
+        step, expected = (
+            (1, layout.n_units) if name == MARKS else (layout.chunk_items, layout.n_items)
         )
+        units = layout.n_units
+        if name in EXAMPLES:  # a few items' thumbnails: one chunk, "unit 0"
+            step = expected = layout.examples
+            units = 1
+        if arr.shape[0] != expected or arr.chunks[0] != step:
+            reason = (
+                f"shape {arr.shape} / chunks {arr.chunks} disagree "
+                f"with the layout ({expected} items in chunks of {step})"
+            )
+            out.append(Problem(Kind.CHUNK, reason, name, 0))
+            continue
+        for unit in range(units):
+            if name in UNIT_ARRAYS and unit in pending:
+                continue  # not written yet (or half-written): the resume rewrites it
+            if arrays.chunk_key(name, arr, unit) not in present:
+                out.append(Problem(Kind.CHUNK, "chunk file missing", name, unit))
+            elif decode:
+                out += _chunk_problems(name, arr, unit, step, values, sample, skipped)
+    return out
 
 
-def clean_leftovers(cache: Place | str) -> list[Path]:
-    """Remove temporary skeletons and sets renamed aside by processes that died here
-    (for a remote cache: the local folders its skeletons were built in)."""
-    removed: list[Path] = []
-    cache = place(cache)
-    if isinstance(cache, Remote):
-        for p in sorted(Path(tempfile.gettempdir()).glob(f"{sets.LOCAL_BUILD}*")):
-            pid = p.name.removeprefix(sets.LOCAL_BUILD).split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-        return removed
-    for p in sorted(cache.glob(".*.zarr.*")):
-        tag = p.name.rsplit(".", 1)[-1]
-        pid = tag[3:]
-        if tag[:3] in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+def _chunk_problems(
+    name: str,
+    arr: zarr.Array,
+    unit: int,
+    step: int,
+    values: bool,
+    sample: np.ndarray | None,
+    skipped: list[str],
+) -> list[Problem]:
+    region = slice(unit * step, (unit + 1) * step)
+    try:
+        block = np.asarray(arr[region])
+    except ChunkChecksumError:
+        return [
+            Problem(
+                Kind.CHUNK,
+                "checksum mismatch (the chunk's bytes changed after it was written)",
+                name,
+                unit,
+            )
+        ]
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is damage to report
+        return [
+            Problem(
+                Kind.CHUNK, f"cannot decode ({type(exc).__name__}: {str(exc)[:120]})", name, unit
+            )
+        ]
+    if not values or name not in FLOAT_DATA:
+        return []
+    bad = np.asarray(~np.isfinite(block.reshape(len(block), -1).astype(np.float32)).all(1))
+    if sample is not None and bad.any():
+        bad &= ~np.isin(sample[region][: len(bad)], skipped)
+    if not bad.any():
+        return []
+    first = unit * step + int(np.flatnonzero(bad)[0])
+    return [
+        Problem(Kind.VALUES, f"{int(bad.sum())} items NaN/Inf (first item {first})", name, unit)
+    ]
+
+
+def skipped_problems(path: Place, attrs: dict[str, Any], pending: list[int]) -> list[Problem]:
+    """`skipped` must name exactly the samples whose items hold NaN features."""
+    root = arrays.group(path)
+    cls = np.asarray(arrays.array(root, "cls")[:], np.float32)
+    nan = ~np.isfinite(cls.reshape(len(cls), -1)).all(1)
+    sample = arrays.plain(np.asarray(arrays.array(root, "sample")[:]))
+    listed = np.isin(sample, list(attrs.get("skipped", {})))
+    written = np.ones(len(sample), bool)
+    layout = Layout.from_attrs(attrs["layout"])
+    for unit in pending:  # not written yet: NaN fill, not a skipped sample
+        written[layout.unit_slice(unit)] = False
+    disagree = (nan != listed) & written
+    if not disagree.any():
+        return []
+    wrong = sorted({str(v) for v in sample[disagree]})[:5]
+    reason = (
+        f"'skipped' disagrees with the features of samples {wrong} (NaN items belong to "
+        "skipped samples only; the attributes were edited: re-extract with --overwrite)"
+    )
+    return [Problem(Kind.SKIPPED, reason)]
+
+
+def reads_skipped(problems: list[Problem]) -> bool:
+    """Whether `skipped_problems` can run: it reads `cls` and `sample` whole."""
+    return not any(p.kind in (Kind.CHUNK, Kind.VALUES) and p.array in READ_WHOLE for p in problems)

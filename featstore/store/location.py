@@ -192,6 +192,12 @@ def reachable(where: Place, write: bool = False) -> None:
         ) from None
 
 
+def has_set(where: Place) -> bool:
+    """Whether a feature set is at `where`: its root zarr.json is a file. A folder or
+    prefix without it is no set (a kill during a delete, an upload in progress)."""
+    return (where / ROOT_META).is_file()
+
+
 def glob(where: Place, pattern: str) -> list[Place]:
     """The children of `where` whose names match `pattern`, sorted."""
     found: list[Place] = list(where.glob(pattern))
@@ -232,7 +238,7 @@ def publish(built: Path, dest: Place) -> bool:
             shutil.rmtree(built)
             return False
         return True
-    if (dest / ROOT_META).exists():
+    if has_set(dest):
         shutil.rmtree(built)
         return False
     # Everything but the root first, in one concurrent batch (a skeleton has a few

@@ -1,9 +1,10 @@
-"""The feature-set schema: shapes, codecs, attributes and the empty skeleton (no I/O).
+"""The feature-set schema: shapes, array names, codecs, attributes and the empty skeleton.
 
 A set's `Layout` follows from its identity and the manifest's storage settings; its
 skeleton is the xarray Dataset (lazy data variables, real coordinates) that
-`store.create` writes, with the encoding every array gets (chunked by unit, a
-compressor, and a crc32c checksum on every chunk).
+`arrays.create` writes, with the encoding every array gets (chunked by unit, a
+compressor, and a crc32c checksum on every chunk). Every list of array names used by
+the store is derived here. No file is read or written in this module.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.array_spec import ArraySpec
+from zarr.core.buffer import Buffer
+from zarr.registry import register_codec
 
-from featstore.errors import BadInputError
+from featstore.errors import BadInputError, ChunkChecksumError
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
 
-MARKS = "_featstore/done"
+MARKS = "_featstore/done"  # (unit,) uint8, one chunk per unit: the resume marks
+MARKS_GROUP = MARKS.rsplit("/", 1)[0]
 ITEM_DATA = ("cls", "patch", "patch_scale", "mask")  # written unit by unit by extract
-# Chosen by benchmarks/codecs.py on ViT features: blosc-zstd with bit-shuffle
-# compresses float16 tokens better than zstd alone at similar speed.
-# Compressors of the data arrays (the manifest's `codec`), measured in benchmarks/codecs.py.
+FLOAT_DATA = ("cls", "patch", "patch_scale")  # NaN only for skipped samples
+UNIT_ARRAYS = (*ITEM_DATA, MARKS)  # chunk u belongs to unit u and is rewritten with it
+COORDS = ("sample", "slice", "split")  # on `item`, in every set; labels and metadata aside
+# Compressors of the data arrays (the manifest's `codec`; lz4 by default, the fastest
+# to write at a ratio close to zstd's on float16 tokens), measured in benchmarks/codecs.py.
 CODECS: dict[str, tuple[BloscCodec, ...]] = {
     "none": (),
     "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
@@ -35,9 +43,27 @@ CODECS: dict[str, tuple[BloscCodec, ...]] = {
 }
 # Coordinates and labels are small and compress well.
 COORD_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+class Checksum(Crc32cCodec):
+    """zarr's crc32c codec (same bytes, same metadata) whose failure has a type of its
+    own, `ChunkChecksumError`, so that a reader recognises a damaged chunk by it."""
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
+        try:
+            return super()._decode_sync(chunk_bytes, chunk_spec)
+        except ValueError as exc:  # the only failure of crc32c's decode: a mismatch
+            raise ChunkChecksumError(
+                f"{exc} (the chunk's bytes changed after it was written)"
+            ) from None
+
+
 # Every chunk of every array ends in a crc32c of its bytes: a flipped or truncated
-# chunk fails to decode instead of reading as other numbers.
-CHECKSUM = Crc32cCodec()
+# chunk fails to decode instead of reading as other numbers. Reads of any crc32c
+# array in this process go through `Checksum` (it only types zarr's ValueError).
+register_codec("crc32c", Checksum)
+zarr.config.set({"codecs.crc32c": f"{Checksum.__module__}.{Checksum.__qualname__}"})
+CHECKSUM = Checksum()
 UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
 # What the probes and the report need from the raw data, recorded at allocation so that
 # a set is probed where its data is not (README, "Probing without the data"). Per item:
@@ -89,13 +115,21 @@ class Layout:
         scale = self.patch_layers * self.channels * 4 if self.quantize == "int8" else 0
         return int(cls + patch + scale + self.mask_size**2)
 
+    def unit_arrays(self) -> list[str]:
+        """The arrays written unit by unit (data and marks) that this layout holds."""
+        held = {
+            "cls": True,
+            "patch": bool(self.rows),
+            "patch_scale": bool(self.rows) and self.quantize == "int8",
+            "mask": bool(self.mask_size),
+            MARKS: True,
+        }
+        return [name for name in UNIT_ARRAYS if held[name]]
+
     def arrays(self) -> list[str]:
         """The arrays every set of this layout holds (metadata columns aside), by name."""
-        out = ["cls", "sample", "slice", "split", MARKS, *NATIVE]
+        out = [*self.unit_arrays(), *COORDS, *NATIVE]
         out += list(EXAMPLES) if self.examples else []
-        out += ["patch"] if self.rows else []
-        out += ["patch_scale"] if self.quantize == "int8" else []
-        out += ["mask"] if self.mask_size else []
         out += ["label"] if self.n_classes >= 0 else []
         return sorted(out)
 
@@ -288,7 +322,7 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
         }
         for name, var in ds.variables.items()
     }
-    for name in ("cls", "patch", "patch_scale"):
+    for name in FLOAT_DATA:
         if name in encoding and ds[name].dtype.kind == "f":
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
     return ds, encoding

@@ -1,447 +1,359 @@
-"""Feature sets: Zarr v3 groups that `xarray.open_zarr(path)` opens (no torch here).
+"""One feature set, one handle: find, create, resume, write, repair, finish, verify, open.
 
-Layout of one set (see DESIGN.md, "Feature set contract"):
-
-    cls    (item, channel) or (item, layer, channel)   float16 | float32
-    patch  (item, row, col, channel)                    float16 | float32
-    mask   (item, y, x)                                 uint8, segmentation only
-    label  (item,) or (item, class)                     int64, classification only
-    coords on item: sample (str), slice (int32), split (str), native_* (size, spacing)
-    thumbnail (example, thumb_y, thumb_x)             uint8, coord example_item
-    _featstore/done (unit,)  uint8, one chunk per unit: the resume marks
-
-A unit of work is one chunk of `chunk_items` items along `item`; its data is
-written first and its mark after, so a killed run resumes at the first unmarked
-unit. `complete: true` is written once every unit is marked and verified.
+`FeatureSet(where)` names a set by its folder or URL (`location.Place`). Extraction,
+the cluster runner, `featstore ls|info|verify` and the Python API go through its
+public methods, never through the set's files. It caches the root attributes and
+one listing of the set's files, and forgets both whenever it writes.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-import shutil
-import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
-import zarr
-from zarr.codecs import Crc32cCodec
-from zarr.core.array_spec import ArrayConfigParams
 
-from featstore.errors import (
-    StoreCorruptError,
-    StoreIncompleteError,
-    StoreMismatchError,
-)
-from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
-from featstore.store.location import (
-    Place,
-    Remote,
-    files,
-    place,
-    publish,
-)
-from featstore.store.schema import (
-    ITEM_DATA,
-    MARKS,
-    Items,
-    Layout,
-    layout_for,
-    root_attrs,
-    skeleton,
-)
+from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
+from featstore.identity import FORMAT_VERSION, SetIdentity
+from featstore.store import arrays, claims, integrity
+from featstore.store.arrays import UnitWriter, plain
+from featstore.store.integrity import Kind, Problem
+from featstore.store.location import Place, Remote, files, has_set, place, remove, size
+from featstore.store.schema import UNIT_ARRAYS, Items, Layout
 
-LOCAL_BUILD = "featstore-build-"  # + pid: local folders where remote skeletons are built
+__all__ = ["FeatureSet", "Problem", "Status", "UnitWriter", "corrupt", "open_set", "plain"]
+
+Status = Literal["cached", "new", "resumed", "repaired"]
 
 
-def store_path(cache: Place | str, key: str) -> Place:
-    """Where the set with cache key `key` lives under `cache` (a folder or a URL)."""
-    return place(cache) / f"{key[:24]}.zarr"
+class FeatureSet:
+    """The feature set at a folder or URL, whether it exists yet or not."""
 
+    def __init__(self, where: Place | str) -> None:
+        self.path: Place = place(where)
+        self._attrs: dict[str, Any] | None = None
+        self._files: set[str] | None = None
 
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: stored {va!r}, requested {vb!r}")
-    return out
+    @classmethod
+    def at(cls, cache: Place | str, key: str) -> FeatureSet:
+        """The set with cache key `key` under `cache` (a folder or a URL)."""
+        return cls(place(cache) / f"{key[:24]}.zarr")
 
+    def __reduce__(self) -> tuple[type[FeatureSet], tuple[Place]]:
+        """Pickled as its path (to cluster workers), without the caches."""
+        return (FeatureSet, (self.path,))
 
-def create(
-    path: Place,
-    ident: SetIdentity,
-    layout: Layout,
-    items: Items,
-    describe: dict[str, Any],
-    compute: dict[str, str] | None = None,
-) -> bool:
-    """Allocate an empty feature set (attributes, coordinates, labels, marks).
+    def __str__(self) -> str:
+        return str(self.path)
 
-    Data variables are allocated, not written: each unit fills its own chunk later.
-    `describe` holds readable facts about the dataset (name, format, path, ...);
-    `compute` how its units are computed (see `integrity.check_compute`).
-    The set is built in a temporary sibling folder and renamed into place, so another
-    process (a second --shard) sees either nothing or a whole skeleton. Returns False
-    when another process created `path` first (its skeleton is kept).
-    """
-    ds, encoding = skeleton(layout, items)
-    ds.attrs.update(root_attrs(ident, layout, describe, compute))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(path, Remote):  # built here, uploaded whole by `publish`
-        tmp = Path(tempfile.mkdtemp(prefix=f"{LOCAL_BUILD}{os.getpid()}-")) / path.name
-    else:  # a sibling, so that `publish` is one atomic rename
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-    ds.to_zarr(
-        tmp,
-        mode="w-",
-        compute=False,
-        zarr_format=3,
-        encoding=encoding,
-        consolidated=False,
-        write_empty_chunks=True,  # every chunk on disk: a missing one is damage, not zeros
-    )
-    root = zarr.open_group(tmp, mode="r+")
-    root.create_group("_featstore").create_array(
-        "done",
-        shape=(layout.n_units,),
-        chunks=(1,),
-        dtype="uint8",
-        fill_value=0,
-        compressors=[Crc32cCodec()],
-    )
-    published = publish(tmp, path)  # False: another shard won the race; use its skeleton
-    if isinstance(path, Remote):
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-    return published
+    def __repr__(self) -> str:
+        return f"FeatureSet({str(self.path)!r})"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeatureSet) and str(self.path) == str(other.path)
 
-def read_attrs(path: Place) -> dict[str, Any]:
-    """The root attributes of the set at `path`.
+    def __hash__(self) -> int:
+        return hash(str(self.path))
 
-    Raises StoreCorruptError when its zarr.json is not valid JSON, FileNotFoundError
-    when there is no set.
-    """
-    meta = place(path) / "zarr.json"
-    try:
-        return dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreCorruptError(
-            f"{meta} is not valid JSON ({exc}); the set cannot be trusted: re-extract it "
-            "with --overwrite"
-        ) from None
+    @property
+    def name(self) -> str:
+        return self.path.name
 
+    @property
+    def remote(self) -> bool:
+        """Whether the set lives on an object store (its failures are the network's)."""
+        return isinstance(self.path, Remote)
 
-def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array]]:
-    """(name, array) of every array under `root`, nested groups included, by name."""
-    for name, node in sorted(root.members()):
-        if isinstance(node, zarr.Array):
-            yield prefix + name, node
-        else:
-            yield from arrays(node, f"{prefix}{name}/")
+    # ------------------------------------------------------------ reading
 
+    def exists(self) -> bool:
+        """Whether a set is here (its root zarr.json is; the one test of it)."""
+        return has_set(self.path)
 
-def chunk_key(name: str, arr: zarr.Array, unit: int) -> str:
-    """The file of chunk `unit` (along the first axis) of array `name`, relative to
-    the set's folder."""
-    coords = (unit,) + (0,) * (arr.ndim - 1)
-    return f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The root attributes (read once). StoreIncompleteError when there is no set;
+        StoreCorruptError when its zarr.json is not valid JSON."""
+        if self._attrs is None:
+            if not self.exists():
+                raise StoreIncompleteError(
+                    f"{self.path}: no feature set here (no zarr.json); run `featstore extract`"
+                )
+            self._attrs = arrays.read_attrs(self.path)
+        return self._attrs
 
+    def files(self) -> set[str]:
+        """Every file of the set, '/'-joined and relative to it (listed once)."""
+        if self._files is None:
+            self._files = files(self.path)
+        return self._files
 
-def missing_chunks(path: Place, present: set[str] | None = None) -> list[str]:
-    """'<array> unit <u>: chunk file missing' for every absent chunk of a complete set.
+    def _forget(self) -> None:
+        self._attrs = self._files = None
 
-    present: `location.files(path)` when the caller has listed the set already.
-    """
-    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    present = files(path) if present is None else present  # one listing, not one per chunk
-    out = []
-    for name, arr in arrays(root):
-        for unit in range(-(-arr.shape[0] // arr.chunks[0])):
-            if chunk_key(name, arr, unit) not in present:
-                out.append(f"{name} unit {unit}: chunk file missing")
-    return out
+    @property
+    def layout(self) -> Layout:
+        """The recorded shapes (ValueError when the attribute was edited)."""
+        return Layout.from_attrs(self.attrs.get("layout"))
 
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
 
-def absent_arrays(path: Place, attrs: dict[str, Any], present: set[str] | None = None) -> list[str]:
-    """'metadata: array ...' for each array of the recorded layout whose zarr.json is
-    gone (zarr would skip it, and a re-consolidation would drop it for good).
+    def pending_units(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """Units not yet marked done (those u with u % n == i for shard (i, n)), in order."""
+        i, n = shard
+        return [u for u in arrays.pending_units(self.path) if u % n == i]
 
-    present: `location.files(path)` when the caller has listed the set already.
-    """
-    try:
-        names = Layout.from_attrs(attrs.get("layout")).arrays()
-    except (TypeError, ValueError):
-        return []  # a malformed layout is an `attribute_problems` line
-    present = files(path) if present is None else present
-    return [
-        f"metadata: array '{name}' is missing (no {name}/zarr.json); re-extract with --overwrite"
-        for name in names
-        if f"{name}/zarr.json" not in present
-    ]
+    def units_done(self) -> tuple[int, int]:
+        """(units marked done, units in all)."""
+        total = self.layout.n_units
+        return total - len(self.pending_units()), total
 
+    def size(self) -> int:
+        """Bytes on disk (or in the bucket)."""
+        return size(self.path)
 
-def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[str]:
-    """Root attributes that disagree with the recorded identity or the folder name."""
-    if attrs.get("featstore_format") != FORMAT_VERSION:
-        return [f"attributes: {_old_format(path, attrs)}"]
-    try:
-        ident = SetIdentity.from_attrs(attrs["identity"])
-        key = ident.key()
-    except (KeyError, TypeError, ValueError) as exc:
-        return [f"attributes: the recorded identity is missing or malformed ({exc!r})"]
-    out = []
-    edited = "(the attributes were edited: re-extract with --overwrite)"
-    if attrs.get("cache_key") != key or place(path).name != f"{key[:24]}.zarr":
-        out.append(
-            f"attributes: the recorded identity hashes to {key[:24]}, but cache_key is "
-            f"{str(attrs.get('cache_key'))[:24]} and the folder {place(path).name} {edited}"
-        )
-    assert ident.weights is not None  # from_attrs always sets it
-    copies = {"encoder": ident.weights.to_dict(), "preprocess": ident.preprocess().to_dict()}
-    for name, value in copies.items():
-        if attrs.get(name) != canonical(value):
-            out.append(f"attributes: '{name}' disagrees with the recorded identity {edited}")
-    try:  # the shapes follow from the identity; only the counts and chunking are free
-        rec = Layout.from_attrs(attrs.get("layout"))
-        chunks = (rec.chunk_items, rec.chunk_items)
-        derived = layout_for(ident, rec.n_items, rec.n_classes, *chunks, rec.codec, rec.examples)
-        if derived != rec:
-            out.append(f"attributes: 'layout' disagrees with the recorded identity {edited}")
-    except (TypeError, ValueError) as exc:
-        out.append(f"attributes: 'layout' is malformed ({exc}) {edited}")
-    mine = {k: v for k, v in ident.request().items() if k != "encoder"}
-    for req in attrs.get("requests", []):
-        if {k: v for k, v in req.items() if k != "encoder"} != mine:
-            out.append(f"attributes: a recorded request asks for other content {edited}")
-            break
-    return out
-
-
-def skipped_problems(path: Place, attrs: dict[str, Any]) -> list[str]:
-    """`skipped` must name exactly the samples whose items hold NaN features."""
-    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    cls = np.asarray(_array(root, "cls")[:], np.float32)
-    nan = ~np.isfinite(cls.reshape(len(cls), -1)).all(1)
-    sample = plain(np.asarray(_array(root, "sample")[:]))
-    listed = np.isin(sample, list(attrs.get("skipped", {})))
-    written = np.ones(len(sample), bool)
-    layout = Layout.from_attrs(attrs["layout"])
-    for unit in pending_units(path):  # not written yet: NaN fill, not a skipped sample
-        written[layout.unit_slice(unit)] = False
-    disagree = (nan != listed) & written
-    if not disagree.any():
-        return []
-    wrong = sorted({str(v) for v in sample[disagree]})[:5]
-    return [
-        f"attributes: 'skipped' disagrees with the features of samples {wrong} (NaN items "
-        "belong to skipped samples only; the attributes were edited: re-extract with --overwrite)"
-    ]
-
-
-def check_matches(path: Place, ident: SetIdentity, layout: Layout | None = None) -> None:
-    """Raise `StoreMismatchError` when the set at `path` was made for something else.
-
-    layout None: check the identity only (a complete set keeps its own chunking).
-    """
-    attrs = read_attrs(path)
-    if attrs.get("featstore_format") != FORMAT_VERSION:
-        raise _old_format(path, attrs)
-    stored = SetIdentity.from_attrs(attrs["identity"])
-    diffs = _diff(stored.content(), ident.content())
-    if layout is not None:
-        diffs += _diff(attrs.get("layout", {}), asdict(layout), "layout.")
-    if diffs:
-        hint = (
-            "the chunk size follows --batch-size: rerun with the stored one, or "
-            if any(d.startswith("layout.chunk_items") for d in diffs)
-            else ""
-        )
-        raise StoreMismatchError(
-            f"{path} holds a feature set with another configuration:\n  "
-            + "\n  ".join(diffs)
-            + f"\n{hint}pass --overwrite to replace it (its features will be deleted)"
-        )
-
-
-def _old_format(path: Place, attrs: dict[str, Any]) -> StoreMismatchError:
-    return StoreMismatchError(
-        f"{path} was written by another featstore format "
-        f"({attrs.get('featstore_format')!r}, this one reads {FORMAT_VERSION}); "
-        "re-extract it with `featstore extract` (the old folder can then be deleted)"
-    )
-
-
-def record_skipped(path: Place, skipped: dict[str, str]) -> None:
-    """Add unreadable samples (id -> reason) to the set's `skipped` attribute."""
-    if not skipped:
-        return
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    attrs: dict[str, Any] = dict(root.attrs)
-    root.attrs["skipped"] = {**attrs.get("skipped", {}), **skipped}
-
-
-def discard_partials(path: Place, units: Sequence[int]) -> int:
-    """Delete half-written chunk files (zarr's `*.partial` temporaries) of `units`.
-
-    A killed writer can leave one behind; it is never part of the data, but it would
-    linger beside the chunk that the resumed run writes. Only the given units' files
-    are touched, so a concurrent shard's in-flight writes are left alone.
-    """
-    if isinstance(path, Remote):
-        return 0  # an object is written by one PUT: an object store has no temporaries
-    wanted = {str(u) for u in units}
-    removed = 0
-    for rel in sorted(files(path)):
-        if not rel.endswith(".partial"):
-            continue
-        for name in ("cls", "patch", "mask", MARKS):
-            if rel.startswith(f"{name}/c/"):
-                unit = rel[len(name) + 3 :].split("/")[0].split(".")[0]
-                if unit in wanted:
-                    (place(path) / rel).unlink(missing_ok=True)
-                    removed += 1
-    return removed
-
-
-def pending_units(path: Place) -> list[int]:
-    """The units of the set at `path` not yet marked done, in order."""
-    done = zarr.open_array(str(place(path) / MARKS), mode="r")[:]
-    return [int(u) for u in np.flatnonzero(done == 0)]
-
-
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array `name` of a set's group (zarr types members as array or group)."""
-    node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise StoreIncompleteError(
-            f"{group.store_path}/{name}: a group where a feature-set array belongs; "
-            "re-extract with --overwrite"
-        )
-    return node
-
-
-class UnitWriter:
-    """Writes whole units into an allocated set; arrays are opened once, not per unit."""
-
-    def __init__(self, path: Place, layout: Layout):
-        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        self.layout = layout
-        # Chunks equal to the fill value (an all-background mask) are written too:
-        # on disk, every chunk exists, so a missing one is always damage.
-        full: ArrayConfigParams = {"write_empty_chunks": True}
-        self.arrays = {
-            name: _array(root, name).with_config(full) for name in ITEM_DATA if name in root
+    def summary(self) -> dict[str, Any]:
+        """One row for `featstore ls`: dataset, encoder, resolution, items, size, ..."""
+        attrs = self.attrs
+        enc, pre = attrs.get("encoder", {}), attrs.get("preprocess", {})
+        return {
+            "dataset": attrs.get("dataset", {}).get("name"),
+            "encoder": f"{enc.get('name')}{' (random_init)' if enc.get('random_init') else ''}",
+            "resolution": pre.get("resolution"),
+            "items": attrs.get("layout", {}).get("n_items"),
+            "size_mb": round(self.size() / 1e6, 1),
+            "complete": self.complete,
+            "format": attrs.get("featstore_format"),
+            "key": attrs.get("cache_key", "")[:12],
+            "path": str(self.path),
         }
-        self.marks = _array(root, MARKS).with_config(full)
 
-    def write(
-        self,
-        unit: int,
-        cls: np.ndarray,
-        patch: np.ndarray | None,
-        mask: np.ndarray | None,
-        patch_scale: np.ndarray | None = None,
-    ) -> int:
-        """Write one unit into its own chunks, then mark it done. Returns bytes written.
+    def open(self) -> xr.Dataset:
+        """Open a complete, trusted set: data lazy (dask), coordinates in memory.
 
-        cls: (n, channel) or (n, layer, channel); patch: (n, rows, cols, channel), both
-        cast to the set's dtype (float16 | float32); mask: (n, y, x) uint8; n = the
-        unit's item count.
+        Checked here (cheaply, on every open): the format, that the attributes agree
+        with the recorded identity, that every recorded array's metadata and every
+        chunk is on disk. Every chunk read later checks its own crc32c. Consolidated
+        metadata is not used: reads go by each array's own metadata.
         """
-        region = self.layout.unit_slice(unit)
-        nbytes = 0
-        data_of = {"cls": cls, "patch": patch, "mask": mask, "patch_scale": patch_scale}
-        for name, data in data_of.items():
-            if data is None or name not in self.arrays:
-                continue
-            arr = self.arrays[name]
-            expected = (region.stop - region.start, *arr.shape[1:])
-            if data.shape != expected:  # zarr would silently crop a wider array
-                raise ValueError(f"{name}: got {data.shape} for unit {unit}, expected {expected}")
-            arr[region] = data.astype(arr.dtype, copy=False)
-            nbytes += data.size * arr.dtype.itemsize
-        self.marks[unit] = 1
-        return nbytes
+        self._forget()
+        attrs = self.attrs
+        if attrs.get("featstore_format") != FORMAT_VERSION:
+            raise integrity.old_format(self.path, attrs)
+        if not attrs.get("complete"):
+            raise StoreIncompleteError(
+                f"{self.path} is incomplete (an extract was interrupted); rerun "
+                "the same `featstore extract` to resume it"
+            )
+        present = self.files()
+        problems = integrity.absent_arrays(attrs, present)
+        problems += integrity.attribute_problems(self.path, attrs)
+        if not any(p.blocks_reading for p in problems):
+            problems += integrity.scan_chunks(self.path, attrs, present, set(), decode=False)
+        if problems:
+            raise StoreCorruptError(
+                f"{self.path} cannot be trusted:\n  {integrity.lines(problems[:10])}\n"
+                f"run `featstore verify {self.path}` for every problem, then "
+                "`featstore extract --repair` (or --overwrite) with the same options"
+            )
+        try:
+            ds = xr.open_zarr(str(self.path), consolidated=False)
+            # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
+            # which pandas and xarray's groupby reject), `groupby("sample")` just works.
+            loaded = {name: (ds[name].dims, plain(ds[name].values)) for name in ds.coords}
+        except ChunkChecksumError as exc:  # a coordinate chunk failed its checksum
+            raise corrupt(self.path, exc) from None
+        ds = ds.assign_coords(loaded)
+        if "patch_scale" in ds:  # int8 x per-channel scale, dequantized lazily
+            ds["patch"] = (ds.patch.astype(np.float32) * ds.patch_scale).transpose(*ds.patch.dims)
+            ds = ds.drop_vars("patch_scale")
+        return ds
+
+    # ------------------------------------------------------------ checking
+
+    def verify(
+        self, require_complete: bool = True, values: bool = True, decode: bool = True
+    ) -> list[Problem]:
+        """Everything wrong with the set (empty when it is sound).
+
+        decode False: chunks are checked by a listing, not read (values then unchecked).
+        A complete set has no pending units: there a lost or damaged mark is damage.
+        """
+        self._forget()
+        if not self.exists():
+            return [Problem(Kind.METADATA, f"{self.path} is not a feature set (no zarr.json)")]
+        present = self.files()
+        problems = integrity.header_problems(self.path, present)
+        if any(p.blocks_reading for p in problems):
+            return problems  # no JSON, no array metadata or no layout: nothing below reads
+        attrs = self.attrs
+        marked = self.pending_units()
+        pending = [] if attrs.get("complete") else marked
+        problems += integrity.marks_problems(attrs, marked, require_complete)
+        checked = values and decode
+        problems += integrity.scan_chunks(self.path, attrs, present, set(pending), checked, decode)
+        if checked and integrity.reads_skipped(problems):
+            problems += integrity.skipped_problems(self.path, attrs, pending)
+        return problems
+
+    # ------------------------------------------------------------ writing
+
+    def open_or_create(
+        self,
+        ident: SetIdentity,
+        layout: Layout,
+        items: Items | Callable[[], Items],
+        describe: dict[str, Any],
+        compute: dict[str, str],
+        *,
+        overwrite: bool = False,
+        repair: bool = False,
+    ) -> Status:
+        """Find the set (cached / resumed / repaired) or allocate it (new).
+
+        `items` may be a function that makes them: it is called only when the set is
+        created or repaired (recording the raw data's facts reads every header).
+
+        `describe`: readable facts about the dataset; `compute` (device,
+        preprocess_on) is recorded in a new set, and units are added to an existing
+        one only when it was made the same way (`integrity.compute_mismatch`).
+        overwrite: replace it (refused while another live process works on it);
+        repair: decode every chunk and forget the damaged units (`repair`).
+        """
+        self._forget()
+        self._clear(overwrite)
+        if self.exists():
+            return self._reuse(ident, layout, items, compute, repair)
+        created = arrays.create(self.path, ident, layout, _made(items), describe, compute)
+        self._forget()
+        if created:
+            return "new"
+        integrity.mismatch(self.path, self.attrs, ident, layout)  # a concurrent shard made it
+        integrity.compute_mismatch(self.path, self.attrs.get("compute"), compute)
+        return "resumed"
+
+    def _clear(self, overwrite: bool) -> None:
+        """Remove the set (overwrite) or what a kill during a delete left of it."""
+        if not self.path.exists() or (self.exists() and not overwrite):
+            return
+        # A folder without its root zarr.json is what a kill during a delete left; on an
+        # object store it may also be a skeleton that a live shard is uploading, which
+        # `arrays.create` then races fairly (see `location.publish`).
+        uploading = isinstance(self.path, Remote) and not self.exists()
+        if not (uploading and claims.live_claims(self.path)):
+            claims.refuse_if_busy(self.path, "replacing it")
+            remove(self.path)
+        self._forget()
+
+    def _reuse(
+        self,
+        ident: SetIdentity,
+        layout: Layout,
+        items: Items | Callable[[], Items],
+        compute: dict[str, str],
+        repair: bool,
+    ) -> Status:
+        complete = self.complete
+        integrity.mismatch(self.path, self.attrs, ident, None if complete else layout)
+        if not complete or repair:
+            integrity.compute_mismatch(self.path, self.attrs.get("compute"), compute)
+        if repair and self.repair(_made(items)):
+            return "repaired"
+        absent = integrity.absent_arrays(self.attrs, self.files())
+        if absent:  # zarr would skip these arrays: nothing can be added to the set
+            raise StoreCorruptError(
+                f"{self.path} cannot be reused:\n  {integrity.lines(absent)}\n"
+                "re-extract it with --overwrite"
+            )
+        if not complete:
+            return "resumed"
+        lost = integrity.scan_chunks(self.path, self.attrs, self.files(), set(), decode=False)
+        if lost:  # cheap: file names, not contents
+            raise StoreCorruptError(
+                f"{self.path} is marked complete but has lost chunks ({lost[0]}, "
+                f"{len(lost)} in all); rerun with --repair to recompute them"
+            )
+        arrays.add_request(self.path, ident.request())
+        self._forget()
+        return "cached"
+
+    def repair(self, items: Items) -> bool:
+        """Forget the units whose chunks (data or marks) are damaged, so that they are
+        recomputed, and rewrite damaged coordinates from `items`; True when anything
+        was damaged. StoreCorruptError when the damage is beyond repair."""
+        self._forget()
+        problems = integrity.header_problems(self.path, self.files())
+        fatal = [p for p in problems if not p.repairable]
+        if fatal:
+            raise StoreCorruptError(
+                f"{self.path} cannot be repaired:\n  {integrity.lines(fatal)}\n"
+                "re-extract it with --overwrite"
+            )
+        complete = self.complete
+        marked = set(self.pending_units())
+        damage = integrity.scan_chunks(
+            self.path, self.attrs, self.files(), set() if complete else marked
+        )  # one pass over every chunk
+        units = {p.unit for p in damage if p.array in UNIT_ARRAYS and p.unit is not None}
+        units |= marked if complete else set()  # a complete set whose marks were lost
+        coords = sorted({p.array for p in damage if p.array and p.array not in UNIT_ARRAYS})
+        if coords:
+            arrays.rewrite_items(self.path, items, coords)
+        if units or coords or problems:
+            arrays.reset_units(self.path, sorted(units))  # unmarks `complete`: finish re-checks
+            self._forget()
+            return True
+        return False
+
+    def writer(self) -> UnitWriter:
+        """Writes whole units (data first, then the unit's mark)."""
+        return UnitWriter(self.path, self.layout)
+
+    def discard_partials(self, units: Sequence[int]) -> int:
+        """Delete half-written chunk files of `units` (a killed writer's temporaries)."""
+        if isinstance(self.path, Remote):
+            return 0  # an object is written by one PUT: an object store has no temporaries
+        return arrays.discard_partials(self.path, self.files(), units)
+
+    def record_skipped(self, skipped: dict[str, str]) -> None:
+        """Add unreadable samples (id -> reason) to the `skipped` attribute."""
+        arrays.record_skipped(self.path, skipped)
+        self._forget()
+
+    def finish(self) -> None:
+        """Check the metadata and attributes, that every unit is marked and every chunk
+        is there, then mark the set complete.
+
+        Chunks are not read back: each was written whole (zarr writes a chunk file by a
+        rename, an object store by one PUT) from values checked for NaN/Inf before, and
+        its crc32c is checked on every later read; re-reading a multi-TB set at the end
+        of its extract would cost as much as writing it. `verify` decodes them all.
+        """
+        problems = self.verify(require_complete=False, values=False, decode=False)
+        if problems:
+            raise StoreCorruptError(
+                f"{self.path} failed verification:\n  {integrity.lines(problems)}"
+            )
+        arrays.mark_complete(self.path)
+        self._forget()
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """This process works on the set for the duration (see `store.claims`)."""
+        with claims.claim(self.path):
+            yield
 
 
-def mark_complete(path: Place) -> None:
-    """Write `complete: true` and consolidated metadata (after `integrity.finish` checks)."""
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    root.attrs["complete"] = True
-    root.attrs["completed"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    _consolidate(path)
+def open_set(where: Place | str) -> xr.Dataset:
+    """`FeatureSet(where).open()`: a complete, trusted set as a lazy xarray Dataset."""
+    return FeatureSet(where).open()
 
 
-def _consolidate(path: Place) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
-
-
-def add_request(path: Place, request: dict[str, Any]) -> None:
-    """Record another request that this (complete) set answers, so probe finds it by it."""
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    attrs: dict[str, Any] = dict(root.attrs)
-    requests = list(attrs.get("requests", []))
-    if canonical(request) not in requests:
-        root.attrs["requests"] = [*requests, canonical(request)]
-        _consolidate(path)
-
-
-def open_set(path: Place | str) -> xr.Dataset:
-    """Open a complete, trusted feature set: data lazy (dask), coordinates in memory.
-
-    Checked here (cheaply, on every open): the format, that the attributes agree with
-    the recorded identity, and that every chunk of every array is on disk. Every chunk
-    read later checks its own crc32c. Consolidated metadata is not used: reads go by
-    each array's own metadata.
-    """
-    path = place(path)
-    if not (path / "zarr.json").is_file():
-        raise StoreIncompleteError(f"{path}: no feature set here; run `featstore extract` first")
-    attrs = read_attrs(path)
-    if attrs.get("featstore_format") != FORMAT_VERSION:
-        raise _old_format(path, attrs)
-    if not attrs.get("complete"):
-        raise StoreIncompleteError(
-            f"{path} is incomplete (an extract was interrupted); rerun "
-            "the same `featstore extract` to resume it"
-        )
-    present = files(path)  # one listing for both checks
-    problems = absent_arrays(path, attrs, present) + attribute_problems(path, attrs)
-    problems += missing_chunks(path, present)
-    if problems:
-        raise StoreCorruptError(
-            f"{path} cannot be trusted:\n  "
-            + "\n  ".join(problems[:10])
-            + f"\nrun `featstore verify {path}` for every problem, then "
-            "`featstore extract --repair` (or --overwrite) with the same options"
-        )
-    try:
-        ds = xr.open_zarr(str(path), consolidated=False)
-        # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
-        # which pandas and xarray's groupby reject), `groupby("sample")` just works.
-        loaded = {name: (ds[name].dims, plain(ds[name].values)) for name in ds.coords}
-    except ValueError as exc:  # a coordinate chunk failed its checksum
-        raise corrupt(path, exc) from None
-    ds = ds.assign_coords(loaded)
-    if "patch_scale" in ds:  # int8 x per-channel scale, dequantized lazily
-        ds["patch"] = (ds.patch.astype(np.float32) * ds.patch_scale).transpose(*ds.patch.dims)
-        ds = ds.drop_vars("patch_scale")
-    return ds
-
-
-def corrupt(path: Place, exc: BaseException) -> StoreCorruptError:
+def corrupt(path: Place | FeatureSet, exc: BaseException) -> StoreCorruptError:
     """The error for a chunk of `path` that failed to decode while being read."""
     return StoreCorruptError(
         f"{path}: a chunk failed to decode ({exc}); run `featstore verify {path}` to "
@@ -449,9 +361,5 @@ def corrupt(path: Place, exc: BaseException) -> StoreCorruptError:
     )
 
 
-def plain(values: np.ndarray) -> np.ndarray:
-    """Strings (zarr's StringDType or objects) as a plain '<U' array; others as they are."""
-    values = np.asarray(values)
-    if values.dtype.kind in ("T", "O"):
-        return np.array(values.tolist(), dtype=str)
-    return values
+def _made(items: Items | Callable[[], Items]) -> Items:
+    return items if isinstance(items, Items) else items()
