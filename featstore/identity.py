@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
-from featstore.encode.preprocess import Preprocess
+from featstore.encode.preprocess import Interpolation, Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
-FORMAT_VERSION = 2
+# 3: the encoder's backend, its major version, architecture config and interpolation
+#    joined the key (sets of format 2 are refused with the advice to re-extract).
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,15 @@ class EncoderInfo:
     patch_size: int
     num_register_tokens: int
     hidden_size: int
-    mean: tuple[float, ...]  # per input channel (3: RGB), from preprocessor_config.json
+    mean: tuple[float, ...]  # per input channel (3: RGB), from the model's own config
     std: tuple[float, ...]
     random_init: bool
+    backend: str = "hf"  # hf | timm | open_clip | pixels
+    backend_version: str = ""  # "transformers 5": the loader's name and major version
+    config_sha256: str = ""  # the architecture config (config.json, timm/open_clip cfg)
+    interpolation: Interpolation = "bilinear"  # resize filter the model was trained with
+    cls_token: str = "cls"  # what `cls` holds: the "cls" token, or the "pooled" token
+    overrides: tuple[str, ...] = ()  # preprocessing fields the manifest set, not the model
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, one key per field (as stored in a feature set's attributes)."""
@@ -48,7 +56,10 @@ class EncoderInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
         """The inverse of `to_dict` (JSON lists back to tuples)."""
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        tuples: dict[str, tuple[Any, ...]] = {
+            k: tuple(d[k]) for k in ("mean", "std", "overrides") if k in d
+        }
+        return cls(**{**d, **tuples})
 
     @property
     def label(self) -> str:
@@ -67,6 +78,11 @@ ENCODER_CONTENT = (
     "hidden_size",
     "mean",
     "std",
+    "backend",
+    "backend_version",
+    "config_sha256",
+    "interpolation",
+    "cls_token",
 )
 
 
@@ -173,7 +189,7 @@ class SetIdentity:
         """The preprocessing of this set (the encoder's own mean/std)."""
         w = self._weights()
         r = self.recipe
-        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit)
+        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit, w.interpolation)
 
     def to_attrs(self) -> dict[str, Any]:
         """The whole identity, JSON-ready, for the set's `identity` attribute."""
