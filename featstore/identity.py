@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
@@ -47,7 +47,6 @@ class EncoderInfo:
     config_sha256: str = ""  # the architecture config (config.json, timm/open_clip cfg)
     interpolation: Interpolation = "bilinear"  # resize filter the model was trained with
     cls_token: str = "cls"  # what `cls` holds: the "cls" token, or the "pooled" token
-    overrides: tuple[str, ...] = ()  # preprocessing fields the manifest set, not the model
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, one key per field (as stored in a feature set's attributes)."""
@@ -56,9 +55,7 @@ class EncoderInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
         """The inverse of `to_dict` (JSON lists back to tuples)."""
-        tuples: dict[str, tuple[Any, ...]] = {
-            k: tuple(d[k]) for k in ("mean", "std", "overrides") if k in d
-        }
+        tuples: dict[str, tuple[Any, ...]] = {k: tuple(d[k]) for k in ("mean", "std")}
         return cls(**{**d, **tuples})
 
     @property
@@ -106,6 +103,8 @@ class Recipe:
     patch_layers: tuple[int, ...] = (-1,)  # blocks whose patch tokens are stored
     patch_pool: int = 1  # patch tokens average-pooled k x k
     quantize: str = "none"  # "int8": patch tokens as int8 x per-channel scale
+    # the manifest's replacements of the encoder's own mean/std/interpolation
+    preprocessing: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -136,6 +135,7 @@ class Recipe:
         out["mask_map"] = [list(p) for p in self.mask_map]
         out["metadata"] = [list(p) for p in self.metadata]
         out["patch_layers"] = list(self.patch_layers)
+        out["preprocessing"] = [list(p) for p in self.preprocessing]
         return out
 
     @classmethod
@@ -148,6 +148,10 @@ class Recipe:
                 "mask_map": tuple((int(k), int(v)) for k, v in d["mask_map"]),
                 "metadata": tuple((str(k), str(v)) for k, v in d["metadata"]),
                 "patch_layers": tuple(d.get("patch_layers", (-1,))),
+                "preprocessing": tuple(
+                    (str(k), tuple(v) if isinstance(v, list) else v)
+                    for k, v in d.get("preprocessing", ())
+                ),
             }
         )
 
@@ -186,10 +190,12 @@ class SetIdentity:
         return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
 
     def preprocess(self) -> Preprocess:
-        """The preprocessing of this set (the encoder's own mean/std)."""
+        """The preprocessing of this set: the encoder's own mean/std/interpolation, or the
+        manifest's replacements of them."""
         w = self._weights()
         r = self.recipe
-        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit, w.interpolation)
+        own = Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit, w.interpolation)
+        return replace(own, **dict(r.preprocessing))
 
     def to_attrs(self) -> dict[str, Any]:
         """The whole identity, JSON-ready, for the set's `identity` attribute."""
@@ -216,4 +222,8 @@ def requested(
     ds: Dataset, manifest: Manifest, fingerprint: str, encoder: str, resolution: int
 ) -> SetIdentity:
     """The identity a manifest cell asks for, before any encoder is loaded."""
-    return SetIdentity(Recipe.of(ds, manifest, fingerprint, resolution), encoder)
+    recipe = Recipe.of(ds, manifest, fingerprint, resolution)
+    own = manifest.preprocessing.get(encoder)
+    if own is not None:
+        recipe = replace(recipe, preprocessing=own.items())
+    return SetIdentity(recipe, encoder)

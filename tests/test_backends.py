@@ -84,9 +84,9 @@ def tiny_clip(tmp_path_factory):
     return folder, save_tiny_open_clip(folder, OPEN_CLIP_CFG)
 
 
-def _extract(tmp: Path, spec: str, size: int, resolution: int):
+def _extract(tmp: Path, spec: str, size: int, resolution: int, extra: str = ""):
     mpath = write_manifest(
-        tmp, synth_entry("d", "cls2d", n=6, size=size), f"['{spec}']", f"[{resolution}]"
+        tmp, synth_entry("d", "cls2d", n=6, size=size), f"['{spec}']", f"[{resolution}]", extra
     )
     run = extract.run(
         load_manifest(mpath), Options(progress=False), baseline=False, echo=lambda *_: None
@@ -111,24 +111,45 @@ def _close(stored: xr.DataArray, ref: torch.Tensor) -> None:
     np.testing.assert_allclose(stored.values, ref.numpy().astype(np.float16), rtol=0, atol=3e-3)
 
 
-def test_timm_folder_stores_the_tokens_of_its_own_forward(tmp_path, tiny_timm):
+def _timm_reference(folder: Path, pixels: torch.Tensor) -> torch.Tensor:
+    """timm's own forward_features of the saved tiny ViT: (B, 3 + 16, 32)."""
     import timm
+    from safetensors.torch import load_file
 
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, reg_tokens=2, **TINY_VIT)
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    with torch.no_grad():
+        return model.eval().forward_features(pixels)
+
+
+def test_timm_folder_stores_the_tokens_of_its_own_forward(tmp_path, tiny_timm):
     m, (summary,) = _extract(tmp_path, f"timm:{tiny_timm}", size=48, resolution=32)
     xs = xr.open_zarr(summary.path)
     enc = xs.attrs["encoder"]
     assert enc["backend"] == "timm" and enc["interpolation"] == "bicubic"
     assert enc["num_register_tokens"] == 2 and enc["cls_token"] == "cls"
     assert xs.attrs["preprocess"]["mean"] == [0.3, 0.4, 0.5]  # the folder's own pretrained_cfg
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, reg_tokens=2, **TINY_VIT)
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(tiny_timm / "model.safetensors"))
     pixels = _pixels(m, 32, Image.Resampling.BICUBIC, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3])
-    with torch.no_grad():
-        tokens = model.eval().forward_features(pixels)
+    tokens = _timm_reference(tiny_timm, pixels)
     _close(xs.cls, tokens[:, 0])
     _close(xs.patch, tokens[:, 3:].reshape(len(tokens), 4, 4, 32))  # CLS + 2 registers
+
+
+def test_manifest_preprocessing_replaces_the_models_and_is_recorded(tmp_path, tiny_timm):
+    spec = f"timm:{tiny_timm}"
+    extra = f"preprocessing:\n  '{spec}': {{interpolation: bilinear, mean: [0.5, 0.5, 0.5]}}\n"
+    m, (summary,) = _extract(tmp_path, spec, size=48, resolution=32, extra=extra)
+    xs = xr.open_zarr(summary.path)
+    assert xs.attrs["preprocess"]["interpolation"] == "bilinear"
+    assert xs.attrs["preprocess"]["mean"] == [0.5] * 3
+    assert xs.attrs["encoder"]["interpolation"] == "bicubic"  # the model's own, kept beside
+    recipe = xs.attrs["identity"]["recipe"]
+    assert dict(map(tuple, recipe["preprocessing"]))["interpolation"] == "bilinear"
+    pixels = _pixels(m, 32, Image.Resampling.BILINEAR, [0.5] * 3, [0.2, 0.25, 0.3])
+    tokens = _timm_reference(tiny_timm, pixels)
+    _close(xs.cls, tokens[:, 0])
+    _, (own,) = _extract(tmp_path, spec, size=48, resolution=32)  # same cache and data
+    assert own.path != summary.path and own.status == "new"
 
 
 def test_open_clip_stores_the_trunk_tokens_not_the_projection(tmp_path, tiny_clip):
