@@ -228,3 +228,8 @@ def test_a_cached_run_never_builds_the_model(tmp_path, tiny_timm, monkeypatch):
     monkeypatch.setattr(Encoder, "load", no_build)
     _, (again,) = _extract(tmp_path, f"timm:{tiny_timm}", size=32, resolution=32)
     assert again.status == "cached"
+
+
+def test_resolution_off_the_patch_grid_is_refused_for_that_encoder(tmp_path, tiny_timm):
+    with pytest.raises(ValueError, match=r"not a multiple of the patch size 8 of 'tiny-timm"):
+        _extract(tmp_path, f"timm:{tiny_timm}", size=32, resolution=36)

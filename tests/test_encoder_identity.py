@@ -147,3 +147,20 @@ def test_hostile_encoders_name_the_folder(tmp_path, tiny_dinov3):
 def test_timm_name_without_local_weights_asks_for_a_folder_or_random():
     _expect(EncoderNotFoundError, "timm:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224:random")
     assert resolve_encoder("timm:vit_tiny_patch16_224:random").info.random_init
+
+
+def test_the_comparison_study_resolves_every_encoder_at_every_size():
+    from conftest import REPO
+
+    from featstore.data.manifest import load_manifest
+    from featstore.report.references import published_model
+
+    m = load_manifest(REPO / "manifests" / "compare.yaml")
+    cells = m.cells(baseline=False)
+    specs = {enc for _, enc, _ in cells}
+    assert {"biomedclip", "rad-dino", "dinov2-vits14", "dinov3-vitb16"} <= specs
+    infos = {s: resolve_encoder(s).info for s in specs}
+    for _, enc, res in cells:
+        assert res % infos[enc].patch_size == 0, (enc, res)
+    assert {infos[s].backend for s in specs} == {"hf", "open_clip"}
+    assert published_model("biomedclip") == "BiomedCLIP"

@@ -1,4 +1,4 @@
-"""The timm backend: `timm:<model name | folder>[:random]`.
+"""The timm backend: `timm:<model name | hf-hub:id | folder>[:random]`.
 
 A folder is timm's own `save_for_hf` layout (`config.json` with `architecture`,
 `model_args` and `pretrained_cfg`, beside `model.safetensors` or
@@ -206,6 +206,15 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
         return _from_folder(path.name, path, str(path.resolve()), memo)
     if flag not in ("", "random"):
         raise EncoderNotFoundError(f"encoder 'timm:{target}:{flag}': the only flag is ':random'")
+    if target.startswith("hf-hub:"):  # e.g. a gated pathology model, once in the cache
+        repo = target.removeprefix("hf-hub:")
+        folder = hub_folder(repo)
+        if folder is None:
+            raise EncoderNotFoundError(
+                f"encoder 'timm:{target}': {repo} is not in the local hub cache; log in and "
+                "download it on a connected machine, then copy the cache or pass the folder"
+            )
+        return _from_folder(target, folder, f"{repo}@{folder.name}", memo)
     _known(target)
     from timm.models import get_pretrained_cfg
 
