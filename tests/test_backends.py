@@ -233,3 +233,20 @@ def test_a_cached_run_never_builds_the_model(tmp_path, tiny_timm, monkeypatch):
 def test_resolution_off_the_patch_grid_is_refused_for_that_encoder(tmp_path, tiny_timm):
     with pytest.raises(ValueError, match=r"not a multiple of the patch size 8 of 'tiny-timm"):
         _extract(tmp_path, f"timm:{tiny_timm}", size=32, resolution=36)
+
+
+def test_timm_dinov3_preset_skips_its_four_registers():
+    """timm's DINOv3 (an Eva: rope, 4 registers) through both read-outs."""
+    enc = load_encoder("timm:vit_small_patch16_dinov3.lvd1689m", "cpu")
+    assert enc.info.random_init and enc.info.num_register_tokens == 4
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        seq = enc.model.forward_features(x)  # CLS, 4 registers, 2 x 3 patches
+    assert seq.shape == (1, 1 + 4 + 6, 384)
+    out = enc.encode(x)
+    torch.testing.assert_close(out.cls[:, 0], seq[:, 0])
+    torch.testing.assert_close(out.patch[:, 0], seq[:, 5:].reshape(1, 2, 3, 384))
+    deep = enc.encode(x, layers=2, patch_layers=(-2, -1))
+    torch.testing.assert_close(deep.cls[:, 1], seq[:, 0])
+    torch.testing.assert_close(deep.patch[:, 1], out.patch[:, 0])
+    assert not torch.allclose(deep.patch[:, 0], deep.patch[:, 1])
