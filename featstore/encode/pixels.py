@@ -24,6 +24,8 @@ from featstore.identity import EncoderInfo
 class Pixels(Backbone):
     """The baseline's read-out; `module` has no parameters."""
 
+    autocast = False  # raw pixels, in float32 on every device
+
     def __init__(self, patch: int) -> None:
         self.module = torch.nn.Identity()
         self.patch = patch

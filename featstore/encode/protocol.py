@@ -56,6 +56,7 @@ class Backbone(ABC):
     """A built model and how to read its tokens; `module` is what moves to the device."""
 
     module: torch.nn.Module
+    autocast: bool = True  # bf16 on CUDA; False for read-outs that must stay float32
 
     @abstractmethod
     def tokens(
@@ -127,7 +128,8 @@ class Encoder:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
         backbone = self.load()
         pixels = pixels.to(self.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        cuda = self.device.type == "cuda" and backbone.autocast
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
         with autocast:
             out = backbone.tokens(pixels, layers, patch_layers)
         return FeatureBatch(cls=out.cls.float(), patch=out.patch.float())
