@@ -27,6 +27,8 @@ import torch
 from featstore.data import readers
 from featstore.data.manifest import Dataset, Manifest, Synthetic
 from featstore.encode.encoders import Encoder, FeatureBatch
+from featstore.encode.pixels import Pixels
+from featstore.encode.protocol import Resolved
 from featstore.extraction.run import Options, extract_one
 from featstore.identity import EncoderInfo
 
@@ -41,7 +43,7 @@ class ZeroCost(Encoder):
             "zero-cost-vitb16", "benchmark", "0" * 64, "none", PATCH, 0, HIDDEN,
             (0.5,) * 3, (0.25,) * 3, True,
         )  # fmt: skip
-        super().__init__(None, info, "cpu")
+        super().__init__(Resolved(info, lambda: Pixels(PATCH)), "cpu")  # never built
         g = resolution // PATCH
         gen = torch.Generator().manual_seed(0)
         self.cls = torch.randn(batch, 1, HIDDEN, generator=gen).half()

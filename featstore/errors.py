@@ -21,6 +21,11 @@ class EncoderNotFoundError(FeatstoreError, FileNotFoundError):
     """No weights could be found for the requested encoder."""
 
 
+class EncoderConfigError(FeatstoreError, ValueError):
+    """An encoder's files are there but unusable (not a vision backbone, malformed
+    config, weights that do not fit the architecture)."""
+
+
 class StoreMismatchError(FeatstoreError, ValueError):
     """An existing feature set was written with another configuration."""
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
-from featstore.encode.preprocess import Preprocess
+from featstore.encode.preprocess import Interpolation, Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
 # 3: what the probes need from the raw data is in the set (native size and spacing per
-#    item, example thumbnails), so a set is probed where its data is not.
+#    item, example thumbnails), so a set is probed where its data is not; and the
+#    encoder's backend, its major version, architecture config and interpolation
+#    joined the key (sets of format 2 are refused with the advice to re-extract).
 FORMAT_VERSION = 3
 
 
@@ -39,9 +41,14 @@ class EncoderInfo:
     patch_size: int
     num_register_tokens: int
     hidden_size: int
-    mean: tuple[float, ...]  # per input channel (3: RGB), from preprocessor_config.json
+    mean: tuple[float, ...]  # per input channel (3: RGB), from the model's own config
     std: tuple[float, ...]
     random_init: bool
+    backend: str = "hf"  # hf | timm | open_clip | pixels
+    backend_version: str = ""  # "transformers 5": the loader's name and major version
+    config_sha256: str = ""  # the architecture config (config.json, timm/open_clip cfg)
+    interpolation: Interpolation = "bilinear"  # resize filter the model was trained with
+    cls_token: str = "cls"  # what `cls` holds: the "cls" token, or the "pooled" token
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, one key per field (as stored in a feature set's attributes)."""
@@ -50,7 +57,8 @@ class EncoderInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
         """The inverse of `to_dict` (JSON lists back to tuples)."""
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        tuples: dict[str, tuple[Any, ...]] = {k: tuple(d[k]) for k in ("mean", "std")}
+        return cls(**{**d, **tuples})
 
     @property
     def label(self) -> str:
@@ -69,6 +77,11 @@ ENCODER_CONTENT = (
     "hidden_size",
     "mean",
     "std",
+    "backend",
+    "backend_version",
+    "config_sha256",
+    "interpolation",
+    "cls_token",
 )
 
 
@@ -92,6 +105,8 @@ class Recipe:
     patch_layers: tuple[int, ...] = (-1,)  # blocks whose patch tokens are stored
     patch_pool: int = 1  # patch tokens average-pooled k x k
     quantize: str = "none"  # "int8": patch tokens as int8 x per-channel scale
+    # the manifest's replacements of the encoder's own mean/std/interpolation
+    preprocessing: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -122,6 +137,7 @@ class Recipe:
         out["mask_map"] = [list(p) for p in self.mask_map]
         out["metadata"] = [list(p) for p in self.metadata]
         out["patch_layers"] = list(self.patch_layers)
+        out["preprocessing"] = [list(p) for p in self.preprocessing]
         return out
 
     @classmethod
@@ -134,6 +150,10 @@ class Recipe:
                 "mask_map": tuple((int(k), int(v)) for k, v in d["mask_map"]),
                 "metadata": tuple((str(k), str(v)) for k, v in d["metadata"]),
                 "patch_layers": tuple(d.get("patch_layers", (-1,))),
+                "preprocessing": tuple(
+                    (str(k), tuple(v) if isinstance(v, list) else v)
+                    for k, v in d.get("preprocessing", ())
+                ),
             }
         )
 
@@ -172,10 +192,12 @@ class SetIdentity:
         return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
 
     def preprocess(self) -> Preprocess:
-        """The preprocessing of this set (the encoder's own mean/std)."""
+        """The preprocessing of this set: the encoder's own mean/std/interpolation, or the
+        manifest's replacements of them."""
         w = self._weights()
         r = self.recipe
-        return Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit)
+        own = Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit, w.interpolation)
+        return replace(own, **dict(r.preprocessing))
 
     def to_attrs(self) -> dict[str, Any]:
         """The whole identity, JSON-ready, for the set's `identity` attribute."""
@@ -212,4 +234,8 @@ def requested(
     ds: Dataset, manifest: Manifest, fingerprint: str, encoder: str, resolution: int
 ) -> SetIdentity:
     """The identity a manifest cell asks for, before any encoder is loaded."""
-    return SetIdentity(Recipe.of(ds, manifest, fingerprint, resolution), encoder)
+    recipe = Recipe.of(ds, manifest, fingerprint, resolution)
+    own = manifest.preprocessing.get(encoder)
+    if own is not None:
+        recipe = replace(recipe, preprocessing=own.items())
+    return SetIdentity(recipe, encoder)

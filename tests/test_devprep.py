@@ -48,10 +48,17 @@ def _layout(n: int, r: int, masks: bool = False) -> schema.Layout:
     )  # fmt: skip
 
 
-def _both(ds: Dataset, r: int, fit: str = "resize", device: torch.device = CPU, **intensity):
+def _both(
+    ds: Dataset,
+    r: int,
+    fit: str = "resize",
+    device: torch.device = CPU,
+    interpolation: str = "bilinear",
+    **intensity,
+):
     """(cpu pixels, device pixels, cpu masks, device masks, shipped dtypes, batches)."""
     prep = readers.prepare(ds)
-    pre = Preprocess(r, Intensity(**intensity), MEAN, STD, fit)
+    pre = Preprocess(r, Intensity(**intensity), MEAN, STD, fit, interpolation)
     layout = _layout(len(prep.index), r, ds.task == "segmentation")
     plan = plan_batches(layout, list(range(layout.n_units)), 4)
     cpu = [Batches(prep, pre, layout, plan)[k] for k in range(len(plan))]
@@ -112,6 +119,17 @@ def test_grey_png_matches_the_cpu_path(tmp_path, size, r, fit):
         np.testing.assert_array_equal(b, a)
     else:
         assert 0 < np.abs(a - b).max() <= RESIZED
+
+
+@pytest.mark.parametrize(("size", "r"), [(40, 32), (24, 32), (96, 64)])
+def test_bicubic_on_the_device_is_pils_bicubic(tmp_path, size, r):
+    """timm and open_clip models ask for bicubic: torch's antialiased bicubic uses PIL's
+    kernel (a = -0.5), so both paths agree as closely as for bilinear."""
+    ds = _synthetic(tmp_path, "cls2d", size)
+    a, b, *_ = _both(ds, r, interpolation="bicubic", mode="minmax")
+    assert 0 < np.abs(a - b).max() <= RESIZED
+    linear, *_ = _both(ds, r, mode="minmax")
+    assert np.abs(a - linear).max() > 100 * RESIZED  # the filter was honoured
 
 
 def test_rgb_of_mixed_sizes_matches_and_is_grouped_by_size(tmp_path):

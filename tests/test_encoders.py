@@ -81,8 +81,11 @@ def test_pixel_baseline_shapes():
     assert enc.info.hidden_size == 256  # cls and patch share the channel dimension
     assert out.cls.shape == (3, 1, 256) and out.patch.shape == (3, 1, 4, 4, 256)
     torch.testing.assert_close(out.patch[1, 0, 2, 3], x[1, 0, 32:48, 48:64].reshape(-1))
-    small = load_encoder("pixels:8", "cpu").encode(x)
-    assert small.cls.shape == (3, 1, 64) and small.patch.shape == (3, 1, 8, 8, 64)
+    small = load_encoder("pixels:8", "cpu")
+    out8 = small.encode(x)
+    assert out8.cls.shape == (3, 1, 64) and out8.patch.shape == (3, 1, 8, 8, 64)
+    # result rows name the encoder: two patch sizes must not share a name
+    assert (enc.info.name, small.info.name) == ("pixels", "pixels:8")
 
 
 def test_patch_tokens_of_chosen_blocks_go_through_the_final_norm(tiny_dinov3):

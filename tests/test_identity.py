@@ -51,6 +51,7 @@ OTHER = dict(
     patch_layers=(-4, -1),
     patch_pool=2,
     quantize="int8",
+    preprocessing=(("interpolation", "bicubic"),),
 )
 
 

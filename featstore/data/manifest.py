@@ -212,6 +212,18 @@ def _blocks(v: tuple[int, ...]) -> tuple[int, ...]:
 PatchLayers = Annotated[tuple[int, ...], AfterValidator(_blocks)]
 
 
+class EncoderPreprocessing(_Frozen):
+    """Preprocessing that replaces an encoder's own config (recorded in its feature sets)."""
+
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+
+    def items(self) -> tuple[tuple[str, object], ...]:
+        """The fields that are set, as (name, value) pairs in field order."""
+        return tuple((k, v) for k, v in self.model_dump().items() if v is not None)
+
+
 class Study(_Frozen):
     """A grid of encoders x resolutions over some datasets (all when `datasets` is empty)."""
 
@@ -254,6 +266,9 @@ class Manifest(_Frozen):
     baseline: str | None = Field(default="pixels", pattern=r"^pixels(:\d+)?$")
     datasets: tuple[Dataset, ...]
     studies: tuple[Study, ...] = ()  # without studies: one grid, encoders x resolutions
+    # Per encoder (as named in `encoders` or a study): mean/std/interpolation that
+    # replace the model's own; part of the sets' identity, recorded in each of them.
+    preprocessing: dict[str, EncoderPreprocessing] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique(self) -> Manifest:
@@ -267,6 +282,12 @@ class Manifest(_Frozen):
                 raise ValueError(
                     f"study '{study.name}' names unknown datasets {unknown}; known: {names}"
                 )
+        used = {*self.encoders, *(e for s in self.studies for e in s.encoders)}
+        stray = sorted(set(self.preprocessing) - used)
+        if stray:
+            raise ValueError(
+                f"preprocessing names encoders {stray} that no grid uses; known: {sorted(used)}"
+            )
         return self
 
     def dataset(self, name: str) -> Dataset:

@@ -7,14 +7,16 @@ mapping, resize, grey-to-RGB and mean/std run here as batched torch ops on the
 device. The steps and their order are those of `featstore.encode.preprocess`:
 
     unit = clip((x - lo) * scale, 0, 1)  # one (lo, scale) per sample, from unit_map
-    fit  = pad onto a zero canvas | resize (bilinear, antialiased) | as is
+    fit  = pad onto a zero canvas | resize (the encoder's bilinear or bicubic, antialiased) | as is
     out  = (fit - mean) / std            # grey replicated to 3 channels
 
 Intensity, pad and normalisation are the same float32 operations as on the CPU
 (bit-identical for `window`, `minmax` and `none`; `percentile` bounds are float64
 there and float32 here). The resize is torch's antialiased bilinear, which
 implements PIL's filter but computes its weights in float32: it differs from PIL by
-up to ~1e-5 on [0, 1] intensities (README, "Preprocessing on the device"). Masks are
+up to ~1e-5 on [0, 1] intensities (README, "Preprocessing on the device"). Bicubic
+(timm and open_clip models ask for it) is torch's antialiased bicubic, which uses
+PIL's kernel (a = -0.5); both paths leave its overshoot beyond [0, 1] unclipped. Masks are
 not handled here: they stay nearest-neighbour on the CPU.
 """
 
@@ -153,7 +155,7 @@ def pack(n: int, parts: Sequence[Part]) -> RawPixels:
     return RawPixels(n, tuple(groups))
 
 
-def _fit(x: torch.Tensor, size: int, fit: str) -> torch.Tensor:
+def _fit(x: torch.Tensor, size: int, fit: str, interpolation: str = "bilinear") -> torch.Tensor:
     """(n, C, H, W) float32 -> (n, C, size, size), as `preprocess._fit_plane` does."""
     h, w = x.shape[-2:]
     if fit == "pad" and h <= size and w <= size:
@@ -163,8 +165,8 @@ def _fit(x: torch.Tensor, size: int, fit: str) -> torch.Tensor:
         return out
     if (h, w) == (size, size):
         return x
-    # PIL's BILINEAR widens its kernel when shrinking; antialias=True does the same.
-    return F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
+    # PIL's filters widen their kernel when shrinking; antialias=True does the same.
+    return F.interpolate(x, (size, size), mode=interpolation, antialias=True, align_corners=False)
 
 
 def to_input(
@@ -185,7 +187,7 @@ def to_input(
         x = g.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         lo = g.lo.to(device, non_blocking=True).view(-1, 1, 1, 1)
         scale = g.scale.to(device, non_blocking=True).view(-1, 1, 1, 1)
-        x = _fit(((x - lo) * scale).clamp_(0.0, 1.0), r, pre.fit)
+        x = _fit(((x - lo) * scale).clamp_(0.0, 1.0), r, pre.fit, pre.interpolation)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         out.index_copy_(0, g.rows.to(device, non_blocking=True), (x - mean) / std)

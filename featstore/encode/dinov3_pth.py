@@ -10,13 +10,14 @@ beside the file.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from featstore.errors import EncoderNotFoundError
+from featstore.encode.protocol import read_json
+from featstore.errors import EncoderConfigError, EncoderNotFoundError
 
 _RENAMES = [
     (r"^cls_token$", "embeddings.cls_token"),
@@ -66,34 +67,43 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def load_pth(path: Path, presets: dict[str, dict]) -> tuple[torch.nn.Module, str]:
-    """A DINOv3ViTModel with the weights of `path`; returns (model, architecture name)."""
-    from transformers import AutoConfig, DINOv3ViTConfig, DINOv3ViTModel
-
+def pth_config(path: Path, presets: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The architecture of a `.pth` checkpoint, as a config dict, and its name: from a
+    `config.json` beside the file, else from a preset named in the file name."""
     if (path.parent / "config.json").is_file():
-        config = AutoConfig.from_pretrained(path.parent)
-        arch = json.loads((path.parent / "config.json").read_text()).get("model_type", "")
-    else:
-        name = path.name.replace("_", "-")
-        found = [p for p in presets if name.startswith(p + "-") or name.startswith(p + ".")]
-        if not found:
-            raise EncoderNotFoundError(
-                f"{path}: cannot tell the architecture; name the file like Meta does "
-                f"(dinov3_vitb16_pretrain_lvd1689m.pth) or put a config.json beside it"
-            )
-        arch = max(found, key=len)
-        spec = {k: v for k, v in presets[arch].items() if k not in ("hub", "model_type")}
-        config = DINOv3ViTConfig(**spec)
+        config = read_json(path.parent / "config.json")
+        return config, str(config.get("model_type", ""))
+    name = path.name.replace("_", "-")
+    found = [p for p in presets if name.startswith(p + "-") or name.startswith(p + ".")]
+    if not found:
+        raise EncoderNotFoundError(
+            f"{path}: cannot tell the architecture; name the file like Meta does "
+            f"(dinov3_vitb16_pretrain_lvd1689m.pth) or put a config.json beside it"
+        )
+    arch = max(found, key=len)
+    return {k: v for k, v in presets[arch].items() if k != "hub"}, arch
+
+
+def load_pth(path: Path, config: dict[str, Any], arch: str) -> torch.nn.Module:
+    """A DINOv3ViTModel of architecture `config` with the weights of `path`."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    spec = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
         raise EncoderNotFoundError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
     state = state.get("model", state) if isinstance(state, dict) else state
-    model = DINOv3ViTModel(config)
-    missing, unexpected = model.load_state_dict(convert_state_dict(state), strict=False)
+    model = DINOv3ViTModel(DINOv3ViTConfig(**spec))
+    try:
+        missing, unexpected = model.load_state_dict(convert_state_dict(state), strict=False)
+    except RuntimeError as exc:  # a tensor whose shape the architecture does not have
+        raise EncoderConfigError(
+            f"{path}: checkpoint does not fit the {arch} architecture ({str(exc)[:300]})"
+        ) from None
     if missing or unexpected:
-        raise EncoderNotFoundError(
+        raise EncoderConfigError(
             f"{path}: checkpoint does not fit the {arch} architecture; "
             f"missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
-    return model.eval(), arch
+    return model.eval()

@@ -1,18 +1,26 @@
 """Intensity handling, resizing and normalisation (numpy + PIL; no torch).
 
 Intensities become [0, 1] per sample (a whole volume at once, so every slice of a
-volume shares one mapping), slices are resized (antialiased) to the encoder input,
-grey is replicated to 3 channels, and the encoder's own mean/std are applied.
+volume shares one mapping), slices are resized (antialiased, with the encoder's own
+filter: bilinear or bicubic) to the encoder input, grey is replicated to 3 channels,
+and the encoder's own mean/std are applied.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from featstore.data.manifest import Fit, Intensity
+from featstore.errors import EncoderConfigError
+
+Interpolation = Literal["bilinear", "bicubic"]
+INTERPOLATIONS: tuple[Interpolation, ...] = ("bilinear", "bicubic")
+# PIL's filters widen their kernel when shrinking, i.e. they antialias.
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -24,12 +32,24 @@ class Preprocess:
     mean: tuple[float, ...]  # per channel; broadcast over the 3 input channels
     std: tuple[float, ...]
     fit: Fit = "resize"  # pad: centre small images on a zero canvas
+    interpolation: Interpolation = "bilinear"  # the encoder's own resize filter
 
     def to_dict(self) -> dict:
         """JSON-ready, as stored in a feature set's `preprocess` attribute."""
         d = asdict(self)
         d["intensity"] = self.intensity.model_dump()
         return d
+
+
+def interpolation(name: object, where: str) -> Interpolation:
+    """`name` as a resize filter featstore has, or an EncoderConfigError naming `where`."""
+    for known in INTERPOLATIONS:
+        if name == known:
+            return known
+    raise EncoderConfigError(
+        f"{where}: interpolation {name!r}; featstore resizes with bilinear or bicubic "
+        "(override it in the manifest's preprocessing for this encoder)"
+    )
 
 
 def unit_map(image: np.ndarray, intensity: Intensity) -> tuple[float, float] | None:
@@ -60,7 +80,9 @@ def to_unit(image: np.ndarray, intensity: Intensity) -> np.ndarray:
     return np.clip((x - lo) * scale, 0.0, 1.0)
 
 
-def _fit_plane(plane: np.ndarray, size: int, fit: str, nearest: bool) -> np.ndarray:
+def _fit_plane(
+    plane: np.ndarray, size: int, fit: str, nearest: bool, filt: str = "bilinear"
+) -> np.ndarray:
     h, w = plane.shape
     if fit == "pad" and h <= size and w <= size:
         out = np.zeros((size, size), plane.dtype)
@@ -69,9 +91,8 @@ def _fit_plane(plane: np.ndarray, size: int, fit: str, nearest: bool) -> np.ndar
         return out
     if (h, w) == (size, size):
         return plane
-    mode = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    mode = Image.Resampling.NEAREST if nearest else _FILTERS[filt]
     src = Image.fromarray(plane.astype(np.int32 if nearest else np.float32, copy=False))
-    # PIL's BILINEAR widens its kernel when shrinking, i.e. it antialiases.
     return np.asarray(src.resize((size, size), mode), dtype=plane.dtype)
 
 
@@ -92,7 +113,9 @@ def preprocess(
     r = cfg.resolution
     out = np.empty((d, 3, r, r), np.float32)
     for i in range(d):
-        planes = [_fit_plane(unit[i, :, :, k], r, cfg.fit, nearest=False) for k in range(c)]
+        planes = [
+            _fit_plane(unit[i, :, :, k], r, cfg.fit, False, cfg.interpolation) for k in range(c)
+        ]
         out[i] = planes * 3 if c == 1 else planes
     out -= np.asarray(cfg.mean, np.float32)[None, :, None, None]
     out /= np.asarray(cfg.std, np.float32)[None, :, None, None]

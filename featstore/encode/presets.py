@@ -1,7 +1,9 @@
-"""Published DINOv3 ViT architectures, as plain data (no torch), smallest first.
+"""Preset encoders' published architectures and preprocessing, as plain data (no torch).
 
-The encoder loader builds a preset's architecture from these numbers; the report
-orders models by size from the same list.
+`PRESETS` are the DINOv3 ViTs (transformers), smallest first: the report orders
+models by size from that list. The comparison presets follow: DINOv2 and RAD-DINO
+(transformers), BiomedCLIP (open_clip) and timm's DINOv3 names. A backend builds a
+preset's architecture from these numbers when its weights are not on this machine.
 """
 
 from __future__ import annotations
@@ -71,3 +73,88 @@ PRESETS: dict[str, dict[str, Any]] = {
         hub="facebook/dinov3-vit7b16-pretrain-lvd1689m",
     ),
 }
+
+# Comparison encoders of the seed and its readers (issue 18), each with its published
+# architecture and preprocessing; without local weights each is a flagged random init.
+# transformers DINOv2 (facebook/dinov2-*: ImageNet mean/std, bicubic; patch 14).
+_DINOV2: dict[str, Any] = dict(
+    model_type="dinov2",
+    patch_size=14,
+    image_size=518,
+    mlp_ratio=4,
+    layerscale_value=1.0,
+    interpolation="bicubic",
+)
+HF_PRESETS: dict[str, dict[str, Any]] = {
+    "dinov2-vits14": dict(
+        _DINOV2,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        hub="facebook/dinov2-small",
+    ),
+    "dinov2-vitb14": dict(
+        _DINOV2,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hub="facebook/dinov2-base",
+    ),
+    "dinov2-vitl14": dict(
+        _DINOV2,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        hub="facebook/dinov2-large",
+    ),
+    # RAD-DINO (Pérez-García et al. 2025): a DINOv2 ViT-B/14 trained on chest X-rays,
+    # with its own grey-level statistics (microsoft/rad-dino preprocessor_config.json).
+    "rad-dino": dict(
+        _DINOV2,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        mean=(0.5307, 0.5307, 0.5307),
+        std=(0.2583, 0.2583, 0.2583),
+        hub="microsoft/rad-dino",
+    ),
+}
+
+# open_clip models by their open_clip_config.json, so that the image tower builds
+# without the hub (the text tower is never built). BiomedCLIP (Zhang et al. 2023):
+# a timm ViT-B/16 trunk, CLIP mean/std, 224 px, bicubic.
+OPEN_CLIP_PRESETS: dict[str, dict[str, Any]] = {
+    "biomedclip": dict(
+        hub="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        model_cfg=dict(
+            embed_dim=512,
+            vision_cfg=dict(
+                timm_model_name="vit_base_patch16_224",
+                timm_model_pretrained=False,
+                timm_pool="",
+                timm_proj="linear",
+                image_size=224,
+            ),
+        ),
+        preprocess_cfg=dict(
+            mean=(0.48145466, 0.4578275, 0.40821073),
+            std=(0.26862954, 0.26130258, 0.27577711),
+        ),
+    ),
+}
+
+# timm's DINOv3 names (weights on the hub as timm/<name>): presets that fall back to a
+# random init, like the transformers DINOv3 presets.
+TIMM_PRESETS: tuple[str, ...] = (
+    "vit_small_patch16_dinov3.lvd1689m",
+    "vit_small_plus_patch16_dinov3.lvd1689m",
+    "vit_base_patch16_dinov3.lvd1689m",
+    "vit_large_patch16_dinov3.lvd1689m",
+    "vit_huge_plus_patch16_dinov3.lvd1689m",
+    "vit_7b_patch16_dinov3.lvd1689m",
+)
+
+
+def preset_names() -> list[str]:
+    """Every preset a manifest can name without a prefix (timm ones take `timm:`)."""
+    return [*PRESETS, *HF_PRESETS, *OPEN_CLIP_PRESETS, *(f"timm:{n}" for n in TIMM_PRESETS)]

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 
 from featstore.encode.presets import PRESETS
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.report.references import Reference
+from featstore.report.references import Reference, published_model
 
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
 SIZE_ORDER = list(PRESETS)  # smallest first
@@ -125,7 +125,8 @@ def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame
     df: that dataset's results rows; refs: its `featstore.report.references`. Rows: one per
     published model/resolution (labelled "published") and one per featstore encoder x
     resolution x protocol (its linear probe, random-init flagged); columns: source,
-    model, resolution, accuracy, auroc (strings; "" where there is no value).
+    model, resolution, accuracy, auroc and any other metric of `refs` (dice, precision,
+    recall; strings, "" where there is no value).
     """
     published: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in refs:
@@ -134,18 +135,25 @@ def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame
         {"source": f"published: {src}", "model": model, "resolution": res, **vals}
         for (src, model, res), vals in published.items()
     ]
-    lin = df[(df.probe == "linear") & df.metric.isin(["accuracy", "auroc"])]
+    # accuracy and AUROC always; Dice, precision, recall where a reference has them
+    metrics = ["accuracy", "auroc", *sorted({r.metric for r in refs} - {"accuracy", "auroc"})]
+    lin = df[df.probe.isin(["linear", "seg-linear"]) & df.metric.isin(metrics)]
     keys = ["encoder", "random_init", "resolution", "protocol"]
     for (enc, rnd, res, protocol), g in lin.groupby(keys, sort=False):
         out.append(
             {
                 "source": f"featstore ({protocol} protocol)",
-                "model": f"{label(str(enc), bool(rnd))}, frozen, linear probe",
+                "model": f"{label(str(enc), bool(rnd))}, frozen, linear probe"
+                + (
+                    f" (the paper's {published_model(str(enc))})"
+                    if published_model(str(enc))
+                    else ""
+                ),
                 "resolution": f"{res} px",
                 **{str(r.metric): cell(r) for r in g.itertuples()},
             }
         )
-    cols = ["source", "model", "resolution", "accuracy", "auroc"]
+    cols = ["source", "model", "resolution", *metrics]
     return pd.DataFrame(out, columns=cols).fillna("").set_index("source")
 
 
