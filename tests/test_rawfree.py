@@ -173,3 +173,40 @@ def test_sets_of_the_previous_format_are_refused_with_the_fix(extracted, tmp_pat
 
 def test_recorded_names_are_reserved_for_metadata():
     assert {*schema.NATIVE, *schema.EXAMPLES, schema.EXAMPLE_DIM, "thumb_y", "thumb_x"} <= RESERVED
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A complete 2D segmentation set of the pixel baseline (3 units), and its manifest."""
+    tmp = tmp_path_factory.mktemp("small")
+    mpath = write_manifest(tmp, synth_entry("d", "seg2d", n=12), "[]", extra="unit_items: 4\n")
+    _invoke("extract", "--manifest", str(mpath), "--batch-size", "4")
+    (path,) = (tmp / "cache").glob("*.zarr")
+    return mpath, path
+
+
+def _chunk_files(path) -> dict[str, bytes]:
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+@pytest.mark.parametrize("name", [*schema.EXAMPLES, "native_rows", "native_col_mm"])
+def test_recorded_arrays_are_checked_and_repaired(small, tmp_path, name):
+    mpath, path = small
+    cache = tmp_path / "cache"
+    shutil.copytree(path, cache / path.name)
+    text = mpath.read_text().replace("cache: cache", f"cache: {cache}")
+    text = text.replace("path: data/d", f"path: {mpath.parent / 'data' / 'd'}")
+    (tmp_path / "m.yaml").write_text(text)
+    copy = cache / path.name
+    chunk = next(p for p in sorted((copy / name / "c").rglob("*")) if p.is_file())
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    result = CliRunner().invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1 and f"FAIL {name} unit 0:" in result.output, result.output
+    _invoke("extract", "--manifest", str(tmp_path / "m.yaml"), "--batch-size", "4", "--repair")
+    assert _chunk_files(copy) == _chunk_files(path)
+    assert CliRunner().invoke(app, ["verify", str(copy)]).exit_code == 0
