@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
+from featstore.data.tissue import PLAN_VERSION
 from featstore.encode.preprocess import Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
@@ -90,6 +91,9 @@ class Recipe:
     patch_layers: tuple[int, ...] = (-1,)  # blocks whose patch tokens are stored
     patch_pool: int = 1  # patch tokens average-pooled k x k
     quantize: str = "none"  # "int8": patch tokens as int8 x per-channel scale
+    # slides: the tiling plan (manifest `tiling:` and the plan's version); left out of
+    # both views when None, so that the keys of sets without slides did not change
+    tiling: tuple[tuple[str, Any], ...] | None = None
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -111,6 +115,9 @@ class Recipe:
             patch_layers=manifest.patch_layers,
             patch_pool=manifest.patch_pool,
             quantize=manifest.quantize,
+            tiling=None
+            if ds.tiling is None
+            else tuple(sorted({**ds.tiling.model_dump(), "plan": PLAN_VERSION}.items())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +127,10 @@ class Recipe:
         out["mask_map"] = [list(p) for p in self.mask_map]
         out["metadata"] = [list(p) for p in self.metadata]
         out["patch_layers"] = list(self.patch_layers)
+        if self.tiling is None:
+            del out["tiling"]
+        else:
+            out["tiling"] = dict(self.tiling)
         return out
 
     @classmethod
@@ -132,6 +143,7 @@ class Recipe:
                 "mask_map": tuple((int(k), int(v)) for k, v in d["mask_map"]),
                 "metadata": tuple((str(k), str(v)) for k, v in d["metadata"]),
                 "patch_layers": tuple(d.get("patch_layers", (-1,))),
+                "tiling": tuple(sorted(d["tiling"].items())) if d.get("tiling") else None,
             }
         )
 

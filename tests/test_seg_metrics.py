@@ -13,8 +13,8 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from sklearn import metrics as skm
 
-from featstore.data.formats import load_nifti
 from featstore.data.manifest import Dataset
+from featstore.data.nifti import load_nifti
 from featstore.data.readers import Sample
 from featstore.probing import geometry
 from featstore.probing.metrics import classification_scores, hd95, precision_recall

@@ -132,13 +132,19 @@ def items_of(prep: Prepared) -> schema.Items:
             name: [dict(prep.samples[i].meta)[name] for i, _ in idx]
             for name in prep.ds.metadata.values()
         },
+        coords=prep.coords(),
     )
 
 
 def _describe(prep: Prepared) -> dict[str, object]:
     ds = prep.ds
     return dict(
-        name=ds.name, format=ds.format, path=str(ds.path), modality=ds.modality, classes=ds.classes
+        name=ds.name,
+        format=ds.format,
+        path=str(ds.path),
+        modality=ds.modality,
+        classes=ds.classes,
+        **({"skipped_samples": prep.skipped} if prep.skipped else {}),
     )
 
 

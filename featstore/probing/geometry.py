@@ -12,63 +12,30 @@ Where the native spacing comes from, first found per dataset:
    `metadata:` (an index CSV column): `spacing_mm` or `pixel_spacing_mm` (one number,
    square in-plane pixels, of the original image) and, for volumes without a header,
    `slice_spacing_mm`;
-2. the file header: NIfTI voxel sizes (in the RAS+ orientation the reader slices) or
-   DICOM `PixelSpacing` and the gap between slice positions.
+2. the file header, through the dataset's reader (`readers.header`): NIfTI voxel
+   sizes (in the RAS+ orientation the reader slices), DICOM `PixelSpacing` and the
+   gap between slice positions.
 
-The original in-plane size comes from the file header (PNG/JPEG/TIFF, NIfTI, DICOM);
-nothing here decodes pixels. When any sample's spacing is unknown (MedMNIST,
-synthetic PNGs, a CSV without the column) the whole set is scored in pixels of the
+The original in-plane size comes from the same header; nothing here decodes pixels.
+When any sample's spacing is unknown (MedMNIST, synthetic PNGs, a CSV without the
+column) the whole set is scored in pixels of the
 stored grid (`None`), so that units never mix within one result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import pydicom
-from PIL import Image
 
-from featstore.data.formats import AXES
+from featstore.data import readers
 from featstore.data.manifest import Dataset
 from featstore.data.readers import Sample
-from featstore.errors import ProbeError
+from featstore.errors import BadInputError, ProbeError
 
 SPACING_COORDS = ("spacing_mm", "pixel_spacing_mm")  # native in-plane spacing, mm
 SLICE_COORD = "slice_spacing_mm"  # native slice spacing of a volume, mm
 Spacing = tuple[float, ...]  # (row, col) for 2D, (slice, row, col) for 3D, in mm
-
-
-def _nifti(path: Path, axis: str) -> tuple[Spacing, tuple[int, int]]:
-    """(slice, row, col) voxel size and (rows, cols) in the reader's slicing."""
-    img = nib.load(path)
-    if not isinstance(img, nib.spatialimages.SpatialImage):  # extract refused it already
-        raise ProbeError(f"{path}: not a NIfTI volume ({type(img).__name__})")
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    shape = list(img.shape[:3])
-    canon_z, canon_n = [0.0] * 3, [0] * 3
-    for i, (out_axis, _) in enumerate(nib.orientations.io_orientation(img.affine)):
-        canon_z[int(out_axis)], canon_n[int(out_axis)] = zooms[i], shape[i]
-    s = AXES[axis]
-    rest = [a for a in range(3) if a != s]  # np.moveaxis keeps the others in order
-    return (canon_z[s], canon_z[rest[0]], canon_z[rest[1]]), (canon_n[rest[0]], canon_n[rest[1]])
-
-
-def _dicom(folder: Path) -> tuple[Spacing, tuple[int, int]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    row, col = (float(v) for v in heads[0].PixelSpacing)
-    normal = np.cross(*np.reshape(np.asarray(heads[0].ImageOrientationPatient, float), (2, 3)))
-    pos = np.sort([np.dot(normal, np.asarray(h.ImagePositionPatient, float)) for h in heads])
-    gap = float(np.median(np.diff(pos))) if len(pos) > 1 else float("nan")
-    return (gap, row, col), (int(heads[0].Rows), int(heads[0].Columns))
-
-
-def _picture_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:  # reads the header only
-        return im.height, im.width
 
 
 def _scale(size: tuple[int, int], resolution: int, fit: str) -> tuple[float, float]:
@@ -105,8 +72,6 @@ def grid_spacing(
     resolution: the stored mask size R; fit: the set's `preprocess.fit`.
     Returns {sample id: (row, col)} for 2D, {sample id: (slice, row, col)} for 3D.
     """
-    if ds.format == "medmnist":
-        return None  # MedMNIST files carry no spacing
     first = {str(s): i for i, s in reversed(list(enumerate(item_sample)))}
     by_id = {s.id: s for s in samples}
     out: dict[str, Spacing] = {}
@@ -114,20 +79,22 @@ def grid_spacing(
         sample = by_id.get(sid)
         if sample is None:
             return None
-        path = Path(sample.image)
         in_plane = _coord(coords, SPACING_COORDS, i)
+        if ds.dims == 2 and in_plane is None:
+            return None  # 2D files carry no spacing a probe trusts: only `metadata:`
+        try:
+            head = readers.header(ds, sample)
+        except BadInputError as exc:
+            raise ProbeError(f"{sample.image}: cannot read its header for HD95 ({exc})") from None
+        size = head.size
         if ds.dims == 2:
-            if in_plane is None:
-                return None
-            fy, fx = _scale(_picture_size(path), resolution, fit)
+            assert in_plane is not None  # checked above
+            fy, fx = _scale(size, resolution, fit)
             out[sid] = (in_plane * fy, in_plane * fx)
             continue
-        if ds.format == "dicom":
-            (dz, dy, dx), size = _dicom(path)
-        elif ds.format in ("nifti", "synthetic"):
-            (dz, dy, dx), size = _nifti(path, ds.slice_axis)
-        else:
+        if head.spacing is None and in_plane is None:
             return None
+        dz, dy, dx = head.spacing or (float("nan"), 0.0, 0.0)
         if in_plane is not None:
             dy = dx = in_plane
         dz = _coord(coords, (SLICE_COORD,), i) or dz

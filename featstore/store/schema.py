@@ -154,7 +154,9 @@ class Items:
     """Per-item coordinates and labels of a set, in item order.
 
     labels: (n,) or (n, classes) int64, or None for segmentation; metadata: extra
-    per-item coordinates (numeric when every value parses as one).
+    per-item coordinates (numeric when every value parses as one); coords: per-item
+    coordinates a format adds, as typed arrays (slides: level-0 `tile_x`, `tile_y`,
+    `tile_mpp`, `slide_mpp` and `mpp_source`).
     """
 
     sample: Sequence[str]
@@ -162,6 +164,7 @@ class Items:
     split: Sequence[str]
     labels: np.ndarray | None
     metadata: dict[str, Sequence[str]] = field(default_factory=dict)
+    coords: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def versions() -> dict[str, str]:
@@ -275,6 +278,7 @@ def item_arrays(items: Items) -> dict[str, np.ndarray]:
             out[name] = np.asarray(values, dtype=np.float64)
         except ValueError:
             out[name] = np.asarray(values, dtype=object)
+    out |= items.coords
     if items.labels is not None:
         out["label"] = items.labels
     return out
