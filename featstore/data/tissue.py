@@ -18,7 +18,7 @@ from featstore.data.manifest import Tiling
 
 PLAN_VERSION = 1  # bump when tissue detection or the grid change the tiles of a slide
 MIN_SATURATION = 20  # of 255: glass and white background stay below it
-MIN_AREA_UM2 = 50_000.0  # specks and holes smaller than ~0.22 x 0.22 mm are noise
+MIN_AREA_UM2 = 10_000.0  # specks (dust) and holes smaller than 0.1 x 0.1 mm
 MEDIAN = 5  # median blur, in thumbnail pixels
 
 
