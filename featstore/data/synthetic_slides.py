@@ -21,7 +21,8 @@ MPP = 0.5  # um per level-0 pixel of the synthetic slides
 GLASS = (242, 240, 244)
 EOSIN = np.array([222, 150, 190], np.float32)
 HEMATOXYLIN = np.array([95, 60, 150], np.float32)
-Tile = Callable[[int, int, int, int], np.ndarray]  # (level, y, x, side) -> (side, side, 3)
+# (level, y, x, side) -> (side, side, 3) uint8, or that tile already encoded
+Tile = Callable[[int, int, int, int], np.ndarray | bytes]
 
 
 def write_pyramid(
@@ -38,7 +39,7 @@ def write_pyramid(
     level-0 pixel size written as TIFF resolution tags (None: no pixel size)."""
     h, w = size
 
-    def tiles(level: int) -> Iterator[np.ndarray]:
+    def tiles(level: int) -> Iterator[np.ndarray | bytes]:
         lh, lw = -(-h // 2**level), -(-w // 2**level)
         for y in range(0, lh, side):
             for x in range(0, lw, side):

@@ -24,9 +24,8 @@ MEDIAN = 5  # median blur, in thumbnail pixels
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation of an (h, w, 3) uint8 image, as (h, w) uint8."""
-    x = rgb.astype(np.int16)
-    hi, lo = x.max(-1), x.min(-1)
-    return np.where(hi > 0, (hi - lo) * 255 // np.maximum(hi, 1), 0).astype(np.uint8)
+    hi, lo = rgb.max(-1).astype(np.uint16), rgb.min(-1).astype(np.uint16)
+    return ((hi - lo) * 255 // np.maximum(hi, 1)).astype(np.uint8)  # 255 * 255 fits uint16
 
 
 def otsu(values: np.ndarray) -> int:

@@ -162,8 +162,9 @@ def thumbnail(slide: TiffSlide, mpp0: float, target: float) -> tuple[np.ndarray,
         for bx in range(0, out.shape[1] * f, block):
             bw, bh = min(block, out.shape[1] * f - bx), min(block, out.shape[0] * f - by)
             arr = read_rgb(slide, (round(bx * down), round(by * down)), level, (bw, bh))
-            small = arr.reshape(bh // f, f, bw // f, f, 3).mean((1, 3))
-            out[by // f : (by + bh) // f, bx // f : (bx + bw) // f] = small.round()
+            if f > 1:
+                arr = np.rint(arr.reshape(bh // f, f, bw // f, f, 3).mean((1, 3), dtype=np.float32))
+            out[by // f : (by + bh) // f, bx // f : (bx + bw) // f] = arr
     return out, down * f
 
 
