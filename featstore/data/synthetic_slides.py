@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -39,7 +40,7 @@ def write_pyramid(
     level-0 pixel size written as TIFF resolution tags (None: no pixel size)."""
     h, w = size
 
-    def tiles(level: int) -> Iterator[np.ndarray | bytes]:
+    def tiles(level: int) -> Iterator[Any]:  # arrays, or bytes already encoded
         lh, lw = -(-h // 2**level), -(-w // 2**level)
         for y in range(0, lh, side):
             for x in range(0, lw, side):
