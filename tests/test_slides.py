@@ -220,3 +220,21 @@ def test_a_40000_px_slide_is_read_in_bounded_memory(tmp_path):
     assert n == (4096 // 512) ** 2 and level == 2  # 4096 px of tissue / 512 px footprints
     # level 0 is 4.9 GB as RGB, level 2 (read from) 315 MB, the 8 um level 20 MB
     assert rss_mb - base_mb < 200, f"peak RSS {rss_mb} MB ({base_mb} MB after imports)"
+
+
+def test_slide_figure_draws_the_grid_and_the_attention(tmp_path):
+    from featstore.report.slides import slide_figure
+
+    path = _slide(tmp_path / "a.tif")
+    ds = _dataset(tmp_path, ["a.tif,1,train,"])
+    (s,) = readers.list_samples(ds)
+    assert ds.tiling is not None and s.tiles is not None
+    thumb, mask, per_px = wsi.overview(path, ds.tiling)
+    assert mask.shape == thumb.shape[:2] and mask.any() and per_px == 16.0
+    foot = ds.tiling.tile_size * ds.tiling.tile_mpp / s.tiles.mpp
+    attention = np.linspace(0.1, 1.0, s.n_items)
+    fig = slide_figure(thumb, mask, s.tiles.xy, foot, per_px, "a", attention)
+    assert len(fig.axes) == 4  # thumbnail, tissue + grid, attention, its colour bar
+    assert len(fig.axes[1].collections[-1].get_paths()) == s.n_items  # one box per tile
+    fig.savefig(tmp_path / "a.png")
+    assert len(slide_figure(thumb, mask, s.tiles.xy, foot, per_px, "a").axes) == 2

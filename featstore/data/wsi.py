@@ -204,6 +204,16 @@ def plan(path: Path, slide_id: str, tiling: Tiling, column: str) -> Tiles | str:
     return Tiles(xy=xy, mpp=mpp0, mpp_source=source, level=level, read=read)
 
 
+def overview(path: Path, tiling: Tiling, column: str = "") -> tuple[np.ndarray, np.ndarray, float]:
+    """What a pathologist checks first: the slide's thumbnail at `tiling.tissue_mpp`
+    ((h, w, 3) uint8), its tissue mask ((h, w) bool) and level-0 pixels per
+    thumbnail pixel, exactly as `plan` computed them."""
+    slide = open_slide(path)
+    mpp0, _ = pixel_size(path, slide, column)
+    thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
+    return thumb, tissue_mask(thumb, mpp0 * per_px), per_px
+
+
 class Slides(Reader):
     """`format: wsi`: one slide per index row; an item is a tile, a sample a slide."""
 
