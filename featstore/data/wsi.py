@@ -11,7 +11,9 @@ magnification is never guessed.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,23 +51,27 @@ FIX_MPP = (
     "resolution tags); featstore never guesses a magnification"
 )
 
-_open: tuple[str, TiffSlide] | None = None  # one slide kept open per process (workers too)
+# One slide kept open per thread and process (DataLoader workers, dask worker threads):
+# reopening a slide per batch costs its header parse. A handle inherited through fork
+# is never reused: parent and child would share its file offset.
+_local = threading.local()
 
 
 def open_slide(path: Path) -> TiffSlide:
-    """The slide at `path`, opened once per process; `BadInputError` naming it."""
-    global _open
+    """The slide at `path`, opened once per thread; `BadInputError` naming it."""
     try:
         from tiffslide import TiffSlide
     except ImportError:
         raise BadInputError(
             f"{path}: reading slides needs tiffslide: pip install 'featstore[slides]'"
         ) from None
-    if _open is not None and _open[0] == str(path):
-        return _open[1]
-    if _open is not None:
-        _open[1].close()
-        _open = None
+    key = (os.getpid(), str(path))
+    current: tuple[tuple[int, str], TiffSlide] | None = getattr(_local, "slide", None)
+    if current is not None and current[0] == key:
+        return current[1]
+    if current is not None and current[0][0] == key[0]:
+        current[1].close()
+    _local.slide = None
     try:
         slide = TiffSlide(path)
         check_levels(path, slide)
@@ -76,7 +82,7 @@ def open_slide(path: Path) -> TiffSlide:
             f"{path}: cannot read it as a slide ({type(exc).__name__}: {exc}); the file is "
             "truncated, corrupt or not a tiled TIFF/SVS: replace it or remove its row"
         ) from None
-    _open = (str(path), slide)
+    _local.slide = (key, slide)
     return slide
 
 
