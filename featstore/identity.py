@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
+from featstore.data.tissue import PLAN_VERSION
 from featstore.encode.preprocess import Interpolation, Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
@@ -107,6 +108,9 @@ class Recipe:
     quantize: str = "none"  # "int8": patch tokens as int8 x per-channel scale
     # the manifest's replacements of the encoder's own mean/std/interpolation
     preprocessing: tuple[tuple[str, Any], ...] = ()
+    # slides: the tiling plan (manifest `tiling:` and the plan's version); left out of
+    # both views when None, so that the keys of sets without slides did not change
+    tiling: tuple[tuple[str, Any], ...] | None = None
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -128,6 +132,9 @@ class Recipe:
             patch_layers=manifest.patch_layers,
             patch_pool=manifest.patch_pool,
             quantize=manifest.quantize,
+            tiling=None
+            if ds.tiling is None
+            else tuple(sorted({**ds.tiling.model_dump(), "plan": PLAN_VERSION}.items())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +145,10 @@ class Recipe:
         out["metadata"] = [list(p) for p in self.metadata]
         out["patch_layers"] = list(self.patch_layers)
         out["preprocessing"] = [list(p) for p in self.preprocessing]
+        if self.tiling is None:
+            del out["tiling"]
+        else:
+            out["tiling"] = dict(self.tiling)
         return out
 
     @classmethod
@@ -154,6 +165,7 @@ class Recipe:
                     (str(k), tuple(v) if isinstance(v, list) else v)
                     for k, v in d.get("preprocessing", ())
                 ),
+                "tiling": tuple(sorted(d["tiling"].items())) if d.get("tiling") else None,
             }
         )
 

@@ -37,7 +37,7 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task:
         (df.dataset == ds.name)
         & (df.metric == MAIN_METRIC[task])
         & (df.probe == rpt.MAIN_PROBE[task])
-        & (df.encoder != rpt.BASELINE)
+        & ~df.encoder.map(rpt.is_baseline).astype(bool)
     ]
     if main.empty:
         return None
@@ -72,7 +72,9 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task:
 
 def _published_note(df: pd.DataFrame) -> str:
     """What the published rows are, and whether featstore's may stand beside them."""
-    random = sorted(set(df.encoder[df.random_init.astype(bool) & (df.encoder != rpt.BASELINE)]))
+    random = sorted(
+        set(df.encoder[df.random_init.astype(bool) & ~df.encoder.map(rpt.is_baseline).astype(bool)])
+    )
     note = (
         "Published rows are supervised models trained end to end on the dataset; "
         "featstore's are probes on frozen features, so they place, not score, each other."

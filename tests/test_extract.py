@@ -347,7 +347,7 @@ def test_extract_leaves_no_state_behind(tmp_path):
     import torch
 
     import featstore
-    from featstore.data import formats
+    from featstore.data import medmnist
 
     rng = np.random.default_rng(0)
     splits = ("train", "val", "test")
@@ -367,4 +367,4 @@ def test_extract_leaves_no_state_behind(tmp_path):
         assert made.status == "new" and torch.get_num_threads() == mine
     finally:
         torch.set_num_threads(before)
-    assert formats._LastNpz.key is None  # the arrays read to list and decode it are dropped
+    assert medmnist._LastNpz.key is None  # the arrays read to list and decode it are dropped

@@ -80,7 +80,7 @@ def test_missing_manifest_and_bad_yaml(tmp_path):
 
 def test_shipped_manifest_is_valid():
     m = load_manifest(Path(__file__).resolve().parents[1] / "data_manifest.yaml")
-    assert {d.synthetic.kind for d in m.datasets} == {"cls2d", "seg2d", "cls3d", "seg3d"}
+    assert {d.synthetic.kind for d in m.datasets} == {"cls2d", "seg2d", "cls3d", "seg3d", "slides"}
 
 
 STUDIES = """\

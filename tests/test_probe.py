@@ -51,6 +51,7 @@ def test_end_to_end_table_and_rows(shipped):
         "synth-structures-2d",
         "synth-nodules-3d",
         "synth-organs-3d",
+        "synth-slides",
     }
     assert set(df.encoder) == {"pixels", shipped[1][3].rstrip("/").split("/")[-1]}
     assert not df.duplicated(
@@ -62,8 +63,10 @@ def test_each_probe_beats_chance(shipped):
     df = shipped[3]
     df = df[df.encoder != "pixels"]  # the baseline may sit at chance: that is its job
     cls = df[df.metric == "balanced_accuracy"]
-    chance = cls.dataset.map({"synth-lesions-2d": 1 / 3, "synth-nodules-3d": 1 / 2})
-    assert len(cls) == 4 and (cls.value > chance).all(), cls[["dataset", "probe", "value"]]
+    chance = cls.dataset.map(
+        {"synth-lesions-2d": 1 / 3, "synth-nodules-3d": 1 / 2, "synth-slides": 1 / 2}
+    )
+    assert len(cls) == 6 and (cls.value > chance).all(), cls[["dataset", "probe", "value"]]
     assert (df[df.metric == "auroc"].value > 0.5).all()
     dice = df[df.metric == "dice"]  # predicting background everywhere scores 0
     assert len(dice) == 4 and (dice.value > 0.2).all(), dice[["dataset", "probe", "value"]]
@@ -264,7 +267,7 @@ def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov
 
     from featstore.store.catalog import list_sets
 
-    (enc,) = [r for r in list_sets(tmp_path / "cache") if r["encoder"] != "pixels"]
+    (enc,) = [r for r in list_sets(tmp_path / "cache") if not r["encoder"].startswith("pixels")]
     assert xr.open_zarr(enc["path"]).attrs["preprocess"]["fit"] == "pad"
 
 

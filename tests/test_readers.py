@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from featstore.data import formats, readers
+from featstore.data import readers, samples
 from featstore.data.manifest import Dataset, Synthetic
 from featstore.data.synthetic import generate
 from featstore.errors import BadInputError
@@ -217,7 +217,7 @@ def test_missing_label_and_missing_file(tmp_path):
 def test_fill_outlines_fills_closed_contours():
     ring = np.zeros((1, 9, 9), np.uint8)
     ring[0, 2, 2:7] = ring[0, 6, 2:7] = ring[0, 2:7, 2] = ring[0, 2:7, 6] = 255
-    filled = formats.fill_outlines(ring)
+    filled = samples.fill_outlines(ring)
     assert filled[0, 4, 4] == 255 and filled[0, 0, 0] == 0 and (filled == 255).sum() == 25
 
 

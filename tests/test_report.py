@@ -36,7 +36,7 @@ def test_report_names_every_cell_and_plots_are_pngs(tmp_path, tiny_dinov3):
         result = runner.invoke(app, cmd)
         assert result.exit_code == 0, result.output
     md = (out / "report.md").read_text()
-    for enc in (tiny_dinov3.name, "tiny-wide", "pixels"):
+    for enc in (tiny_dinov3.name, "tiny-wide", "pixels:8"):
         for res in (32, 48):
             assert f"{enc} @ {res}px" in md
     assert "**" in md and "All encoders are pretrained." in md

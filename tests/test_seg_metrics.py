@@ -14,8 +14,8 @@ from scipy.spatial.distance import cdist
 from sklearn import metrics as skm
 
 from featstore.data import native
-from featstore.data.formats import load_nifti
 from featstore.data.manifest import Dataset
+from featstore.data.nifti import load_nifti
 from featstore.data.readers import Sample
 from featstore.probing import geometry
 from featstore.probing.metrics import classification_scores, hd95, precision_recall

@@ -1,3 +1,4 @@
+# Over 400 lines (518): the schema models and their validators read as one; split with issue 17.
 """The data manifest: schema, validation with errors that name the field, fingerprints.
 
 The manifest is parsed once into frozen pydantic models; nothing downstream mutates
@@ -20,7 +21,7 @@ from featstore.data.safe_yaml import parse_yaml
 from featstore.errors import ManifestError
 from featstore.store.location import place
 
-Format = Literal["medmnist", "images", "nifti", "dicom", "synthetic"]
+Format = Literal["medmnist", "images", "nifti", "dicom", "wsi", "stack", "synthetic"]
 Task = Literal["classification", "multilabel", "segmentation"]
 Fit = Literal["resize", "pad"]  # pad: small images centred on a zero canvas
 SPLITS = ("train", "val", "test")
@@ -90,6 +91,9 @@ class Splits(_Frozen):
     from_: Literal["column"] | None = Field(default=None, alias="from")
     ratios: tuple[float, float, float] | None = None
     seed: int = Field(default=0, ge=0)  # numpy's default_rng refuses negative seeds
+    # contiguous: groups in natural order (section 2 before 10) cut into train, val,
+    # test blocks, so neighbouring sections of a stack do not leak across splits
+    order: Literal["random", "contiguous"] = "random"
 
     @model_validator(mode="after")
     def _check(self) -> Splits:
@@ -134,12 +138,31 @@ class GlobIndex(_Frozen):
         return self
 
 
-class Synthetic(_Frozen):
-    """A generated dataset (written as real PNG/CSV or NIfTI files on first use)."""
+class Tiling(_Frozen):
+    """How a whole-slide image becomes tiles (`format: wsi`); part of a set's identity.
 
-    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d"]
+    Tiles of `tile_size` pixels at `tile_mpp` micrometres per pixel are read from the
+    closest level at or finer than `tile_mpp` and resized; tissue is found at
+    `tissue_mpp` and a tile is kept when at least `min_tissue` of it is tissue.
+    """
+
+    tile_mpp: float = Field(default=0.5, gt=0, le=1000)
+    tile_size: int = Field(default=224, ge=16, le=MAX_RESOLUTION)
+    overlap: float = Field(default=0.0, ge=0, le=0.9)  # fraction of a tile shared with the next
+    max_tiles: int | None = Field(default=None, ge=1, le=1_000_000)  # per slide, seeded sample
+    seed: int = Field(default=0, ge=0)
+    min_tissue: float = Field(default=0.5, gt=0, le=1)
+    tissue_mpp: float = Field(default=8.0, gt=0, le=1000)
+    upsample: bool = False  # allow tile_mpp finer than the slide's base level
+
+
+class Synthetic(_Frozen):
+    """A generated dataset (written as real PNG/CSV, NIfTI or pyramidal TIFF files on
+    first use); `slides`: n slides of `size` x `size` pixels at 0.5 um/px."""
+
+    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d", "slides"]
     n: int = Field(default=60, ge=6, le=100_000)
-    size: int = Field(default=64, ge=16, le=MAX_RESOLUTION)
+    size: int = Field(default=64, ge=16, le=8 * MAX_RESOLUTION)
     slices: int = Field(default=24, ge=1, le=1024)
     seed: int = Field(default=0, ge=0)
 
@@ -164,6 +187,34 @@ class Dataset(_Frozen):
     mask_map: dict[int, int] = {}  # mask value -> class id, e.g. {255: 1} for 0/255 masks
     resolutions: Resolutions | None = None  # overrides the top-level list for this set
     synthetic: Synthetic | None = None
+    tiling: Tiling | None = None  # whole-slide images: required
+
+    @property
+    def slides(self) -> bool:
+        """Whether the samples are whole-slide images read as tiles."""
+        return self.format == "wsi" or (
+            self.synthetic is not None and self.synthetic.kind == "slides"
+        )
+
+    @property
+    def bags(self) -> bool:
+        """Whether a sample holds many items to pool: slices of a volume, tiles of a slide."""
+        return self.dims == 3 or self.slides
+
+    @model_validator(mode="before")
+    @classmethod
+    def _slide_defaults(cls, data: Any) -> Any:
+        # Slides are 8-bit RGB: x / 255 unless the manifest maps intensities itself.
+        slide = isinstance(data, dict) and (
+            data.get("format") == "wsi"
+            or (
+                isinstance(data.get("synthetic"), dict)
+                and data["synthetic"].get("kind") == "slides"
+            )
+        )
+        if slide and "intensity" not in data:
+            return {**data, "intensity": {"mode": "window", "center": 127.5, "width": 255}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Dataset:
@@ -185,7 +236,16 @@ class Dataset(_Frozen):
                 "format 'synthetic' goes with a `synthetic: {kind: cls2d|seg2d|cls3d|"
                 "seg3d}` block, and that block with format 'synthetic' only"
             )
-        if self.format in ("images", "nifti", "dicom") and self.index is None:
+        if self.slides != (self.tiling is not None):
+            raise ValueError(
+                "whole-slide images (format 'wsi', synthetic kind 'slides') need a "
+                "`tiling: {tile_mpp: 0.5, tile_size: 224}` block, and only they take one"
+            )
+        if self.slides and (self.dims != 2 or self.task == "segmentation"):
+            raise ValueError("slides are classified from 2D tiles: set `dims: 2` and a label task")
+        if self.format == "stack" and self.dims != 3:
+            raise ValueError("format 'stack' holds one volume per sample: set `dims: 3`")
+        if self.format in ("images", "nifti", "dicom", "wsi", "stack") and self.index is None:
             raise ValueError(
                 f"format '{self.format}' needs `index: <file>.csv` (one row per sample)"
             )
@@ -193,7 +253,11 @@ class Dataset(_Frozen):
             raise ValueError("format 'images' holds 2D images: set `dims: 2`")
         if self.format in ("nifti", "dicom") and self.dims != 3:
             raise ValueError(f"format '{self.format}' holds volumes: set `dims: 3`")
-        if self.synthetic is not None and (self.synthetic.kind[-2:] == "3d") != (self.dims == 3):
+        if (
+            self.synthetic is not None
+            and not self.slides
+            and (self.synthetic.kind[-2:] == "3d") != (self.dims == 3)
+        ):
             raise ValueError(
                 f"synthetic kind '{self.synthetic.kind}' does not match dims {self.dims}"
             )
@@ -468,12 +532,18 @@ def load_manifest(
                 f"{source}: dataset '{d.name}', field 'path': {p} does not exist; "
                 "fix the path (relative paths resolve against the manifest's folder)"
             )
+        update: dict[str, Any] = {"path": p}
         if isinstance(d.index, str) and d.synthetic is None and not path_exists(p / d.index, True):
-            raise ManifestError(
-                f"{source}: dataset '{d.name}', field 'index': {p / d.index} does not exist; "
-                "give a CSV inside `path` with one row per sample"
-            )
-        datasets.append(d.model_copy(update={"path": p}))
+            # an index kept beside the manifest, for data in a read-only folder
+            beside = root / _expand(d.index)
+            if not path_exists(beside, True):
+                raise ManifestError(
+                    f"{source}: dataset '{d.name}', field 'index': {p / d.index} does not "
+                    f"exist (nor {beside}); give a CSV inside `path`, or beside the manifest, "
+                    "with one row per sample"
+                )
+            update["index"] = str(beside)
+        datasets.append(d.model_copy(update=update))
     where = place(chosen)
     if isinstance(where, Path) and not where.is_absolute():
         where = (root if chosen == manifest.cache else Path.cwd()) / where

@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from featstore.data import readers
 from featstore.data.fingerprint import memo_for
-from featstore.data.formats import AXES, npz
 from featstore.data.manifest import Dataset
+from featstore.data.medmnist import npz
 from featstore.data.readers import Sample
 
 NAN = float("nan")
@@ -56,36 +55,6 @@ def present(ds: Dataset) -> bool:
         return False
 
 
-def _nifti(path: Path, axis: str) -> Native:
-    img = nib.load(path)
-    if not isinstance(img, nib.spatialimages.SpatialImage):  # extract refuses it anyway
-        return UNKNOWN
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    shape = list(img.shape[:3])
-    canon_z, canon_n = [0.0] * 3, [0] * 3
-    for i, (out_axis, _) in enumerate(nib.orientations.io_orientation(img.affine)):
-        canon_z[int(out_axis)], canon_n[int(out_axis)] = zooms[i], shape[i]
-    s = AXES[axis]
-    rest = [a for a in range(3) if a != s]  # np.moveaxis keeps the others in order
-    spacing = (canon_z[s], canon_z[rest[0]], canon_z[rest[1]])
-    return Native(canon_n[rest[0]], canon_n[rest[1]], spacing)
-
-
-def _dicom(folder: Path) -> Native:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    row, col = (float(v) for v in heads[0].PixelSpacing)
-    normal = np.cross(*np.reshape(np.asarray(heads[0].ImageOrientationPatient, float), (2, 3)))
-    pos = np.sort([np.dot(normal, np.asarray(h.ImagePositionPatient, float)) for h in heads])
-    gap = float(np.median(np.diff(pos))) if len(pos) > 1 else NAN
-    return Native(int(heads[0].Rows), int(heads[0].Columns), (gap, row, col))
-
-
-def _picture(path: Path) -> Native:
-    with Image.open(path) as im:  # reads the header only
-        return Native(im.height, im.width)
-
-
 def _medmnist(ds: Dataset, samples: Sequence[Sample]) -> list[Native]:
     arrays = npz(ds.path)
     out = []
@@ -97,21 +66,16 @@ def _medmnist(ds: Dataset, samples: Sequence[Sample]) -> list[Native]:
 
 
 def native(ds: Dataset, sample: Sample) -> Native:
-    """The native geometry of one (non-MedMNIST) sample, from its file's header.
+    """The native geometry of one (non-MedMNIST) sample, from its reader's header.
 
     A header that cannot be read gives `UNKNOWN`: extraction refuses (or, with
     --skip-bad, skips) that sample when it decodes it.
     """
-    path = Path(sample.image)
     try:
-        if ds.format == "dicom":
-            return _dicom(path)
-        if ds.dims == 3:
-            return _nifti(path, ds.slice_axis)
-        return _picture(path)
+        head = readers.header(ds, sample)
     except (
         OSError,
-        ValueError,
+        ValueError,  # BadInputError among them
         EOFError,
         AttributeError,
         IndexError,
@@ -121,6 +85,9 @@ def native(ds: Dataset, sample: Sample) -> Native:
         pydicom.errors.InvalidDicomError,
     ):
         return UNKNOWN
+    sp = head.spacing or ()
+    spacing = (NAN,) * (3 - len(sp)) + tuple(float(v) for v in sp)  # (slice, row, col)
+    return Native(head.size[0], head.size[1], (spacing[0], spacing[1], spacing[2]))
 
 
 def native_table(ds: Dataset, samples: Sequence[Sample]) -> list[Native]:

@@ -9,6 +9,8 @@ the same readers as user data. Same seed, same bytes.
 - seg2d: 1-3 structures per image, labels 1 (bright disc), 2 (dark ellipse), 3 (bar).
 - cls3d: volumes with (1) or without (0) a nodule-like blob.
 - seg3d: volumes with two labelled ellipsoid organs (1 bright, 2 dark).
+- slides: pyramidal TIFF slides with tissue, class 1 with nuclei nests
+  (`featstore.data.synthetic_slides`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from featstore.data.manifest import Synthetic
+from featstore.data.synthetic_slides import generate_slides
 from featstore.errors import BadInputError
 
 SPLIT_CYCLE = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
@@ -173,7 +176,11 @@ def generate(spec: Synthetic, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
     rng = np.random.default_rng(spec.seed)
-    (_gen_3d if spec.kind.endswith("3d") else _gen_2d)(spec, tmp, rng)
+    if spec.kind == "slides":
+        rows = generate_slides(spec.n, spec.size, tmp, rng)
+        _write_index(tmp, ["image", "label", "patient"], rows)
+    else:
+        (_gen_3d if spec.kind.endswith("3d") else _gen_2d)(spec, tmp, rng)
     (tmp / STAMP).write_text(wanted)
     out.parent.mkdir(parents=True, exist_ok=True)
     if stamp.is_file() and stamp.read_text() == wanted:  # another process finished first

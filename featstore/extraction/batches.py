@@ -84,15 +84,17 @@ class Batches(torch.utils.data.Dataset):
         self.placement = placement
         self.index = prep.index
         self._last: tuple[int, Decoded] | None = None  # volumes span batches: keep the last
+        self.tiled = readers.tiled(prep.ds)
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _decode(self, i: int) -> Decoded:
+    def _decode(self, i: int, items: range | None = None) -> Decoded:
+        """Decode sample i (a tiled sample: only `items`, the rows of this batch)."""
         sample = self.prep.samples[i]
         device = self.placement == "device"
         try:
-            loaded = readers.load(self.prep.ds, sample, as_read=device)
+            loaded = readers.load(self.prep.ds, sample, as_read=device, items=items)
             if device:
                 got = Decoded(
                     mask=fit_mask(loaded.mask, self.pre),
@@ -102,17 +104,23 @@ class Batches(torch.utils.data.Dataset):
                 got = Decoded(*preprocess(loaded.image, loaded.mask, self.pre))
         except BadInputError as exc:
             return Decoded(error=str(exc))
-        if got.slices != sample.n_items:
+        expected = sample.n_items if items is None else len(items)
+        if got.slices != expected:
             return Decoded(
                 error=f"{sample.image}: {got.slices} slices, the index listed "
                 f"{sample.n_items}; the file changed during the run"
             )
         return got
 
-    def _sample(self, i: int) -> Decoded:
+    def _sample(self, i: int, first: int, run: int) -> tuple[Decoded, int]:
+        """Items first..first+run of sample i, and the row of `first` in the result.
+        Slides are decoded tile run by tile run; other samples whole and kept, since
+        a volume's slices span batches."""
+        if self.tiled:
+            return self._decode(i, range(first, first + run)), 0
         if self._last is None or self._last[0] != i:
             self._last = (i, self._decode(i))
-        return self._last[1]
+        return self._last[1], first
 
     def __getitem__(self, k: int) -> Batch:
         unit, start, stop = self.batches[k]
@@ -126,7 +134,7 @@ class Batches(torch.utils.data.Dataset):
         while j < n:  # one copy per run of slices of one sample, not one per item
             i, first = self.index[start + j]
             run = min(n - j, self.prep.samples[i].n_items - first)
-            got = self._sample(i)
+            got, at = self._sample(i, first, run)
             if got.error is not None:
                 errors[self.prep.samples[i].id] = got.error
                 if pixels is not None:
@@ -135,11 +143,11 @@ class Batches(torch.utils.data.Dataset):
                     masks[j : j + run] = 0
             else:
                 if got.raw is not None:
-                    parts.append(Part(j, got.raw, first, run))
+                    parts.append(Part(j, got.raw, at, run))
                 elif pixels is not None and got.pixels is not None:
-                    pixels[j : j + run] = got.pixels[first : first + run]
+                    pixels[j : j + run] = got.pixels[at : at + run]
                 if masks is not None:
-                    masks[j : j + run] = 0 if got.mask is None else got.mask[first : first + run]
+                    masks[j : j + run] = 0 if got.mask is None else got.mask[at : at + run]
             j += run
         out = pack(n, parts) if pixels is None else torch.from_numpy(pixels)
         return Batch(unit, start, out, masks, errors)

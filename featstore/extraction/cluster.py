@@ -23,8 +23,8 @@ from typing import Any
 
 from distributed import WorkerPlugin
 
-from featstore.data.formats import release_npz
 from featstore.data.manifest import Manifest
+from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
 from featstore.errors import ManifestError
 from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set

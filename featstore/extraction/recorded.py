@@ -35,8 +35,13 @@ def example_samples(prep: Prepared) -> list[int]:
 
 
 def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray]:
-    """(slice shown, (t, t) uint8 thumbnail) of sample `i`."""
-    loaded = readers.load(prep.ds, prep.samples[i])
+    """(item shown, counted within the sample; (t, t) uint8 thumbnail) of sample `i`."""
+    sample, first = prep.samples[i], 0
+    if readers.tiled(prep.ds):  # a slide: its middle tile, never the whole slide
+        first = sample.n_items // 2
+        loaded = readers.load(prep.ds, sample, items=range(first, first + 1))
+    else:
+        loaded = readers.load(prep.ds, sample)
     pixels, masks = preprocess(loaded.image, loaded.mask, pre)
     k = int(np.argmax((masks > 0).sum((1, 2)))) if masks is not None else len(pixels) // 2
     unit = np.clip(pixels[k, 0] * pre.std[0] + pre.mean[0], 0.0, 1.0)
@@ -45,7 +50,7 @@ def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray
             (THUMB_MAX, THUMB_MAX), Image.Resampling.BILINEAR
         )
         unit = np.clip(np.asarray(shrunk), 0.0, 1.0)
-    return k, np.round(unit * 255).astype(np.uint8)
+    return first + k, np.round(unit * 255).astype(np.uint8)
 
 
 def examples(prep: Prepared, pre: Preprocess, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from featstore.data.fingerprint import memo_for
-from featstore.data.formats import release_npz
 from featstore.data.manifest import Manifest
+from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
 from featstore.encode import devprep
 from featstore.encode.encoders import Encoder, load_encoder
@@ -133,13 +133,19 @@ def items_of(prep: Prepared) -> schema.Items:
             name: [dict(prep.samples[i].meta)[name] for i, _ in idx]
             for name in prep.ds.metadata.values()
         },
+        coords=prep.coords(),
     )
 
 
 def _describe(prep: Prepared) -> dict[str, object]:
     ds = prep.ds
     return dict(
-        name=ds.name, format=ds.format, path=str(ds.path), modality=ds.modality, classes=ds.classes
+        name=ds.name,
+        format=ds.format,
+        path=str(ds.path),
+        modality=ds.modality,
+        classes=ds.classes,
+        **({"skipped_samples": prep.skipped} if prep.skipped else {}),
     )
 
 

@@ -62,7 +62,7 @@ def _classification(
     split = item_str(xs.split)
     n_classes = label.shape[1] if label.ndim == 2 else int(label.max()) + 1
     extra: dict[str, tuple[str, probes.Prediction]] = {}
-    if ds.dims == 3:
+    if ds.bags:  # slices of a volume, tiles of a slide: pooled per sample
         sample = item_str(xs.sample)
         vols = sorted(volume_items(sample, np.asarray(xs.slice.values)), key=lambda v: sample[v[0]])
         first = np.array([v[0] for v in vols])  # volumes by id, as `pool_volumes` orders them
@@ -197,7 +197,7 @@ def _probe_open_set(
         random_init=ident.weights.random_init,
         resolution=ident.recipe.resolution,
         feature_set=key,
-        pool=pool if ds.dims == 3 else "",
+        pool=pool if ds.bags else "",
         protocol=protocol,
     )
     examples = None

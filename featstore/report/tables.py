@@ -27,6 +27,11 @@ SIZE_ORDER = list(PRESETS)  # smallest first
 BASELINE = "pixels"
 
 
+def is_baseline(encoder: str) -> bool:
+    """The raw-pixel baseline at any patch size (`pixels`, `pixels:8`)."""
+    return encoder == BASELINE or encoder.startswith(BASELINE + ":")
+
+
 def write_if_changed(path: Path, data: bytes) -> bool:
     """Write `data` unless the file already holds exactly it. Returns True if written."""
     if path.is_file() and path.read_bytes() == data:
@@ -75,14 +80,14 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
     main = sub[
         (sub.probe == MAIN_PROBE[task])
         & (sub.metric == MAIN_METRIC[task])
-        & (sub.encoder != BASELINE)
+        & ~sub.encoder.map(is_baseline).astype(bool)
     ]
     if len(main):
         best = main.iloc[main.value.argmax()]
         sub.loc[(sub.row == best.row) & (sub.col == best.col), "text"] = f"**{best.text}**"
     table = sub.pivot_table(index="row", columns="col", values="text", aggfunc="first")
     order = sorted(
-        table.index, key=lambda r: (r.startswith(BASELINE + " "), size_rank(r.split(" ")[0]), r)
+        table.index, key=lambda r: (is_baseline(r.split(" ")[0]), size_rank(r.split(" ")[0]), r)
     )
     cols = sorted(table.columns, key=lambda c: (not c.startswith(MAIN_PROBE[task]), c))
     return table.loc[order, cols].fillna("")
@@ -171,11 +176,11 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
     names = sorted(tasks)
     encoders = sorted(
         {(e, bool(r)) for e, r in zip(main.encoder, main.random_init, strict=True)},
-        key=lambda er: (er[0] == BASELINE, size_rank(er[0]), er),
+        key=lambda er: (is_baseline(er[0]), size_rank(er[0]), er),
     )
     colour = {er: f"C{i % 10}" for i, er in enumerate(encoders)}  # one colour per encoder
     style: dict[tuple[Any, bool], Literal["-", "--"]] = {
-        er: "--" if er[0] == BASELINE else "-" for er in encoders
+        er: "--" if is_baseline(er[0]) else "-" for er in encoders
     }
     fig = Figure(figsize=(4 * len(names), 3.8))
     axes = fig.subplots(1, len(names), squeeze=False)
@@ -215,7 +220,7 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
 def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     """Main metric against model size (best resolution per encoder), one line per dataset."""
     main = _main_rows(df, tasks)
-    main = main[main.encoder != BASELINE]
+    main = main[~main.encoder.map(is_baseline).astype(bool)]
     encoders = sorted(main.encoder.unique(), key=lambda e: (size_rank(e), e))
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()

@@ -211,7 +211,9 @@ class Items:
     labels: (n,) or (n, classes) int64, or None for segmentation; metadata: extra
     per-item coordinates (numeric when every value parses as one); native: the
     `NATIVE` facts per item (absent names are unknown: 0 size, NaN spacing);
-    example_item: (examples,) int64 and thumbnails: (examples, t, t) uint8.
+    example_item: (examples,) int64 and thumbnails: (examples, t, t) uint8; coords:
+    per-item coordinates a format adds, as typed arrays (slides: level-0 `tile_x`,
+    `tile_y`, `tile_mpp`, `slide_mpp` and `mpp_source`).
     """
 
     sample: Sequence[str]
@@ -222,6 +224,7 @@ class Items:
     native: dict[str, Sequence[float]] = field(default_factory=dict)
     example_item: Sequence[int] = ()
     thumbnails: np.ndarray | None = None
+    coords: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def versions() -> dict[str, str]:
@@ -361,6 +364,7 @@ def item_arrays(items: Items) -> dict[str, np.ndarray]:
         size = name in NATIVE_SIZE
         default = np.zeros(n) if size else np.full(n, np.nan)
         out[name] = np.asarray(items.native.get(name, default), np.int32 if size else np.float64)
+    out |= items.coords
     if items.labels is not None:
         out["label"] = items.labels
     out[EXAMPLE_ITEM] = np.asarray(items.example_item, np.int64)

@@ -1,0 +1,275 @@
+"""Whole-slide images (`format: wsi`): pyramidal TIFF/SVS/OME-TIFF read tile by tile.
+
+Slides are read with tiffslide (tifffile + imagecodecs), region by region: no level
+is ever loaded whole. Listing a slide reads its header and one low-resolution image
+for tissue detection (`featstore.data.tissue`) and plans its tiles; decoding reads
+one tile per item from the closest level at or finer than `tile_mpp`, resized to
+`tile_size`. The pixel size comes from the file (Aperio `MPP`, OME `PhysicalSizeX`,
+TIFF resolution tags), else from the index's `mpp` column, else it is an error: a
+magnification is never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from featstore.data.manifest import Dataset, Tiling
+from featstore.data.pictures import MAX_PIXELS
+from featstore.data.reader import Reader, Skip
+from featstore.data.samples import Header, Loaded, Sample, Tiles
+from featstore.data.tissue import tile_grid, tissue_mask
+from featstore.errors import BadInputError
+
+if TYPE_CHECKING:
+    from tiffslide import TiffSlide
+
+MPP_RANGE = (0.02, 100.0)  # um/px a microscope records; 72 dpi (352 um) is a screen default
+BLOCK = 2048  # pixels per side of the blocks a thumbnail is assembled from
+# What tifffile, imagecodecs and zarr raise on truncated, corrupt or unsupported files.
+READ_ERRORS = (
+    tifffile.TiffFileError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+)
+FIX_MPP = (
+    "give it in the index's `mpp` column (um per level-0 pixel, e.g. 0.25 at 40x, "
+    "0.5 at 20x), or write it into the file (Aperio MPP, OME PhysicalSizeX, or TIFF "
+    "resolution tags); featstore never guesses a magnification"
+)
+
+# One slide kept open per thread and process (DataLoader workers, dask worker threads):
+# reopening a slide per batch costs its header parse. A handle inherited through fork
+# is never reused: parent and child would share its file offset.
+_local = threading.local()
+
+
+def open_slide(path: Path) -> TiffSlide:
+    """The slide at `path`, opened once per thread; `BadInputError` naming it."""
+    try:
+        from tiffslide import TiffSlide
+    except ImportError:
+        raise BadInputError(
+            f"{path}: reading slides needs tiffslide: pip install 'featstore[slides]'"
+        ) from None
+    key = (os.getpid(), str(path))
+    current: tuple[tuple[int, str], TiffSlide] | None = getattr(_local, "slide", None)
+    if current is not None and current[0] == key:
+        return current[1]
+    if current is not None and current[0][0] == key[0]:
+        current[1].close()
+    _local.slide = None
+    try:
+        slide = TiffSlide(path)
+        check_levels(path, slide)
+    except BadInputError:
+        raise
+    except READ_ERRORS as exc:
+        raise BadInputError(
+            f"{path}: cannot read it as a slide ({type(exc).__name__}: {exc}); the file is "
+            "truncated, corrupt or not a tiled TIFF/SVS: replace it or remove its row"
+        ) from None
+    _local.slide = (key, slide)
+    return slide
+
+
+def check_levels(path: Path, slide: TiffSlide) -> None:
+    """Refuse levels that cannot be read by region: untiled and over the pixel limit,
+    or compressed with a codec that is not installed."""
+    series = slide.ts_tifffile.series[slide.properties.get("tiffslide.series-index") or 0]
+    for i, level in enumerate(series.levels):
+        page = level.keyframe
+        pixels = int(page.imagewidth) * int(page.imagelength)
+        if not page.is_tiled and pixels > MAX_PIXELS:
+            raise BadInputError(
+                f"{path}: level {i} is {page.imagewidth} x {page.imagelength} pixels and not "
+                f"tiled, so no region of it can be read alone (limit {MAX_PIXELS:,} pixels); "
+                "convert it to a tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)"
+            )
+        try:
+            tifffile.TIFF.DECOMPRESSORS[page.compression]
+        except KeyError:
+            raise BadInputError(
+                f"{path}: level {i} is compressed with {page.compression!r} and no decoder "
+                "for it is installed; install imagecodecs (pip install 'featstore[slides]')"
+            ) from None
+
+
+def pixel_size(path: Path, slide: TiffSlide, column: str) -> tuple[float, str]:
+    """(level-0 um per pixel, where it came from): the file first, then the index."""
+    props = slide.properties
+    found: list[tuple[object, str]] = [(props.get("aperio.MPP"), "file: Aperio MPP")]
+    tf = slide.ts_tifffile
+    if tf.is_ome and tf.ome_metadata:
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tf.ome_metadata)
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tf.ome_metadata)
+        scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit[1] if unit else "µm")
+        if m and scale:
+            found.append((float(m[1]) * scale, "file: OME PhysicalSizeX"))
+    if "tiff.XResolution" in props:
+        found.append((props.get("tiffslide.mpp-x"), "file: TIFF resolution tags"))
+    found.append((column.strip() or None, "index: mpp column"))
+    for value, source in found:
+        try:
+            mpp = float(value) if value is not None else None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            mpp = None
+        if mpp is not None and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+            return mpp, source
+        if source.startswith("index") and value is not None:
+            raise BadInputError(
+                f"{path}: mpp {value!r} in the index is not a pixel size from "
+                f"{MPP_RANGE[0]} to {MPP_RANGE[1]} um; {FIX_MPP}"
+            )
+    raise BadInputError(f"{path}: the slide records no pixel size; {FIX_MPP}")
+
+
+def best_level(slide: TiffSlide, mpp0: float, target: float) -> int:
+    """The coarsest level whose pixels are at most `target` um (level 0 if none is)."""
+    finer = [i for i, d in enumerate(slide.level_downsamples) if mpp0 * d <= target * 1.001]
+    return max(finer, key=lambda i: slide.level_downsamples[i]) if finer else 0
+
+
+def read_rgb(
+    slide: TiffSlide, xy: tuple[int, int], level: int, size: tuple[int, int]
+) -> np.ndarray:
+    """(h, w, 3) uint8 of a region: level-0 top-left `xy`, `size` (w, h) at `level`."""
+    arr = np.asarray(slide.read_region(xy, level, size, as_array=True))
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    return np.ascontiguousarray(arr[..., :3]).astype(np.uint8, copy=False)
+
+
+def thumbnail(slide: TiffSlide, mpp0: float, target: float) -> tuple[np.ndarray, float]:
+    """An (h, w, 3) uint8 image of the whole slide at about `target` um/px, and its
+    level-0 pixels per thumbnail pixel. Assembled block by block from the closest
+    level at or finer than `target`, each block averaged f x f: memory stays at one
+    block plus the thumbnail however large the slide."""
+    level = best_level(slide, mpp0, target)
+    down = float(slide.level_downsamples[level])
+    width, height = slide.level_dimensions[level]
+    f = max(1, int(target / (mpp0 * down)))
+    out = np.empty((height // f, width // f, 3), np.uint8)
+    block = max(f, BLOCK // f * f)
+    for by in range(0, out.shape[0] * f, block):
+        for bx in range(0, out.shape[1] * f, block):
+            bw, bh = min(block, out.shape[1] * f - bx), min(block, out.shape[0] * f - by)
+            arr = read_rgb(slide, (round(bx * down), round(by * down)), level, (bw, bh))
+            if f > 1:
+                arr = np.rint(arr.reshape(bh // f, f, bw // f, f, 3).mean((1, 3), dtype=np.float32))
+            out[by // f : (by + bh) // f, bx // f : (bx + bw) // f] = arr
+    return out, down * f
+
+
+def plan(path: Path, slide_id: str, tiling: Tiling, column: str) -> Tiles | str:
+    """The tiles of one slide, or the reason it has none (no tissue, too small)."""
+    slide = open_slide(path)
+    mpp0, source = pixel_size(path, slide, column)
+    if tiling.tile_mpp < mpp0 * 0.999 and not tiling.upsample:
+        raise BadInputError(
+            f"{path}: tile_mpp {tiling.tile_mpp} is finer than the slide's base level "
+            f"({mpp0:g} um/px, {source}); give a tile_mpp of at least {mpp0:g}, or set "
+            "`tiling: {upsample: true}` to enlarge level-0 pixels"
+        )
+    level = best_level(slide, mpp0, tiling.tile_mpp)
+    read = max(
+        1, round(tiling.tile_size * tiling.tile_mpp / (mpp0 * slide.level_downsamples[level]))
+    )
+    foot = max(1, round(tiling.tile_size * tiling.tile_mpp / mpp0))
+    try:
+        thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
+    except READ_ERRORS as exc:
+        raise BadInputError(
+            f"{path}: cannot decode its low-resolution level ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt: replace it or remove its row"
+        ) from None
+    mask = tissue_mask(thumb, mpp0 * per_px)
+    if not mask.any():
+        return "no tissue found (saturation below the Otsu/minimum threshold everywhere)"
+    w0, h0 = slide.dimensions
+    scale = (w0 / mask.shape[1], h0 / mask.shape[0])
+    xy = tile_grid(mask, scale, (w0, h0), foot, tiling, slide_id)
+    if len(xy) == 0:
+        return (
+            f"no tile of {foot} level-0 px has {tiling.min_tissue:.0%} tissue "
+            "(lower tiling.min_tissue or tile_mpp)"
+        )
+    return Tiles(xy=xy, mpp=mpp0, mpp_source=source, level=level, read=read)
+
+
+def overview(path: Path, tiling: Tiling, column: str = "") -> tuple[np.ndarray, np.ndarray, float]:
+    """What a pathologist checks first: the slide's thumbnail at `tiling.tissue_mpp`
+    ((h, w, 3) uint8), its tissue mask ((h, w) bool) and level-0 pixels per
+    thumbnail pixel, exactly as `plan` computed them."""
+    slide = open_slide(path)
+    mpp0, _ = pixel_size(path, slide, column)
+    thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
+    return thumb, tissue_mask(thumb, mpp0 * per_px), per_px
+
+
+class Slides(Reader):
+    """`format: wsi`: one slide per index row; an item is a tile, a sample a slide."""
+
+    tiled = True
+    columns = frozenset()  # `mpp` is optional: the file usually has it
+
+    def describe(self, ds: Dataset, base: Sample, row: dict[str, str], where: str) -> Sample | Skip:
+        assert ds.tiling is not None  # the manifest requires it for slides
+        tiles = plan(Path(base.image), base.id, ds.tiling, row.get("mpp", ""))
+        if isinstance(tiles, str):
+            return Skip(base.id, f"{base.image}: {tiles}")
+        return replace(base, n_items=len(tiles.xy), tiles=tiles)
+
+    def header(self, ds: Dataset, sample: Sample) -> Header:
+        assert ds.tiling is not None and sample.tiles is not None
+        mm = ds.tiling.tile_mpp / 1000
+        return Header((ds.tiling.tile_size, ds.tiling.tile_size), (mm, mm))
+
+    def coords(self, ds: Dataset, samples: list[Sample]) -> dict[str, np.ndarray]:
+        assert ds.tiling is not None
+        tiles = [s.tiles for s in samples if s.tiles is not None]
+        xy = np.concatenate([t.xy for t in tiles]) if tiles else np.zeros((0, 2), np.int64)
+        return {
+            "tile_x": xy[:, 0],
+            "tile_y": xy[:, 1],
+            "tile_mpp": np.full(len(xy), ds.tiling.tile_mpp),
+            "slide_mpp": np.concatenate([np.full(len(t.xy), t.mpp) for t in tiles]),
+            "mpp_source": np.concatenate(
+                [np.full(len(t.xy), t.mpp_source, dtype=object) for t in tiles]
+            ),
+        }
+
+    def decode(self, ds: Dataset, sample: Sample, items: range, as_read: bool) -> Loaded:
+        assert ds.tiling is not None and sample.tiles is not None
+        path, t, size = Path(sample.image), sample.tiles, ds.tiling.tile_size
+        slide = open_slide(path)
+        out = np.empty((len(items), size, size, 3), np.uint8)
+        for j, k in enumerate(items):
+            x, y = (int(v) for v in t.xy[k])
+            try:
+                tile = read_rgb(slide, (x, y), t.level, (t.read, t.read))
+            except READ_ERRORS as exc:
+                raise BadInputError(
+                    f"{path}: cannot decode the tile at level-0 ({x}, {y}) "
+                    f"({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
+                    "replace it, or run with --skip-bad"
+                ) from None
+            if t.read != size:
+                tile = np.asarray(
+                    Image.fromarray(tile).resize((size, size), Image.Resampling.BILINEAR)
+                )
+            out[j] = tile
+        return Loaded(image=out if as_read else out.astype(np.float32), mask=None)

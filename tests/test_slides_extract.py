@@ -1,0 +1,109 @@
+"""Slides end to end: tiles are items, slides are samples; shards, repair and the
+slide-level probes (mean and ABMIL pooling by patient split) work as for volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import write_manifest
+
+from featstore.data import readers
+from featstore.data.manifest import load_manifest
+from featstore.extraction.run import Options
+from featstore.store import sets
+from pipelines import extract
+from pipelines import probe as stage
+
+pytest.importorskip("tiffslide")
+
+SLIDES = """\
+  - name: slides
+    format: synthetic
+    synthetic: {kind: slides, n: 24, size: 1024, seed: 4}
+    path: data/slides
+    task: classification
+    dims: 2
+    splits: {ratios: [0.5, 0.25, 0.25], seed: 0}
+    tiling: {tile_mpp: 1.0, tile_size: 64, max_tiles: 6}
+"""
+EXTRA = "batch_size: 8\nunit_items: 16\n"
+
+
+def _run(path, **opts):
+    return extract.run(load_manifest(path), Options(progress=False, **opts), echo=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tiny_dinov3):
+    work = tmp_path_factory.mktemp("slides")
+    mpath = write_manifest(work, SLIDES, f"['{tiny_dinov3}']", "[32]", EXTRA)
+    summaries = _run(mpath)
+    return mpath, summaries
+
+
+def test_tiles_are_items_with_their_coordinates(extracted):
+    mpath, (enc, _) = extracted
+    ds = load_manifest(mpath).datasets[0]
+    prep = readers.prepare(ds)
+    xs = xr.open_zarr(enc.path)
+    assert xs.sizes["item"] == len(prep.index) == enc.items
+    tiles = np.concatenate([s.tiles.xy for s in prep.samples if s.tiles is not None])
+    np.testing.assert_array_equal(xs.tile_x.values, tiles[:, 0])
+    np.testing.assert_array_equal(xs.tile_y.values, tiles[:, 1])
+    assert set(xs.tile_mpp.values) == {1.0} and set(xs.slide_mpp.values) == {0.5}
+    assert set(xs.mpp_source.values) == {"file: TIFF resolution tags"}
+    bags = xs.load().groupby("sample").count()["cls"].isel(channel=0)
+    assert {str(k): int(v) for k, v in zip(bags.sample.values, bags.values, strict=True)} == {
+        s.id: s.n_items for s in prep.samples
+    }
+    tiling = xs.attrs["identity"]["recipe"]["tiling"]
+    assert tiling["tile_mpp"] == 1.0 and tiling["tile_size"] == 64 and tiling["plan"] == 1
+
+
+def test_the_tiling_plan_is_part_of_the_identity(extracted, tmp_path, tiny_dinov3):
+    mpath, (enc, _) = extracted
+    text = mpath.read_text().replace("max_tiles: 6", "max_tiles: 5")
+    other = tmp_path / "manifest.yaml"
+    other.write_text(text.replace("cache: cache", f"cache: {mpath.parent / 'cache'}"))
+    other_data = tmp_path / "data"
+    other_data.symlink_to(mpath.parent / "data")
+    (again,) = _run(other, repair=False)[:1]
+    assert again.status == "new" and again.path != enc.path
+
+
+def test_shards_and_repair_work_on_tiles(extracted, tmp_path, tiny_dinov3):
+    mpath, (enc, _) = extracted
+    work = tmp_path / "sharded"
+    work.mkdir()
+    (work / "data").symlink_to(mpath.parent / "data")
+    shard_manifest = write_manifest(work, SLIDES, f"['{tiny_dinov3}']", "[32]", EXTRA)
+    for i in range(2):
+        _run(shard_manifest, shard=(i, 2))
+    path = work / "cache" / enc.path.name
+    fs = sets.FeatureSet(path)
+    assert fs.complete and fs.verify() == []
+    a, b = xr.open_zarr(path).cls.values, xr.open_zarr(enc.path).cls.values
+    np.testing.assert_array_equal(a, b)
+    next(f for f in (path / "cls" / "c").rglob("*") if f.is_file()).unlink()  # lose a unit
+    (fixed, _) = _run(shard_manifest, repair=True)
+    assert fixed.status == "repaired"
+    np.testing.assert_array_equal(xr.open_zarr(path).cls.values, b)
+
+
+@pytest.mark.parametrize("pool", ["mean", "abmil", "cls+patch"])
+def test_slide_level_probes_by_patient(extracted, tmp_path, pool):
+    mpath, _ = extracted
+    manifest = load_manifest(mpath)
+    df = stage.run(manifest, tmp_path, pool=pool, echo=lambda _: None)
+    prep = readers.prepare(manifest.datasets[0])
+    test_slides = sum(s.split == "test" for s in prep.samples)
+    assert set(df.pool) == {pool} and set(df.n_test) == {test_slides}  # one row per slide
+    patients = {s.split: set() for s in prep.samples}
+    for s in prep.samples:
+        patients[s.split].add(s.group)
+    assert not patients["train"] & patients["test"]
+    if pool == "abmil":
+        assert "abmil" in set(df.probe)
+    enc = df[~df.encoder.str.startswith("pixels") & (df.metric == "auroc") & (df.probe == "linear")]
+    assert len(enc) == 1 and enc.value.iloc[0] > 0.5
