@@ -89,7 +89,7 @@ def main() -> None:
 HEADER = (
     f"{'model':<8} {'px':>4} {'prep':>6} {'n':>6} {'bare/s':>8} {'pipe/s':>8} {'ratio':>6} "
     f"{'whole s':>7} {'GPU GB':>6} {'MB/s':>6} {'main':>5} {'pin':>5} {'load':>9} "
-    f"{'write':>9} {'ship MB':>8}"
+    f"{'write':>9} {'other':>5} {'ship MB':>8}"
 )
 
 
@@ -384,7 +384,7 @@ def line(r: dict[str, Any]) -> str:
         f"{r['model']:<8} {r['size']:>4} {r['placement']:>6} {r['n']:>6} {r['bare_img_s']:8.0f} "
         f"{r['pipe_img_s']:8.0f} {r['ratio']:6.3f} {r['whole_s']:7.1f} {gb:>6} {r['mb_s']:6.0f} "
         f"{c.get('main', 0):5.2f} {c.get('pin', 0):5.2f} {load:>9} {write:>9} "
-        f"{r['ship_mb_per_batch']:8.1f}"
+        f"{c.get('other', 0):5.2f} {r['ship_mb_per_batch']:8.1f}"
     )
 
 

@@ -75,7 +75,8 @@ def markdown(res: dict[str, Any]) -> str:
         out += ["", "## gpu_extract.py (steady-state rates; whole = the whole extract call)", ""]
         out += [
             "| model | px | prep | n | bare img/s | pipeline img/s | ratio | whole s | GPU GB "
-            "| MB/s | CPU main / pin / loader / writers (cores) | shipped MB/batch (in flight) |",
+            "| MB/s | CPU main / pin / loader / writers / other (cores) "
+            "| shipped MB/batch (in flight) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         out += [bench_row(r) for r in rows]
@@ -97,7 +98,7 @@ def bench_row(r: dict[str, Any]) -> str:
     gb = "-" if r.get("gpu_peak_gb") is None else f"{r['gpu_peak_gb']:.1f}"
     cpu = (
         f"{c.get('main', 0):.2f} / {c.get('pin', 0):.2f} / {c.get('loader', 0):.1f} of "
-        f"{r['workers']} / {c.get('writers', 0):.1f} of {r['writers']}"
+        f"{r['workers']} / {c.get('writers', 0):.1f} of {r['writers']} / {c.get('other', 0):.2f}"
     )
     ship = f"{r['ship_mb_per_batch']:.1f} ({r['shm_in_flight_mb']})"
     return (
