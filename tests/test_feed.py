@@ -149,6 +149,7 @@ def _overflow_is_named(tmp_path, tiny_dinov3, device):
         _run(m, device=device)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_float16_overflow_names_the_items(tmp_path, tiny_dinov3):
     _overflow_is_named(tmp_path, tiny_dinov3, "cpu")
 
