@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv extract probe report test test-slow lint format bench clean
+.PHONY: venv extract probe report test test-slow lint format bench gpu-wheels gpu-dry-run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,18 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
+
+# The GPU check (benchmarks/gpu/): wheels for the GPU machine's Python 3.12 and for
+# this .venv's Python (the dry run), each checked complete offline and against the
+# versions installed here; then the whole GPU run on this CPU with a stand-in model.
+PYVER = $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu/wheels.py download --python 3.12
+	$(BIN)/python benchmarks/gpu/wheels.py download --python $(PYVER)
+	$(BIN)/python benchmarks/gpu/wheels.py check --python 3.12 --tested
+
+gpu-dry-run: gpu-wheels
+	benchmarks/gpu/run.sh --dry-run
 
 clean:
 	rm -rf $(VENV) cache results

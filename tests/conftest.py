@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,22 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("FEATSTORE_CACHE", raising=False)
+
+
+@pytest.fixture
+def gpu_device():
+    """The CUDA device of a `gpu`-marked test; without one the test is skipped.
+
+    FEATSTORE_GPU_STANDIN=cpu (set by `benchmarks/gpu/run.sh --dry-run`) runs such tests
+    on the CPU instead: their code runs, but nothing about CUDA is checked.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("FEATSTORE_GPU_STANDIN") == "cpu":
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA device (FEATSTORE_GPU_STANDIN=cpu runs it on the CPU)")
 
 
 def save_tiny_vit(config_cls, model_cls, folder: Path, seed: int, **overrides) -> Path:

@@ -291,9 +291,8 @@ def test_cli_option_is_checked_and_recorded(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_preprocessing_matches_the_cpu_path(tmp_path):
-    cuda = torch.device("cuda")
+def test_cuda_preprocessing_matches_the_cpu_path(tmp_path, gpu_device):
+    cuda = gpu_device
     grey = _synthetic(tmp_path, "cls2d", 96)
     for fit, r in (("resize", 64), ("pad", 128)):
         a, b, *_ = _both(grey, r, fit, cuda, mode="minmax")

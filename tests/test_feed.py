@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 from conftest import synth_entry, write_manifest
 
 from featstore.data.manifest import load_manifest
+from featstore.errors import FeatureOverflowError
 from featstore.extraction.run import Options
 from featstore.extraction.writer import quantize_int8
 from featstore.probing.evaluation import probe_set
@@ -114,17 +116,49 @@ def test_patch_pool_must_divide_the_grid(tmp_path, tiny_dinov3):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_path_matches_cpu_within_rounding(tmp_path, tiny_dinov3):
+def test_gpu_path_matches_cpu_within_rounding(tmp_path, tiny_dinov3, gpu_device):
     made_sets = {}
-    for device in ("cpu", "cuda"):
-        (tmp_path / device).mkdir()
-        m = write_manifest(tmp_path / device, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']")
-        (made_sets[device],) = _run(m, device=device)
-    a, b = (
-        xr.open_zarr(made_sets[d].path).patch.values.astype(np.float32) for d in ("cpu", "cuda")
-    )
+    for side, device in (("cpu", "cpu"), ("gpu", gpu_device.type)):
+        (tmp_path / side).mkdir()
+        m = write_manifest(tmp_path / side, synth_entry("d", "cls2d", n=8), f"['{tiny_dinov3}']")
+        (made_sets[side],) = _run(m, device=device)
+    a, b = (xr.open_zarr(made_sets[d].path).patch.values.astype(np.float32) for d in ("cpu", "gpu"))
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)  # bf16 autocast on the GPU
+    on_device = "device" if gpu_device.type == "cuda" else "cpu"  # `auto` placement
+    compute = sets.read_attrs(made_sets["gpu"].path)["compute"]
+    assert compute == {"device": gpu_device.type, "preprocess_on": on_device}
+
+
+def _overflowing(tiny_dinov3, folder):
+    """The tiny DINOv3 with its final norm scaled by 1e6: tokens overflow float16."""
+    import torch
+    from transformers import DINOv3ViTModel
+
+    model = DINOv3ViTModel.from_pretrained(tiny_dinov3)
+    with torch.no_grad():
+        model.norm.weight.mul_(1e6)
+    model.save_pretrained(folder)
+    shutil.copy(tiny_dinov3 / "preprocessor_config.json", folder)
+    return folder
+
+
+def _overflow_is_named(tmp_path, tiny_dinov3, device):
+    enc = _overflowing(tiny_dinov3, tmp_path / "big")
+    m = write_manifest(tmp_path, synth_entry("d", "cls2d", n=8), f"['{enc}']", extra=EXTRA)
+    # the names print as np.str_('img0000') today (writer.nan_checker); either form passes
+    with pytest.raises(FeatureOverflowError, match=r"gave NaN/Inf \w+ features for \[\S*img0000"):
+        _run(m, device=device)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_float16_overflow_names_the_items(tmp_path, tiny_dinov3):
+    _overflow_is_named(tmp_path, tiny_dinov3, "cpu")
+
+
+@pytest.mark.gpu
+def test_the_device_cast_catches_float16_overflow(tmp_path, tiny_dinov3, gpu_device):
+    # on CUDA the cast to float16 and the finite check run on the device (writer.py)
+    _overflow_is_named(tmp_path, tiny_dinov3, gpu_device.type)
 
 
 def test_several_blocks_of_patch_tokens_are_stored_and_cost_is_printed(tmp_path, tiny_dinov3):
