@@ -121,8 +121,7 @@ def _backbone(tower: torch.nn.Module, name: str) -> Backbone:
 def _info(name: str, source: str, config: dict[str, Any], sha: str, random: bool) -> EncoderInfo:
     from open_clip.transform import PreprocessCfg
 
-    model_cfg = config["model_cfg"]
-    where = source
+    model_cfg, where = config["model_cfg"], source
     with torch.device("meta"):
         tokens = _backbone(_tower(model_cfg, where), name)
     pre = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {})}
@@ -159,7 +158,7 @@ def _checked(config: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: no image tower (model_cfg.vision_cfg) in its open_clip config; "
             "featstore encodes images, so it needs a CLIP model with a vision tower"
         )
-    model_cfg.setdefault("embed_dim", 512)
+    model_cfg = {"embed_dim": 512, **model_cfg}  # open_clip's CLIP default; not mutated
     return {"model_cfg": model_cfg, "preprocess_cfg": config.get("preprocess_cfg", {})}
 
 
