@@ -81,12 +81,11 @@ def test_versions_pins_tags_and_duplicates_are_checked(tmp_path):
     assert any("a second wheel of alpha" in p for p in _check(tmp_path)[0])
 
 
-def test_the_shipped_pins_are_the_tested_versions_and_hold_for_both_pythons():
+def test_the_shipped_pins_are_exact_and_hold_for_both_pythons():
     for python in ("3.11", "3.12"):
         pinned = wheels.pins(python)
         assert pinned and all(str(p.specifier).startswith("==") for p in pinned)
     assert len(wheels.pins("3.11")) > len(wheels.pins("3.12"))  # the backports
-    assert wheels.untested(wheels.pins("3.11")) == []  # run by the project's .venv
 
 
 @pytest.mark.parametrize("tag", ["cp312", "cp311"])
@@ -96,6 +95,9 @@ def test_the_downloaded_wheelhouse_is_complete(tag):
         pytest.skip(f"no wheels in {folder}: `make gpu-wheels` downloads them")
     problems, _ = wheels.check_folder(folder, f"{tag[2]}.{tag[3:]}")
     assert problems == []
+    # the pins are the versions this .venv runs (checked where the wheels were fetched,
+    # not on every clean clone: a registry release must not fail CI's test run)
+    assert wheels.untested(wheels.pins("3.11")) == []
 
 
 @pytest.mark.slow
