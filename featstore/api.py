@@ -121,23 +121,32 @@ def probe(
     cache: str | os.PathLike[str] | None = None,
     pool: str = "mean",
     seed: int = 0,
+    memory_mb: float | None = None,
     baseline: bool = True,
 ) -> pd.DataFrame:
     """Probe every selected cell (as `featstore probe`, without writing files).
 
     Returns one row per dataset, encoder, resolution, probe and metric (the columns
-    of results.csv). Raises `ProbeError` when no cell could be probed; cells that
-    could not be probed while others were are listed in `df.attrs["problems"]`.
+    of results.csv, `featstore.probing.rows.COLUMNS`). Raises `ProbeError` for a bad
+    option or when no cell could be probed; cells that could not be probed while
+    others were are listed in `df.attrs["problems"]`.
     """
-    import pandas as pd
-
     from featstore.errors import ProbeError
     from featstore.probing.evaluation import probe_manifest
+    from featstore.probing.options import ProbeOptions
+    from featstore.probing.rows import frame
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
-    found = probe_manifest(m, pool=pool, seed=seed, baseline=baseline)
+    opts = ProbeOptions(
+        pool=pool,  # type: ignore[arg-type]  # checked by ProbeOptions
+        seed=seed,
+        protocol=m.protocol,
+        memory_mb=memory_mb,
+        baseline=baseline,
+    )
+    found = probe_manifest(m, opts)
     if not found.rows:
         raise ProbeError("no cell could be probed:\n  " + "\n  ".join(found.problems))
-    df = pd.DataFrame(found.rows)
+    df = frame(found.rows)
     df.attrs["problems"] = found.problems
     return df

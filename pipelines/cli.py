@@ -197,21 +197,24 @@ def probe(
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
-        from featstore.probing.evaluation import POOLS
+        from featstore.probing.options import POOLS, ProbeOptions
         from pipelines import probe as stage
 
         if pool not in POOLS:
             raise ManifestError(f"--pool {pool!r}: give one of {', '.join(POOLS)}")
         m = _manifest(manifest, dataset, encoder, resolution, cache, study)
+        opts = ProbeOptions(
+            pool=pool,  # type: ignore[arg-type]  # checked above
+            protocol=m.protocol,
+            memory_mb=memory_mb,
+        )
         with contextlib.ExitStack() as stack:
             if scheduler is not None:
                 from distributed import Client
 
                 client = stack.enter_context(Client(scheduler))
                 typer.echo(f"dask dashboard: {client.dashboard_link}")
-            stage.run(
-                m, out, pool=pool, stream_mb=memory_mb, manifest_file=manifest, echo=typer.echo
-            )
+            stage.run(m, out, opts, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
 

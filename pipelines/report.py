@@ -23,6 +23,7 @@ from featstore.encode.preprocess import preprocess
 from featstore.errors import ProbeError
 from featstore.identity import SetIdentity
 from featstore.probing.metrics import MAIN_METRIC
+from featstore.probing.rows import typed
 from featstore.report import references
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key
@@ -108,7 +109,7 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         raise ProbeError(
             f"{out}: no results.csv/run-config.json; run `featstore probe --out {out}` first"
         )
-    df = pd.read_csv(csv)
+    df = typed(pd.read_csv(csv))
     manifest = Manifest.model_validate(json.loads(cfg.read_text())["manifest"])
     datasets = [d for d in manifest.datasets if d.name in set(df.dataset)]
     tasks = {d.name: d.task for d in datasets}
