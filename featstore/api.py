@@ -123,17 +123,22 @@ def probe(
     seed: int = 0,
     memory_mb: float | None = None,
     baseline: bool = True,
+    fractions: Sequence[float] = (),
+    shots: Sequence[int] = (),
+    repeats: int | None = None,
 ) -> pd.DataFrame:
     """Probe every selected cell (as `featstore probe`, without writing files).
 
     Returns one row per dataset, encoder, resolution, probe and metric (the columns
-    of results.csv, `featstore.probing.rows.COLUMNS`). Raises `ProbeError` for a bad
-    option or when no cell could be probed; cells that could not be probed while
-    others were are listed in `df.attrs["problems"]`.
+    of results.csv, `featstore.probing.rows.COLUMNS`). `fractions`/`shots` add
+    label-efficiency points (`repeats` draws each): per-repeat rows and, with
+    `repeat == -1`, each point's mean. Raises `ProbeError` for a bad option or when no
+    cell could be probed; cells that could not be probed while others were are listed
+    in `df.attrs["problems"]`, points that could not be drawn in `df.attrs["skipped"]`.
     """
     from featstore.errors import ProbeError
     from featstore.probing.evaluation import probe_manifest
-    from featstore.probing.options import ProbeOptions
+    from featstore.probing.options import ProbeOptions, curve_options
     from featstore.probing.rows import frame
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
@@ -143,10 +148,12 @@ def probe(
         protocol=m.protocol,
         memory_mb=memory_mb,
         baseline=baseline,
+        curve=curve_options(fractions, shots, repeats),
     )
     found = probe_manifest(m, opts)
     if not found.rows:
         raise ProbeError("no cell could be probed:\n  " + "\n  ".join(found.problems))
     df = frame(found.rows)
     df.attrs["problems"] = found.problems
+    df.attrs["skipped"] = found.skipped
     return df

@@ -26,7 +26,7 @@ from featstore.errors import ProbeError
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
-from featstore.probing.rows import ResultRow, frame, typed, upsert
+from featstore.probing.rows import ResultRow, frame, ordinary, typed, upsert
 
 
 def write_results(out: Path, rows: list[ResultRow]) -> pd.DataFrame:
@@ -50,7 +50,7 @@ def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
     ]
     for ds in datasets:
         metric = MAIN_METRIC[ds.task]
-        sub = df[(df.dataset == ds.name) & (df.metric == metric)]
+        sub = ordinary(df[(df.dataset == ds.name) & (df.metric == metric)])
         for r in sub.itertuples():
             enc = f"{r.encoder}{' [random_init]' if r.random_init else ''}"
             lines.append(
@@ -89,10 +89,15 @@ def run(
     found = probe_manifest(manifest, opts, manifest_file=manifest_file, on_set=done)
     df = write_results(out, found.rows)
     config: dict[str, Any] = {"manifest": manifest.model_dump(mode="json")}
-    config["options"] = dataclasses.asdict(opts)
+    config["options"] = {
+        **dataclasses.asdict(opts),
+        "curve": opts.curve.model_dump(mode="json") if opts.curve else None,
+    }
     (out / "run-config.json").write_text(json.dumps(config, indent=2))
     if len(df):
         echo(table(df, list(manifest.datasets)))
+    for p in found.skipped:
+        echo(f"skipped: {p}")
     for p in found.problems:
         echo(f"problem: {p}")
     if found.problems and not found.rows:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from featstore.data.readers import Prepared, Sample, prepare
 from featstore.errors import FeatstoreError, StoreCorruptError
 from featstore.identity import SetIdentity, requested
 from featstore.probing import classification, geometry
+from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
 from featstore.probing.rows import ResultRow, SetColumns, result_rows
@@ -44,6 +45,7 @@ class SetResult:
     key: str  # the set's cache key, 12 characters (as in results rows)
     rows: list[ResultRow]
     examples: Examples | None = None
+    skipped: tuple[str, ...] = ()  # label-efficiency points not drawn, with the reason
 
 
 def probe_set(
@@ -139,14 +141,19 @@ def _probe_open_set(
     xs = usable_items(path, xs)
     where = set_columns(xs, ds, opts)
     examples = None
+    curve = Curve()
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds, samples))
         found, examples = probe_segmentation(seg, opts)
+        if opts.curve is not None:
+            curve = seg_curve(seg, opts, opts.curve, where, found)
     else:
         arrays = classification.class_arrays(xs, ds, opts)
         found = classification.outcome(arrays, classification.predict(arrays, opts), opts.seed)
-    rows = [row for f in found.fitted for row in result_rows(where, f)]
-    return SetResult(path, where.feature_set, rows, examples)
+        if opts.curve is not None:
+            curve = class_curve(arrays, opts, opts.curve, where, found)
+    rows = [row for f in found.fitted for row in result_rows(where, f)] + curve.rows
+    return SetResult(path, where.feature_set, rows, examples, tuple(curve.skipped))
 
 
 @dataclass
@@ -155,6 +162,11 @@ class Evaluation:
 
     results: list[SetResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Label-efficiency points that were not drawn, with the reason."""
+        return [s for r in self.results for s in r.skipped]
 
     @property
     def rows(self) -> list[ResultRow]:
@@ -181,7 +193,8 @@ def probe_manifest(
 
     A cell without a set, or whose dataset or set is bad, becomes a problem line
     (naming the command that fixes it) and the others are still probed. `on_set`
-    is called with each (cell name, SetResult) as it is done.
+    is called with each (cell name, SetResult) as it is done. Label-efficiency points
+    come from `opts.curve`, else from the manifest (`curves.manifest_curve`).
     """
     out = Evaluation()
     reachable(place(manifest.cache))
@@ -204,8 +217,9 @@ def probe_manifest(
         if path is None:
             out.problems.append(_missing(where, manifest, ds, spec, res, src))
             continue
+        curve = opts.curve or manifest_curve(manifest, ds)
         try:
-            result = probe_set(path, ds, opts, prep.samples)
+            result = probe_set(path, ds, replace(opts, curve=curve), prep.samples)
         except FeatstoreError as exc:
             out.problems.append(f"{where}: {exc}")
             continue

@@ -219,3 +219,41 @@ def knn_blockwise(
     test = _query_blocks(xte, xtr, max(max(chosen), 1), p, cosine)
     out = _vote(ytr, test, chosen, xte.shape[0], n_classes)
     return Prediction(out, param, time.perf_counter() - t0)
+
+
+def squared_distances(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """(q, n) squared Euclidean distances of rows (float64), as `nearest` computes
+    them (|x|^2 - 2 x.y + |y|^2, clamped at 0)."""
+    d = queries @ train.T
+    d *= -2.0
+    d += np.einsum("ij,ij->i", queries, queries)[:, None]
+    d += np.einsum("ij,ij->i", train, train)
+    return np.maximum(d, 0.0, out=d)
+
+
+def knn_from_distances(
+    dva: np.ndarray,
+    dte: np.ndarray,
+    ytr: np.ndarray,
+    yva: np.ndarray,
+    n_classes: int,
+    grid: Sequence[int] = K_GRID,
+    per_label: bool = False,
+) -> Prediction:
+    """`knn_blockwise`'s prediction from precomputed distances: dva (n_val, n_train)
+    and dte (n_test, n_train), e.g. columns of one matrix shared by several train
+    subsets (label-efficiency curves). Neighbours, votes and k as `knn_blockwise`."""
+    for y, s in ((ytr, "train"), (yva, "val")):
+        check_split(y, s)
+    t0 = time.perf_counter()
+    ks = _ks(grid, dva.shape[1])
+
+    def block(d: np.ndarray, k: int) -> list[tuple[int, int, np.ndarray]]:
+        cols = _smallest(d, k)
+        near = np.take_along_axis(d, cols, 1)
+        order = np.lexsort((cols, near), axis=1)  # by distance, then train index
+        return [(0, len(d), np.take_along_axis(cols, order, 1))]
+
+    chosen, param = _choose_k(ks, ytr, yva, block(dva, max(ks)), n_classes, per_label)
+    out = _vote(ytr, block(dte, max(max(chosen), 1)), chosen, len(dte), n_classes)
+    return Prediction(out, param, time.perf_counter() - t0)

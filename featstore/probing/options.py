@@ -7,9 +7,13 @@ signatures one argument at a time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from pydantic import ValidationError
+
+from featstore.data.manifest import LabelEfficiency
 from featstore.errors import ProbeError
 
 Pool = Literal["mean", "max", "cls+patch", "abmil"]  # 3D volume pooling (`--pool`)
@@ -29,6 +33,8 @@ class ProbeOptions:
     memory_mb: None keeps each probe's arrays in memory; a number bounds what kNN,
         the streamed linear segmentation head and segmentation scoring hold at once.
     baseline: also probe the raw-pixel baseline of every dataset.
+    curve: label-efficiency points for every set (None: each dataset's or study's
+        `label_efficiency:` from the manifest, if any).
     """
 
     pool: Pool = "mean"
@@ -36,6 +42,7 @@ class ProbeOptions:
     protocol: Protocol = "default"
     memory_mb: float | None = None
     baseline: bool = True
+    curve: LabelEfficiency | None = None
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -46,3 +53,21 @@ class ProbeOptions:
             raise ProbeError(f"seed {self.seed!r}: give a whole number >= 0")
         if self.memory_mb is not None and not self.memory_mb > 0:
             raise ProbeError(f"memory_mb {self.memory_mb!r}: give a positive number of MB")
+
+
+def curve_options(
+    fractions: Sequence[float] = (), shots: Sequence[int] = (), repeats: int | None = None
+) -> LabelEfficiency | None:
+    """`--fractions/--shots/--repeats` (or the API's arguments) as a checked
+    `LabelEfficiency`; None when neither fractions nor shots are given."""
+    if not fractions and not shots:
+        if repeats is not None:
+            raise ProbeError(
+                "repeats go with fractions or shots, e.g. --fractions 0.1,1 --repeats 5"
+            )
+        return None
+    try:
+        return LabelEfficiency(fractions=tuple(fractions), shots=tuple(shots), repeats=repeats or 1)
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise ProbeError(f"label efficiency: {reasons}") from None

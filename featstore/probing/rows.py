@@ -17,6 +17,7 @@ import pandas as pd
 
 Scores = Mapping[str, tuple[float, float, float]]  # metric -> (value, ci_low, ci_high)
 KEY_FIELD = {"key": True}
+MEAN_OF_REPEATS = -1  # the `repeat` of a label-efficiency point's mean row
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Fitted:
 class Outcome:
     """What fitting the probes of one set once gave: their `Fitted` results, and for
     each probe its scores' bootstrap draws (`featstore.probing.bootstrap`), which the
-    repeats of a fit could pool."""
+    repeats of a label-efficiency point pool."""
 
     fitted: list[Fitted]
     draws: Mapping[str, Mapping[str, np.ndarray]]  # probe -> metric -> (N_BOOT + 1,)
@@ -80,6 +81,12 @@ class ResultRow:
     param_name: str = ""
     param: float = float("nan")
     fit_seconds: float = 0.0
+    # Label-efficiency points (`featstore.probing.curves`); the ordinary probe is the
+    # point at fraction 1, repeat 0. A shots point has no fraction (NaN).
+    train_fraction: float = field(default=1.0, metadata=KEY_FIELD)
+    shots: int = field(default=0, metadata=KEY_FIELD)
+    repeat: int = field(default=0, metadata=KEY_FIELD)  # MEAN_OF_REPEATS: their mean
+    std: float = float("nan")  # a mean row's spread across repeats (population std)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as {column: value}, columns in `COLUMNS` order."""
@@ -157,3 +164,18 @@ def upsert(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     kept = old[[k not in keys for k in key_strings(old)]]
     both = pd.concat([kept, new], ignore_index=True) if len(kept) else new
     return both.sort_values(list(KEY), kind="stable").reset_index(drop=True)
+
+
+def ordinary(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the ordinary probe (the whole train split), without curve points."""
+    if "repeat" not in df:
+        return df
+    full = (df.train_fraction == 1.0) & (df.shots == 0) & (df.repeat == 0)
+    return df[full]
+
+
+def curve_means(df: pd.DataFrame) -> pd.DataFrame:
+    """The mean rows of label-efficiency points (one per point, probe and metric)."""
+    if "repeat" not in df:
+        return df.iloc[:0]
+    return df[df.repeat == MEAN_OF_REPEATS]
