@@ -86,19 +86,21 @@ def weighted_auroc(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np
     """AUROC of each weighting (b,): (pairs positive above negative + half the tied
     pairs) / (positives x negatives); NaN without positives or negatives.
 
-    positive: (n,) bool; score: (n,) float; w: (n, b) resample counts.
+    positive: (n,) bool; score: (n,) float; w: (n, b) resample counts. Units sorted by
+    score; tied scores are summed into one group first.
     """
     order = np.argsort(score, kind="stable")
     s = score[order]
     ws = w[order]
-    pos = ws * positive[order, None]
+    pos = ws * positive[order].astype(np.float64)[:, None]
     neg = ws - pos
-    if len(s) and (s[1:] == s[:-1]).any():  # groups of equal scores
+    if len(s) > 1 and (s[1:] == s[:-1]).any():  # groups of equal scores: half credit
         starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
         pos, neg = np.add.reduceat(pos, starts, axis=0), np.add.reduceat(neg, starts, axis=0)
-    below = np.cumsum(neg, 0)
-    below -= neg
-    below += 0.5 * neg
+        below = np.cumsum(neg, 0)
+        below -= 0.5 * neg
+    else:  # a positive's own row holds no negative weight: the running sum is below it
+        below = np.cumsum(neg, 0)
     p, q = pos.sum(0), neg.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = np.einsum("gb,gb->b", pos, below) / (p * q)
