@@ -139,6 +139,20 @@ def _label_efficiency(
     return md, [*body, rpt.to_html(table, "dataset")]
 
 
+def _write(out: Path, md: list[str], body: list[str]) -> None:
+    """OUT/report.md and OUT/report.html, each only when its bytes change."""
+    rpt.write_if_changed(out / "report.md", "\n".join(md).encode())
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>featstore report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-"
+        "collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "font-size:13px}img{max-width:100%}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    rpt.write_if_changed(out / "report.html", page.encode())
+
+
 def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     """Write OUT/report.md, OUT/report.html and OUT/plots/ from OUT's probe results.
 
@@ -190,15 +204,6 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         md_c, html_c = _label_efficiency(every, tasks, out)
         md += md_c
         body += html_c
-    rpt.write_if_changed(out / "report.md", "\n".join(md).encode())
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>featstore report</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-"
-        "collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-        "font-size:13px}img{max-width:100%}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n"
-    )
-    rpt.write_if_changed(out / "report.html", page.encode())
+    _write(out, md, body)
     echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
     return out / "report.md"

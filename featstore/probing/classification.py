@@ -58,6 +58,8 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
     sample = item_str(xs.sample)
     group = item_str(xs.patient) if "patient" in xs.coords else sample
     n_classes = label.shape[1] if label.ndim == 2 else int(label.max()) + 1
+    if not np.isfinite(cls).all():  # pooled or attention-weighted, they stay finite
+        raise ProbeError("features contain NaN/Inf; run `featstore verify` on the set")
     bags = None
     if ds.dims == 3:
         vols = volume_items(sample, np.asarray(xs.slice.values))
@@ -73,8 +75,6 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
                 patch_mean = patch_tokens(xs, items, last_only=True).astype(np.float64)
                 patch_mean = patch_mean.mean((1, 2))
             cls = probes.pool_volumes(cls, vols, opts.pool, patch_mean)
-    if not np.isfinite(cls).all():
-        raise ProbeError("features contain NaN/Inf; run `featstore verify` on the set")
     if not (split == "test").any():
         raise ProbeError("the test split is empty")
     return ClassArrays(cls, label, split, group, n_classes, bags)

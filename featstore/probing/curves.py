@@ -39,6 +39,10 @@ from featstore.probing.rows import (
 from featstore.probing.segmentation import SegSet, probe_segmentation
 from featstore.probing.subsets import Point, SkippedPoint, draw, group_order, strata
 
+# The most the shared kNN distance matrices may hold; beyond it (or with a memory
+# bound, or ABMIL's per-subset pooling) each subset runs its own kNN.
+SHARED_BYTES = 512e6
+
 
 def manifest_curve(manifest: Manifest, ds: Dataset) -> LabelEfficiency | None:
     """`label_efficiency:` of `ds`, else of the first study over it that has one."""
@@ -173,7 +177,9 @@ def class_curve(
 ) -> Curve:
     """The curve of a classification set; units are images (2D) or volumes (3D)."""
     train = a.part("train")
-    shared = Distances(a, opts) if a.bags is None and opts.memory_mb is None else None
+    pairs = len(train) * (len(a.part("val")) + len(a.part("test")))
+    share = a.bags is None and opts.memory_mb is None and pairs * 8 <= SHARED_BYTES
+    shared = Distances(a, opts) if share else None  # else each subset's kNN on its own
 
     def fit(units: np.ndarray) -> Outcome:
         rows = train[units]

@@ -244,9 +244,9 @@ def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
 
 def plot_linear_vs_knn(df: pd.DataFrame, path: Path) -> bool:
     """Linear probe against kNN on the same feature sets (classification AUROC)."""
-    sub = df[df.metric == "auroc"].pivot_table(
-        index=["dataset", "encoder", "resolution"], columns="probe", values="value"
-    )
+    # every key column but the probe indexes a point, so that no two results average
+    cells = [k for k in KEY if k in df and k not in ("probe", "metric")]
+    sub = df[df.metric == "auroc"].pivot(index=cells, columns="probe", values="value")
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
     if {"linear", "knn"} <= set(sub.columns):
