@@ -73,7 +73,7 @@ def _rss_mb() -> float:
 
 def _score(path: str, bound_mb: float) -> None:
     from featstore.probing.probes import patch_targets
-    from featstore.probing.segmentation import block_items, score_volumes
+    from featstore.probing.segscores import block_items, score_volumes
     from featstore.probing.streaming import fit_streaming
 
     root = zarr.open_group(path, mode="r")

@@ -136,28 +136,42 @@ def probe(
     cache: str | os.PathLike[str] | None = None,
     pool: str = "mean",
     seed: int = 0,
+    memory_mb: float | None = None,
     baseline: bool = True,
+    fractions: Sequence[float] = (),
+    shots: Sequence[int] = (),
+    repeats: int | None = None,
 ) -> pd.DataFrame:
     """Probe every selected cell (as `featstore probe`, without writing files).
 
     Returns one row per dataset, encoder, resolution, probe and metric (the columns
-    of results.csv). Raises `ProbeError` when no cell could be probed; cells that
-    could not be probed while others were are listed in `df.attrs["problems"]`, and
-    datasets whose data folder is absent (found by identity) in `df.attrs["notes"]`.
+    of results.csv, `featstore.probing.rows.COLUMNS`). `fractions`/`shots` add
+    label-efficiency points (`repeats` draws each): per-repeat rows and, with
+    `repeat == -1`, each point's mean. Raises `ProbeError` for a bad option or when no
+    cell could be probed; cells that could not be probed while others were are listed
+    in `df.attrs["problems"]`, points that could not be drawn in `df.attrs["skipped"]`,
+    and datasets whose data folder is absent (found by identity) in `df.attrs["notes"]`.
     """
-    import pandas as pd
-
     from featstore.data.native import data_check
     from featstore.errors import ProbeError
     from featstore.probing.evaluation import probe_manifest
+    from featstore.probing.options import ProbeOptions, curve_options
+    from featstore.probing.rows import frame
 
     m = _manifest(manifest, cache, need_data=False).select(datasets, encoders, resolutions)
-    found = probe_manifest(
-        m, pool=pool, seed=seed, baseline=baseline, data_check=data_check(m.cache)
+    opts = ProbeOptions(
+        pool=pool,  # type: ignore[arg-type]  # checked by ProbeOptions
+        seed=seed,
+        protocol=m.protocol,
+        memory_mb=memory_mb,
+        baseline=baseline,
+        curve=curve_options(fractions, shots, repeats),
     )
+    found = probe_manifest(m, opts, data_check=data_check(m.cache))
     if not found.rows:
         raise ProbeError("no cell could be probed:\n  " + "\n  ".join(found.problems))
-    df = pd.DataFrame(found.rows)
+    df = frame(found.rows)
     df.attrs["problems"] = found.problems
     df.attrs["notes"] = found.notes
+    df.attrs["skipped"] = found.skipped
     return df

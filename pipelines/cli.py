@@ -177,6 +177,19 @@ def extract(  # over 60 lines: typer declares its 19 options in the signature (4
         _fail(exc)
 
 
+def _numbers(text: str | None, kind: type[float] | type[int], flag: str) -> list:
+    """A comma-separated option ("0.01,0.1,1") as numbers of `kind`."""
+    if not text:
+        return []
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ManifestError(
+            f"{flag} {text!r}: give comma-separated {kind.__name__}s, e.g. "
+            + ("0.01,0.1,1" if kind is float else "1,5,10")
+        ) from None
+
+
 @app.command()
 def probe(
     manifest: Path = ManifestOpt,
@@ -197,25 +210,43 @@ def probe(
     scheduler: str | None = typer.Option(
         None, help="Run the probes' dask computations on a running cluster (address)."
     ),
+    fractions: str | None = typer.Option(
+        None,
+        help="Label-efficiency curve: also fit every probe on these fractions of the train "
+        "split, e.g. 0.01,0.05,0.1,0.25,0.5,1 (stratified, nested, whole patients).",
+    ),
+    shots: str | None = typer.Option(
+        None, help="Label-efficiency curve: also fit on k training units per class, e.g. 1,5,10."
+    ),
+    repeats: int | None = typer.Option(
+        None, min=1, help="Draws per curve point (repeat r uses seed r); default 1."
+    ),
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
-        from featstore.probing.evaluation import POOLS
+        from featstore.probing.options import POOLS, ProbeOptions, curve_options
         from pipelines import probe as stage
 
         if pool not in POOLS:
             raise ManifestError(f"--pool {pool!r}: give one of {', '.join(POOLS)}")
+        curve = curve_options(
+            _numbers(fractions, float, "--fractions"), _numbers(shots, int, "--shots"), repeats
+        )
         # the data folders may be absent: the feature sets hold what probes need
         m = _manifest(manifest, dataset, encoder, resolution, cache, study, need_data=False)
+        opts = ProbeOptions(
+            pool=pool,  # type: ignore[arg-type]  # checked above
+            protocol=m.protocol,
+            memory_mb=memory_mb,
+            curve=curve,
+        )
         with contextlib.ExitStack() as stack:
             if scheduler is not None:
                 from distributed import Client
 
                 client = stack.enter_context(Client(scheduler))
                 typer.echo(f"dask dashboard: {client.dashboard_link}")
-            stage.run(
-                m, out, pool=pool, stream_mb=memory_mb, manifest_file=manifest, echo=typer.echo
-            )
+            stage.run(m, out, opts, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
 

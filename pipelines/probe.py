@@ -12,6 +12,7 @@ trainable heads (`featstore.probing.heads`: the segmentation decoder, `--pool ab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,24 +24,18 @@ import pandas as pd
 from featstore.data.manifest import Dataset, Manifest
 from featstore.data.native import data_check
 from featstore.errors import ProbeError
-from featstore.probing.evaluation import Row, SetResult, probe_manifest
+from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
+from featstore.probing.options import ProbeOptions
+from featstore.probing.rows import ResultRow, frame, ordinary, typed, upsert
 
-KEY = ["dataset", "encoder", "random_init", "resolution", "protocol", "probe", "metric"]
 
-
-def write_results(out: Path, rows: list[Row]) -> pd.DataFrame:
-    """Upsert rows (keyed by `KEY`) into OUT/results.csv and OUT/results.jsonl."""
+def write_results(out: Path, rows: list[ResultRow]) -> pd.DataFrame:
+    """Upsert rows (keyed by `rows.KEY`) into OUT/results.csv and OUT/results.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "results.csv"
-    new = pd.DataFrame(rows, columns=list(rows[0]) if rows else KEY)
-    if csv.is_file():
-        old = pd.read_csv(csv)
-        keys = set(map(tuple, new[KEY].astype(str).values))
-        old = old[[tuple(r) not in keys for r in old[KEY].astype(str).values]]
-        new = pd.concat([old, new], ignore_index=True) if len(new) else old
-    if len(new):
-        new = new.sort_values(KEY, kind="stable").reset_index(drop=True)
+    old = typed(pd.read_csv(csv)) if csv.is_file() else frame([])
+    new = upsert(old, frame(rows))
     new.to_csv(csv, index=False, float_format="%.6g")
     with (out / "results.jsonl").open("w") as f:
         for rec in new.to_dict("records"):
@@ -56,7 +51,7 @@ def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
     ]
     for ds in datasets:
         metric = MAIN_METRIC[ds.task]
-        sub = df[(df.dataset == ds.name) & (df.metric == metric)]
+        sub = ordinary(df[(df.dataset == ds.name) & (df.metric == metric)])
         for r in sub.itertuples():
             enc = f"{r.encoder}{' [random_init]' if r.random_init else ''}"
             lines.append(
@@ -78,11 +73,8 @@ def _save_examples(out: Path, result: SetResult) -> None:
 def run(
     manifest: Manifest,
     out: Path,
+    opts: ProbeOptions,
     *,
-    pool: str = "mean",
-    seed: int = 0,
-    stream_mb: float | None = None,
-    baseline: bool = True,
     manifest_file: Path | None = None,
     echo: Callable[[str], object] = print,
 ) -> pd.DataFrame:
@@ -97,21 +89,24 @@ def run(
 
     found = probe_manifest(
         manifest,
-        pool=pool,
-        seed=seed,
-        stream_mb=stream_mb,
-        baseline=baseline,
+        opts,
         manifest_file=manifest_file,
         on_set=done,
         data_check=data_check(manifest.cache),
     )
     df = write_results(out, found.rows)
-    config: dict[str, Any] = {"manifest": manifest.model_dump(mode="json"), "pool": pool}
-    (out / "run-config.json").write_text(json.dumps({**config, "seed": seed}, indent=2))
+    config: dict[str, Any] = {"manifest": manifest.model_dump(mode="json")}
+    config["options"] = {
+        **dataclasses.asdict(opts),
+        "curve": opts.curve.model_dump(mode="json") if opts.curve else None,
+    }
+    (out / "run-config.json").write_text(json.dumps(config, indent=2))
     if len(df):
         echo(table(df, list(manifest.datasets)))
     for n in found.notes:
         echo(f"note: {n}")
+    for p in found.skipped:
+        echo(f"skipped: {p}")
     for p in found.problems:
         echo(f"problem: {p}")
     if found.problems and not found.rows:

@@ -11,7 +11,7 @@ Never loads torch; rerunning on unchanged results rewrites nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ import pandas as pd
 from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.report import references
+from featstore.probing.rows import ordinary, typed
+from featstore.report import curves, references
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key
 from featstore.store.schema import EXAMPLE_ITEM, THUMBNAIL
@@ -87,6 +88,61 @@ def _published_note(df: pd.DataFrame) -> str:
     return note
 
 
+def _dataset_section(
+    ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path
+) -> tuple[list[str], list[str]]:
+    """One dataset's table, published values and example figure (Markdown, HTML parts)."""
+    task, rows = ds.task, df[df.dataset == ds.name]
+    table = rpt.task_table(rows, task)
+    md = [f"## {ds.name} ({task}, {ds.dims}D)", "", rpt.to_markdown(table), ""]
+    body = [f"<h2>{ds.name} ({task}, {ds.dims}D)</h2>", rpt.to_html(table)]
+    refs = references.for_dataset(ds)
+    if refs:
+        pub = rpt.published_table(rows, refs)
+        note = _published_note(rows)
+        md += ["Published values beside featstore's:", "", rpt.to_markdown(pub, ""), ""]
+        md += [note, ""]
+        body += [rpt.to_html(pub, ""), f"<p>{note.replace('**', '')}</p>"]
+    figure = _examples(ds, df, cache, out, task)
+    if figure:
+        md += [f"![{ds.name} examples](plots/{figure})", ""]
+        body.append(f'<img src="plots/{figure}" alt="{ds.name} examples">')
+    return md, body
+
+
+def _label_efficiency(
+    every: pd.DataFrame, tasks: Mapping[str, str], out: Path
+) -> tuple[list[str], list[str]]:
+    """The label-efficiency plot and labels-to-95% table (Markdown and HTML parts)."""
+    name = "label_efficiency.png"
+    curves.plot_label_efficiency(every, tasks, out / "plots" / name)
+    table = curves.labels_to_reach(every, tasks)
+    text = (
+        "Each point is the mean over repeats of the main probe's main metric on a "
+        "stratified part of the train split (bands: +- one std across repeats; pixels "
+        "dashed). The table gives the fewest training units (images or volumes) whose "
+        "mean reaches 95% of the encoder's own full-data score."
+    )
+    md = ["## Label efficiency", "", text, "", f"![{name}](plots/{name})", ""]
+    md += [rpt.to_markdown(table, "dataset"), ""]
+    body = ["<h2>Label efficiency</h2>", f"<p>{text}</p>", f'<img src="plots/{name}" alt="{name}">']
+    return md, [*body, rpt.to_html(table, "dataset")]
+
+
+def _write(out: Path, md: list[str], body: list[str]) -> None:
+    """OUT/report.md and OUT/report.html, each only when its bytes change."""
+    rpt.write_if_changed(out / "report.md", "\n".join(md).encode())
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>featstore report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-"
+        "collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+        "font-size:13px}img{max-width:100%}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    rpt.write_if_changed(out / "report.html", page.encode())
+
+
 def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     """Write OUT/report.md, OUT/report.html and OUT/plots/ from OUT's probe results.
 
@@ -98,7 +154,8 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         raise ProbeError(
             f"{out}: no results.csv/run-config.json; run `featstore probe --out {out}` first"
         )
-    df = pd.read_csv(csv)
+    every = typed(pd.read_csv(csv))
+    df = ordinary(every)  # label-efficiency points have their own plot and table
     manifest = Manifest.model_validate(json.loads(cfg.read_text())["manifest"])
     datasets = [d for d in manifest.datasets if d.name in set(df.dataset)]
     tasks = {d.name: d.task for d in datasets}
@@ -128,31 +185,15 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     body = [f"<h1>featstore study report</h1><p>{warn.replace('**', '')}</p>"]
     for task in ("classification", "multilabel", "segmentation"):
         for ds in (d for d in datasets if d.task == task):
-            table = rpt.task_table(df[df.dataset == ds.name], task)
-            md += [f"## {ds.name} ({task}, {ds.dims}D)", "", rpt.to_markdown(table), ""]
-            body += [f"<h2>{ds.name} ({task}, {ds.dims}D)</h2>", rpt.to_html(table)]
-            refs = references.for_dataset(ds)
-            if refs:
-                pub = rpt.published_table(df[df.dataset == ds.name], refs)
-                note = _published_note(df[df.dataset == ds.name])
-                md += ["Published values beside featstore's:", "", rpt.to_markdown(pub, ""), ""]
-                md += [note, ""]
-                body += [rpt.to_html(pub, ""), f"<p>{note.replace('**', '')}</p>"]
-            figure = _examples(ds, df, manifest.cache, out, task)
-            if figure:
-                md += [f"![{ds.name} examples](plots/{figure})", ""]
-                body.append(f'<img src="plots/{figure}" alt="{ds.name} examples">')
+            md_d, html_d = _dataset_section(ds, df, manifest.cache, out)
+            md += md_d
+            body += html_d
     md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     body += ["<h2>Scaling</h2>"] + [f'<img src="plots/{p}" alt="{p}">' for p in plots]
-    rpt.write_if_changed(out / "report.md", "\n".join(md).encode())
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>featstore report</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-"
-        "collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-        "font-size:13px}img{max-width:100%}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n"
-    )
-    rpt.write_if_changed(out / "report.html", page.encode())
+    if curves.any_curve(every):
+        md_c, html_c = _label_efficiency(every, tasks, out)
+        md += md_c
+        body += html_c
+    _write(out, md, body)
     echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
     return out / "report.md"

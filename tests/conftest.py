@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,3 +106,39 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "PROVENANCE.md").is_file():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (see README, 'Real data')")
     return SHARED_DATA
+
+
+def sklearn_seg_scores(pred, truth, n_classes: int) -> dict[str, float]:
+    """Dice, precision and recall of 2D label maps (n, H, W) computed with scikit-learn,
+    independently of featstore: per image and foreground class (left out when the class
+    is in neither map), averaged over classes, then over images."""
+    from sklearn import metrics as skm
+
+    fns = {"dice": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}
+    per: dict[str, list[float]] = {m: [] for m in fns}
+    for p, t in zip(pred, truth, strict=True):
+        present = [c for c in range(1, n_classes) if (p == c).any() or (t == c).any()]
+        if not present:
+            continue
+        for m, fn in fns.items():
+            per[m].append(
+                float(
+                    np.mean([fn(t.ravel() == c, p.ravel() == c, zero_division=0) for c in present])
+                )
+            )
+    return {m: float(np.mean(v)) for m, v in per.items()}
+
+
+def refit_linear_seg_head(xs, ds):
+    """The linear segmentation head as `featstore probe` fits it (seed 0, one BLAS
+    thread), and its predictions and masks of the test images."""
+    from threadpoolctl import threadpool_limits
+
+    from featstore.probing.options import ProbeOptions
+    from featstore.probing.segmentation import fit_linear_head, seg_set
+
+    s = seg_set(xs, ds, None)
+    with threadpool_limits(limits=1):
+        head = fit_linear_head(s, ProbeOptions())
+        patch, truth = s.read(True)(np.concatenate(s.test_vols))
+        return head.predict(patch, s.size), truth, s.n_classes

@@ -91,6 +91,7 @@ def test_streamed_seg_head_on_every_patch_and_probe_on_the_cluster(tmp_path, tin
     from typer.testing import CliRunner
 
     from featstore.probing.evaluation import probe_set
+    from featstore.probing.options import ProbeOptions
     from featstore.probing.streaming import blocks
     from pipelines.cli import app
 
@@ -99,9 +100,9 @@ def test_streamed_seg_head_on_every_patch_and_probe_on_the_cluster(tmp_path, tin
     ds = load_manifest(mpath).datasets[0]
     # a bound of 16 MB streams 24 items of 8x8x32 tokens in one block; 0.01 MB item by item
     assert len(list(blocks(24, 8 * 8 * 32, 0.01))) == 24
-    streamed = probe_set(s.path, ds, stream_mb=0.01).rows
-    linear = [r for r in streamed if r["probe"] == "seg-linear" and r["metric"] == "dice"]
-    assert linear and linear[0]["param_name"] == "alpha" and linear[0]["value"] > 0.2
+    streamed = probe_set(s.path, ds, ProbeOptions(memory_mb=0.01)).rows
+    linear = [r for r in streamed if r.probe == "seg-linear" and r.metric == "dice"]
+    assert linear and linear[0].param_name == "alpha" and linear[0].value > 0.2
     address = client.scheduler.address
     out = tmp_path / "results"
     args = ["probe", "--manifest", str(mpath), "--out", str(out)]

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import synth_entry, write_manifest
+from conftest import refit_linear_seg_head, sklearn_seg_scores, synth_entry, write_manifest
 
 from featstore.data.manifest import load_manifest
 from featstore.errors import FeatureOverflowError
@@ -103,8 +103,11 @@ def test_pooled_int8_patch_tokens_are_a_set_of_their_own(tmp_path, tiny_dinov3):
     before = sum(f.stat().st_size for f in (plain.path / "patch").rglob("*") if f.is_file())
     assert stored < before / 4
     assert FeatureSet(fewer.path).verify() == []
-    rows = probe_set(fewer.path, load_manifest(small).datasets[0]).rows
-    assert any(r["metric"] == "dice" and r["value"] >= 0 for r in rows)
+    ds = load_manifest(small).datasets[0]
+    rows = probe_set(fewer.path, ds).rows
+    (dice,) = [r.value for r in rows if r.probe == "seg-linear" and r.metric == "dice"]
+    want = sklearn_seg_scores(*refit_linear_seg_head(sets.open_set(fewer.path), ds))
+    assert dice == pytest.approx(want["dice"], abs=1e-9)
 
 
 def test_patch_pool_must_divide_the_grid(tmp_path, tiny_dinov3):

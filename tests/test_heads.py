@@ -179,7 +179,7 @@ def test_decoder_input_concatenates_stored_layers():
     first), the linear head and cls+patch the deepest."""
     import xarray as xr
 
-    from featstore.probing.segmentation import patch_tokens
+    from featstore.probing.items import patch_tokens
 
     arr = np.arange(3 * 2 * 2 * 2 * 4, dtype=np.float32).reshape(3, 2, 2, 2, 4)
     xs = xr.Dataset({"patch": (("item", "patch_layer", "row", "col", "channel"), arr)})

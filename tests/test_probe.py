@@ -17,7 +17,9 @@ from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
 from featstore.probing import probes
+from featstore.probing.items import volume_items
 from featstore.probing.metrics import classification_scores, dice_iou, with_intervals
+from featstore.probing.options import ProbeOptions
 from pipelines.cli import app
 
 runner = CliRunner()
@@ -85,8 +87,26 @@ def test_seed_protocol_metrics_in_results(shipped):
         assert set(rows.unit) == {unit} and {"hd95", "hd95:organ-a"} & set(rows.metric)
         assert (rows.value.dropna() >= 0).all()
     for metric in ("precision", "recall"):
-        got = df[(df.metric == metric) & (df.probe == "seg-decoder")]
-        assert len(got) == 4 and got.value.between(0, 1).all()
+        assert len(df[(df.metric == metric) & (df.probe == "seg-decoder")]) == 4
+
+
+def test_segmentation_scores_match_sklearn(shipped):
+    """The 2D linear head's Dice, precision and recall rows equal scikit-learn's on the
+    same head's test predictions."""
+    from conftest import refit_linear_seg_head, sklearn_seg_scores
+
+    import featstore
+    from featstore.data.manifest import load_manifest
+
+    work, args, _, df = shipped
+    mpath = work / "data_manifest.yaml"
+    ds = load_manifest(mpath).dataset("synth-structures-2d")
+    xs = featstore.open_features(mpath, ds.name, args[3], int(args[5]))
+    want = sklearn_seg_scores(*refit_linear_seg_head(xs, ds))
+    rows = df[(df.dataset == ds.name) & (df.probe == "seg-linear") & (df.encoder != "pixels")]
+    got = rows.set_index("metric").value
+    for metric, value in want.items():
+        assert got[metric] == pytest.approx(value, abs=1e-5), metric
 
 
 def test_intervals_contain_point_estimates(shipped):
@@ -186,12 +206,18 @@ def test_dice_perfect_empty_and_intervals():
         assert lo <= value <= hi
 
 
-def test_pool_volumes():
+def test_volume_items_and_pooling():
+    """Volumes in order of first appearance, items by slice; pooled by hand."""
+    sample = np.array(list("bbaacb"))
+    slice_ = np.array([2, 0, 1, 0, 0, 1])
+    vols = volume_items(sample, slice_)
+    assert [v.tolist() for v in vols] == [[1, 5, 0], [3, 2], [4]]
+    assert [v.tolist() for v in volume_items(sample)] == [[0, 1, 5], [2, 3], [4]]
     cls = np.arange(12, dtype=float).reshape(6, 2)
-    ids, mean = probes.pool_volumes(cls, np.array(list("aabbbc")), "mean")
-    assert list(ids) == ["a", "b", "c"] and np.allclose(mean[1], cls[2:5].mean(0))
-    _, mx = probes.pool_volumes(cls, np.array(list("aabbbc")), "max")
-    assert np.allclose(mx[1], cls[4])
+    mean = probes.pool_volumes(cls, vols, "mean")
+    assert mean.shape == (3, 2) and np.allclose(mean[0], (cls[0] + cls[1] + cls[5]) / 3)
+    mx = probes.pool_volumes(cls, vols, "max")
+    assert np.allclose(mx[1], np.maximum(cls[2], cls[3])) and np.allclose(mx[2], cls[4])
 
 
 def test_upsampling_matches_torch_bilinear():
@@ -272,10 +298,22 @@ def test_medmnist_plus_protocol_pads_and_uses_k11_euclidean(tmp_path, tiny_dinov
 
 
 def test_seed_protocol_trains_the_papers_linear_layer(tmp_path, tiny_dinov3):
+    import featstore
+    from featstore.probing import heads
+
     df = _protocol_run(tmp_path, tiny_dinov3, "seed")
-    lin = df[df.probe == "linear"]
+    lin = df[(df.probe == "linear") & ~df.encoder.str.startswith("pixels")]
     assert set(df.protocol) == {"seed"} and set(lin.param_name) == {"lr"}
-    assert set(lin.param) == {0.005}
+    # The row's AUROC is scikit-learn's on `seed_linear`'s predictions of the same arrays.
+    xs = featstore.open_features(tmp_path / "manifest.yaml", "d", str(tiny_dinov3))
+    x, y = np.asarray(xs.cls.values, np.float64), np.asarray(xs.label.values)
+    split = np.asarray(xs.split.values).astype(str)
+    tr, te = split == "train", split == "test"
+    proba = heads.seed_linear(x[tr], y[tr], x[te], int(y.max()) + 1)
+    # one sigmoid per class (not a softmax): macro one-vs-rest AUROC, class by class
+    classes = [1] if proba.shape[1] == 2 else np.unique(y[te])
+    auroc = np.mean([skm.roc_auc_score(y[te] == c, proba[:, c]) for c in classes])
+    assert lin.set_index("metric").value["auroc"] == pytest.approx(auroc, abs=1e-5)
 
 
 def test_cls_plus_patch_pooling(shipped, tmp_path):
@@ -306,7 +344,7 @@ def test_abmil_pooling(shipped, tmp_path):
     m = load_manifest(work / "data_manifest.yaml").select(
         ["synth-nodules-3d"], [args[3]], [int(args[5])]
     )
-    df = stage.run(m, tmp_path, pool="abmil", echo=lambda _: None)
+    df = stage.run(m, tmp_path, ProbeOptions(pool="abmil"), echo=lambda _: None)
     assert set(df.pool) == {"abmil"} and set(df.probe) == {"linear", "knn", "abmil"}
     enc = df[(df.encoder != "pixels") & (df.metric == "auroc")]
     assert (enc.value > 0.5).all(), enc[["probe", "value"]]
@@ -320,7 +358,7 @@ def test_memory_bound_runs_knn_blockwise_with_the_same_rows(shipped, tmp_path):
     work, args, _, full = shipped
     names = ["synth-lesions-2d", "synth-nodules-3d"]
     m = load_manifest(work / "data_manifest.yaml").select(names, [args[3]], [int(args[5])])
-    stage.run(m, tmp_path, stream_mb=0.05, echo=lambda _: None)  # a few rows a block
+    stage.run(m, tmp_path, ProbeOptions(memory_mb=0.05), echo=lambda _: None)  # a few rows a block
     cols = ["dataset", "encoder", "metric", "value", "ci_low", "ci_high", "param"]
 
     def knn(df: pd.DataFrame) -> pd.DataFrame:

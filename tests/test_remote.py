@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featstore.data.manifest import load_manifest
+from featstore.probing.options import ProbeOptions
 from featstore.store import arrays, catalog, claims, location, sets
 from featstore.store.sets import FeatureSet
 from pipelines import extract
@@ -124,9 +125,9 @@ def test_s3_cache_extract_probe_verify_repair(tmp_path, tiny_dinov3, s3, kind):
     assert again.status == "cached"
 
     # probe reads it back (dask over fsspec) and scores it like the local set
-    quiet = {"baseline": False, "echo": lambda *_: None}
-    df_s3 = probe_run(load_manifest(remote), tmp_path / "res-s3", **quiet)
-    df_local = probe_run(load_manifest(local), tmp_path / "res-local", **quiet)
+    quiet = ProbeOptions(baseline=False)
+    df_s3 = probe_run(load_manifest(remote), tmp_path / "res-s3", quiet, echo=lambda *_: None)
+    df_local = probe_run(load_manifest(local), tmp_path / "res-local", quiet, echo=lambda *_: None)
     cols = ["probe", "metric", "value"]
     assert len(df_s3) and df_s3[cols].equals(df_local[cols])
 

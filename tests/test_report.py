@@ -94,3 +94,39 @@ def test_report_says_random_init(tmp_path):
     (out / "run-config.json").write_text(json.dumps({"manifest": manifest}))
     assert CliRunner().invoke(app, ["report", "--out", str(out)]).exit_code == 0
     assert "**Random-init encoders:** dinov3-vits16" in (out / "report.md").read_text()
+
+
+def test_task_table_shows_rows_that_differ_only_in_a_key_column():
+    """Two pools of one set are two results: the table keeps both and says which is which."""
+    from featstore.probing.rows import ResultRow, frame
+    from featstore.report.tables import task_table
+
+    rows = [
+        ResultRow("v", "e", False, 32, pool=pool, probe="linear", metric="auroc", value=v)
+        for pool, v in (("mean", 0.7), ("max", 0.9))
+    ]
+    table = task_table(frame(rows), "classification")
+    assert len(table) == 2
+    cells = {idx: row["linear / auroc"] for idx, row in table.iterrows()}
+    assert "0.700" in cells["e @ 32px, pool mean"] and "0.900" in cells["e @ 32px, pool max"]
+
+
+def test_task_table_refuses_rows_that_differ_outside_the_key():
+    """Rows with one key but different values are one result twice: refused, not dropped."""
+    import pandas as pd
+    import pytest
+
+    from featstore.errors import ProbeError
+    from featstore.probing.rows import ResultRow, frame
+    from featstore.report.tables import task_table
+
+    rows = [
+        ResultRow("v", "e", False, 32, feature_set=k, probe="linear", metric="auroc", value=v)
+        for k, v in (("aaa", 0.7), ("bbb", 0.9))
+    ]
+    with pytest.raises(ProbeError, match="differ only outside the result key"):
+        task_table(frame(rows), "classification")
+    extra = frame(rows[:1])
+    extra = pd.concat([extra, extra.assign(site="b", value=0.1)], ignore_index=True)
+    with pytest.raises(ProbeError, match=r"\['site'\]"):
+        task_table(extra, "classification")

@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from featstore.probing.probes import patch_targets
-from featstore.probing.segmentation import score_volumes, seg_scores
+from featstore.probing.segscores import score_volumes, seg_scores
 from featstore.probing.streaming import StreamedHead, fit_streaming
 
 R, D, H, K = 4, 8, 16, 3  # 4x4 patch grid of 8 channels, 16 px masks, 3 classes

@@ -11,6 +11,7 @@ from conftest import write_manifest
 from featstore.data import readers
 from featstore.data.manifest import load_manifest
 from featstore.extraction.run import Options
+from featstore.probing.options import ProbeOptions
 from featstore.store import sets
 from pipelines import extract
 from pipelines import probe as stage
@@ -95,7 +96,7 @@ def test_shards_and_repair_work_on_tiles(extracted, tmp_path, tiny_dinov3):
 def test_slide_level_probes_by_patient(extracted, tmp_path, pool):
     mpath, _ = extracted
     manifest = load_manifest(mpath)
-    df = stage.run(manifest, tmp_path, pool=pool, echo=lambda _: None)
+    df = stage.run(manifest, tmp_path, ProbeOptions(pool=pool), echo=lambda _: None)
     prep = readers.prepare(manifest.datasets[0])
     test_slides = sum(s.split == "test" for s in prep.samples)
     assert set(df.pool) == {pool} and set(df.n_test) == {test_slides}  # one row per slide

@@ -157,7 +157,7 @@ def test_consolidated_metadata_that_disagrees_is_caught_and_not_used(copy):
     result = runner.invoke(app, ["verify", str(path)])
     assert result.exit_code == 1 and "FAIL metadata" in result.output, result.output
     rows = _probe(mpath, path).rows  # reads go by the arrays' own metadata
-    assert rows and all(r["n_test"] > 0 for r in rows)
+    assert rows and all(r.n_test > 0 for r in rows)
 
 
 @pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")  # the damage

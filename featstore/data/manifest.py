@@ -167,6 +167,36 @@ class Synthetic(_Frozen):
     seed: int = Field(default=0, ge=0)
 
 
+def _check_fractions(v: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(0 < f <= 1 for f in v) or len(set(v)) != len(v):
+        raise ValueError(
+            f"fractions {list(v)}: give distinct fractions of the train split in (0, 1], "
+            "e.g. [0.01, 0.05, 0.1, 0.25, 0.5, 1]"
+        )
+    return tuple(sorted(v))
+
+
+def _check_shots(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not all(k >= 1 for k in v) or len(set(v)) != len(v):
+        raise ValueError(f"shots {list(v)}: give distinct numbers >= 1 per class, e.g. [1, 5, 10]")
+    return tuple(sorted(v))
+
+
+class LabelEfficiency(_Frozen):
+    """Label-efficiency points: probes fitted on nested, stratified parts of the train
+    split (`featstore.probing.subsets`), each `repeats` times (repeat r: seed r)."""
+
+    fractions: Annotated[tuple[float, ...], AfterValidator(_check_fractions)] = ()
+    shots: Annotated[tuple[int, ...], AfterValidator(_check_shots)] = ()
+    repeats: int = Field(default=1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _some(self) -> LabelEfficiency:
+        if not self.fractions and not self.shots:
+            raise ValueError("label_efficiency needs `fractions:` or `shots:` (or both)")
+        return self
+
+
 class Dataset(_Frozen):
     """One dataset of the manifest: where its files are, how to read them, its task."""
 
@@ -188,6 +218,7 @@ class Dataset(_Frozen):
     resolutions: Resolutions | None = None  # overrides the top-level list for this set
     synthetic: Synthetic | None = None
     tiling: Tiling | None = None  # whole-slide images: required
+    label_efficiency: LabelEfficiency | None = None  # `featstore probe`'s curve points
 
     @property
     def slides(self) -> bool:
@@ -295,6 +326,7 @@ class Study(_Frozen):
     datasets: tuple[str, ...] = ()
     encoders: tuple[str, ...]
     resolutions: Resolutions
+    label_efficiency: LabelEfficiency | None = None  # for its datasets without their own
 
 
 class Manifest(_Frozen):

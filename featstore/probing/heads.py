@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featstore.errors import ProbeError
+from featstore.probing.probes import patch_targets
 
 THREADS = 1  # fixed: bit-identical reruns, and on a shared 2-core machine the fastest
 
@@ -131,17 +132,6 @@ class _Decoder(nn.Module):
         return x if self.dims == 2 else x.unflatten(0, (b, depth)).transpose(1, 2)
 
 
-def cell_targets(mask: np.ndarray, rows: int, cols: int, n_classes: int) -> np.ndarray:
-    """Majority class of each cell of a (rows, cols) grid: (n, H, W) uint8 -> (n, rows,
-    cols) int64 (area-weighted, so any H/rows ratio works)."""
-    out = np.empty((len(mask), rows, cols), np.int64)
-    for s in range(0, len(mask), 256):  # bounded memory: one-hot of 256 masks at a time
-        m = torch.from_numpy(np.asarray(mask[s : s + 256], np.int64))
-        onehot = F.one_hot(m, n_classes).movedim(-1, 1).float()
-        out[s : s + 256] = F.adaptive_avg_pool2d(onehot, (rows, cols)).argmax(1).numpy()
-    return out
-
-
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy plus soft Dice over the foreground classes (batch-wise).
 
@@ -220,7 +210,7 @@ def fit_decoder(
         tokens = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # (n, C, r, c)
         # The loss is taken at 4x the token grid (the decoder's own output, 4 px cells
         # for 16 px patches): finer than a patch, and ~3x cheaper than at the mask size.
-        target = torch.from_numpy(cell_targets(mask, 4 * x.shape[1], 4 * x.shape[2], n_classes))
+        target = torch.from_numpy(patch_targets(mask, 4 * x.shape[1], 4 * x.shape[2], n_classes))
         depth = min([cfg.slab, *(len(v) for v in volumes)]) if dims == 3 else 0
         model.train()
         for _ in range(steps):

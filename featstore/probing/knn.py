@@ -19,7 +19,7 @@ No torch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,60 @@ def _best_k(ks: list[int], correct: np.ndarray) -> int:
     return max(ks, key=lambda k: (int(correct[ks.index(k)]), -k))
 
 
+def _choose_k(
+    ks: list[int],
+    ytr: np.ndarray,
+    yva: np.ndarray,
+    val: Iterable[tuple[int, int, np.ndarray]],
+    n_classes: int,
+    per_label: bool,
+) -> tuple[list[int], float]:
+    """The k of each label (one k for all unless `per_label`) and the reported param,
+    from the val rows' neighbours: (start, stop, indices (stop - start, max(ks)))."""
+    multi = ytr.ndim == 2
+    # Correct val predictions per k (and per label: the vote of a binary label is 1
+    # when more than half the neighbours have it, as scikit-learn's argmax decides).
+    correct = np.zeros((len(ks), ytr.shape[1] if multi else 1), np.int64)
+    for a, b, idx in val:
+        lab = ytr[idx]  # (q, K) or (q, K, L)
+        for i, k in enumerate(ks):
+            if multi:
+                correct[i] += ((2 * lab[:, :k].sum(1) > k) == yva[a:b]).sum(0)
+            else:
+                correct[i] += (_counts(lab[:, :k], n_classes).argmax(1) == yva[a:b]).sum()
+    if multi and per_label:
+        varies = [len(np.unique(ytr[:, j])) > 1 for j in range(ytr.shape[1])]
+        chosen = [_best_k(ks, correct[:, j]) if v else 0 for j, v in enumerate(varies)]
+        param: float = float(np.median([c for c in chosen if c])) if any(varies) else np.nan
+        return chosen, param
+    chosen = [_best_k(ks, correct.sum(1))] * (ytr.shape[1] if multi else 1)
+    return chosen, chosen[0]  # an int param, as `knn_probe` reports it
+
+
+def _vote(
+    ytr: np.ndarray,
+    test: Iterable[tuple[int, int, np.ndarray]],
+    chosen: list[int],
+    n_test: int,
+    n_classes: int,
+) -> np.ndarray:
+    """Class (or label) scores of the test rows from their neighbours' labels."""
+    multi = ytr.ndim == 2
+    out = np.zeros((n_test, ytr.shape[1] if multi else n_classes))
+    for a, b, idx in test:
+        lab = ytr[idx]
+        if not multi:
+            out[a:b] = _counts(lab[:, : chosen[0]], n_classes) / chosen[0]
+            continue
+        for j, k in enumerate(chosen):  # k 0: a label constant in train keeps its value
+            out[a:b, j] = lab[:, :k, j].sum(1) / k if k else float(ytr[0, j])
+    return out
+
+
+def _ks(grid: Sequence[int], n_train: int) -> list[int]:
+    return [k for k in grid if k <= n_train] or [n_train]
+
+
 def knn_blockwise(
     xtr: Any,
     ytr: np.ndarray,
@@ -156,35 +210,50 @@ def knn_blockwise(
         raise ValueError(f"unknown kNN metric {metric!r}; use cosine or euclidean")
     t0 = time.perf_counter()
     cosine = metric == "cosine"
-    n_train = xtr.shape[0]
-    ks = [k for k in grid if k <= n_train] or [n_train]
-    multi = ytr.ndim == 2
+    ks = _ks(grid, xtr.shape[0])
     # Votes per neighbour: one per label, or (single label) one, plus the class counts.
-    votes = ytr.shape[1] if multi else 1 + -(-n_classes // max(ks))
+    votes = ytr.shape[1] if ytr.ndim == 2 else 1 + -(-n_classes // max(ks))
     p = plan(xtr.shape[1], max(ks), memory_mb, votes)
-    # Correct val predictions per k (and per label: the vote of a binary label is 1
-    # when more than half the neighbours have it, as scikit-learn's argmax decides).
-    correct = np.zeros((len(ks), ytr.shape[1] if multi else 1), np.int64)
-    for a, b, idx in _query_blocks(xva, xtr, max(ks), p, cosine):
-        lab = ytr[idx]  # (q, K) or (q, K, L)
-        for i, k in enumerate(ks):
-            if multi:
-                correct[i] += ((2 * lab[:, :k].sum(1) > k) == yva[a:b]).sum(0)
-            else:
-                correct[i] += (_counts(lab[:, :k], n_classes).argmax(1) == yva[a:b]).sum()
-    if multi and per_label:
-        varies = [len(np.unique(ytr[:, j])) > 1 for j in range(ytr.shape[1])]
-        chosen = [_best_k(ks, correct[:, j]) if v else 0 for j, v in enumerate(varies)]
-        param: float = float(np.median([c for c in chosen if c])) if any(varies) else np.nan
-    else:
-        chosen = [_best_k(ks, correct.sum(1))] * (ytr.shape[1] if multi else 1)
-        param = chosen[0]  # an int, as `knn_probe` reports it
-    out = np.zeros((xte.shape[0], ytr.shape[1] if multi else n_classes))
-    for a, b, idx in _query_blocks(xte, xtr, max(max(chosen), 1), p, cosine):
-        lab = ytr[idx]
-        if not multi:
-            out[a:b] = _counts(lab[:, : chosen[0]], n_classes) / chosen[0]
-            continue
-        for j, k in enumerate(chosen):  # k 0: a label constant in train keeps its value
-            out[a:b, j] = lab[:, :k, j].sum(1) / k if k else float(ytr[0, j])
+    val = _query_blocks(xva, xtr, max(ks), p, cosine)
+    chosen, param = _choose_k(ks, ytr, yva, val, n_classes, per_label)
+    test = _query_blocks(xte, xtr, max(max(chosen), 1), p, cosine)
+    out = _vote(ytr, test, chosen, xte.shape[0], n_classes)
+    return Prediction(out, param, time.perf_counter() - t0)
+
+
+def squared_distances(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """(q, n) squared Euclidean distances of rows (float64), as `nearest` computes
+    them (|x|^2 - 2 x.y + |y|^2, clamped at 0)."""
+    d = queries @ train.T
+    d *= -2.0
+    d += np.einsum("ij,ij->i", queries, queries)[:, None]
+    d += np.einsum("ij,ij->i", train, train)
+    return np.maximum(d, 0.0, out=d)
+
+
+def knn_from_distances(
+    dva: np.ndarray,
+    dte: np.ndarray,
+    ytr: np.ndarray,
+    yva: np.ndarray,
+    n_classes: int,
+    grid: Sequence[int] = K_GRID,
+    per_label: bool = False,
+) -> Prediction:
+    """`knn_blockwise`'s prediction from precomputed distances: dva (n_val, n_train)
+    and dte (n_test, n_train), e.g. columns of one matrix shared by several train
+    subsets (label-efficiency curves). Neighbours, votes and k as `knn_blockwise`."""
+    for y, s in ((ytr, "train"), (yva, "val")):
+        check_split(y, s)
+    t0 = time.perf_counter()
+    ks = _ks(grid, dva.shape[1])
+
+    def block(d: np.ndarray, k: int) -> list[tuple[int, int, np.ndarray]]:
+        cols = _smallest(d, k)
+        near = np.take_along_axis(d, cols, 1)
+        order = np.lexsort((cols, near), axis=1)  # by distance, then train index
+        return [(0, len(d), np.take_along_axis(cols, order, 1))]
+
+    chosen, param = _choose_k(ks, ytr, yva, block(dva, max(ks)), n_classes, per_label)
+    out = _vote(ytr, block(dte, max(max(chosen), 1)), chosen, len(dte), n_classes)
     return Prediction(out, param, time.perf_counter() - t0)

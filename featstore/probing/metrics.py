@@ -22,7 +22,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-N_BOOT = 1000
+from featstore.probing import bootstrap
+
 # The headline metric of each task: tables, plots and the report's "best cell".
 MAIN_METRIC = {"classification": "auroc", "multilabel": "auroc", "segmentation": "dice"}
 
@@ -192,13 +193,4 @@ def with_intervals(
     `idx` is (n,) int: first all items in order (the value), then `N_BOOT` bootstrap
     resamples with replacement (the 95% percentile interval, NaN draws dropped).
     """
-    point = scores(np.arange(n))
-    rng = np.random.default_rng(seed)
-    draws = [scores(rng.integers(0, n, n)) for _ in range(N_BOOT)]
-    out = {}
-    for name, value in point.items():
-        vals = np.array([d[name] for d in draws], dtype=float)
-        vals = vals[np.isfinite(vals)]
-        lo, hi = np.percentile(vals, [2.5, 97.5]) if len(vals) else (np.nan, np.nan)
-        out[name] = (value, float(lo), float(hi))
-    return out
+    return bootstrap.intervals(bootstrap.draws(scores, n, seed))

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from featstore.errors import ProbeError
+from featstore.probing.items import volume_items
 from featstore.probing.metrics import dice_iou
 
 C_GRID = tuple(10.0**e for e in range(-4, 3))  # 1e-4 .. 1e2
@@ -187,35 +188,70 @@ def knn_probe(
 
 
 def pool_volumes(
-    cls: np.ndarray, sample: np.ndarray, how: str = "mean", patch_mean: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    cls: np.ndarray,
+    vols: Sequence[np.ndarray],
+    how: str = "mean",
+    patch_mean: np.ndarray | None = None,
+) -> np.ndarray:
     """Slice CLS tokens to one vector per volume.
 
-    cls: (n_items, D); sample: (n_items,) volume ids; patch_mean: (n_items, D) mean
-    patch token per slice, used by how="cls+patch". Returns (ids (V,), X (V, D or 2D)
-    float64).
+    cls: (n_items, D); vols: each volume's item indices (`items.volume_items`);
+    patch_mean: (n_items, D) mean patch token per slice, used by how="cls+patch".
+    Returns (V, D or 2D) float64, volumes in the order of `vols`.
     """
-    ids, inv = np.unique(sample, return_inverse=True)
     if how == "cls+patch" and patch_mean is None:
         raise ProbeError("pooling 'cls+patch' needs patch tokens in the feature set")
     feats = np.concatenate([cls, patch_mean], 1) if patch_mean is not None else cls
-    out = np.zeros((len(ids), feats.shape[1]), np.float64)
     if how == "max":
-        out[:] = -np.inf
-        np.maximum.at(out, inv, feats)
-    elif how in ("mean", "cls+patch"):
-        np.add.at(out, inv, feats)
-        out /= np.bincount(inv)[:, None]
-    else:
-        raise ProbeError(f"unknown pooling '{how}'; use mean, max or cls+patch (abmil is trained)")
-    return ids, out
+        return np.stack([feats[v].max(0) for v in vols]).astype(np.float64)
+    if how in ("mean", "cls+patch"):
+        return np.stack([feats[v].astype(np.float64).mean(0) for v in vols])
+    raise ProbeError(f"unknown pooling '{how}'; use mean, max or cls+patch (abmil is trained)")
+
+
+def _bins(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end pixel of each of `cells` cells over `size` pixels, as torch's
+    adaptive pooling cuts them (floor(i*size/cells), ceil((i+1)*size/cells))."""
+    i = np.arange(cells)
+    return (i * size) // cells, -((-(i + 1) * size) // cells)
 
 
 def patch_targets(mask: np.ndarray, rows: int, cols: int, n_classes: int) -> np.ndarray:
-    """Majority class id of each patch: (n, H, W) uint8 -> (n, rows, cols) int64."""
+    """Majority class of each cell of a (rows, cols) grid: (n, H, W) uint8 -> (n, rows,
+    cols) int64; ties go to the lower class id.
+
+    The targets of the linear segmentation heads (the patch grid) and of the dense
+    decoder (4x that grid). Cells are adaptive-pooling bins, so any H/rows ratio
+    works; counted with integral images, 64 masks at a time (bounded memory).
+    """
     n, h, w = mask.shape
-    onehot = np.eye(n_classes, dtype=np.float32)[mask.reshape(n, rows, h // rows, cols, w // cols)]
-    return onehot.mean((2, 4)).argmax(-1)
+    (y0, y1), (x0, x1) = _bins(h, rows), _bins(w, cols)
+    out = np.empty((n, rows, cols), np.int64)
+    for s in range(0, n, 64):
+        m = np.asarray(mask[s : s + 64])
+        counts = np.empty((len(m), rows, cols, n_classes), np.int64)
+        for c in range(n_classes):
+            integ = np.pad((m == c).cumsum(1).cumsum(2), ((0, 0), (1, 0), (1, 0)))
+            a, b = integ[:, y1], integ[:, y0]
+            counts[..., c] = a[:, :, x1] - b[:, :, x1] - a[:, :, x0] + b[:, :, x0]
+        out[s : s + 64] = counts.argmax(-1)
+    return out
+
+
+def linear_logits(
+    model: LogisticRegression | SGDClassifier, x: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """Class scores (m, n_classes) float32 of a fitted linear classifier on rows x (m, D).
+
+    A binary model's decision is the log-odds of `classes_[1]`: its classes score
+    (0, decision). Classes absent from training score -1e9 (never the argmax).
+    """
+    out = np.full((len(x), n_classes), -1e9, np.float32)
+    dec = model.decision_function(x)
+    if dec.ndim == 1:
+        dec = np.stack([np.zeros_like(dec), dec], 1)
+    out[:, model.classes_.astype(int)] = dec
+    return out
 
 
 def _linear_weights(src: int, dst: int) -> np.ndarray:
@@ -253,13 +289,9 @@ class SegModel:
         for s in range(0, len(patch), batch):
             p = np.asarray(patch[s : s + batch], np.float32)
             n, r, c, d = p.shape
-            flat = self.scaler.transform(p.reshape(-1, d))
-            logits = np.full((len(flat), self.n_classes), -1e9, np.float32)
-            dec = self.model.decision_function(flat)
-            classes = self.model.classes_.astype(int)
-            if dec.ndim == 1:  # binary: decision is the log-odds of classes_[1]
-                dec = np.stack([np.zeros_like(dec), dec], 1)
-            logits[:, classes] = dec
+            logits = linear_logits(
+                self.model, self.scaler.transform(p.reshape(-1, d)), self.n_classes
+            )
             up = upsample_logits(logits.reshape(n, r, c, -1), size)
             out[s : s + batch] = up.argmax(-1)
         return out
@@ -330,12 +362,11 @@ def per_volume_scores(
     pred, truth: (n, H, W) uint8 label maps; volumes: (n,) volume id of each item
     (V distinct ids, in order of first appearance).
     """
-    ids = list(dict.fromkeys(volumes))
-    dice = np.zeros((len(ids), n_classes - 1))
+    vols = volume_items(volumes)
+    dice = np.zeros((len(vols), n_classes - 1))
     iou = np.zeros_like(dice)
-    for i, v in enumerate(ids):
-        sel = volumes == v
-        dice[i], iou[i] = dice_iou(pred[sel], truth[sel], n_classes)
+    for i, v in enumerate(vols):
+        dice[i], iou[i] = dice_iou(pred[v], truth[v], n_classes)
     return dice, iou
 
 

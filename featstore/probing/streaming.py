@@ -16,6 +16,8 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
+from featstore.probing.probes import linear_logits, upsample_logits
+
 # Reads items [start, stop) of patch (n, rows, cols, D) and mask (n, H, W) as numpy.
 Reader = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 
@@ -45,20 +47,13 @@ class StreamedHead:
 
     def predict(self, patch: np.ndarray, size: int) -> np.ndarray:
         """patch (n, rows, cols, D) -> label maps (n, size, size) uint8 (bilinear logits)."""
-        from featstore.probing.probes import upsample_logits
-
         return upsample_logits(self.logits(patch), size).argmax(-1).astype(np.uint8)
 
     def logits(self, patch: np.ndarray) -> np.ndarray:
-        """patch (n, rows, cols, D) -> (n, rows, cols, K) float32 scores (absent classes -1e9)."""
+        """patch (n, rows, cols, D) -> (n, rows, cols, K) float32 scores (`linear_logits`)."""
         n, r, c, d = patch.shape
         flat = self.scaler.transform(patch.reshape(-1, d).astype(np.float32))
-        out = np.full((len(flat), self.n_classes), -1e9, np.float32)
-        dec = self.model.decision_function(flat)
-        if dec.ndim == 1:
-            dec = np.stack([-dec, dec], 1)
-        out[:, self.model.classes_.astype(int)] = dec
-        return out.reshape(n, r, c, self.n_classes)
+        return linear_logits(self.model, flat, self.n_classes).reshape(n, r, c, self.n_classes)
 
 
 def fit_streaming(

@@ -19,12 +19,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from featstore.encode.presets import PRESETS
+from featstore.errors import ProbeError
 from featstore.probing.metrics import MAIN_METRIC
+from featstore.probing.rows import COLUMNS, KEY
 from featstore.report.references import Reference, published_model
 
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
 SIZE_ORDER = list(PRESETS)  # smallest first
 BASELINE = "pixels"
+# Key columns a task table lays out itself: its rows, columns and the table's dataset.
+SHOWN = ("dataset", "encoder", "random_init", "resolution", "probe", "metric")
 
 
 def is_baseline(encoder: str) -> bool:
@@ -69,9 +73,14 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
         ["accuracy", "f1"] if task != "segmentation" else ["iou", "hd95"]
     )
     sub = df[df.metric.isin(metrics)].copy()
+    # Key columns this table does not lay out get into the row label where they vary
+    # (e.g. two pools or protocols of one set), so that no result hides another.
+    extra = [k for k in KEY if k not in SHOWN and k in sub and sub[k].astype(str).nunique() > 1]
     sub["row"] = [
-        f"{label(e, r)} @ {res}px"
-        for e, r, res in zip(sub.encoder, sub.random_init, sub.resolution, strict=True)
+        f"{label(e, r)} @ {res}px" + "".join(f", {k} {v}" for k, v in zip(extra, more, strict=True))
+        for e, r, res, *more in zip(
+            sub.encoder, sub.random_init, sub.resolution, *(sub[k] for k in extra), strict=True
+        )
     ]
     units = sub["unit"] if "unit" in sub else pd.Series("", index=sub.index)  # older results
     sub["col"] = sub.probe + " / " + sub.metric
@@ -85,7 +94,17 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
     if len(main):
         best = main.iloc[main.value.argmax()]
         sub.loc[(sub.row == best.row) & (sub.col == best.col), "text"] = f"**{best.text}**"
-    table = sub.pivot_table(index="row", columns="col", values="text", aggfunc="first")
+    twice = sub[sub.duplicated(["row", "col"], keep=False)]
+    if len(twice):
+        first = twice.iloc[0]
+        unknown = sorted(set(sub.columns) - set(KEY) - {"row", "col", "text"} - set(COLUMNS))
+        raise ProbeError(
+            f"results hold {len(twice)} rows for one cell ({first.row}: {first.col}) that "
+            f"differ only outside the result key {list(KEY)}"
+            + (f" (in {unknown})" if unknown else "")
+            + "; rerun `featstore probe` into a fresh --out folder"
+        )
+    table = sub.pivot(index="row", columns="col", values="text")
     order = sorted(
         table.index, key=lambda r: (is_baseline(r.split(" ")[0]), size_rank(r.split(" ")[0]), r)
     )
@@ -238,9 +257,9 @@ def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
 
 def plot_linear_vs_knn(df: pd.DataFrame, path: Path) -> bool:
     """Linear probe against kNN on the same feature sets (classification AUROC)."""
-    sub = df[df.metric == "auroc"].pivot_table(
-        index=["dataset", "encoder", "resolution"], columns="probe", values="value"
-    )
+    # every key column but the probe indexes a point, so that no two results average
+    cells = [k for k in KEY if k in df and k not in ("probe", "metric")]
+    sub = df[df.metric == "auroc"].pivot(index=cells, columns="probe", values="value")
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
     if {"linear", "knn"} <= set(sub.columns):

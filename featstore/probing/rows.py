@@ -1,0 +1,181 @@
+"""Result rows: one typed `ResultRow` per probe x metric, its key columns defined once.
+
+A row's key (`KEY`) says which result it is: two rows with one key are the same
+result, so a rerun replaces it (`upsert`) and a table shows one cell per key. The
+other columns are the result's value and what produced it. Adding a result
+dimension is a field here (marked `KEY_FIELD`) and the code that sets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Scores = Mapping[str, tuple[float, float, float]]  # metric -> (value, ci_low, ci_high)
+KEY_FIELD = {"key": True}
+MEAN_OF_REPEATS = -1  # the `repeat` of a label-efficiency point's mean row
+
+
+@dataclass(frozen=True)
+class SetColumns:
+    """The columns that name the feature set (and how it was pooled and probed)."""
+
+    dataset: str
+    encoder: str
+    random_init: bool
+    resolution: int
+    feature_set: str  # the set's cache key, 12 characters
+    pool: str  # "" for 2D sets
+    protocol: str
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """One probe's test scores and what fitted it, before the set's columns are added."""
+
+    probe: str
+    scores: Scores
+    param_name: str
+    param: float
+    seconds: float
+    n_train: int  # items (2D) or volumes (3D) the probe was fitted on
+    n_val: int
+    n_test: int
+    units: Mapping[str, str] = field(default_factory=dict)  # metric -> unit ("" if absent)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What fitting the probes of one set once gave: their `Fitted` results, and for
+    each probe its scores' bootstrap draws (`featstore.probing.bootstrap`), which the
+    repeats of a label-efficiency point pool."""
+
+    fitted: list[Fitted]
+    draws: Mapping[str, Mapping[str, np.ndarray]]  # probe -> metric -> (N_BOOT + 1,)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One score of one probe on one feature set (a line of results.csv)."""
+
+    dataset: str = field(metadata=KEY_FIELD)
+    encoder: str = field(metadata=KEY_FIELD)
+    random_init: bool = field(metadata=KEY_FIELD)
+    resolution: int = field(metadata=KEY_FIELD)
+    feature_set: str = ""
+    pool: str = field(default="", metadata=KEY_FIELD)
+    protocol: str = field(default="default", metadata=KEY_FIELD)
+    probe: str = field(default="", metadata=KEY_FIELD)
+    metric: str = field(default="", metadata=KEY_FIELD)
+    value: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    unit: str = ""
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+    param_name: str = ""
+    param: float = float("nan")
+    fit_seconds: float = 0.0
+    # Label-efficiency points (`featstore.probing.curves`); the ordinary probe is the
+    # point at fraction 1, repeat 0. A shots point has no fraction (NaN).
+    train_fraction: float = field(default=1.0, metadata=KEY_FIELD)
+    shots: int = field(default=0, metadata=KEY_FIELD)
+    repeat: int = field(default=0, metadata=KEY_FIELD)  # MEAN_OF_REPEATS: their mean
+    std: float = float("nan")  # a mean row's spread across repeats (population std)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as {column: value}, columns in `COLUMNS` order."""
+        return asdict(self)
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))
+KEY: tuple[str, ...] = tuple(f.name for f in fields(ResultRow) if f.metadata.get("key"))
+_TYPES = {f.name: f.type for f in fields(ResultRow)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ResultRow)}
+
+
+def result_rows(where: SetColumns, fitted: Fitted) -> list[ResultRow]:
+    """A `ResultRow` per metric of `fitted`, on the set `where`."""
+    return [
+        ResultRow(
+            **asdict(where),
+            probe=fitted.probe,
+            metric=metric,
+            value=float(v),
+            ci_low=float(lo),
+            ci_high=float(hi),
+            unit=fitted.units.get(metric, ""),
+            n_train=int(fitted.n_train),
+            n_val=int(fitted.n_val),
+            n_test=int(fitted.n_test),
+            param_name=fitted.param_name,
+            param=float(fitted.param),
+            fit_seconds=round(fitted.seconds, 3),
+        )
+        for metric, (v, lo, hi) in fitted.scores.items()
+    ]
+
+
+def typed(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with every `ResultRow` column present and of its field's type.
+
+    Rows read back from results.csv come with NaN for empty strings and without the
+    columns older versions did not write; typed, their keys compare equal to fresh
+    rows' keys. Columns that are not `ResultRow` fields are kept after them.
+    """
+    out = df.copy()
+    for name in COLUMNS:
+        kind = _TYPES[name]
+        if name not in out:
+            out[name] = _DEFAULTS[name]
+        if kind == "str":
+            col = out[name].astype(object)
+            out[name] = col.where(col.notna(), "").astype(str)
+        elif kind == "bool":
+            out[name] = out[name].astype(str).str.lower().isin(["true", "1", "1.0"])
+        elif kind == "int":
+            out[name] = pd.to_numeric(out[name]).fillna(0).astype("int64")
+        else:
+            out[name] = pd.to_numeric(out[name]).astype("float64")
+    return out[[*COLUMNS, *(c for c in out.columns if c not in COLUMNS)]]
+
+
+def frame(rows: Sequence[ResultRow]) -> pd.DataFrame:
+    """Rows as a typed DataFrame with the `COLUMNS` (empty rows: no lines)."""
+    return typed(pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS)))
+
+
+def key_strings(df: pd.DataFrame) -> list[tuple[str, ...]]:
+    """The `KEY` of each row of a `typed` frame, as comparable tuples."""
+    return [tuple(map(str, r)) for r in df[list(KEY)].itertuples(index=False)]
+
+
+def upsert(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """`old` rows whose key `new` does not have, then `new`; sorted by `KEY`.
+
+    Both are `typed`. A key repeated within `new` is kept as given (the caller's).
+    """
+    keys = set(key_strings(new))
+    kept = old[[k not in keys for k in key_strings(old)]]
+    both = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+    return both.sort_values(list(KEY), kind="stable").reset_index(drop=True)
+
+
+def ordinary(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the ordinary probe (the whole train split), without curve points."""
+    if "repeat" not in df:
+        return df
+    full = (df.train_fraction == 1.0) & (df.shots == 0) & (df.repeat == 0)
+    return df[full]
+
+
+def curve_means(df: pd.DataFrame) -> pd.DataFrame:
+    """The mean rows of label-efficiency points (one per point, probe and metric)."""
+    if "repeat" not in df:
+        return df.iloc[:0]
+    return df[df.repeat == MEAN_OF_REPEATS]
