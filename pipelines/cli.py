@@ -11,7 +11,7 @@ import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import typer
 
@@ -177,7 +177,7 @@ def extract(  # over 60 lines: typer declares its 19 options in the signature (4
         _fail(exc)
 
 
-def _numbers(text: str | None, kind: type[float] | type[int], flag: str) -> list:
+def _numbers(text: str | None, kind: Any, flag: str) -> list[Any]:
     """A comma-separated option ("0.01,0.1,1") as numbers of `kind`."""
     if not text:
         return []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 from scipy import ndimage
 
@@ -44,9 +45,13 @@ def _background(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return img + rng.normal(scale=0.04, size=shape)
 
 
-def _ellipse(shape: tuple[int, ...], center, radii) -> np.ndarray:
+def _ellipse(shape: tuple[int, ...], center: ArrayLike, radii: ArrayLike) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radii, strict=True)) <= 1
+    c, r = np.asarray(center, np.float64), np.asarray(radii, np.float64)
+    dist = np.zeros(shape)
+    for axis, g in enumerate(grids):
+        dist += ((g - c[axis]) / r[axis]) ** 2
+    return dist <= 1
 
 
 def _lesion2d(rng: np.random.Generator, size: int, kind: int) -> np.ndarray:
@@ -70,7 +75,7 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _write_index(path: Path, header: list[str], rows: list[list]) -> None:
+def _write_index(path: Path, header: list[str], rows: list[list[object]]) -> None:
     with (path / "index.csv").open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)

@@ -141,7 +141,7 @@ class RawPixels:
 
 def pack(n: int, parts: Sequence[Part]) -> RawPixels:
     """Group a batch's parts by (H, W, C, dtype): one array copy per group (in a worker)."""
-    keys: dict[tuple, list[Part]] = {}
+    keys: dict[tuple[object, ...], list[Part]] = {}
     for p in parts:
         img = p.sample.image
         keys.setdefault((*img.shape[1:], img.dtype.str), []).append(p)

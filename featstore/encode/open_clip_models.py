@@ -107,7 +107,7 @@ def _backbone(tower: torch.nn.Module, name: str) -> Backbone:
             )
         return NativeViT(tower, name)
     if hasattr(trunk, "dynamic_img_size") and hasattr(trunk, "patch_embed"):
-        from timm.layers import Format
+        from timm.layers.format import Format
 
         # What timm's VisionTransformer(dynamic_img_size=True) sets up; open_clip builds
         # the trunk without it, so the tower would accept its training size only.

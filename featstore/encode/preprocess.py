@@ -9,7 +9,7 @@ and the encoder's own mean/std are applied.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -34,7 +34,7 @@ class Preprocess:
     fit: Fit = "resize"  # pad: centre small images on a zero canvas
     interpolation: Interpolation = "bilinear"  # the encoder's own resize filter
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as stored in a feature set's `preprocess` attribute."""
         d = asdict(self)
         d["intensity"] = self.intensity.model_dump()

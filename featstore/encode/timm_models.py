@@ -115,7 +115,7 @@ def create(source: str, where: str) -> torch.nn.Module:
 def _info(
     name: str, source: str, module: torch.nn.Module, cfg_sha: str, sha: str, random: bool
 ) -> EncoderInfo:
-    from timm.data import resolve_data_config
+    from timm.data.config import resolve_data_config
 
     m: Any = module
     data = resolve_data_config(model=m)

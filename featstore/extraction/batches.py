@@ -65,7 +65,7 @@ class Batch:
         return replace(self, pixels=self.pixels.pin_memory())
 
 
-class Batches(torch.utils.data.Dataset):
+class Batches(torch.utils.data.Dataset[Batch]):
     """Decodes and preprocesses one batch of items per call, in a worker.
 
     Batches never straddle units and always cover the same items, so a resumed run

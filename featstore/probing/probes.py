@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -45,7 +46,7 @@ def check_split(y: np.ndarray, split: str) -> None:
         raise ProbeError(f"the train split has a single class ({int(y[0])}); a probe needs two")
 
 
-def _full_proba(model, x: np.ndarray, k: int) -> np.ndarray:
+def _full_proba(model: Any, x: np.ndarray, k: int) -> np.ndarray:
     """predict_proba with a column for every class 0..k-1 (absent ones get 0)."""
     out = np.zeros((len(x), k))
     out[:, model.classes_.astype(int)] = model.predict_proba(x)
@@ -56,7 +57,9 @@ def _logreg(c: float, seed: int) -> LogisticRegression:
     return LogisticRegression(C=c, max_iter=1000, random_state=seed)
 
 
-def _sweep(x: np.ndarray, y: np.ndarray, grid, seed: int):
+def _sweep(
+    x: np.ndarray, y: np.ndarray, grid: Sequence[float], seed: int
+) -> Iterator[tuple[float, LogisticRegression]]:
     """Yield (C, model) along the grid, weakest regularisation last, each fit warm-started
     from the previous one (the path converges in a fraction of the cold-start time)."""
     model = LogisticRegression(max_iter=1000, random_state=seed, warm_start=True)
@@ -297,7 +300,9 @@ class SegModel:
         return out
 
 
-def _sample_patches(patch, targets, limit: int, seed: int):
+def _sample_patches(
+    patch: np.ndarray, targets: np.ndarray, limit: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(patch, np.float32).reshape(-1, patch.shape[-1])
     y = targets.reshape(-1)
     if len(y) > limit:

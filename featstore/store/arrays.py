@@ -119,7 +119,7 @@ def read_attrs(path: Place) -> dict[str, Any]:
         ) from None
 
 
-def array(root: zarr.Group, name: str) -> zarr.Array:
+def array(root: zarr.Group, name: str) -> zarr.Array[Any]:
     """The array `name` of a set's group (a path like '_featstore/done' allowed)."""
     node = root[name]
     if not isinstance(node, zarr.Array):
@@ -130,7 +130,7 @@ def array(root: zarr.Group, name: str) -> zarr.Array:
     return node
 
 
-def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array]]:
+def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array[Any]]]:
     """(name, array) of every array under `root`, nested groups included, by name."""
     for name, node in sorted(root.members()):
         if isinstance(node, zarr.Array):
@@ -139,7 +139,7 @@ def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array
             yield from arrays(node, f"{prefix}{name}/")
 
 
-def chunk_key(name: str, arr: zarr.Array, unit: int) -> str:
+def chunk_key(name: str, arr: zarr.Array[Any], unit: int) -> str:
     """The file of chunk `unit` (along the first axis) of array `name`, relative to
     the set's folder."""
     coords = (unit,) + (0,) * (arr.ndim - 1)
@@ -157,7 +157,7 @@ def pending_units(path: Place) -> list[int]:
     return [int(u) for u in np.flatnonzero(done == 0)]
 
 
-def _mark(marks: zarr.Array, unit: int) -> int:
+def _mark(marks: zarr.Array[Any], unit: int) -> int:
     try:
         return int(np.asarray(marks[unit]))
     except ChunkChecksumError:

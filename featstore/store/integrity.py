@@ -337,7 +337,7 @@ def scan_chunks(
 
 def _chunk_problems(
     name: str,
-    arr: zarr.Array,
+    arr: zarr.Array[Any],
     unit: int,
     step: int,
     values: bool,
