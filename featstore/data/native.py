@@ -74,10 +74,17 @@ def _nifti(path: Path, axis: str) -> Native:
 def _dicom(folder: Path) -> Native:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    row, col = (float(v) for v in heads[0].PixelSpacing)
-    normal = np.cross(*np.reshape(np.asarray(heads[0].ImageOrientationPatient, float), (2, 3)))
-    pos = np.sort([np.dot(normal, np.asarray(h.ImagePositionPatient, float)) for h in heads])
-    gap = float(np.median(np.diff(pos))) if len(pos) > 1 else NAN
+    # A series may lack the geometry tags (the reader then orders slices by
+    # InstanceNumber): its size is still known, its spacing is not (NaN).
+    row = col = gap = NAN
+    if "PixelSpacing" in heads[0]:
+        row, col = (float(v) for v in heads[0].PixelSpacing)
+    if len(heads) > 1 and all(
+        "ImageOrientationPatient" in h and "ImagePositionPatient" in h for h in heads
+    ):
+        normal = np.cross(*np.reshape(np.asarray(heads[0].ImageOrientationPatient, float), (2, 3)))
+        pos = np.sort([np.dot(normal, np.asarray(h.ImagePositionPatient, float)) for h in heads])
+        gap = float(np.median(np.diff(pos)))
     return Native(int(heads[0].Rows), int(heads[0].Columns), (gap, row, col))
 
 
