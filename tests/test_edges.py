@@ -387,3 +387,82 @@ def test_local_workers_spread_over_the_gpus():
     with client_for("local:2", None, device="cuda", gpus=["0", "1"]) as client:
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))  # in the worker
     assert sorted(seen.values()) == ["0", "1"]
+
+
+# ------------------------------------------------------------ smaller holes
+
+
+def test_writer_buffers_are_taken_and_handed_back_under_the_lock(made):
+    """The GPU path's pinned buffers are shared by the main thread (taking one) and the
+    writer threads (handing it back): every use of the free list holds the lock. (A
+    race cannot be provoked reliably; the list checks the lock on each call instead.
+    No GPU here: a buffer of the right size is on the list, so none is allocated.)"""
+    import numpy as np
+    import torch
+
+    from featstore.extraction.writer import UnitQueue, _Buffers
+
+    _, path = made
+    fs = FeatureSet(path)
+    queue = UnitQueue(fs.writer(), fs.layout, lambda a, *_: a, 1)
+
+    class Checked(list):  # type: ignore[type-arg]
+        def pop(self, *args: object) -> object:
+            assert queue.lock.locked(), "free list taken from without the lock"
+            return super().pop(*args)
+
+        def append(self, item: object) -> None:
+            assert queue.lock.locked(), "free list handed back to without the lock"
+            super().append(item)
+
+    buf = _Buffers(
+        torch.zeros(4, 8), None, torch.ones(4, dtype=torch.bool), None, np.zeros(4, bool)
+    )
+    queue.free = Checked()
+    with queue.lock:
+        queue.free.append(buf)
+    got = queue._buffers(4, torch.zeros(4, 8), None, False)
+    assert got is buf
+    queue.close()
+
+
+def test_the_make_it_with_hint_pastes_with_spaces_in_paths(made, tmp_path):
+    import shlex
+
+    mpath, _ = made
+    empty = tmp_path / "no sets ü here"
+    empty.mkdir()
+    text = mpath.read_text()
+    start = text.index("cache: '")
+    end = text.index("'\n", start + 8)
+    (tmp_path / "other m.yaml").write_text(text[:start] + f"cache: '{empty}'" + text[end + 1 :])
+    out = runner.invoke(
+        app, ["probe", "-m", str(tmp_path / "other m.yaml"), "--out", str(tmp_path)]
+    )
+    line = next(ln for ln in out.output.splitlines() if "make it with" in ln)
+    cmd = shlex.split(line.split("make it with `")[1].split("`")[0])
+    assert cmd[cmd.index("--cache") + 1] == str(empty)
+    assert cmd[cmd.index("--manifest") + 1] == str(tmp_path / "other m.yaml")
+
+
+def test_cpu_features_do_not_depend_on_the_thread_count(tiny_dinov3):
+    """The default thread count follows the machine's load (`free_cores`), so a resumed
+    run may use another count: its bytes must not depend on it (shown here for the
+    production encoder path; benchmarks/thread_bytes.py shows it for ViT-S/16 @ 224)."""
+    import numpy as np
+    import torch
+
+    from featstore.encode.encoders import load_encoder
+
+    enc = load_encoder(str(tiny_dinov3), "cpu", None)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            fb = enc.encode(x, 1, (-1,))
+            out.append((fb.cls.numpy().copy(), fb.patch.numpy().copy()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(np.array_equal(a, b) for a, b in zip(out[0], out[1], strict=True))
