@@ -27,6 +27,7 @@ from featstore.data.formats import release_npz
 from featstore.data.manifest import Manifest
 from featstore.data.readers import Prepared, prepare
 from featstore.errors import FeatstoreError, ManifestError
+from featstore.extraction import guard
 from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo
 
@@ -248,10 +249,12 @@ def extract_on_cluster(
     try:
         for ds, spec, res in manifest.cells(baseline):
             if ds.name not in prepared:
-                prep = prepare(ds, memo)
+                with guard.phase("listing", manifest.cache):
+                    prep = prepare(ds, memo)
                 prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
             prep, remote = prepared[ds.name]
-            info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
+            with guard.phase("loading", manifest.cache):
+                info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
             run = _runner(client, remote, spec, device, memo, ds.name)
             summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
             echo(summary.line())

@@ -73,7 +73,7 @@ def phase(name: str, cache: Path | str, fs: FeatureSet | None = None) -> Iterato
 def interrupted(exc: BaseException, doing: str, fs: FeatureSet | None) -> Interrupted:
     """The error for a SIGINT/SIGTERM: what was kept, and how to resume."""
     signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
-    kept = "nothing of it is lost"
+    kept = "nothing was written yet"
     if fs is not None and fs.exists():
         try:
             done, total = fs.units_done()
