@@ -64,11 +64,12 @@ def read_only_cases(featstore: str, work: Path, env: dict[str, str]) -> list[tup
         (path,) = cache.glob("*.zarr")
         rows = []
         cached = _extract(featstore, work, env)
-        said = cached.stdout.strip()[-80:]
+        said = (cached.stdout.strip().splitlines() or [""])[-1]
         rows.append(("read-only cache: cached extract", cached.returncode == 0, said))
         for args in (["ls", str(cache)], ["verify", str(path)]):
             p = subprocess.run([featstore, *args], env=env, capture_output=True, text=True)
-            rows.append((f"read-only cache: {args[0]}", p.returncode == 0, p.stdout.strip()[-80:]))
+            last = (p.stdout.strip().splitlines() or [""])[-1]
+            rows.append((f"read-only cache: {args[0]}", p.returncode == 0, last))
         over = _extract(featstore, work, env, "--overwrite")
         said = over.stderr.strip()
         ok = over.returncode == 2 and "is read-only" in said and "Traceback" not in said
