@@ -47,8 +47,11 @@ def checkpoint(name: str) -> None:
 
 
 @contextlib.contextmanager
-def phase(name: str, cache: Path | str, fs: FeatureSet | None = None) -> Iterator[None]:
-    """Run one phase of an extract (`PHASES`); its failures become featstore errors."""
+def phase(
+    name: str, cache: Path | str, fs: FeatureSet | None = None, set_mb: float | None = None
+) -> Iterator[None]:
+    """Run one phase of an extract (`PHASES`) on the set `fs` (of `set_mb` MB
+    uncompressed); its failures become featstore errors."""
     try:
         checkpoint(name)
         yield
@@ -58,7 +61,7 @@ def phase(name: str, cache: Path | str, fs: FeatureSet | None = None) -> Iterato
         raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise disk_full(cache, fs) from None
+            raise disk_full(cache, fs, set_mb) from None
         if is_read_only(exc) and not (fs is not None and fs.remote):
             raise read_only(cache, exc) from None
         if fs is not None and fs.remote and name == "computing":
@@ -106,13 +109,9 @@ def read_only(cache: Path | str, exc: OSError) -> CacheReadOnlyError:
     )
 
 
-def disk_full(cache: Path | str, fs: FeatureSet | None) -> FeatstoreError:
+def disk_full(cache: Path | str, fs: FeatureSet | None, set_mb: float | None) -> FeatstoreError:
     """The error for ENOSPC: names the cache folder, the set's size and free space."""
-    need = ""
-    if fs is not None:
-        with contextlib.suppress(OSError, ValueError, FeatstoreError):
-            layout = fs.layout
-            need = f"; the set needs about {layout.n_items * layout.item_bytes / 1e6:.0f} MB"
+    need = "" if set_mb is None else f"; the set needs about {set_mb:.0f} MB uncompressed"
     what = f" while writing {fs.name}" if fs is not None else ""
     if not isinstance(cache, Path):  # a full local disk: temporary files, not the bucket
         return FeatstoreError(
@@ -122,7 +121,7 @@ def disk_full(cache: Path | str, fs: FeatureSet | None) -> FeatstoreError:
         )
     free = shutil.disk_usage(cache).free / 1e6 if cache.exists() else 0.0
     return FeatstoreError(
-        f"the cache folder {cache} is full (no space left on device){what}{need} "
-        f"uncompressed, {free:.0f} MB are free. Free space or pass --cache DIR on a "
+        f"the cache folder {cache} is full (no space left on device){what}{need}, "
+        f"{free:.0f} MB are free. Free space or pass --cache DIR on a "
         "larger disk, then rerun the same command: units already written are kept"
     )

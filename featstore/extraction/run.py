@@ -263,7 +263,7 @@ def extract_set(
     cache = manifest.cache
     name = (prep.ds.name, info.label, resolution)
     with contextlib.ExitStack() as claimed:
-        with guard.phase("allocating", cache, fs):
+        with guard.phase("allocating", cache, fs, set_mb):
             claims.clean_leftovers(cache)
             # none on a read-only cache: nothing can be written there
             mine = claimed.enter_context(fs.claim(replacing=opts.overwrite))
@@ -279,11 +279,11 @@ def extract_set(
                 mine.replaced()  # others may join the new set now
         if status == "cached":
             return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, fs.path, 0, set_mb)
-        with guard.phase("computing", cache, fs):
+        with guard.phase("computing", cache, fs, set_mb):
             units = fs.pending_units(opts.shard)
             fs.discard_partials(units)
             n_items, mbytes, skipped = run_units(job, units)
-        with guard.phase("finishing", cache, fs):
+        with guard.phase("finishing", cache, fs, set_mb):
             fs.record_skipped(skipped)
             if not fs.pending_units():
                 fs.finish()
