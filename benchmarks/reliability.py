@@ -606,6 +606,15 @@ def main() -> int:
             f"{'yes' if rows[0][2] else 'NO'}"
         )
         misses += len(damaged) - found + (not rows[0][2])
+
+        from edges import read_only_cases, signal_cases  # benchmarks/edges.py
+
+        edges = signal_cases(FEATSTORE, work, env) + read_only_cases(FEATSTORE, work, env)
+        print(f"\n{'edges (signals in each phase, read-only cache)':50} {'ok':3}  last line")
+        for label, ok, said in edges:
+            print(f"{label:50} {'yes' if ok else 'NO':3}  {_cut(said, 100)}")
+        print(f"\nedges: {sum(ok for _, ok, _ in edges)}/{len(edges)} as expected")
+        misses += sum(not ok for _, ok, _ in edges)
     print(f"total {time.perf_counter() - start:.0f} s; {misses} misses")
     return 1 if misses else 0
 

@@ -4,6 +4,8 @@ Each class also inherits the builtin a caller would expect (zarr does the same),
 ``except ValueError`` still catches a bad manifest.
 """
 
+import errno
+
 
 class FeatstoreError(Exception):
     """Base class: the message is meant for a person and names the file or field."""
@@ -44,6 +46,20 @@ class StoreCorruptError(FeatstoreError, ValueError):
 
 class CacheUnreachableError(FeatstoreError, OSError):
     """A cache URL cannot be opened (unknown protocol, missing driver, no access)."""
+
+
+class CacheReadOnlyError(FeatstoreError, PermissionError):
+    """An extract must write to a cache that this process may only read."""
+
+
+# What a read-only mount, read-only credentials or a folder without write permission
+# answer to a write: reading the cache must go on without it.
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def is_read_only(exc: OSError) -> bool:
+    """Whether `exc` says the file system refuses writes (not a full disk, not a bug)."""
+    return exc.errno in READ_ONLY_ERRNOS
 
 
 class StoreBusyError(FeatstoreError, RuntimeError):

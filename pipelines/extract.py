@@ -32,7 +32,7 @@ def run(
         from featstore.extraction.cluster import client_for, extract_on_cluster
 
         reachable(place(manifest.cache), write=True)  # before a cluster is started
-        with client_for(cluster, scheduler, opts.threads or 1) as client:
+        with client_for(cluster, scheduler, opts.threads or 1, opts.device) as client:
             summaries = extract_on_cluster(manifest, client, opts, baseline=baseline, echo=echo)
     counts = {k: sum(s.status == k for s in summaries) for k in ("new", "resumed", "cached")}
     echo(

@@ -150,3 +150,27 @@ def test_non_dicom_file_is_named(tmp_path):
     (tmp_path / "series" / "notes.txt").write_text("exported by PACS on Monday\n")
     with pytest.raises(BadInputError, match=r"notes\.txt: not a readable DICOM file"):
         _load(tmp_path)
+
+
+@pytest.mark.parametrize("drop", ["ImageOrientationPatient", "PixelSpacing", "both"], ids=str)
+def test_native_geometry_without_geometry_tags_keeps_the_size(tmp_path, drop):
+    """A series without orientation or pixel spacing extracts (InstanceNumber order);
+    the geometry a probe records keeps its size and leaves the unknown spacing NaN."""
+    from featstore.data.native import native
+
+    _series(tmp_path / "series", [[0.0, 0.0, 2.0 * i] for i in range(5)])
+    for f in (tmp_path / "series").iterdir():
+        ds = pydicom.dcmread(f)
+        for tag in ["ImageOrientationPatient", "PixelSpacing"] if drop == "both" else [drop]:
+            delattr(ds, tag)
+        ds.save_as(f)
+    dataset = _dataset(tmp_path)
+    (sample,) = readers.list_samples(dataset)
+    got = native(dataset, sample)
+    assert (got.rows, got.cols) == (8, 8)
+    gap, row, col = got.spacing
+    assert np.isnan(gap) == (drop != "PixelSpacing")  # the gap needs the orientation
+    spacing_known = drop == "ImageOrientationPatient"
+    assert not np.isnan(row) and not np.isnan(col) if spacing_known else np.isnan(row)
+    if drop == "PixelSpacing":
+        assert gap == pytest.approx(2.0)

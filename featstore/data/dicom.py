@@ -105,12 +105,18 @@ class Dicom(Reader):
         folder = Path(sample.image)
         try:
             heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in _files(folder)]
-            row, col = (float(v) for v in heads[0].PixelSpacing)
             size = (int(heads[0].Rows), int(heads[0].Columns))
         except (pydicom.errors.InvalidDicomError, OSError, AttributeError, ValueError) as exc:
-            raise BadInputError(f"{folder}: no usable PixelSpacing/Rows/Columns ({exc})") from None
-        pos = np.sort(slice_positions(heads))
-        gap = float(np.median(np.diff(pos))) if len(pos) > 1 else float("nan")
+            raise BadInputError(f"{folder}: no usable Rows/Columns ({exc})") from None
+        # A series may lack the geometry tags (the reader then orders slices by
+        # InstanceNumber): its size is still known, its spacing is not (NaN).
+        row = col = gap = float("nan")
+        if "PixelSpacing" in heads[0]:
+            row, col = (float(v) for v in heads[0].PixelSpacing)
+        if len(heads) > 1 and all(
+            "ImageOrientationPatient" in h and "ImagePositionPatient" in h for h in heads
+        ):
+            gap = float(np.median(np.diff(np.sort(slice_positions(heads)))))
         return Header(size, (gap, row, col))
 
     def files(self, ds: Dataset, sample: Sample) -> list[Path]:

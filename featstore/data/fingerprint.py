@@ -8,6 +8,7 @@ machine's files), a damaged memo is rebuilt, and `memo=None` hashes every file a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from featstore.errors import is_read_only
 from featstore.store.location import is_url
 
 MEMO_NAME = ".file-sha256.json"
@@ -50,13 +52,26 @@ def files_sha256(paths: Iterable[Path], memo_file: Path | None = None) -> dict[s
             memo = json.loads(memo_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             memo = {}  # a damaged memo is only a cache: rebuild it
+    before = dict(memo)
     out = {str(p): _file_sha256(p, memo) for p in paths}
-    if memo_file is not None:
+    if memo_file is not None and memo != before:
+        _save(memo_file, memo)
+    return out
+
+
+def _save(memo_file: Path, memo: dict[str, Any]) -> None:
+    """Write the memo; skipped where its folder is read-only (a shared cache is read
+    without write access: the hashes are then only not remembered)."""
+    tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+    try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo))
         tmp.replace(memo_file)
-    return out
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not is_read_only(exc):
+            raise  # a full disk: the caller says so (see extraction.guard)
 
 
 def fingerprint(

@@ -26,7 +26,8 @@ from distributed import WorkerPlugin
 from featstore.data.manifest import Manifest
 from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
-from featstore.errors import ManifestError
+from featstore.errors import FeatstoreError, ManifestError
+from featstore.extraction import guard
 from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo
 
@@ -98,22 +99,54 @@ def parse_cluster(text: str) -> int:
     return int(n)
 
 
+def gpu_ids() -> list[str]:
+    """The GPUs this machine lets its processes see (CUDA_VISIBLE_DEVICES, else all)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_envs(n: int, gpus: list[str]) -> list[dict[str, str]]:
+    """The environment of each of `n` workers: worker i sees GPU i % len(gpus) alone
+    (CUDA_VISIBLE_DEVICES), so that N workers spread over the GPUs instead of all
+    loading their encoder onto GPU 0; nothing without GPUs."""
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {} for i in range(n)]
+
+
 @contextmanager
-def client_for(cluster: str | None, scheduler: str | None, threads: int = 1) -> Iterator[Any]:
+def client_for(
+    cluster: str | None,
+    scheduler: str | None,
+    threads: int = 1,
+    device: str = "cpu",
+    gpus: list[str] | None = None,
+) -> Iterator[Any]:
     """A dask.distributed Client on a new LocalCluster or a running scheduler, with the
-    featstore plugin registered on every worker."""
-    from distributed import Client, LocalCluster
+    featstore plugin registered on every worker. A local cluster for `device` cuda or
+    auto spreads its workers over `gpus` (default: `gpu_ids()`), one GPU each."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
 
     if (cluster is None) == (scheduler is None):
         raise ManifestError("give exactly one of --cluster local:N and --scheduler ADDRESS")
+    local: Any = None
     if cluster is not None:
-        local = LocalCluster(
-            n_workers=parse_cluster(cluster), threads_per_worker=1, processes=True,
-            dashboard_address=":0",
-        )  # fmt: skip
+        n = parse_cluster(cluster)
+        if gpus is None:
+            gpus = gpu_ids() if device != "cpu" else []
+        workers = {
+            i: {"cls": Nanny, "options": {"nthreads": 1, "env": env}}
+            for i, env in enumerate(worker_envs(n, gpus))
+        }
+        local = SpecCluster(
+            workers=workers,
+            scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+        )
         client = Client(local)
     else:
-        local, client = None, Client(scheduler)
+        client = Client(scheduler)
     try:
         client.register_plugin(EncoderCache(threads))
         yield client
@@ -121,6 +154,34 @@ def client_for(cluster: str | None, scheduler: str | None, threads: int = 1) -> 
         client.close()
         if local is not None:
             local.close()
+
+
+def _device_here(asked: str) -> str:
+    """What `--device asked` means on this worker."""
+    import torch
+
+    if asked == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return asked
+
+
+def resolve_device(client: Any, asked: str) -> str:
+    """`--device` as the workers resolve it (auto: CUDA where they have GPUs); the
+    workers must agree, since a set records the device its units were computed on."""
+    found = set(client.run(_device_here, asked).values())
+    if len(found) != 1:
+        raise ManifestError(
+            f"--device {asked}: the cluster's workers resolve it to "
+            f"{', '.join(sorted(found)) or 'nothing (no workers)'}; give --device cpu or "
+            "--device cuda, or a cluster of one kind of worker"
+        )
+    return found.pop()
+
+
+# Reruns of a unit that failed for a reason that may pass (a lost worker, a network
+# error). A featstore error (a corrupt image, mismatched weights) fails the same way
+# every time: it is not rerun.
+RETRIES = 2
 
 
 def _runner(
@@ -131,31 +192,37 @@ def _runner(
     from tqdm.auto import tqdm
 
     def run(job: SetJob, units: list[int]) -> tuple[int, float, dict[str, str]]:
-        futures = [
+        futures = {
             client.submit(
-                _unit_task,
-                remote,
-                job,
-                spec,
-                device,
-                memo,
-                u,
-                pure=False,
-                retries=2,
-                key=f"featstore-{job.fs.name}-unit-{u}",
-            )
+                _unit_task, remote, job, spec, device, memo, u,
+                pure=False, key=f"featstore-{job.fs.name}-unit-{u}",
+            ): u
             for u in units
-        ]
+        }  # fmt: skip
         items, mbytes, skipped = 0, 0.0, {}
         label = job.ident.weights.label if job.ident.weights else spec
         desc = f"{name} / {label} @ {job.ident.recipe.resolution}px on the cluster"
         progress = job.opts.progress
-        with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
-            for fut in as_completed(futures):
-                n, mb, bad = fut.result()
-                items, mbytes = items + n, mbytes + mb
-                skipped.update(bad)
-                bar.update(1)
+        tries = dict.fromkeys(units, 0)
+        done = as_completed(list(futures))
+        try:
+            with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
+                for fut in done:
+                    if fut.status == "error":
+                        u, exc = futures[fut], fut.exception()
+                        if isinstance(exc, FeatstoreError) or tries[u] >= RETRIES:
+                            fut.result()  # raises it, with the worker's traceback
+                        tries[u] += 1
+                        fut.retry()
+                        done.add(fut)
+                        continue
+                    n, mb, bad = fut.result()
+                    items, mbytes = items + n, mbytes + mb
+                    skipped.update(bad)
+                    bar.update(1)
+        except BaseException:
+            client.cancel(list(futures))  # the first failure ends the set: nothing more runs
+            raise
         return items, mbytes, skipped
 
     return run
@@ -176,16 +243,18 @@ def extract_on_cluster(
     reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     echo(f"dask dashboard: {client.dashboard_link}")
     memo = memo_for(manifest.cache)
-    device = "cuda" if opts.device == "cuda" else "cpu"
+    device = resolve_device(client, opts.device)
     prepared: dict[str, Any] = {}
     summaries = []
     try:
         for ds, spec, res in manifest.cells(baseline):
             if ds.name not in prepared:
-                prep = prepare(ds, memo)
+                with guard.phase("listing", manifest.cache):
+                    prep = prepare(ds, memo)
                 prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
             prep, remote = prepared[ds.name]
-            info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
+            with guard.phase("loading", manifest.cache):
+                info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
             run = _runner(client, remote, spec, device, memo, ds.name)
             summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
             echo(summary.line())

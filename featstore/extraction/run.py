@@ -8,14 +8,11 @@ the set itself is handled only through `store.sets.FeatureSet`.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
-import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -29,14 +26,8 @@ from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
 from featstore.encode import devprep
 from featstore.encode.encoders import Encoder, load_encoder
-from featstore.errors import (
-    BadInputError,
-    CacheUnreachableError,
-    FeatstoreError,
-    Interrupted,
-    StopRequested,
-)
-from featstore.extraction import recorded
+from featstore.errors import BadInputError
+from featstore.extraction import guard, recorded
 from featstore.extraction.batches import Batches, plan_batches, quiet_worker
 from featstore.extraction.writer import UnitQueue, nan_checker, pooled
 from featstore.identity import EncoderInfo, SetIdentity, requested
@@ -275,84 +266,35 @@ def extract_set(
     job, items = _job(prep, info, spec, resolution, manifest, opts)
     fs, layout = job.fs, job.layout
     set_mb = layout.n_items * layout.item_bytes / 1e6
-    claims.clean_leftovers(manifest.cache)
+    cache = manifest.cache
     name = (prep.ds.name, info.label, resolution)
-    with fs.claim():
-        compute = {"device": device, "preprocess_on": devprep.resolve(opts.preprocess_on, device)}
-        status = fs.open_or_create(
-            job.ident, layout,
-            lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
-            _describe(prep), compute,
-            overwrite=opts.overwrite, repair=opts.repair,
-        )  # fmt: skip
+    with contextlib.ExitStack() as claimed:
+        with guard.phase("allocating", cache, fs, set_mb):
+            claims.clean_leftovers(cache)
+            # none on a read-only cache: nothing can be written there
+            mine = claimed.enter_context(fs.claim(replacing=opts.overwrite))
+            on = devprep.resolve(opts.preprocess_on, device)
+            compute = {"device": device, "preprocess_on": on}
+            status = fs.open_or_create(
+                job.ident, layout,
+                lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
+                _describe(prep), compute,
+                overwrite=opts.overwrite, repair=opts.repair,
+            )  # fmt: skip
+            if mine is not None:
+                mine.replaced()  # others may join the new set now
         if status == "cached":
             return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, fs.path, 0, set_mb)
-        units = fs.pending_units(opts.shard)
-        fs.discard_partials(units)
-        n_items, mbytes, skipped = _run_guarded(run_units, job, units, manifest.cache)
-        fs.record_skipped(skipped)
-        if not fs.pending_units():
-            fs.finish()
+        with guard.phase("computing", cache, fs, set_mb):
+            units = fs.pending_units(opts.shard)
+            fs.discard_partials(units)
+            n_items, mbytes, skipped = run_units(job, units)
+        with guard.phase("finishing", cache, fs, set_mb):
+            fs.record_skipped(skipped)
+            if not fs.pending_units():
+                fs.finish()
     seconds = time.perf_counter() - t0
     return Summary(*name, status, n_items, seconds, mbytes, fs.path, len(skipped), set_mb)
-
-
-def _run_guarded(
-    run_units: UnitRunner, job: SetJob, units: list[int], cache: Path | str
-) -> tuple[int, float, dict[str, str]]:
-    """`run_units`, its failures turned into errors that say what was kept and what to do."""
-    fs = job.fs
-    try:
-        return run_units(job, units)
-    except (KeyboardInterrupt, StopRequested) as exc:
-        raise _interrupted(fs, exc) from None
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(cache, fs.path, job.layout) from None
-        if fs.remote:
-            raise _lost(fs, exc) from exc
-        raise
-    except FeatstoreError:
-        raise
-    except Exception as exc:
-        if fs.remote:
-            raise _lost(fs, exc) from exc
-        raise
-
-
-def _interrupted(fs: FeatureSet, exc: BaseException) -> Interrupted:
-    signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
-    done, total = fs.units_done()
-    return Interrupted(
-        f"stopped by {signal.Signals(signum).name}: {done} of {total} units of "
-        f"{fs.name} are written and kept; rerun the same command to resume",
-        int(signum),
-    )
-
-
-def _lost(path: FeatureSet, exc: BaseException) -> CacheUnreachableError:
-    """The error for a remote cache that failed while units were being written."""
-    return CacheUnreachableError(
-        f"lost the cache while writing {path} ({type(exc).__name__}: {str(exc)[:200]}); "
-        "the units written so far are kept: rerun the same command to resume once the "
-        "store answers again"
-    )
-
-
-def _disk_full(cache: Path | str, path: Place, layout: schema.Layout) -> FeatstoreError:
-    need = layout.n_items * layout.item_bytes / 1e6
-    if not isinstance(cache, Path):  # a full local disk: temporary files, not the bucket
-        return FeatstoreError(
-            f"no space left on the local disk while writing {path.name} to {cache}; free "
-            "space in the temporary folder ($TMPDIR), then rerun the same command"
-        )
-    free = shutil.disk_usage(cache).free / 1e6
-    return FeatstoreError(
-        f"the cache folder {cache} is full (no space left on device) while writing "
-        f"{path.name}: the set needs about {need:.0f} MB uncompressed, {free:.0f} MB are "
-        "free. Free space or pass --cache DIR on a larger disk, then rerun the same "
-        "command: units already written are kept"
-    )
 
 
 def extract_manifest(
@@ -372,14 +314,16 @@ def extract_manifest(
     cells = manifest.cells(baseline)
     memo = memo_for(manifest.cache)
     prepared: dict[str, Prepared] = {}
-    for ds, _, _ in cells:
-        if ds.name not in prepared:
-            prepared[ds.name] = prepare(ds, memo)
+    with guard.phase("listing", manifest.cache):
+        for ds, _, _ in cells:
+            if ds.name not in prepared:
+                prepared[ds.name] = prepare(ds, memo)
     summaries = []
     threads = torch.get_num_threads()
     try:
         for spec in dict.fromkeys(enc for _, enc, _ in cells):
-            encoder = load_encoder(spec, opts.device, memo)
+            with guard.phase("loading", manifest.cache):
+                encoder = load_encoder(spec, opts.device, memo)
             if encoder.info.random_init:
                 echo(
                     f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "

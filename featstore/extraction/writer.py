@@ -194,10 +194,11 @@ class UnitQueue:
     def _buffers(
         self, n: int, cls: torch.Tensor, patch: torch.Tensor | None, masks: bool
     ) -> _Buffers:
-        while self.free:
-            buf = self.free.pop()
-            if len(buf.cls) == n:
-                return buf
+        with self.lock:  # writer threads hand buffers back while the main thread takes one
+            while self.free:
+                buf = self.free.pop()
+                if len(buf.cls) == n:
+                    return buf
         dtype = getattr(torch, self.layout.dtype)
         r = self.layout.mask_size
         return _Buffers(
@@ -288,4 +289,5 @@ class UnitQueue:
                     patch = self.check(patch.copy(), buf.bad, u.unit, "patch")
             return self._write_unit(u.unit, cls, patch, buf.mask)
         finally:
-            self.free.append(buf)
+            with self.lock:
+                self.free.append(buf)

@@ -12,6 +12,7 @@ probe is one `ProbeOptions` (`featstore.probing.options`); the rows are `ResultR
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,8 +173,8 @@ def _missing(
 ) -> str:
     """The problem line of a cell without a set, naming the command that makes it."""
     cmd = (
-        f"`featstore extract{src} --cache {manifest.cache} --dataset {ds.name} "
-        f"--encoder {spec} --resolution {res}`"
+        f"`featstore extract{src} --cache {shlex.quote(str(manifest.cache))} "
+        f"--dataset {shlex.quote(ds.name)} --encoder {shlex.quote(spec)} --resolution {res}`"
     )
     if found.stale:  # sets of this request exist, made from other files
         recorded = ", ".join(f[:12] for f in found.stale)
@@ -206,7 +207,7 @@ def probe_manifest(
     reachable(place(manifest.cache))
     fingerprints: dict[str, str | None] = {}
     unreadable: set[str] = set()  # data here but not readable: one problem line each
-    src = f" --manifest {manifest_file}" if manifest_file else ""
+    src = f" --manifest {shlex.quote(str(manifest_file))}" if manifest_file else ""
     for ds, spec, res in manifest.cells(opts.baseline):
         where = f"{ds.name} / {spec} @ {res}px"
         if ds.name not in fingerprints and ds.name not in unreadable:

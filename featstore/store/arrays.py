@@ -33,9 +33,9 @@ import zarr
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.common import AccessModeLiteral
 
-from featstore.errors import ChunkChecksumError, StoreCorruptError
+from featstore.errors import ChunkChecksumError, StoreCorruptError, is_read_only
 from featstore.identity import SetIdentity, canonical
-from featstore.store.location import Place, Remote, place, publish
+from featstore.store.location import Place, Remote, leftover, place, publish
 from featstore.store.schema import (
     CHECKSUM,
     ITEM_DATA,
@@ -77,7 +77,7 @@ def create(
     if isinstance(path, Remote):  # built here, uploaded whole by `publish`
         tmp = Path(tempfile.mkdtemp(prefix=f"{LOCAL_BUILD}{os.getpid()}-")) / path.name
     else:  # a sibling, so that `publish` is one atomic rename
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = leftover(path, "tmp")
         shutil.rmtree(tmp, ignore_errors=True)
     ds.to_zarr(
         tmp,
@@ -272,13 +272,21 @@ def consolidate(path: Place) -> None:
 
 
 def add_request(path: Place, request: dict[str, Any]) -> None:
-    """Record another request that this (complete) set answers, so probe finds it by it."""
-    root = group(path, "r+")
-    attrs: dict[str, Any] = dict(root.attrs)
-    requests = list(attrs.get("requests", []))
-    if canonical(request) not in requests:
+    """Record another request that this (complete) set answers, so probe finds it by it.
+
+    Nothing is written when it is recorded already. On a read-only cache the request
+    is not recorded (skipped, not an error): a probe of that request finds the set
+    only once an extract with write access has recorded it."""
+    requests = list(read_attrs(path).get("requests", []))
+    if canonical(request) in requests:
+        return
+    try:
+        root = group(path, "r+")
         root.attrs["requests"] = [*requests, canonical(request)]
         consolidate(path)
+    except OSError as exc:
+        if not is_read_only(exc):
+            raise
 
 
 def plain(values: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -19,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from featstore.errors import StoreBusyError
+from featstore.errors import StoreBusyError, is_read_only
 from featstore.store.arrays import LOCAL_BUILD
-from featstore.store.location import Place, Remote, glob, place
+from featstore.store.location import LEFTOVER, Place, Remote, glob, place, this_host
 
 
 def claims_dir(path: Place) -> Place:
@@ -49,7 +48,7 @@ CLAIM_STALE = 600.0
 def live_claims(path: Place) -> list[dict[str, Any]]:
     """Claims of other live processes on this set; stale ones (a dead pid on this host,
     no beat for CLAIM_STALE seconds from another host) are removed."""
-    here = socket.gethostname()
+    here = this_host()
     out = []
     folder = claims_dir(path)
     for f in glob(folder, "*.json") if folder.is_dir() else []:
@@ -64,46 +63,84 @@ def live_claims(path: Place) -> list[dict[str, Any]]:
         if (mine and not _alive(int(info.get("pid", -1)))) or (
             not mine and time.time() - beat > CLAIM_STALE
         ):
-            f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache keeps it
+                f.unlink(missing_ok=True)
             continue
         out.append({**info, "file": str(f)})
     return out
 
 
+class Claim:
+    """This process's claim on a set; `replacing` while an --overwrite deletes it."""
+
+    def __init__(self, path: Place, replacing: bool) -> None:
+        self.file = claims_dir(path) / f"{this_host()}-{os.getpid()}.json"
+        self.started = time.time()
+        self.replacing = replacing
+
+    def write(self) -> None:
+        info = {"host": this_host(), "pid": os.getpid(), "started": self.started}
+        self.file.write_text(json.dumps({**info, "replacing": self.replacing, "beat": time.time()}))
+
+    def replaced(self) -> None:
+        """The old set is gone: other processes may now join the new one."""
+        if self.replacing:
+            self.replacing = False
+            self.write()
+
+
 @contextlib.contextmanager
-def claim(path: Place) -> Iterator[None]:
+def claim(path: Place, replacing: bool = False) -> Iterator[Claim | None]:
     """Mark this process as extracting the set at `path` for the duration; the claim
-    is rewritten every CLAIM_BEAT seconds so that other hosts can tell it is alive."""
-    folder = claims_dir(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    me = folder / f"{socket.gethostname()}-{os.getpid()}.json"
-    started = time.time()
+    is rewritten every CLAIM_BEAT seconds so that other hosts can tell it is alive.
 
-    def write() -> None:
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
-        me.write_text(json.dumps({**info, "beat": time.time()}))
-
-    write()
+    `replacing` (an --overwrite): other processes refuse to start on the set until
+    `Claim.replaced` is called. Every process writes its claim first and looks at the
+    others' after, so of two that start at once, at least one sees the other.
+    Yields None (no claim) on a cache this process may not write.
+    """
+    me = Claim(path, replacing)
+    try:
+        me.file.parent.mkdir(parents=True, exist_ok=True)
+        me.write()
+    except OSError as exc:
+        if not is_read_only(exc):
+            raise
+        # A cache this process may not write needs no claim: it cannot write the set
+        # either (a write that follows fails, and the extract says so plainly).
+        yield None
+        return
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(CLAIM_BEAT):
             with contextlib.suppress(Exception):  # best effort: a missed beat is harmless
-                write()
+                me.write()
 
     beating = threading.Thread(target=beat, name="featstore-claim", daemon=True)
     beating.start()
     try:
-        yield
+        yield me
     finally:
         stop.set()
         beating.join()
         # Best effort: a cache that stopped answering must not hide the error that
         # ended the extract (a claim left behind is taken over by the next run here).
         with contextlib.suppress(Exception):
-            me.unlink(missing_ok=True)
+            me.file.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
-            folder.rmdir()  # only when no other claim is left
+            me.file.parent.rmdir()  # only when no other claim is left
+
+
+def refuse_if_replacing(path: Place) -> None:
+    """Raise `StoreBusyError` when another live process is replacing the set (--overwrite)."""
+    for c in live_claims(path):
+        if c.get("replacing"):
+            raise StoreBusyError(
+                f"{path}: pid {c.get('pid')} on {c.get('host')} is replacing this set "
+                "(extract --overwrite); rerun this command once it has started writing the "
+                f"new set (if that process is gone, delete {c['file']})"
+            )
 
 
 def refuse_if_busy(path: Place, action: str) -> None:
@@ -130,10 +167,15 @@ def clean_leftovers(cache: Place | str) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
         return removed
+    here = this_host()
     for p in sorted(cache.glob(".*.zarr.*")):
-        tag = p.name.rsplit(".", 1)[-1]
-        pid = tag[3:]
-        if tag[:3] in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+        m = LEFTOVER.match(p.name)
+        # Only the host that made a leftover can tell whether its process is alive (a
+        # pid means nothing on another node of a shared file system); older featstores
+        # named no host: theirs are judged here, as they always were.
+        if m is None or (m["host"] or here) != here or _alive(int(m["pid"])):
+            continue
+        shutil.rmtree(p, ignore_errors=True)  # a read-only cache keeps them
+        if not p.exists():
             removed.append(p)
     return removed

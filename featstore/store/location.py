@@ -21,8 +21,10 @@ fsspec's own configuration (`FSSPEC_S3_ENDPOINT_URL`, ...).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -192,6 +194,24 @@ def reachable(where: Place, write: bool = False) -> None:
         ) from None
 
 
+HOST_ENV = "FEATSTORE_HOST"
+# The leftovers of a process: a set's skeleton being built (tmp) or a set renamed
+# aside to be deleted (old), named by pid and host (older featstores: pid only).
+LEFTOVER = re.compile(r"^\.(?P<set>.+\.zarr)\.(?P<kind>tmp|old)(?P<pid>\d+)(?:@(?P<host>.+))?$")
+
+
+def this_host() -> str:
+    """This machine's name in claims and leftovers: $FEATSTORE_HOST, else its host name
+    (set it where several machines or containers share one host name)."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def leftover(where: Path, kind: str) -> Path:
+    """The sibling folder this process builds the set at `where` in ("tmp") or moves it
+    aside to ("old"); see `LEFTOVER`."""
+    return where.with_name(f".{where.name}.{kind}{os.getpid()}@{this_host()}")
+
+
 def has_set(where: Place) -> bool:
     """Whether a feature set is at `where`: its root zarr.json is a file. A folder or
     prefix without it is no set (a kill during a delete, an upload in progress)."""
@@ -234,9 +254,11 @@ def publish(built: Path, dest: Place) -> bool:
     if isinstance(dest, Path):
         try:
             os.rename(built, dest)
-        except OSError:
-            shutil.rmtree(built)
-            return False
+        except OSError as exc:
+            shutil.rmtree(built, ignore_errors=True)
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another shard published
+                return False
+            raise  # a full disk, a read-only cache: not a race that someone won
         return True
     if has_set(dest):
         shutil.rmtree(built)
@@ -260,7 +282,7 @@ def publish(built: Path, dest: Place) -> bool:
 def remove(where: Place) -> None:
     """Delete a set so that a kill midway leaves either the whole set or no set."""
     if isinstance(where, Path):
-        aside = where.with_name(f".{where.name}.old{os.getpid()}")
+        aside = leftover(where, "old")
         os.rename(where, aside)
         shutil.rmtree(aside)
         return

@@ -225,6 +225,8 @@ class FeatureSet:
         repair: decode every chunk and forget the damaged units (`repair`).
         """
         self._forget()
+        if not overwrite:  # claimed first: an --overwrite starting now sees this one
+            claims.refuse_if_replacing(self.path)
         self._clear(overwrite)
         if self.exists():
             return self._reuse(ident, layout, items, compute, repair)
@@ -342,10 +344,11 @@ class FeatureSet:
         self._forget()
 
     @contextlib.contextmanager
-    def claim(self) -> Iterator[None]:
-        """This process works on the set for the duration (see `store.claims`)."""
-        with claims.claim(self.path):
-            yield
+    def claim(self, replacing: bool = False) -> Iterator[claims.Claim | None]:
+        """This process works on the set for the duration (see `store.claims`); None
+        on a cache it may not write. replacing: it will delete the set (--overwrite)."""
+        with claims.claim(self.path, replacing) as mine:
+            yield mine
 
 
 def open_set(where: Place | str) -> xr.Dataset:
