@@ -64,7 +64,13 @@ class EncoderInfo:
     @property
     def label(self) -> str:
         """The name for people: flagged when the weights are a random init."""
-        return self.name + (" (random_init)" if self.random_init else "")
+        return labelled(self.name, self.random_init)
+
+
+def labelled(name: str, random_init: bool) -> str:
+    """An encoder's name wherever people read it (logs, `ls`, tables, legends), flagged
+    when its weights are a random init: the one spelling of that flag."""
+    return name + (" [random_init]" if random_init else "")
 
 
 # Fields of EncoderInfo that determine the features; name and source are labels only

@@ -24,6 +24,7 @@ import pandas as pd
 from featstore.data.manifest import Dataset, Manifest
 from featstore.data.native import data_check
 from featstore.errors import ProbeError
+from featstore.identity import labelled
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
@@ -53,7 +54,7 @@ def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
         metric = MAIN_METRIC[ds.task]
         sub = ordinary(df[(df.dataset == ds.name) & (df.metric == metric)])
         for r in sub.itertuples():
-            enc = f"{r.encoder}{' [random_init]' if r.random_init else ''}"
+            enc = labelled(str(r.encoder), bool(r.random_init))
             lines.append(
                 f"{ds.name:<24} {enc:<30} {r.resolution:>4} {r.probe:<11} "
                 f"{metric:<8} {r.value:6.3f}  [{r.ci_low:.3f}, {r.ci_high:.3f}]"

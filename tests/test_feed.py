@@ -128,7 +128,7 @@ def test_gpu_path_matches_cpu_within_rounding(tmp_path, tiny_dinov3, gpu_device)
     a, b = (xr.open_zarr(made_sets[d].path).patch.values.astype(np.float32) for d in ("cpu", "gpu"))
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)  # bf16 autocast on the GPU
     on_device = "device" if gpu_device.type == "cuda" else "cpu"  # `auto` placement
-    compute = sets.read_attrs(made_sets["gpu"].path)["compute"]
+    compute = FeatureSet(made_sets["gpu"].path).attrs["compute"]
     assert compute == {"device": gpu_device.type, "preprocess_on": on_device}
 
 

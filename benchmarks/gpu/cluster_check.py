@@ -26,7 +26,7 @@ import torch
 
 from featstore.data.manifest import Dataset, Manifest, Synthetic
 from featstore.extraction.run import Options
-from featstore.store import integrity
+from featstore.store.sets import FeatureSet
 from pipelines import extract
 
 
@@ -87,7 +87,8 @@ def main() -> None:
         result = dict(
             device=device, encoder=spec if not args.stand_in else "tiny DINOv3 (stand-in)",
             items=made["cluster"].items, same_key=a.name == b.name, chunks=len(ca),
-            differing_chunks=differ[:10], problems=integrity.verify(b), seconds=seconds,
+            differing_chunks=differ[:10], problems=[str(p) for p in FeatureSet(b).verify()],
+            seconds=seconds,
         )  # fmt: skip
     ok = result["same_key"] and not differ and not result["problems"] and result["chunks"] > 0
     result["byte_identical"] = ok

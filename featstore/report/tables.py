@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 
 from featstore.encode.presets import PRESETS
 from featstore.errors import ProbeError
+from featstore.identity import labelled
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.rows import COLUMNS, KEY
 from featstore.report.references import Reference, published_model
@@ -52,8 +53,8 @@ def save_figure(fig: Figure, path: Path) -> bool:
 
 
 def label(encoder: str, random_init: bool) -> str:
-    """An encoder's name for tables and legends, flagged when it is a random init."""
-    return encoder + (" [random_init]" if random_init else "")
+    """An encoder's name for tables and legends (`identity.labelled`)."""
+    return labelled(encoder, random_init)
 
 
 def size_rank(encoder: str) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
-from featstore.identity import FORMAT_VERSION, SetIdentity
+from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
 from featstore.store import arrays, claims, integrity
 from featstore.store.arrays import UnitWriter, plain
 from featstore.store.integrity import Kind, Problem
@@ -122,7 +122,7 @@ class FeatureSet:
         enc, pre = attrs.get("encoder", {}), attrs.get("preprocess", {})
         return {
             "dataset": attrs.get("dataset", {}).get("name"),
-            "encoder": f"{enc.get('name')}{' (random_init)' if enc.get('random_init') else ''}",
+            "encoder": labelled(str(enc.get("name")), bool(enc.get("random_init"))),
             "resolution": pre.get("resolution"),
             "items": attrs.get("layout", {}).get("n_items"),
             "size_mb": round(self.size() / 1e6, 1),
