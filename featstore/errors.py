@@ -5,6 +5,7 @@ Each class also inherits the builtin a caller would expect (zarr does the same),
 """
 
 import errno
+from typing import ClassVar
 
 
 class FeatstoreError(Exception):
@@ -75,11 +76,24 @@ class Interrupted(FeatstoreError):
 
 
 class StopRequested(BaseException):
-    """Raised by the CLI's SIGINT/SIGTERM handler; a BaseException like KeyboardInterrupt."""
+    """Raised by the CLI's SIGINT/SIGTERM handler; a BaseException like KeyboardInterrupt.
+
+    A handler's exception is lost when the signal lands in a finalizer (`__del__`) or a
+    weakref callback: Python prints "Exception ignored" and carries on. So the handler
+    also records the signal in `pending`, and the extract's safe points call `check`.
+    """
+
+    pending: ClassVar[int | None] = None
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise for a signal received since the handler was installed, if any."""
+        if cls.pending is not None:
+            raise cls(cls.pending)
 
 
 class FeatureOverflowError(FeatstoreError, FloatingPointError):

@@ -55,14 +55,17 @@ def _stop_on_signals() -> Iterator[None]:
     """SIGINT/SIGTERM raise StopRequested: the extract stops cleanly and says how to resume."""
 
     def stop(signum: int, _frame: object) -> None:
+        StopRequested.pending = signum  # in case this raise lands where it is swallowed
         raise StopRequested(signum)
 
+    StopRequested.pending = None
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        StopRequested.pending = None
 
 
 def _fail(exc: Exception) -> None:

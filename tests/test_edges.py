@@ -468,3 +468,24 @@ def test_cpu_features_do_not_depend_on_the_thread_count(tiny_dinov3):
     finally:
         torch.set_num_threads(before)
     assert all(np.array_equal(a, b) for a, b in zip(out[0], out[1], strict=True))
+
+
+class _SignalsInItsFinalizer:
+    """An object whose `__del__` receives SIGTERM, as nibabel's finalizers once did in
+    a real run: the handler's exception is then swallowed ("Exception ignored")."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_phase(tmp_path):
+    from featstore.errors import Interrupted, StopRequested
+    from featstore.extraction import guard
+    from pipelines.cli import _stop_on_signals
+
+    with _stop_on_signals():
+        with pytest.raises(Interrupted) as stopped, guard.phase("computing", tmp_path):
+            _SignalsInItsFinalizer()  # dropped at once: __del__ runs here, raise swallowed
+            time.sleep(0.01)  # the phase's work goes on as if nothing happened
+        assert stopped.value.signum == signal.SIGTERM
+    assert StopRequested.pending is None  # the handler's state does not outlive the run

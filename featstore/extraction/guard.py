@@ -55,6 +55,7 @@ def phase(
     try:
         checkpoint(name)
         yield
+        StopRequested.check()  # a signal whose exception a finalizer swallowed
     except (KeyboardInterrupt, StopRequested) as exc:
         raise interrupted(exc, PHASES[name], fs) from None
     except FeatstoreError:

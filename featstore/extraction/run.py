@@ -26,7 +26,7 @@ from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
 from featstore.encode import devprep
 from featstore.encode.encoders import Encoder, load_encoder
-from featstore.errors import BadInputError
+from featstore.errors import BadInputError, StopRequested
 from featstore.extraction import guard, recorded
 from featstore.extraction.batches import Batches, plan_batches, quiet_worker
 from featstore.extraction.writer import UnitQueue, nan_checker, pooled
@@ -193,6 +193,7 @@ def encode_units(
                 patch = patch[:, 0] if layout.patch_layers == 1 else patch
             writer.put(batch.unit, cls, patch, batch.masks, np.isin(ids, list(batch.errors)))
             bar.update(len(batch.pixels))
+            StopRequested.check()  # a signal whose exception a finalizer swallowed
     finally:
         bar.close()
         writer.close()
