@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 
 from featstore.data.manifest import Dataset
-from featstore.data.nifti import load_nifti
+from featstore.data.nifti import volume_mask
 from featstore.data.reader import Reader
-from featstore.data.samples import Header, Loaded, Sample, check_finite, finish_mask
+from featstore.data.samples import Header, Loaded, Sample, check_finite
 from featstore.errors import BadInputError
 
 
@@ -125,9 +125,4 @@ class Dicom(Reader):
     def decode(self, ds: Dataset, sample: Sample, items: range, as_read: bool) -> Loaded:
         path = Path(sample.image)
         image = check_finite(load_dicom(path), str(path))[..., None]
-        mask = None
-        if sample.mask:
-            mpath = Path(sample.mask)
-            raw = load_nifti(mpath, ds.slice_axis)
-            mask = finish_mask(ds, raw, mpath, path, image.shape[:3])
-        return Loaded(image=image, mask=mask)
+        return Loaded(image=image, mask=volume_mask(ds, sample, image))

@@ -66,6 +66,16 @@ def _canonical(path: Path) -> tuple[list[int], list[float]]:
     return n, z
 
 
+def volume_mask(ds: Dataset, sample: Sample, image: np.ndarray) -> np.ndarray | None:
+    """The NIfTI label volume of `sample` (None without one), checked against its
+    decoded `image` (D, H, W, C): a volume's mask, whatever format the image is in."""
+    if not sample.mask:
+        return None
+    mpath = Path(sample.mask)
+    raw = load_nifti(mpath, ds.slice_axis)
+    return finish_mask(ds, raw, mpath, Path(sample.image), image.shape[:3])
+
+
 class Nifti(Reader):
     """`format: nifti`: one volume per file; masks are NIfTI label volumes."""
 
@@ -85,9 +95,4 @@ class Nifti(Reader):
     def decode(self, ds: Dataset, sample: Sample, items: range, as_read: bool) -> Loaded:
         path = Path(sample.image)
         image = check_finite(load_nifti(path, ds.slice_axis), str(path))[..., None]
-        mask = None
-        if sample.mask:
-            mpath = Path(sample.mask)
-            raw = load_nifti(mpath, ds.slice_axis)
-            mask = finish_mask(ds, raw, mpath, path, image.shape[:3])
-        return Loaded(image=image, mask=mask)
+        return Loaded(image=image, mask=volume_mask(ds, sample, image))
