@@ -31,11 +31,25 @@ from featstore.probing.options import ProbeOptions
 from featstore.probing.rows import ResultRow, frame, ordinary, typed, upsert
 
 
+def _read_results(csv: Path) -> pd.DataFrame:
+    """The rows an earlier run wrote to `csv`; a `ProbeError` naming the file when it is
+    not a featstore results file (empty, truncated, or someone else's CSV)."""
+    fix = "move it away, or probe into another --out folder"
+    try:
+        old = pd.read_csv(csv)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ProbeError(f"{csv}: not a featstore results file ({exc}); {fix}") from None
+    missing = [k for k in ("dataset", "encoder", "probe", "metric", "value") if k not in old]
+    if missing:
+        raise ProbeError(f"{csv}: not a featstore results file (no {missing} columns); {fix}")
+    return typed(old)
+
+
 def write_results(out: Path, rows: list[ResultRow]) -> pd.DataFrame:
     """Upsert rows (keyed by `rows.KEY`) into OUT/results.csv and OUT/results.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "results.csv"
-    old = typed(pd.read_csv(csv)) if csv.is_file() else frame([])
+    old = _read_results(csv) if csv.is_file() else frame([])
     new = upsert(old, frame(rows))
     new.to_csv(csv, index=False, float_format="%.6g")
     with (out / "results.jsonl").open("w") as f:

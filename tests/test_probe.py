@@ -378,3 +378,15 @@ def test_too_coarse_patch_grid_is_explained():
     patch = np.random.default_rng(0).normal(size=(4, 2, 2, 8)).astype(np.float32)
     with pytest.raises(ProbeError, match="2x2 patch grid every patch is background"):
         probes.seg_probe(patch, mask, patch, mask, np.arange(4).astype(str), 2)
+
+
+@pytest.mark.parametrize("text", ["", "x\n1\n", "\xff\xfe"])
+def test_a_results_file_that_is_not_ours_is_refused_not_overwritten(tmp_path, text):
+    from featstore.errors import ProbeError
+    from pipelines.probe import write_results
+
+    csv = tmp_path / "results.csv"
+    csv.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ProbeError, match=r"results.csv: not a featstore results file"):
+        write_results(tmp_path, [])
+    assert csv.read_bytes() == text.encode("latin-1")  # left as it was
