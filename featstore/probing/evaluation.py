@@ -49,6 +49,7 @@ class SetResult:
     rows: list[ResultRow]
     examples: Examples | None = None
     skipped: tuple[str, ...] = ()  # label-efficiency points not drawn, with the reason
+    left_out: tuple[str, ...] = ()  # samples extraction skipped: "id: reason"
 
 
 def probe_set(path: Place, ds: Dataset, opts: ProbeOptions = ProbeOptions()) -> SetResult:
@@ -137,7 +138,8 @@ def _probe_open_set(
         if opts.curve is not None:
             curve = class_curve(arrays, opts, opts.curve, where, found)
     rows = [row for f in found.fitted for row in result_rows(where, f)] + curve.rows
-    return SetResult(path, where.feature_set, rows, examples, tuple(curve.skipped))
+    left_out = tuple(f"{k}: {v}" for k, v in sorted(xs.attrs.get("skipped", {}).items()))
+    return SetResult(path, where.feature_set, rows, examples, tuple(curve.skipped), left_out)
 
 
 def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -234,6 +236,9 @@ def probe_manifest(
             out.problems.append(f"{where}: {exc}")
             continue
         out.results.append(result)
+        out.notes += [
+            f"{where}: left out {line} (skipped at extraction)" for line in result.left_out
+        ]
         if on_set is not None:
             on_set(where, result)
     return out

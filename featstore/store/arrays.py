@@ -173,6 +173,36 @@ def record_skipped(path: Place, skipped: dict[str, str]) -> None:
     root.attrs["skipped"] = {**attrs.get("skipped", {}), **skipped}
 
 
+def blank_samples(path: Place, layout: Layout, ids: Sequence[str]) -> int:
+    """Give every item of samples `ids` the values of a skipped item (NaN features,
+    zero int8 patches and masks); returns the units rewritten.
+
+    A slide decoded tile run by tile run can fail part-way (one tile unreadable),
+    after other runs of it were written with features, possibly by another shard or
+    worker; called once every unit is written, this makes the whole sample skipped,
+    so that `skipped` names exactly the samples whose items hold NaN.
+    """
+    root = group(path, "r+")
+    rows = np.isin(plain(np.asarray(array(root, "sample")[:])), list(ids))
+    units = sorted({int(i) // layout.chunk_items for i in np.flatnonzero(rows)})
+    names = [n for n in layout.unit_arrays() if n != MARKS]
+    cls = array(root, "cls")
+    rewritten = 0
+    for unit in units:
+        region = layout.unit_slice(unit)
+        sel = rows[region]
+        block = np.asarray(cls[region], np.float32)
+        if not np.isfinite(block[sel]).any():
+            continue  # already blank: every item of these samples in this unit failed
+        for name in names:
+            arr = array(root, name).with_config(FULL)
+            data = np.asarray(arr[region])
+            data[sel] = np.nan if data.dtype.kind == "f" else 0
+            arr[region] = data
+        rewritten += 1
+    return rewritten
+
+
 def discard_partials(path: Place, present: set[str], units: Sequence[int]) -> int:
     """Delete half-written chunk files (zarr's `*.partial` temporaries) of `units`.
 

@@ -334,7 +334,14 @@ class FeatureSet:
         rename, an object store by one PUT) from values checked for NaN/Inf before, and
         its crc32c is checked on every later read; re-reading a multi-TB set at the end
         of its extract would cost as much as writing it. `verify` decodes them all.
+        A sample recorded as skipped is made skipped in all its items first (a slide
+        can fail part-way, after some of its tiles were written: `blank_samples`).
         """
+        self._forget()  # another shard or the cluster's client may have recorded some
+        skipped = list(self.attrs.get("skipped", {}))
+        if skipped:
+            arrays.blank_samples(self.path, self.layout, skipped)
+            self._forget()
         problems = self.verify(require_complete=False, values=False, decode=False)
         if problems:
             raise StoreCorruptError(

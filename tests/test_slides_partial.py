@@ -1,0 +1,86 @@
+"""A slide that fails part-way (one tile unreadable, after other tiles of it were
+encoded) is skipped as a whole with `--skip-bad`: every item of it is NaN, `skipped`
+names it with the reason, and the probe runs on the other slides and says so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import xarray as xr
+from conftest import write_manifest
+
+from featstore.data import readers
+from featstore.data.manifest import load_manifest
+from featstore.data.synthetic_slides import slide_image, write_slide
+from featstore.extraction.run import Options
+from featstore.probing.options import ProbeOptions
+from featstore.store import sets
+from pipelines import extract
+from pipelines import probe as stage
+
+pytest.importorskip("tiffslide")
+
+ENTRY = """\
+  - name: slides
+    format: wsi
+    path: {path}
+    index: index.csv
+    task: classification
+    dims: 2
+    tiling: {{tile_mpp: 1.0, tile_size: 64}}
+"""
+SPLITS = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
+BAD = 2  # slide002, in train
+
+
+def _corrupt_tile(path, xy0) -> None:
+    """Zero the bytes of the level-1 TIFF tile (256 px) that holds level-0 point `xy0`:
+    the header, the tissue level (2) and the other tiles still read."""
+    with tifffile.TiffFile(path) as tf:
+        page = tf.series[0].levels[1].keyframe
+        across = -(-page.imagewidth // page.tilewidth)
+        k = (int(xy0[1]) // 2 // page.tilelength) * across + int(xy0[0]) // 2 // page.tilewidth
+        offset, size = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(size))
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    work = tmp_path_factory.mktemp("partial")
+    data = work / "data"
+    data.mkdir()
+    rows = []
+    for i, split in enumerate(SPLITS):
+        write_slide(data / f"slide{i:03d}.tif", slide_image(np.random.default_rng(i), 1024, i % 2))
+        rows.append(f"slide{i:03d}.tif,{i % 2},{split},p{i:03d}")
+    (data / "index.csv").write_text("image,label,split,patient\n" + "\n".join(rows) + "\n")
+    ds = load_manifest(
+        write_manifest(work, ENTRY.format(path=data), "[]", extra="batch_size: 2\nunit_items: 4\n")
+    ).datasets[0]
+    bad = readers.prepare(ds).samples[BAD]
+    assert bad.tiles is not None and bad.n_items >= 4
+    _corrupt_tile(data / bad.image, bad.tiles.xy[-1])  # its last tile: earlier ones read
+    readers.load(ds, bad, items=range(2))  # its first batch still decodes
+    return work / "manifest.yaml", bad
+
+
+def test_a_slide_failing_part_way_is_skipped_whole(partial, tmp_path):
+    mpath, bad = partial
+    manifest = load_manifest(mpath)
+    (summary,) = extract.run(manifest, Options(progress=False, skip_bad=True), echo=print)
+    assert summary.skipped == 1
+    xs = xr.open_zarr(summary.path)
+    reason = xs.attrs["skipped"][bad.id]
+    assert bad.image in reason and "cannot decode the tile" in reason
+    sample = np.array(xs.sample.values.tolist(), str)
+    finite = np.isfinite(xs.cls.values.astype(np.float32)).all(1)
+    np.testing.assert_array_equal(finite, sample != bad.id)  # all its tiles, and only them
+    assert sets.FeatureSet(summary.path).verify() == []
+    lines: list[str] = []
+    df = stage.run(manifest, tmp_path, ProbeOptions(), echo=lines.append)
+    assert set(df.n_train) == {len(SPLITS[:6]) - 1}  # per slide, the bad one left out
+    note = next(line for line in lines if line.startswith("note:") and bad.id in line)
+    assert "left out" in note and "cannot decode the tile" in note
