@@ -69,11 +69,7 @@ def main() -> None:
     chosen = [s for s in prep.samples if s.split == args.split] or prep.samples
     for s in chosen[: args.slides]:
         assert s.tiles is not None
-        thumb, mask, per_px = wsi.overview(
-            Path(s.image),
-            ds.tiling,
-            "" if s.tiles.mpp_source.startswith("file") else str(s.tiles.mpp),
-        )
+        thumb, mask, per_px = wsi.overview(Path(s.image), ds.tiling, s.tiles.mpp)
         foot = ds.tiling.tile_size * ds.tiling.tile_mpp / s.tiles.mpp
         title = (
             f"{s.id} (label {s.label[0]}, {s.split}; {s.tiles.mpp:g} um/px, {s.tiles.mpp_source})"

@@ -2,7 +2,8 @@
 
 Probes every cell of the manifest (`featstore.probing.evaluation`), upserts the rows into
 OUT/results.csv and OUT/results.jsonl, writes the resolved configuration to
-OUT/run-config.json and segmentation examples to OUT/examples/<set>.npz, and prints
+OUT/run-config.json, segmentation examples to OUT/examples/<set>.npz and (`--pool
+abmil`) the attention over the test slides' tiles to OUT/attention/<set>.npz, and prints
 the main metric of each cell. Never loads an encoder; torch is imported only by the
 trainable heads (`featstore.probing.heads`: the segmentation decoder, `--pool abmil`,
 `protocol: seed`).
@@ -85,6 +86,18 @@ def _save_examples(out: Path, result: SetResult) -> None:
     np.savez_compressed(folder / f"{result.key}.npz", item=ex.item, pred=ex.pred, truth=ex.truth)
 
 
+def _save_attention(out: Path, result: SetResult) -> None:
+    """OUT/attention/<set>.npz: `item` (n,) int64, the set's item numbers of every test
+    slide's (volume's) tiles, and `weight` (n,) float32, ABMIL's attention on them
+    (summing to 1 per slide); written by `--pool abmil`, drawn by the report."""
+    if result.attention is None:
+        return
+    folder = out / "attention"
+    folder.mkdir(parents=True, exist_ok=True)
+    att = result.attention
+    np.savez_compressed(folder / f"{result.key}.npz", item=att.item, weight=att.weight)
+
+
 def run(
     manifest: Manifest,
     out: Path,
@@ -100,6 +113,7 @@ def run(
 
     def done(where: str, result: SetResult) -> None:
         _save_examples(out, result)
+        _save_attention(out, result)
         echo(f"probed {where}: {len(result.rows)} scores")
 
     found = probe_manifest(

@@ -16,24 +16,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.rows import ordinary, typed
-from featstore.report import curves, references
+from featstore.report import curves, references, slides
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key
 from featstore.store.schema import EXAMPLE_ITEM, THUMBNAIL
-from featstore.store.sets import open_set
+from featstore.store.sets import open_set, plain
 
 
-def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task: str) -> str | None:
-    """Example figure for the best non-baseline cell of `ds`; returns its file name.
-
-    The images are the set's own thumbnails (recorded at extraction): the raw data is
-    not read, so a report can be made where only the cache is.
-    """
+def _best_set(
+    ds: Dataset, df: pd.DataFrame, cache: Path | str
+) -> tuple[pd.Series, xr.Dataset] | None:
+    """The best non-baseline cell of `ds` (main probe, main metric) and its open set;
+    None when there is none."""
+    task = ds.task
     main = df[
         (df.dataset == ds.name)
         & (df.metric == MAIN_METRIC[task])
@@ -44,14 +45,25 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task:
         return None
     best = main.iloc[main.value.argmax()]
     path = find_by_key(cache, best.feature_set)
-    if path is None:
+    return None if path is None else (best, open_set(path))
+
+
+def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task: str) -> str | None:
+    """Example figure for the best non-baseline cell of `ds`; returns its file name.
+
+    The images are the set's own thumbnails (recorded at extraction): the raw data is
+    not read, so a report can be made where only the cache is.
+    """
+    found = _best_set(ds, df, cache)
+    if found is None:
         return None
-    xs = open_set(path)
+    best, xs = found
     if THUMBNAIL not in xs:
         return None  # no test items
     items = np.asarray(xs[EXAMPLE_ITEM].values)
-    thumbs = np.asarray(xs[THUMBNAIL].values)[items >= 0]
-    items = items[items >= 0]  # -1: a sample extraction skipped
+    sample, skipped = plain(np.asarray(xs["sample"].values)), list(xs.attrs.get("skipped", {}))
+    read = (items >= 0) & ~np.isin(sample[np.maximum(items, 0)], skipped)  # -1: not read
+    thumbs, items = np.asarray(xs[THUMBNAIL].values)[read], items[read]  # nor if skipped
     pred = truth = None
     npz = out / "examples" / f"{best.feature_set}.npz"
     if task == "segmentation" and npz.is_file():
@@ -69,6 +81,25 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task:
     images = [t.astype(np.float32) / 255 for t in thumbs]
     rpt.plot_examples(images, pca, pred, truth, title, out / "plots" / name)
     return name
+
+
+def _slides(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path) -> list[str]:
+    """The slide figures of a slide dataset's best cell (`report.slides.set_slides`),
+    with ABMIL's attention where `--pool abmil` saved it; their file names."""
+    found = _best_set(ds, df, cache) if ds.tiling is not None else None
+    if found is None:
+        return []
+    best, xs = found
+    npz = out / "attention" / f"{best.feature_set}.npz"
+    attention: dict[int, float] = {}
+    if npz.is_file():
+        with np.load(npz) as saved:
+            attention = dict(zip(saved["item"].tolist(), saved["weight"].tolist(), strict=True))
+    names = []
+    for slide, fig in slides.set_slides(xs, attention):
+        names.append(f"slide_{ds.name}_{slide}.png")
+        rpt.save_figure(fig, out / "plots" / names[-1])
+    return names
 
 
 def _published_note(df: pd.DataFrame) -> str:
@@ -107,6 +138,14 @@ def _dataset_section(
     if figure:
         md += [f"![{ds.name} examples](plots/{figure})", ""]
         body.append(f'<img src="plots/{figure}" alt="{ds.name} examples">')
+    shown = _slides(ds, df, cache, out)
+    if shown:
+        text = (
+            "Test slides as extraction recorded them: thumbnail, tissue mask (green) and "
+            "tiles (blue), and ABMIL's attention (`--pool abmil`) over the thumbnail."
+        )
+        md += [text, "", *(f"![{name}](plots/{name})" for name in shown), ""]
+        body += [f"<p>{text}</p>", *(f'<img src="plots/{n}" alt="{n}">' for n in shown)]
     return md, body
 
 

@@ -229,7 +229,7 @@ def test_slide_figure_draws_the_grid_and_the_attention(tmp_path):
     ds = _dataset(tmp_path, ["a.tif,1,train,"])
     (s,) = readers.list_samples(ds)
     assert ds.tiling is not None and s.tiles is not None
-    thumb, mask, per_px = wsi.overview(path, ds.tiling)
+    thumb, mask, per_px = wsi.overview(path, ds.tiling, s.tiles.mpp)
     assert mask.shape == thumb.shape[:2] and mask.any() and per_px == 16.0
     foot = ds.tiling.tile_size * ds.tiling.tile_mpp / s.tiles.mpp
     attention = np.linspace(0.1, 1.0, s.n_items)

@@ -3,6 +3,8 @@ slide-level probes (mean and ABMIL pooling by patient split) work as for volumes
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -13,7 +15,7 @@ from featstore.data.manifest import load_manifest
 from featstore.extraction.run import Options
 from featstore.probing.options import ProbeOptions
 from featstore.store import sets
-from pipelines import extract
+from pipelines import extract, report
 from pipelines import probe as stage
 
 pytest.importorskip("tiffslide")
@@ -59,7 +61,7 @@ def test_tiles_are_items_with_their_coordinates(extracted):
         s.id: s.n_items for s in prep.samples
     }
     tiling = xs.attrs["identity"]["recipe"]["tiling"]
-    assert tiling["tile_mpp"] == 1.0 and tiling["tile_size"] == 64 and tiling["plan"] == 1
+    assert tiling["tile_mpp"] == 1.0 and tiling["tile_size"] == 64 and tiling["plan"] == 2
 
 
 def test_the_tiling_plan_is_part_of_the_identity(extracted, tmp_path, tiny_dinov3):
@@ -108,3 +110,77 @@ def test_slide_level_probes_by_patient(extracted, tmp_path, pool):
         assert "abmil" in set(df.probe)
     enc = df[~df.encoder.str.startswith("pixels") & (df.metric == "auroc") & (df.probe == "linear")]
     assert len(enc) == 1 and enc.value.iloc[0] > 0.5
+
+
+def _chunks(path):
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and "/c/" in f.as_posix()
+    }
+
+
+def test_slides_on_a_local_cluster_equal_a_plain_run(extracted, tmp_path, tiny_dinov3):
+    pytest.importorskip("distributed")
+    from featstore.extraction.cluster import client_for, extract_on_cluster
+
+    mpath, (enc, _) = extracted
+    (tmp_path / "data").symlink_to(mpath.parent / "data")
+    clustered = write_manifest(tmp_path, SLIDES, f"['{tiny_dinov3}']", "[32]", EXTRA)
+    opts = Options(threads=1, progress=False)
+    with client_for("local:2", None, threads=1) as client:
+        (got,) = extract_on_cluster(
+            load_manifest(clustered), client, opts, baseline=False, echo=lambda *_: None
+        )
+    assert got.status == "new" and got.path.name == enc.path.name and got.items == enc.items
+    assert sets.FeatureSet(got.path).verify() == []
+    assert _chunks(got.path) == _chunks(enc.path)  # every array, coordinates and overviews too
+
+
+def _abmil_by_hand(path):
+    """ABMIL's attention over the test slides' tiles, fitted here from the set's CLS
+    tokens as `--pool abmil` fits it (heads.fit_abmil, seed 0): (items, weights)."""
+    from featstore.probing import heads
+
+    xs = xr.open_zarr(path).load()
+    sample = np.array(xs.sample.values.tolist(), str)
+    split = np.array(xs.split.values.tolist(), str)
+    ids = list(dict.fromkeys(sample))
+    rows = [np.flatnonzero(sample == i) for i in ids]
+    cls = np.asarray(xs.cls.values, np.float64)
+    first = np.array([r[0] for r in rows])
+    labels, splits = np.asarray(xs.label.values)[first], split[first]
+    mil = heads.fit_abmil(
+        [cls[r] for r in rows], labels, splits == "train", splits == "test", 2, seed=0
+    )
+    test = np.flatnonzero(splits == "test")
+    return np.concatenate([rows[v] for v in test]), np.concatenate([mil.weights[v] for v in test])
+
+
+def test_report_draws_the_slide_figures_from_the_set_alone(extracted, tmp_path):
+    mpath, (enc, _) = extracted
+    out = tmp_path / "results"
+    shutil.move(mpath.parent / "data", mpath.parent / "moved-away")
+    try:
+        stage.run(load_manifest(mpath), out, ProbeOptions(pool="abmil"), echo=lambda _: None)
+        report.run(out, echo=lambda _: None)
+        assert not (mpath.parent / "data").exists()  # nothing read, nor generated again
+    finally:
+        shutil.move(mpath.parent / "moved-away", mpath.parent / "data")
+    xs = xr.open_zarr(enc.path)
+    key = xs.attrs["cache_key"][:12]
+    with np.load(out / "attention" / f"{key}.npz") as saved:
+        items, weights = _abmil_by_hand(enc.path)
+        np.testing.assert_array_equal(saved["item"], items)
+        np.testing.assert_allclose(saved["weight"], weights, rtol=1e-5, atol=1e-7)
+    sample = np.array(xs.sample.values.tolist(), str)
+    shown = [sample[i] for i in xs.example_item.values]
+    assert len(shown) == 3 and set(shown) <= set(sample[items])  # test slides
+    text = (out / "report.md").read_text()
+    figures = [out / "plots" / f"slide_slides_{s}.png" for s in shown]
+    assert all(f"](plots/{f.name})" in text and f.is_file() for f in figures)
+    with_attention = {f: f.read_bytes() for f in figures}
+    (out / "attention" / f"{key}.npz").unlink()  # a mean-pool probe: no attention panel
+    report.run(out, echo=lambda _: None)
+    for f in figures:
+        assert f.read_bytes() != with_attention[f]

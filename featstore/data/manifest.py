@@ -39,6 +39,7 @@ RESERVED |= {"layer", "patch_layer", "row", "col", "class", "y", "x"}
 # what extraction records from the raw data (featstore.store.schema.NATIVE, EXAMPLES)
 RESERVED |= {"native_rows", "native_cols", "native_slice_mm", "native_row_mm", "native_col_mm"}
 RESERVED |= {"example", "example_item", "thumbnail", "thumb_y", "thumb_x"}
+RESERVED |= {"overview", "overview_tissue", "overview_scale", "overview_y", "overview_x", "rgb"}
 
 
 _COORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")

@@ -16,7 +16,9 @@ from scipy import ndimage
 
 from featstore.data.manifest import Tiling
 
-PLAN_VERSION = 1  # bump when tissue detection or the grid change the tiles of a slide
+# Bump when tissue detection or the grid change the tiles of a slide, or a set of
+# slides records more of them (2: the examples' overviews and tissue masks).
+PLAN_VERSION = 2
 MIN_SATURATION = 20  # of 255: glass and white background stay below it
 MIN_AREA_UM2 = 10_000.0  # specks (dust) and holes smaller than 0.1 x 0.1 mm
 MEDIAN = 5  # median blur, in thumbnail pixels

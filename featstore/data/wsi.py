@@ -189,14 +189,7 @@ def plan(path: Path, slide_id: str, tiling: Tiling, column: str) -> Tiles | str:
         1, round(tiling.tile_size * tiling.tile_mpp / (mpp0 * slide.level_downsamples[level]))
     )
     foot = max(1, round(tiling.tile_size * tiling.tile_mpp / mpp0))
-    try:
-        thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
-    except READ_ERRORS as exc:
-        raise BadInputError(
-            f"{path}: cannot decode its low-resolution level ({type(exc).__name__}: {exc}); "
-            "the file is truncated or corrupt: replace it or remove its row"
-        ) from None
-    mask = tissue_mask(thumb, mpp0 * per_px)
+    _, mask, _ = overview(path, tiling, mpp0)
     if not mask.any():
         return "no tissue found (saturation below the Otsu/minimum threshold everywhere)"
     w0, h0 = slide.dimensions
@@ -210,13 +203,19 @@ def plan(path: Path, slide_id: str, tiling: Tiling, column: str) -> Tiles | str:
     return Tiles(xy=xy, mpp=mpp0, mpp_source=source, level=level, read=read)
 
 
-def overview(path: Path, tiling: Tiling, column: str = "") -> tuple[np.ndarray, np.ndarray, float]:
+def overview(path: Path, tiling: Tiling, mpp0: float) -> tuple[np.ndarray, np.ndarray, float]:
     """What a pathologist checks first: the slide's thumbnail at `tiling.tissue_mpp`
     ((h, w, 3) uint8), its tissue mask ((h, w) bool) and level-0 pixels per
-    thumbnail pixel, exactly as `plan` computed them."""
+    thumbnail pixel, exactly as `plan` computed them (`mpp0`: the slide's level-0
+    um/px, `Tiles.mpp`). `BadInputError` naming the slide when it cannot be read."""
     slide = open_slide(path)
-    mpp0, _ = pixel_size(path, slide, column)
-    thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
+    try:
+        thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
+    except READ_ERRORS as exc:
+        raise BadInputError(
+            f"{path}: cannot decode its low-resolution level ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt: replace it or remove its row"
+        ) from None
     return thumb, tissue_mask(thumb, mpp0 * per_px), per_px
 
 

@@ -9,7 +9,9 @@ is written into the set when it is allocated (or its coordinates repaired):
 - a few example thumbnails: for each of the first `N_EXAMPLES` test samples, the
   slice the report shows (segmentation: the one with most foreground in the stored
   mask; otherwise the middle slice), as the encoder saw it (channel 0, in [0, 1]) in
-  uint8, at the input resolution or shrunk to `THUMB_MAX`.
+  uint8, at the input resolution or shrunk to `THUMB_MAX`;
+- for slides, also each example slide's overview at about `tiling.tissue_mpp` with its
+  tissue mask, for the report's slide figure (`schema.OVERVIEWS`).
 
 Costs: one header read per sample and the decoding of `N_EXAMPLES` samples, once per
 set; a cached set reads nothing.
@@ -18,14 +20,16 @@ set; a cached set reads nothing.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from featstore.data import native, readers
+from featstore.data import native, readers, wsi
 from featstore.data.readers import Prepared
 from featstore.encode.preprocess import Preprocess, preprocess
 from featstore.errors import BadInputError
+from featstore.store import schema
 from featstore.store.schema import N_EXAMPLES, NATIVE, THUMB_MAX, Items
 
 
@@ -75,6 +79,42 @@ def examples(prep: Prepared, pre: Preprocess, skip_bad: bool) -> tuple[np.ndarra
     return items, thumbs
 
 
+def overview(prep: Prepared, i: int, side: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Slide `i` of `prep.samples` shrunk by a whole factor to fit side x side:
+    ((side, side, 3) uint8 padded white, (side, side) uint8 `schema.TISSUE_CODES`, the
+    level-0 pixels per pixel). The tissue mask is the one its tiles were planned on."""
+    sample, tiling = prep.samples[i], prep.ds.tiling
+    assert tiling is not None and sample.tiles is not None
+    thumb, mask, per_px = wsi.overview(Path(sample.image), tiling, sample.tiles.mpp)
+    f = -(-max(mask.shape) // side)
+    h, w = mask.shape[0] // f, mask.shape[1] // f
+    rgb = np.full((side, side, 3), 255, np.uint8)
+    rgb[:h, :w] = np.rint(thumb[: h * f, : w * f].reshape(h, f, w, f, 3).mean((1, 3)))
+    codes = np.full((side, side), schema.TISSUE_CODES["outside"], np.uint8)
+    tissue = mask[: h * f, : w * f].reshape(h, f, w, f).mean((1, 3)) >= 0.5
+    codes[:h, :w] = np.where(tissue, schema.TISSUE_CODES["tissue"], 0)
+    return rgb, codes, per_px * f
+
+
+def overviews(prep: Prepared, skip_bad: bool) -> dict[str, np.ndarray]:
+    """`schema.OVERVIEWS` by name for the example slides ({} unless slides); a slide that
+    cannot be read is refused, or with `skip_bad` left blank with a NaN scale."""
+    chosen = example_samples(prep)
+    if not chosen or prep.ds.tiling is None:
+        return {}
+    side = schema.OVERVIEW_MAX
+    rgb = np.full((len(chosen), side, side, 3), 255, np.uint8)
+    codes = np.full((len(chosen), side, side), schema.TISSUE_CODES["outside"], np.uint8)
+    scale = np.full(len(chosen), np.nan)
+    for j, i in enumerate(chosen):
+        try:
+            rgb[j], codes[j], scale[j] = overview(prep, i, side)
+        except BadInputError:
+            if not skip_bad:
+                raise
+    return dict(zip(schema.OVERVIEWS, (rgb, codes, scale), strict=True))
+
+
 def with_raw_facts(items: Items, prep: Prepared, pre: Preprocess, skip_bad: bool) -> Items:
     """`items` with the native geometry of every item and the example thumbnails."""
     table = native.native_table(prep.ds, prep.samples)
@@ -90,4 +130,5 @@ def with_raw_facts(items: Items, prep: Prepared, pre: Preprocess, skip_bad: bool
         native=dict(zip(NATIVE, columns, strict=True)),
         example_item=example_item.tolist(),
         thumbnails=thumbnails,
+        overviews=overviews(prep, skip_bad),
     )

@@ -29,6 +29,25 @@ Runs = dict[str, tuple[str, probes.Prediction]]  # probe -> (param name, predict
 
 
 @dataclass(frozen=True)
+class MILPrediction(probes.Prediction):
+    """ABMIL's test scores, and the attention it gives each volume's slices or tiles."""
+
+    weights: tuple[np.ndarray, ...] = ()  # per volume: (slices,) float64, summing to 1
+
+
+@dataclass(frozen=True)
+class Attention:
+    """ABMIL's attention over the test volumes' items (the slide figure's heatmap).
+
+    item: (n,) int64 rows of the opened set (`evaluation` maps them to the set's item
+    numbers); weight: (n,) float32, summing to 1 within each volume.
+    """
+
+    item: np.ndarray
+    weight: np.ndarray
+
+
+@dataclass(frozen=True)
 class ClassArrays:
     """One set's classification inputs, one row per image (2D) or volume (3D).
 
@@ -44,6 +63,7 @@ class ClassArrays:
     group: np.ndarray
     n_classes: int
     bags: list[np.ndarray] | None = None  # ABMIL: per volume (slices, D) float64
+    bag_items: list[np.ndarray] | None = None  # ABMIL: per volume, its items' rows in the set
 
     def part(self, name: str, train: np.ndarray | None = None) -> np.ndarray:
         """Row indices of split `name` ("train": the rows `train` when given)."""
@@ -60,7 +80,7 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
     n_classes = label.shape[1] if label.ndim == 2 else int(label.max()) + 1
     if not np.isfinite(cls).all():  # pooled or attention-weighted, they stay finite
         raise ProbeError("features contain NaN/Inf; run `featstore verify` on the set")
-    bags = None
+    bags = vols = None
     if ds.bags:  # slices of a volume, tiles of a slide: pooled per sample
         vols = volume_items(sample, np.asarray(xs.slice.values))
         first = np.array([v[0] for v in vols])
@@ -77,7 +97,7 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
             cls = probes.pool_volumes(cls, vols, opts.pool, patch_mean)
     if not (split == "test").any():
         raise ProbeError("the test split is empty")
-    return ClassArrays(cls, label, split, group, n_classes, bags)
+    return ClassArrays(cls, label, split, group, n_classes, bags, vols if bags else None)
 
 
 def _linear(a: ClassArrays, x: np.ndarray, tr: np.ndarray, opts: ProbeOptions) -> probes.Prediction:
@@ -129,11 +149,25 @@ def predict(
         fit_on[tr] = True
         mil = heads.fit_abmil(a.bags, a.y, fit_on, a.split == "test", a.n_classes, opts.seed)
         x = np.stack([w @ b for w, b in zip(mil.weights, a.bags, strict=True)])
-        runs["abmil"] = ("lr", probes.Prediction(mil.proba, mil.lr, mil.seconds))
+        found = MILPrediction(mil.proba, mil.lr, mil.seconds, tuple(mil.weights))
+        runs["abmil"] = ("lr", found)
         knn = None
     knn_pred = knn(tr) if knn is not None else _knn(a, x, tr, opts)
     linear = ("lr" if opts.protocol == "seed" else "C", _linear(a, x, tr, opts))
     return {"linear": linear, "knn": ("k", knn_pred), **runs}
+
+
+def test_attention(a: ClassArrays, runs: Runs) -> Attention | None:
+    """ABMIL's attention over the items of every test volume (None without ABMIL)."""
+    mil = runs.get("abmil", ("", None))[1]
+    if not isinstance(mil, MILPrediction) or a.bag_items is None:
+        return None
+    test = a.part("test")
+    item = [a.bag_items[v] for v in test]
+    weight = [mil.weights[v] for v in test]
+    return Attention(
+        np.concatenate(item).astype(np.int64), np.concatenate(weight, dtype=np.float32)
+    )
 
 
 def outcome(a: ClassArrays, runs: Runs, seed: int, train: np.ndarray | None = None) -> Outcome:

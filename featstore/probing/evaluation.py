@@ -50,6 +50,7 @@ class SetResult:
     examples: Examples | None = None
     skipped: tuple[str, ...] = ()  # label-efficiency points not drawn, with the reason
     left_out: tuple[str, ...] = ()  # samples extraction skipped: "id: reason"
+    attention: classification.Attention | None = None  # --pool abmil: test items' weights
 
 
 def probe_set(path: Place, ds: Dataset, opts: ProbeOptions = ProbeOptions()) -> SetResult:
@@ -123,7 +124,7 @@ def _probe_open_set(
 ) -> SetResult:
     xs, kept = usable_items(path, xs)
     where = set_columns(xs, ds, opts)
-    examples = None
+    examples = attention = None
     curve = Curve()
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
@@ -134,12 +135,18 @@ def _probe_open_set(
             curve = seg_curve(seg, opts, opts.curve, where, found)
     else:
         arrays = classification.class_arrays(xs, ds, opts)
-        found = classification.outcome(arrays, classification.predict(arrays, opts), opts.seed)
+        runs = classification.predict(arrays, opts)
+        found = classification.outcome(arrays, runs, opts.seed)
+        attention = classification.test_attention(arrays, runs)
+        if attention is not None:  # the set's item numbers
+            attention = replace(attention, item=kept[attention.item])
         if opts.curve is not None:
             curve = class_curve(arrays, opts, opts.curve, where, found)
     rows = [row for f in found.fitted for row in result_rows(where, f)] + curve.rows
     left_out = tuple(f"{k}: {v}" for k, v in sorted(xs.attrs.get("skipped", {}).items()))
-    return SetResult(path, where.feature_set, rows, examples, tuple(curve.skipped), left_out)
+    return SetResult(
+        path, where.feature_set, rows, examples, tuple(curve.skipped), left_out, attention
+    )
 
 
 def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarray:

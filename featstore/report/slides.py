@@ -1,12 +1,23 @@
 """The slide figure: thumbnail with tissue outline and tile grid, and the ABMIL
-attention over it (matplotlib; arrays in, a figure out; no file is read here)."""
+attention over it (matplotlib; arrays in, a figure out; no file is read here).
+
+`set_slides` draws it for the example slides of an open feature set, from what the set
+recorded at extraction (`schema.OVERVIEWS`, the tiles' level-0 coordinates, the
+tiling plan): the raw slides are never read.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import xarray as xr
 from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from featstore.store import schema
+from featstore.store.sets import plain
 
 
 def slide_figure(
@@ -50,3 +61,42 @@ def slide_figure(
         a.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def _strings(var: xr.DataArray) -> np.ndarray:
+    return plain(np.asarray(var.values))
+
+
+def set_slides(xs: xr.Dataset, attention: Mapping[int, float]) -> list[tuple[str, Figure]]:
+    """(slide id, figure) of each example slide of the set `xs` that was read.
+
+    attention: ABMIL's weight of each item (the set's item numbers) of the test slides,
+    as `featstore probe --pool abmil` saved it; a slide whose tiles are not all in it
+    is drawn without the attention panel.
+    """
+    if schema.OVERVIEW not in xs:
+        return []
+    tiling = xs.attrs["identity"]["recipe"]["tiling"]
+    sample, skipped = _strings(xs["sample"]), set(xs.attrs.get("skipped", {}))
+    label = np.asarray(xs["label"].values) if "label" in xs else None
+    out = []
+    for e, item in enumerate(np.asarray(xs[schema.EXAMPLE_ITEM].values)):
+        per_px = float(xs[schema.OVERVIEW_SCALE].values[e])
+        if item < 0 or not np.isfinite(per_px) or sample[item] in skipped:
+            continue  # not read at extraction, or skipped then
+        codes = np.asarray(xs[schema.OVERVIEW_TISSUE][e].values)
+        inside = codes != schema.TISSUE_CODES["outside"]
+        h, w = int(inside.any(1).sum()), int(inside.any(0).sum())
+        thumb = np.asarray(xs[schema.OVERVIEW][e].values)[:h, :w]
+        mask = codes[:h, :w] == schema.TISSUE_CODES["tissue"]
+        rows = np.flatnonzero(sample == sample[item])
+        xy = np.stack([xs["tile_x"].values[rows], xs["tile_y"].values[rows]], 1)
+        mpp0 = float(xs["slide_mpp"].values[item])
+        foot = max(1, round(tiling["tile_size"] * tiling["tile_mpp"] / mpp0))
+        weights = [attention.get(int(r)) for r in rows]
+        heat = None if None in weights else np.array(weights, np.float64)
+        shown = "" if label is None else f"label {label[item]}, "
+        source = _strings(xs["mpp_source"])[item]
+        title = f"{sample[item]} ({shown}{mpp0:g} um/px, {source})"
+        out.append((str(sample[item]), slide_figure(thumb, mask, xy, foot, per_px, title, heat)))
+    return out

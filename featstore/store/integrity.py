@@ -19,9 +19,9 @@ import zarr
 
 from featstore.errors import ChunkChecksumError, StoreMismatchError
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
-from featstore.store import arrays
+from featstore.store import arrays, schema
 from featstore.store.location import ROOT_META, Place
-from featstore.store.schema import EXAMPLES, FLOAT_DATA, MARKS, MARKS_GROUP, UNIT_ARRAYS, Layout
+from featstore.store.schema import FLOAT_DATA, MARKS, MARKS_GROUP, UNIT_ARRAYS, Layout
 from featstore.store.schema import layout_for as derive_layout
 
 READ_WHOLE = ("cls", "sample")  # by `skipped_problems`
@@ -315,7 +315,7 @@ def scan_chunks(
             (1, layout.n_units) if name == MARKS else (layout.chunk_items, layout.n_items)
         )
         units = layout.n_units
-        if name in EXAMPLES:  # a few items' thumbnails: one chunk, "unit 0"
+        if name in schema.ON_EXAMPLE:  # a few samples' thumbnails: one chunk, "unit 0"
             step = expected = layout.examples
             units = 1
         if arr.shape[0] != expected or arr.chunks[0] != step:

@@ -76,9 +76,19 @@ NATIVE = (*NATIVE_SIZE, *NATIVE_SPACING)
 EXAMPLE_DIM = "example"
 THUMBNAIL = "thumbnail"  # (example, thumb_y, thumb_x) uint8
 EXAMPLE_ITEM = "example_item"  # (example,) int64: the item shown; -1 unreadable sample
-EXAMPLES = (THUMBNAIL, EXAMPLE_ITEM)
 N_EXAMPLES = 3  # the first test samples, in item order
 THUMB_MAX = 224  # thumbnails of larger inputs are shrunk to this many pixels
+# Slides also keep, per example, the whole slide at about `tiling.tissue_mpp` (shrunk by
+# a whole factor to fit `OVERVIEW_MAX` px, padded) and its tissue mask, for the report's
+# slide figure; a tile's place on it is its level-0 `tile_x`, `tile_y` / `overview_scale`.
+OVERVIEW = "overview"  # (example, overview_y, overview_x, rgb) uint8, padded white
+OVERVIEW_TISSUE = "overview_tissue"  # (example, overview_y, overview_x) uint8: TISSUE_CODES
+OVERVIEW_SCALE = "overview_scale"  # (example,) float64: level-0 px per overview px; NaN unread
+OVERVIEWS = (OVERVIEW, OVERVIEW_TISSUE, OVERVIEW_SCALE)
+TISSUE_CODES = {"background": 0, "tissue": 1, "outside": 2}  # outside: padding beyond the slide
+OVERVIEW_MAX = 512
+EXAMPLES = (THUMBNAIL, EXAMPLE_ITEM)  # of every set with test samples
+ON_EXAMPLE = (*EXAMPLES, *OVERVIEWS)  # the arrays on `example`: one chunk each
 VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
 
 
@@ -100,6 +110,7 @@ class Layout:
     patch_layers: int = 1  # > 1: patch is (item, patch_layer, row, col, channel)
     examples: int = 0  # example thumbnails (0: none, e.g. no test split)
     thumb_size: int = 0  # their side, min(resolution, THUMB_MAX)
+    overview_size: int = 0  # slides: the side of the examples' overviews (0: none)
 
     @property
     def patch_dtype(self) -> str:
@@ -129,7 +140,8 @@ class Layout:
     def arrays(self) -> list[str]:
         """The arrays every set of this layout holds (metadata columns aside), by name."""
         out = [*self.unit_arrays(), *COORDS, *NATIVE]
-        out += list(EXAMPLES) if self.examples else []
+        if self.examples:
+            out += [*EXAMPLES, *(OVERVIEWS if self.overview_size else ())]
         out += ["label"] if self.n_classes >= 0 else []
         return sorted(out)
 
@@ -201,6 +213,7 @@ def layout_for(
         patch_layers=len(r.patch_layers),
         examples=examples,
         thumb_size=min(r.resolution, THUMB_MAX) if examples else 0,
+        overview_size=OVERVIEW_MAX if examples and r.tiling is not None else 0,
     )
 
 
@@ -211,7 +224,8 @@ class Items:
     labels: (n,) or (n, classes) int64, or None for segmentation; metadata: extra
     per-item coordinates (numeric when every value parses as one); native: the
     `NATIVE` facts per item (absent names are unknown: 0 size, NaN spacing);
-    example_item: (examples,) int64 and thumbnails: (examples, t, t) uint8; coords:
+    example_item: (examples,) int64 and thumbnails: (examples, t, t) uint8; overviews
+    (slides): `OVERVIEWS` by name, (examples, s, s, 3), (examples, s, s), (examples,); coords:
     per-item coordinates a format adds, as typed arrays (slides: level-0 `tile_x`,
     `tile_y`, `tile_mpp`, `slide_mpp` and `mpp_source`).
     """
@@ -224,6 +238,7 @@ class Items:
     native: dict[str, Sequence[float]] = field(default_factory=dict)
     example_item: Sequence[int] = ()
     thumbnails: np.ndarray | None = None
+    overviews: dict[str, np.ndarray] = field(default_factory=dict)
     coords: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -309,9 +324,8 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
         variables["label"] = (("item",) if labels.ndim == 1 else ("item", "class"), labels)
     examples = _examples(layout, arrays)  # taken out of `arrays`
     coords = {name: ("item", values) for name, values in arrays.items()}
-    if layout.examples:
-        variables[THUMBNAIL] = examples[THUMBNAIL]
-        coords[EXAMPLE_ITEM] = examples[EXAMPLE_ITEM]
+    for name, (dims, values) in examples.items() if layout.examples else ():
+        (coords if values.ndim == 1 else variables)[name] = (dims, values)
     ds = xr.Dataset(variables, coords=coords)
     # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u
     # (the few examples are one chunk).
@@ -321,7 +335,7 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
                 *(CODECS[layout.codec] if name in ITEM_DATA else (COORD_CODEC,)),
                 CHECKSUM,
             ],
-            "chunks": var.shape if name in EXAMPLES else (c, *var.shape[1:]),
+            "chunks": var.shape if name in ON_EXAMPLE else (c, *var.shape[1:]),
         }
         for name, var in ds.variables.items()
     }
@@ -332,19 +346,20 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
 
 
 def _examples(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The example arrays, popped from `arrays`, as (dims, values) on `example`."""
-    items = arrays.pop(EXAMPLE_ITEM)
-    thumbs = arrays.pop(THUMBNAIL, np.zeros((0, 0, 0), np.uint8))
-    t = layout.thumb_size
-    if len(items) != layout.examples or thumbs.shape != (layout.examples, t, t):
-        raise ValueError(
-            f"examples {items.shape} with thumbnails {thumbs.shape}; the layout has "
-            f"{layout.examples} of {t}x{t} pixels"
-        )
-    return {
-        THUMBNAIL: ((EXAMPLE_DIM, "thumb_y", "thumb_x"), thumbs),
-        EXAMPLE_ITEM: (EXAMPLE_DIM, items),
-    }
+    """The example arrays (popped from `arrays`) that the layout holds, as (dims, values)
+    on `example`; ValueError when their shapes disagree with it."""
+    n, t, side = layout.examples, layout.thumb_size, layout.overview_size
+    dims = {THUMBNAIL: ("thumb_y", "thumb_x"), OVERVIEW: ("overview_y", "overview_x", "rgb")}
+    dims |= {OVERVIEW_TISSUE: ("overview_y", "overview_x")}
+    shape = {THUMBNAIL: (n, t, t), OVERVIEW: (n, side, side, 3), OVERVIEW_TISSUE: (n, side, side)}
+    got = {name: arrays.pop(name) for name in ON_EXAMPLE if name in arrays}
+    out = {}
+    for name in [*EXAMPLES, *(OVERVIEWS if side else ())]:
+        value = got.get(name, np.zeros((0,) * len(shape.get(name, (n,)))))
+        if value.shape != shape.get(name, (n,)):
+            raise ValueError(f"{name} {value.shape}; the layout has {shape.get(name, (n,))}")
+        out[name] = ((EXAMPLE_DIM, *dims.get(name, ())), value)
+    return out
 
 
 def item_arrays(items: Items) -> dict[str, np.ndarray]:
@@ -370,4 +385,6 @@ def item_arrays(items: Items) -> dict[str, np.ndarray]:
     out[EXAMPLE_ITEM] = np.asarray(items.example_item, np.int64)
     if items.thumbnails is not None:
         out[THUMBNAIL] = np.asarray(items.thumbnails, np.uint8)
+    dtypes = {OVERVIEW: np.uint8, OVERVIEW_TISSUE: np.uint8, OVERVIEW_SCALE: np.float64}
+    out |= {name: np.asarray(v, dtypes[name]) for name, v in items.overviews.items()}
     return out
