@@ -184,3 +184,21 @@ def test_report_draws_the_slide_figures_from_the_set_alone(extracted, tmp_path):
     report.run(out, echo=lambda _: None)
     for f in figures:
         assert f.read_bytes() != with_attention[f]
+
+
+def test_recorded_overviews_are_checked_and_repaired(extracted, tmp_path, tiny_dinov3):
+    from featstore.store.schema import OVERVIEWS
+
+    mpath, (enc, _) = extracted
+    (tmp_path / "data").symlink_to(mpath.parent / "data")
+    again = write_manifest(tmp_path, SLIDES, f"['{tiny_dinov3}']", "[32]", EXTRA)
+    copy = tmp_path / "cache" / enc.path.name
+    shutil.copytree(enc.path, copy)
+    for name in OVERVIEWS:
+        chunk = next(p for p in sorted((copy / name / "c").rglob("*")) if p.is_file())
+        data = chunk.read_bytes()
+        chunk.write_bytes(data[:-9] + bytes([data[-9] ^ 0x10]) + data[-8:])
+    assert {p.array for p in sets.FeatureSet(copy).verify()} == set(OVERVIEWS)
+    (fixed,) = _run(again, repair=True)[:1]
+    assert fixed.status == "repaired" and sets.FeatureSet(copy).verify() == []
+    assert _chunks(copy) == _chunks(enc.path)
