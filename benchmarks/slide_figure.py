@@ -7,8 +7,10 @@ For each chosen slide: the thumbnail, the tissue mask and tile grid exactly as t
 tiling plan found them, and, when the set has train and test slides of two classes,
 the attention of an ABMIL head (`featstore.probing.heads.fit_abmil`, as `--pool abmil`
 fits it) trained on the train slides, over the thumbnail. The feature set must exist
-(`featstore extract`). A script, not a stage: `featstore report` draws from result
-rows and never reads images.
+(`featstore extract`). `featstore report` draws the same figure for the set's first
+three test slides from what the set recorded (never the slides) and the attention that
+`featstore probe --pool abmil` saved; this script reads the slides themselves, so it
+can draw any slide of any split.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     manifest = load_manifest(args.manifest)
     ds = manifest.dataset(args.dataset)
-    assert ds.tiling is not None, f"{ds.name} is not a slide dataset"
+    if ds.tiling is None:
+        raise SystemExit(f"{ds.name} is not a slide dataset (it has no `tiling:`)")
     prep = readers.prepare(ds)
     encoder = args.encoder or manifest.encoders[0]
     res = manifest.resolutions_for(ds)[0]

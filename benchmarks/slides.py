@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import tempfile
 import time
@@ -31,7 +32,11 @@ from featstore.data import readers
 from featstore.data.manifest import Dataset, Intensity
 from featstore.encode.preprocess import Preprocess, preprocess
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+# the real data root: $FEATSTORE_DATA (the Makefile's), else ../shared/data
+DATA = Path(
+    os.environ.get("FEATSTORE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+DEFAULT = DATA / "wsi" / "CMU-1-Small-Region.svs"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BATCH = 32
 
