@@ -20,11 +20,12 @@ import xarray as xr
 
 from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
+from featstore.identity import requested
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.rows import ordinary, typed
 from featstore.report import curves, references, slides
 from featstore.report import tables as rpt
-from featstore.store.catalog import find_by_key
+from featstore.store.catalog import find_by_key, find_cell
 from featstore.store.schema import EXAMPLE_ITEM, THUMBNAIL
 from featstore.store.sets import open_set, plain
 
@@ -83,14 +84,10 @@ def _examples(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path, task:
     return name
 
 
-def _slides(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path) -> list[str]:
-    """The slide figures of a slide dataset's best cell (`report.slides.set_slides`),
-    with ABMIL's attention where `--pool abmil` saved it; their file names."""
-    found = _best_set(ds, df, cache) if ds.tiling is not None else None
-    if found is None:
-        return []
-    best, xs = found
-    npz = out / "attention" / f"{best.feature_set}.npz"
+def _slides(ds: Dataset, xs: xr.Dataset, key: str, out: Path) -> tuple[list[str], list[str]]:
+    """The slide figures of a slide set (`report.slides.set_slides`), with ABMIL's
+    attention where `--pool abmil` saved it for set `key` (Markdown, HTML parts)."""
+    npz = out / "attention" / f"{key}.npz"
     attention: dict[int, float] = {}
     if npz.is_file():
         with np.load(npz) as saved:
@@ -99,7 +96,41 @@ def _slides(ds: Dataset, df: pd.DataFrame, cache: Path | str, out: Path) -> list
     for slide, fig in slides.set_slides(xs, attention):
         names.append(f"slide_{ds.name}_{slide}.png")
         rpt.save_figure(fig, out / "plots" / names[-1])
-    return names
+    if not names:
+        return [], []
+    text = (
+        "Example slides (test slides first) as extraction recorded them: thumbnail, tissue "
+        "mask (green) and tiles (blue), and ABMIL's attention over the test slides' tiles "
+        "(`featstore probe --pool abmil`)."
+    )
+    md = [text, "", *(f"![{name}](plots/{name})" for name in names), ""]
+    return md, [f"<p>{text}</p>", *(f'<img src="plots/{n}" alt="{n}">' for n in names)]
+
+
+def _slide_section(
+    ds: Dataset, df: pd.DataFrame, manifest: Manifest, out: Path
+) -> tuple[list[str], list[str]]:
+    """The slide figures of a slide dataset: from its best scored set, else from the
+    first set the manifest's request finds (a dataset the probe could not score, e.g.
+    too few slides to classify, has a heading of its own)."""
+    scored = ds.name in set(df.dataset)
+    found = _best_set(ds, df, manifest.cache) if scored else None
+    if found is not None:
+        return _slides(ds, found[1], found[0].feature_set, out)
+    for d, spec, res in manifest.cells():  # encoders first, then the baseline
+        if d.name != ds.name:
+            continue
+        request = requested(d, manifest, "", spec, res).request()
+        path = find_cell(manifest.cache, request, d.name, checked=False).path
+        if path is None:
+            continue
+        xs = open_set(path)
+        md, body = _slides(ds, xs, str(xs.attrs["cache_key"])[:12], out)
+        if scored or not md:
+            return md, body
+        head = f"{ds.name} (slides; no scores: see the probe's problem lines)"
+        return [f"## {head}", "", *md], [f"<h2>{head}</h2>", *body]
+    return [], []
 
 
 def _published_note(df: pd.DataFrame) -> str:
@@ -138,14 +169,6 @@ def _dataset_section(
     if figure:
         md += [f"![{ds.name} examples](plots/{figure})", ""]
         body.append(f'<img src="plots/{figure}" alt="{ds.name} examples">')
-    shown = _slides(ds, df, cache, out)
-    if shown:
-        text = (
-            "Test slides as extraction recorded them: thumbnail, tissue mask (green) and "
-            "tiles (blue), and ABMIL's attention (`--pool abmil`) over the thumbnail."
-        )
-        md += [text, "", *(f"![{name}](plots/{name})" for name in shown), ""]
-        body += [f"<p>{text}</p>", *(f'<img src="plots/{n}" alt="{n}">' for n in shown)]
     return md, body
 
 
@@ -194,6 +217,11 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
             f"{out}: no results.csv/run-config.json; run `featstore probe --out {out}` first"
         )
     every = typed(pd.read_csv(csv))
+    if every.empty:
+        raise ProbeError(
+            f"{csv} holds no scores (the probe could score no dataset: see its problem "
+            f"lines); fix those, then rerun `featstore probe --out {out}`"
+        )
     df = ordinary(every)  # label-efficiency points have their own plot and table
     manifest = Manifest.model_validate(json.loads(cfg.read_text())["manifest"])
     datasets = [d for d in manifest.datasets if d.name in set(df.dataset)]
@@ -225,8 +253,14 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     for task in ("classification", "multilabel", "segmentation"):
         for ds in (d for d in datasets if d.task == task):
             md_d, html_d = _dataset_section(ds, df, manifest.cache, out)
-            md += md_d
-            body += html_d
+            md_s, html_s = _slide_section(ds, df, manifest, out) if ds.tiling else ([], [])
+            md += md_d + md_s
+            body += html_d + html_s
+    for ds in manifest.datasets:
+        if ds.tiling is not None and ds.name not in tasks:
+            md_s, html_s = _slide_section(ds, df, manifest, out)
+            md += md_s
+            body += html_s
     md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     body += ["<h2>Scaling</h2>"] + [f'<img src="plots/{p}" alt="{p}">' for p in plots]
     if curves.any_curve(every):

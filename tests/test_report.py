@@ -130,3 +130,11 @@ def test_task_table_refuses_rows_that_differ_outside_the_key():
     extra = pd.concat([extra, extra.assign(site="b", value=0.1)], ignore_index=True)
     with pytest.raises(ProbeError, match=r"\['site'\]"):
         task_table(extra, "classification")
+
+
+def test_a_results_file_without_scores_is_an_error_naming_it(tmp_path):
+    header = "dataset,encoder,random_init,resolution,feature_set,probe,metric,value\n"
+    (tmp_path / "results.csv").write_text(header)
+    (tmp_path / "run-config.json").write_text(json.dumps({"manifest": {"datasets": []}}))
+    result = CliRunner().invoke(app, ["report", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "results.csv holds no scores" in result.output, result.output

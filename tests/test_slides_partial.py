@@ -84,3 +84,33 @@ def test_a_slide_failing_part_way_is_skipped_whole(partial, tmp_path):
     assert set(df.n_train) == {len(SPLITS[:6]) - 1}  # per slide, the bad one left out
     note = next(line for line in lines if line.startswith("note:") and bad.id in line)
     assert "left out" in note and "cannot decode the tile" in note
+
+
+def test_the_slides_of_a_dataset_without_scores_are_still_drawn(partial, tmp_path):
+    """Two slides (like the real Aperio pair) cannot be classified: the report still
+    shows both, the test slide first, from the set alone."""
+    from pipelines import report
+
+    mpath, _ = partial
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for i in (0, 1):
+        (pair / f"slide{i:03d}.tif").symlink_to(mpath.parent / "data" / f"slide{i:03d}.tif")
+    (pair / "index.csv").write_text(
+        "image,label,split,patient\nslide000.tif,0,train,a\nslide001.tif,1,test,b\n"
+    )
+    entries = ENTRY.format(path=mpath.parent / "data")
+    entries += ENTRY.format(path=pair).replace("name: slides", "name: pair")
+    manifest = load_manifest(write_manifest(tmp_path, entries, "[]", extra="batch_size: 4\n"))
+    extract.run(manifest, Options(progress=False, skip_bad=True), echo=lambda *_: None)
+    lines: list[str] = []
+    stage.run(manifest, tmp_path / "out", ProbeOptions(), echo=lines.append)
+    assert any(line.startswith("problem: pair") and "single class" in line for line in lines)
+    report.run(tmp_path / "out", echo=lambda _: None)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## pair (slides; no scores" in text
+    at = [text.index(f"](plots/slide_pair_slide{i:03d}.png)") for i in (1, 0)]
+    assert at[0] < at[1]  # the test slide first
+    assert all(
+        (tmp_path / "out" / "plots" / f"slide_pair_slide{i:03d}.png").is_file() for i in (0, 1)
+    )

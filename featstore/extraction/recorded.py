@@ -6,7 +6,8 @@ is written into the set when it is allocated (or its coordinates repaired):
 
 - per item, the native slice size and header spacing (`featstore.data.native`), from
   which `featstore.probing.geometry` scales HD95 to millimetres;
-- a few example thumbnails: for each of the first `N_EXAMPLES` test samples, the
+- a few example thumbnails: for each of the first `N_EXAMPLES` test samples (slides:
+  other slides too when there are fewer test slides), the
   slice the report shows (segmentation: the one with most foreground in the stored
   mask; otherwise the middle slice), as the encoder saw it (channel 0, in [0, 1]) in
   uint8, at the input resolution or shrunk to `THUMB_MAX`;
@@ -34,8 +35,12 @@ from featstore.store.schema import N_EXAMPLES, NATIVE, THUMB_MAX, Items
 
 
 def example_samples(prep: Prepared) -> list[int]:
-    """Indices (into `prep.samples`) of the samples whose thumbnails a set keeps."""
-    return [i for i, s in enumerate(prep.samples) if s.split == "test"][:N_EXAMPLES]
+    """Indices (into `prep.samples`) of the samples whose thumbnails a set keeps: the
+    first test samples; slides with fewer test slides add others (the slide figure)."""
+    order = sorted(range(len(prep.samples)), key=lambda i: prep.samples[i].split != "test")
+    if prep.ds.tiling is None:
+        order = [i for i in order if prep.samples[i].split == "test"]
+    return order[:N_EXAMPLES]
 
 
 def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray]:
