@@ -205,6 +205,26 @@ def _write(out: Path, md: list[str], body: list[str]) -> None:
     rpt.write_if_changed(out / "report.html", page.encode())
 
 
+def _sections(manifest: Manifest, df: pd.DataFrame, out: Path) -> tuple[list[str], list[str]]:
+    """Each scored dataset's section, by task, then the slide figures of slide datasets
+    that have no scores (Markdown, HTML parts)."""
+    md: list[str] = []
+    body: list[str] = []
+    scored = set(df.dataset)
+    for task in ("classification", "multilabel", "segmentation"):
+        for ds in (d for d in manifest.datasets if d.task == task and d.name in scored):
+            md_d, html_d = _dataset_section(ds, df, manifest.cache, out)
+            md_s, html_s = _slide_section(ds, df, manifest, out) if ds.tiling else ([], [])
+            md += md_d + md_s
+            body += html_d + html_s
+    for ds in manifest.datasets:
+        if ds.tiling is not None and ds.name not in scored:
+            md_s, html_s = _slide_section(ds, df, manifest, out)
+            md += md_s
+            body += html_s
+    return md, body
+
+
 def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     """Write OUT/report.md, OUT/report.html and OUT/plots/ from OUT's probe results.
 
@@ -250,17 +270,9 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         "",
     ]
     body = [f"<h1>featstore study report</h1><p>{warn.replace('**', '')}</p>"]
-    for task in ("classification", "multilabel", "segmentation"):
-        for ds in (d for d in datasets if d.task == task):
-            md_d, html_d = _dataset_section(ds, df, manifest.cache, out)
-            md_s, html_s = _slide_section(ds, df, manifest, out) if ds.tiling else ([], [])
-            md += md_d + md_s
-            body += html_d + html_s
-    for ds in manifest.datasets:
-        if ds.tiling is not None and ds.name not in tasks:
-            md_s, html_s = _slide_section(ds, df, manifest, out)
-            md += md_s
-            body += html_s
+    md_d, html_d = _sections(manifest, df, out)
+    md += md_d
+    body += html_d
     md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     body += ["<h2>Scaling</h2>"] + [f'<img src="plots/{p}" alt="{p}">' for p in plots]
     if curves.any_curve(every):
