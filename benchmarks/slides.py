@@ -28,7 +28,8 @@ import numpy as np
 import tifffile
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Intensity
+from featstore.data.manifest import Dataset
+from featstore.data.settings import Intensity
 from featstore.encode.preprocess import Preprocess, preprocess
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"

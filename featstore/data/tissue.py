@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 from scipy import ndimage
 
-from featstore.data.manifest import Tiling
+from featstore.data.settings import Tiling
 
 PLAN_VERSION = 1  # bump when tissue detection or the grid change the tiles of a slide
 MIN_SATURATION = 20  # of 255: glass and white background stay below it
