@@ -108,6 +108,16 @@ def test_studies_declare_grids_of_cells(tmp_path):
     assert {(d.name, e, r) for d, e, r in flags} == {("a", "x", 64), ("b", "x", 64)}
     with pytest.raises(ManifestError, match="no study named 'nope'"):
         m.select(study="nope")
+    # with --study, the flags narrow that study's grid (its encoders, its datasets stay)
+    narrowed = m.select(study="scaling", resolutions=[64]).cells(baseline=False)
+    assert {(d.name, e, r) for d, e, r in narrowed} == {
+        ("a", "dinov3-vits16", 64),
+        ("a", "dinov3-vitb16", 64),
+    }
+    swapped = m.select(study="seg", encoders=["x"]).cells(baseline=False)
+    assert {(d.name, e, r) for d, e, r in swapped} == {("b", "x", 448)}
+    with pytest.raises(ManifestError, match=r"study 'seg' covers \['b'\], not \['a'\]"):
+        m.select(study="seg", datasets=["a"])
     path.write_text(STUDIES.replace("datasets: [b]", "datasets: [c]"))
     with pytest.raises(ManifestError, match=r"study 'seg' names unknown datasets \['c'\]"):
         load_manifest(path)

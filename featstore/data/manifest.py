@@ -289,8 +289,10 @@ class Manifest(Frozen):
     ) -> Manifest:
         """A copy with CLI overrides applied (flags win over the manifest).
 
-        --encoder/--resolution define the grid themselves, replacing the studies;
-        --resolution also replaces every dataset's own `resolutions`.
+        Without `study`, --encoder/--resolution define the grid themselves, replacing
+        the studies. With `study`, they replace that study's encoders/resolutions and
+        keep the rest of it (its datasets). --resolution also replaces every dataset's
+        own `resolutions`.
         """
         update: dict[str, Any] = {}
         if study is not None:
@@ -300,8 +302,13 @@ class Manifest(Frozen):
                     f"no study named '{study}'; known: "
                     f"{', '.join(s.name for s in self.studies) or '(none)'}"
                 )
-            update["studies"] = tuple(chosen)
-        if encoders or resolutions:
+            narrowed: dict[str, Any] = {}
+            if encoders:
+                narrowed["encoders"] = tuple(encoders)
+            if resolutions:
+                narrowed["resolutions"] = tuple(resolutions)
+            update["studies"] = (chosen[0].model_copy(update=narrowed),)
+        elif encoders or resolutions:
             update["studies"] = ()
         try:
             check_resolutions(tuple(resolutions) or self.resolutions)
@@ -311,6 +318,16 @@ class Manifest(Frozen):
                 f"{MIN_RESOLUTION} to {MAX_RESOLUTION} (a multiple of the patch size), e.g. 224"
             ) from None
         chosen_ds = tuple(self.dataset(n) for n in datasets) if datasets else self.datasets
+        grid = update.get("studies", self.studies)
+        if (
+            study is not None
+            and grid[0].datasets
+            and not set(grid[0].datasets) & set(datasets or grid[0].datasets)
+        ):
+            raise ManifestError(
+                f"study '{study}' covers {list(grid[0].datasets)}, not {list(datasets)}; "
+                "pick one of those with --dataset, or leave --study out"
+            )
         if resolutions:
             chosen_ds = tuple(d.model_copy(update={"resolutions": None}) for d in chosen_ds)
         update["datasets"] = chosen_ds
