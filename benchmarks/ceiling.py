@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.data.manifest import Dataset, Manifest
+from featstore.data.settings import Synthetic
 from featstore.encode.encoders import Encoder, FeatureBatch
 from featstore.encode.pixels import Pixels
 from featstore.encode.protocol import Resolved

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.data.manifest import Dataset, Manifest
+from featstore.data.settings import Synthetic
 from featstore.encode.devprep import RawPixels, to_input
 from featstore.encode.encoders import load_encoder
 from featstore.encode.preprocess import Preprocess, preprocess

@@ -51,7 +51,8 @@ import psutil
 import torch
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.data.manifest import Dataset, Manifest
+from featstore.data.settings import Synthetic
 from featstore.encode.encoders import Encoder, load_encoder
 from featstore.encode.preprocess import preprocess
 from featstore.extraction.run import Options, extract_one

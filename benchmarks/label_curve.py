@@ -20,7 +20,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from featstore.data.manifest import LabelEfficiency
+from featstore.data.settings import LabelEfficiency
 from featstore.probing import classification, curves
 from featstore.probing.classification import ClassArrays
 from featstore.probing.options import ProbeOptions

@@ -29,7 +29,8 @@ import numpy as np
 import tifffile
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Intensity
+from featstore.data.manifest import Dataset
+from featstore.data.settings import Intensity
 from featstore.encode.preprocess import Preprocess, preprocess
 
 # the real data root: $FEATSTORE_DATA (the Makefile's), else ../shared/data

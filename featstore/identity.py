@@ -19,7 +19,8 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from featstore.data.manifest import Dataset, Fit, Intensity, Manifest
+from featstore.data.manifest import Dataset, Fit, Manifest
+from featstore.data.settings import Intensity
 from featstore.data.tissue import PLAN_VERSION
 from featstore.encode.preprocess import Interpolation, Preprocess
 

@@ -41,7 +41,11 @@ EncoderOpt = typer.Option(
 ResolutionOpt = typer.Option(
     [], "--resolution", "-r", help="Input sizes instead of the manifest's (repeatable)."
 )
-StudyOpt = typer.Option(None, "--study", help="Only this study of the manifest's `studies:`.")
+StudyOpt = typer.Option(
+    None,
+    "--study",
+    help="Only this study of the manifest's `studies:` (--encoder/--resolution narrow it).",
+)
 CacheOpt = typer.Option(
     None,
     "--cache",

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -250,3 +251,36 @@ def test_timm_dinov3_preset_skips_its_four_registers():
     torch.testing.assert_close(deep.cls[:, 1], seq[:, 0])
     torch.testing.assert_close(deep.patch[:, 1], out.patch[:, 0])
     assert not torch.allclose(deep.patch[:, 0], deep.patch[:, 1])
+
+
+def test_a_study_compares_three_backends_in_one_report(tmp_path, tiny_timm, tiny_clip):
+    """issue 18: one study over transformers, timm and open_clip encoders gives one
+    report table (every encoder x size) and the size and resolution plots."""
+    from conftest import save_tiny_vit
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    hf = save_tiny_vit(DINOv3ViTConfig, DINOv3ViTModel, tmp_path / "tiny-hf", seed=1)
+    specs = [str(hf), f"timm:{tiny_timm}", f"open_clip:{tiny_clip[0]}"]
+    study = f"studies:\n  - {{name: backbones, encoders: {specs}, resolutions: [32, 48]}}\n"
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d", n=24), "[]", "[32]", study)
+    runner = CliRunner()
+    out = tmp_path / "results"
+    base = ["--manifest", str(mpath), "--study", "backbones"]
+    for cmd in (["extract", *base], ["probe", *base, "--out", str(out)]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "results.csv")
+    sets = [xr.open_zarr(z) for z in (tmp_path / "cache").glob("*.zarr")]
+    backends = {xs.attrs["encoder"].get("backend") for xs in sets}
+    assert backends == {"hf", "timm", "open_clip", "pixels"}, backends
+    assert set(map(int, rows.resolution)) == {32, 48}
+    assert rows.groupby(["encoder", "resolution"]).ngroups == 4 * 2  # 3 backends + pixels
+    assert runner.invoke(app, ["report", "--out", str(out)]).exit_code == 0
+    md = (out / "report.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("|") and "@ 32px" in ln]
+    assert len(table) == 4, md  # one row per encoder at 32 px, in the one table of `d`
+    for name in ("resolution.png", "size.png"):
+        assert (out / "plots" / name).stat().st_size > 0

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Intensity, Synthetic
+from featstore.data.manifest import Dataset
+from featstore.data.settings import Intensity, Synthetic
 from featstore.encode.preprocess import Preprocess, preprocess
 from featstore.extraction.batches import Batches, plan_batches
 from featstore.store import schema

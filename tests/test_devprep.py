@@ -25,7 +25,8 @@ from test_readers import _dicom_series
 from typer.testing import CliRunner
 
 from featstore.data import readers
-from featstore.data.manifest import Dataset, Intensity, Synthetic, load_manifest
+from featstore.data.manifest import Dataset, load_manifest
+from featstore.data.settings import Intensity, Synthetic
 from featstore.encode.devprep import RawPixels, narrowest, to_input
 from featstore.encode.preprocess import Preprocess
 from featstore.errors import StoreMismatchError

@@ -18,7 +18,8 @@ from conftest import REPO, synth_entry, write_manifest
 from transformers import AutoModel
 
 from featstore.data import readers
-from featstore.data.manifest import Intensity, load_manifest
+from featstore.data.manifest import load_manifest
+from featstore.data.settings import Intensity
 from featstore.encode.encoders import Encoder, load_encoder
 from featstore.encode.preprocess import preprocess
 from featstore.errors import EncoderNotFoundError, StoreMismatchError

@@ -11,7 +11,7 @@ import pytest
 import zarr
 from conftest import REPO
 
-from featstore.data.manifest import Intensity
+from featstore.data.settings import Intensity
 from featstore.errors import StoreMismatchError
 from featstore.identity import ENCODER_CONTENT, EncoderInfo, Recipe, SetIdentity
 from featstore.store import catalog, schema

@@ -108,6 +108,46 @@ def test_studies_declare_grids_of_cells(tmp_path):
     assert {(d.name, e, r) for d, e, r in flags} == {("a", "x", 64), ("b", "x", 64)}
     with pytest.raises(ManifestError, match="no study named 'nope'"):
         m.select(study="nope")
+    # with --study, the flags narrow that study's grid (its encoders, its datasets stay)
+    narrowed = m.select(study="scaling", resolutions=[64]).cells(baseline=False)
+    assert {(d.name, e, r) for d, e, r in narrowed} == {
+        ("a", "dinov3-vits16", 64),
+        ("a", "dinov3-vitb16", 64),
+    }
+    swapped = m.select(study="seg", encoders=["x"]).cells(baseline=False)
+    assert {(d.name, e, r) for d, e, r in swapped} == {("b", "x", 448)}
+    with pytest.raises(ManifestError, match=r"study 'seg' covers \['b'\], not \['a'\]"):
+        m.select(study="seg", datasets=["a"])
     path.write_text(STUDIES.replace("datasets: [b]", "datasets: [c]"))
     with pytest.raises(ManifestError, match=r"study 'seg' names unknown datasets \['c'\]"):
         load_manifest(path)
+
+
+def test_every_format_has_rules_and_a_reader():
+    from typing import get_args
+
+    from featstore.data.manifest import FORMATS, Format
+    from featstore.data.readers import READERS
+
+    assert set(FORMATS) == set(get_args(Format))
+    assert set(READERS) == set(FORMATS) - {"synthetic"}  # synthetic data is written as one
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dims", "expected"),
+    [
+        ("images", 3, r"format 'images' holds 2D images: set `dims: 2`"),
+        ("nifti", 2, r"format 'nifti' holds volumes: set `dims: 3`"),
+        ("stack", 2, r"format 'stack' holds one volume per sample.*`dims: 3`"),
+    ],
+)
+def test_format_rules_name_the_dims_to_set(tmp_path, fmt, dims, expected):
+    text = ISSUE_EXAMPLE.replace("format: images ", f"format: {fmt} ").replace(
+        "dims: 2 ", f"dims: {dims} "
+    )
+    with pytest.raises(ManifestError, match=expected):
+        load_manifest(_write(tmp_path, text))
+    no_index = "\n".join(ln for ln in text.splitlines() if "index:" not in ln)
+    ok_dims = 2 if fmt == "images" else 3
+    with pytest.raises(ManifestError, match=rf"format '{fmt}' needs `index: <file>.csv`"):
+        load_manifest(_write(tmp_path, no_index.replace(f"dims: {dims} ", f"dims: {ok_dims} ")))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featstore.data.manifest import Intensity
+from featstore.data.settings import Intensity
 from featstore.encode.preprocess import Preprocess, preprocess
 
 # Deliberately not ImageNet's: distinct per channel so a swapped channel shows.

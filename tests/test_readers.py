@@ -13,7 +13,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from featstore.data import readers, samples
-from featstore.data.manifest import Dataset, Synthetic
+from featstore.data.manifest import Dataset
+from featstore.data.settings import Synthetic
 from featstore.data.synthetic import generate
 from featstore.errors import BadInputError
 

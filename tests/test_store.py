@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from featstore.data.manifest import Intensity
+from featstore.data.settings import Intensity
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreMismatchError
 from featstore.identity import EncoderInfo, Recipe, SetIdentity
 from featstore.store import schema

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from featstore.data.manifest import Dataset, Manifest, Synthetic
+from featstore.data.manifest import Dataset, Manifest
+from featstore.data.settings import Synthetic
 from featstore.extraction.run import Options
 from featstore.store.sets import FeatureSet
 from pipelines import extract

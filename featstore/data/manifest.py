@@ -1,34 +1,69 @@
-# Over 400 lines (518): the schema models and their validators read as one; split with issue 17.
-"""The data manifest: schema, validation with errors that name the field, fingerprints.
+"""The data manifest: datasets, the encoder x resolution grid, validation with errors
+that name the field.
 
 The manifest is parsed once into frozen pydantic models; nothing downstream mutates
-them. A typo is a `ManifestError` naming the dataset, the field and the fix.
+them. A typo is a `ManifestError` naming the dataset, the field and the fix. The
+nested blocks (intensity, splits, tiling, ...) live in `featstore.data.settings`.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from featstore.data.explain import explain
 from featstore.data.safe_yaml import parse_yaml
+from featstore.data.settings import (
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    EncoderPreprocessing,
+    Frozen,
+    GlobIndex,
+    Intensity,
+    LabelEfficiency,
+    PatchLayers,
+    Resolutions,
+    Splits,
+    Synthetic,
+    Tiling,
+    check_resolutions,
+)
 from featstore.errors import ManifestError
 from featstore.store.location import place
 
 Format = Literal["medmnist", "images", "nifti", "dicom", "wsi", "stack", "synthetic"]
+
+
+@dataclass(frozen=True)
+class FormatRules:
+    """What a format's datasets must say in the manifest (its reader lives in readers.py)."""
+
+    dims: tuple[int, ...]  # the `dims:` it holds
+    holds: str  # what one sample is, for the message when `dims` does not fit
+    index: bool = True  # needs `index:` (a CSV or a glob), one row per sample
+
+
+# The one table of per-format manifest rules; a new format adds a row here and a
+# reader in `featstore.data.readers.READERS`.
+FORMATS: dict[str, FormatRules] = {
+    "medmnist": FormatRules((2, 3), "a MedMNIST npz", index=False),
+    "images": FormatRules((2,), "2D images"),
+    "nifti": FormatRules((3,), "volumes"),
+    "dicom": FormatRules((3,), "volumes"),
+    "wsi": FormatRules((2,), "slides, classified from 2D tiles"),
+    "stack": FormatRules((3,), "one volume per sample (a multi-page TIFF or a folder)"),
+    "synthetic": FormatRules((2, 3), "generated data", index=False),
+}
 Task = Literal["classification", "multilabel", "segmentation"]
 Fit = Literal["resize", "pad"]  # pad: small images centred on a zero canvas
 SPLITS = ("train", "val", "test")
 DEFAULT_CACHE = "cache/features"
-# Bounds checked before anything is allocated: a typo (224000) must not reach
-# `np.empty((n, 3, r, r))` or a zarr allocation.
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
 MAX_BATCH_SIZE = 4096
 MAX_LABEL = 65535  # largest class id without `classes:` (ids must fit the stored int64 and a probe)
 # A manifest is a few KB; these refuse a hostile file before it costs memory or time.
@@ -45,160 +80,7 @@ RESERVED |= {"overview", "overview_tissue", "overview_scale", "overview_y", "ove
 _COORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
-class _Frozen(BaseModel):
-    # allow_inf_nan: `.nan` passes every `<`/`>` check, e.g. ratios [.nan, .nan, .nan]
-    model_config = ConfigDict(
-        frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False
-    )
-
-
-def _check_resolutions(v: tuple[int, ...]) -> tuple[int, ...]:
-    if not v or not all(MIN_RESOLUTION <= r <= MAX_RESOLUTION for r in v):
-        raise ValueError(
-            f"resolutions must be a non-empty list of sizes from {MIN_RESOLUTION} to "
-            f"{MAX_RESOLUTION}, e.g. [224]"
-        )
-    return v
-
-
-Resolutions = Annotated[tuple[int, ...], AfterValidator(_check_resolutions)]
-
-
-class Intensity(_Frozen):
-    """How raw intensities map to [0, 1] before the encoder's mean/std."""
-
-    mode: Literal["none", "minmax", "window", "percentile"] = "minmax"
-    center: float | None = None  # window centre (e.g. HU for CT)
-    width: float | None = None  # window width
-    low: float = 0.5  # percentile clipping, in percent
-    high: float = 99.5
-
-    @model_validator(mode="after")
-    def _check(self) -> Intensity:
-        if self.mode == "window" and (self.center is None or self.width is None or self.width <= 0):
-            raise ValueError(
-                "mode 'window' needs center and a positive width, e.g. "
-                "{mode: window, center: 40, width: 400}"
-            )
-        if self.mode == "percentile" and not 0 <= self.low < self.high <= 100:
-            raise ValueError("mode 'percentile' needs 0 <= low < high <= 100")
-        return self
-
-
-class Splits(_Frozen):
-    """Either read from the data (`from: column`: the index's `split` column, MedMNIST's
-    own keys) or assigned by ratio, whole patients at a time."""
-
-    from_: Literal["column"] | None = Field(default=None, alias="from")
-    ratios: tuple[float, float, float] | None = None
-    seed: int = Field(default=0, ge=0)  # numpy's default_rng refuses negative seeds
-    # contiguous: groups in natural order (section 2 before 10) cut into train, val,
-    # test blocks, so neighbouring sections of a stack do not leak across splits
-    order: Literal["random", "contiguous"] = "random"
-
-    @model_validator(mode="after")
-    def _check(self) -> Splits:
-        if (self.from_ is None) == (self.ratios is None):
-            raise ValueError("give exactly one of `from: column` or `ratios: [train, val, test]`")
-        if self.ratios is not None and (
-            min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6 or self.ratios[0] == 0
-        ):
-            raise ValueError(
-                "ratios must be three non-negative numbers summing to 1 "
-                "with a non-zero train share, e.g. [0.7, 0.1, 0.2]"
-            )
-        return self
-
-
-class GlobIndex(_Frozen):
-    """An index built from file names, for data that ships without one.
-
-    `glob` finds the images (relative to `path`); `mask` is a template for each
-    image's mask, relative to the image's folder ({name}: file name, {stem}: name
-    without extensions); `join` is an optional CSV whose `key` column holds image file
-    names, and whose other columns (label, split, patient, metadata) are merged in.
-    """
-
-    glob: str
-    mask: str | None = None
-    join: str | None = None
-    key: str = "filename"  # (not `on`: YAML 1.1 reads a bare `on` as true)
-
-    @model_validator(mode="after")
-    def _check(self) -> GlobIndex:
-        if self.mask is not None:
-            try:
-                fields = {f for _, f, _, _ in string.Formatter().parse(self.mask) if f is not None}
-            except ValueError as exc:  # an unmatched "{" or "}"
-                fields = {f"({exc})"}
-            if not fields <= {"name", "stem"}:
-                raise ValueError(
-                    f"mask template {self.mask!r} may use only {{name}} and {{stem}}, e.g. "
-                    "'../labelsTr/{name}'"
-                )
-        return self
-
-
-class Tiling(_Frozen):
-    """How a whole-slide image becomes tiles (`format: wsi`); part of a set's identity.
-
-    Tiles of `tile_size` pixels at `tile_mpp` micrometres per pixel are read from the
-    closest level at or finer than `tile_mpp` and resized; tissue is found at
-    `tissue_mpp` and a tile is kept when at least `min_tissue` of it is tissue.
-    """
-
-    tile_mpp: float = Field(default=0.5, gt=0, le=1000)
-    tile_size: int = Field(default=224, ge=16, le=MAX_RESOLUTION)
-    overlap: float = Field(default=0.0, ge=0, le=0.9)  # fraction of a tile shared with the next
-    max_tiles: int | None = Field(default=None, ge=1, le=1_000_000)  # per slide, seeded sample
-    seed: int = Field(default=0, ge=0)
-    min_tissue: float = Field(default=0.5, gt=0, le=1)
-    tissue_mpp: float = Field(default=8.0, gt=0, le=1000)
-    upsample: bool = False  # allow tile_mpp finer than the slide's base level
-
-
-class Synthetic(_Frozen):
-    """A generated dataset (written as real PNG/CSV, NIfTI or pyramidal TIFF files on
-    first use); `slides`: n slides of `size` x `size` pixels at 0.5 um/px."""
-
-    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d", "slides"]
-    n: int = Field(default=60, ge=6, le=100_000)
-    size: int = Field(default=64, ge=16, le=8 * MAX_RESOLUTION)
-    slices: int = Field(default=24, ge=1, le=1024)
-    seed: int = Field(default=0, ge=0)
-
-
-def _check_fractions(v: tuple[float, ...]) -> tuple[float, ...]:
-    if not all(0 < f <= 1 for f in v) or len(set(v)) != len(v):
-        raise ValueError(
-            f"fractions {list(v)}: give distinct fractions of the train split in (0, 1], "
-            "e.g. [0.01, 0.05, 0.1, 0.25, 0.5, 1]"
-        )
-    return tuple(sorted(v))
-
-
-def _check_shots(v: tuple[int, ...]) -> tuple[int, ...]:
-    if not all(k >= 1 for k in v) or len(set(v)) != len(v):
-        raise ValueError(f"shots {list(v)}: give distinct numbers >= 1 per class, e.g. [1, 5, 10]")
-    return tuple(sorted(v))
-
-
-class LabelEfficiency(_Frozen):
-    """Label-efficiency points: probes fitted on nested, stratified parts of the train
-    split (`featstore.probing.subsets`), each `repeats` times (repeat r: seed r)."""
-
-    fractions: Annotated[tuple[float, ...], AfterValidator(_check_fractions)] = ()
-    shots: Annotated[tuple[int, ...], AfterValidator(_check_shots)] = ()
-    repeats: int = Field(default=1, ge=1, le=100)
-
-    @model_validator(mode="after")
-    def _some(self) -> LabelEfficiency:
-        if not self.fractions and not self.shots:
-            raise ValueError("label_efficiency needs `fractions:` or `shots:` (or both)")
-        return self
-
-
-class Dataset(_Frozen):
+class Dataset(Frozen):
     """One dataset of the manifest: where its files are, how to read them, its task."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -214,8 +96,12 @@ class Dataset(_Frozen):
     classes: tuple[str, ...] | None = Field(default=None, min_length=1)  # index = label id
     fit: Fit = "resize"
     fill_outlines: bool = False  # masks given as closed outlines: fill them per slice
-    metadata: dict[str, str] = {}  # index column -> coordinate name kept on `item`
-    mask_map: dict[int, int] = {}  # mask value -> class id, e.g. {255: 1} for 0/255 masks
+    metadata: dict[str, str] = Field(
+        default_factory=dict
+    )  # index column -> coordinate name kept on `item`
+    mask_map: dict[int, int] = Field(
+        default_factory=dict
+    )  # mask value -> class id, e.g. {255: 1} for 0/255 masks
     resolutions: Resolutions | None = None  # overrides the top-level list for this set
     synthetic: Synthetic | None = None
     tiling: Tiling | None = None  # whole-slide images: required
@@ -275,16 +161,14 @@ class Dataset(_Frozen):
             )
         if self.slides and (self.dims != 2 or self.task == "segmentation"):
             raise ValueError("slides are classified from 2D tiles: set `dims: 2` and a label task")
-        if self.format == "stack" and self.dims != 3:
-            raise ValueError("format 'stack' holds one volume per sample: set `dims: 3`")
-        if self.format in ("images", "nifti", "dicom", "wsi", "stack") and self.index is None:
+        rules = FORMATS[self.format]
+        if self.dims not in rules.dims:
+            want = " or ".join(map(str, rules.dims))
+            raise ValueError(f"format '{self.format}' holds {rules.holds}: set `dims: {want}`")
+        if rules.index and self.index is None:
             raise ValueError(
                 f"format '{self.format}' needs `index: <file>.csv` (one row per sample)"
             )
-        if self.format == "images" and self.dims != 2:
-            raise ValueError("format 'images' holds 2D images: set `dims: 2`")
-        if self.format in ("nifti", "dicom") and self.dims != 3:
-            raise ValueError(f"format '{self.format}' holds volumes: set `dims: 3`")
         if (
             self.synthetic is not None
             and not self.slides
@@ -296,31 +180,7 @@ class Dataset(_Frozen):
         return self
 
 
-def _blocks(v: tuple[int, ...]) -> tuple[int, ...]:
-    if not v or len(set(v)) != len(v) or max(v) >= 0 or min(v) < -64:
-        raise ValueError(
-            "patch_layers must be distinct negative block indices counted from the "
-            "end, e.g. [-4, -3, -2, -1] (-1 = the last block)"
-        )
-    return tuple(sorted(v))
-
-
-PatchLayers = Annotated[tuple[int, ...], AfterValidator(_blocks)]
-
-
-class EncoderPreprocessing(_Frozen):
-    """Preprocessing that replaces an encoder's own config (recorded in its feature sets)."""
-
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    interpolation: Literal["bilinear", "bicubic"] | None = None
-
-    def items(self) -> tuple[tuple[str, object], ...]:
-        """The fields that are set, as (name, value) pairs in field order."""
-        return tuple((k, v) for k, v in self.model_dump().items() if v is not None)
-
-
-class Study(_Frozen):
+class Study(Frozen):
     """A grid of encoders x resolutions over some datasets (all when `datasets` is empty)."""
 
     name: str
@@ -330,7 +190,7 @@ class Study(_Frozen):
     label_efficiency: LabelEfficiency | None = None  # for its datasets without their own
 
 
-class Manifest(_Frozen):
+class Manifest(Frozen):
     """The whole manifest: datasets, the encoder x resolution grid, storage settings."""
 
     # a folder, or an fsspec URL (s3://bucket/prefix, gs://...; file:// is a folder)
@@ -430,8 +290,10 @@ class Manifest(_Frozen):
     ) -> Manifest:
         """A copy with CLI overrides applied (flags win over the manifest).
 
-        --encoder/--resolution define the grid themselves, replacing the studies;
-        --resolution also replaces every dataset's own `resolutions`.
+        Without `study`, --encoder/--resolution define the grid themselves, replacing
+        the studies. With `study`, they replace that study's encoders/resolutions and
+        keep the rest of it (its datasets). --resolution also replaces every dataset's
+        own `resolutions`.
         """
         update: dict[str, Any] = {}
         if study is not None:
@@ -441,17 +303,32 @@ class Manifest(_Frozen):
                     f"no study named '{study}'; known: "
                     f"{', '.join(s.name for s in self.studies) or '(none)'}"
                 )
-            update["studies"] = tuple(chosen)
-        if encoders or resolutions:
+            narrowed: dict[str, Any] = {}
+            if encoders:
+                narrowed["encoders"] = tuple(encoders)
+            if resolutions:
+                narrowed["resolutions"] = tuple(resolutions)
+            update["studies"] = (chosen[0].model_copy(update=narrowed),)
+        elif encoders or resolutions:
             update["studies"] = ()
         try:
-            _check_resolutions(tuple(resolutions) or self.resolutions)
+            check_resolutions(tuple(resolutions) or self.resolutions)
         except ValueError:
             raise ManifestError(
                 f"--resolution {list(resolutions)}: each size must be from "
                 f"{MIN_RESOLUTION} to {MAX_RESOLUTION} (a multiple of the patch size), e.g. 224"
             ) from None
         chosen_ds = tuple(self.dataset(n) for n in datasets) if datasets else self.datasets
+        grid = update.get("studies", self.studies)
+        if (
+            study is not None
+            and grid[0].datasets
+            and not set(grid[0].datasets) & set(datasets or grid[0].datasets)
+        ):
+            raise ManifestError(
+                f"study '{study}' covers {list(grid[0].datasets)}, not {list(datasets)}; "
+                "pick one of those with --dataset, or leave --study out"
+            )
         if resolutions:
             chosen_ds = tuple(d.model_copy(update={"resolutions": None}) for d in chosen_ds)
         update["datasets"] = chosen_ds
@@ -460,58 +337,6 @@ class Manifest(_Frozen):
         if resolutions:
             update["resolutions"] = tuple(resolutions)
         return self.model_copy(update=update)
-
-
-def _where(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
-    """'dataset 'x', field 'intensity.mode'' from a pydantic error location."""
-    if len(loc) >= 2 and loc[0] == "datasets" and isinstance(loc[1], int):
-        items = raw.get("datasets")
-        items = items if isinstance(items, list) else []  # (a YAML !!set validates too)
-        name = (
-            items[loc[1]].get("name", f"#{loc[1] + 1}")
-            if loc[1] < len(items) and isinstance(items[loc[1]], dict)
-            else f"#{loc[1] + 1}"
-        )
-        field = ".".join(str(p) for p in loc[2:] if not str(p).startswith("function-"))
-        return f"dataset '{name}', field '{field or '(entry)'}'"
-    return f"field '{'.'.join(str(p) for p in loc)}'"
-
-
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Manifest
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if ann is None:
-            return []
-        args = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
-        inner = [a for a in args if issubclass(a, BaseModel)]
-        if not inner:
-            return []
-        model = inner[0]
-    return [f.alias or n for n, f in model.model_fields.items()]
-
-
-def _explain(err: ValidationError, raw: dict[str, Any], source: Path) -> ManifestError:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
-        where = _where(loc, raw)
-        if e["type"] == "extra_forbidden":
-            known = _known_keys(loc)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            lines.append(f"{where}: unknown key; {hint}")
-        elif e["type"] == "missing":
-            lines.append(f"{where}: required but missing; add it (see README, 'The manifest')")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = repr(e.get("input"))
-            got = got if len(got) <= 120 else got[:100] + " ..."
-            lines.append(f"{where}: {msg} (got {got})")
-    return ManifestError(f"{source}: invalid manifest\n  " + "\n  ".join(lines))
 
 
 def _expand(text: str) -> str:
@@ -550,7 +375,7 @@ def load_manifest(
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise _explain(exc, raw, source) from None
+        raise explain(exc, raw, source, Manifest) from None
     root = source.resolve().parent
     chosen = cache or os.environ.get("FEATSTORE_CACHE") or manifest.cache
     datasets = []

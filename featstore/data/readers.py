@@ -19,12 +19,13 @@ import numpy as np
 
 from featstore.data.dicom import Dicom
 from featstore.data.fingerprint import fingerprint
-from featstore.data.manifest import SPLITS, Dataset, GlobIndex
+from featstore.data.manifest import SPLITS, Dataset
 from featstore.data.medmnist import MedMnist
 from featstore.data.nifti import Nifti
 from featstore.data.pictures import Pictures
 from featstore.data.reader import Listing, Reader
 from featstore.data.samples import Header, Loaded, Sample, index_path, natural_key
+from featstore.data.settings import GlobIndex
 from featstore.data.stacks import Stacks
 from featstore.data.synthetic import generate
 from featstore.data.wsi import Slides

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from featstore.data.manifest import MAX_LABEL, Dataset, GlobIndex
+from featstore.data.manifest import MAX_LABEL, Dataset
+from featstore.data.settings import GlobIndex
 from featstore.errors import BadInputError
 
 

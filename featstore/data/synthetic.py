@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike
 from PIL import Image
 from scipy import ndimage
 
-from featstore.data.manifest import Synthetic
+from featstore.data.settings import Synthetic
 from featstore.data.synthetic_slides import generate_slides
 from featstore.errors import BadInputError
 

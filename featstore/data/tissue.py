@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 from scipy import ndimage
 
-from featstore.data.manifest import Tiling
+from featstore.data.settings import Tiling
 
 # Bump when tissue detection or the grid change the tiles of a slide, or a set of
 # slides records more of them (2: the examples' overviews and tissue masks).

@@ -22,10 +22,11 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from featstore.data.manifest import Dataset, Tiling
+from featstore.data.manifest import Dataset
 from featstore.data.pictures import MAX_PIXELS
 from featstore.data.reader import Reader, Skip
 from featstore.data.samples import Header, Loaded, Sample, Tiles
+from featstore.data.settings import Tiling
 from featstore.data.tissue import tile_grid, tissue_mask
 from featstore.errors import BadInputError
 

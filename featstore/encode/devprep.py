@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featstore.data.manifest import Intensity
+from featstore.data.settings import Intensity
 from featstore.encode.preprocess import Preprocess, unit_map
 
 Setting = Literal["auto", "cpu", "device"]

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from featstore.data.manifest import Fit, Intensity
+from featstore.data.manifest import Fit
+from featstore.data.settings import Intensity
 from featstore.errors import EncoderConfigError
 
 Interpolation = Literal["bilinear", "bicubic"]

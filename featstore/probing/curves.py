@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from featstore.data.manifest import Dataset, LabelEfficiency, Manifest
+from featstore.data.manifest import Dataset, Manifest
+from featstore.data.settings import LabelEfficiency
 from featstore.errors import ProbeError
 from featstore.probing import bootstrap, classification, probes
 from featstore.probing.classification import ClassArrays

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from pydantic import ValidationError
 
-from featstore.data.manifest import LabelEfficiency
+from featstore.data.settings import LabelEfficiency
 from featstore.errors import ProbeError
 
 Pool = Literal["mean", "max", "cls+patch", "abmil"]  # 3D volume pooling (`--pool`)

@@ -71,15 +71,15 @@ def create(
     process (a second --shard) sees either nothing or a whole skeleton. Returns False
     when another process created `path` first (its skeleton is kept).
     """
-    ds, encoding = skeleton(layout, items)
-    ds.attrs.update(root_attrs(ident, layout, describe, compute))
+    xs, encoding = skeleton(layout, items)
+    xs.attrs.update(root_attrs(ident, layout, describe, compute))
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(path, Remote):  # built here, uploaded whole by `publish`
         tmp = Path(tempfile.mkdtemp(prefix=f"{LOCAL_BUILD}{os.getpid()}-")) / path.name
     else:  # a sibling, so that `publish` is one atomic rename
         tmp = leftover(path, "tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-    ds.to_zarr(
+    xs.to_zarr(
         tmp,
         mode="w-",
         compute=False,

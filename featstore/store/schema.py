@@ -326,7 +326,7 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
     coords = {name: ("item", values) for name, values in arrays.items()}
     for name, (dims, values) in examples.items() if layout.examples else ():
         (coords if values.ndim == 1 else variables)[name] = (dims, values)
-    ds = xr.Dataset(variables, coords=coords)
+    xs = xr.Dataset(variables, coords=coords)
     # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u
     # (the few examples are one chunk).
     encoding: dict[str, dict[str, Any]] = {
@@ -337,12 +337,12 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
             ],
             "chunks": var.shape if name in ON_EXAMPLE else (c, *var.shape[1:]),
         }
-        for name, var in ds.variables.items()
+        for name, var in xs.variables.items()
     }
     for name in FLOAT_DATA:
-        if name in encoding and ds[name].dtype.kind == "f":
+        if name in encoding and xs[name].dtype.kind == "f":
             encoding[name]["fill_value"] = np.nan  # a missing chunk reads as NaN: verify sees it
-    return ds, encoding
+    return xs, encoding
 
 
 def _examples(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -161,17 +161,17 @@ class FeatureSet:
                 "`featstore extract --repair` (or --overwrite) with the same options"
             )
         try:
-            ds = xr.open_zarr(str(self.path), consolidated=False)
+            xs = xr.open_zarr(str(self.path), consolidated=False)
             # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
             # which pandas and xarray's groupby reject), `groupby("sample")` just works.
-            loaded = {name: (ds[name].dims, plain(ds[name].values)) for name in ds.coords}
+            loaded = {name: (xs[name].dims, plain(xs[name].values)) for name in xs.coords}
         except ChunkChecksumError as exc:  # a coordinate chunk failed its checksum
             raise corrupt(self.path, exc) from None
-        ds = ds.assign_coords(loaded)
-        if "patch_scale" in ds:  # int8 x per-channel scale, dequantized lazily
-            ds["patch"] = (ds.patch.astype(np.float32) * ds.patch_scale).transpose(*ds.patch.dims)
-            ds = ds.drop_vars("patch_scale")
-        return ds
+        xs = xs.assign_coords(loaded)
+        if "patch_scale" in xs:  # int8 x per-channel scale, dequantized lazily
+            xs["patch"] = (xs.patch.astype(np.float32) * xs.patch_scale).transpose(*xs.patch.dims)
+            xs = xs.drop_vars("patch_scale")
+        return xs
 
     # ------------------------------------------------------------ checking
 

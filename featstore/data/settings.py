@@ -1,0 +1,192 @@
+"""The manifest's nested blocks: intensity, splits, glob index, tiling, synthetic
+data, label efficiency and per-encoder preprocessing (`featstore.data.manifest`
+puts them together into datasets and the manifest, and re-exports them).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# Bounds checked before anything is allocated: a typo (224000) must not reach
+# `np.empty((n, 3, r, r))` or a zarr allocation.
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 4096
+
+
+class Frozen(BaseModel):
+    # allow_inf_nan: `.nan` passes every `<`/`>` check, e.g. ratios [.nan, .nan, .nan]
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False
+    )
+
+
+def check_resolutions(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or not all(MIN_RESOLUTION <= r <= MAX_RESOLUTION for r in v):
+        raise ValueError(
+            f"resolutions must be a non-empty list of sizes from {MIN_RESOLUTION} to "
+            f"{MAX_RESOLUTION}, e.g. [224]"
+        )
+    return v
+
+
+Resolutions = Annotated[tuple[int, ...], AfterValidator(check_resolutions)]
+
+
+class Intensity(Frozen):
+    """How raw intensities map to [0, 1] before the encoder's mean/std."""
+
+    mode: Literal["none", "minmax", "window", "percentile"] = "minmax"
+    center: float | None = None  # window centre (e.g. HU for CT)
+    width: float | None = None  # window width
+    low: float = 0.5  # percentile clipping, in percent
+    high: float = 99.5
+
+    @model_validator(mode="after")
+    def _check(self) -> Intensity:
+        if self.mode == "window" and (self.center is None or self.width is None or self.width <= 0):
+            raise ValueError(
+                "mode 'window' needs center and a positive width, e.g. "
+                "{mode: window, center: 40, width: 400}"
+            )
+        if self.mode == "percentile" and not 0 <= self.low < self.high <= 100:
+            raise ValueError("mode 'percentile' needs 0 <= low < high <= 100")
+        return self
+
+
+class Splits(Frozen):
+    """Either read from the data (`from: column`: the index's `split` column, MedMNIST's
+    own keys) or assigned by ratio, whole patients at a time."""
+
+    from_: Literal["column"] | None = Field(default=None, alias="from")
+    ratios: tuple[float, float, float] | None = None
+    seed: int = Field(default=0, ge=0)  # numpy's default_rng refuses negative seeds
+    # contiguous: groups in natural order (section 2 before 10) cut into train, val,
+    # test blocks, so neighbouring sections of a stack do not leak across splits
+    order: Literal["random", "contiguous"] = "random"
+
+    @model_validator(mode="after")
+    def _check(self) -> Splits:
+        if (self.from_ is None) == (self.ratios is None):
+            raise ValueError("give exactly one of `from: column` or `ratios: [train, val, test]`")
+        if self.ratios is not None and (
+            min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6 or self.ratios[0] == 0
+        ):
+            raise ValueError(
+                "ratios must be three non-negative numbers summing to 1 "
+                "with a non-zero train share, e.g. [0.7, 0.1, 0.2]"
+            )
+        return self
+
+
+class GlobIndex(Frozen):
+    """An index built from file names, for data that ships without one.
+
+    `glob` finds the images (relative to `path`); `mask` is a template for each
+    image's mask, relative to the image's folder ({name}: file name, {stem}: name
+    without extensions); `join` is an optional CSV whose `key` column holds image file
+    names, and whose other columns (label, split, patient, metadata) are merged in.
+    """
+
+    glob: str
+    mask: str | None = None
+    join: str | None = None
+    key: str = "filename"  # (not `on`: YAML 1.1 reads a bare `on` as true)
+
+    @model_validator(mode="after")
+    def _check(self) -> GlobIndex:
+        if self.mask is not None:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.mask) if f is not None}
+            except ValueError as exc:  # an unmatched "{" or "}"
+                fields = {f"({exc})"}
+            if not fields <= {"name", "stem"}:
+                raise ValueError(
+                    f"mask template {self.mask!r} may use only {{name}} and {{stem}}, e.g. "
+                    "'../labelsTr/{name}'"
+                )
+        return self
+
+
+class Tiling(Frozen):
+    """How a whole-slide image becomes tiles (`format: wsi`); part of a set's identity.
+
+    Tiles of `tile_size` pixels at `tile_mpp` micrometres per pixel are read from the
+    closest level at or finer than `tile_mpp` and resized; tissue is found at
+    `tissue_mpp` and a tile is kept when at least `min_tissue` of it is tissue.
+    """
+
+    tile_mpp: float = Field(default=0.5, gt=0, le=1000)
+    tile_size: int = Field(default=224, ge=16, le=MAX_RESOLUTION)
+    overlap: float = Field(default=0.0, ge=0, le=0.9)  # fraction of a tile shared with the next
+    max_tiles: int | None = Field(default=None, ge=1, le=1_000_000)  # per slide, seeded sample
+    seed: int = Field(default=0, ge=0)
+    min_tissue: float = Field(default=0.5, gt=0, le=1)
+    tissue_mpp: float = Field(default=8.0, gt=0, le=1000)
+    upsample: bool = False  # allow tile_mpp finer than the slide's base level
+
+
+class Synthetic(Frozen):
+    """A generated dataset (written as real PNG/CSV, NIfTI or pyramidal TIFF files on
+    first use); `slides`: n slides of `size` x `size` pixels at 0.5 um/px."""
+
+    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d", "slides"]
+    n: int = Field(default=60, ge=6, le=100_000)
+    size: int = Field(default=64, ge=16, le=8 * MAX_RESOLUTION)
+    slices: int = Field(default=24, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0)
+
+
+def _check_fractions(v: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(0 < f <= 1 for f in v) or len(set(v)) != len(v):
+        raise ValueError(
+            f"fractions {list(v)}: give distinct fractions of the train split in (0, 1], "
+            "e.g. [0.01, 0.05, 0.1, 0.25, 0.5, 1]"
+        )
+    return tuple(sorted(v))
+
+
+def _check_shots(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not all(k >= 1 for k in v) or len(set(v)) != len(v):
+        raise ValueError(f"shots {list(v)}: give distinct numbers >= 1 per class, e.g. [1, 5, 10]")
+    return tuple(sorted(v))
+
+
+class LabelEfficiency(Frozen):
+    """Label-efficiency points: probes fitted on nested, stratified parts of the train
+    split (`featstore.probing.subsets`), each `repeats` times (repeat r: seed r)."""
+
+    fractions: Annotated[tuple[float, ...], AfterValidator(_check_fractions)] = ()
+    shots: Annotated[tuple[int, ...], AfterValidator(_check_shots)] = ()
+    repeats: int = Field(default=1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _some(self) -> LabelEfficiency:
+        if not self.fractions and not self.shots:
+            raise ValueError("label_efficiency needs `fractions:` or `shots:` (or both)")
+        return self
+
+
+def _blocks(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or len(set(v)) != len(v) or max(v) >= 0 or min(v) < -64:
+        raise ValueError(
+            "patch_layers must be distinct negative block indices counted from the "
+            "end, e.g. [-4, -3, -2, -1] (-1 = the last block)"
+        )
+    return tuple(sorted(v))
+
+
+PatchLayers = Annotated[tuple[int, ...], AfterValidator(_blocks)]
+
+
+class EncoderPreprocessing(Frozen):
+    """Preprocessing that replaces an encoder's own config (recorded in its feature sets)."""
+
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+
+    def items(self) -> tuple[tuple[str, object], ...]:
+        """The fields that are set, as (name, value) pairs in field order."""
+        return tuple((k, v) for k, v in self.model_dump().items() if v is not None)
