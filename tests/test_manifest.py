@@ -126,8 +126,8 @@ def test_studies_declare_grids_of_cells(tmp_path):
 def test_every_format_has_rules_and_a_reader():
     from typing import get_args
 
-    from featstore.data.manifest import FORMATS, Format
     from featstore.data.readers import READERS
+    from featstore.data.settings import FORMATS, Format
 
     assert set(FORMATS) == set(get_args(Format))
     assert set(READERS) == set(FORMATS) - {"synthetic"}  # synthetic data is written as one

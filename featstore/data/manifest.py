@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +19,11 @@ from pydantic import Field, ValidationError, model_validator
 from featstore.data.explain import explain
 from featstore.data.safe_yaml import parse_yaml
 from featstore.data.settings import (
+    FORMATS,
     MAX_RESOLUTION,
     MIN_RESOLUTION,
     EncoderPreprocessing,
+    Format,
     Frozen,
     GlobIndex,
     Intensity,
@@ -37,29 +38,6 @@ from featstore.data.settings import (
 from featstore.errors import ManifestError
 from featstore.store.location import place
 
-Format = Literal["medmnist", "images", "nifti", "dicom", "wsi", "stack", "synthetic"]
-
-
-@dataclass(frozen=True)
-class FormatRules:
-    """What a format's datasets must say in the manifest (its reader lives in readers.py)."""
-
-    dims: tuple[int, ...]  # the `dims:` it holds
-    holds: str  # what one sample is, for the message when `dims` does not fit
-    index: bool = True  # needs `index:` (a CSV or a glob), one row per sample
-
-
-# The one table of per-format manifest rules; a new format adds a row here and a
-# reader in `featstore.data.readers.READERS`.
-FORMATS: dict[str, FormatRules] = {
-    "medmnist": FormatRules((2, 3), "a MedMNIST npz", index=False),
-    "images": FormatRules((2,), "2D images"),
-    "nifti": FormatRules((3,), "volumes"),
-    "dicom": FormatRules((3,), "volumes"),
-    "wsi": FormatRules((2,), "slides, classified from 2D tiles"),
-    "stack": FormatRules((3,), "one volume per sample (a multi-page TIFF or a folder)"),
-    "synthetic": FormatRules((2, 3), "generated data", index=False),
-}
 Task = Literal["classification", "multilabel", "segmentation"]
 Fit = Literal["resize", "pad"]  # pad: small images centred on a zero canvas
 SPLITS = ("train", "val", "test")

@@ -6,9 +6,34 @@ puts them together into datasets and the manifest, and re-exports them).
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+Format = Literal["medmnist", "images", "nifti", "dicom", "wsi", "stack", "synthetic"]
+
+
+@dataclass(frozen=True)
+class FormatRules:
+    """What a format's datasets must say in the manifest (its reader lives in readers.py)."""
+
+    dims: tuple[int, ...]  # the `dims:` it holds
+    holds: str  # what one sample is, for the message when `dims` does not fit
+    index: bool = True  # needs `index:` (a CSV or a glob), one row per sample
+
+
+# The one table of per-format manifest rules; a new format adds its name to `Format`,
+# a row here and a reader in `featstore.data.readers.READERS`.
+FORMATS: dict[str, FormatRules] = {
+    "medmnist": FormatRules((2, 3), "a MedMNIST npz", index=False),
+    "images": FormatRules((2,), "2D images"),
+    "nifti": FormatRules((3,), "volumes"),
+    "dicom": FormatRules((3,), "volumes"),
+    "wsi": FormatRules((2,), "slides, classified from 2D tiles"),
+    "stack": FormatRules((3,), "one volume per sample (a multi-page TIFF or a folder)"),
+    "synthetic": FormatRules((2, 3), "generated data", index=False),
+}
 
 # Bounds checked before anything is allocated: a typo (224000) must not reach
 # `np.empty((n, 3, r, r))` or a zarr allocation.
