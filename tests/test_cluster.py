@@ -17,6 +17,7 @@ from pipelines import extract
 
 distributed = pytest.importorskip("distributed")
 EXTRA = "batch_size: 4\nunit_items: 8\n"
+UNITS_OF_4 = "batch_size: 4\nunit_items: 4\n"
 
 
 def _chunks(path):
@@ -109,3 +110,57 @@ def test_streamed_seg_head_on_every_patch_and_probe_on_the_cluster(tmp_path, tin
     result = CliRunner().invoke(app, [*args, "--scheduler", address, "--memory-mb", "16"])
     assert result.exit_code == 0, result.output
     assert "dask dashboard" in result.output and (out / "results.csv").is_file()
+
+
+@pytest.fixture
+def two_threads():
+    """An in-process dask cluster of two one-thread workers, with featstore's plugin:
+    a test can replace the unit task (tasks are serialized: they talk through files)."""
+    from distributed import Client
+
+    from featstore.extraction.cluster import EncoderCache
+
+    with Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0") as c:
+        c.register_plugin(EncoderCache(1))
+        yield c
+
+
+def test_a_failed_unit_waits_for_running_units_before_the_claim_is_released(
+    tmp_path, two_threads, monkeypatch
+):
+    """Unit 1 fails while unit 0 is mid-unit. A cancel does not stop a running task, so
+    the client must not leave the set (and release its claim) until unit 0 has written:
+    every write happens under the claim. Before the fix unit 0 wrote after it."""
+    from featstore.errors import BadInputError
+    from featstore.extraction import cluster
+    from featstore.store import claims
+
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def unit_task(prep, job, spec, device, memo, unit):  # type: ignore[no-untyped-def]
+        if unit == 1:  # fails once unit 0 is running
+            deadline = time.time() + 30
+            while not (log / "started-0").exists() and time.time() < deadline:
+                time.sleep(0.01)
+            raise BadInputError("d/img1.png: not an image")
+        (log / f"started-{unit}").touch()
+        time.sleep(1.0)  # encoding...
+        held = any(claims.claims_dir(job.fs.path).glob("*.json"))
+        (log / f"wrote-{unit}").write_text("under the claim" if held else "after the claim")
+        return 4, 0.1, {}
+
+    monkeypatch.setattr(cluster, "_unit_task", unit_task)
+    mpath = write_manifest(
+        tmp_path, synth_entry("d", "seg2d", n=12), "['pixels']", extra=UNITS_OF_4
+    )
+    with pytest.raises(BadInputError, match="not an image"):
+        cluster.extract_on_cluster(
+            load_manifest(mpath), two_threads, Options(progress=False), baseline=False
+        )
+    assert (log / "started-0").exists()
+    assert (log / "wrote-0").exists()  # returned only after the running unit ended
+    time.sleep(1.5)  # nothing is written later either
+    wrote = {f.name: f.read_text() for f in log.glob("wrote-*")}
+    assert set(wrote.values()) == {"under the claim"}, wrote
+    assert not list((tmp_path / "cache").glob(".*.claims/*.json"))  # released at the end

@@ -15,6 +15,8 @@ loads an encoder once (kept by a worker plugin) and reuses it for every task.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -221,11 +223,39 @@ def _runner(
                     skipped.update(bad)
                     bar.update(1)
         except BaseException:
-            client.cancel(list(futures))  # the first failure ends the set: nothing more runs
+            client.cancel(list(futures))  # the first failure ends the set: nothing more starts
+            # A running task is not stopped by a cancel: it writes its unit to the end.
+            # The caller releases its claim on the set as this returns, so wait for them.
+            settle(client, f"featstore-{job.fs.name}-unit-", progress)
             raise
         return items, mbytes, skipped
 
     return run
+
+
+# Worker-side states of a task that runs, or may still start, after its cancel: a
+# cancelled task keeps running in its thread (state "cancelled") until it returns.
+_SETTLED = frozenset({"memory", "error", "released", "forgotten", "rescheduled"})
+
+
+def _unsettled(prefix: str, dask_worker: Any = None) -> int:
+    """How many tasks whose key starts with `prefix` this worker runs or may still start."""
+    return sum(
+        1
+        for key, ts in list(dask_worker.state.tasks.items())
+        if str(key).startswith(prefix) and ts.state not in _SETTLED
+    )
+
+
+def settle(client: Any, prefix: str, progress: bool = False, poll: float = 0.1) -> None:
+    """Return once no worker runs (or may still start) a task whose key starts with
+    `prefix`; call it after cancelling them. A second Ctrl-C stops the wait."""
+    told = False
+    while n := sum(client.run(_unsettled, prefix).values()):
+        if progress and not told:
+            print(f"waiting for {n} running unit(s) to finish writing", file=sys.stderr)
+            told = True
+        time.sleep(poll)
 
 
 def extract_on_cluster(
