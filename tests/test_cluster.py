@@ -164,3 +164,76 @@ def test_a_failed_unit_waits_for_running_units_before_the_claim_is_released(
     wrote = {f.name: f.read_text() for f in log.glob("wrote-*")}
     assert set(wrote.values()) == {"under the claim"}, wrote
     assert not list((tmp_path / "cache").glob(".*.claims/*.json"))  # released at the end
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+def _connect(*args, **kwargs) -> None:
+    from featstore.extraction.cluster import client_for
+
+    with client_for(*args, **kwargs):
+        pass
+
+
+def test_client_for_refuses_bad_specs_and_unreachable_schedulers_clearly():
+    from featstore.errors import ManifestError, SchedulerUnreachableError
+
+    for spec in ("local:0", "local:x", "remote:2", "local:257"):
+        with pytest.raises(ManifestError, match=rf"--cluster '{spec}': expected local:N"):
+            _connect(spec, None)
+    for both in ((None, None), ("local:2", "tcp://127.0.0.1:8786")):
+        with pytest.raises(ManifestError, match="exactly one of --cluster"):
+            _connect(*both)
+    with pytest.raises(ManifestError, match=r"'nope://x' is not a scheduler address.*tcp://"):
+        _connect(None, "nope://x")
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnreachableError) as caught:
+        _connect(None, address, timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    message = str(caught.value)
+    assert address in message and "within 1 s" in message
+    assert "dask scheduler" in message and "--cluster local:N" in message
+
+
+def _cli_extract(mpath, *args: str):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    cmd = ["extract", "--manifest", str(mpath), "--no-baseline", "--device", "cpu", *args]
+    return CliRunner().invoke(app, cmd)
+
+
+def test_cli_extract_on_a_local_cluster_and_on_a_scheduler(tmp_path, client):
+    """`featstore extract --cluster local:2` and `--scheduler ADDRESS` write the bytes of
+    a single-process extract; bad cluster options are one line and exit 2."""
+    entry = synth_entry("d", "seg2d", n=12)
+    mpath = write_manifest(tmp_path, entry, "['pixels']", extra=UNITS_OF_4)
+    (ref,) = extract.run(load_manifest(mpath), Options(progress=False), baseline=False)
+    runs = {"--cluster": "local:2", "--scheduler": client.scheduler.address}
+    for flag, value in runs.items():
+        cache = tmp_path / flag.strip("-")
+        result = _cli_extract(mpath, flag, value, "--cache", str(cache))
+        assert result.exit_code == 0, result.output
+        assert "dask dashboard" in result.output and "done: 1 new" in result.output
+        (path,) = cache.glob("*.zarr")
+        assert path.name == ref.path.name and FeatureSet(path).verify() == []
+        assert _chunks(path) == _chunks(ref.path)
+    result = _cli_extract(mpath, "--cluster", "local:0")
+    assert result.exit_code == 2 and "expected local:N" in result.output
+    result = _cli_extract(mpath, "--cluster", "local:2", "--scheduler", "tcp://x:1")
+    assert result.exit_code == 2 and "exactly one of --cluster" in result.output
+    import dask
+
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = _cli_extract(mpath, "--scheduler", address)
+    assert result.exit_code == 2, result.output  # an error line, not a traceback
+    assert f"--scheduler {address}: no dask scheduler answered" in result.output

@@ -28,7 +28,7 @@ from distributed import WorkerPlugin
 from featstore.data.manifest import Manifest
 from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
-from featstore.errors import FeatstoreError, ManifestError
+from featstore.errors import FeatstoreError, ManifestError, SchedulerUnreachableError
 from featstore.extraction import guard
 from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo
@@ -125,10 +125,12 @@ def client_for(
     threads: int = 1,
     device: str = "cpu",
     gpus: list[str] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[Any]:
     """A dask.distributed Client on a new LocalCluster or a running scheduler, with the
     featstore plugin registered on every worker. A local cluster for `device` cuda or
-    auto spreads its workers over `gpus` (default: `gpu_ids()`), one GPU each."""
+    auto spreads its workers over `gpus` (default: `gpu_ids()`), one GPU each.
+    `timeout`: seconds to reach the scheduler (see `connect`)."""
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
     if (cluster is None) == (scheduler is None):
@@ -148,7 +150,7 @@ def client_for(
         )
         client = Client(local)
     else:
-        client = Client(scheduler)
+        client = connect(str(scheduler), timeout)
     try:
         client.register_plugin(EncoderCache(threads))
         yield client
@@ -156,6 +158,32 @@ def client_for(
         client.close()
         if local is not None:
             local.close()
+
+
+def connect(address: str, timeout: float | None = None) -> Any:
+    """A Client of the running scheduler at `address`, reached within `timeout` seconds
+    (default: dask's `distributed.comm.timeouts.connect`, 30 s unless configured);
+    a malformed address is a `ManifestError`, no answer a `SchedulerUnreachableError`."""
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed import Client
+
+    if timeout is None:
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    try:
+        return Client(address, timeout=timeout)
+    except ValueError as exc:
+        raise ManifestError(
+            f"--scheduler {address!r} is not a scheduler address ({exc}); give the address "
+            "`dask scheduler` prints, e.g. tcp://HOST:8786"
+        ) from None
+    except OSError as exc:  # refused, timed out, unknown host
+        raise SchedulerUnreachableError(
+            f"--scheduler {address}: no dask scheduler answered within {timeout:g} s "
+            f"({exc}). Start one there (`dask scheduler`, then `dask worker {address}` on "
+            "each machine), check the address, port and firewall, or run on this machine "
+            "with --cluster local:N instead"
+        ) from None
 
 
 def _device_here(asked: str) -> str:
