@@ -290,7 +290,7 @@ def ls(
     if not rows:
         typer.echo(f"no feature sets in {cache}")
         return
-    cols = ["dataset", "encoder", "resolution", "items", "size_mb", "complete", "key"]
+    cols = ["dataset", "encoder", "resolution", "items", "size_mb", "complete", "format", "key"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
