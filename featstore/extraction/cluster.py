@@ -254,7 +254,7 @@ def _runner(
             client.cancel(list(futures))  # the first failure ends the set: nothing more starts
             # A running task is not stopped by a cancel: it writes its unit to the end.
             # The caller releases its claim on the set as this returns, so wait for them.
-            settle(client, f"featstore-{job.fs.name}-unit-", progress)
+            settle(client, [f.key for f in futures], progress)
             raise
         return items, mbytes, skipped
 
@@ -266,20 +266,22 @@ def _runner(
 _SETTLED = frozenset({"memory", "error", "released", "forgotten", "rescheduled"})
 
 
-def _unsettled(prefix: str, dask_worker: Any = None) -> int:
-    """How many tasks whose key starts with `prefix` this worker runs or may still start."""
+def _unsettled(keys: list[str], dask_worker: Any = None) -> int:
+    """How many of the tasks `keys` this worker runs or may still start."""
+    mine = set(keys)
     return sum(
         1
         for key, ts in list(dask_worker.state.tasks.items())
-        if str(key).startswith(prefix) and ts.state not in _SETTLED
+        if key in mine and ts.state not in _SETTLED
     )
 
 
-def settle(client: Any, prefix: str, progress: bool = False, poll: float = 0.1) -> None:
-    """Return once no worker runs (or may still start) a task whose key starts with
-    `prefix`; call it after cancelling them. A second Ctrl-C stops the wait."""
+def settle(client: Any, keys: list[str], progress: bool = False, poll: float = 0.1) -> None:
+    """Return once no worker runs (or may still start) one of the tasks `keys` (this
+    run's units, not another shard's on the same scheduler); call it after cancelling
+    them. A second Ctrl-C stops the wait."""
     told = False
-    while n := sum(client.run(_unsettled, prefix).values()):
+    while n := sum(client.run(_unsettled, keys).values()):
         if progress and not told:
             print(f"waiting for {n} running unit(s) to finish writing", file=sys.stderr)
             told = True
