@@ -245,9 +245,9 @@ def probe(
         )
         with contextlib.ExitStack() as stack:
             if scheduler is not None:
-                from distributed import Client
+                from featstore.extraction.cluster import connect  # torch-free
 
-                client = stack.enter_context(Client(scheduler))
+                client = stack.enter_context(connect(scheduler))
                 typer.echo(f"dask dashboard: {client.dashboard_link}")
             stage.run(m, out, opts, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:

@@ -237,3 +237,24 @@ def test_cli_extract_on_a_local_cluster_and_on_a_scheduler(tmp_path, client):
         result = _cli_extract(mpath, "--scheduler", address)
     assert result.exit_code == 2, result.output  # an error line, not a traceback
     assert f"--scheduler {address}: no dask scheduler answered" in result.output
+
+
+def test_probe_on_an_unreachable_scheduler_is_one_error_line(tmp_path):
+    """`featstore probe --scheduler` connects like extract does (and without torch)."""
+    import subprocess
+    import sys
+
+    import dask
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    mpath = write_manifest(tmp_path, synth_entry("d", "seg2d", n=12), "['pixels']")
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    args = ["probe", "--manifest", str(mpath), "--scheduler", address]
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"--scheduler {address}: no dask scheduler answered within 1 s" in result.output
+    code = "import sys, featstore.extraction.cluster; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import WorkerPlugin
 
@@ -30,8 +30,11 @@ from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
 from featstore.errors import FeatstoreError, ManifestError, SchedulerUnreachableError
 from featstore.extraction import guard
-from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo
+
+if TYPE_CHECKING:  # run imports torch: loaded only where units run, so that `connect`
+    # (used by `featstore probe --scheduler`) stays torch-free
+    from featstore.extraction.run import Options, SetJob, Summary, UnitRunner
 
 PLUGIN = "featstore-encoders"
 
@@ -291,14 +294,17 @@ def settle(client: Any, keys: list[str], progress: bool = False, poll: float = 0
 def extract_on_cluster(
     manifest: Manifest,
     client: Any,
-    opts: Options = Options(),
+    opts: Options | None = None,
     *,
     baseline: bool = True,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
     """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
     from featstore.data.fingerprint import memo_for
+    from featstore.extraction.run import Options, extract_set
     from featstore.store.location import place, reachable
+
+    opts = opts or Options()
 
     reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     echo(f"dask dashboard: {client.dashboard_link}")
