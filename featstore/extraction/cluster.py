@@ -14,6 +14,7 @@ loads an encoder once (kept by a worker plugin) and reuses it for every task.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -254,10 +255,13 @@ def _runner(
                     skipped.update(bad)
                     bar.update(1)
         except BaseException:
-            client.cancel(list(futures))  # the first failure ends the set: nothing more starts
-            # A running task is not stopped by a cancel: it writes its unit to the end.
-            # The caller releases its claim on the set as this returns, so wait for them.
-            settle(client, [f.key for f in futures], progress)
+            # The first failure ends the set: nothing more starts. A running task is not
+            # stopped by a cancel: it writes its unit to the end, and the caller releases
+            # its claim on the set as this returns, so wait for them. (A scheduler that
+            # is gone answers neither: the error that ended the set is raised.)
+            with contextlib.suppress(OSError):
+                client.cancel(list(futures))
+                settle(client, [f.key for f in futures], progress)
             raise
         return items, mbytes, skipped
 
