@@ -1,16 +1,25 @@
 """Trust at the edges, as a user meets them: `featstore extract` stopped by a signal in
-each phase, and a cache on a read-only mount. Called by `benchmarks/reliability.py`.
+each phase, killed inside an --overwrite, a cache on a read-only mount, feature sets of
+another format, cluster options that cannot work. Called by `benchmarks/reliability.py`.
 
-A signal lands in a named phase deterministically (`FEATSTORE_TEST_SIGNAL_AT`); the
-read-only cache is a read-only bind mount, tried only where `mount` is allowed.
+A signal lands in a named phase deterministically (`FEATSTORE_TEST_SIGNAL_AT`), a kill
+at a named point of the overwrite (`FEATSTORE_TEST_PAUSE_AT`: the process pauses there
+until it is killed); the read-only cache is a read-only bind mount, tried only where
+`mount` is allowed; the old format is the set the previous release wrote
+(tests/fixtures/format2).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
+
+FORMAT2 = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "format2"
 
 PHASES = {
     "listing": signal.SIGINT,
@@ -77,3 +86,87 @@ def read_only_cases(featstore: str, work: Path, env: dict[str, str]) -> list[tup
         return rows
     finally:
         subprocess.run(["umount", str(cache)], check=False)
+
+
+def _leftovers(cache: Path) -> list[Path]:
+    return [p for p in cache.glob(".*.zarr.*") if ".claims" not in p.name]
+
+
+def kill_cases(featstore: str, work: Path, env: dict[str, str]) -> list[tuple[str, bool, str]]:
+    """SIGKILL inside an --overwrite, at each named point: then a plain rerun gives a
+    whole, verified set and no leftovers."""
+    rows = []
+    for point in ("removing", "publishing"):
+        if not any((work / "cache").glob("*.zarr")):
+            _extract(featstore, work, env)
+        paused = work / f"paused-{point}"
+        cmd = [featstore, "extract", "--manifest", "m.yaml", "--workers", "0", "--overwrite"]
+        pause_env = {**env, "FEATSTORE_TEST_PAUSE_AT": f"{point}:{paused}"}
+        proc = subprocess.Popen(cmd, cwd=work, env=pause_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 120
+        while not paused.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        reached = paused.exists()
+        proc.kill()
+        killed = proc.wait() == -signal.SIGKILL
+        rerun = _extract(featstore, work, env)
+        (path,) = (work / "cache").glob("*.zarr")
+        check = subprocess.run([featstore, "verify", str(path)], env=env, capture_output=True)
+        left = _leftovers(work / "cache")
+        ok = reached and killed and rerun.returncode == 0 and check.returncode == 0 and not left
+        said = (rerun.stdout.strip().splitlines() or [""])[-1]
+        rows.append((f"SIGKILL inside --overwrite ({point})", ok, said))
+    return rows
+
+
+def version_cases(featstore: str, work: Path, env: dict[str, str]) -> list[tuple[str, bool, str]]:
+    """The previous release's set (format 2) and one claiming a newer format: verify
+    names the formats and the fix; an extract makes a new set beside the old one."""
+    folder = work / "versions"
+    shutil.rmtree(folder, ignore_errors=True)
+    (old,) = FORMAT2.glob("*.zarr")
+    path = folder / "cache" / old.name
+    shutil.copytree(old, path)
+    shutil.copy(FORMAT2 / "manifest.yaml", folder / "m.yaml")
+    rows = []
+    seen = subprocess.run([featstore, "verify", str(path)], env=env, capture_output=True, text=True)
+    said = seen.stdout.strip()
+    ok = seen.returncode == 1 and "(2, this one reads 3); re-extract" in said
+    rows.append(("format 2 set: verify", ok and len(said.splitlines()) == 1, said))
+    before = sorted(p.stat().st_mtime_ns for p in path.rglob("*"))
+    made = _extract(featstore, folder, env, "--no-baseline")
+    said = (made.stdout.strip().splitlines() or [""])[-2:][0]
+    sets = list((folder / "cache").glob("*.zarr"))
+    untouched = sorted(p.stat().st_mtime_ns for p in path.rglob("*")) == before
+    ok = made.returncode == 0 and "new" in said and len(sets) == 2 and untouched
+    rows.append(("format 2 set: extract makes a new set beside it", ok, said))
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["featstore_format"] = 4
+    (path / "zarr.json").write_text(json.dumps(meta))
+    seen = subprocess.run([featstore, "verify", str(path)], env=env, capture_output=True, text=True)
+    said = seen.stdout.strip()
+    ok = seen.returncode == 1 and "(4, this one reads 3)" in said and "upgrade featstore" in said
+    rows.append(("format 4 set (newer): verify", ok, said))
+    return rows
+
+
+def cluster_option_cases(
+    featstore: str, work: Path, env: dict[str, str]
+) -> list[tuple[str, bool, str]]:
+    """Cluster options that cannot work: one `error:` line and exit 2, fast."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    quick = {**env, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    rows = []
+    for label, args, want in (
+        ("--cluster local:0", ["--cluster", "local:0"], "expected local:N"),
+        ("--scheduler with nothing there", ["--scheduler", closed], "no dask scheduler"),
+    ):
+        t0 = time.perf_counter()
+        proc = _extract(featstore, work, quick, *args)
+        said = proc.stderr.strip()
+        ok = proc.returncode == 2 and want in said and "Traceback" not in said
+        rows.append((f"{label} ({time.perf_counter() - t0:.0f} s)", ok, said))
+    return rows

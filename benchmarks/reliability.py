@@ -607,10 +607,16 @@ def main() -> int:
         )
         misses += len(damaged) - found + (not rows[0][2])
 
-        from edges import read_only_cases, signal_cases  # benchmarks/edges.py
+        import edges as e  # benchmarks/edges.py
 
-        edges = signal_cases(FEATSTORE, work, env) + read_only_cases(FEATSTORE, work, env)
-        print(f"\n{'edges (signals in each phase, read-only cache)':50} {'ok':3}  last line")
+        edges = [
+            *e.signal_cases(FEATSTORE, work, env),
+            *e.kill_cases(FEATSTORE, work, env),
+            *e.read_only_cases(FEATSTORE, work, env),
+            *e.version_cases(FEATSTORE, work, env),
+            *e.cluster_option_cases(FEATSTORE, work, env),
+        ]
+        print(f"\n{'edges (signals, kills, read-only, versions, cluster)':50} {'ok':3}  last line")
         for label, ok, said in edges:
             print(f"{label:50} {'yes' if ok else 'NO':3}  {_cut(said, 100)}")
         print(f"\nedges: {sum(ok for _, ok, _ in edges)}/{len(edges)} as expected")

@@ -49,6 +49,10 @@ class CacheUnreachableError(FeatstoreError, OSError):
     """A cache URL cannot be opened (unknown protocol, missing driver, no access)."""
 
 
+class SchedulerUnreachableError(FeatstoreError, ConnectionError):
+    """No dask scheduler answers at the address given to --scheduler."""
+
+
 class CacheReadOnlyError(FeatstoreError, PermissionError):
     """An extract must write to a cache that this process may only read."""
 

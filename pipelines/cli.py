@@ -249,9 +249,9 @@ def probe(
         )
         with contextlib.ExitStack() as stack:
             if scheduler is not None:
-                from distributed import Client
+                from featstore.extraction.cluster import connect  # torch-free
 
-                client = stack.enter_context(Client(scheduler))
+                client = stack.enter_context(connect(scheduler))
                 typer.echo(f"dask dashboard: {client.dashboard_link}")
             stage.run(m, out, opts, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:
@@ -294,7 +294,7 @@ def ls(
     if not rows:
         typer.echo(f"no feature sets in {cache}")
         return
-    cols = ["dataset", "encoder", "resolution", "items", "size_mb", "complete", "key"]
+    cols = ["dataset", "encoder", "resolution", "items", "size_mb", "complete", "format", "key"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     typer.echo("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:

@@ -17,6 +17,7 @@ from pipelines import extract
 
 distributed = pytest.importorskip("distributed")
 EXTRA = "batch_size: 4\nunit_items: 8\n"
+UNITS_OF_4 = "batch_size: 4\nunit_items: 4\n"
 
 
 def _chunks(path):
@@ -109,3 +110,151 @@ def test_streamed_seg_head_on_every_patch_and_probe_on_the_cluster(tmp_path, tin
     result = CliRunner().invoke(app, [*args, "--scheduler", address, "--memory-mb", "16"])
     assert result.exit_code == 0, result.output
     assert "dask dashboard" in result.output and (out / "results.csv").is_file()
+
+
+@pytest.fixture
+def two_threads():
+    """An in-process dask cluster of two one-thread workers, with featstore's plugin:
+    a test can replace the unit task (tasks are serialized: they talk through files)."""
+    from distributed import Client
+
+    from featstore.extraction.cluster import EncoderCache
+
+    with Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0") as c:
+        c.register_plugin(EncoderCache(1))
+        yield c
+
+
+def test_a_failed_unit_waits_for_running_units_before_the_claim_is_released(
+    tmp_path, two_threads, monkeypatch
+):
+    """Unit 1 fails while unit 0 is mid-unit. A cancel does not stop a running task, so
+    the client must not leave the set (and release its claim) until unit 0 has written:
+    every write happens under the claim. Before the fix unit 0 wrote after it."""
+    from featstore.errors import BadInputError
+    from featstore.extraction import cluster
+    from featstore.store import claims
+
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def unit_task(prep, job, spec, device, memo, unit):  # type: ignore[no-untyped-def]
+        if unit == 1:  # fails once unit 0 is running
+            deadline = time.time() + 30
+            while not (log / "started-0").exists() and time.time() < deadline:
+                time.sleep(0.01)
+            raise BadInputError("d/img1.png: not an image")
+        (log / f"started-{unit}").touch()
+        time.sleep(1.0)  # encoding...
+        held = any(claims.claims_dir(job.fs.path).glob("*.json"))
+        (log / f"wrote-{unit}").write_text("under the claim" if held else "after the claim")
+        return 4, 0.1, {}
+
+    monkeypatch.setattr(cluster, "_unit_task", unit_task)
+    mpath = write_manifest(
+        tmp_path, synth_entry("d", "seg2d", n=12), "['pixels']", extra=UNITS_OF_4
+    )
+    with pytest.raises(BadInputError, match="not an image"):
+        cluster.extract_on_cluster(
+            load_manifest(mpath), two_threads, Options(progress=False), baseline=False
+        )
+    assert (log / "started-0").exists()
+    assert (log / "wrote-0").exists()  # returned only after the running unit ended
+    time.sleep(1.5)  # nothing is written later either
+    wrote = {f.name: f.read_text() for f in log.glob("wrote-*")}
+    assert set(wrote.values()) == {"under the claim"}, wrote
+    assert not list((tmp_path / "cache").glob(".*.claims/*.json"))  # released at the end
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+def _connect(*args, **kwargs) -> None:
+    from featstore.extraction.cluster import client_for
+
+    with client_for(*args, **kwargs):
+        pass
+
+
+def test_client_for_refuses_bad_specs_and_unreachable_schedulers_clearly():
+    from featstore.errors import ManifestError, SchedulerUnreachableError
+
+    for spec in ("local:0", "local:x", "remote:2", "local:257"):
+        with pytest.raises(ManifestError, match=rf"--cluster '{spec}': expected local:N"):
+            _connect(spec, None)
+    for both in ((None, None), ("local:2", "tcp://127.0.0.1:8786")):
+        with pytest.raises(ManifestError, match="exactly one of --cluster"):
+            _connect(*both)
+    with pytest.raises(ManifestError, match=r"'nope://x' is not a scheduler address.*tcp://"):
+        _connect(None, "nope://x")
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnreachableError) as caught:
+        _connect(None, address, timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    message = str(caught.value)
+    assert address in message and "within 1 s" in message
+    assert "dask scheduler" in message and "--cluster local:N" in message
+
+
+def _cli_extract(mpath, *args: str):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    cmd = ["extract", "--manifest", str(mpath), "--no-baseline", "--device", "cpu", *args]
+    return CliRunner().invoke(app, cmd)
+
+
+def test_cli_extract_on_a_local_cluster_and_on_a_scheduler(tmp_path, client):
+    """`featstore extract --cluster local:2` and `--scheduler ADDRESS` write the bytes of
+    a single-process extract; bad cluster options are one line and exit 2."""
+    entry = synth_entry("d", "seg2d", n=12)
+    mpath = write_manifest(tmp_path, entry, "['pixels']", extra=UNITS_OF_4)
+    (ref,) = extract.run(load_manifest(mpath), Options(progress=False), baseline=False)
+    runs = {"--cluster": "local:2", "--scheduler": client.scheduler.address}
+    for flag, value in runs.items():
+        cache = tmp_path / flag.strip("-")
+        result = _cli_extract(mpath, flag, value, "--cache", str(cache))
+        assert result.exit_code == 0, result.output
+        assert "dask dashboard" in result.output and "done: 1 new" in result.output
+        (path,) = cache.glob("*.zarr")
+        assert path.name == ref.path.name and FeatureSet(path).verify() == []
+        assert _chunks(path) == _chunks(ref.path)
+    result = _cli_extract(mpath, "--cluster", "local:0")
+    assert result.exit_code == 2 and "expected local:N" in result.output
+    result = _cli_extract(mpath, "--cluster", "local:2", "--scheduler", "tcp://x:1")
+    assert result.exit_code == 2 and "exactly one of --cluster" in result.output
+    import dask
+
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = _cli_extract(mpath, "--scheduler", address)
+    assert result.exit_code == 2, result.output  # an error line, not a traceback
+    assert f"--scheduler {address}: no dask scheduler answered" in result.output
+
+
+def test_probe_on_an_unreachable_scheduler_is_one_error_line(tmp_path):
+    """`featstore probe --scheduler` connects like extract does (and without torch)."""
+    import subprocess
+    import sys
+
+    import dask
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    mpath = write_manifest(tmp_path, synth_entry("d", "seg2d", n=12), "['pixels']")
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    args = ["probe", "--manifest", str(mpath), "--scheduler", address]
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"--scheduler {address}: no dask scheduler answered within 1 s" in result.output
+    code = "import sys, featstore.extraction.cluster; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

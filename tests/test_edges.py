@@ -192,6 +192,8 @@ def fresh(made, tmp_path):
         "memo",  # the file-hash memo, written while fingerprinting
         "claim",  # the claim file beside the set
         "skeleton",  # the temporary skeleton of a new set
+        "units",  # a chunk of unit 1, while computing (as a really full disk would:
+        # tests/test_trust.py's tmpfs variant, where `mount` is allowed)
         "finish",  # the root zarr.json written when the set is marked complete
     ],
 )
@@ -203,12 +205,17 @@ def test_a_full_disk_in_any_phase_is_the_disk_full_message(fresh, where):
         "memo": lambda p: MEMO_NAME in p,
         "claim": lambda p: ".claims" in p,
         "skeleton": lambda p: ".zarr.tmp" in p,
+        "units": lambda p: f".zarr{os.sep}patch{os.sep}c{os.sep}1{os.sep}" in p,
         "finish": lambda p: p.endswith(".zarr" + os.sep + "zarr.json") and ".claims" not in p,
     }
     size = "" if where == "memo" else r".*the set needs about \d+ MB"  # no set yet: no size
     full = pytest.raises(FeatstoreError, match=rf"cache folder {cache} is full{size}")
     with failing(errno.ENOSPC, hits[where]), full:
         _run(mpath)
+    if where == "units":  # stopped midway: what is marked done is written
+        (path,) = cache.glob("*.zarr")
+        assert 1 in FeatureSet(path).pending_units()
+        assert FeatureSet(path).verify(require_complete=False) == []
     (summary,) = _run(mpath)  # space again: the same command finishes the set
     assert summary.status in ("new", "resumed") and FeatureSet(summary.path).verify() == []
 

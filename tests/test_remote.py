@@ -201,6 +201,31 @@ def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
     assert FeatureSet(got.path).verify() == [] and _objects(got.path) == _objects(ref.path)
 
 
+def test_s3_cache_on_two_dask_workers(tmp_path, s3):
+    """The cluster path against the object store, small enough for every run (the slow
+    test above does it with worker processes and a ViT): two in-process workers write
+    their units of a pixel-baseline set straight to S3; same bytes as one process."""
+    distributed = pytest.importorskip("distributed")
+    from featstore.extraction.cluster import EncoderCache, extract_on_cluster
+
+    (tmp_path / "local").mkdir()
+    opts = extract.Options(threads=1, progress=False, num_workers=0)
+    local = load_manifest(_manifest(tmp_path / "local", "seg2d", "cache", "pixels:8"))
+    (ref,) = extract.run(local, opts, baseline=False, echo=lambda *_: None)
+    remote = load_manifest(_manifest(tmp_path, "seg2d", s3, "pixels:8"))
+    with distributed.Client(
+        processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0"
+    ) as client:
+        client.register_plugin(EncoderCache(1))
+        with distributed.get_task_stream(client) as stream:
+            (got,) = extract_on_cluster(remote, client, opts, baseline=False, echo=print)
+    ran = sorted(t["key"].rsplit("-", 1)[-1] for t in stream.data if "-unit-" in t["key"])
+    assert ran == ["0", "1"]  # each unit was a task on a worker
+    assert got.status == "new" and isinstance(got.path, location.Remote)
+    assert str(got.path).startswith(s3) and got.path.name == ref.path.name
+    assert FeatureSet(got.path).verify() == [] and _objects(got.path) == _objects(ref.path)
+
+
 def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
     import featstore
     from featstore.errors import CacheUnreachableError

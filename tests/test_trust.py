@@ -20,7 +20,7 @@ from featstore.data.manifest import load_manifest
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.extraction.run import Options
 from featstore.probing.evaluation import probe_set
-from featstore.store import claims
+from featstore.store import claims, location
 from featstore.store.integrity import Kind
 from featstore.store.sets import FeatureSet
 from pipelines import extract
@@ -287,24 +287,33 @@ def test_signal_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_dinov3, sig)
     assert resumed.status == "resumed" and FeatureSet(path).verify() == []
 
 
-def test_kill_during_overwrite_leaves_a_usable_cache(copy, reference):
+@pytest.mark.parametrize("point", ["removing", "publishing"])
+def test_kill_during_overwrite_leaves_a_usable_cache(copy, reference, point, tmp_path):
+    """The kill lands inside the overwrite, at a named point: the old set renamed aside
+    but not deleted (removing), or the new skeleton built but not in place (publishing).
+    The process pauses there (FEATSTORE_TEST_PAUSE_AT) until it is killed."""
     mpath, path = copy
+    paused = tmp_path / "paused"
     cmd = [str(Path(sys.executable).parent / "featstore"), "extract", "--manifest", str(mpath)]
     proc = subprocess.Popen(
         [*cmd, "--no-baseline", "--workers", "0", "--overwrite"],
         cwd=REPO,
+        env={**os.environ, location.TEST_PAUSE: f"{point}:{paused}"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    aside = path.parent.glob(f".{path.name}.old*")
-    while time.time() < deadline and path.exists() and not any(aside):
-        time.sleep(0.001)  # the old set is being replaced: kill now
-        aside = path.parent.glob(f".{path.name}.old*")
+    while not paused.exists():  # the process says it is there, and waits
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the overwrite never paused at '{point}' (exit {proc.poll()})")
+        time.sleep(0.01)
+    kind = "old" if point == "removing" else "tmp"
+    assert not path.exists() and list(path.parent.glob(f".{path.name}.{kind}*"))
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait(30) == -signal.SIGKILL  # killed there, not ended on its own
     (summary,) = _run(mpath)  # a plain run afterwards: no traceback, a whole set
-    assert summary.status in ("new", "resumed", "cached")
+    assert summary.status == "new"
     assert FeatureSet(path).verify() == [] and _chunks(path) == _chunks(reference[1])
     assert not list(path.parent.glob(f".{path.name}.old*")) and not list(
         path.parent.glob(f".{path.name}.tmp*")
@@ -318,7 +327,12 @@ def test_full_disk_names_the_cache_and_marks_nothing_unwritten(tmp_path, tiny_di
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode()}")
+        pytest.skip(
+            "a really full disk needs a 1 MB tmpfs: run as root where `mount -t tmpfs` is "
+            "allowed (a VM, or a container with CAP_SYS_ADMIN); tests/test_edges.py::"
+            "test_a_full_disk_in_any_phase_is_the_disk_full_message covers the same phases "
+            f"(memo, claim, skeleton, units, finish) without it: {mounted.stderr.decode()[:200]}"
+        )
     try:
         entry = synth_entry("d", "seg2d", n=64)  # ~2 MB of tokens and masks at 128 px
         extra = "batch_size: 4\nunit_items: 4\ncodec: none\n"

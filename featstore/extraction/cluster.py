@@ -14,22 +14,28 @@ loads an encoder once (kept by a worker plugin) and reuses it for every task.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import WorkerPlugin
 
 from featstore.data.manifest import Manifest
 from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
-from featstore.errors import FeatstoreError, ManifestError
+from featstore.errors import FeatstoreError, ManifestError, SchedulerUnreachableError
 from featstore.extraction import guard
-from featstore.extraction.run import Options, SetJob, Summary, UnitRunner, extract_set
 from featstore.identity import EncoderInfo
+
+if TYPE_CHECKING:  # run imports torch: loaded only where units run, so that `connect`
+    # (used by `featstore probe --scheduler`) stays torch-free
+    from featstore.extraction.run import Options, SetJob, Summary, UnitRunner
 
 PLUGIN = "featstore-encoders"
 
@@ -123,10 +129,12 @@ def client_for(
     threads: int = 1,
     device: str = "cpu",
     gpus: list[str] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[Any]:
     """A dask.distributed Client on a new LocalCluster or a running scheduler, with the
     featstore plugin registered on every worker. A local cluster for `device` cuda or
-    auto spreads its workers over `gpus` (default: `gpu_ids()`), one GPU each."""
+    auto spreads its workers over `gpus` (default: `gpu_ids()`), one GPU each.
+    `timeout`: seconds to reach the scheduler (see `connect`)."""
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
     if (cluster is None) == (scheduler is None):
@@ -146,7 +154,7 @@ def client_for(
         )
         client = Client(local)
     else:
-        client = Client(scheduler)
+        client = connect(str(scheduler), timeout)
     try:
         client.register_plugin(EncoderCache(threads))
         yield client
@@ -154,6 +162,32 @@ def client_for(
         client.close()
         if local is not None:
             local.close()
+
+
+def connect(address: str, timeout: float | None = None) -> Any:
+    """A Client of the running scheduler at `address`, reached within `timeout` seconds
+    (default: dask's `distributed.comm.timeouts.connect`, 30 s unless configured);
+    a malformed address is a `ManifestError`, no answer a `SchedulerUnreachableError`."""
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed import Client
+
+    if timeout is None:
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    try:
+        return Client(address, timeout=timeout)
+    except ValueError as exc:
+        raise ManifestError(
+            f"--scheduler {address!r} is not a scheduler address ({exc}); give the address "
+            "`dask scheduler` prints, e.g. tcp://HOST:8786"
+        ) from None
+    except OSError as exc:  # refused, timed out, unknown host
+        raise SchedulerUnreachableError(
+            f"--scheduler {address}: no dask scheduler answered within {timeout:g} s "
+            f"({exc}). Start one there (`dask scheduler`, then `dask worker {address}` on "
+            "each machine), check the address, port and firewall, or run on this machine "
+            "with --cluster local:N instead"
+        ) from None
 
 
 def _device_here(asked: str) -> str:
@@ -221,24 +255,60 @@ def _runner(
                     skipped.update(bad)
                     bar.update(1)
         except BaseException:
-            client.cancel(list(futures))  # the first failure ends the set: nothing more runs
+            # The first failure ends the set: nothing more starts. A running task is not
+            # stopped by a cancel: it writes its unit to the end, and the caller releases
+            # its claim on the set as this returns, so wait for them. (A scheduler that
+            # is gone answers neither: the error that ended the set is raised.)
+            with contextlib.suppress(OSError):
+                client.cancel(list(futures))
+                settle(client, [f.key for f in futures], progress)
             raise
         return items, mbytes, skipped
 
     return run
 
 
+# Worker-side states of a task that runs, or may still start, after its cancel: a
+# cancelled task keeps running in its thread (state "cancelled") until it returns.
+_SETTLED = frozenset({"memory", "error", "released", "forgotten", "rescheduled"})
+
+
+def _unsettled(keys: list[str], dask_worker: Any = None) -> int:
+    """How many of the tasks `keys` this worker runs or may still start."""
+    mine = set(keys)
+    return sum(
+        1
+        for key, ts in list(dask_worker.state.tasks.items())
+        if key in mine and ts.state not in _SETTLED
+    )
+
+
+def settle(client: Any, keys: list[str], progress: bool = False, poll: float = 0.1) -> None:
+    """Return once no worker runs (or may still start) one of the tasks `keys` (this
+    run's units, not another shard's on the same scheduler); call it after cancelling
+    them. A second Ctrl-C stops the wait."""
+    told = False
+    while n := sum(client.run(_unsettled, keys).values()):
+        if progress and not told:
+            print(f"waiting for {n} running unit(s) to finish writing", file=sys.stderr)
+            told = True
+        time.sleep(poll)
+
+
 def extract_on_cluster(
     manifest: Manifest,
     client: Any,
-    opts: Options = Options(),
+    opts: Options | None = None,
     *,
     baseline: bool = True,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
     """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
     from featstore.data.fingerprint import memo_for
+    from featstore.extraction.run import Options, extract_set
     from featstore.store.location import place, reachable
+
+    opts = opts or Options()
 
     reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     echo(f"dask dashboard: {client.dashboard_link}")

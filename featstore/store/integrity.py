@@ -32,6 +32,7 @@ class Kind(StrEnum):
     """What is wrong, which decides what can be done about it."""
 
     METADATA = "metadata"  # a zarr.json unreadable or gone: re-extract
+    FORMAT = "format"  # written by another featstore format: re-extract (or upgrade)
     CONSOLIDATED = "consolidated"  # the root's copy of array metadata disagrees: repairable
     ATTRIBUTES = "attributes"  # attributes disagree with the recorded identity: re-extract
     LAYOUT = "layout"  # the recorded layout is malformed: nothing can be read by it
@@ -63,7 +64,7 @@ class Problem:
     @property
     def blocks_reading(self) -> bool:
         """Nothing below the metadata can be read (no JSON, no usable layout)."""
-        return self.kind in (Kind.METADATA, Kind.LAYOUT)
+        return self.kind in (Kind.METADATA, Kind.FORMAT, Kind.LAYOUT)
 
     @property
     def repairable(self) -> bool:
@@ -85,6 +86,8 @@ def header_problems(path: Place, present: set[str]) -> list[Problem]:
     if problems:
         return problems
     attrs = arrays.read_attrs(path)
+    if attrs.get("featstore_format") != FORMAT_VERSION:  # its own layout: nothing to judge
+        return attribute_problems(path, attrs)
     absent = absent_arrays(attrs, present)
     named = {p.array for p in absent}  # one line per lost array, not one per copy of it
     problems = absent + [p for p in _consolidated_problems(path, present) if p.array not in named]
@@ -176,7 +179,7 @@ def _consolidated_problems(path: Place, present: set[str]) -> list[Problem]:
 def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
     """Root attributes that disagree with the recorded identity or the folder name."""
     if attrs.get("featstore_format") != FORMAT_VERSION:
-        return [Problem(Kind.ATTRIBUTES, str(old_format(path, attrs)))]
+        return [Problem(Kind.FORMAT, str(old_format(path, attrs)))]
     try:
         ident = SetIdentity.from_attrs(attrs["identity"])
         key = ident.key()
@@ -213,11 +216,15 @@ def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
 
 
 def old_format(path: Place, attrs: dict[str, Any]) -> StoreMismatchError:
-    """The error for a set written by another featstore format."""
+    """The error for a set written by another featstore format (older or newer)."""
+    found = attrs.get("featstore_format")
+    newer = isinstance(found, int) and found > FORMAT_VERSION
     return StoreMismatchError(
-        f"{path} was written by another featstore format "
-        f"({attrs.get('featstore_format')!r}, this one reads {FORMAT_VERSION}); "
-        "re-extract it with `featstore extract` (the old folder can then be deleted)"
+        f"{path} was written by another featstore format ({found!r}, this one reads "
+        f"{FORMAT_VERSION}); "
+        + ("it was made by a newer featstore: upgrade featstore to read it, or " if newer else "")
+        + "re-extract it with `featstore extract` (a new set beside it; the old "
+        "folder can then be deleted)"
     )
 
 

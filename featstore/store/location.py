@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,20 @@ def leftover(where: Path, kind: str) -> Path:
     return where.with_name(f".{where.name}.{kind}{os.getpid()}@{this_host()}")
 
 
+TEST_PAUSE = "FEATSTORE_TEST_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """`FEATSTORE_TEST_PAUSE_AT=<name>:<file>`: at the point `name` ("removing": a set
+    renamed aside, not yet deleted; "publishing": a skeleton built, not yet renamed into
+    place), write this pid to `file` and wait there to be killed (at most 10 minutes).
+    The tests' way of landing a kill exactly there."""
+    at, _, file = os.environ.get(TEST_PAUSE, "").partition(":")
+    if at == name and file:
+        Path(file).write_text(str(os.getpid()))
+        time.sleep(600)
+
+
 def has_set(where: Place) -> bool:
     """Whether a feature set is at `where`: its root zarr.json is a file. A folder or
     prefix without it is no set (a kill during a delete, an upload in progress)."""
@@ -252,6 +267,7 @@ def publish(built: Path, dest: Place) -> bool:
     root zarr.json does; another shard may be uploading the rest meanwhile.
     """
     if isinstance(dest, Path):
+        pause_point("publishing")
         try:
             os.rename(built, dest)
         except OSError as exc:
@@ -284,6 +300,7 @@ def remove(where: Place) -> None:
     if isinstance(where, Path):
         aside = leftover(where, "old")
         os.rename(where, aside)
+        pause_point("removing")
         shutil.rmtree(aside)
         return
     (where / ROOT_META).unlink(missing_ok=True)  # from here on, the set is absent
