@@ -66,7 +66,7 @@ def create(
 
     Data variables are allocated, not written: each unit fills its own chunk later.
     `describe` holds readable facts about the dataset (name, format, path, ...);
-    `compute` how its units are computed (see `integrity.compute_mismatch`).
+    `compute` how its units are computed (see `mismatch.check_compute`).
     The set is built in a temporary sibling folder and renamed into place, so another
     process (a second --shard) sees either nothing or a whole skeleton. Returns False
     when another process created `path` first (its skeleton is kept).

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import zarr
 
-from featstore.errors import ChunkChecksumError, StoreMismatchError
+from featstore.errors import ChunkChecksumError
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
 from featstore.store import arrays, schema
 from featstore.store.location import ROOT_META, Place
+from featstore.store.mismatch import old_format
 from featstore.store.schema import FLOAT_DATA, MARKS, MARKS_GROUP, UNIT_ARRAYS, Layout
 from featstore.store.schema import layout_for as derive_layout
 
@@ -213,76 +214,6 @@ def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
     if derive_layout(ident, n, rec.n_classes, c, c, rec.codec, rec.examples) != rec:
         problems.append(Problem(Kind.ATTRIBUTES, f"'layout' disagrees with the identity {EDITED}"))
     return problems
-
-
-def old_format(path: Place, attrs: dict[str, Any]) -> StoreMismatchError:
-    """The error for a set written by another featstore format (older or newer)."""
-    found = attrs.get("featstore_format")
-    newer = isinstance(found, int) and found > FORMAT_VERSION
-    return StoreMismatchError(
-        f"{path} was written by another featstore format ({found!r}, this one reads "
-        f"{FORMAT_VERSION}); "
-        + ("it was made by a newer featstore: upgrade featstore to read it, or " if newer else "")
-        + "re-extract it with `featstore extract` (a new set beside it; the old "
-        "folder can then be deleted)"
-    )
-
-
-def mismatch(path: Place, attrs: dict[str, Any], ident: SetIdentity, layout: Layout | None) -> None:
-    """Raise `StoreMismatchError` when the set at `path` was made for something else.
-
-    layout None: check the identity only (a complete set keeps its own chunking).
-    """
-    if attrs.get("featstore_format") != FORMAT_VERSION:
-        raise old_format(path, attrs)
-    diffs = _diff(SetIdentity.from_attrs(attrs["identity"]).content(), ident.content())
-    if layout is not None:
-        diffs |= _diff(attrs.get("layout", {}), asdict(layout), "layout.")
-    if diffs:
-        hint = (
-            "the chunk size follows --batch-size: rerun with the stored one, or "
-            if "layout.chunk_items" in diffs
-            else ""
-        )
-        raise StoreMismatchError(
-            f"{path} holds a feature set with another configuration:\n  "
-            + "\n  ".join(f"{k}: stored {va!r}, requested {vb!r}" for k, (va, vb) in diffs.items())
-            + f"\n{hint}pass --overwrite to replace it (its features will be deleted)"
-        )
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (stored, requested) for every leaf that differs."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out[f"{prefix}{k}"] = (va, vb)
-    return out
-
-
-def compute_mismatch(path: Place, stored: dict[str, str] | None, compute: dict[str, str]) -> None:
-    """Refuse to add units to a set that was started on another kind of device or with
-    preprocessing placed elsewhere (`compute`: device, preprocess_on).
-
-    Such units differ only within float rounding, so the cache key ignores how a set
-    was computed (a CPU study reuses a GPU-made set); but within one set every unit
-    comes from one computation, so that a resumed or sharded run ends byte-identical
-    to a clean one. Sets made before this was recorded are not checked.
-    """
-    if stored is None or stored == compute:
-        return
-
-    def said(c: dict[str, str]) -> str:
-        return f"--device {c.get('device')} --preprocess-on {c.get('preprocess_on')}"
-
-    raise StoreMismatchError(
-        f"{path} was started with {said(stored)}, this run uses {said(compute)}; the "
-        "units of one set are all computed one way (they would differ within float "
-        f"rounding). Finish it with {said(stored)}, or pass --overwrite to start it again"
-    )
 
 
 def marks_problems(

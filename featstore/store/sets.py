@@ -17,7 +17,7 @@ import xarray as xr
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
 from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
-from featstore.store import arrays, claims, integrity
+from featstore.store import arrays, claims, integrity, mismatch
 from featstore.store.arrays import UnitWriter, plain
 from featstore.store.integrity import Kind, Problem
 from featstore.store.location import Place, Remote, files, has_set, place, remove, size
@@ -143,7 +143,7 @@ class FeatureSet:
         self._forget()
         attrs = self.attrs
         if attrs.get("featstore_format") != FORMAT_VERSION:
-            raise integrity.old_format(self.path, attrs)
+            raise mismatch.old_format(self.path, attrs)
         if not attrs.get("complete"):
             raise StoreIncompleteError(
                 f"{self.path} is incomplete (an extract was interrupted); rerun "
@@ -220,7 +220,7 @@ class FeatureSet:
 
         `describe`: readable facts about the dataset; `compute` (device,
         preprocess_on) is recorded in a new set, and units are added to an existing
-        one only when it was made the same way (`integrity.compute_mismatch`).
+        one only when it was made the same way (`mismatch.check_compute`).
         overwrite: replace it (refused while another live process works on it);
         repair: decode every chunk and forget the damaged units (`repair`).
         """
@@ -234,8 +234,8 @@ class FeatureSet:
         self._forget()
         if created:
             return "new"
-        integrity.mismatch(self.path, self.attrs, ident, layout)  # a concurrent shard made it
-        integrity.compute_mismatch(self.path, self.attrs.get("compute"), compute)
+        mismatch.check_identity(self.path, self.attrs, ident, layout)  # a concurrent shard made it
+        mismatch.check_compute(self.path, self.attrs.get("compute"), compute)
         return "resumed"
 
     def _clear(self, overwrite: bool) -> None:
@@ -260,9 +260,9 @@ class FeatureSet:
         repair: bool,
     ) -> Status:
         complete = self.complete
-        integrity.mismatch(self.path, self.attrs, ident, None if complete else layout)
+        mismatch.check_identity(self.path, self.attrs, ident, None if complete else layout)
         if not complete or repair:
-            integrity.compute_mismatch(self.path, self.attrs.get("compute"), compute)
+            mismatch.check_compute(self.path, self.attrs.get("compute"), compute)
         if repair and self.repair(_made(items)):
             return "repaired"
         absent = integrity.absent_arrays(self.attrs, self.files())
