@@ -143,9 +143,11 @@ def _published_note(df: pd.DataFrame) -> str:
         "featstore's are probes on frozen features, so they place, not score, each other."
     )
     if random:
+        one = len(random) == 1
         note += (
-            f" **{', '.join(random)} here is a random init, not pretrained weights: its "
-            "rows measure the pipeline and must not be read as DINOv3's performance.**"
+            f" **{', '.join(random)} here {'is a random init' if one else 'are random inits'}, "
+            f"not pretrained weights: {'its' if one else 'their'} rows measure the pipeline "
+            "and must not be read as the pretrained models' performance.**"
         )
     return note
 

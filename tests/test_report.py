@@ -138,3 +138,43 @@ def test_a_results_file_without_scores_is_an_error_naming_it(tmp_path):
     (tmp_path / "run-config.json").write_text(json.dumps({"manifest": {"datasets": []}}))
     result = CliRunner().invoke(app, ["report", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "results.csv holds no scores" in result.output, result.output
+
+
+def test_the_resolution_legend_fits_inside_its_figure(monkeypatch, tmp_path):
+    """Eight encoders with long labels on one panel: every legend entry lies inside the
+    figure and below the axes' labels (the comparison study's legend was cut off)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from featstore.probing.rows import ResultRow, frame
+    from featstore.report import tables
+
+    names = ["dinov3-vits16", "dinov3-vitb16", "biomedclip", "rad-dino"]
+    names += ["dinov2-vits14", "dinov2-vitb14", "pixels", "timm:vit_large_patch16_dinov3.lvd1689m"]
+    rows = [
+        ResultRow("d", e, e != "pixels", r, probe="linear", metric="auroc", value=0.5 + i / 20)
+        for i, e in enumerate(names)
+        for r in (112, 224)
+    ]
+    shown = []
+    monkeypatch.setattr(tables, "save_figure", lambda fig, path: shown.append(fig) or True)
+    assert tables.plot_resolution(frame(rows), {"d": "classification"}, tmp_path / "r.png")
+    fig = shown[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    box = fig.legends[0].get_window_extent(renderer)
+    assert len(fig.legends[0].get_texts()) == len(names)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0, (box, fig.bbox)
+    (ax,) = fig.axes
+    assert box.y1 <= ax.get_tightbbox(renderer).y0  # below the x label, not over it
+
+
+def test_models_are_ordered_by_size_across_families():
+    """Small before base before large, whatever the family; folders after the presets."""
+    from featstore.report.tables import size_rank
+
+    names = ["/models/mine", "rad-dino", "dinov2-vitb14", "biomedclip", "dinov3-vitb16"]
+    names += ["dinov2-vits14", "dinov3-vits16", "timm:vit_large_patch16_dinov3.lvd1689m"]
+    ordered = sorted(names, key=lambda e: (size_rank(e), e))
+    small, base, large, folder = ordered[:2], ordered[2:6], ordered[6], ordered[7]
+    assert set(small) == {"dinov3-vits16", "dinov2-vits14"} and ordered[0] == "dinov3-vits16"
+    assert set(base) == {"dinov3-vitb16", "biomedclip", "dinov2-vitb14", "rad-dino"}
+    assert (large, folder) == ("timm:vit_large_patch16_dinov3.lvd1689m", "/models/mine")

@@ -158,3 +158,21 @@ TIMM_PRESETS: tuple[str, ...] = (
 def preset_names() -> list[str]:
     """Every preset a manifest can name without a prefix (timm ones take `timm:`)."""
     return [*PRESETS, *HF_PRESETS, *OPEN_CLIP_PRESETS, *(f"timm:{n}" for n in TIMM_PRESETS)]
+
+
+# timm ViT size names -> token width (vit_<size>_patch...: small, base, ..., 7b)
+_TIMM_WIDTH = {"small": 384, "small_plus": 384, "base": 768, "large": 1024, "huge_plus": 1280}
+_TIMM_WIDTH |= {"7b": 4096}
+
+
+def preset_width(name: str) -> int | None:
+    """The token width of a preset's architecture (its size class), None for encoders
+    that are not presets (a folder, a hub id): the report orders models by it."""
+    name = name.removesuffix(":random").removeprefix("timm:")
+    config = PRESETS.get(name) or HF_PRESETS.get(name)
+    if config is not None:
+        return int(config["hidden_size"])
+    if name in OPEN_CLIP_PRESETS:
+        name = OPEN_CLIP_PRESETS[name]["model_cfg"]["vision_cfg"]["timm_model_name"]
+    size = name.removeprefix("vit_").split("_patch")[0] if name.startswith("vit_") else ""
+    return _TIMM_WIDTH.get(size)

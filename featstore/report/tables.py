@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from featstore.encode.presets import PRESETS
+from featstore.encode.presets import PRESETS, preset_width
 from featstore.errors import ProbeError
 from featstore.identity import labelled
 from featstore.probing.metrics import MAIN_METRIC
@@ -58,8 +58,11 @@ def label(encoder: str, random_init: bool) -> str:
 
 
 def size_rank(encoder: str) -> int:
-    """Position in the DINOv3 size ladder (unknown encoders after it, by name)."""
-    return SIZE_ORDER.index(encoder) if encoder in SIZE_ORDER else len(SIZE_ORDER)
+    """Rank by model size: a preset's token width, then its place in the DINOv3 ladder
+    (encoders that are not presets after every preset; callers break ties by name)."""
+    width = preset_width(encoder)
+    place = SIZE_ORDER.index(encoder) if encoder in SIZE_ORDER else len(SIZE_ORDER)
+    return (width or 1 << 30) * 100 + place  # by width (S < B < L), then the ladder
 
 
 def cell(row: Any) -> str:
@@ -202,7 +205,12 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
     style: dict[tuple[Any, bool], Literal["-", "--"]] = {
         er: "--" if is_baseline(er[0]) else "-" for er in encoders
     }
-    fig = Figure(figsize=(4 * len(names), 3.8))
+    # The legend below the panels: as many columns as the width holds (a label such as
+    # "dinov2-vitb14 [random_init]" needs ~2.2 in at this size), a row of height each.
+    width = 4.0 * len(names)
+    ncol = max(1, min(len(encoders), int(width // 2.2)))
+    legend = 0.2 * -(-len(encoders) // ncol) + 0.15
+    fig = Figure(figsize=(width, 3.6 + legend))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         sub = main[main.dataset == name]
@@ -229,11 +237,11 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
         handles,
         [label(*er) for er in encoders],
         loc="lower center",
-        ncol=min(4, max(1, len(encoders))),
+        ncol=ncol,
         fontsize=7,
         frameon=False,
     )
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, legend / (3.6 + legend), 1, 1))
     return save_figure(fig, path)
 
 
