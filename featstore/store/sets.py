@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import xarray as xr
@@ -26,6 +26,8 @@ from featstore.store.schema import UNIT_ARRAYS, Items, Layout
 __all__ = ["FeatureSet", "Problem", "Status", "UnitWriter", "corrupt", "open_set", "plain"]
 
 Status = Literal["cached", "new", "resumed", "repaired"]
+
+T = TypeVar("T")
 
 
 class FeatureSet:
@@ -208,7 +210,7 @@ class FeatureSet:
         layout: Layout,
         items: Items | Callable[[], Items],
         describe: dict[str, Any],
-        compute: dict[str, str],
+        compute: dict[str, str] | Callable[[], dict[str, str]],
         *,
         overwrite: bool = False,
         repair: bool = False,
@@ -217,6 +219,8 @@ class FeatureSet:
 
         `items` may be a function that makes them: it is called only when the set is
         created or repaired (recording the raw data's facts reads every header).
+        `compute` too: it is called only when units may be added (resolving the
+        device imports torch, which a cached extract never needs).
 
         `describe`: readable facts about the dataset; `compute` (device,
         preprocess_on) is recorded in a new set, and units are added to an existing
@@ -230,6 +234,7 @@ class FeatureSet:
         self._clear(overwrite)
         if self.exists():
             return self._reuse(ident, layout, items, compute, repair)
+        compute = _made(compute)
         created = arrays.create(self.path, ident, layout, _made(items), describe, compute)
         self._forget()
         if created:
@@ -256,13 +261,13 @@ class FeatureSet:
         ident: SetIdentity,
         layout: Layout,
         items: Items | Callable[[], Items],
-        compute: dict[str, str],
+        compute: dict[str, str] | Callable[[], dict[str, str]],
         repair: bool,
     ) -> Status:
         complete = self.complete
         integrity.mismatch(self.path, self.attrs, ident, None if complete else layout)
         if not complete or repair:
-            integrity.compute_mismatch(self.path, self.attrs.get("compute"), compute)
+            integrity.compute_mismatch(self.path, self.attrs.get("compute"), _made(compute))
         if repair and self.repair(_made(items)):
             return "repaired"
         absent = integrity.absent_arrays(self.attrs, self.files())
@@ -364,5 +369,5 @@ def corrupt(path: Place | FeatureSet, exc: BaseException) -> StoreCorruptError:
     )
 
 
-def _made(items: Items | Callable[[], Items]) -> Items:
-    return items if isinstance(items, Items) else items()
+def _made(value: T | Callable[[], T]) -> T:
+    return value() if callable(value) else value
