@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
-import xarray as xr
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
 from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
@@ -22,6 +21,9 @@ from featstore.store.arrays import UnitWriter, plain
 from featstore.store.integrity import Kind, Problem
 from featstore.store.location import Place, Remote, files, has_set, place, remove, size
 from featstore.store.schema import UNIT_ARRAYS, Items, Layout
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 __all__ = ["FeatureSet", "Problem", "Status", "UnitWriter", "corrupt", "open_set", "plain"]
 
@@ -162,6 +164,8 @@ class FeatureSet:
                 f"run `featstore verify {self.path}` for every problem, then "
                 "`featstore extract --repair` (or --overwrite) with the same options"
             )
+        import xarray as xr  # not for a cached extract, which only reads attributes
+
         try:
             ds = xr.open_zarr(str(self.path), consolidated=False)
             # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
