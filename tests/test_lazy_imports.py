@@ -172,3 +172,30 @@ def test_a_damaged_memo_or_entry_is_derived_again(tmp_path):
     memo.write_text("{not json")
     assert derived.remembered(hash_memo, {"k": 1}, ("timm",), derive, parse) == 4
     assert derived.remembered(None, {"k": 1}, ("timm",), derive, parse) == 5  # no memo
+
+
+def test_presets_find_hub_weights_and_skip_the_hub_client_when_absent(tmp_path, tiny_dinov3):
+    """A preset's weights in the hub cache's layout are found (through the hub client);
+    a preset whose repository is not in the cache does not import that client."""
+    import shutil
+
+    from featstore.encode.presets import PRESETS
+
+    hub, rev = PRESETS["dinov3-vits16"]["hub"], "0" * 40
+    repo = tmp_path / "hf" / f"models--{hub.replace('/', '--')}"
+    shutil.copytree(tiny_dinov3, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    code = (
+        "import sys; from featstore.encode.encoders import resolve_encoder as r; "
+        "absent = r('dinov3-vitb16').info; client = 'huggingface_hub.hf_api' in sys.modules; "
+        "found = r('dinov3-vits16').info; "
+        "print(absent.random_init, client, found.random_init, found.source, found.hidden_size)"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert done.stdout.split() == ["True", "False", "False", f"{hub}@{rev}", "32"], (
+        done.stdout + done.stderr
+    )

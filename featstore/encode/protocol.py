@@ -246,11 +246,17 @@ def allow_download() -> bool:
 
 def hub_folder(repo_id: str) -> Path | None:
     """The local snapshot of a hub repository (from the cache), or None."""
+    from huggingface_hub import constants
+
+    offline = not allow_download()
+    cached = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    if offline and not cached.is_dir():  # the cache's layout: nothing of it is here
+        return None  # without importing the hub client (0.3 s)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_download()))
+        return Path(snapshot_download(repo_id, local_files_only=offline))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
 
