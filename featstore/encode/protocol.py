@@ -5,7 +5,8 @@ encoder spec into a `Resolved`: the `EncoderInfo` (identity and preprocessing),
 derived from config files and weight hashes without building the model, and a
 `build` function that makes the `Backbone` (the model and its token read-out). The
 `Encoder` builds it only when a batch must be computed, so a fully cached extract
-never loads a model.
+never loads a model; torch itself is imported only there (and where the device is
+resolved), and what only timm or open_clip can tell is remembered (`derived`).
 
     info     what identifies the features: backend and its major version, the
              architecture config's hash, the weights' hash, patch size, skipped
