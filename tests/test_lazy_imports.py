@@ -136,7 +136,12 @@ def test_facts_memo_follows_config_edits_and_library_versions(tmp_path, monkeypa
     assert (tmp_path / "cache" / derived.MEMO_NAME).is_file() and first.hidden_size == 32
     assert len(json.loads((tmp_path / "cache" / derived.MEMO_NAME).read_text())) == 1
     assert resolve_encoder(spec, hash_memo).info == first  # read back
-    assert len(json.loads((tmp_path / "cache" / derived.MEMO_NAME).read_text())) == 1
+    memo = tmp_path / "cache" / derived.MEMO_NAME
+    ((name, facts),) = json.loads(memo.read_text()).items()
+    del facts["cls_token"]  # as if written before a field was added: never its default
+    memo.write_text(json.dumps({name: facts}))
+    assert resolve_encoder(spec, hash_memo).info == first
+    assert "cls_token" in json.loads(memo.read_text())[name]  # derived and written again
 
     config = json.loads((folder / "config.json").read_text())
     _timm_folder(folder, width=64)  # an edited architecture, same folder

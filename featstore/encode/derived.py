@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,10 @@ from featstore.encode.protocol import json_sha256, torch_version
 from featstore.identity import EncoderInfo
 
 MEMO_NAME = ".encoder-facts.json"
+# Part of every key: raise it when featstore derives a fact differently.
+FACTS_VERSION = 1
+# EncoderInfo's fields that come from the call (labels, the weights' hash), not the facts
+_GIVEN = ("name", "source", "weights_sha256", "random_init")
 T = TypeVar("T")
 
 
@@ -55,7 +59,7 @@ def remembered(
     same versions of `packages` (and of torch). `derive` returns JSON-ready facts and
     raises for what cannot be resolved (nothing is remembered then)."""
     versions = {p: version(p) for p in packages} | {"torch": torch_version()}
-    name = json_sha256({"key": key, "versions": versions})
+    name = json_sha256({"key": key, "versions": versions, "facts": FACTS_VERSION})
     path = memo_path(hash_memo)
     hit = _load(path).get(name)
     if isinstance(hit, dict):
@@ -71,6 +75,9 @@ def remembered(
 
 def info_from(facts: dict[str, Any], name: str, source: str, sha: str, random: bool) -> EncoderInfo:
     """The `EncoderInfo` of remembered `facts` with its labels and weights' hash."""
+    expected = {f.name for f in fields(EncoderInfo)} - set(_GIVEN)
+    if set(facts) != expected:  # a field added since: never its default, derive again
+        raise ValueError(f"remembered facts of {name} have other fields than {sorted(expected)}")
     info = EncoderInfo.from_dict(
         {**facts, "name": name, "source": source, "weights_sha256": sha, "random_init": random}
     )
