@@ -55,11 +55,11 @@ def files_sha256(paths: Iterable[Path], memo_file: Path | None = None) -> dict[s
     before = dict(memo)
     out = {str(p): _file_sha256(p, memo) for p in paths}
     if memo_file is not None and memo != before:
-        _save(memo_file, memo)
+        save_memo(memo_file, memo)
     return out
 
 
-def _save(memo_file: Path, memo: dict[str, Any]) -> None:
+def save_memo(memo_file: Path, memo: dict[str, Any]) -> None:
     """Write the memo; skipped where its folder is read-only (a shared cache is read
     without write access: the hashes are then only not remembered)."""
     tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")

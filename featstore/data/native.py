@@ -20,8 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import pydicom
 from PIL import UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
@@ -71,6 +69,9 @@ def native(ds: Dataset, sample: Sample) -> Native:
     A header that cannot be read gives `UNKNOWN`: extraction refuses (or, with
     --skip-bad, skips) that sample when it decodes it.
     """
+    import nibabel as nib  # their errors; imported here, where headers are read
+    import pydicom
+
     try:
         head = readers.header(ds, sample)
     except (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from featstore.data.manifest import Dataset
@@ -27,6 +26,8 @@ def check_voxels(path: Path, shape: tuple[int, ...]) -> None:
 
 def load_nifti(path: Path, axis: str) -> np.ndarray:
     """(slices, rows, cols) float32 in RAS+ orientation, slices along `axis`."""
+    import nibabel as nib  # 0.3 s to import: only when a NIfTI file is read
+
     try:
         img = nib.as_closest_canonical(nib.load(path))
         check_voxels(path, img.shape)
@@ -49,6 +50,8 @@ def load_nifti(path: Path, axis: str) -> np.ndarray:
 
 def _canonical(path: Path) -> tuple[list[int], list[float]]:
     """Shape and voxel size in RAS+ order, from the header only."""
+    import nibabel as nib
+
     try:
         img = nib.load(path)
     except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:

@@ -21,11 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image
-from scipy import ndimage
 
 from featstore.data.settings import Synthetic
 from featstore.data.synthetic_slides import generate_slides
@@ -36,6 +34,8 @@ SPLIT_CYCLE = ("train",) * 6 + ("val",) * 2 + ("test",) * 2
 
 def _background(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """A body-like ellipsoid with smooth texture and noise, values ~[0, 1]."""
+    from scipy import ndimage  # 0.4 s to import: only when images are made
+
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     radii = rng.uniform(0.75, 0.95, len(shape))
     body = sum((g / r) ** 2 for g, r in zip(grids, radii, strict=True)) < 1
@@ -83,6 +83,8 @@ def _write_index(path: Path, header: list[str], rows: list[list[object]]) -> Non
 
 
 def _save_nifti(arr: np.ndarray, path: Path) -> None:
+    import nibabel as nib  # 0.3 s to import: only when volumes are written
+
     # Plain .nii: gzip headers carry a timestamp, which would break "same bytes twice".
     img = nib.Nifti1Image(arr, affine=np.diag([1.0, 1.0, 2.0, 1.0]))
     img.header.set_xyzt_units("mm")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-from scipy import ndimage
 
 from featstore.data.settings import Tiling
 
@@ -45,6 +44,8 @@ def otsu(values: np.ndarray) -> int:
 
 
 def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    from scipy import ndimage  # 0.3 s to import: only when a slide is tiled
+
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -56,6 +57,8 @@ def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
 
 def tissue_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail whose pixels are `mpp` um."""
+    from scipy import ndimage
+
     sat = ndimage.median_filter(saturation(rgb), size=MEDIAN)
     mask = sat > max(otsu(sat), MIN_SATURATION)
     min_px = max(1, int(MIN_AREA_UM2 / (mpp * mpp)))

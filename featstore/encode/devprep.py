@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from featstore.data.settings import Intensity
 from featstore.encode.preprocess import Preprocess, unit_map
+
+if TYPE_CHECKING:  # imported where batches are built or run: `resolve` needs no torch
+    import torch
 
 Setting = Literal["auto", "cpu", "device"]
 Placement = Literal["cpu", "device"]
@@ -141,6 +142,8 @@ class RawPixels:
 
 def pack(n: int, parts: Sequence[Part]) -> RawPixels:
     """Group a batch's parts by (H, W, C, dtype): one array copy per group (in a worker)."""
+    import torch
+
     keys: dict[tuple[object, ...], list[Part]] = {}
     for p in parts:
         img = p.sample.image
@@ -157,6 +160,8 @@ def pack(n: int, parts: Sequence[Part]) -> RawPixels:
 
 def _fit(x: torch.Tensor, size: int, fit: str, interpolation: str = "bilinear") -> torch.Tensor:
     """(n, C, H, W) float32 -> (n, C, size, size), as `preprocess._fit_plane` does."""
+    import torch.nn.functional as F
+
     h, w = x.shape[-2:]
     if fit == "pad" and h <= size and w <= size:
         out = x.new_zeros((*x.shape[:2], size, size))
@@ -177,6 +182,8 @@ def to_input(
     A tensor (the CPU path already preprocessed it) is returned as it is; raw pixels
     are copied to `device` (non-blocking when pinned) and preprocessed there.
     """
+    import torch
+
     if isinstance(pixels, torch.Tensor):
         return pixels
     r = pre.resolution

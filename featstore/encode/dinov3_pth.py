@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from featstore.encode.protocol import read_json
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 _RENAMES = [
     (r"^cls_token$", "embeddings.cls_token"),
@@ -86,6 +87,7 @@ def pth_config(path: Path, presets: dict[str, dict[str, Any]]) -> tuple[dict[str
 
 def load_pth(path: Path, config: dict[str, Any], arch: str) -> torch.nn.Module:
     """A DINOv3ViTModel of architecture `config` with the weights of `path`."""
+    import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     spec = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}

@@ -11,8 +11,10 @@ otherwise to a fixed-seed random initialisation of the same architecture, always
 flagged ``random_init``; ``:random`` asks for the random init explicitly. Nothing is
 downloaded unless FEATSTORE_ALLOW_DOWNLOAD=1 and HF_HUB_OFFLINE is unset.
 
-Resolving reads config files and hashes weight files; the model is built by the
-`Encoder` when a batch must be computed (see `featstore.encode.protocol`).
+Resolving reads config files, hashes weight files and reads the facts memo
+(`featstore.encode.derived`), without importing torch or a backend library; the
+model is built by the `Encoder` when a batch must be computed (see
+`featstore.encode.protocol`).
 """
 
 from __future__ import annotations

@@ -9,9 +9,7 @@ JSON: transformers is imported only to build the model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from featstore.encode.dinov3_pth import load_pth, pth_config
 from featstore.encode.preprocess import interpolation
@@ -38,6 +36,9 @@ from featstore.encode.protocol import (
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
 from featstore.identity import EncoderInfo
 
+if TYPE_CHECKING:
+    import torch
+
 # config.json keys that record where and how a file was written, not the architecture
 _NOT_ARCHITECTURE = ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype")
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json has them
@@ -62,6 +63,8 @@ class HFBackbone(Backbone):
         self, pixels: torch.Tensor, layers: int, patch_layers: tuple[int, ...]
     ) -> FeatureBatch:
         """cls (B, L, D) of the last L blocks; patch (B, P, h/p, w/p, D); final norm."""
+        import torch
+
         _, _, h, w = pixels.shape
         p = self.patch
         deep = layers > 1 or patch_layers != (-1,)

@@ -10,7 +10,9 @@ mean/std, bicubic).
 Tokens: a timm tower (BiomedCLIP) gives its trunk's tokens (`visual.trunk`: CLS,
 then patches, before the CLIP projection); a native open_clip ViT gives its class
 token and patches through `ln_post`, at its own grid only (its position embeddings
-are not resampled).
+are not resampled). What the tower tells (patch size, width, prefix tokens) and
+open_clip's preprocessing defaults are remembered (`featstore.encode.derived`), so a
+cached extract imports neither open_clip nor torch.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from featstore.encode.derived import info_from, remembered
 from featstore.encode.preprocess import interpolation
 from featstore.encode.presets import OPEN_CLIP_PRESETS
 from featstore.encode.protocol import (
@@ -45,6 +46,9 @@ from featstore.encode.timm_models import TimmBackbone, load_weights
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
 from featstore.identity import EncoderInfo
 
+if TYPE_CHECKING:
+    import torch
+
 CONFIG = "open_clip_config.json"
 
 
@@ -59,6 +63,8 @@ class NativeViT(Backbone):
         self, pixels: torch.Tensor, layers: int, patch_layers: tuple[int, ...]
     ) -> FeatureBatch:
         """cls (B, L, D) and patch (B, P, h/p, w/p, D), each through `ln_post`."""
+        import torch
+
         m: Any = self.module
         _, _, h, w = pixels.shape
         p = int(m.patch_size[0])
@@ -118,12 +124,14 @@ def _backbone(tower: torch.nn.Module, name: str) -> Backbone:
     return TimmBackbone(trunk, name)
 
 
-def _info(name: str, source: str, config: dict[str, Any], sha: str, random: bool) -> EncoderInfo:
+def _derive(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The facts (see `derived`) of `config`'s image tower, built on the meta device."""
+    import torch
     from open_clip.transform import PreprocessCfg
 
-    model_cfg, where = config["model_cfg"], source
+    model_cfg = config["model_cfg"]
     with torch.device("meta"):
-        tokens = _backbone(_tower(model_cfg, where), name)
+        tokens = _backbone(_tower(model_cfg, where), where)
     pre = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {})}
     m: Any = tokens.module
     if isinstance(tokens, TimmBackbone):
@@ -132,23 +140,30 @@ def _info(name: str, source: str, config: dict[str, Any], sha: str, random: bool
     else:  # a native ViT: one class token, always
         patch, hidden, registers, has_cls = int(m.patch_size[0]), int(m.transformer.width), 0, True
     vision = model_cfg["vision_cfg"]
-    return EncoderInfo(
-        name=name,
-        source=source,
-        weights_sha256=sha,
+    return dict(
         model_type=f"open_clip:{vision.get('timm_model_name') or 'vit'}",
         patch_size=patch,
         num_register_tokens=registers,
         hidden_size=hidden,
         mean=three(list(pre["mean"]), f"{where}: mean"),
         std=three(list(pre["std"]), f"{where}: std"),
-        random_init=random,
         backend="open_clip",
         backend_version=major_version("open_clip_torch"),
         config_sha256=json_sha256({"model_cfg": model_cfg, "preprocess_cfg": pre}),
         interpolation=interpolation(pre["interpolation"], f"{where}: preprocess_cfg"),
         cls_token="cls" if has_cls else "pooled",
     )
+
+
+def _info(
+    name: str, source: str, config: dict[str, Any], sha: str, random: bool, memo: Path | None
+) -> EncoderInfo:
+    """The info of `config`'s tower; its facts remembered under the config's hash."""
+    return remembered(
+        memo, {"open_clip config": json_sha256(config)}, ("open_clip_torch", "timm"),
+        lambda: _derive(config, source),
+        lambda facts: info_from(facts, name, source, sha, random),
+    )  # fmt: skip
 
 
 def _checked(config: dict[str, Any], where: str) -> dict[str, Any]:
@@ -172,7 +187,7 @@ def _from_folder(name: str, folder: Path, source: str, memo: Path | None) -> Res
     files = weight_files(folder)
     if not files:
         raise EncoderNotFoundError(f"{folder}: no weights (open_clip_model.safetensors)")
-    info = _info(name, source, config, files_digest(files, memo), False)
+    info = _info(name, source, config, files_digest(files, memo), False, memo)
 
     def build() -> Backbone:
         tower = _tower(config["model_cfg"], str(folder))
@@ -182,10 +197,10 @@ def _from_folder(name: str, folder: Path, source: str, memo: Path | None) -> Res
     return Resolved(info, build)
 
 
-def _random(name: str, config: dict[str, Any]) -> Resolved:
+def _random(name: str, config: dict[str, Any], memo: Path | None) -> Resolved:
     config = _checked(config, f"open_clip:{name}")
     sha = random_init_sha256(json_sha256(config), "open_clip_torch")
-    info = _info(name, f"random-init(seed={RANDOM_SEED})", config, sha, True)
+    info = _info(name, f"random-init(seed={RANDOM_SEED})", config, sha, True, memo)
     return Resolved(
         info, lambda: _backbone(seeded(lambda: _tower(config["model_cfg"], name)), name)
     )
@@ -199,7 +214,7 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
         spec = OPEN_CLIP_PRESETS[target]
         folder = None if flag else hub_folder(spec["hub"])
         if folder is None:
-            return _random(target, spec)
+            return _random(target, spec, memo)
         return _from_folder(target, folder, f"{spec['hub']}@{folder.name}", memo)
     if target.startswith("hf-hub:"):
         repo = target.removeprefix("hf-hub:")
@@ -213,6 +228,19 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
     path = Path(target).expanduser()
     if path.is_dir():
         return _from_folder(path.name, path, str(path.resolve()), memo)
+    model_cfg = remembered(
+        memo, {"open_clip name": target}, ("open_clip_torch",), lambda: _by_name(target), dict
+    )
+    if not flag:
+        raise EncoderNotFoundError(
+            f"encoder 'open_clip:{target}': its weights are not on this machine; pass the "
+            f"folder that holds {CONFIG} and the weights, or 'open_clip:{target}:random'"
+        )
+    return _random(target, {"model_cfg": model_cfg}, memo)
+
+
+def _by_name(target: str) -> dict[str, Any]:
+    """open_clip's bundled config of that name, or an EncoderNotFoundError."""
     import open_clip
 
     model_cfg = open_clip.get_model_config(target)
@@ -222,9 +250,4 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
         raise EncoderNotFoundError(
             f"encoder 'open_clip:{target}': no open_clip config of that name and no folder{hint}"
         )
-    if not flag:
-        raise EncoderNotFoundError(
-            f"encoder 'open_clip:{target}': its weights are not on this machine; pass the "
-            f"folder that holds {CONFIG} and the weights, or 'open_clip:{target}:random'"
-        )
-    return _random(target, {"model_cfg": model_cfg})
+    return dict(model_cfg)

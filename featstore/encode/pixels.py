@@ -7,8 +7,7 @@ identity is its patch size and the version of this definition.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from featstore.encode.protocol import (
     IMAGENET_MEAN,
@@ -20,6 +19,9 @@ from featstore.encode.protocol import (
 from featstore.errors import EncoderNotFoundError
 from featstore.identity import EncoderInfo
 
+if TYPE_CHECKING:
+    import torch
+
 
 class Pixels(Backbone):
     """The baseline's read-out; `module` has no parameters."""
@@ -27,6 +29,8 @@ class Pixels(Backbone):
     autocast = False  # raw pixels, in float32 on every device
 
     def __init__(self, patch: int) -> None:
+        import torch
+
         self.module = torch.nn.Identity()
         self.patch = patch
 
@@ -34,6 +38,8 @@ class Pixels(Backbone):
         self, pixels: torch.Tensor, layers: int, patch_layers: tuple[int, ...]
     ) -> FeatureBatch:
         """cls (B, L, p*p): the image pooled to p x p; patch (B, P, h/p, w/p, p*p)."""
+        import torch.nn.functional as F
+
         p = self.patch
         grey = pixels[:, :1].float()
         b, _, h, w = grey.shape

@@ -5,7 +5,8 @@ encoder spec into a `Resolved`: the `EncoderInfo` (identity and preprocessing),
 derived from config files and weight hashes without building the model, and a
 `build` function that makes the `Backbone` (the model and its token read-out). The
 `Encoder` builds it only when a batch must be computed, so a fully cached extract
-never loads a model.
+never loads a model; torch itself is imported only there (and where the device is
+resolved), and what only timm or open_clip can tell is remembered (`derived`).
 
     info     what identifies the features: backend and its major version, the
              architecture config's hash, the weights' hash, patch size, skipped
@@ -16,21 +17,25 @@ never loads a model.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from featstore.data.fingerprint import files_sha256
 from featstore.errors import EncoderConfigError
 from featstore.identity import EncoderInfo
+
+if TYPE_CHECKING:  # torch is imported where a model is built or run, never to resolve
+    import torch
 
 Device = Literal["auto", "cpu", "cuda"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the DINOv2/v3 web-image (LVD) statistics
@@ -77,12 +82,24 @@ class Encoder:
     """A frozen encoder in eval mode; the model is built on the first `encode`."""
 
     def __init__(self, resolved: Resolved, device: Device = "auto") -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.asked: Device = device
         self.info = resolved.info
         self._build = resolved.build
         self._backbone: Backbone | None = None
+        self._device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs; resolving `auto` imports torch, so only a run that
+        computes (or records how it computes) asks."""
+        if self._device is None:
+            import torch
+
+            asked = self.asked
+            if asked == "auto":
+                asked = "cuda" if torch.cuda.is_available() else "cpu"
+            self._device = torch.device(asked)
+        return self._device
 
     @property
     def patch_size(self) -> int:
@@ -107,7 +124,6 @@ class Encoder:
         """The built model (built now if it was not)."""
         return self.load().module
 
-    @torch.inference_mode()
     def encode(
         self, pixels: torch.Tensor, layers: int = 1, patch_layers: tuple[int, ...] = (-1,)
     ) -> FeatureBatch:
@@ -122,6 +138,8 @@ class Encoder:
             cls (B, L, D) float32 and patch (B, P, H/p, W/p, D) float32, on the encoder's
             device (the caller casts and copies them to the host, off the critical path).
         """
+        import torch
+
         _, _, h, w = pixels.shape
         p = self.patch_size
         if h % p or w % p:
@@ -130,9 +148,10 @@ class Encoder:
         pixels = pixels.to(self.device, non_blocking=True)
         cuda = self.device.type == "cuda" and backbone.autocast
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-        with autocast:
-            out = backbone.tokens(pixels, layers, patch_layers)
-        return FeatureBatch(cls=out.cls.float(), patch=out.patch.float())
+        with torch.inference_mode():
+            with autocast:
+                out = backbone.tokens(pixels, layers, patch_layers)
+            return FeatureBatch(cls=out.cls.float(), patch=out.patch.float())
 
 
 def check_depth(name: str, depth: int, layers: int, patch_layers: tuple[int, ...]) -> None:
@@ -155,15 +174,37 @@ def major_version(package: str) -> str:
     return f"{package} {version(package).split('.')[0]}"
 
 
+def torch_version() -> str:
+    """`torch.__version__` (local tag included, e.g. '2.14.1+cu130'; the package
+    metadata has no tag), read from torch/version.py while torch is not imported."""
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    spec = importlib.util.find_spec("torch")
+    path = Path(spec.origin).with_name("version.py") if spec and spec.origin else None
+    for node in ast.parse(path.read_text()).body if path and path.is_file() else []:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            return node.value.value
+    import torch  # a layout this parser does not know: ask torch itself
+
+    return str(torch.__version__)
+
+
 def random_init_sha256(config_sha256: str, package: str) -> str:
     """The 'weights' hash of a fixed-seed random init: its architecture, the seed and
     the exact versions of the code that draws it (torch and the backend)."""
     tag = f"random-init|seed={RANDOM_SEED}|{config_sha256}|{package}=={version(package)}"
-    return hashlib.sha256(f"{tag}|torch=={torch.__version__}".encode()).hexdigest()
+    return hashlib.sha256(f"{tag}|torch=={torch_version()}".encode()).hexdigest()
 
 
 def seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """`build()` under the fixed seed, leaving the caller's random state untouched."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         return build()
@@ -206,11 +247,17 @@ def allow_download() -> bool:
 
 def hub_folder(repo_id: str) -> Path | None:
     """The local snapshot of a hub repository (from the cache), or None."""
+    from huggingface_hub import constants
+
+    offline = not allow_download()
+    cached = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    if offline and not cached.is_dir():  # the cache's layout: nothing of it is here
+        return None  # without importing the hub client (0.3 s)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_download()))
+        return Path(snapshot_download(repo_id, local_files_only=offline))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
 

@@ -7,17 +7,18 @@ the local hub cache (`pretrained_cfg.hf_hub_id`), else `:random` (and timm's DIN
 presets) give a flagged fixed-seed random init. Preprocessing is timm's
 `resolve_data_config`: mean, std, interpolation. Token facts (patch size, prefix
 tokens, width, depth) are read from the model built on the `meta` device: no memory,
-no weights, no network.
+no weights, no network; they are remembered (`featstore.encode.derived`), so a cached
+extract imports neither timm nor torch.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from featstore.encode.derived import info_from, remembered
 from featstore.encode.preprocess import interpolation
 from featstore.encode.presets import TIMM_PRESETS
 from featstore.encode.protocol import (
@@ -38,11 +39,14 @@ from featstore.encode.protocol import (
     weight_files,
 )
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
-from featstore.identity import EncoderInfo
+
+if TYPE_CHECKING:
+    import torch
 
 # Every model is built with position embeddings resampled to the input's grid, so one
 # set of weights serves each resolution (timm's own `dynamic_img_size`).
 _ARGS = {"dynamic_img_size": True}
+RANDOM = f"random-init(seed={RANDOM_SEED})"  # the source of a random init
 
 
 class TimmBackbone(Backbone):
@@ -59,6 +63,8 @@ class TimmBackbone(Backbone):
         self, pixels: torch.Tensor, layers: int, patch_layers: tuple[int, ...]
     ) -> FeatureBatch:
         """cls (B, L, D): CLS (or the pooled token, L = 1 only); patch (B, P, h/p, w/p, D)."""
+        import torch
+
         _, _, h, w = pixels.shape
         m: Any = self.module
         if layers == 1 and patch_layers == (-1,):
@@ -112,36 +118,35 @@ def create(source: str, where: str) -> torch.nn.Module:
         ) from None
 
 
-def _info(
-    name: str, source: str, module: torch.nn.Module, cfg_sha: str, sha: str, random: bool
-) -> EncoderInfo:
+def _derive(source: str, where: str, cfg_sha: str) -> dict[str, Any]:
+    """The facts of timm model `source` (see `derived`), from it built on the meta device."""
+    import torch
     from timm.data.config import resolve_data_config
 
-    m: Any = module
+    with torch.device("meta"):
+        m: Any = create(source, where)
     data = resolve_data_config(model=m)
-    interp = interpolation(data.get("interpolation", "bicubic"), f"{source}: pretrained_cfg")
     has_cls = getattr(m, "cls_token", None) is not None
-    return EncoderInfo(
-        name=name,
-        source=source,
-        weights_sha256=sha,
+    return dict(
         model_type=f"timm:{m.default_cfg.get('architecture', type(m).__name__)}",
-        patch_size=patch_size(m, source),
+        patch_size=patch_size(m, where),
         num_register_tokens=int(m.num_prefix_tokens) - int(has_cls),
         hidden_size=int(m.embed_dim),
-        mean=three(list(data["mean"]), f"{source}: mean"),
-        std=three(list(data["std"]), f"{source}: std"),
-        random_init=random,
+        mean=three(list(data["mean"]), f"{where}: mean"),
+        std=three(list(data["std"]), f"{where}: std"),
         backend="timm",
         backend_version=major_version("timm"),
         config_sha256=cfg_sha,
-        interpolation=interp,
+        interpolation=interpolation(
+            data.get("interpolation", "bicubic"), f"{where}: pretrained_cfg"
+        ),
         cls_token="cls" if has_cls else "pooled",
     )
 
 
 def load_weights(module: torch.nn.Module, files: list[Path], where: Path, prefix: str = "") -> None:
     """Load `files` (safetensors first) into `module`, strictly; keys under `prefix` only."""
+    import torch
     from safetensors.torch import load_file
 
     path = next((f for f in files if f.suffix == ".safetensors"), files[0])
@@ -174,10 +179,13 @@ def _from_folder(name: str, folder: Path, source: str, memo: Path | None) -> Res
     files = weight_files(folder)
     if not files:
         raise EncoderNotFoundError(f"{folder}: no weights (model.safetensors) beside config.json")
-    with torch.device("meta"):
-        meta = create(f"local-dir:{folder}", str(folder))
     sha = files_digest(files, memo)
-    info = _info(name, source, meta, json_sha256({**config, **_ARGS}), sha, False)
+    cfg_sha = json_sha256({**config, **_ARGS})
+    info = remembered(
+        memo, {"timm folder": cfg_sha}, ("timm",),
+        lambda: _derive(f"local-dir:{folder}", str(folder), cfg_sha),
+        lambda facts: info_from(facts, name, source, sha, False),
+    )  # fmt: skip
 
     def build() -> Backbone:
         module = create(f"local-dir:{folder}", str(folder))
@@ -215,11 +223,10 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
                 "download it on a connected machine, then copy the cache or pass the folder"
             )
         return _from_folder(target, folder, f"{repo}@{folder.name}", memo)
-    _known(target)
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(target)
-    hub = cfg.hf_hub_id if cfg is not None else None
+    hub, info = remembered(
+        memo, {"timm name": target}, ("timm",), lambda: _by_name(target),
+        lambda found: (_hub(found["hub"]), info_from(found["facts"], target, RANDOM, "", True)),
+    )  # fmt: skip
     folder = hub_folder(hub) if hub and not flag else None
     if folder is not None:
         return _from_folder(target, folder, f"{hub}@{folder.name}", memo)
@@ -229,10 +236,22 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
             f"cache); pass the folder that holds config.json and model.safetensors, or "
             f"'timm:{target}:random' for a flagged random init"
         )
-    arch = {"architecture": target, "pretrained_cfg": cfg.to_dict() if cfg else {}, **_ARGS}
-    cfg_sha = json_sha256(arch)
-    with torch.device("meta"):
-        meta = create(target, f"timm:{target}")
-    sha = random_init_sha256(cfg_sha, "timm")
-    info = _info(target, f"random-init(seed={RANDOM_SEED})", meta, cfg_sha, sha, True)
+    info = replace(info, weights_sha256=random_init_sha256(info.config_sha256, "timm"))
     return Resolved(info, lambda: TimmBackbone(seeded(lambda: create(target, target)), target))
+
+
+def _by_name(target: str) -> dict[str, Any]:
+    """A timm name's hub id and facts (its architecture is timm's registered config)."""
+    _known(target)
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(target)
+    arch = {"architecture": target, "pretrained_cfg": cfg.to_dict() if cfg else {}, **_ARGS}
+    facts = _derive(target, f"timm:{target}", json_sha256(arch))
+    return {"hub": cfg.hf_hub_id if cfg is not None else None, "facts": facts}
+
+
+def _hub(hub: object) -> str | None:
+    if hub is not None and not isinstance(hub, str):
+        raise TypeError(f"hub id {hub!r}")
+    return hub

@@ -4,6 +4,10 @@ Wires readers, preprocessing (in DataLoader workers), the encoder (main process)
 and the store (a pool of writer threads, `writer.UnitQueue`) together. One call per
 feature set: cached sets are skipped, interrupted ones resumed, new ones allocated;
 the set itself is handled only through `store.sets.FeatureSet`.
+
+torch is imported only where units are computed (`encode_units`: the DataLoader,
+`batches`, `writer`, the model): a fully cached extract finds every set from the
+encoders' config files and weight hashes and never loads it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from featstore.data.fingerprint import memo_for
 from featstore.data.manifest import Manifest
@@ -28,8 +29,6 @@ from featstore.encode import devprep
 from featstore.encode.encoders import Encoder, load_encoder
 from featstore.errors import BadInputError, StopRequested
 from featstore.extraction import guard, recorded
-from featstore.extraction.batches import Batches, plan_batches, quiet_worker
-from featstore.extraction.writer import UnitQueue, nan_checker, pooled
 from featstore.identity import EncoderInfo, SetIdentity, requested
 from featstore.store import claims, schema
 from featstore.store.location import Place, place, reachable
@@ -155,6 +154,12 @@ def encode_units(
     prep: Prepared, encoder: Encoder, job: SetJob, units: list[int]
 ) -> tuple[int, float, dict[str, str]]:
     """Forward every batch of `units` and write them. Returns (items, MB, skipped)."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from featstore.extraction.batches import Batches, plan_batches, quiet_worker
+    from featstore.extraction.writer import UnitQueue, nan_checker, pooled
+
     r, layout, opts = job.ident.recipe, job.layout, job.opts
     batches = plan_batches(layout, units, job.batch_size)
     cuda = encoder.device.type == "cuda"
@@ -204,6 +209,36 @@ def encode_units(
 UnitRunner = Callable[[SetJob, list[int]], tuple[int, float, dict[str, str]]]
 
 
+class CpuThreads:
+    """torch's thread count for CPU forward passes: set when an encoder computes its
+    first unit (`threads`, else the free cores), put back by `restore`. Nothing is
+    imported or changed when every set is cached."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+        self.saved: int | None = None  # the count before the first change
+        self.set_for = ""  # the spec it was last set for
+
+    def before_compute(self, encoder: Encoder, spec: str) -> None:
+        """Set the count for `encoder` (once per spec) when it runs on the CPU."""
+        if encoder.device.type != "cpu" or self.set_for == spec:
+            return
+        import torch
+
+        if self.saved is None:
+            self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.threads or free_cores())
+        self.set_for = spec
+
+    def restore(self) -> None:
+        """Put back the count that was there before the first change."""
+        if self.saved is not None:
+            import torch
+
+            torch.set_num_threads(self.saved)
+            self.saved, self.set_for = None, ""
+
+
 def extract_one(
     prep: Prepared,
     encoder: Encoder,
@@ -211,14 +246,18 @@ def extract_one(
     resolution: int,
     manifest: Manifest,
     opts: Options = Options(),
+    threads: CpuThreads | None = None,
 ) -> Summary:
-    """Make (or find, or finish) one feature set in this process; return what was done."""
+    """Make (or find, or finish) one feature set in this process; return what was done.
+    `threads` sets torch's thread count before the first unit is computed."""
 
     def run(job: SetJob, units: list[int]) -> tuple[int, float, dict[str, str]]:
+        if threads is not None:
+            threads.before_compute(encoder, spec)
         return encode_units(prep, encoder, job, units)
 
     return extract_set(
-        prep, encoder.info, spec, resolution, manifest, opts, run, encoder.device.type
+        prep, encoder.info, spec, resolution, manifest, opts, run, lambda: encoder.device.type
     )
 
 
@@ -250,6 +289,12 @@ def _job(
     return SetJob(ident, fs, layout, manifest.batch_size, opts), items
 
 
+def _compute(device: str | Callable[[], str], opts: Options) -> dict[str, str]:
+    """How units are computed (recorded in a new set): device and preprocessing place."""
+    where = device if isinstance(device, str) else device()
+    return {"device": where, "preprocess_on": devprep.resolve(opts.preprocess_on, where)}
+
+
 def extract_set(
     prep: Prepared,
     info: EncoderInfo,
@@ -258,11 +303,12 @@ def extract_set(
     manifest: Manifest,
     opts: Options,
     run_units: UnitRunner,
-    device: str,
+    device: str | Callable[[], str],
 ) -> Summary:
     """Allocate, resume or find the set of one cell; `run_units` computes the pending
-    units of this shard (here, or as tasks on a cluster) on `device` ("cpu", "cuda");
-    then verify and finish."""
+    units of this shard (here, or as tasks on a cluster) on `device` ("cpu", "cuda";
+    or a function that resolves it, called only when units may be added); then verify
+    and finish."""
     t0 = time.perf_counter()
     job, items = _job(prep, info, spec, resolution, manifest, opts)
     fs, layout = job.fs, job.layout
@@ -274,12 +320,10 @@ def extract_set(
             claims.clean_leftovers(cache)
             # none on a read-only cache: nothing can be written there
             mine = claimed.enter_context(fs.claim(replacing=opts.overwrite))
-            on = devprep.resolve(opts.preprocess_on, device)
-            compute = {"device": device, "preprocess_on": on}
             status = fs.open_or_create(
                 job.ident, layout,
                 lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
-                _describe(prep), compute,
+                _describe(prep), lambda: _compute(device, opts),
                 overwrite=opts.overwrite, repair=opts.repair,
             )  # fmt: skip
             if mine is not None:
@@ -320,7 +364,7 @@ def extract_manifest(
             if ds.name not in prepared:
                 prepared[ds.name] = prepare(ds, memo)
     summaries = []
-    threads = torch.get_num_threads()
+    threads = CpuThreads(opts.threads)
     try:
         for spec in dict.fromkeys(enc for _, enc, _ in cells):
             with guard.phase("loading", manifest.cache):
@@ -330,13 +374,12 @@ def extract_manifest(
                     f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
                     "weights found); its feature sets and results are marked random_init"
                 )
-            if encoder.device.type == "cpu":
-                torch.set_num_threads(opts.threads or free_cores())
             for ds, _, res in (c for c in cells if c[1] == spec):
-                summary = extract_one(prepared[ds.name], encoder, spec, res, manifest, opts)
+                prep = prepared[ds.name]
+                summary = extract_one(prep, encoder, spec, res, manifest, opts, threads)
                 echo(summary.line())
                 summaries.append(summary)
     finally:
-        torch.set_num_threads(threads)
+        threads.restore()
         release_npz()
     return summaries

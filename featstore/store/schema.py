@@ -13,16 +13,17 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as importlib_metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
-import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer
 from zarr.registry import register_codec
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 from featstore.errors import BadInputError, ChunkChecksumError
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
@@ -290,6 +291,9 @@ def root_attrs(
 
 def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
     """The empty dataset (lazy data variables, real coordinates) and its encoding."""
+    import dask.array as da  # only a new set needs them: a cached extract never loads them
+    import xarray as xr
+
     n, c = layout.n_items, layout.chunk_items
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
     cls_shape = (n, layout.channels) if layout.layers == 1 else (n, layout.layers, layout.channels)

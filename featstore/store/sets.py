@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
-import xarray as xr
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
 from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
@@ -23,9 +22,14 @@ from featstore.store.integrity import Kind, Problem
 from featstore.store.location import Place, Remote, files, has_set, place, remove, size
 from featstore.store.schema import UNIT_ARRAYS, Items, Layout
 
+if TYPE_CHECKING:
+    import xarray as xr
+
 __all__ = ["FeatureSet", "Problem", "Status", "UnitWriter", "corrupt", "open_set", "plain"]
 
 Status = Literal["cached", "new", "resumed", "repaired"]
+
+T = TypeVar("T")
 
 
 class FeatureSet:
@@ -160,6 +164,8 @@ class FeatureSet:
                 f"run `featstore verify {self.path}` for every problem, then "
                 "`featstore extract --repair` (or --overwrite) with the same options"
             )
+        import xarray as xr  # not for a cached extract, which only reads attributes
+
         try:
             xs = xr.open_zarr(str(self.path), consolidated=False)
             # Coordinates are small: in memory (plain '<U' strings, not zarr's StringDType,
@@ -208,7 +214,7 @@ class FeatureSet:
         layout: Layout,
         items: Items | Callable[[], Items],
         describe: dict[str, Any],
-        compute: dict[str, str],
+        compute: dict[str, str] | Callable[[], dict[str, str]],
         *,
         overwrite: bool = False,
         repair: bool = False,
@@ -217,6 +223,8 @@ class FeatureSet:
 
         `items` may be a function that makes them: it is called only when the set is
         created or repaired (recording the raw data's facts reads every header).
+        `compute` too: it is called only when units may be added (resolving the
+        device imports torch, which a cached extract never needs).
 
         `describe`: readable facts about the dataset; `compute` (device,
         preprocess_on) is recorded in a new set, and units are added to an existing
@@ -230,6 +238,7 @@ class FeatureSet:
         self._clear(overwrite)
         if self.exists():
             return self._reuse(ident, layout, items, compute, repair)
+        compute = _made(compute)
         created = arrays.create(self.path, ident, layout, _made(items), describe, compute)
         self._forget()
         if created:
@@ -256,13 +265,13 @@ class FeatureSet:
         ident: SetIdentity,
         layout: Layout,
         items: Items | Callable[[], Items],
-        compute: dict[str, str],
+        compute: dict[str, str] | Callable[[], dict[str, str]],
         repair: bool,
     ) -> Status:
         complete = self.complete
         mismatch.check_identity(self.path, self.attrs, ident, None if complete else layout)
         if not complete or repair:
-            mismatch.check_compute(self.path, self.attrs.get("compute"), compute)
+            mismatch.check_compute(self.path, self.attrs.get("compute"), _made(compute))
         if repair and self.repair(_made(items)):
             return "repaired"
         absent = integrity.absent_arrays(self.attrs, self.files())
@@ -371,5 +380,5 @@ def corrupt(path: Place | FeatureSet, exc: BaseException) -> StoreCorruptError:
     )
 
 
-def _made(items: Items | Callable[[], Items]) -> Items:
-    return items if isinstance(items, Items) else items()
+def _made(value: T | Callable[[], T]) -> T:
+    return value() if callable(value) else value
