@@ -209,7 +209,7 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
     # "dinov2-vitb14 [random_init]" needs ~2.2 in at this size), a row of height each.
     width = 4.0 * len(names)
     ncol = max(1, min(len(encoders), int(width // 2.2)))
-    legend = 0.2 * -(-len(encoders) // ncol) + 0.15
+    legend = 0.16 * -(-len(encoders) // ncol) + 0.12
     fig = Figure(figsize=(width, 3.6 + legend))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
