@@ -69,5 +69,8 @@ def test_open_features_pools_volumes_for_a_custom_model(tmp_path, tiny_dinov3):
 
 def test_open_features_without_a_set_says_how_to_make_it(tmp_path, tiny_dinov3):
     mpath = write_manifest(tmp_path, synth_entry("d", "cls2d"), f"['{tiny_dinov3}']")
-    with pytest.raises(StoreIncompleteError, match=r"no complete feature set.*featstore.extract"):
+    with (
+        pytest.raises(StoreIncompleteError, match=r"no complete feature set.*featstore.extract"),
+        pytest.warns(UserWarning, match=r"d: data folder .* is absent"),  # never generated
+    ):
         featstore.open_features(mpath, "d", str(tiny_dinov3))

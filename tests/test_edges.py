@@ -485,6 +485,7 @@ class _SignalsInItsFinalizer:
         signal.raise_signal(signal.SIGTERM)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # its point
 def test_a_signal_swallowed_by_a_finalizer_still_stops_the_phase(tmp_path):
     from featstore.errors import Interrupted, StopRequested
     from featstore.extraction import guard
