@@ -40,3 +40,16 @@ def test_multilabel_draws_and_pooled_intervals():
     both = bootstrap.pooled([got, other])
     np.testing.assert_allclose(both["auroc"], (got["auroc"] + other["auroc"]) / 2)
     assert bootstrap.intervals(bootstrap.pooled([got])) == bootstrap.intervals(got)
+
+
+def test_a_single_unit_has_no_interval():
+    """One test volume resampled is that volume again: the interval is unknown (NaN),
+    never the zero-width [x, x] that the percentiles of identical draws would give."""
+
+    def score(idx):
+        return {"dice": float(np.mean(np.array([0.7, 0.9])[idx]))}
+
+    (value, lo, hi) = bootstrap.intervals(bootstrap.draws(score, 1))["dice"]
+    assert value == 0.7 and np.isnan(lo) and np.isnan(hi)
+    (value, lo, hi) = bootstrap.intervals(bootstrap.draws(score, 2))["dice"]
+    assert value == 0.8 and lo < hi  # two units: a real interval

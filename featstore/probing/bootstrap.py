@@ -32,8 +32,12 @@ def resamples(n: int, seed: int) -> Iterator[np.ndarray]:
 
 
 def draws(scores: Callable[[np.ndarray], dict[str, float]], n: int, seed: int = 0) -> Draws:
-    """`scores(idx)` of all n units, then of each resample."""
+    """`scores(idx)` of all n units, then of each resample. With a single unit every
+    resample is that unit again: its draws are NaN, so the interval is NaN (unknown),
+    not a zero-width interval that would claim certainty."""
     point = scores(np.arange(n))
+    if n < 2:
+        return {m: np.array([v, *[np.nan] * N_BOOT], dtype=float) for m, v in point.items()}
     each = [scores(idx) for idx in resamples(n, seed)]
     return {m: np.array([v, *(d[m] for d in each)], dtype=float) for m, v in point.items()}
 
