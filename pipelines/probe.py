@@ -29,7 +29,7 @@ from featstore.identity import labelled
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
-from featstore.probing.rows import ResultRow, frame, ordinary, typed, upsert
+from featstore.probing.rows import ResultRow, frame, interval, ordinary, typed, upsert
 
 
 def _read_results(csv: Path) -> pd.DataFrame:
@@ -72,7 +72,7 @@ def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
             enc = labelled(str(r.encoder), bool(r.random_init))
             lines.append(
                 f"{ds.name:<24} {enc:<30} {r.resolution:>4} {r.probe:<11} "
-                f"{metric:<8} {r.value:6.3f}  [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+                f"{metric:<8} {r.value:6.3f}  {interval(r.ci_low, r.ci_high)}"
             )
     return "\n".join(lines)
 

@@ -178,3 +178,19 @@ def test_models_are_ordered_by_size_across_families():
     assert set(small) == {"dinov3-vits16", "dinov2-vits14"} and ordered[0] == "dinov3-vits16"
     assert set(base) == {"dinov3-vitb16", "biomedclip", "dinov2-vitb14", "rad-dino"}
     assert (large, folder) == ("timm:vit_large_patch16_dinov3.lvd1689m", "/models/mine")
+
+
+def test_a_result_without_an_interval_says_so():
+    """A score from one test unit has NaN bounds: the table says '[no interval]'."""
+    from featstore.probing.rows import ResultRow, frame
+    from featstore.report.tables import task_table
+
+    nan = float("nan")
+    rows = [
+        ResultRow(
+            "v", "e", False, 32, probe="seg-linear", metric=m, value=0.5, ci_low=nan, ci_high=nan
+        )
+        for m in ("dice", "iou", "hd95")
+    ]
+    table = task_table(frame(rows), "segmentation")
+    assert table.iloc[0]["seg-linear / dice"].strip("*") == "0.500 [no interval]"

@@ -8,6 +8,7 @@ dimension is a field here (marked `KEY_FIELD`) and the code that sets it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -179,3 +180,12 @@ def curve_means(df: pd.DataFrame) -> pd.DataFrame:
     if "repeat" not in df:
         return df.iloc[:0]
     return df[df.repeat == MEAN_OF_REPEATS]
+
+
+def interval(low: object, high: object) -> str:
+    """'[low, high]', or '[no interval]' where the bootstrap has none (a single test
+    unit: resampling it gives nothing to vary)."""
+    lo, hi = float(low), float(high)  # type: ignore[arg-type]  # a results cell
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[no interval]"
+    return f"[{lo:.3f}, {hi:.3f}]"

@@ -22,7 +22,7 @@ from featstore.encode.presets import PRESETS, preset_width
 from featstore.errors import ProbeError
 from featstore.identity import labelled
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.probing.rows import COLUMNS, KEY
+from featstore.probing.rows import COLUMNS, KEY, interval
 from featstore.report.references import Reference, published_model
 
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
@@ -67,7 +67,7 @@ def size_rank(encoder: str) -> int:
 
 def cell(row: Any) -> str:
     """'value [ci_low, ci_high]' of one results row (a DataFrame.itertuples() tuple)."""
-    return f"{row.value:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+    return f"{row.value:.3f} {interval(row.ci_low, row.ci_high)}"
 
 
 def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
