@@ -104,3 +104,4 @@ def test_real_isbi2012_sections_in_2d_and_as_one_volume(shared_data, monkeypatch
         one = readers.load(flat, sections[str(i)])
         np.testing.assert_array_equal(test.image[k], one.image[0])
         np.testing.assert_array_equal(test.mask[k], one.mask[0])  # type: ignore[index]
+    assert 0.15 < float((test.mask == 1).mean()) < 0.3  # class 1 is the membrane (~22%)
