@@ -142,3 +142,13 @@ def refit_linear_seg_head(xs, ds):
         head = fit_linear_head(s, ProbeOptions())
         patch, truth = s.read(True)(np.concatenate(s.test_vols))
         return head.predict(patch, s.size), truth, s.n_classes
+
+
+def a_mark_written(marks: Path) -> bool:
+    """Whether a unit's done mark (a chunk file `<unit>` of `_featstore/done/c`) is in
+    place. zarr writes `<unit>.<uuid>.partial` first and renames it, so a poll that
+    counted any file could see the partial one, and a kill then leaves no unit done."""
+    try:
+        return any(p.name.isdigit() for p in marks.iterdir())
+    except FileNotFoundError:  # the folder is not there yet
+        return False

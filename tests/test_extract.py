@@ -14,7 +14,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import REPO, synth_entry, write_manifest
+from conftest import REPO, a_mark_written, synth_entry, write_manifest
 from transformers import AutoModel
 
 from featstore.data import readers
@@ -214,7 +214,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_dinov3):
     proc = _spawn_extract(mpath, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marks = killed / "cache" / ref.path.name / "_featstore" / "done" / "c"
     deadline = time.time() + 120
-    while time.time() < deadline and not (marks.is_dir() and any(marks.iterdir())):
+    while time.time() < deadline and not a_mark_written(marks):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
