@@ -10,7 +10,9 @@ Prints items/s for (a) a loop of `encoder.encode` on ready, preprocessed tensors
 (tokens left on the device, as a bare loop would) and (b) `extract_one` from
 allocation to `complete` (decode and preprocess in DataLoader workers, forward,
 cast/check/write in the writer pool), and their ratio. The two alternate for --rounds
-rounds and medians are compared, so that drift in the machine's speed hits both.
+rounds and medians are compared, so that drift in the machine's speed hits both; the
+ratio of each round's two sides (run back to back) and their median are printed too,
+since this machine's speed moves by 20% or more within a minute.
 Targets: vits-224 and timm-vits-224 >= 0.95, vitb0-224 >= 0.8, vits-32-3d >= 0.9.
 
 `--preprocess-on cpu,device` runs (b) once per placement in every round (alternating)
@@ -176,8 +178,13 @@ def main() -> None:
     )
     print(f"bare forward loop  : {bare_rate:8.1f} items/s (median of {args.rounds})")
     if len(places) == 1:
+        paired = np.asarray(full[places[0]]) / np.asarray(bare)
         print(f"extract pipeline   : {full_rate:8.1f} items/s (median of {args.rounds})")
-        print(f"ratio pipeline/bare: {full_rate / bare_rate:.3f}")
+        print(f"ratio pipeline/bare: {full_rate / bare_rate:.3f} (of the medians)")
+        print(
+            f"per round          : {' '.join(f'{r:.3f}' for r in paired)}; median "
+            f"{np.median(paired):.3f} (each round's two sides ran back to back)"
+        )
         return
     for p in places:
         rate = float(np.median(full[p]))

@@ -46,17 +46,31 @@ def _read_results(csv: Path) -> pd.DataFrame:
     return typed(old)
 
 
-def write_results(out: Path, rows: list[ResultRow]) -> pd.DataFrame:
-    """Upsert rows (keyed by `rows.KEY`) into OUT/results.csv and OUT/results.jsonl."""
+SUPERSEDED = "results-superseded.csv"
+
+
+def write_results(out: Path, rows: list[ResultRow]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Upsert rows (keyed by `rows.KEY`) into OUT/results.csv and OUT/results.jsonl.
+
+    Returns (all rows, the earlier rows superseded now). Earlier rows of a cell that
+    `rows` scores on another feature set (the manifest changed what the cell is) move
+    to OUT/results-superseded.csv: kept, not mixed with the new set's scores.
+    """
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "results.csv"
     old = _read_results(csv) if csv.is_file() else frame([])
-    new = upsert(old, frame(rows))
+    new, stale = upsert(old, frame(rows))
+    if len(stale):
+        moved = out / SUPERSEDED
+        before = _read_results(moved) if moved.is_file() else frame([])
+        pd.concat([before, stale], ignore_index=True).to_csv(
+            moved, index=False, float_format="%.6g"
+        )
     new.to_csv(csv, index=False, float_format="%.6g")
     with (out / "results.jsonl").open("w") as f:
         for rec in new.to_dict("records"):
             f.write(json.dumps(rec, default=str) + "\n")
-    return new
+    return new, stale
 
 
 def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
@@ -123,7 +137,7 @@ def run(
         on_set=done,
         data_check=data_check(manifest.cache),
     )
-    df = write_results(out, found.rows)
+    df, stale = write_results(out, found.rows)
     config: dict[str, Any] = {"manifest": manifest.model_dump(mode="json")}
     config["options"] = {
         **dataclasses.asdict(opts),
@@ -134,6 +148,14 @@ def run(
         echo(table(df, list(manifest.datasets)))
     for n in found.notes:
         echo(f"note: {n}")
+    if len(stale):
+        cells = sorted(
+            {f"{r.dataset} / {r.encoder} @ {r.resolution}px" for r in stale.itertuples()}
+        )
+        echo(
+            f"note: {len(stale)} earlier rows of {', '.join(cells)} scored another feature "
+            f"set (the manifest changed since); moved to {out / SUPERSEDED}"
+        )
     for p in found.skipped:
         echo(f"skipped: {p}")
     for p in found.problems:

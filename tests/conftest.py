@@ -152,3 +152,23 @@ def a_mark_written(marks: Path) -> bool:
         return any(p.name.isdigit() for p in marks.iterdir())
     except FileNotFoundError:  # the folder is not there yet
         return False
+
+
+def a_recipe(**changes: object):  # -> featstore.identity.Recipe
+    """A small 2D classification recipe for store-level tests, with `changes` applied."""
+    from featstore.data.settings import Intensity
+    from featstore.identity import Recipe
+
+    fields: dict[str, object] = dict(
+        dataset="0" * 64, task="classification", dims=2, slice_axis="axial",
+        fill_outlines=False, mask_map=(), metadata=(), resolution=32,
+        intensity=Intensity(), fit="resize", layers=1, dtype="float16", patch=True,
+    )  # fmt: skip
+    return Recipe(**{**fields, **changes})
+
+
+def small_weights():  # -> featstore.identity.EncoderInfo
+    """The encoder facts of store-level tests: an 8-wide, patch-16 model named 'e'."""
+    from featstore.identity import EncoderInfo
+
+    return EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)

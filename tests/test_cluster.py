@@ -166,6 +166,45 @@ def test_a_failed_unit_waits_for_running_units_before_the_claim_is_released(
     assert not list((tmp_path / "cache").glob(".*.claims/*.json"))  # released at the end
 
 
+def test_a_hung_unit_is_named_and_not_waited_on_past_the_deadline(
+    tmp_path, two_threads, monkeypatch, capsys
+):
+    """Unit 1 fails while unit 0 hangs. Past the deadline the client stops waiting,
+    names the hung unit and its worker, and the error that ended the set is raised."""
+    from featstore.errors import BadInputError
+    from featstore.extraction import cluster
+
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def unit_task(prep, job, spec, device, memo, unit):  # type: ignore[no-untyped-def]
+        if unit == 1:
+            deadline = time.time() + 30
+            while not (log / "started-0").exists() and time.time() < deadline:
+                time.sleep(0.01)
+            raise BadInputError("d/img1.png: not an image")
+        (log / f"started-{unit}").touch()
+        time.sleep(2.5)  # hung, as far as a 0.3 s deadline is concerned
+        return 4, 0.1, {}
+
+    monkeypatch.setattr(cluster, "_unit_task", unit_task)
+    monkeypatch.setattr(cluster, "SETTLE_DEADLINE", 0.3)
+    mpath = write_manifest(
+        tmp_path, synth_entry("hung", "seg2d", n=12), "['pixels']", extra=UNITS_OF_4
+    )
+    t0 = time.monotonic()
+    with pytest.raises(BadInputError, match="not an image"):
+        cluster.extract_on_cluster(
+            load_manifest(mpath), two_threads, Options(progress=False), baseline=False
+        )
+    assert time.monotonic() - t0 < 2.2  # did not wait for the hung unit
+    err = capsys.readouterr().err
+    assert "stopped waiting after 0s for cancelled units still running" in err, err
+    workers = list(two_threads.scheduler_info()["workers"])
+    assert any(f"(unit 0 on {w})" in err for w in workers), err
+    assert "before `--overwrite`" in err, err
+
+
 def _closed_port() -> int:
     import socket
 

@@ -14,17 +14,16 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import REPO, a_mark_written, synth_entry, write_manifest
+from conftest import REPO, a_mark_written, a_recipe, small_weights, synth_entry, write_manifest
 from transformers import AutoModel
 
 from featstore.data import readers
 from featstore.data.manifest import load_manifest
-from featstore.data.settings import Intensity
 from featstore.encode.encoders import Encoder, load_encoder
 from featstore.encode.preprocess import preprocess
 from featstore.errors import EncoderNotFoundError, StoreMismatchError
 from featstore.extraction.run import Options
-from featstore.identity import EncoderInfo, Recipe, SetIdentity, requested
+from featstore.identity import SetIdentity, requested
 from featstore.store import arrays, schema
 from featstore.store.sets import FeatureSet
 from pipelines import extract
@@ -300,22 +299,8 @@ def _small_store(path: Path, rows: int) -> schema.Layout:
         n_classes=0,
         dtype="float16",
     )
-    recipe = Recipe(
-        dataset="0" * 64,
-        task="classification",
-        dims=2,
-        slice_axis="axial",
-        fill_outlines=False,
-        mask_map=(),
-        metadata=(),
-        resolution=16 * rows or 16,
-        intensity=Intensity(),
-        fit="resize",
-        layers=1,
-        dtype="float16",
-        patch=rows > 0,
-    )
-    weights = EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
+    recipe = a_recipe(resolution=16 * rows or 16, patch=rows > 0)
+    weights = small_weights()
     items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64))
     arrays.create(path, SetIdentity(recipe, "e", weights), layout, items, {"name": "t"})
     return layout

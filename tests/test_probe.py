@@ -390,3 +390,36 @@ def test_a_results_file_that_is_not_ours_is_refused_not_overwritten(tmp_path, te
     with pytest.raises(ProbeError, match=r"results.csv: not a featstore results file"):
         write_results(tmp_path, [])
     assert csv.read_bytes() == text.encode("latin-1")  # left as it was
+
+
+def test_rows_of_a_cell_now_on_another_feature_set_move_aside(tmp_path):
+    """A first run scored cell d/e@32 with a linear and a kNN probe on set A. The
+    manifest changed, so the cell is now set B, and a second run scored only the linear
+    probe: A's kNN row must not stay beside B's linear row as if both were one cell's.
+    It moves to results-superseded.csv; another cell's rows stay."""
+    from featstore.probing.rows import ResultRow
+    from pipelines.probe import SUPERSEDED, write_results
+
+    def row(ds: str, probe: str, fset: str, value: float) -> ResultRow:
+        return ResultRow(ds, "e", True, 32, fset, probe=probe, metric="auroc", value=value)
+
+    first = [row("d", "linear", "A", 0.7), row("d", "knn", "A", 0.6), row("o", "knn", "C", 0.5)]
+    df, stale = write_results(tmp_path, first)
+    assert len(df) == 3 and stale.empty and not (tmp_path / SUPERSEDED).exists()
+
+    df, stale = write_results(tmp_path, [row("d", "linear", "B", 0.8)])
+    kept = pd.read_csv(tmp_path / "results.csv")
+    assert sorted(zip(kept.dataset, kept.probe, kept.feature_set, strict=True)) == [
+        ("d", "linear", "B"),
+        ("o", "knn", "C"),
+    ]
+    moved = pd.read_csv(tmp_path / SUPERSEDED)
+    assert list(zip(moved.probe, moved.feature_set, moved.value, strict=True)) == [
+        ("knn", "A", 0.6)
+    ]
+    assert len(stale) == 1 and len(df) == 2
+    # a rerun on the same set supersedes nothing; superseded rows accumulate, never lost
+    write_results(tmp_path, [row("d", "linear", "B", 0.81)])
+    assert len(pd.read_csv(tmp_path / SUPERSEDED)) == 1
+    write_results(tmp_path, [row("o", "knn", "D", 0.4), row("o", "linear", "D", 0.4)])
+    assert len(pd.read_csv(tmp_path / SUPERSEDED)) == 1  # o/knn on C was replaced by key

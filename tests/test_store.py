@@ -10,36 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import a_recipe, small_weights
 
-from featstore.data.settings import Intensity
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreMismatchError
-from featstore.identity import EncoderInfo, Recipe, SetIdentity
+from featstore.identity import SetIdentity
 from featstore.store import schema
 from featstore.store.integrity import Kind
 from featstore.store.sets import FeatureSet
 
-WEIGHTS = EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
+WEIGHTS = small_weights()
 COMPUTE = {"device": "cpu", "preprocess_on": "cpu"}
 N, CHUNK = 6, 2  # 3 units
 
 
 def _identity(quantize: str = "none") -> SetIdentity:
-    recipe = Recipe(
-        dataset="0" * 64,
-        task="classification",
-        dims=2,
-        slice_axis="axial",
-        fill_outlines=False,
-        mask_map=(),
-        metadata=(("spacing", "spacing_mm"),),
-        resolution=32,
-        intensity=Intensity(),
-        fit="resize",
-        layers=1,
-        dtype="float16",
-        patch=True,
-        quantize=quantize,
-    )
+    recipe = a_recipe(metadata=(("spacing", "spacing_mm"),), quantize=quantize)
     return SetIdentity(recipe, "e", WEIGHTS)
 
 

@@ -273,23 +273,50 @@ def _runner(
 _SETTLED = frozenset({"memory", "error", "released", "forgotten", "rescheduled"})
 
 
-def _unsettled(keys: list[str], dask_worker: Any = None) -> int:
-    """How many of the tasks `keys` this worker runs or may still start."""
+def _unsettled(keys: list[str], dask_worker: Any = None) -> list[str]:
+    """The tasks of `keys` this worker runs or may still start."""
     mine = set(keys)
-    return sum(
-        1
+    return [
+        key
         for key, ts in list(dask_worker.state.tasks.items())
         if key in mine and ts.state not in _SETTLED
-    )
+    ]
 
 
-def settle(client: Any, keys: list[str], progress: bool = False, poll: float = 0.1) -> None:
+# How long a failed set waits for its running units: one unit's forward pass and write
+# on a slow CPU worker, with room to spare. A worker hung longer is named, not waited on.
+SETTLE_DEADLINE = 900.0
+
+
+def settle(
+    client: Any,
+    keys: list[str],
+    progress: bool = False,
+    poll: float = 0.1,
+    deadline: float | None = None,
+) -> None:
     """Return once no worker runs (or may still start) one of the tasks `keys` (this
     run's units, not another shard's on the same scheduler); call it after cancelling
-    them. A second Ctrl-C stops the wait."""
+    them. After `deadline` seconds (SETTLE_DEADLINE) it stops waiting and names the
+    units still running and their workers on stderr. A second Ctrl-C stops the wait."""
     told = False
-    while n := sum(client.run(_unsettled, keys).values()):
+    limit = SETTLE_DEADLINE if deadline is None else deadline
+    end = time.monotonic() + limit
+    while running := {w: ks for w, ks in client.run(_unsettled, keys).items() if ks}:
+        if time.monotonic() >= end:
+            where = "; ".join(
+                f"unit {', '.join(k.rsplit('-unit-', 1)[-1] for k in sorted(ks))} on {w}"
+                for w, ks in sorted(running.items())
+            )
+            print(
+                f"featstore: stopped waiting after {limit:.0f}s "
+                f"for cancelled units still running ({where}); they may still write "
+                "their own chunks: stop those workers before `--overwrite` of this set",
+                file=sys.stderr,
+            )
+            return
         if progress and not told:
+            n = sum(len(ks) for ks in running.values())
             print(f"waiting for {n} running unit(s) to finish writing", file=sys.stderr)
             told = True
         time.sleep(poll)

@@ -156,15 +156,33 @@ def key_strings(df: pd.DataFrame) -> list[tuple[str, ...]]:
     return [tuple(map(str, r)) for r in df[list(KEY)].itertuples(index=False)]
 
 
-def upsert(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
-    """`old` rows whose key `new` does not have, then `new`; sorted by `KEY`.
+# The columns that name a feature set's cell: its rows are scores of one set.
+CELL = ("dataset", "encoder", "random_init", "resolution")
 
-    Both are `typed`. A key repeated within `new` is kept as given (the caller's).
+
+def upsert(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(`old` rows whose key `new` does not have, then `new`, sorted by `KEY`; the old
+    rows left out because `new` scores their cell on another feature set).
+
+    Both are `typed`. A key repeated within `new` is kept as given (the caller's). An
+    old row of a cell that `new` probes on a different set (the manifest changed what
+    the cell is) is superseded even when `new` has no row of its key: kept, it would
+    sit beside scores of another set as if both were one cell's results.
     """
     keys = set(key_strings(new))
-    kept = old[[k not in keys for k in key_strings(old)]]
+    sets = {
+        tuple(map(str, c)): str(f) for *c, f in new[[*CELL, "feature_set"]].itertuples(index=False)
+    }
+    cells = [tuple(map(str, c)) for c in old[list(CELL)].itertuples(index=False)]
+    stale = np.asarray(
+        [c in sets and str(f) != sets[c] for c, f in zip(cells, old.feature_set, strict=True)],
+        dtype=bool,
+    )
+    replaced = np.asarray([k in keys for k in key_strings(old)], dtype=bool)
+    kept = old[~stale & ~replaced]
     both = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-    return both.sort_values(list(KEY), kind="stable").reset_index(drop=True)
+    merged = both.sort_values(list(KEY), kind="stable").reset_index(drop=True)
+    return merged, old[stale & ~replaced].reset_index(drop=True)
 
 
 def ordinary(df: pd.DataFrame) -> pd.DataFrame:
