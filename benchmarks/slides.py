@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    args.slide = args.slide.resolve()  # the index lies in a temporary folder
+    if not args.slide.is_file():
+        raise SystemExit(f"{args.slide}: no such slide (--slide)")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "index.csv").write_text(
             f"image,label,split,mpp\n{args.slide},0,train,{args.mpp}\n"
