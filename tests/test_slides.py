@@ -75,6 +75,51 @@ def test_tiles_come_from_the_closest_finer_level_resized(tmp_path):
     assert set(np.unique(s.tiles.xy % 128)) == {0}
 
 
+def _direct_tiles(s, items: range) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Each tile read on its own with tiffslide (the reference for span reads)."""
+    slide = wsi.open_slide(Path(s.image))
+    t = s.tiles
+    return np.stack(
+        [
+            np.asarray(
+                slide.read_region(
+                    tuple(int(v) for v in t.xy[k]), t.level, (t.read,) * 2, as_array=True
+                )
+            )[..., :3]
+            for k in items
+        ]
+    )
+
+
+def test_a_row_of_overlapping_tiles_is_read_once_and_equals_tile_by_tile_reads(
+    tmp_path, monkeypatch
+):
+    """At level 0 a batch's tiles of one row are read as one region and cropped: every
+    tile equals its own tiffslide read, at 50% overlap, across rows, at the slide's
+    edges, and with a span cap that splits a row."""
+    _slide(tmp_path / "a.tif", size=1000)  # not a multiple of the grid: edge tiles pad
+    ds = _dataset(tmp_path, ["a.tif,1,train,"], tile_mpp=0.5, tile_size=64, overlap=0.5)
+    (s,) = readers.list_samples(ds)
+    assert s.tiles is not None and s.tiles.level == 0 and s.n_items > 40
+    calls = []
+    real = wsi.read_rgb
+    monkeypatch.setattr(wsi, "read_rgb", lambda *a: calls.append(a) or real(*a))
+    for items in (range(0, 32), range(32, s.n_items)):
+        got = readers.load(ds, s, as_read=True, items=items).image
+        np.testing.assert_array_equal(got, _direct_tiles(s, items))
+    rows = len({int(y) for _, y in s.tiles.xy})
+    assert len(calls) < s.n_items and len(calls) <= rows + 2  # a read per row and batch
+    monkeypatch.setattr(wsi, "SPAN_PIXELS", 100)  # at most 2 overlapping 64-px tiles
+    calls.clear()
+    got = readers.load(ds, s, as_read=True, items=range(0, 32)).image
+    np.testing.assert_array_equal(got, _direct_tiles(s, range(0, 32)))
+    assert len(calls) >= 16
+    assert wsi.spans([(0, 0), (32, 0), (200, 0), (200, 32)], 0, 64) == [
+        (0, 2, 96), (2, 1, 64), (3, 1, 64),
+    ]  # fmt: skip
+    assert wsi.spans([(0, 0), (32, 0)], 1, 64) == [(0, 1, 64), (1, 1, 64)]  # not level 0
+
+
 def test_max_tiles_is_a_seeded_sample_and_overlap_adds_tiles(tmp_path):
     _slide(tmp_path / "a.tif")
     all_ = readers.list_samples(_dataset(tmp_path, ["a.tif,1,train,"]))[0].tiles
@@ -174,6 +219,8 @@ def test_real_aperio_slides(shared_data, tmp_path, name):
     assert s.tiles.mpp_source == want
     tiles = readers.load(ds, s, items=range(min(3, s.n_items))).image
     assert tiles.shape[1:] == (224, 224, 3) and 0 < tiles.mean() < 255
+    if s.tiles.read == 224:  # read as is: equal to tiffslide's own tile-by-tile reads
+        np.testing.assert_array_equal(tiles, _direct_tiles(s, range(min(3, s.n_items))))
     assert np.asarray(tiles).std() > 5  # tissue, not glass
 
 

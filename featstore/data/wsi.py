@@ -3,10 +3,10 @@
 Slides are read with tiffslide (tifffile + imagecodecs), region by region: no level
 is ever loaded whole. Listing a slide reads its header and one low-resolution image
 for tissue detection (`featstore.data.tissue`) and plans its tiles; decoding reads
-one tile per item from the closest level at or finer than `tile_mpp`, resized to
-`tile_size`. The pixel size comes from the file (Aperio `MPP`, OME `PhysicalSizeX`,
-TIFF resolution tags), else from the index's `mpp` column, else it is an error: a
-magnification is never guessed.
+each tile from the closest level at or finer than `tile_mpp` (at level 0 a row's
+overlapping tiles in one region: `spans`), resized to `tile_size`. The pixel size
+comes from the file (Aperio `MPP`, OME `PhysicalSizeX`, TIFF resolution tags), else
+from the index's `mpp` column, else it is an error: a magnification is never guessed.
 """
 
 from __future__ import annotations
@@ -257,19 +257,48 @@ class Slides(Reader):
         path, t, size = Path(sample.image), sample.tiles, ds.tiling.tile_size
         slide = open_slide(path)
         out = np.empty((len(items), size, size, 3), np.uint8)
-        for j, k in enumerate(items):
-            x, y = (int(v) for v in t.xy[k])
+        xy = [(int(x), int(y)) for x, y in t.xy[items.start : items.stop]]
+        j = 0
+        for first, n, width in spans(xy, t.level, t.read):
             try:
-                tile = read_rgb(slide, (x, y), t.level, (t.read, t.read))
+                region = read_rgb(slide, xy[first], t.level, (width, t.read))
             except READ_ERRORS as exc:
+                x, y = xy[first]
                 raise BadInputError(
                     f"{path}: cannot decode the tile at level-0 ({x}, {y}) "
                     f"({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
                     "replace it, or run with --skip-bad"
                 ) from None
-            if t.read != size:
-                tile = np.asarray(
-                    Image.fromarray(tile).resize((size, size), Image.Resampling.BILINEAR)
-                )
-            out[j] = tile
+            x0 = xy[first][0]
+            for k in range(first, first + n):
+                tile = region[:, xy[k][0] - x0 : xy[k][0] - x0 + t.read]
+                if t.read != size:
+                    tile = np.asarray(
+                        Image.fromarray(tile).resize((size, size), Image.Resampling.BILINEAR)
+                    )
+                out[j] = tile
+                j += 1
         return Loaded(image=out if as_read else out.astype(np.float32), mask=None)
+
+
+SPAN_PIXELS = 8192  # widest region read at once: 8192 x 443 px RGB is 11 MB
+
+
+def spans(xy: list[tuple[int, int]], level: int, read: int) -> list[tuple[int, int, int]]:
+    """(first tile, tiles, width in px) of each region to read: a run of consecutive
+    tiles of one row whose reads overlap or touch is read as one region and cropped,
+    so the stored tiles they share are decoded once, not once per tile (at 50%
+    overlap each stored tile was decoded twice per row). Only level 0, where a
+    level-0 location is a pixel of the level read; other levels keep one read per
+    tile, with tiffslide's own rounding of the location."""
+    out: list[tuple[int, int, int]] = []
+    for k, (x, y) in enumerate(xy):
+        if out and level == 0:
+            first, n, width = out[-1]
+            x0, y0 = xy[first]
+            end = x + read - x0
+            if y == y0 and x0 <= x <= x0 + width and end <= SPAN_PIXELS:
+                out[-1] = (first, n + 1, max(width, end))
+                continue
+        out.append((k, 1, read))
+    return out
