@@ -29,7 +29,7 @@ from featstore.identity import labelled
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
-from featstore.probing.rows import ResultRow, frame, interval, ordinary, typed, upsert
+from featstore.probing.rows import TEXT, ResultRow, frame, interval, ordinary, typed, upsert
 
 
 def _read_results(csv: Path) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def _read_results(csv: Path) -> pd.DataFrame:
     not a featstore results file (empty, truncated, or someone else's CSV)."""
     fix = "move it away, or probe into another --out folder"
     try:
-        old = pd.read_csv(csv)
+        old = pd.read_csv(csv, dtype=TEXT)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ProbeError(f"{csv}: not a featstore results file ({exc}); {fix}") from None
     missing = [k for k in ("dataset", "encoder", "probe", "metric", "value") if k not in old]

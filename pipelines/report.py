@@ -22,7 +22,7 @@ from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
 from featstore.identity import requested
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.probing.rows import ordinary, typed
+from featstore.probing.rows import TEXT, ordinary, typed
 from featstore.report import curves, references, slides
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key, find_cell
@@ -238,7 +238,7 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         raise ProbeError(
             f"{out}: no results.csv/run-config.json; run `featstore probe --out {out}` first"
         )
-    every = typed(pd.read_csv(csv))
+    every = typed(pd.read_csv(csv, dtype=TEXT))
     if every.empty:
         raise ProbeError(
             f"{csv} holds no scores (the probe could score no dataset: see its problem "

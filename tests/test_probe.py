@@ -396,7 +396,7 @@ def test_rows_of_a_cell_now_on_another_feature_set_move_aside(tmp_path):
     """A first run scored cell d/e@32 with a linear and a kNN probe on set A. The
     manifest changed, so the cell is now set B, and a second run scored only the linear
     probe: A's kNN row must not stay beside B's linear row as if both were one cell's.
-    It moves to results-superseded.csv; another cell's rows stay."""
+    Both of A's rows move to results-superseded.csv; another cell's rows stay."""
     from featstore.probing.rows import ResultRow
     from pipelines.probe import SUPERSEDED, write_results
 
@@ -414,12 +414,24 @@ def test_rows_of_a_cell_now_on_another_feature_set_move_aside(tmp_path):
         ("o", "knn", "C"),
     ]
     moved = pd.read_csv(tmp_path / SUPERSEDED)
-    assert list(zip(moved.probe, moved.feature_set, moved.value, strict=True)) == [
-        ("knn", "A", 0.6)
+    assert sorted(zip(moved.probe, moved.feature_set, moved.value, strict=True)) == [
+        ("knn", "A", 0.6),
+        ("linear", "A", 0.7),  # replaced by B's linear row: moved too, not overwritten
     ]
-    assert len(stale) == 1 and len(df) == 2
+    assert len(stale) == 2 and len(df) == 2
     # a rerun on the same set supersedes nothing; superseded rows accumulate, never lost
     write_results(tmp_path, [row("d", "linear", "B", 0.81)])
-    assert len(pd.read_csv(tmp_path / SUPERSEDED)) == 1
+    assert len(pd.read_csv(tmp_path / SUPERSEDED)) == 2
+    # a rerun of the same probe on a new set moves the old set's row too (same key)
     write_results(tmp_path, [row("o", "knn", "D", 0.4), row("o", "linear", "D", 0.4)])
-    assert len(pd.read_csv(tmp_path / SUPERSEDED)) == 1  # o/knn on C was replaced by key
+    moved = pd.read_csv(tmp_path / SUPERSEDED, dtype=str)
+    assert sorted(zip(moved.dataset, moved.feature_set, strict=True)) == [
+        ("d", "A"),
+        ("d", "A"),
+        ("o", "C"),
+    ]
+    # a key of digits read back from the CSV is still the same key: nothing moves
+    digits = tmp_path / "digits"
+    write_results(digits, [row("007", "knn", "012345678901", 0.4)])
+    df, stale = write_results(digits, [row("007", "knn", "012345678901", 0.5)])
+    assert stale.empty and list(df.dataset) == ["007"] and list(df.value) == [0.5]

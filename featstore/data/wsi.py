@@ -257,28 +257,40 @@ class Slides(Reader):
         path, t, size = Path(sample.image), sample.tiles, ds.tiling.tile_size
         slide = open_slide(path)
         out = np.empty((len(items), size, size, 3), np.uint8)
-        xy = [(int(x), int(y)) for x, y in t.xy[items.start : items.stop]]
+        xy = [(int(t.xy[k][0]), int(t.xy[k][1])) for k in items]
         j = 0
         for first, n, width in spans(xy, t.level, t.read):
             try:
                 region = read_rgb(slide, xy[first], t.level, (width, t.read))
-            except READ_ERRORS as exc:
-                x, y = xy[first]
-                raise BadInputError(
-                    f"{path}: cannot decode the tile at level-0 ({x}, {y}) "
-                    f"({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
-                    "replace it, or run with --skip-bad"
-                ) from None
+            except READ_ERRORS:
+                for x, y in xy[first : first + n]:  # name the tile that fails
+                    _read_tile(slide, path, (x, y), t.level, t.read)
+                raise  # pragma: no cover - the region failed, none of its tiles did
             x0 = xy[first][0]
-            for k in range(first, first + n):
-                tile = region[:, xy[k][0] - x0 : xy[k][0] - x0 + t.read]
+            for x, _ in xy[first : first + n]:
+                tile = region[:, x - x0 : x - x0 + t.read]
                 if t.read != size:
                     tile = np.asarray(
                         Image.fromarray(tile).resize((size, size), Image.Resampling.BILINEAR)
                     )
                 out[j] = tile
                 j += 1
+        assert j == len(items)
         return Loaded(image=out if as_read else out.astype(np.float32), mask=None)
+
+
+def _read_tile(
+    slide: TiffSlide, path: Path, xy: tuple[int, int], level: int, read: int
+) -> np.ndarray:
+    """One tile, or a BadInputError naming the slide, the tile and the fix."""
+    try:
+        return read_rgb(slide, xy, level, (read, read))
+    except READ_ERRORS as exc:
+        raise BadInputError(
+            f"{path}: cannot decode the tile at level-0 ({xy[0]}, {xy[1]}) "
+            f"({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
+            "replace it, or run with --skip-bad"
+        ) from None
 
 
 SPAN_PIXELS = 8192  # widest region read at once: 8192 x 443 px RGB is 11 MB

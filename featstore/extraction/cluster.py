@@ -288,6 +288,10 @@ def _unsettled(keys: list[str], dask_worker: Any = None) -> list[str]:
 SETTLE_DEADLINE = 900.0
 
 
+def _num(text: str) -> tuple[int, str]:
+    return (int(text), "") if text.isdigit() else (-1, text)
+
+
 def settle(
     client: Any,
     keys: list[str],
@@ -305,13 +309,14 @@ def settle(
     while running := {w: ks for w, ks in client.run(_unsettled, keys).items() if ks}:
         if time.monotonic() >= end:
             where = "; ".join(
-                f"unit {', '.join(k.rsplit('-unit-', 1)[-1] for k in sorted(ks))} on {w}"
+                f"unit {', '.join(sorted((k.rsplit('-unit-', 1)[-1] for k in ks), key=_num))}"
+                f" on {w}"
                 for w, ks in sorted(running.items())
             )
             print(
-                f"featstore: stopped waiting after {limit:.0f}s "
-                f"for cancelled units still running ({where}); they may still write "
-                "their own chunks: stop those workers before `--overwrite` of this set",
+                f"featstore: stopped waiting after {limit:g}s for cancelled units still "
+                f"running ({where}); they may still write their own chunks: stop those "
+                "workers before running this set again (resume or `--overwrite`)",
                 file=sys.stderr,
             )
             return

@@ -146,6 +146,11 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
     return out[[*COLUMNS, *(c for c in out.columns if c not in COLUMNS)]]
 
 
+# Read results.csv with these (`pd.read_csv(..., dtype=TEXT)`): a dataset named "007"
+# or a feature-set key of 12 digits keeps its leading zeros and stays a key.
+TEXT: dict[str, type] = {name: str for name in COLUMNS if _TYPES[name] == "str"}
+
+
 def frame(rows: Sequence[ResultRow]) -> pd.DataFrame:
     """Rows as a typed DataFrame with the `COLUMNS` (empty rows: no lines)."""
     return typed(pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS)))
@@ -162,12 +167,12 @@ CELL = ("dataset", "encoder", "random_init", "resolution")
 
 def upsert(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(`old` rows whose key `new` does not have, then `new`, sorted by `KEY`; the old
-    rows left out because `new` scores their cell on another feature set).
+    rows of cells that `new` scores on another feature set).
 
     Both are `typed`. A key repeated within `new` is kept as given (the caller's). An
     old row of a cell that `new` probes on a different set (the manifest changed what
-    the cell is) is superseded even when `new` has no row of its key: kept, it would
-    sit beside scores of another set as if both were one cell's results.
+    the cell is) is superseded, whether or not `new` has a row of its key: kept, it
+    would sit beside scores of another set as if both were one cell's results.
     """
     keys = set(key_strings(new))
     sets = {
@@ -182,7 +187,7 @@ def upsert(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
     kept = old[~stale & ~replaced]
     both = pd.concat([kept, new], ignore_index=True) if len(kept) else new
     merged = both.sort_values(list(KEY), kind="stable").reset_index(drop=True)
-    return merged, old[stale & ~replaced].reset_index(drop=True)
+    return merged, old[stale].reset_index(drop=True)
 
 
 def ordinary(df: pd.DataFrame) -> pd.DataFrame:
