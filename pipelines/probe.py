@@ -29,7 +29,7 @@ from featstore.identity import labelled
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
-from featstore.probing.rows import TEXT, ResultRow, frame, interval, ordinary, typed, upsert
+from featstore.probing.rows import CELL, TEXT, ResultRow, frame, interval, ordinary, typed, upsert
 
 
 def _read_results(csv: Path) -> pd.DataFrame:
@@ -150,7 +150,8 @@ def run(
         echo(f"note: {n}")
     if len(stale):
         cells = sorted(
-            {f"{r.dataset} / {r.encoder} @ {r.resolution}px" for r in stale.itertuples()}
+            f"{r.dataset} / {labelled(str(r.encoder), bool(r.random_init))} @ {r.resolution}px"
+            for r in stale.drop_duplicates(list(CELL)).itertuples()
         )
         echo(
             f"note: {len(stale)} earlier rows of {', '.join(cells)} scored another feature "

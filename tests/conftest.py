@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:  # featstore is imported inside the helpers, as elsewhere in this file
+    from featstore.identity import EncoderInfo, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -154,12 +158,12 @@ def a_mark_written(marks: Path) -> bool:
         return False
 
 
-def a_recipe(**changes: object):  # -> featstore.identity.Recipe
+def a_recipe(**changes: Any) -> Recipe:
     """A small 2D classification recipe for store-level tests, with `changes` applied."""
     from featstore.data.settings import Intensity
     from featstore.identity import Recipe
 
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
         dataset="0" * 64, task="classification", dims=2, slice_axis="axial",
         fill_outlines=False, mask_map=(), metadata=(), resolution=32,
         intensity=Intensity(), fit="resize", layers=1, dtype="float16", patch=True,
@@ -167,7 +171,7 @@ def a_recipe(**changes: object):  # -> featstore.identity.Recipe
     return Recipe(**{**fields, **changes})
 
 
-def small_weights():  # -> featstore.identity.EncoderInfo
+def small_weights() -> EncoderInfo:
     """The encoder facts of store-level tests: an 8-wide, patch-16 model named 'e'."""
     from featstore.identity import EncoderInfo
 

@@ -262,10 +262,15 @@ class Slides(Reader):
         for first, n, width in spans(xy, t.level, t.read):
             try:
                 region = read_rgb(slide, xy[first], t.level, (width, t.read))
-            except READ_ERRORS:
+            except READ_ERRORS as exc:
                 for x, y in xy[first : first + n]:  # name the tile that fails
                     _read_tile(slide, path, (x, y), t.level, t.read)
-                raise  # pragma: no cover - the region failed, none of its tiles did
+                x, y = xy[first]  # the region failed, none of its tiles alone did
+                raise BadInputError(
+                    f"{path}: cannot decode the {width} x {t.read} px region at level-0 "
+                    f"({x}, {y}) ({type(exc).__name__}: {exc}); the file is truncated or "
+                    "corrupt: replace it, or run with --skip-bad"
+                ) from None
             x0 = xy[first][0]
             for x, _ in xy[first : first + n]:
                 tile = region[:, x - x0 : x - x0 + t.read]

@@ -288,10 +288,6 @@ def _unsettled(keys: list[str], dask_worker: Any = None) -> list[str]:
 SETTLE_DEADLINE = 900.0
 
 
-def _num(text: str) -> tuple[int, str]:
-    return (int(text), "") if text.isdigit() else (-1, text)
-
-
 def settle(
     client: Any,
     keys: list[str],
@@ -309,7 +305,7 @@ def settle(
     while running := {w: ks for w, ks in client.run(_unsettled, keys).items() if ks}:
         if time.monotonic() >= end:
             where = "; ".join(
-                f"unit {', '.join(sorted((k.rsplit('-unit-', 1)[-1] for k in ks), key=_num))}"
+                f"unit {', '.join(map(str, sorted(int(k.rsplit('-unit-', 1)[1]) for k in ks)))}"
                 f" on {w}"
                 for w, ks in sorted(running.items())
             )
