@@ -73,6 +73,68 @@ def tiny_dinov3(tmp_path_factory) -> Path:
     return folder
 
 
+# The tiny timm and open_clip models of the backend tests, saved in their
+# ecosystems' folder layouts (timm `save_for_hf`, open_clip's hub layout).
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=0)
+
+
+def save_tiny_timm(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-block timm ViT (8-px patches, 2 register tokens) in timm's save_for_hf layout,
+    with its own mean/std in pretrained_cfg."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    args = {**TINY_VIT, "reg_tokens": 2, **overrides}
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    save_for_hf(model, folder, model_args=args, safe_serialization=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pretrained_cfg"].update(mean=[0.3, 0.4, 0.5], std=[0.2, 0.25, 0.3])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+OPEN_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {
+        "timm_model_name": "vit_tiny_patch16_224",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 224,
+    },
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+def save_tiny_open_clip(folder: Path, model_cfg: dict, seed: int = 0):
+    """A CLIP built by open_clip from `model_cfg`, saved in the hub layout."""
+    import torch
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = CLIP(**model_cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    pre = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": pre}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_timm(tmp_path_factory) -> Path:
+    return save_tiny_timm(tmp_path_factory.mktemp("tiny-timm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    return folder, save_tiny_open_clip(folder, OPEN_CLIP_CFG)
+
+
 def write_manifest(
     tmp: Path, datasets: str, encoders: str, resolutions: str = "[32]", extra: str = ""
 ) -> Path:

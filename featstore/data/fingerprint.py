@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from featstore.errors import is_read_only
 from featstore.store.location import is_url
@@ -30,11 +30,26 @@ def memo_for(cache: Path | str) -> Path:
     return Path(cache) / MEMO_NAME
 
 
+def _valid(hit: object) -> TypeGuard[dict[str, Any]]:
+    """Whether a memo entry has the shape this module writes (a memo edited or written
+    by something else is only a cache: its entries of another shape are hashed again)."""
+    if not isinstance(hit, dict):
+        return False
+    sha = hit.get("sha256")
+    return (
+        type(hit.get("size")) is int
+        and type(hit.get("mtime_ns")) is int
+        and isinstance(sha, str)
+        and len(sha) == 64
+        and all(c in "0123456789abcdef" for c in sha)
+    )
+
+
 def _file_sha256(path: Path, memo: dict[str, Any]) -> str:
     st = path.stat()
     key = str(path.resolve())
     hit = memo.get(key)
-    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+    if _valid(hit) and (hit["size"], hit["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
         return str(hit["sha256"])
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -52,6 +67,8 @@ def files_sha256(paths: Iterable[Path], memo_file: Path | None = None) -> dict[s
             memo = json.loads(memo_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             memo = {}  # a damaged memo is only a cache: rebuild it
+        if not isinstance(memo, dict):  # valid JSON of another shape: likewise
+            memo = {}
     before = dict(memo)
     out = {str(p): _file_sha256(p, memo) for p in paths}
     if memo_file is not None and memo != before:

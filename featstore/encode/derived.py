@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin, get_type_hints
 
 from featstore.data.fingerprint import save_memo
 from featstore.encode.preprocess import interpolation
@@ -73,17 +73,34 @@ def remembered(
     return parse(facts)
 
 
+# EncoderInfo's field types (its annotations are strings under `from __future__`)
+_TYPES = get_type_hints(EncoderInfo)
+
+
+def _of_type(value: object, kind: object) -> bool:
+    """Whether a JSON value read back has the type of an EncoderInfo field: str, int
+    (not bool), bool, a Literal's str, or a tuple of floats (a JSON list of numbers)."""
+    if kind is bool:
+        return type(value) is bool
+    if kind is int:
+        return type(value) is int
+    if get_origin(kind) is tuple:
+        return isinstance(value, list) and all(type(v) in (int, float) for v in value)
+    return isinstance(value, str)  # str and the Literal names (checked below)
+
+
 def info_from(facts: dict[str, Any], name: str, source: str, sha: str, random: bool) -> EncoderInfo:
     """The `EncoderInfo` of remembered `facts` with its labels and weights' hash."""
     expected = {f.name for f in fields(EncoderInfo)} - set(_GIVEN)
-    if set(facts) != expected:  # a field added since: never its default, derive again
+    if not isinstance(facts, dict) or set(facts) != expected:  # a field added since: never
         raise ValueError(f"remembered facts of {name} have other fields than {sorted(expected)}")
+    wrong = [k for k, v in facts.items() if not _of_type(v, _TYPES[k])]
+    if wrong or not facts["config_sha256"]:
+        raise ValueError(f"remembered facts of {name} are damaged ({wrong})")
     info = EncoderInfo.from_dict(
         {**facts, "name": name, "source": source, "weights_sha256": sha, "random_init": random}
     )
-    ints = (info.patch_size, info.num_register_tokens, info.hidden_size)
-    sizes = {len(info.mean), len(info.std)}
-    if not all(isinstance(v, int) for v in ints) or sizes != {3} or not info.config_sha256:
-        raise ValueError(f"remembered facts of {name} are damaged")
+    if {len(info.mean), len(info.std)} != {3}:
+        raise ValueError(f"remembered facts of {name} are damaged (mean/std)")
     interpolation(info.interpolation, name)
     return replace(info, mean=tuple(map(float, info.mean)), std=tuple(map(float, info.std)))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featstore.encode.protocol import read_json
+from featstore.encode.weights import read_state
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
 
 if TYPE_CHECKING:
@@ -87,15 +88,13 @@ def pth_config(path: Path, presets: dict[str, dict[str, Any]]) -> tuple[dict[str
 
 def load_pth(path: Path, config: dict[str, Any], arch: str) -> torch.nn.Module:
     """A DINOv3ViTModel of architecture `config` with the weights of `path`."""
-    import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     spec = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise EncoderNotFoundError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = read_state(path)
+    inner = state.get("model")  # Meta's training checkpoints nest the weights
+    if isinstance(inner, dict):
+        state = inner
     model = DINOv3ViTModel(DINOv3ViTConfig(**spec))
     try:
         missing, unexpected = model.load_state_dict(convert_state_dict(state), strict=False)

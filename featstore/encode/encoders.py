@@ -60,6 +60,9 @@ def resolve_encoder(spec: str, memo: Path | None = None) -> Resolved:
         if rest not in ("", "random"):
             raise EncoderNotFoundError(f"encoder '{spec}': unknown flag ':{rest}'; use ':random'")
         return hf.resolve(prefix, rest, memo)
+    target, flag = _split_flag(spec)
+    if flag and Path(target).expanduser().exists():  # a folder or a .pth: hf's
+        return hf.resolve(target, flag, memo)
     if sep and not Path(spec).expanduser().exists():
         raise EncoderNotFoundError(
             f"encoder '{spec}': unknown backend prefix '{prefix}:'; use one of "

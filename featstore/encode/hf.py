@@ -9,6 +9,7 @@ JSON: transformers is imported only to build the model.
 from __future__ import annotations
 
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import TYPE_CHECKING, Any
 
 from featstore.encode.dinov3_pth import load_pth, pth_config
@@ -27,12 +28,14 @@ from featstore.encode.protocol import (
     hub_folder,
     json_sha256,
     major_version,
+    no_random_flag,
     random_init_sha256,
     read_json,
     seeded,
     three,
     weight_files,
 )
+from featstore.encode.weights import check_weights
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
 from featstore.identity import EncoderInfo
 
@@ -158,13 +161,14 @@ def _from_folder(name: str, folder: Path, source: str, memo: Path | None) -> Res
 
 
 def _load_folder(folder: Path) -> torch.nn.Module:
+    from safetensors import SafetensorError
     from transformers import AutoModel
 
     try:
         model, loading = AutoModel.from_pretrained(
             folder, local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError, UnpicklingError) as exc:
         raise EncoderConfigError(
             f"{folder}: not a loadable transformers model ({str(exc)[:300]}); the weights "
             "must fit config.json"
@@ -200,6 +204,7 @@ def _random(name: str, spec: dict[str, Any]) -> Resolved:
 
 
 def _from_pth(path: Path, memo: Path | None) -> Resolved:
+    check_weights([path])
     config, arch_name = pth_config(path, PRESETS)
     arch = _architecture(config, path)
     pre = _preprocessing(path.parent if (path.parent / "config.json").is_file() else None)
@@ -219,11 +224,13 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
         if folder is None:
             return _random(target, spec)
         return _from_folder(target, folder, f"{spec['hub']}@{folder.name}", memo)
+    path = Path(target).expanduser()
+    if flag and (path.exists() or target.count("/") == 1):
+        no_random_flag(target, flag)
     if flag:
         raise EncoderNotFoundError(
             f"encoder '{target}:{flag}': only presets take ':random' ({', '.join(table)})"
         )
-    path = Path(target).expanduser()
     if path.is_file() and path.suffix == ".pth":  # Meta's original DINOv3 checkpoint
         return _from_pth(path, memo)
     if path.is_dir():

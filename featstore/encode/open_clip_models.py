@@ -36,6 +36,7 @@ from featstore.encode.protocol import (
     hub_folder,
     json_sha256,
     major_version,
+    no_random_flag,
     random_init_sha256,
     read_json,
     seeded,
@@ -217,6 +218,7 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
             return _random(target, spec, memo)
         return _from_folder(target, folder, f"{spec['hub']}@{folder.name}", memo)
     if target.startswith("hf-hub:"):
+        no_random_flag(f"open_clip:{target}", flag)
         repo = target.removeprefix("hf-hub:")
         folder = hub_folder(repo)
         if folder is None:
@@ -227,6 +229,7 @@ def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
         return _from_folder(target, folder, f"{repo}@{folder.name}", memo)
     path = Path(target).expanduser()
     if path.is_dir():
+        no_random_flag(f"open_clip:{target}", flag)
         return _from_folder(path.name, path, str(path.resolve()), memo)
     model_cfg = remembered(
         memo, {"open_clip name": target}, ("open_clip_torch",), lambda: _by_name(target), dict

@@ -55,6 +55,10 @@ class Pixels(Backbone):
 
 def resolve(arg: str) -> Resolved:
     """`pixels` (16-px patches) or `pixels:<p>`."""
+    if arg.rpartition(":")[2] == "random":
+        raise EncoderNotFoundError(
+            f"encoder 'pixels:{arg}': the pixel baseline has no weights; drop ':random'"
+        )
     if arg and not (arg.isdigit() and 1 <= int(arg) <= 64):
         raise EncoderNotFoundError(f"encoder 'pixels:{arg}': the patch size must be 1 to 64")
     patch = int(arg or 16)

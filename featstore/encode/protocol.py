@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from featstore.data.fingerprint import files_sha256
-from featstore.errors import EncoderConfigError
+from featstore.encode.weights import check_weights
+from featstore.errors import EncoderConfigError, EncoderNotFoundError
 from featstore.identity import EncoderInfo
 
 if TYPE_CHECKING:  # torch is imported where a model is built or run, never to resolve
@@ -228,9 +229,23 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def no_random_flag(spec: str, flag: str) -> None:
+    """Refuse ':random' on a folder or a hub id: they name weights, not an architecture
+    (a random init is asked for by a model or preset name)."""
+    if flag:
+        raise EncoderNotFoundError(
+            f"encoder '{spec}:{flag}': ':random' applies to a model or preset name, not to a "
+            "folder or hub id, whose weights are what it names; drop ':random', or name the "
+            "architecture (e.g. 'timm:vit_small_patch16_224:random', 'dinov3-vits16:random')"
+        )
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a model folder, sorted (safetensors, bin, pth)."""
-    return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    """The weight files of a model folder, sorted (safetensors, bin, pth), each checked
+    by its header (`weights.check_weights`): a damaged one is refused here, at resolve."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    check_weights(files)
+    return files
 
 
 def files_digest(files: list[Path], memo: Path | None) -> str:

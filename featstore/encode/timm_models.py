@@ -32,12 +32,14 @@ from featstore.encode.protocol import (
     hub_folder,
     json_sha256,
     major_version,
+    no_random_flag,
     random_init_sha256,
     read_json,
     seeded,
     three,
     weight_files,
 )
+from featstore.encode.weights import read_state
 from featstore.errors import EncoderConfigError, EncoderNotFoundError
 
 if TYPE_CHECKING:
@@ -146,17 +148,8 @@ def _derive(source: str, where: str, cfg_sha: str) -> dict[str, Any]:
 
 def load_weights(module: torch.nn.Module, files: list[Path], where: Path, prefix: str = "") -> None:
     """Load `files` (safetensors first) into `module`, strictly; keys under `prefix` only."""
-    import torch
-    from safetensors.torch import load_file
-
     path = next((f for f in files if f.suffix == ".safetensors"), files[0])
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise EncoderConfigError(f"{path}: not a readable weights file ({exc})") from None
+    state = read_state(path)
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     try:
@@ -210,11 +203,13 @@ def _known(name: str) -> None:
 def resolve(target: str, flag: str, memo: Path | None) -> Resolved:
     """A timm folder, or a model name (weights from the hub cache, or `:random`)."""
     path = Path(target).expanduser()
-    if path.is_dir() and not flag:
-        return _from_folder(path.name, path, str(path.resolve()), memo)
     if flag not in ("", "random"):
         raise EncoderNotFoundError(f"encoder 'timm:{target}:{flag}': the only flag is ':random'")
+    if path.is_dir():
+        no_random_flag(f"timm:{target}", flag)
+        return _from_folder(path.name, path, str(path.resolve()), memo)
     if target.startswith("hf-hub:"):  # e.g. a gated pathology model, once in the cache
+        no_random_flag(f"timm:{target}", flag)
         repo = target.removeprefix("hf-hub:")
         folder = hub_folder(repo)
         if folder is None:
