@@ -180,6 +180,26 @@ class Case:
     pattern: str = ""  # what a clear refusal names (regex on the output)
 
 
+def damaged_model(damage: Callable[[Path], None], flag: str = "") -> Callable[[Path], list[str]]:
+    """An images dataset encoded by a copy of the tiny DINOv3 that `damage` edits."""
+
+    def setup(root: Path) -> list[str]:
+        model = shutil.copytree(tiny_dinov3(root.parent / "model"), root / "model")
+        damage(model)
+        return images(root, top=PIXELS.replace("'pixels:8'", repr(f"{model}{flag}")))
+
+    return setup
+
+
+def _as_html_bin(model: Path) -> None:
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_text("<html><body>404 Not Found</body></html>\n")
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
 def _add(args: list[str], *extra: str) -> Callable[[Path], list[str]]:
     return lambda root: images(root) + list(extra)
 
@@ -417,6 +437,25 @@ CASES = [
         "refused",
         nifti_bomb,
         r"v\.nii: its header says 3000 x 3000 x 3000",
+    ),
+    # encoders (issue 32)
+    Case(
+        "encoder model.safetensors truncated",
+        "refused",
+        damaged_model(lambda m: _truncate(m / "model.safetensors")),
+        r"model/model\.safetensors: not a readable weights file",
+    ),
+    Case(
+        "encoder pytorch_model.bin is an HTML page",
+        "refused",
+        damaged_model(_as_html_bin),
+        r"model/pytorch_model\.bin: not a readable weights file",
+    ),
+    Case(
+        "encoder folder with ':random' (not ignored)",
+        "refused",
+        damaged_model(lambda m: None, ":random"),
+        r"drop ':random'",
     ),
     Case(
         "DICOM without pixel data",
