@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from featstore.extraction.writer import quantize_int8
+from featstore.store.codec import quantize_int8
 from featstore.store.schema import CHECKSUM, CODECS
 
 # The manifest's `codec` choices, each followed by the crc32c checksum every chunk carries.
@@ -48,9 +48,9 @@ def _int8(data: np.ndarray, chunks: tuple[int, ...], target: Path) -> tuple[floa
     step = chunks[0]
     t0 = time.perf_counter()
     for a in range(0, len(data), step):  # unit by unit, as the writer does
-        q, scale = quantize_int8(data[a : a + step])
-        q_arr[a : a + step] = q
-        s_arr[a : a + step] = scale
+        got = quantize_int8(data[a : a + step])
+        q_arr[a : a + step] = got.values
+        s_arr[a : a + step] = got.scale
     write = data.nbytes / 1e6 / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     back = q_arr[:].astype(np.float32) * s_arr[:][:, None, None, :]

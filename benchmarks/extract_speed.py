@@ -37,10 +37,10 @@ from featstore.data.manifest import Dataset, Manifest
 from featstore.data.settings import Synthetic
 from featstore.encode.devprep import RawPixels, to_input
 from featstore.encode.encoders import load_encoder
-from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.encode.preprocess import preprocess
 from featstore.extraction.batches import Batches, plan_batches
 from featstore.extraction.run import Options, extract_one
-from featstore.identity import requested
+from featstore.identity import Preprocess, requested
 from featstore.store.schema import layout_for
 
 CASES = {  # encoder, resolution, images, batch

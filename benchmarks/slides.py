@@ -33,7 +33,8 @@ import tifffile
 from featstore.data import readers, wsi
 from featstore.data.manifest import Dataset
 from featstore.data.settings import Intensity
-from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.encode.preprocess import preprocess
+from featstore.identity import Preprocess
 
 # the real data root: $FEATSTORE_DATA (the Makefile's), else ../shared/data
 DATA = Path(

@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Manifest
-from featstore.data.settings import Intensity
+from featstore.data.settings import Intensity, Interpolation
 from featstore.data.tissue import PLAN_VERSION
-from featstore.encode.preprocess import Interpolation, Preprocess
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
 # 3: what the probes need from the raw data is in the set (native size and spacing per
@@ -30,6 +29,24 @@ from featstore.encode.preprocess import Interpolation, Preprocess
 #    encoder's backend, its major version, architecture config and interpolation
 #    joined the key (sets of format 2 are refused with the advice to re-extract).
 FORMAT_VERSION = 3
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything that maps a raw sample to encoder input; recorded in every feature set."""
+
+    resolution: int
+    intensity: Intensity
+    mean: tuple[float, ...]  # per channel; broadcast over the 3 input channels
+    std: tuple[float, ...]
+    fit: Fit = "resize"  # pad: centre small images on a zero canvas
+    interpolation: Interpolation = "bilinear"  # the encoder's own resize filter
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as stored in a feature set's `preprocess` attribute."""
+        d = asdict(self)
+        d["intensity"] = self.intensity.model_dump()
+        return d
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import torch
 from featstore.data import readers
 from featstore.data.manifest import Dataset
 from featstore.data.settings import Intensity, Synthetic
-from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.encode.preprocess import preprocess
 from featstore.extraction.batches import Batches, plan_batches
+from featstore.identity import Preprocess
 from featstore.store import schema
 
 

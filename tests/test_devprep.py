@@ -28,10 +28,10 @@ from featstore.data import readers
 from featstore.data.manifest import Dataset, load_manifest
 from featstore.data.settings import Intensity, Synthetic
 from featstore.encode.devprep import RawPixels, narrowest, to_input
-from featstore.encode.preprocess import Preprocess
 from featstore.errors import StoreMismatchError
 from featstore.extraction.batches import Batches, plan_batches
 from featstore.extraction.run import Options
+from featstore.identity import Preprocess
 from featstore.store import schema, sets
 from featstore.store.sets import FeatureSet
 from pipelines import extract

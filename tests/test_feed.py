@@ -12,9 +12,9 @@ from conftest import refit_linear_seg_head, sklearn_seg_scores, synth_entry, wri
 from featstore.data.manifest import load_manifest
 from featstore.errors import FeatureOverflowError
 from featstore.extraction.run import Options
-from featstore.extraction.writer import quantize_int8
 from featstore.probing.evaluation import probe_set
 from featstore.store import sets
+from featstore.store.codec import quantize_int8
 from featstore.store.sets import FeatureSet
 from pipelines import extract
 
@@ -70,7 +70,8 @@ def test_quantize_int8_is_within_half_a_step():
     x = rng.normal(size=(3, 4, 4, 8)).astype(np.float32) * rng.uniform(0.1, 50, 8)
     x[1] = np.nan  # a skipped item
     x[2, ..., 5] = 0  # an all-zero channel
-    q, scale = quantize_int8(x)
+    got = quantize_int8(x)
+    q, scale = got.values, got.scale
     assert q.dtype == np.int8 and scale.shape == (3, 8)
     back = q * scale[:, None, None, :]
     assert np.all(np.abs(back[0] - x[0]) <= scale[0] / 2 + 1e-6)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from featstore.data.settings import Intensity
-from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.encode.preprocess import preprocess
+from featstore.identity import Preprocess
 
 # Deliberately not ImageNet's: distinct per channel so a swapped channel shows.
 MEAN = (0.1, 0.2, 0.3)

@@ -205,12 +205,17 @@ def _blocks(v: tuple[int, ...]) -> tuple[int, ...]:
 PatchLayers = Annotated[tuple[int, ...], AfterValidator(_blocks)]
 
 
+# An encoder's resize filter (antialiased PIL filters; see encode.preprocess)
+Interpolation = Literal["bilinear", "bicubic"]
+INTERPOLATIONS: tuple[Interpolation, ...] = ("bilinear", "bicubic")
+
+
 class EncoderPreprocessing(Frozen):
     """Preprocessing that replaces an encoder's own config (recorded in its feature sets)."""
 
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    interpolation: Literal["bilinear", "bicubic"] | None = None
+    interpolation: Interpolation | None = None
 
     def items(self) -> tuple[tuple[str, object], ...]:
         """The fields that are set, as (name, value) pairs in field order."""

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from featstore.data.settings import Intensity
-from featstore.encode.preprocess import Preprocess, unit_map
+from featstore.encode.preprocess import unit_map
+from featstore.identity import Preprocess
 
 if TYPE_CHECKING:  # imported where batches are built or run: `resolve` needs no torch
     import torch

@@ -8,38 +8,15 @@ and the encoder's own mean/std are applied.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
-
 import numpy as np
 from PIL import Image
 
-from featstore.data.manifest import Fit
-from featstore.data.settings import Intensity
+from featstore.data.settings import INTERPOLATIONS, Intensity, Interpolation
 from featstore.errors import EncoderConfigError
+from featstore.identity import Preprocess
 
-Interpolation = Literal["bilinear", "bicubic"]
-INTERPOLATIONS: tuple[Interpolation, ...] = ("bilinear", "bicubic")
 # PIL's filters widen their kernel when shrinking, i.e. they antialias.
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Everything that maps a raw sample to encoder input; recorded in every feature set."""
-
-    resolution: int
-    intensity: Intensity
-    mean: tuple[float, ...]  # per channel; broadcast over the 3 input channels
-    std: tuple[float, ...]
-    fit: Fit = "resize"  # pad: centre small images on a zero canvas
-    interpolation: Interpolation = "bilinear"  # the encoder's own resize filter
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, as stored in a feature set's `preprocess` attribute."""
-        d = asdict(self)
-        d["intensity"] = self.intensity.model_dump()
-        return d
 
 
 def interpolation(name: object, where: str) -> Interpolation:

@@ -18,8 +18,9 @@ import torch
 from featstore.data import readers
 from featstore.data.readers import Prepared
 from featstore.encode.devprep import Part, Placement, RawPixels, RawSample, pack, raw_sample
-from featstore.encode.preprocess import Preprocess, fit_mask, preprocess
+from featstore.encode.preprocess import fit_mask, preprocess
 from featstore.errors import BadInputError
+from featstore.identity import Preprocess
 from featstore.store import schema
 
 

@@ -28,8 +28,9 @@ from PIL import Image
 
 from featstore.data import native, readers, wsi
 from featstore.data.readers import Prepared
-from featstore.encode.preprocess import Preprocess, preprocess
+from featstore.encode.preprocess import preprocess
 from featstore.errors import BadInputError
+from featstore.identity import Preprocess
 from featstore.store import schema
 from featstore.store.schema import N_EXAMPLES, NATIVE, THUMB_MAX, Items
 

@@ -21,26 +21,11 @@ import torch
 
 from featstore.errors import FeatureOverflowError
 from featstore.store import schema
+from featstore.store.codec import quantize_int8
 from featstore.store.sets import UnitWriter
 
 # check(array, bad_rows, unit, what) -> array to write; see UnitQueue.
 Check = Callable[[np.ndarray, np.ndarray, int, str], np.ndarray]
-
-
-def quantize_int8(patch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with a scale per item and channel (absmax / 127).
-
-    patch: (n, [P,] rows, cols, D) float -> (int8 of the same shape, scale (n, [P,] D)
-    float32); patch ~= int8 * scale[..., None, None, :]. NaN rows (skipped items) get
-    a NaN scale.
-    """
-    x = patch.astype(np.float32, copy=False)
-    with np.errstate(invalid="ignore"):
-        scale = np.abs(x).max(axis=(-3, -2)) / 127.0
-        scale[scale == 0] = 1.0  # an all-zero channel: any scale reproduces it
-        q = np.rint(x / scale[..., None, None, :])
-    q[~np.isfinite(q)] = 0
-    return q.astype(np.int8), scale.astype(np.float32)
 
 
 def nan_checker(ids: np.ndarray, layout: schema.Layout) -> Check:
@@ -270,8 +255,8 @@ class UnitQueue:
         self, unit: int, cls: np.ndarray, patch: np.ndarray | None, mask: np.ndarray | None
     ) -> int:
         if patch is not None and self.layout.quantize == "int8":
-            q, scale = quantize_int8(patch)
-            return self.units.write(unit, cls, q, mask, scale)
+            q = quantize_int8(patch)
+            return self.units.write(unit, cls, q.values, mask, q.scale)
         return self.units.write(unit, cls, patch, mask)
 
     def _write_device(self, u: _Unit) -> int:

@@ -12,12 +12,11 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import numpy as np
-
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
 from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
 from featstore.store import arrays, claims, integrity, mismatch
 from featstore.store.arrays import UnitWriter, plain
+from featstore.store.codec import dequantized
 from featstore.store.integrity import Kind, Problem
 from featstore.store.location import Place, Remote, files, has_set, place, remove, size
 from featstore.store.schema import UNIT_ARRAYS, Items, Layout
@@ -174,10 +173,7 @@ class FeatureSet:
         except ChunkChecksumError as exc:  # a coordinate chunk failed its checksum
             raise corrupt(self.path, exc) from None
         xs = xs.assign_coords(loaded)
-        if "patch_scale" in xs:  # int8 x per-channel scale, dequantized lazily
-            xs["patch"] = (xs.patch.astype(np.float32) * xs.patch_scale).transpose(*xs.patch.dims)
-            xs = xs.drop_vars("patch_scale")
-        return xs
+        return dequantized(xs)
 
     # ------------------------------------------------------------ checking
 
