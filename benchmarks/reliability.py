@@ -1,6 +1,7 @@
 """Hostile input and corrupted feature sets through the real CLI: a reliability table.
 
     python benchmarks/reliability.py            # about 2-3 minutes on 2 CPU cores
+    python benchmarks/reliability.py --cases TIFF   # only hostile inputs matching TIFF
 
 Part 1 runs a fixed list of hostile inputs (issue 11, and the cases of
 tests/test_hostile.py) through `featstore extract` / `featstore probe` as
@@ -170,6 +171,49 @@ def seg_with_stray_mask_value(root: Path) -> list[str]:
         Image.fromarray(mask).save(root / "data" / f"m{i}.png")
     rows = [f"i{i}.png,m{i}.png,{SPLITS[i % 3]}" for i in range(6)]
     return images(root, rows, "image,mask,split", "segmentation", ", classes: [bg, lesion]")
+
+
+def tiff_image(write: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    """An images dataset whose i4 is the TIFF that `write` makes (issue 32's layouts)."""
+
+    def setup(root: Path) -> list[str]:
+        args = images(root)
+        write(root / "data" / "i4.tif")
+        index = root / "data" / "index.csv"
+        index.write_text(index.read_text().replace("i4.png", "i4.tif"))
+        return args
+
+    return setup
+
+
+def tiff_stack(write: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    """A stack dataset of three 3-page TIFF volumes, v1's made by `write`."""
+
+    def setup(root: Path) -> list[str]:
+        import tifffile
+
+        (root / "data").mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            volume = rng.integers(0, 255, (3, 32, 32), np.uint8)
+            tifffile.imwrite(root / "data" / f"v{i}.tif", volume, photometric="minisblack")
+        write(root / "data" / "v1.tif")
+        rows = [f"v{i}.tif,{i % 2},{SPLITS[i]}" for i in range(3)]
+        (root / "data" / "index.csv").write_text("image,label,split\n" + "\n".join(rows) + "\n")
+        (root / "m.yaml").write_text(PIXELS + "datasets:\n" + VOLUMES % "stack")
+        return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+    return setup
+
+
+def _tif(data: np.ndarray, **kw: object) -> Callable[[Path], None]:
+    import tifffile
+
+    return lambda path: tifffile.imwrite(path, data, **kw)  # type: ignore[arg-type]
+
+
+_RNG = np.random.default_rng(32)
+_RGB = _RNG.integers(0, 255, (32, 32, 3), np.uint8)
 
 
 @dataclass(frozen=True)
@@ -463,6 +507,68 @@ CASES = [
         dicom_without_pixels,
         r"a\.dcm: cannot decode its pixel data",
     ),
+    # TIFF pixel layouts (issue 32): decoded by a stated rule, or refused naming it
+    Case(
+        "CMYK TIFF image",
+        "refused",
+        tiff_image(_tif(_RNG.integers(0, 255, (32, 32, 4), np.uint8), photometric="separated")),
+        r"i4\.tif: photometric SEPARATED \(CMYK",
+    ),
+    Case(
+        "5-channel TIFF image (no grey or RGB rule)",
+        "refused",
+        tiff_image(
+            _tif(
+                _RNG.integers(0, 255, (32, 32, 5), np.uint8),
+                photometric="minisblack",
+                planarconfig="contig",
+            )
+        ),
+        r"i4\.tif: 5 samples per pixel",
+    ),
+    Case(
+        "3-page TIFF as one image",
+        "refused",
+        tiff_image(_tif(_RNG.integers(0, 255, (3, 32, 32), np.uint8), photometric="minisblack")),
+        r"i4\.tif: 3 full-resolution pages",
+    ),
+    Case(
+        "float min-is-white TIFF image",
+        "refused",
+        tiff_image(_tif(_RNG.random((32, 32)).astype(np.float32), photometric="miniswhite")),
+        r"i4\.tif: photometric MINISWHITE",
+    ),
+    Case(
+        "32-bit float TIFF image (read as stored)",
+        "accepted",
+        tiff_image(_tif(_RNG.normal(0, 1e3, (32, 32)).astype(np.float32))),
+    ),
+    Case(
+        "palette TIFF image (expanded)",
+        "accepted",
+        tiff_image(
+            _tif(
+                _RGB[..., 0],
+                photometric="palette",
+                colormap=(_RNG.integers(0, 255, (3, 256)) * 257).astype(np.uint16),
+            )
+        ),
+    ),
+    Case(
+        "planar RGB TIFF stack (reordered, not rows)",
+        "accepted",
+        tiff_stack(
+            _tif(
+                np.stack([np.moveaxis(_RGB, -1, 0)] * 3), photometric="rgb", planarconfig="separate"
+            )
+        ),
+    ),
+    Case(
+        "CMYK TIFF stack",
+        "refused",
+        tiff_stack(_tif(_RNG.integers(0, 255, (3, 32, 32, 4), np.uint8), photometric="separated")),
+        r"v1\.tif: photometric SEPARATED \(CMYK",
+    ),
 ]
 
 
@@ -602,6 +708,8 @@ def _cut(text: str, n: int) -> str:
 
 
 def main() -> int:
+    """`--cases REGEX`: only the hostile inputs whose name matches, and not parts 2-3."""
+    only = sys.argv[sys.argv.index("--cases") + 1] if "--cases" in sys.argv else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="featstore-reliability-") as tmp:
         tmp_path = Path(tmp)
@@ -610,7 +718,8 @@ def main() -> int:
         print(f"{'input':50} {'expected':9} {'outcome':10} {'s':>5}  message")
         tally: dict[str, int] = {}
         misses = 0
-        for i, case in enumerate(CASES):
+        cases = [c for c in CASES if only is None or re.search(only, c.name)]
+        for i, case in enumerate(cases):
             root = tmp_path / f"case{i:02d}"
             root.mkdir()
             outcome, seconds, message = run_case(case, root, env)
@@ -622,11 +731,14 @@ def main() -> int:
                 f"{_cut(case.name, 50):50} {case.expected:9} {outcome:10} {seconds:5.1f}  "
                 f"{_cut(message.removeprefix('error: '), 90)}{mark}"
             )
-        n = len(CASES)
+        n = len(cases)
         print(
             f"\nhostile inputs: {n} cases, {n - misses} as expected; "
             + ", ".join(f"{k} {v}" for k, v in sorted(tally.items()))
         )
+        if only is not None:
+            print(f"total {time.perf_counter() - start:.0f} s; {misses} misses (--cases {only})")
+            return 1 if misses else 0
 
         work = tmp_path / "corruption"
         work.mkdir()

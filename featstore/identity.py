@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Manifest
-from featstore.data.settings import Intensity, Interpolation
+from featstore.data.settings import FORMATS, Intensity, Interpolation
 from featstore.data.tissue import PLAN_VERSION
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
@@ -135,6 +135,9 @@ class Recipe:
     # slides: the tiling plan (manifest `tiling:` and the plan's version); left out of
     # both views when None, so that the keys of sets without slides did not change
     tiling: tuple[tuple[str, Any], ...] | None = None
+    # the version of the pixel layout rules its format decodes by (images, stack, wsi;
+    # featstore.data.layouts); left out of both views when None (other formats)
+    decode: int | None = None
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -159,6 +162,7 @@ class Recipe:
             tiling=None
             if ds.tiling is None
             else tuple(sorted({**ds.tiling.model_dump(), "plan": PLAN_VERSION}.items())),
+            decode=FORMATS[ds.format].decode,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +177,8 @@ class Recipe:
             del out["tiling"]
         else:
             out["tiling"] = dict(self.tiling)
+        if self.decode is None:
+            del out["decode"]
         return out
 
     @classmethod

@@ -53,9 +53,10 @@ OTHER = dict(
     quantize="int8",
     preprocessing=(("interpolation", "bicubic"),),
     tiling=(("tile_mpp", 0.5), ("tile_size", 224)),
+    decode=1,
 )
 # Fields left out of both views while None, so that older sets keep their keys.
-OPTIONAL = {"tiling"}
+OPTIONAL = {"tiling", "decode"}
 
 
 def test_every_recipe_field_is_in_both_views_and_changes_both():

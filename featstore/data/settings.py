@@ -21,17 +21,27 @@ class FormatRules:
     dims: tuple[int, ...]  # the `dims:` it holds
     holds: str  # what one sample is, for the message when `dims` does not fit
     index: bool = True  # needs `index:` (a CSV or a glob), one row per sample
+    # the version of the pixel layout rules it decodes by (featstore.data.layouts), in
+    # the recipe of its sets; None where its reader follows no such rules
+    decode: int | None = None
 
 
+# Bump when a rule of featstore.data.layouts (or the alpha/CMYK handling of PIL images
+# in pictures.py) changes what a page decodes to, so that no set made under the older
+# rules is reused. 1: TIFFs decoded by those rules instead of PIL; colour stack pages
+# as luma, not the red channel; slide levels never cast modulo 256; alpha on white.
+DECODE_VERSION = 1
 # The one table of per-format manifest rules; a new format adds its name to `Format`,
 # a row here and a reader in `featstore.data.readers.READERS`.
 FORMATS: dict[str, FormatRules] = {
     "medmnist": FormatRules((2, 3), "a MedMNIST npz", index=False),
-    "images": FormatRules((2,), "2D images"),
+    "images": FormatRules((2,), "2D images", decode=DECODE_VERSION),
     "nifti": FormatRules((3,), "volumes"),
     "dicom": FormatRules((3,), "volumes"),
-    "wsi": FormatRules((2,), "slides, classified from 2D tiles"),
-    "stack": FormatRules((3,), "one volume per sample (a multi-page TIFF or a folder)"),
+    "wsi": FormatRules((2,), "slides, classified from 2D tiles", decode=DECODE_VERSION),
+    "stack": FormatRules(
+        (3,), "one volume per sample (a multi-page TIFF or a folder)", decode=DECODE_VERSION
+    ),
     "synthetic": FormatRules((2, 3), "generated data", index=False),
 }
 

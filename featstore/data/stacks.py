@@ -1,10 +1,18 @@
 """Image stacks (`format: stack`): one volume per sample, as a multi-page TIFF or an
 ordered folder of 2D sections (electron microscopy, serial sections); masks likewise.
 
-Sections of a folder are ordered naturally (2.png before 10.png). 8- and 16-bit data
-are both read as stored. An optional index column `sections` ("0:18", half-open)
-takes a contiguous block of a stack as the sample, so one acquired stack can give
-train, val and test volumes that do not interleave.
+Sections of a folder are ordered naturally (2.png before 10.png). Every page or
+section is decoded by the rules of `featstore.data.layouts` (values as stored: 8-, 16-,
+32-bit and float; min-is-white inverted; alpha on white; palette expanded; planar
+pages reordered; CMYK refused), then made grey, because a stack is a volume of one
+intensity per voxel as NIfTI and DICOM volumes are: a colour section becomes its
+ITU-R BT.601 luma, Y = 0.299 R + 0.587 G + 0.114 B, rounded to the stored type. That
+is exact for grey sections saved as RGB (the usual colour stack), and unlike keeping
+the red channel it keeps what the green and blue stains show. Mask pages are class
+ids: one sample per pixel, or samples that are equal everywhere. An optional index
+column `sections` ("0:18", half-open) takes a contiguous block of a stack as the
+sample, so one acquired stack can give train, val and test volumes that do not
+interleave.
 """
 
 from __future__ import annotations
@@ -15,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from featstore.data.layouts import TIFF_ERRORS, full_pages, luma, page_layout, read_page
 from featstore.data.manifest import Dataset
 from featstore.data.nifti import check_voxels
 from featstore.data.pictures import MAX_PIXELS, TOO_BIG, load_picture, picture_size
 from featstore.data.reader import Reader, Skip
 from featstore.data.samples import Header, Loaded, Sample, check_finite, finish_mask, natural_key
 from featstore.errors import BadInputError
-
-TIFF_ERRORS = (tifffile.TiffFileError, OSError, ValueError, KeyError, RuntimeError, EOFError)
 
 
 def sections(path: Path) -> list[Path]:
@@ -35,16 +42,17 @@ def _tiff_shape(path: Path) -> tuple[int, int, int]:
     """(sections, rows, cols) of a multi-page TIFF, from its headers."""
     try:
         with tifffile.TiffFile(path) as tf:
-            pages = [p for p in tf.pages if p.shape]
+            pages = full_pages(tf)
             if not pages:
                 raise ValueError("no image pages")
-            first = pages[0]
-            shapes = {tuple(p.shape[:2]) for p in pages}
+            shapes = {page_layout(path, p).shape for p in pages}
+    except BadInputError:
+        raise
     except TIFF_ERRORS as exc:
         raise BadInputError(f"{path}: not a readable TIFF stack ({exc})") from None
-    if len(shapes) != 1 or first.ndim not in (2, 3):
-        raise BadInputError(f"{path}: pages differ in size or are not 2D ({sorted(shapes)[:3]})")
-    rows, cols = first.shape[:2]
+    if len(shapes) != 1:
+        raise BadInputError(f"{path}: pages differ in size ({sorted(shapes)[:3]})")
+    ((rows, cols),) = shapes
     if rows * cols > MAX_PIXELS:
         raise BadInputError(f"{path}: sections of {cols} x {rows} pixels; {TOO_BIG}")
     return len(pages), int(rows), int(cols)
@@ -65,18 +73,48 @@ def load_stack(path: Path, as_read: bool, is_mask: bool = False) -> np.ndarray:
     n, rows, cols = stack_shape(path)
     check_voxels(path, (n, rows, cols))
     if path.is_dir():
-        planes = [load_picture(f, is_mask=is_mask, as_read=True) for f in sections(path)]
-        planes = [p[..., 0] if p.ndim == 3 else p for p in planes]
+        files = sections(path)
+        planes = [load_picture(f, is_mask=is_mask, as_read=True) for f in files]
+        planes = [_plane(f, p, is_mask) for f, p in zip(files, planes, strict=True)]
         if {p.shape for p in planes} != {(rows, cols)}:
             raise BadInputError(f"{path}: sections differ in size; every section must match")
         arr = np.stack(planes)
     else:
         try:
-            arr = tifffile.imread(path, key=range(n))
+            with tifffile.TiffFile(path) as tf:
+                pages = full_pages(tf)
+                if is_mask:
+                    planes = [_plane(path, _mask_page(path, p), True) for p in pages]
+                else:
+                    planes = [_plane(path, read_page(path, p), False) for p in pages]
+        except BadInputError:
+            raise
         except TIFF_ERRORS as exc:
             raise BadInputError(f"{path}: cannot decode the TIFF stack ({exc})") from None
-        arr = arr.reshape(n, rows, cols, -1)[..., 0] if arr.ndim != 3 else arr
+        arr = np.stack(planes)
     return arr if as_read or is_mask else arr.astype(np.float32)
+
+
+def _mask_page(path: Path, page: tifffile.TiffPage) -> np.ndarray:
+    """(H, W, S) class ids of one mask page as stored (palette indices, not colours)."""
+    arr = page.asarray()
+    if page.axes.startswith("S"):
+        arr = np.moveaxis(arr, 0, -1)
+    return arr
+
+
+def _plane(path: Path, arr: np.ndarray, is_mask: bool) -> np.ndarray:
+    """(H, W) of one section: the image made grey by `luma`; a mask's one sample."""
+    if arr.ndim == 2:
+        return arr
+    if not is_mask:
+        return luma(arr)
+    if not (arr[..., :1] == arr).all():
+        raise BadInputError(
+            f"{path}: a mask section of {arr.shape[-1]} different samples per pixel; a mask "
+            "holds one class id per pixel: save it grey (one sample)"
+        )
+    return arr[..., 0]
 
 
 def _block(text: str, n: int, where: str) -> range:

@@ -7,6 +7,14 @@ each tile from the closest level at or finer than `tile_mpp` (at level 0 a row's
 overlapping tiles in one region: `spans`), resized to `tile_size`. The pixel size
 comes from the file (Aperio `MPP`, OME `PhysicalSizeX`, TIFF resolution tags), else
 from the index's `mpp` column, else it is an error: a magnification is never guessed.
+
+Pixels follow `featstore.data.layouts` (min-is-white inverted, palette expanded,
+alpha composited on white, uncompressed YCbCr converted, CMYK refused), checked for
+every level when the slide is opened. Tiles are 8-bit RGB, what tissue detection and
+the encoders of brightfield slides expect: grey levels are repeated to three
+channels, and levels of other bit depths (16-bit fluorescence, float) are refused
+rather than cast modulo 256, as are planar-separate levels, which tiffslide cannot
+read by region.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from featstore.data.layouts import Layout, convert, page_layout
 from featstore.data.manifest import Dataset
 from featstore.data.pictures import MAX_PIXELS
 from featstore.data.reader import Reader, Skip
@@ -79,6 +88,7 @@ def open_slide(path: Path) -> TiffSlide:
     except BadInputError:
         raise
     except READ_ERRORS as exc:
+        _check_pages(path)  # a layout tiffslide cannot open is named by its property
         raise BadInputError(
             f"{path}: cannot read it as a slide ({type(exc).__name__}: {exc}); the file is "
             "truncated, corrupt or not a tiled TIFF/SVS: replace it or remove its row"
@@ -107,6 +117,43 @@ def check_levels(path: Path, slide: TiffSlide) -> None:
                 f"{path}: level {i} is compressed with {page.compression!r} and no decoder "
                 "for it is installed; install imagecodecs (pip install 'featstore[slides]')"
             ) from None
+        check_pixels(path, i, page_layout(path, page))
+
+
+def _check_pages(path: Path) -> None:
+    """Refuse, naming the property, a page whose layout slides cannot be read in
+    (tiffslide raises its own errors on some of them before `check_levels` runs)."""
+    try:
+        with tifffile.TiffFile(path) as tf:
+            for i, page in enumerate(tf.series[0].levels if tf.series else []):
+                check_pixels(path, i, page_layout(path, page.keyframe))
+    except BadInputError:
+        raise
+    except READ_ERRORS:
+        return  # not even tifffile reads it: the caller's message says so
+
+
+def check_pixels(path: Path, i: int, lay: Layout) -> None:
+    """Refuse a level whose pixels do not decode to 8-bit RGB by the layout rules."""
+    fix = "convert it to an 8-bit RGB pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)"
+    if lay.separate:
+        raise BadInputError(
+            f"{path}: level {i} has planar configuration separate (one plane per colour), "
+            f"which cannot be read by region; {fix}"
+        )
+    wide_palette = lay.colormap is not None and bool((np.asarray(lay.colormap) % 257).any())
+    if lay.dtype != np.uint8 or wide_palette:
+        what = "a 16-bit palette" if wide_palette else f"{lay.bits}-bit {lay.dtype} samples"
+        raise BadInputError(
+            f"{path}: level {i} holds {what}; slides are read as 8-bit RGB and never cast "
+            f"modulo 256: {fix}, or read the image with `format: images` or `format: stack`"
+        )
+
+
+def level_layout(slide: TiffSlide, level: int) -> Layout:
+    """The layout of a level of `slide` (checked by `check_levels` when opened)."""
+    series = slide.ts_tifffile.series[slide.properties.get("tiffslide.series-index") or 0]
+    return page_layout(Path(slide.ts_tifffile.filehandle.path), series.levels[level].keyframe)
 
 
 def pixel_size(path: Path, slide: TiffSlide, column: str) -> tuple[float, str]:
@@ -147,11 +194,11 @@ def best_level(slide: TiffSlide, mpp0: float, target: float) -> int:
 def read_rgb(
     slide: TiffSlide, xy: tuple[int, int], level: int, size: tuple[int, int]
 ) -> np.ndarray:
-    """(h, w, 3) uint8 of a region: level-0 top-left `xy`, `size` (w, h) at `level`."""
+    """(h, w, 3) uint8 of a region: level-0 top-left `xy`, `size` (w, h) at `level`,
+    by the rules of featstore.data.layouts (grey repeated to RGB)."""
     arr = np.asarray(slide.read_region(xy, level, size, as_array=True))
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, -1)
-    return np.ascontiguousarray(arr[..., :3]).astype(np.uint8, copy=False)
+    arr = convert(arr, level_layout(slide, level))
+    return np.repeat(arr, 3, -1) if arr.shape[-1] == 1 else arr
 
 
 def thumbnail(slide: TiffSlide, mpp0: float, target: float) -> tuple[np.ndarray, float]:
