@@ -25,7 +25,15 @@ from featstore.probing.pairdraws import (
     paired_permutation,
     seeded_bootstrap,
 )
-from featstore.probing.paired import adjust, delong, delong_per_label, mcnemar_exact, verdict
+from featstore.probing.paired import (
+    adjust,
+    delong,
+    delong_from,
+    delong_per_label,
+    mcnemar_exact,
+    placements,
+    verdict,
+)
 from featstore.probing.ranks import mean_ranks, rank_encoders
 from featstore.report.cdplot import plot_critical_difference
 
@@ -271,6 +279,9 @@ def test_mismatched_inputs_name_the_problem():
         paired_bootstrap(weighted_mean, np.ones(5), np.ones(5), np.arange(4))
     with pytest.raises(ValueError, match="delong_per_label"):
         delong(np.ones(4), np.ones((4, 2)), np.ones((4, 2)))
+    s = np.arange(6.0)
+    with pytest.raises(ValueError, match="different labels"):
+        delong_from(placements(s > 2, s), placements(s > 3, s))
 
 
 def _scores(datasets: int = 6, encoders: int = 4, seed: int = 0) -> np.ndarray:

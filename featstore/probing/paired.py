@@ -6,6 +6,8 @@ right tests are paired ones:
 - `delong`: the difference of two AUROCs and its variance from the DeLong et al.
   (1988) structural components, computed with midranks in O(n log n) (Sun & Xu 2014,
   "Fast implementation of DeLong's algorithm"); `delong_per_label` per class/label.
+  The components (`placements`) belong to one encoder: made once each, any pair of
+  encoders is then compared in O(n) (`delong_from`).
 - `mcnemar_exact`: the exact binomial McNemar test of two accuracies (= statsmodels'
   `mcnemar(table, exact=True)`).
 - `adjust`: Holm or Benjamini-Hochberg adjusted p-values (= statsmodels'
@@ -48,56 +50,92 @@ class DeLong:
     n_negative: int
 
 
-def _placements(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sun & Xu's midrank placements of each score row: v10 (k, m), each positive's
-    share of negatives below it (ties half), and v01 (k, q), each negative's share of
-    positives above it. positive: (n,) bool; scores: (k, n)."""
-    x, y = scores[:, positive], scores[:, ~positive]
-    m, q = x.shape[1], y.shape[1]
-    tz = rankdata(np.concatenate([x, y], axis=1), axis=1)
-    v10 = (tz[:, :m] - rankdata(x, axis=1)) / q
-    v01 = 1.0 - (tz[:, m:] - rankdata(y, axis=1)) / m
-    return v10, v01
+@dataclass(frozen=True, eq=False)
+class Placements:
+    """One encoder's DeLong structural components on one binary task.
+
+    positive: (n,) bool, the positives; v10: (m,) each positive's share of negatives
+    scored below it, v01: (q,) each negative's share of positives scored above it
+    (ties count half). Pair-free: make them once per encoder and task, then
+    `delong_from` any two of them costs O(n).
+    """
+
+    positive: np.ndarray
+    v10: np.ndarray
+    v01: np.ndarray
+
+    @property
+    def auc(self) -> float:
+        """The AUROC, mean(v10); NaN without positives or negatives."""
+        return float(self.v10.mean()) if len(self.v10) and len(self.v01) else float("nan")
+
+
+def placements(y_true: np.ndarray, score: np.ndarray) -> Placements:
+    """The `Placements` of one encoder's scores, from midranks (Sun & Xu 2014).
+
+    Args:
+        y_true: (n,) bool or 0/1, the positives.
+        score: (n,) float, higher = more likely positive.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(
+            f"placements need y_true (n,) and score (n,); got {y.shape} and {s.shape} "
+            "(per label: delong_per_label)"
+        )
+    x, z = s[y], s[~y]
+    m, q = len(x), len(z)
+    if m == 0 or q == 0:
+        return Placements(y, np.full(m, np.nan), np.full(q, np.nan))
+    tz = rankdata(np.concatenate([x, z]))
+    v10 = (tz[:m] - rankdata(x)) / q
+    v01 = 1.0 - (tz[m:] - rankdata(z)) / m
+    return Placements(y, v10, v01)
 
 
 def delong(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> DeLong:
-    """DeLong's paired test of two AUROCs.
+    """DeLong's paired test of two AUROCs (`delong_from` of both `placements`).
 
     Args:
         y_true: (n,) bool or 0/1, the positives.
         score_a, score_b: (n,) float, higher = more likely positive (A's and B's scores
             of the same units, in the same order).
-
-    Returns:
-        A `DeLong`. The variance is Var(V10_A - V10_B)/m + Var(V01_A - V01_B)/q (m
-        positives, q negatives, sample variances), which equals [1, -1] S [1, -1]^T
-        of DeLong's covariance S and is exactly 0 for identical scores: then z = 0 and
-        p = 1. A zero variance with a non-zero difference (both scores separate the
-        classes in a way that no unit varies) gives z = +-inf and p = 0.
     """
-    y = np.asarray(y_true).astype(bool)
-    s = np.stack([np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)])
-    if y.ndim != 1 or s.shape != (2, len(y)):
+    if np.shape(score_a) != np.shape(score_b):
         raise ValueError(
-            f"delong needs y_true (n,), score_a (n,) and score_b (n,); got {y.shape}, "
-            f"{np.shape(score_a)} and {np.shape(score_b)} (per label: delong_per_label)"
+            f"delong needs score_a (n,) and score_b (n,) of the same units; got "
+            f"{np.shape(score_a)} and {np.shape(score_b)}"
         )
-    m, q = int(y.sum()), int((~y).sum())
+    return delong_from(placements(y_true, score_a), placements(y_true, score_b))
+
+
+def delong_from(a: Placements, b: Placements) -> DeLong:
+    """DeLong's test of AUROC(A) - AUROC(B) from the two encoders' placements.
+
+    The variance is Var(V10_A - V10_B)/m + Var(V01_A - V01_B)/q (m positives, q
+    negatives, sample variances), which equals [1, -1] S [1, -1]^T of DeLong's
+    covariance S and is exactly 0 for identical scores: then z = 0 and p = 1. A zero
+    variance with a non-zero difference (no unit's placement varies) gives z = +-inf
+    and p = 0.
+    """
+    if a.positive.shape != b.positive.shape or not np.array_equal(a.positive, b.positive):
+        raise ValueError(
+            "the two placements are of different labels: compare A and B on the same "
+            "test units, in the same order"
+        )
+    m, q = len(a.v10), len(a.v01)
     nan = float("nan")
-    if m == 0 or q == 0:
-        return DeLong(nan, nan, nan, nan, nan, nan, nan, nan, nan, m, q)
-    v10, v01 = _placements(y, s)
-    auc = v10.mean(1)
-    diff = float(auc[0] - auc[1])
+    diff = a.auc - b.auc
     if m < 2 or q < 2:
-        return DeLong(float(auc[0]), float(auc[1]), diff, nan, nan, nan, nan, nan, nan, m, q)
-    var = float(np.var(v10[0] - v10[1], ddof=1) / m + np.var(v01[0] - v01[1], ddof=1) / q)
+        return DeLong(a.auc, b.auc, diff, nan, nan, nan, nan, nan, nan, m, q)
+    var = float(np.var(a.v10 - b.v10, ddof=1) / m + np.var(a.v01 - b.v01, ddof=1) / q)
     se = float(np.sqrt(var))
     # se == 0: no unit's placements differ between A and B, or none varies at all
     z = diff / se if se > 0 else (0.0 if diff == 0 else float(np.copysign(np.inf, diff)))
     return DeLong(
-        auc_a=float(auc[0]),
-        auc_b=float(auc[1]),
+        auc_a=a.auc,
+        auc_b=b.auc,
         difference=diff,
         variance=var,
         se=se,
@@ -108,6 +146,22 @@ def delong(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> DeLo
         n_positive=m,
         n_negative=q,
     )
+
+
+def label_placements(y: np.ndarray, scores: np.ndarray) -> list[Placements]:
+    """`placements` of each class (one-vs-rest) or label, in column order.
+
+    Args:
+        y: (n, L) multi-hot labels, or (n,) int class labels 0..K-1.
+        scores: (n, L) or (n, K) float scores of one encoder.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 2 or len(s) != len(y):
+        raise ValueError(f"scores must be (n, L) for n = {len(y)} units; got {s.shape}")
+    truth = y == 1 if y.ndim == 2 else y[:, None] == np.arange(s.shape[1])
+    if truth.shape != s.shape:
+        raise ValueError(f"labels {y.shape} do not match scores {s.shape}")
+    return [placements(truth[:, j], s[:, j]) for j in range(s.shape[1])]
 
 
 def delong_per_label(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> list[DeLong]:
@@ -121,16 +175,13 @@ def delong_per_label(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) ->
         L (or K) `DeLong` results; a class without positives or negatives is NaN. For
         a binary task use `delong(y == 1, proba_a[:, 1], proba_b[:, 1])`.
     """
-    a, b = np.asarray(score_a), np.asarray(score_b)
-    if a.ndim != 2 or a.shape != b.shape or len(a) != len(y):
+    if np.shape(score_a) != np.shape(score_b):
         raise ValueError(
-            f"delong_per_label needs scores (n, L) of one shape for n = {len(y)} units; got "
-            f"{a.shape} and {b.shape}"
+            f"delong_per_label needs A's and B's scores of one shape; got "
+            f"{np.shape(score_a)} and {np.shape(score_b)}"
         )
-    truth = y == 1 if y.ndim == 2 else y[:, None] == np.arange(a.shape[1])
-    if truth.shape != a.shape:
-        raise ValueError(f"labels {y.shape} do not match scores {a.shape}")
-    return [delong(truth[:, j], a[:, j], b[:, j]) for j in range(a.shape[1])]
+    pa, pb = label_placements(y, score_a), label_placements(y, score_b)
+    return [delong_from(a, b) for a, b in zip(pa, pb, strict=True)]
 
 
 @dataclass(frozen=True)
