@@ -241,6 +241,20 @@ def test_kept_draws_and_index_metrics_give_the_same_comparison():
     )
 
 
+def test_weighted_auroc_is_the_same_for_many_columns_or_one():
+    """Many resamples take the row-at-a-time running sums, one column numpy's cumsum:
+    the same bits, and sklearn's AUROC on the repeated units."""
+    rng = np.random.default_rng(11)
+    y = rng.random(400) < 0.3
+    s = np.round(rng.random(400), 2)  # ties
+    w = Resampling.of(400, n_resamples=80, seed=3).weights()
+    many = bootstrap.weighted_auroc(y, s, w)
+    one = np.concatenate([bootstrap.weighted_auroc(y, s, w[:, [j]]) for j in range(81)])
+    np.testing.assert_array_equal(many, one)
+    idx = np.repeat(np.arange(400), w[:, 5].astype(int))
+    assert many[5] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+
+
 def test_seeded_bootstrap_adds_seed_variance():
     """One seed each: the paired bootstrap exactly. Five seeds whose AUROC moves with
     the seed: a wider interval than the same seed-mean under test resampling alone."""

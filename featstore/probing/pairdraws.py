@@ -152,7 +152,8 @@ def paired_permutation(
 
     Valid for any metric, additive or not (AUROC, Dice means, HD95): under "A and B are
     exchangeable" every swap is as likely as the observed assignment. Costs 2 metric
-    calls per permutation on the full set (about 1 s for AUROC of 5,000 units).
+    calls per permutation on the full set (1,000 permutations of a binary AUROC of
+    5,000 units: 1.6 s on a loaded 2-core machine; of an accuracy: 0.1 s).
 
     Args:
         metric: a `WeightedMetric` (called with w = ones (n, 1)).
