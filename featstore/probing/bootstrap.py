@@ -10,12 +10,17 @@ predictions of the same test units, and the interval is that of their mean.
 of the test units: the confusion counts and AUROC pair counts of a resample are
 weighted sums, exact in float64, so each draw equals `metrics.classification_scores`
 on the resampled arrays.
+
+`Resampling` draws whole groups (patients, volumes, slides) instead of units, for any
+number of resamples; `weighted_draws` scores any `WeightedMetric` under it. Two
+encoders scored on one `Resampling` have paired draws (`featstore.probing.paired`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,57 +63,176 @@ def pooled(found: list[Draws]) -> Draws:
     return {m: np.mean([d[m] for d in found], axis=0) for m in found[0]}
 
 
-def _weight_blocks(n: int, seed: int) -> Iterator[np.ndarray]:
-    """Resample counts (n, b) float64 in blocks of b resamples (the first block's first
-    column: all ones); the last block set is kept (`_weights`) for the next call."""
-    step = max(1, int(BLOCK_BYTES // (8 * max(n, 1))))
-    if step > N_BOOT:  # one block: the same for every probe and curve point of a set
-        yield _weights(n, seed)
-        return
-    block = [np.ones(n)]
-    for idx in resamples(n, seed):
-        block.append(np.bincount(idx, minlength=n).astype(np.float64))
-        if len(block) == step:
-            yield np.stack(block, axis=1)
-            block = []
-    if block:
-        yield np.stack(block, axis=1)
+@dataclass(frozen=True, eq=False)
+class Resampling:
+    """The bootstrap resamples of one test set, drawn as whole groups.
+
+    Every encoder scored on the same `Resampling` sees the same resamples, so the
+    draws of two encoders are paired. A resample draws `n_groups` groups with
+    replacement (`numpy.random.default_rng(seed).integers(0, n_groups, n_groups)` per
+    resample, the stream of `resamples`), and every unit of a drawn group counts once
+    per draw: a patient's images, a volume's slices or a slide's tiles always enter or
+    leave a resample together. Without groups each unit is its own group, and the
+    weights are those of `classification_draws`.
+
+    group_of: (n,) int64, the group 0..n_groups-1 of each unit.
+    """
+
+    group_of: np.ndarray
+    n_groups: int
+    n_resamples: int = N_BOOT
+    seed: int = 0
+
+    @classmethod
+    def of(
+        cls, n: int, groups: np.ndarray | None = None, *, n_resamples: int = N_BOOT, seed: int = 0
+    ) -> Resampling:
+        """The resamples of n units; groups: (n,) any hashable ids (patients, volumes,
+        slides), or None for one group per unit."""
+        if groups is None:
+            return cls(np.arange(n), n, n_resamples, seed)
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(
+                f"groups has shape {groups.shape} but there are {n} test units: pass one "
+                "group id (patient, volume or slide) per unit, or None"
+            )
+        uniq, group_of = np.unique(groups, return_inverse=True)
+        return cls(group_of.astype(np.int64), len(uniq), n_resamples, seed)
+
+    @property
+    def n(self) -> int:
+        """The number of test units."""
+        return len(self.group_of)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Resample counts of the units (n, b) float64 in blocks of b resamples: the
+        first block's first column is all ones (the full set), then the resamples in
+        order, `n_resamples + 1` columns in all. A set whose counts fit `BLOCK_BYTES`
+        comes as one block, kept for the next call (the other encoders of a set)."""
+        step = max(2, int(BLOCK_BYTES // (8 * max(self.n, 1))))
+        if step > self.n_resamples:
+            yield _all_weights(self.group_of.tobytes(), self.n_groups, self.n_resamples, self.seed)
+        else:
+            yield from _generate(self.group_of, self.n_groups, self.n_resamples, self.seed, step)
+
+    def weights(self) -> np.ndarray:
+        """All resample counts (n, n_resamples + 1) float64 (`blocks` joined)."""
+        return np.concatenate(list(self.blocks()), axis=1)
+
+
+def _generate(
+    group_of: np.ndarray, n_groups: int, n_resamples: int, seed: int, step: int
+) -> Iterator[np.ndarray]:
+    # One (b, n_groups) draw gives the same numbers as b draws of n_groups in a row.
+    rng = np.random.default_rng(seed)
+    done, first = 0, True
+    while first or done < n_resamples:
+        b = min(step - first, n_resamples - done)
+        picks = rng.integers(0, max(n_groups, 1), (b, n_groups))
+        flat = (picks + n_groups * np.arange(b)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=b * n_groups).reshape(b, n_groups)
+        w = np.ascontiguousarray(counts.T, dtype=np.float64)[group_of]
+        yield np.concatenate([np.ones((len(group_of), 1)), w], axis=1) if first else w
+        done, first = done + b, False
 
 
 @functools.lru_cache(maxsize=1)
-def _weights(n: int, seed: int) -> np.ndarray:
-    """All resample counts (n, N_BOOT + 1), read-only (at most `BLOCK_BYTES`)."""
-    out = np.stack(
-        [np.ones(n), *(np.bincount(i, minlength=n).astype(np.float64) for i in resamples(n, seed))],
-        axis=1,
-    )
+def _all_weights(group_of: bytes, n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
+    """All resample counts in one read-only block (at most `BLOCK_BYTES`)."""
+    index = np.frombuffer(group_of, dtype=np.int64)
+    out = next(_generate(index, n_groups, n_resamples, seed, n_resamples + 1))
     out.flags.writeable = False
     return out
+
+
+def _weight_blocks(n: int, seed: int) -> Iterator[np.ndarray]:
+    """`Resampling.blocks` of n units, one group each, `N_BOOT` resamples."""
+    return Resampling.of(n, seed=seed).blocks()
+
+
+WeightedMetric = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""A score of predictions under resample counts: `(pred (n, ...), w (n, b)) -> (b,)`.
+Column j of w holds how often each unit is in resample j; a column of ones is the
+score on the full set. `weighted_mean` and `macro_auroc_of` are two."""
+
+
+def weighted_draws(metric: WeightedMetric, pred: np.ndarray, resampling: Resampling) -> np.ndarray:
+    """`metric` on all units, then on each resample: (n_resamples + 1,) float64. With
+    fewer than two groups every resample repeats the set: those draws are NaN, not a
+    zero-width interval that would claim certainty (as `draws`)."""
+    if len(pred) != resampling.n:
+        raise ValueError(
+            f"the predictions have {len(pred)} units but the resampling has {resampling.n}: "
+            "score every encoder on the same test units, in the same order"
+        )
+    out = np.concatenate([np.asarray(metric(pred, w), np.float64) for w in resampling.blocks()])
+    if resampling.n_groups < 2:
+        out[1:] = np.nan
+    return out
+
+
+def weighted_mean(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The weighted mean of per-unit values (b,), NaN units left out (a volume with
+    nothing to score), NaN where no unit is finite. values: (n,) float, e.g. correct
+    (accuracy) or a volume's Dice averaged over its classes (as `segscores`)."""
+    ok = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(ok, values, 0.0) @ w) / (ok.astype(np.float64) @ w)
+
+
+def macro_auroc_of(y: np.ndarray) -> WeightedMetric:
+    """The `WeightedMetric` of `metrics.macro_auroc` against labels y: (n,) int, or
+    (n, L) multi-hot; its predictions are proba (n, K) or (n, L)."""
+
+    def metric(proba: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return weighted_macro_auroc(y, proba, w)
+
+    return metric
 
 
 def weighted_auroc(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
     """AUROC of each weighting (b,): (pairs positive above negative + half the tied
     pairs) / (positives x negatives); NaN without positives or negatives.
 
-    positive: (n,) bool; score: (n,) float; w: (n, b) resample counts. Units sorted by
-    score; tied scores are summed into one group first.
+    positive: (n,) bool; score: (n,) float; w: (n, b) resample counts. The negatives
+    are sorted once; each positive reads the running weight of the negatives below it
+    (and half of those tied with it) at its place among them. Every sum is of
+    integers and halves, so exact in float64 whatever its order.
     """
-    order = np.argsort(score, kind="stable")
-    s = score[order]
-    ws = w[order]
-    pos = ws * positive[order].astype(np.float64)[:, None]
-    neg = ws - pos
-    if len(s) > 1 and (s[1:] == s[:-1]).any():  # groups of equal scores: half credit
-        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-        pos, neg = np.add.reduceat(pos, starts, axis=0), np.add.reduceat(neg, starts, axis=0)
-        below = np.cumsum(neg, 0)
-        below -= 0.5 * neg
-    else:  # a positive's own row holds no negative weight: the running sum is below it
-        below = np.cumsum(neg, 0)
-    p, q = pos.sum(0), neg.sum(0)
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    if len(pos) == 0 or len(neg) == 0:
+        return np.full(w.shape[1], np.nan)
+    neg = neg[np.argsort(score[neg], kind="stable")]
+    ranked = score[neg]
+    below = _running(w, neg)  # (q + 1, b): weight of the first i sorted negatives
+    lo = np.searchsorted(ranked, score[pos], "left")
+    hi = np.searchsorted(ranked, score[pos], "right")
+    under = below[lo]
+    if (hi != lo).any():  # negatives tied with a positive: half credit
+        under += below[hi]
+        under *= 0.5
+    wp = w[pos]
+    p, q = wp.sum(0), below[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = np.einsum("gb,gb->b", pos, below) / (p * q)
+        auc = np.einsum("gb,gb->b", wp, under) / (p * q)
     return np.where((p > 0) & (q > 0), auc, np.nan)
+
+
+def _running(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Running sums (g + 1, b) of the rows `rows` (g,) of w (n, b): row i sums
+    w[rows[:i]]. A row at a time, read in place: numpy's cumsum down axis 0 of the
+    gathered rows strides across them and is about 5x slower at (5000, 1001). With few
+    columns (the full set alone, a permutation test) the loop's per-row call would
+    dominate, and numpy's cumsum (the same sequential sums, the same bits) is used."""
+    out = np.empty((len(rows) + 1, w.shape[1]))
+    out[0] = 0.0
+    if w.shape[1] < 64:
+        np.cumsum(w[rows], axis=0, out=out[1:])
+        return out
+    for i, r in enumerate(rows.tolist()):
+        np.add(out[i], w[r], out=out[i + 1])
+    return out
 
 
 def _nanmean(a: np.ndarray) -> np.ndarray:
@@ -116,6 +240,22 @@ def _nanmean(a: np.ndarray) -> np.ndarray:
     ok = np.isfinite(a)
     with np.errstate(invalid="ignore"):
         return np.where(ok, a, 0.0).sum(0) / np.where(ok.any(0), ok.sum(0), np.nan)
+
+
+def weighted_macro_auroc(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`metrics.macro_auroc` under each weighting (b,), exact in float64.
+
+    y: (n,) int labels and proba: (n, K), or multi-hot y: (n, L) and proba: (n, L);
+    w: (n, b) resample counts. Binary: the AUROC of class 1; otherwise the mean over
+    classes (labels) that have both positives and negatives.
+    """
+    if y.ndim == 2:
+        cols = [(y[:, j] == 1, proba[:, j]) for j in range(y.shape[1])]
+    elif proba.shape[1] == 2:
+        return weighted_auroc(y == 1, proba[:, 1], w)
+    else:
+        cols = [(y == c, proba[:, c]) for c in range(proba.shape[1])]
+    return _nanmean(np.stack([weighted_auroc(pos, s, w) for pos, s in cols]))
 
 
 def _single(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -130,10 +270,7 @@ def _single(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.nda
         denom = predicted + support
         f1 = np.where(present, np.where(denom > 0, 2 * diag / np.maximum(denom, 1), 0.0), np.nan)
         precision = np.where(present, diag / np.maximum(predicted, 1), np.nan)
-    if k == 2:
-        auroc = weighted_auroc(y == 1, proba[:, 1], w)
-    else:
-        auroc = _nanmean(np.stack([weighted_auroc(y == c, proba[:, c], w) for c in range(k)]))
+    auroc = weighted_macro_auroc(y, proba, w)
     balanced = _nanmean(recall)
     return {
         "accuracy": diag.sum(0) / w.sum(0),
@@ -150,11 +287,10 @@ def _multi(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.ndar
     tp, n_pred, n_true = (pred & truth).T @ w, pred.T @ w, truth.T @ w  # (L, b)
     spec = ((~pred & ~truth).T @ w) / np.maximum(((~truth).T @ w), 1)
     recall = tp / np.maximum(n_true, 1)
-    auc = np.stack([weighted_auroc(truth[:, j], proba[:, j], w) for j in range(y.shape[1])])
     return {
         "accuracy": ((pred == truth).T @ w).sum(0) / (w.sum(0) * y.shape[1]),
         "balanced_accuracy": ((recall + spec) / 2).mean(0),
-        "auroc": _nanmean(auc),
+        "auroc": weighted_macro_auroc(y, proba, w),
         "f1": (2 * tp / np.maximum(n_pred + n_true, 1)).mean(0),
         "precision": (tp / np.maximum(n_pred, 1)).mean(0),
         "recall": recall.mean(0),
