@@ -135,8 +135,9 @@ class Recipe:
     # slides: the tiling plan (manifest `tiling:` and the plan's version); left out of
     # both views when None, so that the keys of sets without slides did not change
     tiling: tuple[tuple[str, Any], ...] | None = None
-    # the version of the pixel layout rules its format decodes by (images, stack, wsi;
-    # featstore.data.layouts); left out of both views when None (other formats)
+    # the version of the pixel rules its format decodes by (images, stack, wsi:
+    # featstore.data.layouts; dicom: its photometric rules); left out of both views
+    # when None (other formats)
     decode: int | None = None
 
     @classmethod

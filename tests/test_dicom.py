@@ -174,3 +174,45 @@ def test_native_geometry_without_geometry_tags_keeps_the_size(tmp_path, drop):
     assert not np.isnan(row) and not np.isnan(col) if spacing_known else np.isnan(row)
     if drop == "PixelSpacing":
         assert gap == pytest.approx(2.0)
+
+
+def _photometric(folder: Path, kind: str, signed: bool = False) -> np.ndarray:
+    """A 3-slice series whose files say `kind`; returns the stored values (unsigned
+    12-bit, or signed 16-bit)."""
+    ref = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    stored = []
+    for i in range(3):
+        ds = copy.deepcopy(ref)
+        ds.Rows = ds.Columns = 8
+        raw = rng.integers(-500 if signed else 0, 4096, (8, 8))
+        raw = raw.astype(np.int16 if signed else np.uint16)
+        ds.PixelRepresentation, ds.BitsStored = (1, 16) if signed else (0, 12)
+        ds.PixelData = raw.tobytes()
+        ds.PhotometricInterpretation = kind
+        ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.save_as(folder / f"s{i}.dcm")
+        stored.append(raw)
+    return np.stack(stored)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint12", "int16"])
+def test_monochrome1_is_reflected_to_monochrome2_before_the_rescale(tmp_path, signed):
+    from featstore.data.dicom import load_dicom
+
+    stored = _photometric(tmp_path / "m1", "MONOCHROME1", signed).astype(np.float64)
+    flipped = (-1 - stored) if signed else (4095 - stored)
+    np.testing.assert_array_equal(load_dicom(tmp_path / "m1"), flipped * 2 - 100)
+    stored2 = _photometric(tmp_path / "m2", "MONOCHROME2", signed).astype(np.float64)
+    np.testing.assert_array_equal(load_dicom(tmp_path / "m2"), stored2 * 2 - 100)
+
+
+def test_a_palette_series_is_refused_not_read_as_grey(tmp_path):
+    from featstore.data.dicom import load_dicom
+
+    _photometric(tmp_path / "p", "PALETTE COLOR")
+    with pytest.raises(BadInputError, match=r"s0\.dcm: PhotometricInterpretation PALETTE COLOR"):
+        load_dicom(tmp_path / "p")

@@ -1,5 +1,15 @@
 """DICOM series (pydicom): one folder of single-frame slices per volume, ordered by
-position along the series normal (InstanceNumber without geometry); masks are NIfTI."""
+position along the series normal (InstanceNumber without geometry); masks are NIfTI.
+
+Pixels: the stored values, then the modality rescale (RescaleSlope/Intercept: CT in
+HU). Photometric interpretations:
+- MONOCHROME2 (min is black): as stored.
+- MONOCHROME1 (min is white, common for CR/DX radiographs): the stored range is
+  reflected before the rescale, v -> (2^BitsStored - 1) - v (unsigned) or -1 - v
+  (signed), so that bright means dense as in MONOCHROME2 and a window applies the same.
+- Anything else (PALETTE COLOR, RGB, YBR_*): refused, naming the file and the value;
+  a palette's indices are never read as grey.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +66,23 @@ def _ordered(folder: Path, slices: Sequence[pydicom.Dataset]) -> np.ndarray:
     return order
 
 
+def _monochrome2(s: pydicom.Dataset, path: Path) -> np.ndarray:
+    """The stored values of one slice, as MONOCHROME2 (see the module docstring)."""
+    kind = str(getattr(s, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if kind not in ("MONOCHROME1", "MONOCHROME2"):
+        raise BadInputError(
+            f"{path}: PhotometricInterpretation {kind}; featstore reads grey DICOM only "
+            "(MONOCHROME1/2): convert the series to grey first"
+        )
+    px = s.pixel_array
+    if kind == "MONOCHROME2":
+        return px
+    bits = int(getattr(s, "BitsStored", px.dtype.itemsize * 8))
+    if int(getattr(s, "PixelRepresentation", 0)) == 1:  # signed
+        return (-1 - px.astype(np.int64)).astype(px.dtype)
+    return ((1 << bits) - 1 - px.astype(np.int64)).astype(px.dtype)
+
+
 def load_dicom(folder: Path) -> np.ndarray:
     """(slices, rows, cols) float32 with the rescale slope and intercept applied."""
     import pydicom  # 0.3 s to import: only when a series is read
@@ -75,7 +102,7 @@ def load_dicom(folder: Path) -> np.ndarray:
         # pydicom: AttributeError without pixel data, ValueError when it is short,
         # NotImplementedError/RuntimeError for a compression it has no decoder for
         try:
-            px = s.pixel_array.astype(np.float32)
+            px = _monochrome2(s, files[i]).astype(np.float32)
             slope = float(getattr(s, "RescaleSlope", 1))
             intercept = float(getattr(s, "RescaleIntercept", 0))
         except (AttributeError, ValueError, TypeError, NotImplementedError, RuntimeError) as exc:

@@ -31,13 +31,16 @@ class FormatRules:
 # rules is reused. 1: TIFFs decoded by those rules instead of PIL; colour stack pages
 # as luma, not the red channel; slide levels never cast modulo 256; alpha on white.
 DECODE_VERSION = 1
+# The same for DICOM's photometric rules (featstore.data.dicom). 1: MONOCHROME1 reflected
+# to MONOCHROME2 (it was read as stored), PALETTE COLOR refused.
+DICOM_DECODE_VERSION = 1
 # The one table of per-format manifest rules; a new format adds its name to `Format`,
 # a row here and a reader in `featstore.data.readers.READERS`.
 FORMATS: dict[str, FormatRules] = {
     "medmnist": FormatRules((2, 3), "a MedMNIST npz", index=False),
     "images": FormatRules((2,), "2D images", decode=DECODE_VERSION),
     "nifti": FormatRules((3,), "volumes"),
-    "dicom": FormatRules((3,), "volumes"),
+    "dicom": FormatRules((3,), "volumes", decode=DICOM_DECODE_VERSION),
     "wsi": FormatRules((2,), "slides, classified from 2D tiles", decode=DECODE_VERSION),
     "stack": FormatRules(
         (3,), "one volume per sample (a multi-page TIFF or a folder)", decode=DECODE_VERSION
