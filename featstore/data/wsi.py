@@ -48,6 +48,7 @@ AGREE = 0.05  # the index's mpp and the file's disagree past this fraction: say 
 # A plan past these is refused before a pixel is read: a wrong pixel size (a 300 dpi
 # tag), or a tile_mpp far from the slide's, would otherwise tile millions of regions.
 MAX_GRID = 5_000_000  # tile positions laid on one slide (before `max_tiles` samples them)
+MIN_STRIDE = 8  # level-0 px between neighbouring tiles, at least
 BLOCK = 2048  # pixels per side of the blocks a thumbnail is assembled from
 # What tifffile, imagecodecs and zarr raise on truncated, corrupt or unsupported files.
 READ_ERRORS = (
@@ -274,8 +275,9 @@ def check_plan(
 ) -> None:
     """Refuse, naming the slide, its pixel size and the fix, a plan that cannot be
     meant: tiles finer than level 0 without `upsample`, tiles covering less than one
-    level-0 pixel, more than MAX_GRID tile positions, or tiles read as regions wider
-    than SPAN_PIXELS (`reads`: the level read and a tile's side there)."""
+    level-0 pixel, tiles laid closer than MIN_STRIDE level-0 px or more than MAX_GRID
+    of them, or tiles read as regions wider than SPAN_PIXELS (`reads`: the level read
+    and a tile's side there)."""
     mpp0, (w0, h0), (level, read) = size.mpp, size0, reads
     at = f"the slide's base level is {mpp0:g} um/px ({size.source})"
     if tiling.tile_mpp < mpp0 * 0.999 and not tiling.upsample:
@@ -294,6 +296,13 @@ def check_plan(
     foot = max(1, round(cover))
     stride = max(1, round(foot * (1 - tiling.overlap)))
     grid = (max(0, w0 - foot) // stride + 1) * (max(0, h0 - foot) // stride + 1)
+    if stride < MIN_STRIDE:
+        raise BadInputError(
+            f"{path}: the plan lays tiles every {stride} level-0 px ({grid:,} tiles on this "
+            f"{w0} x {h0} px slide; {at}), closer than {MIN_STRIDE}: each tile would enlarge "
+            "a few pixels. Correct the slide's pixel size (the index's mpp column), or raise "
+            "tiling.tile_mpp or lower its overlap"
+        )
     if grid > MAX_GRID:
         raise BadInputError(
             f"{path}: the plan lays {grid:,} tiles of {foot} level-0 px on this "
