@@ -1,7 +1,7 @@
 """Hostile input and corrupted feature sets through the real CLI: a reliability table.
 
-    python benchmarks/reliability.py            # about 2-3 minutes on 2 CPU cores
-    python benchmarks/reliability.py --cases TIFF   # only hostile inputs matching TIFF
+    python benchmarks/reliability.py            # about 3-4 minutes on 2 CPU cores
+    python benchmarks/reliability.py --only TIFF,slide   # those hostile inputs alone
 
 Part 1 runs a fixed list of hostile inputs (issue 11, and the cases of
 tests/test_hostile.py) through `featstore extract` / `featstore probe` as
@@ -173,6 +173,53 @@ def seg_with_stray_mask_value(root: Path) -> list[str]:
     return images(root, rows, "image,mask,split", "segmentation", ", classes: [bg, lesion]")
 
 
+SLIDES = (
+    "  - {name: s, format: wsi, path: data, index: index.csv, task: classification, dims: 2, "
+    "tiling: {%s}}\n"
+)
+
+
+def slides(
+    root: Path,
+    rows: list[str],
+    tiling: str = "tile_mpp: 0.5, tile_size: 64",
+    dpi: int | None = None,
+) -> list[str]:
+    """Pyramidal TIFF slides (tifffile, 1024 px at 0.5 um/px) named by `rows`
+    ("name,label,split,mpp"; a name with 'blank' is glass only), their manifest; `dpi`:
+    level 0's resolution tags replaced by that many pixels per inch."""
+    import tifffile
+
+    from featstore.data.synthetic_slides import GLASS, slide_image, write_slide
+
+    (root / "data").mkdir(parents=True)
+    for i, row in enumerate(rows):
+        name = row.split(",")[0]
+        image = slide_image(np.random.default_rng(i), 1024, i % 2)
+        write_slide(root / "data" / name, np.full_like(image, GLASS) if "blank" in name else image)
+        if dpi is not None:
+            with tifffile.TiffFile(root / "data" / name, mode="r+b") as tf:
+                tags = tf.pages[0].tags
+                tags["XResolution"].overwrite((dpi, 1))
+                tags["YResolution"].overwrite((dpi, 1))
+                tags["ResolutionUnit"].overwrite(2)  # inch
+    (root / "data" / "index.csv").write_text("image,label,split,mpp\n" + "\n".join(rows) + "\n")
+    (root / "m.yaml").write_text(PIXELS + "datasets:\n" + SLIDES % tiling)
+    return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+
+def outside_row(cell: str) -> Callable[[Path], list[str]]:
+    """An images dataset whose index gains a row naming `cell` (never written)."""
+
+    def setup(root: Path) -> list[str]:
+        args = images(root)
+        with (root / "data" / "index.csv").open("a") as f:
+            f.write(f"{cell},1,test\n")
+        return args
+
+    return setup
+
+
 def tiff_image(write: Callable[[Path], None]) -> Callable[[Path], list[str]]:
     """An images dataset whose i4 is the TIFF that `write` makes (issue 32's layouts)."""
 
@@ -214,6 +261,16 @@ def _tif(data: np.ndarray, **kw: object) -> Callable[[Path], None]:
 
 _RNG = np.random.default_rng(32)
 _RGB = _RNG.integers(0, 255, (32, 32, 3), np.uint8)
+
+
+def outside_link(root: Path) -> list[str]:
+    """An images dataset whose i5.png is a symlink to a file outside its folder."""
+    (root / "elsewhere").mkdir(parents=True)
+    png(root / "elsewhere" / "secret.png", 99)
+    args = images(root, [f"i{i}.png,{i % 2},{SPLITS[i % 3]}" for i in range(5)] + ["i5.png,1,test"])
+    (root / "data" / "i5.png").unlink()
+    (root / "data" / "i5.png").symlink_to(root / "elsewhere" / "secret.png")
+    return args
 
 
 @dataclass(frozen=True)
@@ -477,6 +534,60 @@ CASES = [
         r"index\.csv, line 2: 4 cells",
     ),
     Case(
+        "index row ../../etc/hostname",
+        "refused",
+        outside_row("../../etc/hostname"),
+        r"index\.csv, line 8: image '\.\./\.\./etc/hostname' resolves to .*allow_outside_paths",
+    ),
+    Case(
+        "index row /etc/hostname (absolute)",
+        "refused",
+        outside_row("/etc/hostname"),
+        r"index\.csv, line 8: image '/etc/hostname' is an absolute path.*allow_outside_paths",
+    ),
+    Case(
+        "index row: a symlink out of the dataset",
+        "refused",
+        outside_link,
+        r"index\.csv, line 7: image 'i5\.png' resolves to .*secret\.png, outside",
+    ),
+    Case(
+        "slide with a 72 dpi tag, no mpp column",
+        "refused",
+        lambda r: slides(r, ["a.tif,0,train,", "b.tif,1,test,"], dpi=72),
+        r"a\.tif: the slide records no pixel size \(its TIFF resolution tags say 72",
+    ),
+    Case(
+        "slide with a 72 dpi tag and an mpp column",
+        "accepted",
+        lambda r: slides(r, ["a.tif,0,train,0.5", "b.tif,1,test,0.5"], dpi=72),
+    ),
+    Case(
+        "absurd plan: slide mpp 20 in the index, upsample",
+        "refused",
+        lambda r: slides(
+            r,
+            ["a.tif,0,train,20", "b.tif,1,test,20"],
+            "tile_mpp: 0.5, tile_size: 64, upsample: true",
+        ),
+        r"a\.tif: the plan lays tiles every 2 level-0 px",
+    ),
+    Case(
+        "absurd plan: a slide tile of 0.03 level-0 px",
+        "refused",
+        lambda r: slides(
+            r,
+            ["a.tif,0,train,", "b.tif,1,test,"],
+            "tile_mpp: 0.0002, tile_size: 64, upsample: true",
+        ),
+        r"a\.tif: a tile of 64 px at 0\.0002 um covers 0\.0256 level-0 pixels",
+    ),
+    Case(
+        "blank slide among slides (no tissue)",
+        "skipped",
+        lambda r: slides(r, ["a.tif,0,train,", "blank.tif,1,train,", "b.tif,1,test,"]),
+    ),
+    Case(
         "NIfTI header 3000^3 voxels",
         "refused",
         nifti_bomb,
@@ -707,10 +818,10 @@ def _cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def main() -> int:
-    """`--cases REGEX`: only the hostile inputs whose name matches, and not parts 2-3."""
-    only = sys.argv[sys.argv.index("--cases") + 1] if "--cases" in sys.argv else None
+def main(only: list[str]) -> int:
+    """Every part; with `only` (substrings of case names), those hostile inputs alone."""
     start = time.perf_counter()
+    cases = [c for c in CASES if not only or any(o in c.name for o in only)]
     with tempfile.TemporaryDirectory(prefix="featstore-reliability-") as tmp:
         tmp_path = Path(tmp)
         env = {k: v for k, v in os.environ.items() if k != "FEATSTORE_CACHE"}
@@ -718,7 +829,6 @@ def main() -> int:
         print(f"{'input':50} {'expected':9} {'outcome':10} {'s':>5}  message")
         tally: dict[str, int] = {}
         misses = 0
-        cases = [c for c in CASES if only is None or re.search(only, c.name)]
         for i, case in enumerate(cases):
             root = tmp_path / f"case{i:02d}"
             root.mkdir()
@@ -736,8 +846,8 @@ def main() -> int:
             f"\nhostile inputs: {n} cases, {n - misses} as expected; "
             + ", ".join(f"{k} {v}" for k, v in sorted(tally.items()))
         )
-        if only is not None:
-            print(f"total {time.perf_counter() - start:.0f} s; {misses} misses (--cases {only})")
+        if only:
+            print(f"total {time.perf_counter() - start:.0f} s; {misses} misses (--only)")
             return 1 if misses else 0
 
         work = tmp_path / "corruption"
@@ -777,4 +887,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # --only slide,index: the hostile inputs whose names contain one of these, alone
+    chosen = sys.argv[2].split(",") if sys.argv[1:2] == ["--only"] and sys.argv[2:] else []
+    sys.exit(main(chosen))

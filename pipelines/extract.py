@@ -10,6 +10,7 @@ from collections.abc import Callable
 from featstore.data.manifest import Manifest
 from featstore.extraction.run import Options, Summary, extract_manifest
 from featstore.store.location import place, reachable
+from featstore.store.sets import Status
 
 
 def run(
@@ -34,9 +35,25 @@ def run(
         reachable(place(manifest.cache), write=True)  # before a cluster is started
         with client_for(cluster, scheduler, opts.threads or 1, opts.device) as client:
             summaries = extract_on_cluster(manifest, client, opts, baseline=baseline, echo=echo)
-    counts = {k: sum(s.status == k for s in summaries) for k in ("new", "resumed", "cached")}
-    echo(
-        f"done: {counts['new']} new, {counts['resumed']} resumed, "
-        f"{counts['cached']} cached, {sum(s.skipped for s in summaries)} samples skipped"
-    )
+    for line in tally(summaries):
+        echo(line)
     return summaries
+
+
+STATUSES: tuple[Status, ...] = ("new", "resumed", "repaired", "cached")
+SHOWN = 20  # samples left out named one per line; the rest are counted
+
+
+def tally(summaries: list[Summary]) -> list[str]:
+    """The closing lines: every sample left out (once per dataset, with its reason;
+    past SHOWN, a count) and `done: ...` counting sets by status and those samples."""
+    left: dict[tuple[str, str], str] = {}
+    for s in summaries:
+        for sample, reason in s.skipped.items():
+            left.setdefault((s.dataset, sample), reason)
+    lines = [f"left out {ds} / {sample}: {why}" for (ds, sample), why in list(left.items())]
+    if len(lines) > SHOWN:
+        lines = [*lines[:SHOWN], f"left out ... and {len(lines) - SHOWN} more"]
+    counts = {k: sum(s.status == k for s in summaries) for k in STATUSES}
+    done = ", ".join(f"{n} {k}" for k, n in counts.items())
+    return [*lines, f"done: {done}, {len(left)} samples skipped"]

@@ -62,6 +62,22 @@ def test_cluster_extract_is_byte_identical_to_one_process(tmp_path, tiny_dinov3,
     assert _chunks(got.path) == _chunks(ref.path)
 
 
+def test_the_cluster_prints_the_random_init_note_as_a_local_run_does(tmp_path, client):
+    """The embedded ViT-S/16 without weights is a random init: both paths say so once."""
+    entry = synth_entry("d", "cls2d", n=6)
+    mpath = write_manifest(tmp_path, entry, "[dinov3-vits16]", "[32]", EXTRA)
+    opts = Options(threads=1, progress=False)
+    printed: dict[str, list[str]] = {"local": [], "cluster": []}
+    extract.run(load_manifest(mpath), opts, baseline=False, echo=printed["local"].append)
+    from featstore.extraction.cluster import extract_on_cluster
+
+    manifest = load_manifest(mpath)
+    extract_on_cluster(manifest, client, opts, baseline=False, echo=printed["cluster"].append)
+    for where, lines in printed.items():
+        notes = [x for x in lines if "RANDOM INIT" in x]
+        assert len(notes) == 1 and "'dinov3-vits16'" in notes[0], (where, lines)
+
+
 def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
     from featstore.extraction.cluster import extract_on_cluster
 

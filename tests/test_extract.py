@@ -157,7 +157,7 @@ def test_skip_bad_records_and_continues(tmp_path, tiny_dinov3):
     with pytest.raises(ValueError, match=r"img0003\.png: cannot decode image"):
         _run(mpath, baseline=False)
     (s,) = _run(mpath, baseline=False, skip_bad=True)
-    assert s.skipped == 1
+    assert list(s.skipped) == ["img0003"]
     attrs = FeatureSet(s.path).attrs
     assert list(attrs["skipped"]) == ["img0003"] and attrs["complete"]
     assert FeatureSet(s.path).verify() == []
@@ -354,3 +354,17 @@ def test_extract_leaves_no_state_behind(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert medmnist._LastNpz.key is None  # the arrays read to list and decode it are dropped
+
+
+def test_a_repair_only_extract_says_it_repaired(tmp_path):
+    """`--repair` that only recomputes a damaged unit used to end `done: 0 new, 0
+    resumed, 0 cached`, as if nothing had happened."""
+    extra = "batch_size: 4\nunit_items: 4\n"
+    mpath = write_manifest(tmp_path, synth_entry("d", "cls2d", n=12), "[]", extra=extra)
+    (s,) = _run(mpath)
+    next(f for f in (s.path / "cls" / "c").rglob("*") if f.is_file()).unlink()
+    lines: list[str] = []
+    opts = Options(progress=False, repair=True)
+    (fixed,) = extract.run(load_manifest(mpath), opts, echo=lines.append)
+    assert fixed.status == "repaired" and fixed.items == 4
+    assert lines[-1] == "done: 0 new, 0 resumed, 1 repaired, 0 cached, 0 samples skipped"

@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 from conftest import write_manifest
 
-from featstore.data import readers
+from featstore.data import readers, tissue
 from featstore.data.manifest import load_manifest
 from featstore.extraction.run import Options
 from featstore.probing.options import ProbeOptions
@@ -61,7 +61,8 @@ def test_tiles_are_items_with_their_coordinates(extracted):
         s.id: s.n_items for s in prep.samples
     }
     tiling = xs.attrs["identity"]["recipe"]["tiling"]
-    assert tiling["tile_mpp"] == 1.0 and tiling["tile_size"] == 64 and tiling["plan"] == 2
+    assert tiling["tile_mpp"] == 1.0 and tiling["tile_size"] == 64
+    assert tiling["plan"] == tissue.PLAN_VERSION == 3
 
 
 def test_the_tiling_plan_is_part_of_the_identity(extracted, tmp_path, tiny_dinov3):

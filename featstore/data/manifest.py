@@ -84,6 +84,8 @@ class Dataset(Frozen):
     synthetic: Synthetic | None = None
     tiling: Tiling | None = None  # whole-slide images: required
     label_efficiency: LabelEfficiency | None = None  # `featstore probe`'s curve points
+    # index rows may name files outside `path` (absolute, `../`, symlinks out of it)
+    allow_outside_paths: bool = False
 
     @property
     def slides(self) -> bool:

@@ -20,6 +20,7 @@ from featstore.data.samples import (
     Loaded,
     Sample,
     exists,
+    inside,
     parse_label,
     read_index,
     splits_from_column,
@@ -108,14 +109,14 @@ class Reader:
     def _row(self, ds: Dataset, where: str, row: dict[str, str]) -> Sample | Skip:
         if not row["image"].strip():
             raise BadInputError(f"{where}: the image cell is empty; give the file's path")
-        image = ds.path / row["image"]
+        image = inside(ds, row["image"], "image", where)
         if not exists(image):
             raise BadInputError(f"{where}: image {image} does not exist")
         if self.folder and not image.is_dir():
             raise BadInputError(f"{where}: image {image} is not a folder (format {ds.format})")
         if self.folder is False and image.is_dir():
             raise BadInputError(f"{where}: image {image} is a folder, not an image file")
-        mask = ds.path / row["mask"] if row.get("mask", "").strip() else None
+        mask = inside(ds, row["mask"], "mask", where) if row.get("mask", "").strip() else None
         if ds.task == "segmentation" and (mask is None or not exists(mask)):
             raise BadInputError(f"{where}: mask {mask or '(empty)'} does not exist")
         if mask is not None and mask.is_dir() and self.folder is False:

@@ -29,7 +29,8 @@ class Tiles:
 
     xy: (n_tiles, 2) int64 level-0 (x, y) of each tile's top-left corner; mpp: the
     slide's level-0 pixel size (um) and where it came from; level: the pyramid level
-    read; read: tile side read at that level (resized to the tile size).
+    read; read: tile side read at that level (resized to the tile size); mpp_note:
+    which pixel size won where the index and the file disagree ("" where they agree).
     """
 
     xy: np.ndarray = field(compare=False, repr=False)
@@ -37,6 +38,7 @@ class Tiles:
     mpp_source: str
     level: int
     read: int
+    mpp_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,31 @@ def parse_label(text: str, ds: Dataset, where: str) -> tuple[int, ...]:
         )
         raise BadInputError(f"{where}: label {value} is out of range: {named}; fix the index")
     return (value,)
+
+
+def inside(ds: Dataset, cell: str, column: str, where: str) -> Path:
+    """The file an index cell names (relative to `ds.path`), refused unless the
+    dataset allows outside paths (`allow_outside_paths`) when it is absolute or
+    resolves, through `..` or symlinks, outside the dataset's folder: a shared index
+    must not make featstore read, hash or show (thumbnails) files it does not hold."""
+    path = ds.path / cell
+    if ds.allow_outside_paths:
+        return path
+    if Path(cell).is_absolute():
+        problem = "is an absolute path"
+    else:
+        try:
+            real, root = path.resolve(), ds.path.resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+            return path  # not a file: the existence check names it
+        if real.is_relative_to(root):
+            return path
+        problem = f"resolves to {real}, outside the dataset folder {root}"
+    raise BadInputError(
+        f"{where}: {column} {cell!r} {problem}; give a path relative to the dataset "
+        f"folder {ds.path}, or set `allow_outside_paths: true` on dataset '{ds.name}' in "
+        "the manifest to let its index name files elsewhere"
+    )
 
 
 def exists(path: Path) -> bool:

@@ -2,9 +2,13 @@
 
 Tissue is found on a low-resolution RGB image of the slide: the saturation channel,
 median-blurred, thresholded with Otsu (never below `MIN_SATURATION`, so that a blank
-slide is not split in two by its noise), then specks and holes smaller than
-`MIN_AREA_UM2` removed. Tiles are laid on a regular level-0 grid and kept where
-enough of their footprint is tissue; `max_tiles` keeps a seeded sample of them.
+slide is not split in two by its noise), then specks and holes removed: regions
+smaller than `MIN_AREA_UM2`, or than the tissue one tile must hold (`speck_um2`),
+whichever is smaller. The image is at `tiling.tissue_mpp`, or finer for a slide
+that would be under `MIN_OVERVIEW` pixels there (`overview_mpp`): at 8 um/px a
+256 um slide is 32 pixels, too few for the median and the speck rule to leave its
+tissue. Tiles are laid on a regular level-0 grid and kept where enough of their
+footprint is tissue; `max_tiles` keeps a seeded sample of them.
 """
 
 from __future__ import annotations
@@ -16,11 +20,29 @@ import numpy as np
 from featstore.data.settings import Tiling
 
 # Bump when tissue detection or the grid change the tiles of a slide, or a set of
-# slides records more of them (2: the examples' overviews and tissue masks).
-PLAN_VERSION = 2
+# slides records more of them (2: the examples' overviews and tissue masks; 3: small
+# slides' tissue found on a finer image, specks no larger than a tile's tissue share,
+# the index's `mpp` column before the file's tags).
+PLAN_VERSION = 3
 MIN_SATURATION = 20  # of 255: glass and white background stay below it
 MIN_AREA_UM2 = 10_000.0  # specks (dust) and holes smaller than 0.1 x 0.1 mm
 MEDIAN = 5  # median blur, in thumbnail pixels
+MIN_OVERVIEW = 64  # pixels on the shorter side of the image tissue is found on, at least
+
+
+def overview_mpp(size0: tuple[int, int], mpp0: float, tiling: Tiling) -> float:
+    """um per pixel of the image tissue is found on: `tiling.tissue_mpp`, finer where
+    the slide's shorter side (size0: level-0 width, height at `mpp0` um) would have
+    fewer than MIN_OVERVIEW pixels there, never finer than level 0."""
+    return max(mpp0, min(tiling.tissue_mpp, min(size0) * mpp0 / MIN_OVERVIEW))
+
+
+def speck_um2(tiling: Tiling) -> float:
+    """Largest speck (or hole) removed, in um2: MIN_AREA_UM2, or less where a tile's
+    tissue share (min_tissue of its footprint) is smaller, since a region that can
+    fill a tile on its own is tissue, not dust."""
+    side = tiling.tile_size * tiling.tile_mpp
+    return min(MIN_AREA_UM2, tiling.min_tissue * side * side)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -55,13 +77,14 @@ def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     return keep[labels]
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
-    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail whose pixels are `mpp` um."""
+def tissue_mask(rgb: np.ndarray, mpp: float, speck: float = MIN_AREA_UM2) -> np.ndarray:
+    """(h, w) bool tissue mask of an (h, w, 3) uint8 thumbnail whose pixels are `mpp`
+    um; regions and holes under `speck` um2 are removed."""
     from scipy import ndimage
 
     sat = ndimage.median_filter(saturation(rgb), size=MEDIAN)
     mask = sat > max(otsu(sat), MIN_SATURATION)
-    min_px = max(1, int(MIN_AREA_UM2 / (mpp * mpp)))
+    min_px = max(1, int(speck / (mpp * mpp)))
     mask = _drop_small(mask, min_px)  # specks
     background = _drop_small(~mask, min_px)  # background regions large enough to stay
     return ~background  # tissue with its small holes filled

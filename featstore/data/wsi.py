@@ -1,12 +1,14 @@
 """Whole-slide images (`format: wsi`): pyramidal TIFF/SVS/OME-TIFF read tile by tile.
 
 Slides are read with tiffslide (tifffile + imagecodecs), region by region: no level
-is ever loaded whole. Listing a slide reads its header and one low-resolution image
-for tissue detection (`featstore.data.tissue`) and plans its tiles; decoding reads
-each tile from the closest level at or finer than `tile_mpp` (at level 0 a row's
-overlapping tiles in one region: `spans`), resized to `tile_size`. The pixel size
-comes from the file (Aperio `MPP`, OME `PhysicalSizeX`, TIFF resolution tags), else
-from the index's `mpp` column, else it is an error: a magnification is never guessed.
+is ever loaded whole. Listing a slide reads its header, checks the plan (`check_plan`)
+and reads one low-resolution image for tissue detection (`featstore.data.tissue`) to
+plan its tiles; decoding reads each tile from the closest level at or finer than
+`tile_mpp` (at level 0 a row's overlapping tiles in one region: `spans`), resized to
+`tile_size`.
+
+The level-0 pixel size is decided in `featstore.data.pixel_size` (the index's `mpp`
+column where the user wrote one, else the file's own calibration).
 
 Pixels follow `featstore.data.layouts` (min-is-white inverted, palette expanded,
 alpha composited on white, uncompressed YCbCr converted, CMYK refused), checked for
@@ -20,7 +22,6 @@ read by region.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -33,16 +34,20 @@ from PIL import Image
 from featstore.data.layouts import Layout, convert, page_layout
 from featstore.data.manifest import Dataset
 from featstore.data.pictures import MAX_PIXELS
+from featstore.data.pixel_size import PixelSize, pixel_size
 from featstore.data.reader import Reader, Skip
 from featstore.data.samples import Header, Loaded, Sample, Tiles
 from featstore.data.settings import Tiling
-from featstore.data.tissue import tile_grid, tissue_mask
+from featstore.data.tissue import MIN_SATURATION, overview_mpp, speck_um2, tile_grid, tissue_mask
 from featstore.errors import BadInputError
 
 if TYPE_CHECKING:
     from tiffslide import TiffSlide
 
-MPP_RANGE = (0.02, 100.0)  # um/px a microscope records; 72 dpi (352 um) is a screen default
+# A plan past these is refused before a pixel is read: a wrong pixel size (a 300 dpi
+# tag), or a tile_mpp far from the slide's, would otherwise tile millions of regions.
+MAX_GRID = 5_000_000  # tile positions laid on one slide (before `max_tiles` samples them)
+MIN_STRIDE = 8  # level-0 px between neighbouring tiles, at least
 BLOCK = 2048  # pixels per side of the blocks a thumbnail is assembled from
 # What tifffile, imagecodecs and zarr raise on truncated, corrupt or unsupported files.
 READ_ERRORS = (
@@ -54,11 +59,6 @@ READ_ERRORS = (
     EOFError,
     RuntimeError,
     NotImplementedError,
-)
-FIX_MPP = (
-    "give it in the index's `mpp` column (um per level-0 pixel, e.g. 0.25 at 40x, "
-    "0.5 at 20x), or write it into the file (Aperio MPP, OME PhysicalSizeX, or TIFF "
-    "resolution tags); featstore never guesses a magnification"
 )
 
 # One slide kept open per thread and process (DataLoader workers, dask worker threads):
@@ -156,35 +156,6 @@ def level_layout(slide: TiffSlide, level: int) -> Layout:
     return page_layout(Path(slide.ts_tifffile.filehandle.path), series.levels[level].keyframe)
 
 
-def pixel_size(path: Path, slide: TiffSlide, column: str) -> tuple[float, str]:
-    """(level-0 um per pixel, where it came from): the file first, then the index."""
-    props = slide.properties
-    found: list[tuple[object, str]] = [(props.get("aperio.MPP"), "file: Aperio MPP")]
-    tf = slide.ts_tifffile
-    if tf.is_ome and tf.ome_metadata:
-        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tf.ome_metadata)
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tf.ome_metadata)
-        scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit[1] if unit else "µm")
-        if m and scale:
-            found.append((float(m[1]) * scale, "file: OME PhysicalSizeX"))
-    if "tiff.XResolution" in props:
-        found.append((props.get("tiffslide.mpp-x"), "file: TIFF resolution tags"))
-    found.append((column.strip() or None, "index: mpp column"))
-    for value, source in found:
-        try:
-            mpp = float(value) if value is not None else None  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            mpp = None
-        if mpp is not None and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-            return mpp, source
-        if source.startswith("index") and value is not None:
-            raise BadInputError(
-                f"{path}: mpp {value!r} in the index is not a pixel size from "
-                f"{MPP_RANGE[0]} to {MPP_RANGE[1]} um; {FIX_MPP}"
-            )
-    raise BadInputError(f"{path}: the slide records no pixel size; {FIX_MPP}")
-
-
 def best_level(slide: TiffSlide, mpp0: float, target: float) -> int:
     """The coarsest level whose pixels are at most `target` um (level 0 if none is)."""
     finer = [i for i, d in enumerate(slide.level_downsamples) if mpp0 * d <= target * 1.001]
@@ -223,24 +194,30 @@ def thumbnail(slide: TiffSlide, mpp0: float, target: float) -> tuple[np.ndarray,
 
 
 def plan(path: Path, slide_id: str, tiling: Tiling, column: str) -> Tiles | str:
-    """The tiles of one slide, or the reason it has none (no tissue, too small)."""
+    """The tiles of one slide, or the reason it has none (no tissue, too small). A plan
+    that cannot be meant (see `check_plan`) is a `BadInputError` before a pixel is read."""
     slide = open_slide(path)
-    mpp0, source = pixel_size(path, slide, column)
-    if tiling.tile_mpp < mpp0 * 0.999 and not tiling.upsample:
-        raise BadInputError(
-            f"{path}: tile_mpp {tiling.tile_mpp} is finer than the slide's base level "
-            f"({mpp0:g} um/px, {source}); give a tile_mpp of at least {mpp0:g}, or set "
-            "`tiling: {upsample: true}` to enlarge level-0 pixels"
-        )
+    size = pixel_size(path, slide, column)
+    mpp0 = size.mpp
     level = best_level(slide, mpp0, tiling.tile_mpp)
     read = max(
         1, round(tiling.tile_size * tiling.tile_mpp / (mpp0 * slide.level_downsamples[level]))
     )
+    w0, h0 = slide.dimensions
+    check_plan(path, size, tiling, (w0, h0), (level, read))
     foot = max(1, round(tiling.tile_size * tiling.tile_mpp / mpp0))
+    if foot > min(w0, h0):
+        return (
+            f"the slide ({w0} x {h0} px at {mpp0:g} um) is smaller than one tile "
+            f"({foot} level-0 px); lower tiling.tile_mpp or tile_size"
+        )
     _, mask, _ = overview(path, tiling, mpp0)
     if not mask.any():
-        return "no tissue found (saturation below the Otsu/minimum threshold everywhere)"
-    w0, h0 = slide.dimensions
+        return (
+            "no tissue found: no region more saturated than the background "
+            f"(Otsu threshold, at least {MIN_SATURATION}/255) and larger than "
+            f"{speck_um2(tiling):g} um2"
+        )
     scale = (w0 / mask.shape[1], h0 / mask.shape[0])
     xy = tile_grid(mask, scale, (w0, h0), foot, tiling, slide_id)
     if len(xy) == 0:
@@ -248,23 +225,74 @@ def plan(path: Path, slide_id: str, tiling: Tiling, column: str) -> Tiles | str:
             f"no tile of {foot} level-0 px has {tiling.min_tissue:.0%} tissue "
             "(lower tiling.min_tissue or tile_mpp)"
         )
-    return Tiles(xy=xy, mpp=mpp0, mpp_source=source, level=level, read=read)
+    return Tiles(
+        xy=xy, mpp=mpp0, mpp_source=size.source, level=level, read=read, mpp_note=size.note
+    )
+
+
+def check_plan(
+    path: Path, size: PixelSize, tiling: Tiling, size0: tuple[int, int], reads: tuple[int, int]
+) -> None:
+    """Refuse, naming the slide, its pixel size and the fix, a plan that cannot be
+    meant: tiles finer than level 0 without `upsample`, tiles covering less than one
+    level-0 pixel, tiles laid closer than MIN_STRIDE level-0 px or more than MAX_GRID
+    of them, or tiles read as regions wider than SPAN_PIXELS (`reads`: the level read
+    and a tile's side there)."""
+    mpp0, (w0, h0), (level, read) = size.mpp, size0, reads
+    at = f"the slide's base level is {mpp0:g} um/px ({size.source})"
+    if tiling.tile_mpp < mpp0 * 0.999 and not tiling.upsample:
+        raise BadInputError(
+            f"{path}: tile_mpp {tiling.tile_mpp} is finer than the slide's base level "
+            f"({mpp0:g} um/px, {size.source}); give a tile_mpp of at least {mpp0:g}, or set "
+            "`tiling: {upsample: true}` to enlarge level-0 pixels"
+        )
+    cover = tiling.tile_size * tiling.tile_mpp / mpp0
+    if cover < 1:
+        raise BadInputError(
+            f"{path}: a tile of {tiling.tile_size} px at {tiling.tile_mpp} um covers "
+            f"{cover:.3g} level-0 pixels ({at}); a tile must cover at least one: raise "
+            "tiling.tile_mpp or tile_size, or correct the slide's pixel size"
+        )
+    foot = max(1, round(cover))
+    stride = max(1, round(foot * (1 - tiling.overlap)))
+    grid = (max(0, w0 - foot) // stride + 1) * (max(0, h0 - foot) // stride + 1)
+    if stride < MIN_STRIDE:
+        raise BadInputError(
+            f"{path}: the plan lays tiles every {stride} level-0 px ({grid:,} tiles on this "
+            f"{w0} x {h0} px slide; {at}), closer than {MIN_STRIDE}: each tile would enlarge "
+            "a few pixels. Correct the slide's pixel size (the index's mpp column), or raise "
+            "tiling.tile_mpp or lower its overlap"
+        )
+    if grid > MAX_GRID:
+        raise BadInputError(
+            f"{path}: the plan lays {grid:,} tiles of {foot} level-0 px on this "
+            f"{w0} x {h0} px slide ({at}), more than {MAX_GRID:,}; raise tiling.tile_mpp "
+            "or lower its overlap, or correct the slide's pixel size (the index's mpp column)"
+        )
+    if read > SPAN_PIXELS:
+        raise BadInputError(
+            f"{path}: each tile would be read as {read} x {read} px from level {level}, "
+            f"the coarsest at or finer than tile_mpp {tiling.tile_mpp} ({at}); lower "
+            "tiling.tile_mpp or tile_size, or give the slide a pyramid (e.g. `vips "
+            "tiffsave --tile --pyramid`)"
+        )
 
 
 def overview(path: Path, tiling: Tiling, mpp0: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """What a pathologist checks first: the slide's thumbnail at `tiling.tissue_mpp`
-    ((h, w, 3) uint8), its tissue mask ((h, w) bool) and level-0 pixels per
-    thumbnail pixel, exactly as `plan` computed them (`mpp0`: the slide's level-0
-    um/px, `Tiles.mpp`). `BadInputError` naming the slide when it cannot be read."""
+    """What a pathologist checks first: the slide's thumbnail at about
+    `tissue.overview_mpp` ((h, w, 3) uint8), its tissue mask ((h, w) bool) and level-0
+    pixels per thumbnail pixel, exactly as `plan` computed them (`mpp0`: the slide's
+    level-0 um/px, `Tiles.mpp`). `BadInputError` naming the slide when it cannot be read."""
     slide = open_slide(path)
     try:
-        thumb, per_px = thumbnail(slide, mpp0, max(tiling.tissue_mpp, mpp0))
+        target = overview_mpp(slide.dimensions, mpp0, tiling)
+        thumb, per_px = thumbnail(slide, mpp0, target)
     except READ_ERRORS as exc:
         raise BadInputError(
             f"{path}: cannot decode its low-resolution level ({type(exc).__name__}: {exc}); "
             "the file is truncated or corrupt: replace it or remove its row"
         ) from None
-    return thumb, tissue_mask(thumb, mpp0 * per_px), per_px
+    return thumb, tissue_mask(thumb, mpp0 * per_px, speck_um2(tiling)), per_px
 
 
 class Slides(Reader):

@@ -333,7 +333,7 @@ def extract_on_cluster(
 ) -> list[Summary]:
     """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
     from featstore.data.fingerprint import memo_for
-    from featstore.extraction.run import Options, extract_set
+    from featstore.extraction.run import Options, extract_set, listing_notes, random_init_note
     from featstore.store.location import place, reachable
 
     opts = opts or Options()
@@ -343,16 +343,24 @@ def extract_on_cluster(
     memo = memo_for(manifest.cache)
     device = resolve_device(client, opts.device)
     prepared: dict[str, Any] = {}
+    infos: dict[str, EncoderInfo] = {}
     summaries = []
     try:
         for ds, spec, res in manifest.cells(baseline):
             if ds.name not in prepared:
                 with guard.phase("listing", manifest.cache):
                     prep = prepare(ds, memo)
+                for line in listing_notes(prep):
+                    echo(line)
                 prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
             prep, remote = prepared[ds.name]
-            with guard.phase("loading", manifest.cache):
-                info = client.submit(_encoder_info, spec, device, memo, pure=False).result()
+            if spec not in infos:
+                with guard.phase("loading", manifest.cache):
+                    found = client.submit(_encoder_info, spec, device, memo, pure=False)
+                    infos[spec] = found.result()
+                if infos[spec].random_init:
+                    echo(random_init_note(spec))
+            info = infos[spec]
             run = _runner(client, remote, spec, device, memo, ds.name)
             summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
             echo(summary.line())

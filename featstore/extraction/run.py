@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -65,13 +65,15 @@ class Summary:
     seconds: float
     mbytes: float
     path: Place  # of the feature set
-    skipped: int = 0
+    # every sample the set leaves out, id -> reason: at listing (a slide without
+    # tissue) and at decode (--skip-bad, by this run or an earlier one or shard)
+    skipped: dict[str, str] = field(default_factory=dict)
     set_mb: float = 0.0  # the whole set, uncompressed (what its layout costs)
 
     def line(self) -> str:
         """One line for the console: status, cell, items, rate, MB written, set size, path."""
         rate = self.items / self.seconds if self.seconds > 0 else float("inf")
-        skip = f", {self.skipped} skipped" if self.skipped else ""
+        skip = f", {len(self.skipped)} samples left out" if self.skipped else ""
         return (
             f"{self.status:>8}  {self.dataset} / {self.encoder} @ {self.resolution}px: "
             f"{self.items} items in {self.seconds:.1f}s ({rate:.1f} items/s), "
@@ -136,6 +138,7 @@ def _describe(prep: Prepared) -> dict[str, object]:
         modality=ds.modality,
         classes=ds.classes,
         **({"skipped_samples": prep.skipped} if prep.skipped else {}),
+        **({"pixel_size_notes": notes} if (notes := mpp_notes(prep)) else {}),
     )
 
 
@@ -329,7 +332,8 @@ def extract_set(
             if mine is not None:
                 mine.replaced()  # others may join the new set now
         if status == "cached":
-            return Summary(*name, "cached", 0, time.perf_counter() - t0, 0.0, fs.path, 0, set_mb)
+            seconds = time.perf_counter() - t0
+            return Summary(*name, "cached", 0, seconds, 0.0, fs.path, left_out(prep, fs), set_mb)
         with guard.phase("computing", cache, fs, set_mb):
             units = fs.pending_units(opts.shard)
             fs.discard_partials(units)
@@ -339,7 +343,34 @@ def extract_set(
             if not fs.pending_units():
                 fs.finish()
     seconds = time.perf_counter() - t0
-    return Summary(*name, status, n_items, seconds, mbytes, fs.path, len(skipped), set_mb)
+    return Summary(*name, status, n_items, seconds, mbytes, fs.path, left_out(prep, fs), set_mb)
+
+
+def left_out(prep: Prepared, fs: FeatureSet) -> dict[str, str]:
+    """Every sample of `prep` the set `fs` lacks, id -> reason: those its listing left
+    out, and those recorded as skipped at decode (this run, an earlier one, a shard)."""
+    recorded_skips = {str(k): str(v) for k, v in fs.attrs.get("skipped", {}).items()}
+    return {**prep.skipped, **recorded_skips}
+
+
+def random_init_note(spec: str) -> str:
+    """The line that says an encoder is a random init, printed once per encoder by
+    every extract (local and cluster) that uses it."""
+    return (
+        f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
+        "weights found); its feature sets and results are marked random_init"
+    )
+
+
+def mpp_notes(prep: Prepared) -> dict[str, str]:
+    """Slide id -> which pixel size it uses, where its file and the index disagree
+    (recorded in the set's `dataset.pixel_size_notes` and printed by `listing_notes`)."""
+    return {s.id: s.tiles.mpp_note for s in prep.samples if s.tiles and s.tiles.mpp_note}
+
+
+def listing_notes(prep: Prepared) -> list[str]:
+    """What listing decided that the user should see before the sets are made."""
+    return [f"note: {prep.ds.name} / {k}: {v}" for k, v in mpp_notes(prep).items()]
 
 
 def extract_manifest(
@@ -363,6 +394,8 @@ def extract_manifest(
         for ds, _, _ in cells:
             if ds.name not in prepared:
                 prepared[ds.name] = prepare(ds, memo)
+                for line in listing_notes(prepared[ds.name]):
+                    echo(line)
     summaries = []
     threads = CpuThreads(opts.threads)
     try:
@@ -370,10 +403,7 @@ def extract_manifest(
             with guard.phase("loading", manifest.cache):
                 encoder = load_encoder(spec, opts.device, memo)
             if encoder.info.random_init:
-                echo(
-                    f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
-                    "weights found); its feature sets and results are marked random_init"
-                )
+                echo(random_init_note(spec))
             for ds, _, res in (c for c in cells if c[1] == spec):
                 prep = prepared[ds.name]
                 summary = extract_one(prep, encoder, spec, res, manifest, opts, threads)
