@@ -5,7 +5,8 @@
 A stand-in for a very fast GPU: the "encoder" returns ready float16 tokens of
 DINOv3 ViT-B/16 shapes at 224 px (CLS 768, 14x14x768 patch tokens; 301 KB per image)
 at zero cost, as a GPU that casts on the device would hand them over. Everything
-else is the real `extract_one`: PNG decode and preprocessing in DataLoader workers,
+else is the real `extract_with` (the driver's `extract_set`): PNG decode and
+preprocessing in DataLoader workers,
 units assembled, checked and written by the writer pool, marks, `complete`.
 numpy.save writes the same number of bytes into the same folder. Both sides end with
 os.sync(), so both are measured to the disk, not the page cache. The two alternate
@@ -30,7 +31,8 @@ from featstore.data.settings import Synthetic
 from featstore.encode.encoders import Encoder, FeatureBatch
 from featstore.encode.pixels import Pixels
 from featstore.encode.protocol import Resolved
-from featstore.extraction.run import Options, extract_one
+from featstore.extraction.local import extract_with
+from featstore.extraction.run import Options
 from featstore.identity import EncoderInfo
 
 HIDDEN, PATCH = 768, 16
@@ -105,7 +107,7 @@ def main() -> None:
         for r in range(args.rounds):
             run = manifest.model_copy(update={"cache": Path(tmp) / f"cache{r}"})
             t0 = time.perf_counter()
-            s = extract_one(prep, encoder, "zero-cost", args.resolution, run, opts)
+            s = extract_with(encoder, "zero-cost", prep, args.resolution, run, opts)
             os.sync()
             pipe.append(s.items * per_item / 1e6 / (time.perf_counter() - t0))
             shutil.rmtree(Path(tmp) / f"cache{r}")

@@ -7,7 +7,8 @@
     python benchmarks/extract_speed.py --case vits-224 --preprocess-on cpu,device --n 192
 
 Prints items/s for (a) a loop of `encoder.encode` on ready, preprocessed tensors
-(tokens left on the device, as a bare loop would) and (b) `extract_one` from
+(tokens left on the device, as a bare loop would) and (b) `extract_with` (the
+driver's `extract_set`) from
 allocation to `complete` (decode and preprocess in DataLoader workers, forward,
 cast/check/write in the writer pool), and their ratio. The two alternate for --rounds
 rounds and medians are compared, so that drift in the machine's speed hits both; the
@@ -39,7 +40,8 @@ from featstore.encode.devprep import RawPixels, to_input
 from featstore.encode.encoders import load_encoder
 from featstore.encode.preprocess import preprocess
 from featstore.extraction.batches import Batches, plan_batches
-from featstore.extraction.run import Options, extract_one
+from featstore.extraction.local import extract_with
+from featstore.extraction.run import Options
 from featstore.identity import Preprocess, requested
 from featstore.store.schema import layout_for
 
@@ -163,7 +165,7 @@ def main() -> None:
             for p in places if r % 2 == 0 else places[::-1]:  # alternate which side goes first
                 run = manifest.model_copy(update={"cache": tmp / f"cache{r}{p}"})
                 t0 = time.perf_counter()
-                summary = extract_one(prep, encoder, spec, resolution, run, opts[p])
+                summary = extract_with(encoder, spec, prep, resolution, run, opts[p])
                 full[p].append(summary.items / (time.perf_counter() - t0))
                 line += f", pipeline[{p}] {full[p][-1]:.1f} items/s"
                 if len(places) > 1:

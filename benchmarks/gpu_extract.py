@@ -9,7 +9,7 @@ real weights), input size and preprocessing placement:
 
 - bare images/s: bf16-autocast `encode` on a ready device batch, after a warm-up,
   timed over about --seconds of steady forwards;
-- pipeline images/s in the steady part of `extract_one` (PNG decode in DataLoader
+- pipeline images/s in the steady part of `extract_with` (PNG decode in DataLoader
   workers, preprocessing there (`cpu`: float32 tensors shipped) or on the GPU
   (`device`: the stored uint8 shipped), pinned non-blocking copies, cast and check on
   the device, writer pool): the completion time of every unit write is recorded, the
@@ -55,7 +55,8 @@ from featstore.data.manifest import Dataset, Manifest
 from featstore.data.settings import Synthetic
 from featstore.encode.encoders import Encoder, load_encoder
 from featstore.encode.preprocess import preprocess
-from featstore.extraction.run import Options, extract_one
+from featstore.extraction.local import extract_with
+from featstore.extraction.run import Options
 from featstore.identity import requested
 from featstore.store import schema, sets
 
@@ -255,7 +256,7 @@ def pipeline_case(
     place: str,
     m: Manifest,
 ) -> dict[str, Any]:
-    """One `extract_one` of `data`: steady and whole rates, MB/s, CPU, GPU memory."""
+    """One `extract_with` of `data`: steady and whole rates, MB/s, CPU, GPU memory."""
     workers, ship_mb = workers_for(args, batch, size, place)
     cache = m.cache if isinstance(m.cache, Path) else Path(str(m.cache))
     run = m.model_copy(update={"datasets": (data.ds,)})
@@ -268,7 +269,7 @@ def pipeline_case(
         torch.cuda.reset_peak_memory_stats()
     with unit_clock() as units, CpuMeter() as cpu:
         t0 = time.perf_counter()
-        s = extract_one(data, enc, spec, size, run, opts)
+        s = extract_with(enc, spec, data, size, run, opts)
         whole = time.perf_counter() - t0
     shutil.rmtree(cache, ignore_errors=True)
     steady = steady_part(units, t0)

@@ -105,26 +105,36 @@ def extract(
     device: Literal["auto", "cpu", "cuda"] = "auto",
     preprocess_on: Literal["auto", "cpu", "device"] = "auto",
     overwrite: bool = False,
+    repair: bool = False,
     skip_bad: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    cluster: str | None = None,
+    scheduler: str | None = None,
     baseline: bool = True,
     progress: bool = True,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
-    """Extract every selected cell (as `featstore extract`); one `Summary` per feature set.
+    """Extract every selected cell (as `featstore extract`, through the same driver);
+    one `Summary` per feature set. `echo` gets the lines the command prints (a line
+    per set, random-init notes, the closing tally). `cluster` ("local:N") or
+    `scheduler` (an address) run the units as dask tasks.
 
     Raises `CacheUnreachableError` before any work when the cache cannot be written.
     """
-    from featstore.extraction.run import Options, extract_manifest
+    from featstore.extraction.run import Options, extract_manifest, runner_for
 
     m = _manifest(manifest, cache).select(datasets, encoders, resolutions)
     opts = Options(
         device=device,
         preprocess_on=preprocess_on,
         overwrite=overwrite,
+        repair=repair,
         skip_bad=skip_bad,
+        shard=shard,
         progress=progress,
     )
-    return extract_manifest(m, opts, baseline=baseline, echo=echo)
+    runner = runner_for(opts, cluster, scheduler)
+    return extract_manifest(m, opts, runner, baseline=baseline, echo=echo)
 
 
 def probe(

@@ -238,3 +238,12 @@ def small_weights() -> EncoderInfo:
     from featstore.identity import EncoderInfo
 
     return EncoderInfo("e", "test", "1" * 64, "t", 16, 0, 8, (0, 0, 0), (1, 1, 1), False)
+
+
+def on_cluster(manifest, client, opts=None, **kw):
+    """`extract_manifest` with its units as tasks on the test's own dask `client`."""
+    from featstore.extraction.cluster import ClusterRunner
+    from featstore.extraction.run import Options, extract_manifest
+
+    opts = opts or Options()
+    return extract_manifest(manifest, opts, ClusterRunner.on(client, opts), **kw)

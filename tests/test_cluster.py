@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import synth_entry, write_manifest
+from conftest import on_cluster, synth_entry, write_manifest
 
 from featstore.data.manifest import load_manifest
-from featstore.extraction.run import Options
+from featstore.extraction.run import Encoded, Options
 from featstore.store.sets import FeatureSet
 from pipelines import extract
 
@@ -47,15 +47,12 @@ def _manifests(tmp_path, tiny_dinov3, n=8, slices=12):
 
 
 def test_cluster_extract_is_byte_identical_to_one_process(tmp_path, tiny_dinov3, client):
-    from featstore.extraction.cluster import extract_on_cluster
 
     single, clustered = _manifests(tmp_path, tiny_dinov3)
     opts = Options(threads=1, progress=False)
     (ref,) = extract.run(load_manifest(single), opts, baseline=False, echo=lambda *_: None)
     lines: list[str] = []
-    (got,) = extract_on_cluster(
-        load_manifest(clustered), client, opts, baseline=False, echo=lines.append
-    )
+    (got,) = on_cluster(load_manifest(clustered), client, opts, baseline=False, echo=lines.append)
     assert got.status == "new" and got.items == ref.items and got.path.name == ref.path.name
     assert "dask dashboard" in lines[0]
     assert FeatureSet(got.path).verify() == []
@@ -69,17 +66,15 @@ def test_the_cluster_prints_the_random_init_note_as_a_local_run_does(tmp_path, c
     opts = Options(threads=1, progress=False)
     printed: dict[str, list[str]] = {"local": [], "cluster": []}
     extract.run(load_manifest(mpath), opts, baseline=False, echo=printed["local"].append)
-    from featstore.extraction.cluster import extract_on_cluster
 
     manifest = load_manifest(mpath)
-    extract_on_cluster(manifest, client, opts, baseline=False, echo=printed["cluster"].append)
+    on_cluster(manifest, client, opts, baseline=False, echo=printed["cluster"].append)
     for where, lines in printed.items():
         notes = [x for x in lines if "RANDOM INIT" in x]
         assert len(notes) == 1 and "'dinov3-vits16'" in notes[0], (where, lines)
 
 
 def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
-    from featstore.extraction.cluster import extract_on_cluster
 
     single, clustered = _manifests(tmp_path, tiny_dinov3, n=16, slices=16)
     opts = Options(threads=1, progress=False)
@@ -89,7 +84,7 @@ def test_a_killed_worker_loses_nothing(tmp_path, tiny_dinov3, client):
 
     def work() -> None:
         m = load_manifest(clustered)
-        result["s"] = extract_on_cluster(m, client, opts, baseline=False, echo=lambda *_: None)
+        result["s"] = on_cluster(m, client, opts, baseline=False, echo=lambda *_: None)
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -160,16 +155,14 @@ def _unit_1_fails_while_unit_0_runs(tmp_path, client, monkeypatch, name, unit_0)
             raise BadInputError("d/img1.png: not an image")
         (log / f"started-{unit}").touch()
         unit_0(job, log / f"wrote-{unit}")
-        return 4, 0.1, {}
+        return Encoded(items=4, mbytes=0.1)
 
     monkeypatch.setattr(cluster, "_unit_task", unit_task)
     mpath = write_manifest(
         tmp_path, synth_entry(name, "seg2d", n=12), "['pixels']", extra=UNITS_OF_4
     )
     with pytest.raises(BadInputError, match="not an image"):
-        cluster.extract_on_cluster(
-            load_manifest(mpath), client, Options(progress=False), baseline=False
-        )
+        on_cluster(load_manifest(mpath), client, Options(progress=False), baseline=False)
     assert (log / "started-0").exists()
     return log
 

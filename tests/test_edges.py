@@ -37,7 +37,7 @@ from featstore.errors import (
     StoreBusyError,
 )
 from featstore.extraction.guard import TEST_SIGNAL
-from featstore.extraction.run import Options
+from featstore.extraction.run import Encoded, Options
 from featstore.store import claims
 from featstore.store.location import HOST_ENV, leftover
 from featstore.store.sets import FeatureSet
@@ -340,33 +340,34 @@ def test_a_unit_that_fails_once_is_rerun_and_bad_input_is_not(
     def calls() -> list[int]:
         return [int(v) for v in log.read_text().split()]
 
-    def flaky(*args: object) -> tuple[int, float, dict[str, str]]:
+    def flaky(*args: object) -> Encoded:
         unit = int(args[-1])  # type: ignore[call-overload]
         first = unit not in calls()
         with log.open("a") as f:
             f.write(f"{unit}\n")
         if unit == 1 and first:
             raise ConnectionError("the store did not answer (once)")
-        return 4, 0.5, {}
+        return Encoded(items=4, mbytes=0.5)
 
+    prep = SimpleNamespace(ds=SimpleNamespace(name="d"))  # what the runner scatters
     monkeypatch.setattr(cluster, "_unit_task", flaky)
-    run = cluster._runner(threads_client, None, "enc", "cpu", None, "d")
-    assert run(_fake_job("flaky.zarr"), [0, 1, 2]) == (12, 1.5, {})
+    runner = cluster.ClusterRunner.on(threads_client, Options(progress=False))
+    got = runner.run_units(prep, "enc", _fake_job("flaky.zarr"), [0, 1, 2])
+    assert got == Encoded(items=12, mbytes=1.5)
     assert sorted(calls()) == [0, 1, 1, 2]  # unit 1 twice: failed once, then succeeded
 
-    def bad(*args: object) -> tuple[int, float, dict[str, str]]:
+    def bad(*args: object) -> Encoded:
         with log.open("a") as f:
             f.write(f"{args[-1]}\n")
         if args[-1] == 0:
             raise BadInputError("d/img0.png: not an image")
         time.sleep(0.5)
-        return 4, 0.5, {}
+        return Encoded(items=4, mbytes=0.5)
 
     log.write_text("")
     monkeypatch.setattr(cluster, "_unit_task", bad)
-    run = cluster._runner(threads_client, None, "enc", "cpu", None, "d")
     with pytest.raises(BadInputError, match="not an image"):
-        run(_fake_job("bad.zarr"), [0, 1, 2, 3, 4, 5])
+        runner.run_units(prep, "enc", _fake_job("bad.zarr"), [0, 1, 2, 3, 4, 5])
     time.sleep(1.5)  # cancelled units do not start
     assert calls().count(0) == 1 and len(calls()) <= 3, calls()  # not retried; rest cancelled
 

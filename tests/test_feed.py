@@ -193,7 +193,7 @@ def test_free_cores_leaves_a_busy_core_alone():
     import sys
     import time
 
-    from featstore.extraction.run import free_cores
+    from featstore.extraction.local import free_cores
 
     cores = len(os.sched_getaffinity(0))
     assert 1 <= free_cores() <= cores

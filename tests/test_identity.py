@@ -115,11 +115,13 @@ def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
     items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), spacing)
     path = tmp_path / "s.zarr"
     fs, compute = FeatureSet(path), {"device": "cpu", "preprocess_on": "cpu"}
-    assert fs.open_or_create(ident, layout, items, {"name": "t"}, compute) == "new"
-    assert fs.open_or_create(ident, layout, items, {"name": "t"}, compute) == "resumed"
+    assert fs.open_or_create(ident, layout, lambda: items, {"name": "t"}, lambda: compute) == "new"
+    assert (
+        fs.open_or_create(ident, layout, lambda: items, {"name": "t"}, lambda: compute) == "resumed"
+    )
     zarr.open_group(path, mode="r+", use_consolidated=False).attrs["featstore_format"] = 1
     with pytest.raises(StoreMismatchError, match=r"another featstore format.*re-extract"):
-        fs.open_or_create(ident, layout, items, {"name": "t"}, compute)
+        fs.open_or_create(ident, layout, lambda: items, {"name": "t"}, lambda: compute)
     assert catalog.find_set(tmp_path, ident.request()) is None
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import on_cluster
 from typer.testing import CliRunner
 
 from featstore.data.manifest import load_manifest
@@ -188,7 +189,7 @@ def test_s3_cache_cli_and_resume(tmp_path, tiny_dinov3, s3):
 def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
     """Workers write their units straight to the object store; same bytes as one process."""
     pytest.importorskip("distributed")
-    from featstore.extraction.cluster import client_for, extract_on_cluster
+    from featstore.extraction.cluster import client_for
 
     (tmp_path / "local").mkdir()
     opts = extract.Options(threads=1, progress=False, num_workers=0)
@@ -196,7 +197,7 @@ def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
     (ref,) = extract.run(local, opts, baseline=False, echo=lambda *_: None)
     remote = load_manifest(_manifest(tmp_path, "seg3d", s3, tiny_dinov3))
     with client_for("local:2", None, threads=1) as client:  # workers inherit AWS_* here
-        (got,) = extract_on_cluster(remote, client, opts, baseline=False, echo=lambda *_: None)
+        (got,) = on_cluster(remote, client, opts, baseline=False, echo=lambda *_: None)
     assert got.status == "new" and isinstance(got.path, location.Remote)
     assert FeatureSet(got.path).verify() == [] and _objects(got.path) == _objects(ref.path)
 
@@ -206,7 +207,7 @@ def test_s3_cache_on_two_dask_workers(tmp_path, s3):
     test above does it with worker processes and a ViT): two in-process workers write
     their units of a pixel-baseline set straight to S3; same bytes as one process."""
     distributed = pytest.importorskip("distributed")
-    from featstore.extraction.cluster import EncoderCache, extract_on_cluster
+    from featstore.extraction.cluster import EncoderCache
 
     (tmp_path / "local").mkdir()
     opts = extract.Options(threads=1, progress=False, num_workers=0)
@@ -218,7 +219,7 @@ def test_s3_cache_on_two_dask_workers(tmp_path, s3):
     ) as client:
         client.register_plugin(EncoderCache(1))
         with distributed.get_task_stream(client) as stream:
-            (got,) = extract_on_cluster(remote, client, opts, baseline=False, echo=print)
+            (got,) = on_cluster(remote, client, opts, baseline=False, echo=print)
     ran = sorted(t["key"].rsplit("-", 1)[-1] for t in stream.data if "-unit-" in t["key"])
     assert ran == ["0", "1"]  # each unit was a task on a worker
     assert got.status == "new" and isinstance(got.path, location.Remote)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import write_manifest
+from conftest import on_cluster, write_manifest
 
 from featstore.data import readers, tissue
 from featstore.data.manifest import load_manifest
@@ -123,14 +123,14 @@ def _chunks(path):
 
 def test_slides_on_a_local_cluster_equal_a_plain_run(extracted, tmp_path, tiny_dinov3):
     pytest.importorskip("distributed")
-    from featstore.extraction.cluster import client_for, extract_on_cluster
+    from featstore.extraction.cluster import client_for
 
     mpath, (enc, _) = extracted
     (tmp_path / "data").symlink_to(mpath.parent / "data")
     clustered = write_manifest(tmp_path, SLIDES, f"['{tiny_dinov3}']", "[32]", EXTRA)
     opts = Options(threads=1, progress=False)
     with client_for("local:2", None, threads=1) as client:
-        (got,) = extract_on_cluster(
+        (got,) = on_cluster(
             load_manifest(clustered), client, opts, baseline=False, echo=lambda *_: None
         )
     assert got.status == "new" and got.path.name == enc.path.name and got.items == enc.items

@@ -41,7 +41,7 @@ def _allocated(cache: Path, quantize: str = "none") -> tuple[FeatureSet, schema.
     ident = _identity(quantize)
     layout = schema.layout_for(ident, N, 0, CHUNK, CHUNK)
     fs = FeatureSet.at(cache, ident.key())
-    assert fs.open_or_create(ident, layout, ITEMS, {"name": "t"}, COMPUTE) == "new"
+    assert fs.open_or_create(ident, layout, lambda: ITEMS, {"name": "t"}, lambda: COMPUTE) == "new"
     return fs, layout
 
 
@@ -69,7 +69,7 @@ def test_a_set_is_created_written_finished_and_opened_through_the_handle(tmp_pat
     assert again.verify() == []
     xs = again.open()
     assert xs.cls.shape == (N, 8) and list(xs.spacing_mm.values) == [0.5] * N
-    assert fs.open_or_create(_identity(), fs.layout, ITEMS, {}, COMPUTE) == "cached"
+    assert fs.open_or_create(_identity(), fs.layout, lambda: ITEMS, {}, lambda: COMPUTE) == "cached"
     assert not FeatureSet(tmp_path / "nothing.zarr").exists()
 
 
@@ -140,10 +140,10 @@ def test_an_unfinished_set_that_lost_its_marks_group_is_refused_with_the_fix(tmp
     fs, layout = _allocated(tmp_path)
     (fs.path / "_featstore" / "zarr.json").unlink()
     with pytest.raises(StoreCorruptError, match=r"'_featstore' is missing.*--overwrite"):
-        fs.open_or_create(_identity(), layout, ITEMS, {"name": "t"}, COMPUTE)
+        fs.open_or_create(_identity(), layout, lambda: ITEMS, {"name": "t"}, lambda: COMPUTE)
     again = FeatureSet(fs.path)
     assert again.open_or_create(
-        _identity(), layout, ITEMS, {"name": "t"}, COMPUTE, overwrite=True
+        _identity(), layout, lambda: ITEMS, {"name": "t"}, lambda: COMPUTE, overwrite=True
     ) == "new" and again.pending_units() == [0, 1, 2]
 
 
@@ -151,6 +151,6 @@ def test_an_unfinished_set_with_other_chunking_names_the_key_and_the_fix(tmp_pat
     fs, layout = _allocated(tmp_path)
     other = dataclasses.replace(layout, chunk_items=3)
     with pytest.raises(StoreMismatchError, match=r"layout.chunk_items: stored 2, requested 3\n"):
-        fs.open_or_create(_identity(), other, ITEMS, {"name": "t"}, COMPUTE)
+        fs.open_or_create(_identity(), other, lambda: ITEMS, {"name": "t"}, lambda: COMPUTE)
     with pytest.raises(StoreMismatchError, match=r"follows --batch-size"):
-        fs.open_or_create(_identity(), other, ITEMS, {"name": "t"}, COMPUTE)
+        fs.open_or_create(_identity(), other, lambda: ITEMS, {"name": "t"}, lambda: COMPUTE)

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,16 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from distributed import WorkerPlugin
 
-from featstore.data.manifest import Manifest
-from featstore.data.medmnist import release_npz
-from featstore.data.readers import Prepared, prepare
+from featstore.data.readers import Prepared
 from featstore.errors import FeatstoreError, ManifestError, SchedulerUnreachableError
-from featstore.extraction import guard
 from featstore.identity import EncoderInfo
 
-if TYPE_CHECKING:  # run imports torch: loaded only where units run, so that `connect`
-    # (used by `featstore probe --scheduler`) stays torch-free
-    from featstore.extraction.run import Options, SetJob, Summary, UnitRunner
+if TYPE_CHECKING:  # run and local import torch where units run: loaded lazily, so
+    # that `connect` (used by `featstore probe --scheduler`) stays torch-free
+    from featstore.extraction.run import Encoded, Options, SetJob
 
 PLUGIN = "featstore-encoders"
 
@@ -80,10 +77,10 @@ def _encoder_info(spec: str, device: str, memo: Path | None) -> EncoderInfo:
 
 def _unit_task(
     prep: Prepared, job: SetJob, spec: str, device: str, memo: Path | None, unit: int
-) -> tuple[int, float, dict[str, str]]:
-    """Encode and write one unit on a worker: (items, MB written, skipped samples)."""
+) -> Encoded:
+    """Encode and write one unit on a worker."""
     from featstore.errors import StoreMismatchError
-    from featstore.extraction.run import encode_units
+    from featstore.extraction.local import encode_units
 
     encoder = _cache().get(spec, device, memo)
     if encoder.info != job.ident.weights:
@@ -218,56 +215,6 @@ def resolve_device(client: Any, asked: str) -> str:
 RETRIES = 2
 
 
-def _runner(
-    client: Any, remote: Any, spec: str, device: str, memo: Path | None, name: str
-) -> UnitRunner:
-    """Runs the units of a set as tasks on `client`, with a progress bar of units."""
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    def run(job: SetJob, units: list[int]) -> tuple[int, float, dict[str, str]]:
-        futures = {
-            client.submit(
-                _unit_task, remote, job, spec, device, memo, u,
-                pure=False, key=f"featstore-{job.fs.name}-unit-{u}",
-            ): u
-            for u in units
-        }  # fmt: skip
-        items, mbytes, skipped = 0, 0.0, {}
-        label = job.ident.weights.label if job.ident.weights else spec
-        desc = f"{name} / {label} @ {job.ident.recipe.resolution}px on the cluster"
-        progress = job.opts.progress
-        tries = dict.fromkeys(units, 0)
-        done = as_completed(list(futures))
-        try:
-            with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
-                for fut in done:
-                    if fut.status == "error":
-                        u, exc = futures[fut], fut.exception()
-                        if isinstance(exc, FeatstoreError) or tries[u] >= RETRIES:
-                            fut.result()  # raises it, with the worker's traceback
-                        tries[u] += 1
-                        fut.retry()
-                        done.add(fut)
-                        continue
-                    n, mb, bad = fut.result()
-                    items, mbytes = items + n, mbytes + mb
-                    skipped.update(bad)
-                    bar.update(1)
-        except BaseException:
-            # The first failure ends the set: nothing more starts. A running task is not
-            # stopped by a cancel: it writes its unit to the end, and the caller releases
-            # its claim on the set as this returns, so wait for them. (A scheduler that
-            # is gone answers neither: the error that ended the set is raised.)
-            with contextlib.suppress(OSError):
-                client.cancel(list(futures))
-                settle(client, [f.key for f in futures], progress)
-            raise
-        return items, mbytes, skipped
-
-    return run
-
-
 # Worker-side states of a task that runs, or may still start, after its cancel: a
 # cancelled task keeps running in its thread (state "cancelled") until it returns.
 _SETTLED = frozenset({"memory", "error", "released", "forgotten", "rescheduled"})
@@ -290,23 +237,23 @@ SETTLE_DEADLINE = 900.0
 
 def settle(
     client: Any,
-    keys: list[str],
+    keys: dict[str, int],
     progress: bool = False,
     poll: float = 0.1,
     deadline: float | None = None,
 ) -> None:
-    """Return once no worker runs (or may still start) one of the tasks `keys` (this
-    run's units, not another shard's on the same scheduler); call it after cancelling
-    them. After `deadline` seconds (SETTLE_DEADLINE) it stops waiting and names the
-    units still running and their workers on stderr. A second Ctrl-C stops the wait."""
+    """Return once no worker runs (or may still start) one of the tasks `keys` (task
+    key -> unit number: this run's units, not another shard's on the same scheduler);
+    call it after cancelling them. After `deadline` seconds (SETTLE_DEADLINE) it stops
+    waiting and names the units still running and their workers on stderr. A second
+    Ctrl-C stops the wait."""
     told = False
     limit = SETTLE_DEADLINE if deadline is None else deadline
     end = time.monotonic() + limit
-    while running := {w: ks for w, ks in client.run(_unsettled, keys).items() if ks}:
+    while running := {w: ks for w, ks in client.run(_unsettled, list(keys)).items() if ks}:
         if time.monotonic() >= end:
             where = "; ".join(
-                f"unit {', '.join(map(str, sorted(int(k.rsplit('-unit-', 1)[1]) for k in ks)))}"
-                f" on {w}"
+                f"unit {', '.join(map(str, sorted(keys[k] for k in ks)))} on {w}"
                 for w, ks in sorted(running.items())
             )
             print(
@@ -323,48 +270,99 @@ def settle(
         time.sleep(poll)
 
 
-def extract_on_cluster(
-    manifest: Manifest,
-    client: Any,
-    opts: Options | None = None,
-    *,
-    baseline: bool = True,
-    echo: Callable[[str], object] = print,
-) -> list[Summary]:
-    """Extract every cell of `manifest` with one task per unit on `client`'s cluster."""
-    from featstore.data.fingerprint import memo_for
-    from featstore.extraction.run import Options, extract_set, listing_notes, random_init_note
-    from featstore.store.location import place, reachable
+class ClusterRunner:
+    """Units as dask.distributed tasks (see `run.Runner`), one task per unit.
 
-    opts = opts or Options()
+    Either on a cluster it starts and stops itself (`cluster` "local:N", or a
+    `scheduler` address), or on a `client` the caller keeps (`ClusterRunner.on`).
+    """
 
-    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
-    echo(f"dask dashboard: {client.dashboard_link}")
-    memo = memo_for(manifest.cache)
-    device = resolve_device(client, opts.device)
-    prepared: dict[str, Any] = {}
-    infos: dict[str, EncoderInfo] = {}
-    summaries = []
-    try:
-        for ds, spec, res in manifest.cells(baseline):
-            if ds.name not in prepared:
-                with guard.phase("listing", manifest.cache):
-                    prep = prepare(ds, memo)
-                for line in listing_notes(prep):
-                    echo(line)
-                prepared[ds.name] = (prep, client.scatter(prep, broadcast=True))
-            prep, remote = prepared[ds.name]
-            if spec not in infos:
-                with guard.phase("loading", manifest.cache):
-                    found = client.submit(_encoder_info, spec, device, memo, pure=False)
-                    infos[spec] = found.result()
-                if infos[spec].random_init:
-                    echo(random_init_note(spec))
-            info = infos[spec]
-            run = _runner(client, remote, spec, device, memo, ds.name)
-            summary = extract_set(prep, info, spec, res, manifest, opts, run, device)
-            echo(summary.line())
-            summaries.append(summary)
-    finally:
-        release_npz()  # the client's copy of a MedMNIST file read to list its samples
-    return summaries
+    def __init__(
+        self, opts: Options, cluster: str | None = None, scheduler: str | None = None
+    ) -> None:
+        self.opts = opts
+        self.spec = (cluster, scheduler)
+        self.client: Any = None
+        self.stack = contextlib.ExitStack()
+        self.where = ""  # the device every worker resolves --device to
+        self.infos: dict[str, EncoderInfo] = {}
+        self.memo: Path | None = None
+        self.remote: dict[str, Any] = {}  # dataset name -> its Prepared, scattered
+
+    @classmethod
+    def on(cls, client: Any, opts: Options) -> ClusterRunner:
+        """A runner on a client the caller owns (not closed by `close`)."""
+        runner = cls(opts)
+        runner.client = client
+        return runner
+
+    def start(self) -> list[str]:
+        if self.client is None:
+            cluster, scheduler = self.spec
+            threads = self.opts.threads or 1
+            self.client = self.stack.enter_context(
+                client_for(cluster, scheduler, threads, self.opts.device)
+            )
+        self.where = resolve_device(self.client, self.opts.device)
+        return [f"dask dashboard: {self.client.dashboard_link}"]
+
+    def info(self, spec: str, memo: Path | None) -> EncoderInfo:
+        self.memo = memo
+        if spec not in self.infos:
+            found = self.client.submit(_encoder_info, spec, self.where, memo, pure=False)
+            self.infos[spec] = found.result()
+        return self.infos[spec]
+
+    def device(self, spec: str) -> str:
+        return self.where
+
+    def run_units(self, prep: Prepared, spec: str, job: SetJob, units: list[int]) -> Encoded:
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        from featstore.extraction.run import Encoded
+
+        name = prep.ds.name
+        if name not in self.remote:
+            self.remote[name] = self.client.scatter(prep, broadcast=True)
+        unit_of = {
+            self.client.submit(
+                _unit_task, self.remote[name], job, spec, self.where, self.memo, u,
+                pure=False, key=f"featstore-{job.fs.name}-unit-{u}",
+            ): u
+            for u in units
+        }  # fmt: skip
+        items, mbytes, skipped = 0, 0.0, {}
+        label = job.ident.weights.label if job.ident.weights else spec
+        desc = f"{name} / {label} @ {job.ident.recipe.resolution}px on the cluster"
+        progress = job.opts.progress
+        tries = dict.fromkeys(units, 0)
+        done = as_completed(list(unit_of))
+        try:
+            with tqdm(total=len(units), unit="unit", desc=desc, disable=not progress) as bar:
+                for fut in done:
+                    if fut.status == "error":
+                        u, exc = unit_of[fut], fut.exception()
+                        if isinstance(exc, FeatstoreError) or tries[u] >= RETRIES:
+                            fut.result()  # raises it, with the worker's traceback
+                        tries[u] += 1
+                        fut.retry()
+                        done.add(fut)
+                        continue
+                    got: Encoded = fut.result()
+                    items, mbytes = items + got.items, mbytes + got.mbytes
+                    skipped.update(got.skipped)
+                    bar.update(1)
+        except BaseException:
+            # The first failure ends the set: nothing more starts. A running task is not
+            # stopped by a cancel: it writes its unit to the end, and the caller releases
+            # its claim on the set as this returns, so wait for them. (A scheduler that
+            # is gone answers neither: the error that ended the set is raised.)
+            with contextlib.suppress(OSError):
+                self.client.cancel(list(unit_of))
+                settle(self.client, {f.key: u for f, u in unit_of.items()}, progress)
+            raise
+        return Encoded(items=items, mbytes=mbytes, skipped=skipped)
+
+    def close(self) -> None:
+        self.stack.close()  # the client and cluster it started, if any

@@ -1,23 +1,22 @@
-"""Extraction: datasets x encoders x resolutions -> complete feature sets.
+"""Extraction: datasets x encoders x resolutions -> complete feature sets, one driver.
 
-Wires readers, preprocessing (in DataLoader workers), the encoder (main process)
-and the store (a pool of writer threads, `writer.UnitQueue`) together. One call per
-feature set: cached sets are skipped, interrupted ones resumed, new ones allocated;
-the set itself is handled only through `store.sets.FeatureSet`.
-
-torch is imported only where units are computed (`encode_units`: the DataLoader,
-`batches`, `writer`, the model): a fully cached extract finds every set from the
-encoders' config files and weight hashes and never loads it.
+`extract_manifest(manifest, opts, runner)` is the one way a manifest becomes feature
+sets, for the CLI, the API and the GPU check alike: it checks the cache can be
+written, lists and fingerprints each dataset once, resolves each encoder once (saying
+when it is a random init), and makes, resumes or finds each cell's set
+(`extract_set`), handling the set only through `store.sets.FeatureSet`. A `Runner`
+supplies where and how the pending units are computed: `local.LocalRunner` in this
+process, `cluster.ClusterRunner` as dask.distributed tasks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -26,8 +25,7 @@ from featstore.data.manifest import Manifest
 from featstore.data.medmnist import release_npz
 from featstore.data.readers import Prepared, prepare
 from featstore.encode import devprep
-from featstore.encode.encoders import Encoder, load_encoder
-from featstore.errors import BadInputError, StopRequested
+from featstore.errors import BadInputError, ManifestError
 from featstore.extraction import guard, recorded
 from featstore.identity import EncoderInfo, SetIdentity, requested
 from featstore.store import claims, schema
@@ -51,6 +49,11 @@ class Options:
     writers: int = 2  # writer threads: units compressed and written at once
     threads: int | None = None  # torch threads for a CPU forward pass (None: free cores)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise ManifestError(f"shard {i}/{n}: expected i/n with 0 <= i < n, e.g. 0/2")
 
 
 @dataclass(frozen=True)
@@ -80,33 +83,6 @@ class Summary:
             f"{self.mbytes:.1f} MB written{skip} (set: {self.set_mb:.0f} MB uncompressed)"
             f" -> {self.path}"
         )
-
-
-def free_cores(window: float = 0.3) -> int:
-    """Cores of this process's affinity not busy with other work right now (>= 1).
-
-    OpenMP threads that outnumber the free cores wait on each other: with one busy
-    competing process on 2 cores, a 2-thread forward pass ran at 115 items/s and a
-    1-thread one at 174 (benchmarks/contention.py). Measured from /proc/stat over
-    `window` seconds before the encoder starts; all cores where that is unavailable.
-    """
-    cores = len(os.sched_getaffinity(0))
-
-    def busy_idle() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields) - idle, idle
-
-    try:
-        b0, i0 = busy_idle()
-        time.sleep(window)
-        b1, i1 = busy_idle()
-    except (OSError, ValueError, IndexError):
-        return cores
-    total = (b1 - b0) + (i1 - i0)
-    busy = (b1 - b0) / total * (os.cpu_count() or cores) if total > 0 else 0.0
-    return max(1, min(cores, round(cores - busy)))
 
 
 def items_of(prep: Prepared) -> schema.Items:
@@ -153,117 +129,6 @@ class SetJob:
     opts: Options
 
 
-def encode_units(
-    prep: Prepared, encoder: Encoder, job: SetJob, units: list[int]
-) -> tuple[int, float, dict[str, str]]:
-    """Forward every batch of `units` and write them. Returns (items, MB, skipped)."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from featstore.extraction.batches import Batches, plan_batches, quiet_worker
-    from featstore.extraction.writer import UnitQueue, nan_checker, pooled
-
-    r, layout, opts = job.ident.recipe, job.layout, job.opts
-    batches = plan_batches(layout, units, job.batch_size)
-    cuda = encoder.device.type == "cuda"
-    workers = opts.num_workers
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1) if cuda else 1
-    pre = job.ident.preprocess()
-    placement = devprep.resolve(opts.preprocess_on, encoder.device.type)
-    loader = DataLoader(
-        Batches(prep, pre, layout, batches, placement),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=cuda,
-        worker_init_fn=quiet_worker if workers else None,
-        prefetch_factor=2 if workers else None,
-    )
-    ids_all = np.asarray([prep.samples[i].id for i, _ in prep.index])
-    check = nan_checker(ids_all, layout)
-    writer = UnitQueue(job.fs.writer(), layout, check, opts.writers, encoder.device)
-    skipped: dict[str, str] = {}
-    n_items = sum(stop - start for _, start, stop in batches)
-    desc = f"{prep.ds.name} / {encoder.info.label} @ {r.resolution}px"
-    bar = tqdm(total=n_items, unit="item", desc=desc, disable=not opts.progress, mininterval=1.0)
-    try:
-        for batch in loader:
-            if batch.errors and not opts.skip_bad:
-                raise BadInputError(next(iter(batch.errors.values())))
-            skipped.update(batch.errors)
-            pixels = devprep.to_input(batch.pixels, pre, encoder.device)
-            fb = encoder.encode(pixels, r.layers, r.patch_layers)
-            ids = ids_all[batch.start : batch.start + len(batch.pixels)]
-            cls = fb.cls[:, 0] if layout.layers == 1 else fb.cls
-            patch = None
-            if layout.rows:
-                patch = pooled(fb.patch, r.patch_pool)
-                patch = patch[:, 0] if layout.patch_layers == 1 else patch
-            writer.put(batch.unit, cls, patch, batch.masks, np.isin(ids, list(batch.errors)))
-            bar.update(len(batch.pixels))
-            StopRequested.check()  # a signal whose exception a finalizer swallowed
-    finally:
-        bar.close()
-        writer.close()
-    return n_items, writer.nbytes / 1e6, skipped
-
-
-# Encodes and writes the given units of an allocated set: (items, MB written, skipped).
-UnitRunner = Callable[[SetJob, list[int]], tuple[int, float, dict[str, str]]]
-
-
-class CpuThreads:
-    """torch's thread count for CPU forward passes: set when an encoder computes its
-    first unit (`threads`, else the free cores), put back by `restore`. Nothing is
-    imported or changed when every set is cached."""
-
-    def __init__(self, threads: int | None) -> None:
-        self.threads = threads
-        self.saved: int | None = None  # the count before the first change
-        self.set_for = ""  # the spec it was last set for
-
-    def before_compute(self, encoder: Encoder, spec: str) -> None:
-        """Set the count for `encoder` (once per spec) when it runs on the CPU."""
-        if encoder.device.type != "cpu" or self.set_for == spec:
-            return
-        import torch
-
-        if self.saved is None:
-            self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.threads or free_cores())
-        self.set_for = spec
-
-    def restore(self) -> None:
-        """Put back the count that was there before the first change."""
-        if self.saved is not None:
-            import torch
-
-            torch.set_num_threads(self.saved)
-            self.saved, self.set_for = None, ""
-
-
-def extract_one(
-    prep: Prepared,
-    encoder: Encoder,
-    spec: str,
-    resolution: int,
-    manifest: Manifest,
-    opts: Options = Options(),
-    threads: CpuThreads | None = None,
-) -> Summary:
-    """Make (or find, or finish) one feature set in this process; return what was done.
-    `threads` sets torch's thread count before the first unit is computed."""
-
-    def run(job: SetJob, units: list[int]) -> tuple[int, float, dict[str, str]]:
-        if threads is not None:
-            threads.before_compute(encoder, spec)
-        return encode_units(prep, encoder, job, units)
-
-    return extract_set(
-        prep, encoder.info, spec, resolution, manifest, opts, run, lambda: encoder.device.type
-    )
-
-
 def _job(
     prep: Prepared, info: EncoderInfo, spec: str, resolution: int, manifest: Manifest, opts: Options
 ) -> tuple[SetJob, schema.Items]:
@@ -292,32 +157,75 @@ def _job(
     return SetJob(ident, fs, layout, manifest.batch_size, opts), items
 
 
-def _compute(device: str | Callable[[], str], opts: Options) -> dict[str, str]:
+def _compute(where: str, opts: Options) -> dict[str, str]:
     """How units are computed (recorded in a new set): device and preprocessing place."""
-    where = device if isinstance(device, str) else device()
     return {"device": where, "preprocess_on": devprep.resolve(opts.preprocess_on, where)}
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """What computing some units of a set did: items forwarded, MB written, and the
+    samples left out at decode (--skip-bad), id -> reason."""
+
+    items: int
+    mbytes: float
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """Where and how the units of a set are computed (`local.LocalRunner`,
+    `cluster.ClusterRunner`); `extract_manifest` drives it."""
+
+    def start(self) -> list[str]:
+        """Get ready (start a cluster), after the cache is known to be writable; the
+        lines to print (a dashboard's address)."""
+        ...
+
+    def info(self, spec: str, memo: Path | None) -> EncoderInfo:
+        """The encoder `spec` as its units will be computed (from its files; the model
+        is not built). `memo`: the cache's file-hash memo."""
+        ...
+
+    def device(self, spec: str) -> str:
+        """ "cpu" or "cuda" for `spec`'s units; asked only when units may be added
+        (resolving it may import torch, which a cached extract never needs)."""
+        ...
+
+    def run_units(self, prep: Prepared, spec: str, job: SetJob, units: list[int]) -> Encoded:
+        """Encode and write `units` of the allocated set `job`."""
+        ...
+
+    def close(self) -> None:
+        """Release what `start` and the units took (a cluster, torch's thread count)."""
+        ...
+
+
 def extract_set(
-    prep: Prepared,
-    info: EncoderInfo,
-    spec: str,
-    resolution: int,
-    manifest: Manifest,
-    opts: Options,
-    run_units: UnitRunner,
-    device: str | Callable[[], str],
+    prep: Prepared, spec: str, resolution: int, manifest: Manifest, opts: Options, runner: Runner
 ) -> Summary:
-    """Allocate, resume or find the set of one cell; `run_units` computes the pending
-    units of this shard (here, or as tasks on a cluster) on `device` ("cpu", "cuda";
-    or a function that resolves it, called only when units may be added); then verify
-    and finish."""
+    """Allocate, resume or find the set of one cell; compute the pending units of this
+    shard with `runner`; then verify and finish."""
     t0 = time.perf_counter()
+    info = runner.info(spec, memo_for(manifest.cache))
     job, items = _job(prep, info, spec, resolution, manifest, opts)
     fs, layout = job.fs, job.layout
     set_mb = layout.n_items * layout.item_bytes / 1e6
     cache = manifest.cache
-    name = (prep.ds.name, info.label, resolution)
+
+    def summary(status: Status, encoded: Encoded) -> Summary:
+        return Summary(
+            dataset=prep.ds.name,
+            encoder=info.label,
+            resolution=resolution,
+            status=status,
+            items=encoded.items,
+            seconds=time.perf_counter() - t0,
+            mbytes=encoded.mbytes,
+            path=fs.path,
+            skipped=left_out(prep, fs),
+            set_mb=set_mb,
+        )
+
     with contextlib.ExitStack() as claimed:
         with guard.phase("allocating", cache, fs, set_mb):
             claims.clean_leftovers(cache)
@@ -326,24 +234,22 @@ def extract_set(
             status = fs.open_or_create(
                 job.ident, layout,
                 lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
-                _describe(prep), lambda: _compute(device, opts),
+                _describe(prep), lambda: _compute(runner.device(spec), opts),
                 overwrite=opts.overwrite, repair=opts.repair,
             )  # fmt: skip
             if mine is not None:
                 mine.replaced()  # others may join the new set now
         if status == "cached":
-            seconds = time.perf_counter() - t0
-            return Summary(*name, "cached", 0, seconds, 0.0, fs.path, left_out(prep, fs), set_mb)
+            return summary(status, Encoded(0, 0.0))
         with guard.phase("computing", cache, fs, set_mb):
             units = fs.pending_units(opts.shard)
             fs.discard_partials(units)
-            n_items, mbytes, skipped = run_units(job, units)
+            encoded = runner.run_units(prep, spec, job, units)
         with guard.phase("finishing", cache, fs, set_mb):
-            fs.record_skipped(skipped)
+            fs.record_skipped(encoded.skipped)
             if not fs.pending_units():
                 fs.finish()
-    seconds = time.perf_counter() - t0
-    return Summary(*name, status, n_items, seconds, mbytes, fs.path, left_out(prep, fs), set_mb)
+    return summary(status, encoded)
 
 
 def left_out(prep: Prepared, fs: FeatureSet) -> dict[str, str]:
@@ -354,8 +260,7 @@ def left_out(prep: Prepared, fs: FeatureSet) -> dict[str, str]:
 
 
 def random_init_note(spec: str) -> str:
-    """The line that says an encoder is a random init, printed once per encoder by
-    every extract (local and cluster) that uses it."""
+    """The line that says an encoder is a random init, printed once per encoder."""
     return (
         f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
         "weights found); its feature sets and results are marked random_init"
@@ -373,43 +278,79 @@ def listing_notes(prep: Prepared) -> list[str]:
     return [f"note: {prep.ds.name} / {k}: {v}" for k, v in mpp_notes(prep).items()]
 
 
+STATUSES: tuple[Status, ...] = get_args(Status)
+SHOWN = 20  # samples left out named one per line; the rest are counted
+
+
+def tally(summaries: list[Summary]) -> list[str]:
+    """The closing lines: every sample left out (once per dataset, with its reason;
+    past SHOWN, a count) and `done: ...` counting sets by status and those samples."""
+    left: dict[tuple[str, str], str] = {}
+    for s in summaries:
+        for sample, reason in s.skipped.items():
+            left.setdefault((s.dataset, sample), reason)
+    lines = [f"left out {ds} / {sample}: {why}" for (ds, sample), why in list(left.items())]
+    if len(lines) > SHOWN:
+        lines = [*lines[:SHOWN], f"left out ... and {len(lines) - SHOWN} more"]
+    counts = {k: sum(s.status == k for s in summaries) for k in STATUSES}
+    done = ", ".join(f"{n} {k}" for k, n in counts.items())
+    return [*lines, f"done: {done}, {len(left)} samples skipped"]
+
+
+def runner_for(opts: Options, cluster: str | None = None, scheduler: str | None = None) -> Runner:
+    """The runner of `opts`: this process, or dask tasks on a `cluster` ("local:N")
+    or at a running `scheduler` (started by `extract_manifest`, after the cache check)."""
+    if cluster is None and scheduler is None:
+        from featstore.extraction.local import LocalRunner
+
+        return LocalRunner(opts)
+    from featstore.extraction.cluster import ClusterRunner
+
+    return ClusterRunner(opts, cluster, scheduler)
+
+
 def extract_manifest(
     manifest: Manifest,
-    opts: Options = Options(),
+    opts: Options,
+    runner: Runner,
     *,
     baseline: bool = True,
     echo: Callable[[str], object] = print,
 ) -> list[Summary]:
-    """Extract every cell (dataset x encoder x resolution) of `manifest`, baseline included.
+    """Extract every cell (dataset x encoder x resolution) of `manifest`, baseline
+    included, with `runner` computing the units; `echo` receives a line per feature
+    set, a note per random-init encoder and the closing tally.
 
-    `echo` receives a line per feature set (and a note per random-init encoder). torch's
-    thread count, set for a CPU forward pass, is restored on return, and no decoded
-    source file is kept in memory after it.
+    A cache that cannot be written fails before anything starts (a cluster included).
+    The runner is closed on return (torch's thread count restored, a cluster it
+    started stopped), and no decoded source file is kept in memory after it.
     """
     reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     cells = manifest.cells(baseline)
     memo = memo_for(manifest.cache)
-    prepared: dict[str, Prepared] = {}
-    with guard.phase("listing", manifest.cache):
-        for ds, _, _ in cells:
-            if ds.name not in prepared:
-                prepared[ds.name] = prepare(ds, memo)
-                for line in listing_notes(prepared[ds.name]):
-                    echo(line)
-    summaries = []
-    threads = CpuThreads(opts.threads)
+    summaries: list[Summary] = []
     try:
+        for line in runner.start():
+            echo(line)
+        prepared: dict[str, Prepared] = {}
+        with guard.phase("listing", manifest.cache):
+            for ds, _, _ in cells:
+                if ds.name not in prepared:
+                    prepared[ds.name] = prepare(ds, memo)
+                    for line in listing_notes(prepared[ds.name]):
+                        echo(line)
         for spec in dict.fromkeys(enc for _, enc, _ in cells):
             with guard.phase("loading", manifest.cache):
-                encoder = load_encoder(spec, opts.device, memo)
-            if encoder.info.random_init:
+                info = runner.info(spec, memo)
+            if info.random_init:
                 echo(random_init_note(spec))
             for ds, _, res in (c for c in cells if c[1] == spec):
-                prep = prepared[ds.name]
-                summary = extract_one(prep, encoder, spec, res, manifest, opts, threads)
+                summary = extract_set(prepared[ds.name], spec, res, manifest, opts, runner)
                 echo(summary.line())
                 summaries.append(summary)
     finally:
-        threads.restore()
+        runner.close()
         release_npz()
+    for line in tally(summaries):
+        echo(line)
     return summaries

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
 from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
@@ -26,9 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FeatureSet", "Problem", "Status", "UnitWriter", "corrupt", "open_set", "plain"]
 
-Status = Literal["cached", "new", "resumed", "repaired"]
-
-T = TypeVar("T")
+# in the order the closing tally counts them
+Status = Literal["new", "resumed", "repaired", "cached"]
 
 
 class FeatureSet:
@@ -208,19 +207,19 @@ class FeatureSet:
         self,
         ident: SetIdentity,
         layout: Layout,
-        items: Items | Callable[[], Items],
+        items: Callable[[], Items],
         describe: dict[str, Any],
-        compute: dict[str, str] | Callable[[], dict[str, str]],
+        compute: Callable[[], dict[str, str]],
         *,
         overwrite: bool = False,
         repair: bool = False,
     ) -> Status:
         """Find the set (cached / resumed / repaired) or allocate it (new).
 
-        `items` may be a function that makes them: it is called only when the set is
-        created or repaired (recording the raw data's facts reads every header).
-        `compute` too: it is called only when units may be added (resolving the
-        device imports torch, which a cached extract never needs).
+        `items` makes the items: called only when the set is created or repaired
+        (recording the raw data's facts reads every header). `compute` gives how units
+        are computed: called only when units may be added (resolving the device
+        imports torch, which a cached extract never needs).
 
         `describe`: readable facts about the dataset; `compute` (device,
         preprocess_on) is recorded in a new set, and units are added to an existing
@@ -234,13 +233,13 @@ class FeatureSet:
         self._clear(overwrite)
         if self.exists():
             return self._reuse(ident, layout, items, compute, repair)
-        compute = _made(compute)
-        created = arrays.create(self.path, ident, layout, _made(items), describe, compute)
+        how = compute()
+        created = arrays.create(self.path, ident, layout, items(), describe, how)
         self._forget()
         if created:
             return "new"
         mismatch.check_identity(self.path, self.attrs, ident, layout)  # a concurrent shard made it
-        mismatch.check_compute(self.path, self.attrs.get("compute"), compute)
+        mismatch.check_compute(self.path, self.attrs.get("compute"), how)
         return "resumed"
 
     def _clear(self, overwrite: bool) -> None:
@@ -260,15 +259,15 @@ class FeatureSet:
         self,
         ident: SetIdentity,
         layout: Layout,
-        items: Items | Callable[[], Items],
-        compute: dict[str, str] | Callable[[], dict[str, str]],
+        items: Callable[[], Items],
+        compute: Callable[[], dict[str, str]],
         repair: bool,
     ) -> Status:
         complete = self.complete
         mismatch.check_identity(self.path, self.attrs, ident, None if complete else layout)
         if not complete or repair:
-            mismatch.check_compute(self.path, self.attrs.get("compute"), _made(compute))
-        if repair and self.repair(_made(items)):
+            mismatch.check_compute(self.path, self.attrs.get("compute"), compute())
+        if repair and self.repair(items()):
             return "repaired"
         absent = integrity.absent_arrays(self.attrs, self.files())
         if absent:  # zarr would skip these arrays: nothing can be added to the set
@@ -374,7 +373,3 @@ def corrupt(path: Place | FeatureSet, exc: BaseException) -> StoreCorruptError:
         f"{path}: a chunk failed to decode ({exc}); run `featstore verify {path}` to "
         "list the bad units, then `featstore extract --repair` with the same options"
     )
-
-
-def _made(value: T | Callable[[], T]) -> T:
-    return value() if callable(value) else value
