@@ -134,6 +134,24 @@ class Prepared:
         """(sample index, item within it) of every item, in item order."""
         return [(i, k) for i, s in enumerate(self.samples) for k in range(s.n_items)]
 
+    def example_samples(self, n: int) -> list[int]:
+        """Indices (into `samples`) of the `n` samples whose thumbnails a set keeps: the
+        first test samples; slides with fewer test slides add others (the slide figure)."""
+        order = sorted(range(len(self.samples)), key=lambda i: self.samples[i].split != "test")
+        if self.ds.tiling is None:
+            order = [i for i in order if self.samples[i].split == "test"]
+        return order[:n]
+
+    @cached_property
+    def pixel_size_notes(self) -> dict[str, str]:
+        """Slide id -> which pixel size it uses, where its file and the index disagree
+        (recorded in the set's `dataset.pixel_size_notes`)."""
+        return {s.id: s.tiles.mpp_note for s in self.samples if s.tiles and s.tiles.mpp_note}
+
+    def notes(self) -> list[str]:
+        """What listing decided that the user should see before the sets are made."""
+        return [f"note: {self.ds.name} / {k}: {v}" for k, v in self.pixel_size_notes.items()]
+
     def coords(self) -> dict[str, np.ndarray]:
         """Per-item coordinates the format adds (tiles: level-0 x, y and pixel size)."""
         return reader_for(self.ds).coords(self.ds, self.samples)

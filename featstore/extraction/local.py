@@ -164,6 +164,6 @@ def extract_with(
     loop (and the stand-in models they use)."""
     runner = LocalRunner(opts, {spec: encoder}, threads=False)
     try:
-        return extract_set(prep, spec, resolution, manifest, opts, runner)
+        return extract_set(prep, encoder.info, spec, resolution, manifest, opts, runner)
     finally:
         runner.close()

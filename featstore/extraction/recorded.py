@@ -21,6 +21,7 @@ set; a cached set reads nothing.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,6 @@ from featstore.errors import BadInputError
 from featstore.identity import Preprocess
 from featstore.store import schema
 from featstore.store.schema import N_EXAMPLES, NATIVE, THUMB_MAX, Items
-
-
-def example_samples(prep: Prepared) -> list[int]:
-    """Indices (into `prep.samples`) of the samples whose thumbnails a set keeps: the
-    first test samples; slides with fewer test slides add others (the slide figure)."""
-    order = sorted(range(len(prep.samples)), key=lambda i: prep.samples[i].split != "test")
-    if prep.ds.tiling is None:
-        order = [i for i in order if prep.samples[i].split == "test"]
-    return order[:N_EXAMPLES]
 
 
 def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray]:
@@ -63,35 +55,61 @@ def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray
     return first + k, np.round(unit * 255).astype(np.uint8)
 
 
-def examples(prep: Prepared, pre: Preprocess, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(example_item (n,) int64, thumbnails (n, t, t) uint8) of the example samples.
+@dataclass(frozen=True)
+class Examples:
+    """What a set keeps of its example samples: `example_item` (n,) int64 (-1: not
+    decodable, with --skip-bad), `thumbnails` (n, t, t) uint8, and for slides
+    `schema.OVERVIEWS` by name (else {})."""
+
+    example_item: np.ndarray
+    thumbnails: np.ndarray
+    overviews: dict[str, np.ndarray]
+
+
+def examples(prep: Prepared, pre: Preprocess, skip_bad: bool) -> Examples:
+    """The example samples' thumbnails (and, for slides, overviews), in one pass.
 
     A sample that cannot be decoded is refused as extraction would refuse it, or with
-    `skip_bad` kept as item -1 with a blank thumbnail (its items are skipped too).
+    `skip_bad` kept as item -1 with a blank thumbnail (its items are skipped too); a
+    slide whose overview cannot be read is left blank with a NaN scale.
     """
     first = np.cumsum([0] + [s.n_items for s in prep.samples])
-    chosen = example_samples(prep)
+    chosen = prep.example_samples(N_EXAMPLES)
     t = min(pre.resolution, THUMB_MAX) if chosen else 0  # as `schema.layout_for` says
     items = np.full(len(chosen), -1, np.int64)
     thumbs = np.zeros((len(chosen), t, t), np.uint8)
+    slides = bool(chosen) and prep.ds.tiling is not None
+    side = schema.OVERVIEW_MAX
+    rgb = np.full((len(chosen), side, side, 3), 255, np.uint8) if slides else None
+    codes = np.full((len(chosen), side, side), schema.TISSUE_CODES["outside"], np.uint8)
+    scale = np.full(len(chosen), np.nan)
     for j, i in enumerate(chosen):
         try:
             k, thumbs[j] = _thumbnail(prep, i, pre)
+            items[j] = first[i] + k
         except BadInputError:
             if not skip_bad:
                 raise
+        if rgb is None:
             continue
-        items[j] = first[i] + k
-    return items, thumbs
+        sample, tiling = prep.samples[i], prep.ds.tiling
+        assert tiling is not None and sample.tiles is not None
+        try:  # the tissue mask is the one its tiles were planned on
+            found = wsi.overview(Path(sample.image), tiling, sample.tiles.mpp)
+            rgb[j], codes[j], scale[j] = shrunk(*found, side)
+        except BadInputError:
+            if not skip_bad:
+                raise
+    shown = {} if rgb is None else dict(zip(schema.OVERVIEWS, (rgb, codes, scale), strict=True))
+    return Examples(items, thumbs, shown)
 
 
-def overview(prep: Prepared, i: int, side: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Slide `i` of `prep.samples` shrunk by a whole factor to fit side x side:
-    ((side, side, 3) uint8 padded white, (side, side) uint8 `schema.TISSUE_CODES`, the
-    level-0 pixels per pixel). The tissue mask is the one its tiles were planned on."""
-    sample, tiling = prep.samples[i], prep.ds.tiling
-    assert tiling is not None and sample.tiles is not None
-    thumb, mask, per_px = wsi.overview(Path(sample.image), tiling, sample.tiles.mpp)
+def shrunk(
+    thumb: np.ndarray, mask: np.ndarray, per_px: float, side: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A slide's overview (`wsi.overview`: RGB, tissue mask, level-0 pixels per pixel)
+    shrunk by a whole factor to fit side x side: ((side, side, 3) uint8 padded white,
+    (side, side) uint8 `schema.TISSUE_CODES`, the level-0 pixels per pixel)."""
     f = -(-max(mask.shape) // side)
     h, w = mask.shape[0] // f, mask.shape[1] // f
     rgb = np.full((side, side, 3), 255, np.uint8)
@@ -100,25 +118,6 @@ def overview(prep: Prepared, i: int, side: int) -> tuple[np.ndarray, np.ndarray,
     tissue = mask[: h * f, : w * f].reshape(h, f, w, f).mean((1, 3)) >= 0.5
     codes[:h, :w] = np.where(tissue, schema.TISSUE_CODES["tissue"], 0)
     return rgb, codes, per_px * f
-
-
-def overviews(prep: Prepared, skip_bad: bool) -> dict[str, np.ndarray]:
-    """`schema.OVERVIEWS` by name for the example slides ({} unless slides); a slide that
-    cannot be read is refused, or with `skip_bad` left blank with a NaN scale."""
-    chosen = example_samples(prep)
-    if not chosen or prep.ds.tiling is None:
-        return {}
-    side = schema.OVERVIEW_MAX
-    rgb = np.full((len(chosen), side, side, 3), 255, np.uint8)
-    codes = np.full((len(chosen), side, side), schema.TISSUE_CODES["outside"], np.uint8)
-    scale = np.full(len(chosen), np.nan)
-    for j, i in enumerate(chosen):
-        try:
-            rgb[j], codes[j], scale[j] = overview(prep, i, side)
-        except BadInputError:
-            if not skip_bad:
-                raise
-    return dict(zip(schema.OVERVIEWS, (rgb, codes, scale), strict=True))
 
 
 def with_raw_facts(items: Items, prep: Prepared, pre: Preprocess, skip_bad: bool) -> Items:
@@ -130,11 +129,11 @@ def with_raw_facts(items: Items, prep: Prepared, pre: Preprocess, skip_bad: bool
         [n.cols for n in per_item],
         *([n.spacing[a] for n in per_item] for a in range(3)),
     ]
-    example_item, thumbnails = examples(prep, pre, skip_bad)
+    shown = examples(prep, pre, skip_bad)
     return dataclasses.replace(
         items,
         native=dict(zip(NATIVE, columns, strict=True)),
-        example_item=example_item.tolist(),
-        thumbnails=thumbnails,
-        overviews=overviews(prep, skip_bad),
+        example_item=shown.example_item.tolist(),
+        thumbnails=shown.thumbnails,
+        overviews=shown.overviews,
     )

@@ -114,7 +114,7 @@ def _describe(prep: Prepared) -> dict[str, object]:
         modality=ds.modality,
         classes=ds.classes,
         **({"skipped_samples": prep.skipped} if prep.skipped else {}),
-        **({"pixel_size_notes": notes} if (notes := mpp_notes(prep)) else {}),
+        **({"pixel_size_notes": prep.pixel_size_notes} if prep.pixel_size_notes else {}),
     )
 
 
@@ -139,8 +139,8 @@ def _job(
             f"resolution {resolution} is not a multiple of the patch size {p} "
             f"of '{info.name}'; use e.g. {resolution // p * p or p}"
         )
-    ident = requested(prep.ds, manifest, prep.fingerprint, spec, resolution).with_weights(info)
     items = items_of(prep)
+    ident = requested(prep.ds, manifest, prep.fingerprint, spec, resolution).with_weights(info)
     n_classes = (
         -1 if items.labels is None else (items.labels.shape[1] if items.labels.ndim == 2 else 0)
     )
@@ -151,7 +151,7 @@ def _job(
         manifest.batch_size,
         manifest.unit_items,
         manifest.codec,
-        len(recorded.example_samples(prep)),
+        len(prep.example_samples(schema.N_EXAMPLES)),
     )
     fs = FeatureSet.at(manifest.cache, ident.key())
     return SetJob(ident, fs, layout, manifest.batch_size, opts), items
@@ -201,12 +201,19 @@ class Runner(Protocol):
 
 
 def extract_set(
-    prep: Prepared, spec: str, resolution: int, manifest: Manifest, opts: Options, runner: Runner
+    prep: Prepared,
+    info: EncoderInfo,
+    spec: str,
+    resolution: int,
+    manifest: Manifest,
+    opts: Options,
+    runner: Runner,
 ) -> Summary:
-    """Allocate, resume or find the set of one cell; compute the pending units of this
-    shard with `runner`; then verify and finish."""
+    """Allocate, resume or find the set of one cell (`spec`, as `runner.info` resolved
+    it: `info`); compute the pending units of this shard with `runner`; then verify and
+    finish."""
     t0 = time.perf_counter()
-    info = runner.info(spec, memo_for(manifest.cache))
+    describe = _describe(prep)
     job, items = _job(prep, info, spec, resolution, manifest, opts)
     fs, layout = job.fs, job.layout
     set_mb = layout.n_items * layout.item_bytes / 1e6
@@ -222,7 +229,8 @@ def extract_set(
             seconds=time.perf_counter() - t0,
             mbytes=encoded.mbytes,
             path=fs.path,
-            skipped=left_out(prep, fs),
+            # what the listing left out, and what decoding skipped (any run or shard)
+            skipped={**prep.skipped, **fs.skipped()},
             set_mb=set_mb,
         )
 
@@ -234,7 +242,7 @@ def extract_set(
             status = fs.open_or_create(
                 job.ident, layout,
                 lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
-                _describe(prep), lambda: _compute(runner.device(spec), opts),
+                describe, lambda: _compute(runner.device(spec), opts),
                 overwrite=opts.overwrite, repair=opts.repair,
             )  # fmt: skip
             if mine is not None:
@@ -252,30 +260,12 @@ def extract_set(
     return summary(status, encoded)
 
 
-def left_out(prep: Prepared, fs: FeatureSet) -> dict[str, str]:
-    """Every sample of `prep` the set `fs` lacks, id -> reason: those its listing left
-    out, and those recorded as skipped at decode (this run, an earlier one, a shard)."""
-    recorded_skips = {str(k): str(v) for k, v in fs.attrs.get("skipped", {}).items()}
-    return {**prep.skipped, **recorded_skips}
-
-
 def random_init_note(spec: str) -> str:
     """The line that says an encoder is a random init, printed once per encoder."""
     return (
         f"note: '{spec}' is a fixed-seed RANDOM INIT of its architecture (no local "
         "weights found); its feature sets and results are marked random_init"
     )
-
-
-def mpp_notes(prep: Prepared) -> dict[str, str]:
-    """Slide id -> which pixel size it uses, where its file and the index disagree
-    (recorded in the set's `dataset.pixel_size_notes` and printed by `listing_notes`)."""
-    return {s.id: s.tiles.mpp_note for s in prep.samples if s.tiles and s.tiles.mpp_note}
-
-
-def listing_notes(prep: Prepared) -> list[str]:
-    """What listing decided that the user should see before the sets are made."""
-    return [f"note: {prep.ds.name} / {k}: {v}" for k, v in mpp_notes(prep).items()]
 
 
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -337,7 +327,7 @@ def extract_manifest(
             for ds, _, _ in cells:
                 if ds.name not in prepared:
                     prepared[ds.name] = prepare(ds, memo)
-                    for line in listing_notes(prepared[ds.name]):
+                    for line in prepared[ds.name].notes():
                         echo(line)
         for spec in dict.fromkeys(enc for _, enc, _ in cells):
             with guard.phase("loading", manifest.cache):
@@ -345,7 +335,7 @@ def extract_manifest(
             if info.random_init:
                 echo(random_init_note(spec))
             for ds, _, res in (c for c in cells if c[1] == spec):
-                summary = extract_set(prepared[ds.name], spec, res, manifest, opts, runner)
+                summary = extract_set(prepared[ds.name], info, spec, res, manifest, opts, runner)
                 echo(summary.line())
                 summaries.append(summary)
     finally:

@@ -325,6 +325,11 @@ class FeatureSet:
             return 0  # an object is written by one PUT: an object store has no temporaries
         return arrays.discard_partials(self.path, self.files(), units)
 
+    def skipped(self) -> dict[str, str]:
+        """The samples recorded as skipped at decode (--skip-bad), id -> reason, by any
+        run or shard of this set."""
+        return {str(k): str(v) for k, v in self.attrs.get("skipped", {}).items()}
+
     def record_skipped(self, skipped: dict[str, str]) -> None:
         """Add unreadable samples (id -> reason) to the `skipped` attribute."""
         arrays.record_skipped(self.path, skipped)
