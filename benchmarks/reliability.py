@@ -1,6 +1,7 @@
 """Hostile input and corrupted feature sets through the real CLI: a reliability table.
 
     python benchmarks/reliability.py            # about 2-3 minutes on 2 CPU cores
+    python benchmarks/reliability.py --only results.csv   # part 1's cases naming it, alone
 
 Part 1 runs a fixed list of hostile inputs (issue 11, and the cases of
 tests/test_hostile.py) through `featstore extract` / `featstore probe` as
@@ -180,6 +181,28 @@ class Case:
     pattern: str = ""  # what a clear refusal names (regex on the output)
 
 
+RESULTS_HEAD = "dataset,encoder,random_init,resolution,probe,metric,value,train_fraction\n"
+
+
+def results_csv(line: str, command: str = "probe") -> Callable[[Path], list[str]]:
+    """An images dataset and a results folder `out` whose results.csv holds `line`
+    (an older featstore's columns, no `task`); then `command` on it."""
+
+    def setup(root: Path) -> list[str]:
+        images(root)
+        (root / "out").mkdir()
+        (root / "out" / "results.csv").write_text(RESULTS_HEAD + line + "\n")
+        if command == "report":  # the last probe's manifest names another dataset
+            manifest = {"manifest": {"datasets": [{"name": "d", "format": "images",
+                        "path": "data", "index": "index.csv", "task": "classification",
+                        "dims": 2}]}}  # fmt: skip
+            (root / "out" / "run-config.json").write_text(json.dumps(manifest))
+            return ["report", "--out", "out"]
+        return ["probe", "--manifest", "m.yaml", "--out", "out"]
+
+    return setup
+
+
 def _add(args: list[str], *extra: str) -> Callable[[Path], list[str]]:
     return lambda root: images(root) + list(extra)
 
@@ -318,6 +341,31 @@ CASES = [
             ]
         ),
         r"error: --pool 'median'",
+    ),
+    # results folders (issue 32)
+    Case(
+        "results.csv with resolution 'abc', probe",
+        "refused",
+        results_csv("d,pixels:8,False,abc,linear,auroc,0.5,1"),
+        r"results\.csv, line 2, column 'resolution': 'abc' is not a whole number",
+    ),
+    Case(
+        "results.csv with train_fraction 'half', probe",
+        "refused",
+        results_csv("d,pixels:8,False,32,linear,auroc,0.5,half"),
+        r"results\.csv, line 2, column 'train_fraction': 'half' is not a number",
+    ),
+    Case(
+        "results.csv with random_init 'maybe', probe",
+        "refused",
+        results_csv("d,pixels:8,maybe,32,linear,auroc,0.5,1"),
+        r"results\.csv, line 2, column 'random_init'",
+    ),
+    Case(
+        "report of rows no task or manifest places",
+        "refused",
+        results_csv("gone,pixels:8,False,32,linear,auroc,0.5,1", "report"),
+        r"the rows of gone give no task",
     ),
     # images and index files
     Case(
@@ -563,6 +611,7 @@ def _cut(text: str, n: int) -> str:
 
 
 def main() -> int:
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="featstore-reliability-") as tmp:
         tmp_path = Path(tmp)
@@ -571,7 +620,8 @@ def main() -> int:
         print(f"{'input':50} {'expected':9} {'outcome':10} {'s':>5}  message")
         tally: dict[str, int] = {}
         misses = 0
-        for i, case in enumerate(CASES):
+        cases = [c for c in CASES if only is None or only in c.name]
+        for i, case in enumerate(cases):
             root = tmp_path / f"case{i:02d}"
             root.mkdir()
             outcome, seconds, message = run_case(case, root, env)
@@ -583,11 +633,14 @@ def main() -> int:
                 f"{_cut(case.name, 50):50} {case.expected:9} {outcome:10} {seconds:5.1f}  "
                 f"{_cut(message.removeprefix('error: '), 90)}{mark}"
             )
-        n = len(CASES)
+        n = len(cases)
         print(
             f"\nhostile inputs: {n} cases, {n - misses} as expected; "
             + ", ".join(f"{k} {v}" for k, v in sorted(tally.items()))
         )
+        if only is not None:  # the chosen cases alone: no corruption or edge cases
+            print(f"total {time.perf_counter() - start:.0f} s; {misses} misses")
+            return 1 if misses else 0
 
         work = tmp_path / "corruption"
         work.mkdir()
