@@ -100,7 +100,7 @@ def test_an_unparsable_results_csv_is_refused_before_probing(tmp_path, cell, col
 WRITERS = {
     "results": "from pipelines.probe import write_results\n"
     "from featstore.probing.rows import ResultRow\n"
-    "write_results(out, [ResultRow('d', 'e', False, 32, 'new', probe='p', metric='m')])",
+    "write_results(out, [ResultRow('d', 'e', False, 32, 'old', probe='p', metric='m', value=1)])",
     "attention": "import numpy as np\n"
     "from featstore.probing.classification import Attention\n"
     "from featstore.probing.evaluation import SetResult\n"
@@ -259,8 +259,7 @@ def test_report_plots_and_published_table_keep_pools_apart(tmp_path, monkeypatch
     monkeypatch.setattr(tables, "save_figure", lambda fig, path: drawn.setdefault(path.name, fig))
     tables.plot_resolution(df, {"v": "classification"}, tmp_path / "resolution.png")
     tables.plot_size(df, {"v": "classification"}, tmp_path / "size.png")
-    lines = drawn["resolution.png"].axes[0].get_lines()
-    assert len([x for x in lines if len(x.get_xdata())]) == 2  # one line per pool
+    assert len(drawn["resolution.png"].axes[0].containers) == 2  # an errorbar line per pool
     legend = drawn["size.png"].axes[0].get_legend().get_texts()
     assert sorted(t.get_text() for t in legend) == ["v, pool max", "v, pool mean"]
     ref = Reference("v", "auroc", 0.9, "model", "32", "paper")
