@@ -1,7 +1,7 @@
 """Hostile input and corrupted feature sets through the real CLI: a reliability table.
 
     python benchmarks/reliability.py            # about 3-4 minutes on 2 CPU cores
-    python benchmarks/reliability.py --only TIFF,slide   # those hostile inputs alone
+    python benchmarks/reliability.py --only TIFF,slide,results.csv   # those inputs alone
 
 Part 1 runs a fixed list of hostile inputs (issue 11, and the cases of
 tests/test_hostile.py) through `featstore extract` / `featstore probe` as
@@ -281,6 +281,28 @@ class Case:
     pattern: str = ""  # what a clear refusal names (regex on the output)
 
 
+RESULTS_HEAD = "dataset,encoder,random_init,resolution,probe,metric,value,train_fraction\n"
+
+
+def results_csv(line: str, command: str = "probe") -> Callable[[Path], list[str]]:
+    """An images dataset and a results folder `out` whose results.csv holds `line`
+    (an older featstore's columns, no `task`); then `command` on it."""
+
+    def setup(root: Path) -> list[str]:
+        images(root)
+        (root / "out").mkdir()
+        (root / "out" / "results.csv").write_text(RESULTS_HEAD + line + "\n")
+        if command == "report":  # the last probe's manifest names another dataset
+            manifest = {"manifest": {"datasets": [{"name": "d", "format": "images",
+                        "path": "data", "index": "index.csv", "task": "classification",
+                        "dims": 2}]}}  # fmt: skip
+            (root / "out" / "run-config.json").write_text(json.dumps(manifest))
+            return ["report", "--out", "out"]
+        return ["probe", "--manifest", "m.yaml", "--out", "out"]
+
+    return setup
+
+
 def damaged_model(damage: Callable[[Path], None], flag: str = "") -> Callable[[Path], list[str]]:
     """An images dataset encoded by a copy of the tiny DINOv3 that `damage` edits."""
 
@@ -439,6 +461,31 @@ CASES = [
             ]
         ),
         r"error: --pool 'median'",
+    ),
+    # results folders (issue 32)
+    Case(
+        "results.csv with resolution 'abc', probe",
+        "refused",
+        results_csv("d,pixels:8,False,abc,linear,auroc,0.5,1"),
+        r"results\.csv, line 2, column 'resolution': 'abc' is not a whole number",
+    ),
+    Case(
+        "results.csv with train_fraction 'half', probe",
+        "refused",
+        results_csv("d,pixels:8,False,32,linear,auroc,0.5,half"),
+        r"results\.csv, line 2, column 'train_fraction': 'half' is not a number",
+    ),
+    Case(
+        "results.csv with random_init 'maybe', probe",
+        "refused",
+        results_csv("d,pixels:8,maybe,32,linear,auroc,0.5,1"),
+        r"results\.csv, line 2, column 'random_init'",
+    ),
+    Case(
+        "report of rows no task or manifest places",
+        "refused",
+        results_csv("gone,pixels:8,False,32,linear,auroc,0.5,1", "report"),
+        r"the rows of gone give no task",
     ),
     # images and index files
     Case(

@@ -263,6 +263,26 @@ class SetIdentity:
         return self.weights
 
 
+def changes(old: SetIdentity, new: SetIdentity) -> list[str]:
+    """What made `new` another set than `old`, for people: "the manifest" (a setting of
+    the recipe, or the encoder as asked), "the data" (its files' fingerprint), "the
+    encoder's weights" (one or more; empty when the two are one set)."""
+    out = []
+    mine, theirs = old.recipe.to_dict(), new.recipe.to_dict()
+    if without_data(mine) != without_data(theirs) or old.encoder != new.encoder:
+        out.append("the manifest")
+    if mine[DATA_FIELD] != theirs[DATA_FIELD]:
+        out.append("the data")
+    w, v = old.weights, new.weights
+    if (
+        w is not None
+        and v is not None
+        and any(getattr(w, f) != getattr(v, f) for f in ENCODER_CONTENT)
+    ):
+        out.append("the encoder's weights")
+    return out
+
+
 def without_data(request: dict[str, Any]) -> dict[str, Any]:
     """`request` less the data's fingerprint: what a probe can ask for where the data
     folder is absent (it cannot hash files it does not have)."""

@@ -25,52 +25,15 @@ import pandas as pd
 from featstore.data.manifest import Dataset, Manifest
 from featstore.data.native import data_check
 from featstore.errors import ProbeError
-from featstore.identity import labelled
+from featstore.identity import SetIdentity, changes, labelled
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
-from featstore.probing.rows import CELL, TEXT, ResultRow, frame, interval, ordinary, typed, upsert
-
-
-def _read_results(csv: Path) -> pd.DataFrame:
-    """The rows an earlier run wrote to `csv`; a `ProbeError` naming the file when it is
-    not a featstore results file (empty, truncated, or someone else's CSV)."""
-    fix = "move it away, or probe into another --out folder"
-    try:
-        old = pd.read_csv(csv, dtype=TEXT)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ProbeError(f"{csv}: not a featstore results file ({exc}); {fix}") from None
-    missing = [k for k in ("dataset", "encoder", "probe", "metric", "value") if k not in old]
-    if missing:
-        raise ProbeError(f"{csv}: not a featstore results file (no {missing} columns); {fix}")
-    return typed(old)
-
-
-SUPERSEDED = "results-superseded.csv"
-
-
-def write_results(out: Path, rows: list[ResultRow]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Upsert rows (keyed by `rows.KEY`) into OUT/results.csv and OUT/results.jsonl.
-
-    Returns (all rows, the earlier rows superseded now). Earlier rows of a cell that
-    `rows` scores on another feature set (the manifest changed what the cell is) move
-    to OUT/results-superseded.csv: kept, not mixed with the new set's scores.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "results.csv"
-    old = _read_results(csv) if csv.is_file() else frame([])
-    new, stale = upsert(old, frame(rows))
-    if len(stale):
-        moved = out / SUPERSEDED
-        before = _read_results(moved) if moved.is_file() else frame([])
-        pd.concat([before, stale], ignore_index=True).to_csv(
-            moved, index=False, float_format="%.6g"
-        )
-    new.to_csv(csv, index=False, float_format="%.6g")
-    with (out / "results.jsonl").open("w") as f:
-        for rec in new.to_dict("records"):
-            f.write(json.dumps(rec, default=str) + "\n")
-    return new, stale
+from featstore.probing.results_file import SUPERSEDED, check_results, write_results
+from featstore.probing.rows import interval, ordinary
+from featstore.store.catalog import find_by_key
+from featstore.store.location import atomic_file
+from featstore.store.sets import FeatureSet
 
 
 def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
@@ -97,7 +60,8 @@ def _save_examples(out: Path, result: SetResult) -> None:
     folder = out / "examples"
     folder.mkdir(parents=True, exist_ok=True)
     ex = result.examples
-    np.savez_compressed(folder / f"{result.key}.npz", item=ex.item, pred=ex.pred, truth=ex.truth)
+    with atomic_file(folder / f"{result.key}.npz") as f:
+        np.savez_compressed(f, item=ex.item, pred=ex.pred, truth=ex.truth)
 
 
 def _save_attention(out: Path, result: SetResult) -> None:
@@ -109,7 +73,39 @@ def _save_attention(out: Path, result: SetResult) -> None:
     folder = out / "attention"
     folder.mkdir(parents=True, exist_ok=True)
     att = result.attention
-    np.savez_compressed(folder / f"{result.key}.npz", item=att.item, weight=att.weight)
+    with atomic_file(folder / f"{result.key}.npz") as f:
+        np.savez_compressed(f, item=att.item, weight=att.weight)
+
+
+def _cells(df: pd.DataFrame) -> list[str]:
+    """Each row's cell, as people read it: 'dataset / encoder @ resolution px'."""
+    return [
+        f"{r.dataset} / {labelled(str(r.encoder), bool(r.random_init))} @ {r.resolution}px"
+        for r in df.itertuples()
+    ]
+
+
+def _identity(cache: Path | str, key: str) -> SetIdentity | None:
+    """The identity of the set whose key starts with `key`; None when it is gone."""
+    path = find_by_key(cache, key)
+    return None if path is None else SetIdentity.from_attrs(FeatureSet(path).attrs["identity"])
+
+
+def _superseded(stale: pd.DataFrame, df: pd.DataFrame, cache: Path | str) -> dict[str, set[str]]:
+    """The cells of the superseded rows `stale`, by why their set changed (from the two
+    sets' identities, `identity.changes`): the manifest is said to have changed only
+    when it did."""
+    now = dict(zip(_cells(df), df.feature_set, strict=True))
+    out: dict[str, set[str]] = {}
+    for cell, old in sorted(set(zip(_cells(stale), stale.feature_set, strict=True))):
+        before, after = _identity(cache, str(old)), _identity(cache, now.get(cell, ""))
+        if before is None or after is None:
+            why = f"the earlier set {old} is not in {cache}, so what changed is unknown"
+        else:
+            what = changes(before, after)
+            why = " and ".join(what) + " changed since" if what else "one identity, re-made"
+        out.setdefault(why, set()).add(cell)
+    return out
 
 
 def run(
@@ -122,8 +118,10 @@ def run(
 ) -> pd.DataFrame:
     """Probe every cell, write the results files, print the table and any problems.
 
-    Raises `ProbeError` when no cell could be probed at all.
+    Raises `ProbeError` when no cell could be probed at all, and before probing when
+    OUT holds a results file that cannot be read (`results_file.check_results`).
     """
+    check_results(out)
 
     def done(where: str, result: SetResult) -> None:
         _save_examples(out, result)
@@ -143,19 +141,17 @@ def run(
         **dataclasses.asdict(opts),
         "curve": opts.curve.model_dump(mode="json") if opts.curve else None,
     }
-    (out / "run-config.json").write_text(json.dumps(config, indent=2))
+    with atomic_file(out / "run-config.json") as f:
+        f.write(json.dumps(config, indent=2).encode())
     if len(df):
         echo(table(df, list(manifest.datasets)))
     for n in found.notes:
         echo(f"note: {n}")
-    if len(stale):
-        cells = sorted(
-            f"{r.dataset} / {labelled(str(r.encoder), bool(r.random_init))} @ {r.resolution}px"
-            for r in stale.drop_duplicates(list(CELL)).itertuples()
-        )
+    for why, cells in _superseded(stale, df, manifest.cache).items():
+        rows = int(stale[[c in cells for c in _cells(stale)]].shape[0])
         echo(
-            f"note: {len(stale)} earlier rows of {', '.join(cells)} scored another feature "
-            f"set (the manifest changed since); moved to {out / SUPERSEDED}"
+            f"note: {rows} earlier rows of {', '.join(sorted(cells))} scored another feature "
+            f"set ({why}); moved to {out / SUPERSEDED}"
         )
     for p in found.skipped:
         echo(f"skipped: {p}")

@@ -22,7 +22,8 @@ from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
 from featstore.identity import requested
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.probing.rows import TEXT, ordinary, typed
+from featstore.probing.results_file import read_results
+from featstore.probing.rows import ordinary
 from featstore.report import curves, references, slides
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key, find_cell
@@ -207,18 +208,56 @@ def _write(out: Path, md: list[str], body: list[str]) -> None:
     rpt.write_if_changed(out / "report.html", page.encode())
 
 
-def _sections(manifest: Manifest, df: pd.DataFrame, out: Path) -> tuple[list[str], list[str]]:
+def _tasks(every: pd.DataFrame, manifest: Manifest) -> dict[str, str]:
+    """Each dataset's task: from run-config.json's manifest, else from its rows (the
+    `task` column; rows of another manifest probed into the same folder)."""
+    tasks = {
+        str(d): str(t) for d, t in zip(every.dataset, every.task, strict=True) if t in MAIN_METRIC
+    }
+    return {**tasks, **{d.name: d.task for d in manifest.datasets if d.name in set(every.dataset)}}
+
+
+def _left_out_note(names: list[str], cfg: Path) -> str:
+    """Why the rows of datasets `names` are not in the report."""
+    return (
+        f"the rows of {', '.join(names)} give no task (results.csv written by an older "
+        f"featstore) and the manifest in {cfg} does not list them; probe them again with "
+        "their manifest into this folder to bring them back"
+    )
+
+
+def _rows_only_section(name: str, task: str, df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The table of a dataset that only its rows know (probed by another manifest than
+    the last one into this folder): no example figure, slides or published values."""
+    table = rpt.task_table(df[df.dataset == name], task)
+    note = (
+        f"{name} was probed with another manifest than the last one (run-config.json): its "
+        "example figure, slides and published values need that manifest; probe with it last "
+        "to get them."
+    )
+    md = [f"## {name} ({task})", "", rpt.to_markdown(table), "", note, ""]
+    return md, [f"<h2>{name} ({task})</h2>", rpt.to_html(table), f"<p>{note}</p>"]
+
+
+def _sections(
+    manifest: Manifest, df: pd.DataFrame, tasks: Mapping[str, str], out: Path
+) -> tuple[list[str], list[str]]:
     """Each scored dataset's section, by task, then the slide figures of slide datasets
     that have no scores (Markdown, HTML parts)."""
     md: list[str] = []
     body: list[str] = []
     scored = set(df.dataset)
+    listed = {d.name for d in manifest.datasets}
     for task in ("classification", "multilabel", "segmentation"):
         for ds in (d for d in manifest.datasets if d.task == task and d.name in scored):
             md_d, html_d = _dataset_section(ds, df, manifest.cache, out)
             md_s, html_s = _slide_section(ds, df, manifest, out) if ds.tiling else ([], [])
             md += md_d + md_s
             body += html_d + html_s
+        for name in sorted(n for n in scored - listed if tasks[n] == task):
+            md_d, html_d = _rows_only_section(name, task, df)
+            md += md_d
+            body += html_d
     for ds in manifest.datasets:
         if ds.tiling is not None and ds.name not in scored:
             md_s, html_s = _slide_section(ds, df, manifest, out)
@@ -238,16 +277,21 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         raise ProbeError(
             f"{out}: no results.csv/run-config.json; run `featstore probe --out {out}` first"
         )
-    every = typed(pd.read_csv(csv, dtype=TEXT))
+    every = read_results(csv)
     if every.empty:
         raise ProbeError(
             f"{csv} holds no scores (the probe could score no dataset: see its problem "
             f"lines); fix those, then rerun `featstore probe --out {out}`"
         )
-    df = ordinary(every)  # label-efficiency points have their own plot and table
     manifest = Manifest.model_validate(json.loads(cfg.read_text())["manifest"])
-    datasets = [d for d in manifest.datasets if d.name in set(df.dataset)]
-    tasks = {d.name: d.task for d in datasets}
+    tasks = _tasks(every, manifest)
+    left_out = sorted(set(every.dataset) - set(tasks))
+    every = every[every.dataset.isin(list(tasks))]
+    if left_out:
+        echo(f"note: {_left_out_note(left_out, cfg)}")
+    if every.empty:
+        raise ProbeError(f"{csv}: no rows the report can place; {_left_out_note(left_out, cfg)}")
+    df = ordinary(every)  # label-efficiency points have their own plot and table
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = ["resolution.png", "size.png", "linear_vs_knn.png"]
     rpt.plot_resolution(df, tasks, out / "plots" / plots[0])
@@ -272,7 +316,10 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
         "",
     ]
     body = [f"<h1>featstore study report</h1><p>{warn.replace('**', '')}</p>"]
-    md_d, html_d = _sections(manifest, df, out)
+    if left_out:
+        md += [f"Left out: {_left_out_note(left_out, cfg)}", ""]
+        body.append(f"<p>Left out: {_left_out_note(left_out, cfg)}</p>")
+    md_d, html_d = _sections(manifest, df, tasks, out)
     md += md_d
     body += html_d
     md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]

@@ -22,8 +22,13 @@ import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
 from featstore.data.manifest import Dataset, Manifest
-from featstore.errors import ChunkChecksumError, FeatstoreError, StoreCorruptError
-from featstore.identity import SetIdentity, requested
+from featstore.errors import (
+    ChunkChecksumError,
+    FeatstoreError,
+    ManifestError,
+    StoreCorruptError,
+)
+from featstore.identity import SetIdentity, labelled, requested
 from featstore.probing import classification, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
@@ -101,6 +106,7 @@ def set_columns(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> SetColumns:
         feature_set=str(xs.attrs["cache_key"])[:12],
         pool=opts.pool if ds.bags else "",
         protocol=opts.protocol,
+        task=ds.task,
     )
 
 
@@ -194,6 +200,41 @@ def _missing(
     return f"{where}: no feature set in {manifest.cache}; make it with {cmd}"
 
 
+@dataclass(frozen=True)
+class FoundCell:
+    """A manifest cell whose feature set was found, to probe."""
+
+    where: str  # "dataset / encoder @ resolution px", for people
+    spec: str  # the encoder as the manifest names it
+    ds: Dataset
+    path: Place
+
+
+def one_label_each(cells: Sequence[FoundCell]) -> None:
+    """A `ManifestError` when two encoders of the manifest would show as one: their sets'
+    rows would share a cell (dataset, encoder label, random_init, resolution), so one
+    would hide or supersede the other in results.csv, the report and its plots. Two
+    checkpoint folders `a/model` and `b/model` both show as `model`."""
+    seen: dict[tuple[str, str, bool, int], set[str]] = {}
+    for c in cells:
+        try:
+            ident = SetIdentity.from_attrs(sets.FeatureSet(c.path).attrs["identity"])
+        except (FeatstoreError, KeyError, TypeError):  # left to `probe_set`'s problem line
+            continue
+        assert ident.weights is not None  # from_attrs reads them
+        cell = (c.ds.name, ident.weights.name, ident.weights.random_init, ident.recipe.resolution)
+        seen.setdefault(cell, set()).add(c.spec)
+    for (name, label, random_init, res), specs in seen.items():
+        if len(specs) > 1:
+            raise ManifestError(
+                f"encoders {', '.join(repr(s) for s in sorted(specs))} all show as "
+                f"'{labelled(label, random_init)}' ({name} @ {res}px): their results would "
+                "share rows, report cells and plot lines; give each folder its own name "
+                "(an encoder is labelled by its folder's name), or list them in separate "
+                "manifests probed into separate --out folders"
+            )
+
+
 def probe_manifest(
     manifest: Manifest,
     opts: ProbeOptions,
@@ -217,6 +258,7 @@ def probe_manifest(
     fingerprints: dict[str, str | None] = {}
     unreadable: set[str] = set()  # data here but not readable: one problem line each
     src = f" --manifest {shlex.quote(str(manifest_file))}" if manifest_file else ""
+    found_sets: list[FoundCell] = []
     for ds, spec, res in manifest.cells(opts.baseline):
         where = f"{ds.name} / {spec} @ {res}px"
         if ds.name not in fingerprints and ds.name not in unreadable:
@@ -236,9 +278,13 @@ def probe_manifest(
         if found.path is None:
             out.problems.append(_missing(where, manifest, ds, spec, res, src, found))
             continue
+        found_sets.append(FoundCell(where, spec, ds, found.path))
+    one_label_each(found_sets)
+    for cell in found_sets:
+        where, ds = cell.where, cell.ds
         curve = opts.curve or manifest_curve(manifest, ds)
         try:
-            result = probe_set(found.path, ds, replace(opts, curve=curve))
+            result = probe_set(cell.path, ds, replace(opts, curve=curve))
         except FeatstoreError as exc:
             out.problems.append(f"{where}: {exc}")
             continue

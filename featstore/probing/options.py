@@ -59,7 +59,10 @@ def curve_options(
     fractions: Sequence[float] = (), shots: Sequence[int] = (), repeats: int | None = None
 ) -> LabelEfficiency | None:
     """`--fractions/--shots/--repeats` (or the API's arguments) as a checked
-    `LabelEfficiency`; None when neither fractions nor shots are given."""
+    `LabelEfficiency`; None when neither fractions nor shots are given. `repeats`
+    None is 1; 0 or fewer is refused (as `--repeats` is), never read as 1."""
+    if repeats is not None and (isinstance(repeats, bool) or repeats < 1):
+        raise ProbeError(f"repeats {repeats!r}: give a whole number >= 1 (draws per curve point)")
     if not fractions and not shots:
         if repeats is not None:
             raise ProbeError(
@@ -67,7 +70,11 @@ def curve_options(
             )
         return None
     try:
-        return LabelEfficiency(fractions=tuple(fractions), shots=tuple(shots), repeats=repeats or 1)
+        return LabelEfficiency(
+            fractions=tuple(fractions),
+            shots=tuple(shots),
+            repeats=1 if repeats is None else repeats,
+        )
     except ValidationError as exc:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise ProbeError(f"label efficiency: {reasons}") from None

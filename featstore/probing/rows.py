@@ -32,6 +32,7 @@ class SetColumns:
     feature_set: str  # the set's cache key, 12 characters
     pool: str  # "" for 2D sets
     protocol: str
+    task: str = ""  # the dataset's task, so that rows need no manifest to be read
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class ResultRow:
     shots: int = field(default=0, metadata=KEY_FIELD)
     repeat: int = field(default=0, metadata=KEY_FIELD)  # MEAN_OF_REPEATS: their mean
     std: float = float("nan")  # a mean row's spread across repeats (population std)
+    # The dataset's task (not a key: a dataset has one): a report reads rows of several
+    # manifests from one results folder. "" in rows written before it was a column.
+    task: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The row as {column: value}, columns in `COLUMNS` order."""
@@ -98,6 +102,11 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow))
 KEY: tuple[str, ...] = tuple(f.name for f in fields(ResultRow) if f.metadata.get("key"))
 _TYPES = {f.name: f.type for f in fields(ResultRow)}
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ResultRow)}
+
+
+def field_type(name: str) -> str:
+    """The type of the `ResultRow` field `name`: "str", "bool", "int" or "float"."""
+    return str(_TYPES[name])
 
 
 def result_rows(where: SetColumns, fitted: Fitted) -> list[ResultRow]:
@@ -156,9 +165,23 @@ def frame(rows: Sequence[ResultRow]) -> pd.DataFrame:
     return typed(pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS)))
 
 
+def _key_text(value: object) -> str:
+    # A float key (a fraction) to 6 significant digits: results.csv files written before
+    # keys were written exactly hold 0.333333 for 1/3, and must still name its point.
+    if isinstance(value, float):
+        return format(value, ".6g")
+    return str(value)
+
+
 def key_strings(df: pd.DataFrame) -> list[tuple[str, ...]]:
     """The `KEY` of each row of a `typed` frame, as comparable tuples."""
-    return [tuple(map(str, r)) for r in df[list(KEY)].itertuples(index=False)]
+    return [tuple(map(_key_text, r)) for r in df[list(KEY)].itertuples(index=False)]
+
+
+def key_except(*laid_out: str) -> list[str]:
+    """The key columns other than `laid_out`: what a table or a plot must also group by
+    (or show) beside the columns it lays out itself, so that no result hides another."""
+    return [k for k in KEY if k not in laid_out]
 
 
 # The columns that name a feature set's cell: its rows are scores of one set.

@@ -15,10 +15,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.probing.rows import curve_means
-from featstore.report.tables import MAIN_PROBE, is_baseline, label, save_figure, size_rank
+from featstore.probing.rows import curve_means, key_except
+from featstore.report.tables import MAIN_PROBE, is_baseline, line_labels, save_figure, size_rank
 
-CELL = ["encoder", "random_init", "resolution"]
+# A curve is one line per every key column but these (which its axes, panels and the
+# chosen probe, metric and mean rows lay out): pools and protocols never share a line.
+LAID_OUT = ("dataset", "probe", "metric", "train_fraction", "shots", "repeat")
 
 
 def main_points(df: pd.DataFrame, tasks: Mapping[str, str]) -> pd.DataFrame:
@@ -37,15 +39,16 @@ def plot_label_efficiency(df: pd.DataFrame, tasks: Mapping[str, str], path: Path
     Returns whether the file was written; False (and no file) without curve rows."""
     points = main_points(df, tasks)
     names = sorted(set(points.dataset))
+    points = points.assign(line=line_labels(points, key_except(*LAID_OUT)))
     if not names:
         return False
     fig = Figure(figsize=(4.2 * len(names), 3.8))
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         sub = points[points.dataset == name]
-        lines = [((str(e), bool(r), int(s)), g) for (e, r, s), g in sub.groupby(CELL)]
-        lines.sort(key=lambda kv: (is_baseline(kv[0][0]), size_rank(kv[0][0]), kv[0]))
-        for i, ((enc, rnd, res), g) in enumerate(lines):
+        lines = [(str(g.encoder.iloc[0]), text, g) for text, g in sub.groupby("line")]
+        lines.sort(key=lambda kv: (is_baseline(kv[0]), size_rank(kv[0]), kv[1]))
+        for i, (enc, text, g) in enumerate(lines):
             g = g.sort_values("train_fraction")
             colour = f"C{i % 10}"
             style = "--" if is_baseline(enc) else "-"
@@ -55,7 +58,7 @@ def plot_label_efficiency(df: pd.DataFrame, tasks: Mapping[str, str], path: Path
                 marker="o",
                 linestyle=style,
                 color=colour,
-                label=f"{label(str(enc), bool(rnd))} @ {res}px",
+                label=text,
             )
             std = g["std"].fillna(0.0)
             ax.fill_between(g.train_fraction, g.value - std, g.value + std, color=colour, alpha=0.2)
@@ -81,21 +84,23 @@ def labels_to_reach(
     no point does). Scores where higher is better (the main metrics are).
     """
     points = main_points(df, tasks)
-    out: list[tuple[tuple[str, bool, int, int], dict[str, str]]] = []
-    for (name, enc, rnd, res), g in points.groupby(["dataset", *CELL]):
+    points = points.assign(line=line_labels(points, key_except(*LAID_OUT)))
+    out: list[tuple[tuple[str, bool, int, int, str], dict[str, str]]] = []
+    for (name, text), g in points.groupby(["dataset", "line"]):
+        enc = str(g.encoder.iloc[0])
         full = g[g.train_fraction == 1.0]
         if full.empty:
             continue
         goal = share * float(full.value.iloc[0])
         hit = g[g.value >= goal].sort_values("train_fraction")
         reached = hit.iloc[0] if len(hit) else None
-        order = (str(name), is_baseline(str(enc)), size_rank(str(enc)), int(g.resolution.iloc[0]))
+        order = (str(name), is_baseline(enc), size_rank(enc), int(g.resolution.iloc[0]), str(text))
         out.append(
             (
                 order,
                 {
                     "dataset": str(name),
-                    "model": f"{label(str(enc), bool(rnd))} @ {res}px",
+                    "model": str(text),
                     "full score": f"{float(full.value.iloc[0]):.3f}",
                     "fraction": "not reached" if reached is None else f"{reached.train_fraction:g}",
                     "labels": "not reached" if reached is None else str(int(reached.n_train)),

@@ -22,7 +22,7 @@ from featstore.encode.presets import PRESETS, preset_width
 from featstore.errors import ProbeError
 from featstore.identity import labelled
 from featstore.probing.metrics import MAIN_METRIC
-from featstore.probing.rows import COLUMNS, KEY, interval
+from featstore.probing.rows import COLUMNS, KEY, interval, key_except
 from featstore.report.references import Reference, published_model
 
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
@@ -30,6 +30,8 @@ SIZE_ORDER = list(PRESETS)  # smallest first
 BASELINE = "pixels"
 # Key columns a task table lays out itself: its rows, columns and the table's dataset.
 SHOWN = ("dataset", "encoder", "random_init", "resolution", "probe", "metric")
+# Key columns a resolution plot lays out: its panels, x axis and the main probe/metric.
+LINE_LAID_OUT = ("dataset", "resolution", "probe", "metric")
 
 
 def is_baseline(encoder: str) -> bool:
@@ -65,6 +67,26 @@ def size_rank(encoder: str) -> int:
     return (width or 1 << 30) * 100 + place  # by width (S < B < L), then the ladder
 
 
+def varying(df: pd.DataFrame, cols: Sequence[str]) -> list[str]:
+    """The columns of `cols` whose values differ within `df`: those a label must name."""
+    return [k for k in cols if k in df and df[k].astype(str).nunique() > 1]
+
+
+def line_labels(df: pd.DataFrame, extra: Sequence[str], at: bool = True) -> list[str]:
+    """Each row's 'encoder @ resolution px' label (`at` False: without the resolution),
+    with the `extra` key columns that vary within `df` (e.g. two pools or protocols of
+    one set): a table row or a plot line of each, so that no result hides another."""
+    named = varying(df, [k for k in extra if k not in ("encoder", "random_init", "resolution")])
+    return [
+        label(e, r)
+        + (f" @ {res}px" if at else "")
+        + "".join(f", {k} {v}" for k, v in zip(named, more, strict=True))
+        for e, r, res, *more in zip(
+            df.encoder, df.random_init, df.resolution, *(df[k] for k in named), strict=True
+        )
+    ]
+
+
 def cell(row: Any) -> str:
     """'value [ci_low, ci_high]' of one results row (a DataFrame.itertuples() tuple)."""
     return f"{row.value:.3f} {interval(row.ci_low, row.ci_high)}"
@@ -77,15 +99,7 @@ def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
         ["accuracy", "f1"] if task != "segmentation" else ["iou", "hd95"]
     )
     sub = df[df.metric.isin(metrics)].copy()
-    # Key columns this table does not lay out get into the row label where they vary
-    # (e.g. two pools or protocols of one set), so that no result hides another.
-    extra = [k for k in KEY if k not in SHOWN and k in sub and sub[k].astype(str).nunique() > 1]
-    sub["row"] = [
-        f"{label(e, r)} @ {res}px" + "".join(f", {k} {v}" for k, v in zip(extra, more, strict=True))
-        for e, r, res, *more in zip(
-            sub.encoder, sub.random_init, sub.resolution, *(sub[k] for k in extra), strict=True
-        )
-    ]
+    sub["row"] = line_labels(sub, key_except(*SHOWN))
     units = sub["unit"] if "unit" in sub else pd.Series("", index=sub.index)  # older results
     sub["col"] = sub.probe + " / " + sub.metric
     sub["col"] += [f" ({u})" if isinstance(u, str) and u else "" for u in units]
@@ -166,12 +180,15 @@ def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame
     # accuracy and AUROC always; Dice, precision, recall where a reference has them
     metrics = ["accuracy", "auroc", *sorted({r.metric for r in refs} - {"accuracy", "auroc"})]
     lin = df[df.probe.isin(["linear", "seg-linear"]) & df.metric.isin(metrics)]
-    keys = ["encoder", "random_init", "resolution", "protocol"]
-    for (enc, rnd, res, protocol), g in lin.groupby(keys, sort=False):
+    keys = key_except("dataset", "probe", "metric")  # a line per result, none hidden
+    for values, g in lin.groupby(keys, sort=False):
+        k = dict(zip(keys, values, strict=True))
+        enc, rnd, res, pool = k["encoder"], k["random_init"], k["resolution"], k["pool"]
         out.append(
             {
-                "source": f"featstore ({protocol} protocol)",
+                "source": f"featstore ({k['protocol']} protocol)",
                 "model": f"{label(str(enc), bool(rnd))}, frozen, linear probe"
+                + (f", {pool} pooling" if pool else "")
                 + (
                     f" (the paper's {published_model(str(enc))})"
                     if published_model(str(enc))
@@ -195,15 +212,18 @@ def _main_rows(df: pd.DataFrame, tasks: Mapping[str, str]) -> pd.DataFrame:
 
 def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     """Main metric against input resolution, one line per encoder (the paper's Fig. 1)."""
-    main = _main_rows(df, tasks)
+    main = _main_rows(df, tasks).copy()
     names = sorted(tasks)
+    # a line per every key column but the panel's and the x axis's: no two results share
+    main["line"] = line_labels(main, key_except(*LINE_LAID_OUT), at=False)
+    first = main.drop_duplicates("line")
     encoders = sorted(
-        {(e, bool(r)) for e, r in zip(main.encoder, main.random_init, strict=True)},
-        key=lambda er: (is_baseline(er[0]), size_rank(er[0]), er),
+        zip(first.line, first.encoder, strict=True),
+        key=lambda le: (is_baseline(le[1]), size_rank(le[1]), le[0]),
     )
-    colour = {er: f"C{i % 10}" for i, er in enumerate(encoders)}  # one colour per encoder
-    style: dict[tuple[Any, bool], Literal["-", "--"]] = {
-        er: "--" if is_baseline(er[0]) else "-" for er in encoders
+    colour = {ln: f"C{i % 10}" for i, (ln, _) in enumerate(encoders)}  # one colour per line
+    style: dict[str, Literal["-", "--"]] = {
+        ln: "--" if is_baseline(e) else "-" for ln, e in encoders
     }
     # The legend below the panels: as many columns as the width holds (a label such as
     # "dinov2-vitb14 [random_init]" needs ~2.2 in at this size), a row of height each.
@@ -214,17 +234,16 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
     axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         sub = main[main.dataset == name]
-        for (enc, rnd), g in sub.groupby(["encoder", "random_init"]):
+        for er, g in sub.groupby("line"):
             g = g.sort_values("resolution")
-            er = (enc, bool(rnd))
             ax.errorbar(
                 g.resolution,
                 g.value,
                 yerr=[g.value - g.ci_low, g.ci_high - g.value],
                 marker="o",
                 capsize=3,
-                color=colour[er],
-                linestyle=style[er],
+                color=colour[str(er)],
+                linestyle=style[str(er)],
             )
         ax.set(
             title=name,
@@ -232,10 +251,12 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
             ylabel=f"{MAIN_METRIC[tasks[name]]} ({MAIN_PROBE[tasks[name]]})",
         )
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colour[er], marker="o", linestyle=style[er]) for er in encoders]
+    handles = [
+        Line2D([], [], color=colour[ln], marker="o", linestyle=style[ln]) for ln, _ in encoders
+    ]
     fig.legend(
         handles,
-        [label(*er) for er in encoders],
+        [ln for ln, _ in encoders],
         loc="lower center",
         ncol=ncol,
         fontsize=7,
@@ -248,18 +269,31 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
 def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     """Main metric against model size (best resolution per encoder), one line per dataset."""
     main = _main_rows(df, tasks)
-    main = main[~main.encoder.map(is_baseline).astype(bool)]
-    encoders = sorted(main.encoder.unique(), key=lambda e: (size_rank(e), e))
+    main = main[~main.encoder.map(is_baseline).astype(bool)].copy()
+    main["x"] = [label(e, r) for e, r in zip(main.encoder, main.random_init, strict=True)]
+    first = main.drop_duplicates("x")
+    encoders = [
+        x
+        for x, _ in sorted(
+            zip(first.x, first.encoder, strict=True), key=lambda xe: (size_rank(xe[1]), xe[0])
+        )
+    ]
+    # a line per dataset and every other key column the axes do not lay out (pool, ...)
+    lines = key_except("encoder", "random_init", "resolution", "probe", "metric")
+    named = varying(main, [k for k in lines if k != "dataset"])
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
-    for name in sorted(tasks):
-        best = main[main.dataset == name].groupby("encoder").value.max()
+    for values, g in main.groupby(lines, sort=True):
+        k = dict(zip(lines, values, strict=True))
+        best = g.groupby("x").value.max()  # the best resolution of each encoder
         xs = [i for i, e in enumerate(encoders) if e in best]
-        ax.plot(xs, [best[encoders[i]] for i in xs], marker="o", label=name)
+        text = str(k["dataset"]) + "".join(f", {c} {k[c]}" for c in named)
+        ax.plot(xs, [best[encoders[i]] for i in xs], marker="o", label=text)
     ax.set_xticks(range(len(encoders)), encoders, rotation=20, fontsize=7)
     ax.set(xlabel="encoder (by size)", ylabel="main metric, best resolution")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # none where only the baseline was scored
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -25,12 +25,14 @@ import errno
 import fnmatch
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 
@@ -219,12 +221,34 @@ TEST_PAUSE = "FEATSTORE_TEST_PAUSE_AT"
 def pause_point(name: str) -> None:
     """`FEATSTORE_TEST_PAUSE_AT=<name>:<file>`: at the point `name` ("removing": a set
     renamed aside, not yet deleted; "publishing": a skeleton built, not yet renamed into
-    place), write this pid to `file` and wait there to be killed (at most 10 minutes).
-    The tests' way of landing a kill exactly there."""
+    place; "results": a results, prediction or attention file written to its temporary
+    name, not yet renamed into place), write this pid to `file` and wait there to be
+    killed (at most 10 minutes). The tests' way of landing a kill exactly there."""
     at, _, file = os.environ.get(TEST_PAUSE, "").partition(":")
     if at == name and file:
         Path(file).write_text(str(os.getpid()))
         time.sleep(600)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path`'s new bytes into; `path` changes in one step.
+
+    The bytes go to `<name>.<random>.tmp` beside `path`, are fsynced, and the file is
+    renamed over `path` (`os.replace`) when the block ends without an error: a kill
+    or an error midway leaves the previous file whole (and, after a kill, that
+    temporary file). Local folders only: results folders are (`--out` is a path).
+    """
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        pause_point("results")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def has_set(where: Place) -> bool:
