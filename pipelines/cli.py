@@ -306,7 +306,7 @@ def ls(
 
 def _reachable_set(where: str) -> FeatureSet:
     """The set at `where` (a folder or a URL), once its cache answers."""
-    from featstore.store.location import reachable
+    from featstore.places import reachable
     from featstore.store.sets import FeatureSet
 
     fs = FeatureSet(where)

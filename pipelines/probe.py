@@ -26,13 +26,13 @@ from featstore.data.manifest import Dataset, Manifest
 from featstore.data.native import data_check
 from featstore.errors import ProbeError
 from featstore.identity import SetIdentity, changes, labelled
+from featstore.places import atomic_file
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
 from featstore.probing.results_file import SUPERSEDED, check_results, write_results
 from featstore.probing.rows import interval, ordinary
 from featstore.store.catalog import find_by_key
-from featstore.store.location import atomic_file
 from featstore.store.sets import FeatureSet
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import on_cluster
 from typer.testing import CliRunner
 
+from featstore import places
 from featstore.data.manifest import load_manifest
 from featstore.probing.options import ProbeOptions
 from featstore.store import arrays, catalog, claims, location, sets
@@ -90,24 +91,24 @@ def _extract(mpath: Path, **opts):
     )
 
 
-def _objects(where: location.Place) -> dict[str, bytes]:
+def _objects(where: places.Place) -> dict[str, bytes]:
     """Every chunk of a set, by its path in the set (metadata excluded)."""
     return {
         rel: (where / rel).read_bytes()
-        for rel in sorted(location.files(where))
+        for rel in sorted(places.files(where))
         if "/c/" in f"/{rel}" and not rel.endswith(".json")
     }
 
 
 def test_place_parses_urls_and_paths(tmp_path):
-    assert location.place(f"file://{tmp_path}") == tmp_path
-    assert location.place(f"file://localhost{tmp_path}") == tmp_path
-    assert location.place("cache/x") == Path("cache/x")
-    remote = location.place("memory://bucket/prefix")
-    assert isinstance(remote, location.Remote)
+    assert places.place(f"file://{tmp_path}") == tmp_path
+    assert places.place(f"file://localhost{tmp_path}") == tmp_path
+    assert places.place("cache/x") == Path("cache/x")
+    remote = places.place("memory://bucket/prefix")
+    assert isinstance(remote, places.Remote)
     assert str(remote / "a.zarr").startswith("memory://")
     assert str(remote / "a.zarr").endswith("bucket/prefix/a.zarr")
-    assert location.place(str(remote / "a.zarr")) == remote / "a.zarr"  # round trip
+    assert places.place(str(remote / "a.zarr")) == remote / "a.zarr"  # round trip
     assert (remote / "a.zarr").parent == remote and (remote / "a.zarr").name == "a.zarr"
 
 
@@ -118,7 +119,7 @@ def test_s3_cache_extract_probe_verify_repair(tmp_path, tiny_dinov3, s3, kind):
     (ref,) = _extract(local)
     remote = _manifest(tmp_path, kind, s3, tiny_dinov3)
     (made,) = _extract(remote)
-    assert made.status == "new" and isinstance(made.path, location.Remote)
+    assert made.status == "new" and isinstance(made.path, places.Remote)
     assert str(made.path).startswith(s3) and made.path.name == ref.path.name
     assert _objects(made.path) == _objects(ref.path)  # byte-identical to a local cache
     assert FeatureSet(made.path).verify() == []
@@ -198,7 +199,7 @@ def test_s3_cache_on_a_local_cluster(tmp_path, tiny_dinov3, s3):
     remote = load_manifest(_manifest(tmp_path, "seg3d", s3, tiny_dinov3))
     with client_for("local:2", None, threads=1) as client:  # workers inherit AWS_* here
         (got,) = on_cluster(remote, client, opts, baseline=False, echo=lambda *_: None)
-    assert got.status == "new" and isinstance(got.path, location.Remote)
+    assert got.status == "new" and isinstance(got.path, places.Remote)
     assert FeatureSet(got.path).verify() == [] and _objects(got.path) == _objects(ref.path)
 
 
@@ -222,7 +223,7 @@ def test_s3_cache_on_two_dask_workers(tmp_path, s3):
             (got,) = on_cluster(remote, client, opts, baseline=False, echo=print)
     ran = sorted(t["key"].rsplit("-", 1)[-1] for t in stream.data if "-unit-" in t["key"])
     assert ran == ["0", "1"]  # each unit was a task on a worker
-    assert got.status == "new" and isinstance(got.path, location.Remote)
+    assert got.status == "new" and isinstance(got.path, places.Remote)
     assert str(got.path).startswith(s3) and got.path.name == ref.path.name
     assert FeatureSet(got.path).verify() == [] and _objects(got.path) == _objects(ref.path)
 
@@ -232,7 +233,7 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
     from featstore.errors import CacheUnreachableError
 
     with pytest.raises(CacheUnreachableError, match="Protocol not known: nope"):
-        location.place("nope://bucket/x")
+        places.place("nope://bucket/x")
     missing = "s3://no-such-bucket-here/cache"
     with pytest.raises(CacheUnreachableError, match=r"no-such-bucket-here.*does not exist"):
         _extract(_manifest(tmp_path, "cls2d", missing, tiny_dinov3))
@@ -252,14 +253,14 @@ def test_bad_cache_urls_are_clear_errors(tmp_path, tiny_dinov3, s3):
 def test_s3_two_shards_allocating_at_once_one_wins(tmp_path, s3, monkeypatch):
     """Both shards saw no set; the later root upload loses (If-None-Match) instead of
     overwriting the first skeleton's root zarr.json."""
-    dest = location.place(s3) / "x.zarr"
+    dest = places.place(s3) / "x.zarr"
     for tag in ("first", "second"):
         built = tmp_path / tag / "x.zarr"
         (built / "cls").mkdir(parents=True)
         (built / "cls" / "zarr.json").write_text("{}")
         (built / "zarr.json").write_text(tag)
     assert location.publish(tmp_path / "first" / "x.zarr", dest)
-    monkeypatch.setattr(location.Remote, "exists", lambda self: False)  # looked too early
+    monkeypatch.setattr(places.Remote, "exists", lambda self: False)  # looked too early
     assert not location.publish(tmp_path / "second" / "x.zarr", dest)
     assert dest.fs.cat_file(f"{dest.path}/zarr.json") == b"first"
     assert not (tmp_path / "second" / "x.zarr").exists()

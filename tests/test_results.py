@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from featstore import places
 from featstore.errors import ProbeError
 from featstore.probing.rows import MEAN_OF_REPEATS, ResultRow, frame, key_strings
-from featstore.store import location
 from pipelines.cli import app
 from pipelines.probe import write_results
 
@@ -126,7 +126,7 @@ def test_a_kill_during_a_results_write_leaves_the_previous_file_whole(tmp_path, 
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), location.TEST_PAUSE: f"results:{paused}"},
+        env={**os.environ, "PYTHONPATH": str(REPO), places.TEST_PAUSE: f"results:{paused}"},
     )
     deadline = time.time() + 120
     while not paused.exists():

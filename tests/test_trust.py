@@ -16,11 +16,12 @@ import zarr
 from conftest import REPO, synth_entry, write_manifest
 from typer.testing import CliRunner
 
+from featstore import places
 from featstore.data.manifest import load_manifest
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.extraction.run import Options
 from featstore.probing.evaluation import probe_set
-from featstore.store import claims, location
+from featstore.store import claims
 from featstore.store.integrity import Kind
 from featstore.store.sets import FeatureSet
 from pipelines import extract
@@ -298,7 +299,7 @@ def test_kill_during_overwrite_leaves_a_usable_cache(copy, reference, point, tmp
     proc = subprocess.Popen(
         [*cmd, "--no-baseline", "--workers", "0", "--overwrite"],
         cwd=REPO,
-        env={**os.environ, location.TEST_PAUSE: f"{point}:{paused}"},
+        env={**os.environ, places.TEST_PAUSE: f"{point}:{paused}"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

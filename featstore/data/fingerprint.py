@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from featstore.errors import is_read_only
-from featstore.store.location import is_url
+from featstore.places import is_url
 
 MEMO_NAME = ".file-sha256.json"
 

@@ -36,7 +36,7 @@ from featstore.data.settings import (
     check_resolutions,
 )
 from featstore.errors import ManifestError
-from featstore.store.location import place
+from featstore.places import place
 
 Task = Literal["classification", "multilabel", "segmentation"]
 Fit = Literal["resize", "pad"]  # pad: small images centred on a zero canvas

@@ -28,8 +28,8 @@ from featstore.encode import devprep
 from featstore.errors import BadInputError, ManifestError
 from featstore.extraction import guard, recorded
 from featstore.identity import EncoderInfo, SetIdentity, requested
+from featstore.places import Place, place, reachable
 from featstore.store import claims, schema
-from featstore.store.location import Place, place, reachable
 from featstore.store.sets import FeatureSet, Status
 
 

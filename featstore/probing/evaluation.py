@@ -29,6 +29,7 @@ from featstore.errors import (
     StoreCorruptError,
 )
 from featstore.identity import SetIdentity, labelled, requested
+from featstore.places import Place, place, reachable
 from featstore.probing import classification, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
@@ -37,7 +38,6 @@ from featstore.probing.rows import ResultRow, SetColumns, result_rows
 from featstore.probing.segmentation import probe_segmentation, seg_set
 from featstore.probing.segscores import Examples
 from featstore.store import catalog, sets
-from featstore.store.location import Place, place, reachable
 from featstore.store.schema import EXAMPLE_ITEM
 
 # The fingerprint of a dataset's data on this machine, or None where its data is absent

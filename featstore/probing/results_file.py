@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from featstore.errors import ProbeError
+from featstore.places import atomic_file
 from featstore.probing.rows import COLUMNS, KEY, TEXT, ResultRow, field_type, frame, typed, upsert
-from featstore.store.location import atomic_file
 
 SUPERSEDED = "results-superseded.csv"
 RESULTS = "results.csv"

@@ -35,7 +35,8 @@ from zarr.core.common import AccessModeLiteral
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, is_read_only
 from featstore.identity import SetIdentity, canonical
-from featstore.store.location import Place, Remote, leftover, place, publish
+from featstore.places import Place, Remote, place
+from featstore.store.location import leftover, publish
 from featstore.store.schema import (
     CHECKSUM,
     ITEM_DATA,

@@ -7,7 +7,7 @@ from typing import Any
 
 from featstore.errors import FeatstoreError, StoreCorruptError
 from featstore.identity import FORMAT_VERSION, canonical, without_data
-from featstore.store.location import Place, glob, place, reachable
+from featstore.places import Place, glob, place, reachable
 from featstore.store.sets import FeatureSet
 
 

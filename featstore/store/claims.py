@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from featstore.errors import StoreBusyError, is_read_only
+from featstore.places import Place, Remote, glob, place
 from featstore.store.arrays import LOCAL_BUILD
-from featstore.store.location import LEFTOVER, Place, Remote, glob, place, this_host
+from featstore.store.location import LEFTOVER, this_host
 
 
 def claims_dir(path: Place) -> Place:

@@ -19,8 +19,9 @@ import zarr
 
 from featstore.errors import ChunkChecksumError
 from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
+from featstore.places import Place
 from featstore.store import arrays, schema
-from featstore.store.location import ROOT_META, Place
+from featstore.store.location import ROOT_META
 from featstore.store.mismatch import old_format
 from featstore.store.schema import FLOAT_DATA, MARKS, MARKS_GROUP, UNIT_ARRAYS, Layout
 from featstore.store.schema import layout_for as derive_layout

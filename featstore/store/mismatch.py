@@ -9,7 +9,7 @@ from typing import Any
 
 from featstore.errors import StoreMismatchError
 from featstore.identity import FORMAT_VERSION, SetIdentity
-from featstore.store.location import Place
+from featstore.places import Place
 from featstore.store.schema import Layout
 
 

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
 from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
+from featstore.places import Place, Remote, files, place, size
 from featstore.store import arrays, claims, integrity, mismatch
 from featstore.store.arrays import UnitWriter, plain
 from featstore.store.codec import dequantized
 from featstore.store.integrity import Kind, Problem
-from featstore.store.location import Place, Remote, files, has_set, place, remove, size
+from featstore.store.location import has_set, remove
 from featstore.store.schema import UNIT_ARRAYS, Items, Layout
 
 if TYPE_CHECKING:
