@@ -118,11 +118,11 @@ def _slide_section(
     found = _best_set(ds, df, manifest.cache) if scored else None
     if found is not None:
         return _slides(ds, found[1], found[0].feature_set, out)
-    for d, spec, res in manifest.cells():  # encoders first, then the baseline
-        if d.name != ds.name:
+    for cell in manifest.cells():  # encoders first, then the baseline
+        if cell.dataset.name != ds.name:
             continue
-        request = requested(d, manifest, "", spec, res).request()
-        path = find_cell(manifest.cache, request, d.name, checked=False).path
+        request = requested(cell.dataset, manifest, "", cell.encoder, cell.resolution).request()
+        path = find_cell(manifest.cache, request, cell.dataset.name, checked=False).path
         if path is None:
             continue
         xs = open_set(path)

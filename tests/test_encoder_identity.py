@@ -159,10 +159,10 @@ def test_the_comparison_study_resolves_every_encoder_at_every_size():
     # ../shared/data too (the datasets' paths are not opened)
     m = load_manifest(REPO / "manifests" / "compare.yaml", need_data=False)
     cells = m.cells(baseline=False)
-    specs = {enc for _, enc, _ in cells}
+    specs = {c.encoder for c in cells}
     assert {"biomedclip", "rad-dino", "dinov2-vits14", "dinov3-vitb16"} <= specs
     infos = {s: resolve_encoder(s).info for s in specs}
-    for _, enc, res in cells:
-        assert res % infos[enc].patch_size == 0, (enc, res)
+    for c in cells:
+        assert c.resolution % infos[c.encoder].patch_size == 0, c
     assert {infos[s].backend for s in specs} == {"hf", "open_clip"}
     assert published_model("biomedclip") == "BiomedCLIP"

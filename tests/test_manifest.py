@@ -99,23 +99,26 @@ def test_studies_declare_grids_of_cells(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text(STUDIES)
     m = load_manifest(path)
-    cells = {(d.name, e, r) for d, e, r in m.cells()}
+    cells = {(c.dataset.name, c.encoder, c.resolution) for c in m.cells()}
     assert len(cells) == 3 * 2 + 2 * 1  # (2 encoders + pixels) x 2 sizes, (1 + pixels) x 1
     assert ("a", "dinov3-vitb16", 112) in cells and ("a", "pixels", 224) in cells
     assert ("b", "dinov3-vits16", 448) in cells and ("b", "pixels", 448) in cells
-    assert {c[0].name for c in m.select(study="seg").cells()} == {"b"}
+    assert {c.dataset.name for c in m.select(study="seg").cells()} == {"b"}
     flags = m.select(encoders=["x"], resolutions=[64]).cells(baseline=False)
-    assert {(d.name, e, r) for d, e, r in flags} == {("a", "x", 64), ("b", "x", 64)}
+    assert {(c.dataset.name, c.encoder, c.resolution) for c in flags} == {
+        ("a", "x", 64),
+        ("b", "x", 64),
+    }
     with pytest.raises(ManifestError, match="no study named 'nope'"):
         m.select(study="nope")
     # with --study, the flags narrow that study's grid (its encoders, its datasets stay)
     narrowed = m.select(study="scaling", resolutions=[64]).cells(baseline=False)
-    assert {(d.name, e, r) for d, e, r in narrowed} == {
+    assert {(c.dataset.name, c.encoder, c.resolution) for c in narrowed} == {
         ("a", "dinov3-vits16", 64),
         ("a", "dinov3-vitb16", 64),
     }
     swapped = m.select(study="seg", encoders=["x"]).cells(baseline=False)
-    assert {(d.name, e, r) for d, e, r in swapped} == {("b", "x", 448)}
+    assert {(c.dataset.name, c.encoder, c.resolution) for c in swapped} == {("b", "x", 448)}
     with pytest.raises(ManifestError, match=r"study 'seg' covers \['b'\], not \['a'\]"):
         m.select(study="seg", datasets=["a"])
     path.write_text(STUDIES.replace("datasets: [b]", "datasets: [c]"))

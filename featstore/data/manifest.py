@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,6 +171,15 @@ class Study(Frozen):
     label_efficiency: LabelEfficiency | None = None  # for its datasets without their own
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One dataset x encoder x resolution of a manifest: one feature set, scored once."""
+
+    dataset: Dataset
+    encoder: str  # the encoder's spec, as the manifest (or a flag) gives it
+    resolution: int
+
+
 class Manifest(Frozen):
     """The whole manifest: datasets, the encoder x resolution grid, storage settings."""
 
@@ -245,20 +255,21 @@ class Manifest(Frozen):
         """Input sizes for `ds`: its own `resolutions`, else the manifest's."""
         return self.resolutions if ds.resolutions is None else ds.resolutions
 
-    def cells(self, baseline: bool = True) -> list[tuple[Dataset, str, int]]:
-        """Every (dataset, encoder, resolution) to extract and probe, baseline included."""
+    def cells(self, baseline: bool = True) -> list[Cell]:
+        """Every cell (dataset x encoder x resolution) to extract and probe, baseline
+        included, each once, in the grids' order."""
         extra = [self.baseline] if baseline and self.baseline else []
         grids = [(s.datasets, s.encoders, s.resolutions) for s in self.studies] or [
             ((), self.encoders, ())
         ]
-        out: dict[tuple[str, str, int], tuple[Dataset, str, int]] = {}
+        out: dict[tuple[str, str, int], Cell] = {}
         for names, encoders, resolutions in grids:
             for ds in self.datasets:
                 if names and ds.name not in names:
                     continue
                 for enc in [*encoders, *extra]:
                     for res in resolutions or self.resolutions_for(ds):
-                        out.setdefault((ds.name, enc, res), (ds, enc, res))
+                        out.setdefault((ds.name, enc, res), Cell(ds, enc, res))
         return list(out.values())
 
     def select(

@@ -324,18 +324,20 @@ def extract_manifest(
             echo(line)
         prepared: dict[str, Prepared] = {}
         with guard.phase("listing", manifest.cache):
-            for ds, _, _ in cells:
+            for cell in cells:
+                ds = cell.dataset
                 if ds.name not in prepared:
                     prepared[ds.name] = prepare(ds, memo)
                     for line in prepared[ds.name].notes():
                         echo(line)
-        for spec in dict.fromkeys(enc for _, enc, _ in cells):
+        for spec in dict.fromkeys(c.encoder for c in cells):
             with guard.phase("loading", manifest.cache):
                 info = runner.info(spec, memo)
             if info.random_init:
                 echo(random_init_note(spec))
-            for ds, _, res in (c for c in cells if c[1] == spec):
-                summary = extract_set(prepared[ds.name], info, spec, res, manifest, opts, runner)
+            for cell in (c for c in cells if c.encoder == spec):
+                prep = prepared[cell.dataset.name]
+                summary = extract_set(prep, info, spec, cell.resolution, manifest, opts, runner)
                 echo(summary.line())
                 summaries.append(summary)
     finally:

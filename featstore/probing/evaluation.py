@@ -259,7 +259,8 @@ def probe_manifest(
     unreadable: set[str] = set()  # data here but not readable: one problem line each
     src = f" --manifest {shlex.quote(str(manifest_file))}" if manifest_file else ""
     found_sets: list[FoundCell] = []
-    for ds, spec, res in manifest.cells(opts.baseline):
+    for cell in manifest.cells(opts.baseline):
+        ds, spec, res = cell.dataset, cell.encoder, cell.resolution
         where = f"{ds.name} / {spec} @ {res}px"
         if ds.name not in fingerprints and ds.name not in unreadable:
             try:
@@ -280,11 +281,11 @@ def probe_manifest(
             continue
         found_sets.append(FoundCell(where, spec, ds, found.path))
     one_label_each(found_sets)
-    for cell in found_sets:
-        where, ds = cell.where, cell.ds
+    for found_cell in found_sets:
+        where, ds = found_cell.where, found_cell.ds
         curve = opts.curve or manifest_curve(manifest, ds)
         try:
-            result = probe_set(cell.path, ds, replace(opts, curve=curve))
+            result = probe_set(found_cell.path, ds, replace(opts, curve=curve))
         except FeatstoreError as exc:
             out.problems.append(f"{where}: {exc}")
             continue
