@@ -253,6 +253,85 @@ def tiff_stack(write: Callable[[Path], None]) -> Callable[[Path], list[str]]:
     return setup
 
 
+VOLUME_SET = (
+    "  - {name: v, format: %s, path: data, index: index.csv, task: segmentation, dims: 3,\n"
+    "     classes: [bg, fg], volume: {raw: volumes/raw, labels: volumes/labels, "
+    "resolution: resolution}}\n"
+)
+
+
+def write_volume(path: Path, raw: np.ndarray, labels: np.ndarray, raw_at: str = "volumes/raw"):
+    """`raw` and `labels` in an HDF5 file (.h5) or a Zarr v3 group (.zarr), CREMI-like."""
+    if path.suffix == ".h5":
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            f.create_dataset(raw_at, data=raw, chunks=(1, *raw.shape[1:]))
+            f[raw_at].attrs["resolution"] = (40.0, 4.0, 4.0)
+            f.create_dataset("volumes/labels", data=labels)
+        return
+    import zarr
+
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    for inner, arr in ((raw_at, raw), ("volumes/labels", labels)):
+        group.create_array(inner, shape=arr.shape, dtype=arr.dtype, chunks=(1, *arr.shape[1:]))
+        group[inner][:] = arr
+    group[raw_at].attrs["resolution"] = [40, 4, 4]
+
+
+def volumes(
+    suffix: str, damage: Callable[[Path], None] | None = None, *flags: str
+) -> Callable[[Path], list[str]]:
+    """A segmentation set of three 4 x 32 x 32 volumes (`format: hdf5` for .h5, `zarr`
+    for .zarr), raw and labels inside each file; `damage` then edits v1."""
+
+    def setup(root: Path) -> list[str]:
+        (root / "data").mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            labels = (rng.random((4, 32, 32)) > 0.7).astype(np.uint8)
+            raw = (rng.integers(0, 100, labels.shape) + 100 * labels).astype(np.uint8)
+            write_volume(root / "data" / f"v{i}{suffix}", raw, labels)
+        if damage is not None:
+            damage(root / "data" / f"v1{suffix}")
+        rows = [f"v{i}{suffix},{SPLITS[i]}" for i in range(3)]
+        (root / "data" / "index.csv").write_text("image,split\n" + "\n".join(rows) + "\n")
+        fmt = "hdf5" if suffix == ".h5" else "zarr"
+        (root / "m.yaml").write_text(PIXELS + "datasets:\n" + VOLUME_SET % fmt)
+        return ["extract", "--manifest", "m.yaml", "--workers", "0", *flags]
+
+    return setup
+
+
+def _rewrite(raw: np.ndarray, labels: np.ndarray, **kw: str) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        write_volume(path, raw, labels, **kw)
+
+    return damage
+
+
+def _png_named(path: Path) -> None:
+    path.unlink()
+    png(path.with_suffix(".png"))
+    path.with_suffix(".png").rename(path)
+
+
+def _cut_chunk(path: Path) -> None:
+    chunk = path / "volumes" / "raw" / "c" / "2" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+
+
+def _as_n5(path: Path) -> None:
+    """An N5 container (root attributes.json, no Zarr metadata) where v1.zarr was."""
+    shutil.rmtree(path)
+    path.mkdir()
+    (path / "attributes.json").write_text('{"n5": "2.0.0"}')
+
+
+_VOL = np.zeros((4, 32, 32), np.uint8)
+
+
 def _tif(data: np.ndarray, **kw: object) -> Callable[[Path], None]:
     import tifffile
 
@@ -726,6 +805,68 @@ CASES = [
         "refused",
         tiff_stack(_tif(_RNG.integers(0, 255, (3, 32, 32, 4), np.uint8), photometric="separated")),
         r"v1\.tif: photometric SEPARATED \(CMYK",
+    ),
+    # HDF5 and Zarr volumes (issue 30)
+    Case("HDF5 volumes, raw and labels by path (control)", "accepted", volumes(".h5")),
+    Case("Zarr v3 volumes, raw and labels by path (control)", "accepted", volumes(".zarr")),
+    Case(
+        "HDF5 volume truncated",
+        "refused",
+        volumes(".h5", _truncate),
+        r"v1\.h5 \[volumes/raw\]: not a readable HDF5 file",
+    ),
+    Case(
+        "PNG renamed .h5",
+        "refused",
+        volumes(".h5", _png_named),
+        r"v1\.h5 \[volumes/raw\]: not a readable HDF5 file",
+    ),
+    Case(
+        "HDF5 volume without the raw path",
+        "refused",
+        volumes(".h5", _rewrite(_VOL, _VOL, raw_at="raw")),
+        r"v1\.h5 \[volumes/raw\]: no such dataset",
+    ),
+    Case(
+        "HDF5 raw of rank 4",
+        "refused",
+        volumes(".h5", _rewrite(_VOL[None], _VOL)),
+        r"v1\.h5 \[volumes/raw\]: array of rank 4",
+    ),
+    Case(
+        "HDF5 labels of another shape",
+        "refused",
+        volumes(".h5", _rewrite(_VOL, _VOL[:, :16])),
+        r"v1\.h5 \[volumes/labels\]: label array of shape \(4, 16, 32\)",
+    ),
+    Case(
+        "HDF5 neuron ids (uint64) as class ids",
+        "refused",
+        volumes(".h5", _rewrite(_VOL, _VOL.astype(np.uint64) + 70000)),
+        r"v1\.h5 \[volumes/labels\]: mask values must be integer class ids",
+    ),
+    Case(
+        "Zarr volume with a truncated chunk",
+        "refused",
+        volumes(".zarr", _cut_chunk),
+        r"v1\.zarr \[volumes/raw\]: cannot read slices",
+    ),
+    Case(
+        "Zarr volume with a truncated chunk, --skip-bad",
+        "skipped",
+        volumes(".zarr", _cut_chunk, "--skip-bad"),
+    ),
+    Case(
+        "a folder of PNGs named .zarr",
+        "refused",
+        volumes(".zarr", lambda p: (shutil.rmtree(p), png(p / "0.png"))),
+        r"v1\.zarr \[volumes/raw\]: not a readable Zarr group",
+    ),
+    Case(
+        "N5 container as zarr",
+        "refused",
+        volumes(".zarr", _as_n5),
+        r"v1\.zarr \[volumes/raw\]: an N5 container; N5 is not supported",
     ),
 ]
 

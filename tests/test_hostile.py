@@ -7,6 +7,7 @@ test_properties.py; benchmarks/reliability.py runs the same cases through the CL
 
 from __future__ import annotations
 
+import re
 import resource
 import struct
 import time
@@ -340,3 +341,79 @@ def test_mask_value_outside_classes_is_refused_when_loaded(tmp_path):
 def test_feature_overflow_is_a_featstore_error_and_a_floating_point_error():
     err = FeatureOverflowError("features overflow float16")
     assert isinstance(err, FeatstoreError) and isinstance(err, FloatingPointError)
+
+
+# ------------------------------------------------------------------ HDF5 and Zarr volumes
+
+VOLUME_SET = (
+    "datasets:\n  - {name: v, format: %s, path: data, index: index.csv, task: segmentation, "
+    "dims: 3, classes: [bg, fg], volume: {raw: volumes/raw, labels: volumes/labels}}\n"
+)
+
+
+def _volume_set(root: Path, suffix: str) -> Path:
+    """Three 4 x 16 x 16 volumes with labels inside each file (.h5 or Zarr v3 .zarr)."""
+    import h5py
+    import zarr
+
+    (root / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        arrays = {"volumes/raw": rng.integers(0, 255, (4, 16, 16), np.uint8)}
+        arrays["volumes/labels"] = (arrays["volumes/raw"] > 128).astype(np.uint8)
+        path = root / "data" / f"v{i}{suffix}"
+        if suffix == ".h5":
+            with h5py.File(path, "w") as f:
+                for inner, arr in arrays.items():
+                    f.create_dataset(inner, data=arr)
+            continue
+        group = zarr.open_group(path, mode="w", zarr_format=3)
+        for inner, arr in arrays.items():
+            group.create_array(inner, shape=arr.shape, dtype=arr.dtype, chunks=(1, 16, 16))
+            group[inner][:] = arr
+    rows = "".join(f"v{i}{suffix},{s}\n" for i, s in enumerate(("train", "val", "test")))
+    (root / "data" / "index.csv").write_text("image,split\n" + rows)
+    fmt = "hdf5" if suffix == ".h5" else "zarr"
+    return _manifest(root, PIXELS + VOLUME_SET % fmt)
+
+
+def _half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _labels_16x8(path: Path) -> None:
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        del f["volumes/labels"]
+        f.create_dataset("volumes/labels", data=np.zeros((4, 16, 8), np.uint8))
+
+
+def _png_h5(path: Path) -> None:
+    path.unlink()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path, format="PNG")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "damage", "expected"),
+    [
+        (".h5", _half, r"v1\.h5 \[volumes/raw\]: not a readable HDF5 file"),
+        (".h5", _png_h5, r"v1\.h5 \[volumes/raw\]: not a readable HDF5 file"),
+        (".h5", _labels_16x8, r"v1\.h5 \[volumes/labels\]: label array of shape \(4, 16, 8\)"),
+        (".zarr", lambda p: _half(p / "volumes/raw/c/2/0/0"), r"v1\.zarr \[volumes/raw\]: cannot"),
+        (
+            ".zarr",
+            lambda p: (p / "zarr.json").unlink(),
+            r"v1\.zarr \[volumes/raw\]: not a readable",
+        ),
+    ],
+    ids=["h5-truncated", "h5-png", "h5-labels-shape", "zarr-chunk-truncated", "zarr-no-metadata"],
+)
+def test_hostile_volumes_are_refused_by_the_cli_naming_file_and_array(
+    tmp_path, suffix, damage, expected
+):
+    path = _volume_set(tmp_path, suffix)
+    damage(tmp_path / "data" / f"v1{suffix}")
+    result = runner.invoke(app, ["extract", "--manifest", str(path), "--workers", "0"])
+    assert result.exit_code == 2, result.output
+    assert re.search(expected, result.output) and "Traceback" not in result.output, result.output

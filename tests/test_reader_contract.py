@@ -6,7 +6,9 @@
    here, or PIL), or refused with a `BadInputError` naming the file and the property.
    Test ids name the matrix: reader-dtype-photometric-planar-tiling-pages.
 2. For every reader, the header's size equals the decoded shape.
-3. For tiled readers (wsi), a region read equals the same crop of a whole read.
+3. For tiled readers (wsi; hdf5 and zarr volumes, read slice run by slice run), a
+   region read equals the same region of a whole read by the file's own library
+   (tifffile, h5py, zarr).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -407,6 +411,31 @@ def _write_wsi(folder: Path) -> Dataset:
     return _dataset(folder, "wsi", "s.tif")
 
 
+VOLUME = np.random.default_rng(1).integers(0, 65535, (5, 20, 24), np.uint16)
+ARRAYS = {"raw": "volumes/raw"}
+
+
+def _volume_dataset(folder: Path, fmt: str, name: str) -> Dataset:
+    (folder / "index.csv").write_text(f"image,label,split\n{name},0,train\n")
+    return Dataset(
+        name="c", format=fmt, path=folder, index="index.csv", task="classification", dims=3,
+        volume=ARRAYS,
+    )  # fmt: skip
+
+
+def _write_hdf5(folder: Path) -> Dataset:
+    with h5py.File(folder / "v.h5", "w") as f:
+        f.create_dataset("volumes/raw", data=VOLUME, chunks=(2, 8, 8))
+    return _volume_dataset(folder, "hdf5", "v.h5")
+
+
+def _write_zarr(folder: Path) -> Dataset:
+    group = zarr.open_group(folder / "v.zarr", mode="w")
+    group.create_array("volumes/raw", shape=VOLUME.shape, chunks=(2, 8, 8), dtype=VOLUME.dtype)
+    group["volumes/raw"][:] = VOLUME
+    return _volume_dataset(folder, "zarr", "v.zarr")
+
+
 # One fixture per registered reader: a new format adds a line here, and the contract
 # below checks it (the first test fails until it does).
 FIXTURES: dict[str, Callable[[Path], Dataset]] = {
@@ -416,6 +445,8 @@ FIXTURES: dict[str, Callable[[Path], Dataset]] = {
     "medmnist": _write_medmnist,
     "wsi": _write_wsi,
     "stack": _write_stack,
+    "hdf5": _write_hdf5,
+    "zarr": _write_zarr,
 }
 
 
@@ -436,15 +467,47 @@ def test_header_size_is_the_decoded_shape(tmp_path, fmt):
         assert readers.header(ds, s).size == got.shape[1:3], fmt
 
 
-@pytest.mark.parametrize("fmt", [f for f, r in sorted(readers.READERS.items()) if r.tiled])
+def _slide_regions(folder: Path, ds: Dataset) -> tuple[Sample, np.ndarray]:
+    whole = tifffile.imread(folder / "s.tif")
+    return _slide_sample(folder, "s.tif"), np.stack(
+        [whole[y : y + TILE, x : x + TILE] for x, y in XY]
+    )
+
+
+def _volume_regions(folder: Path, ds: Dataset) -> tuple[Sample, np.ndarray]:
+    (s,) = readers.list_samples(ds)
+    if ds.format == "hdf5":
+        with h5py.File(folder / "v.h5", "r") as f:
+            whole = f["volumes/raw"][:]
+    else:
+        whole = zarr.open_array(folder / "v.zarr", path="volumes/raw", mode="r")[:]
+    return s, whole[..., None]
+
+
+# Per tiled reader: a sample and its items, (n, H, W[, C]), read whole by the file's
+# own library; the items read alone and in one run must equal them.
+REGIONS: dict[str, Callable[[Path, Dataset], tuple[Sample, np.ndarray]]] = {
+    "wsi": _slide_regions,
+    "hdf5": _volume_regions,
+    "zarr": _volume_regions,
+}
+
+
+def test_every_tiled_reader_has_a_region_fixture():
+    assert set(REGIONS) == {f for f, r in readers.READERS.items() if r.tiled}
+
+
+@pytest.mark.parametrize("fmt", sorted(REGIONS))
 def test_a_region_is_the_crop_of_a_whole_read(tmp_path, fmt):
-    """Tiles read alone, in one batch and one by one, equal crops of the whole level
-    decoded independently (tifffile.imread)."""
+    """Items read alone, in one batch and one by one, equal the same regions of the
+    whole decoded independently (tifffile.imread, h5py, zarr)."""
     ds = FIXTURES[fmt](tmp_path)
-    whole = tifffile.imread(tmp_path / "s.tif")
-    s = _slide_sample(tmp_path, "s.tif")
+    s, whole = REGIONS[fmt](tmp_path, ds)
     batch = readers.load(ds, s, as_read=True, items=range(s.n_items)).image
-    for k, (x, y) in enumerate(XY):
+    assert batch.shape == whole.shape and batch.dtype == whole.dtype
+    for k in range(s.n_items):
         alone = readers.load(ds, s, as_read=True, items=range(k, k + 1)).image[0]
-        np.testing.assert_array_equal(alone, whole[y : y + TILE, x : x + TILE])
+        np.testing.assert_array_equal(alone, whole[k])
         np.testing.assert_array_equal(batch[k], alone)
+    middle = readers.load(ds, s, as_read=True, items=range(1, 3)).image
+    np.testing.assert_array_equal(middle, whole[1:3])

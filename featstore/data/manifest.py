@@ -23,6 +23,7 @@ from featstore.data.settings import (
     FORMATS,
     MAX_RESOLUTION,
     MIN_RESOLUTION,
+    VOLUME_FORMATS,
     EncoderPreprocessing,
     Format,
     Frozen,
@@ -34,6 +35,7 @@ from featstore.data.settings import (
     Splits,
     Synthetic,
     Tiling,
+    Volume,
     check_resolutions,
 )
 from featstore.errors import ManifestError
@@ -84,6 +86,7 @@ class Dataset(Frozen):
     resolutions: Resolutions | None = None  # overrides the top-level list for this set
     synthetic: Synthetic | None = None
     tiling: Tiling | None = None  # whole-slide images: required
+    volume: Volume | None = None  # format hdf5 / zarr: required (arrays by internal path)
     label_efficiency: LabelEfficiency | None = None  # `featstore probe`'s curve points
     # index rows may name files outside `path` (absolute, `../`, symlinks out of it)
     allow_outside_paths: bool = False
@@ -142,6 +145,7 @@ class Dataset(Frozen):
             )
         if self.slides and (self.dims != 2 or self.task == "segmentation"):
             raise ValueError("slides are classified from 2D tiles: set `dims: 2` and a label task")
+        self._check_volume()
         rules = FORMATS[self.format]
         if self.dims not in rules.dims:
             want = " or ".join(map(str, rules.dims))
@@ -159,6 +163,28 @@ class Dataset(Frozen):
                 f"synthetic kind '{self.synthetic.kind}' does not match dims {self.dims}"
             )
         return self
+
+    def _check_volume(self) -> None:
+        if (self.format in VOLUME_FORMATS) != (self.volume is not None):
+            raise ValueError(
+                "formats 'hdf5' and 'zarr' go with a `volume: {raw: volumes/raw}` block "
+                "(internal paths of the arrays), and that block with those formats only"
+            )
+        if self.volume is None:
+            return
+        if (self.task == "segmentation") != (self.volume.labels is not None):
+            raise ValueError(
+                "a segmentation dataset of format hdf5/zarr names its label array, "
+                "`volume: {raw: volumes/raw, labels: volumes/labels/clefts}`, and only "
+                "segmentation datasets take `labels` (classification labels come from the "
+                "index's `label` column)"
+            )
+        if self.intensity.mode == "percentile":
+            raise ValueError(
+                f"format '{self.format}' reads a volume slice run by slice run, never whole, "
+                "so its percentiles are not computed; use `intensity: {mode: minmax}` (the "
+                "volume's min and max, found block by block) or a fixed window"
+            )
 
 
 class Study(Frozen):

@@ -52,6 +52,9 @@ class Reader:
     folder: ClassVar[bool | None] = False
     tiled: ClassVar[bool] = False  # items are regions of a sample, decoded on their own
     columns: ClassVar[frozenset[str]] = frozenset()  # index columns besides the usual ones
+    # a segmentation sample's labels are an array inside its image file (HDF5, Zarr),
+    # not a `mask` file of the index
+    inner_labels: ClassVar[bool] = False
 
     def count(self, ds: Dataset, path: Path) -> int:
         """Items (slices) of the sample at `path`, from its header."""
@@ -91,7 +94,7 @@ class Reader:
         out = []
         skipped: dict[str, str] = {}
         width: tuple[int, str] | None = None  # multi-hot length, and the line that set it
-        for where, row in read_index(ds, self.columns):
+        for where, row in read_index(ds, self.columns, mask_column=not self.inner_labels):
             sample = self._row(ds, where, row)
             if isinstance(sample, Skip):
                 skipped[sample.id] = sample.reason
@@ -117,9 +120,15 @@ class Reader:
         if self.folder is False and image.is_dir():
             raise BadInputError(f"{where}: image {image} is a folder, not an image file")
         mask = inside(ds, row["mask"], "mask", where) if row.get("mask", "").strip() else None
-        if ds.task == "segmentation" and (mask is None or not exists(mask)):
+        if mask is not None and self.inner_labels:
+            raise BadInputError(
+                f"{where}: format {ds.format} reads labels from the array that "
+                "`volume.labels` names inside the image file; leave the mask cell empty"
+            )
+        if ds.task == "segmentation" and not self.inner_labels and not (mask and exists(mask)):
             raise BadInputError(f"{where}: mask {mask or '(empty)'} does not exist")
-        if mask is not None and mask.is_dir() and self.folder is False:
+        # a mask is a file, but for stacks (a folder of sections); DICOM masks are NIfTI
+        if mask is not None and mask.is_dir() and self.folder is not None:
             raise BadInputError(f"{where}: mask {mask} is a folder, not a label file")
         label = () if ds.task == "segmentation" else parse_label(row.get("label", ""), ds, where)
         split = row.get("split", "").strip()

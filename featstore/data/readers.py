@@ -19,6 +19,7 @@ import numpy as np
 
 from featstore.data.dicom import Dicom
 from featstore.data.fingerprint import fingerprint
+from featstore.data.hdf5 import Hdf5
 from featstore.data.manifest import SPLITS, Dataset
 from featstore.data.medmnist import MedMnist
 from featstore.data.nifti import Nifti
@@ -29,6 +30,7 @@ from featstore.data.settings import GlobIndex
 from featstore.data.stacks import Stacks
 from featstore.data.synthetic import generate
 from featstore.data.wsi import Slides
+from featstore.data.zarr_arrays import ZarrArrays
 from featstore.errors import BadInputError
 
 __all__ = ["READERS", "Header", "Loaded", "Prepared", "Sample", "list_samples", "load"]
@@ -41,6 +43,8 @@ READERS: dict[str, Reader] = {
     "medmnist": MedMnist(),
     "wsi": Slides(),
     "stack": Stacks(),
+    "hdf5": Hdf5(),
+    "zarr": ZarrArrays(),
 }
 # Synthetic datasets are written as real files of one of those formats.
 SYNTHETIC = {"cls2d": "images", "seg2d": "images", "cls3d": "nifti", "seg3d": "nifti"}
@@ -172,13 +176,15 @@ def header(ds: Dataset, sample: Sample) -> Header:
 
 
 def tiled(ds: Dataset) -> bool:
-    """Whether `ds`'s items are regions decoded on their own (tiles of a slide)."""
+    """Whether `ds`'s items are regions decoded on their own (tiles of a slide, slice
+    runs of an HDF5/Zarr volume)."""
     return reader_for(ds).tiled
 
 
 def load(ds: Dataset, sample: Sample, as_read: bool = False, items: range | None = None) -> Loaded:
     """Decode `items` of one sample (default all); `BadInputError` naming the file on
-    any problem. Non-tiled formats always decode the whole sample.
+    any problem. Non-tiled formats always decode the whole sample; tiled ones (slides,
+    HDF5/Zarr volumes) only `items`.
 
     as_read: MedMNIST and PNG/JPEG/TIFF images keep the integer dtype they are stored
     in (uint8, uint16, int32) instead of float32, with the same values; NIfTI and DICOM

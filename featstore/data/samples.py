@@ -65,6 +65,10 @@ class Loaded:
 
     image: np.ndarray  # (D, H, W, C)
     mask: np.ndarray | None  # (D, H, W) uint8
+    # (min, max) of the whole sample's raw intensities, where `image` holds only some
+    # of its slices (a volume read in blocks): a per-sample `minmax` mapping uses it,
+    # so that every slice run of a volume is mapped as the whole volume would be
+    span: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,10 +182,11 @@ def index_path(ds: Dataset) -> Path:
 
 
 def read_index(
-    ds: Dataset, extra: frozenset[str] = frozenset()
+    ds: Dataset, extra: frozenset[str] = frozenset(), mask_column: bool = True
 ) -> list[tuple[str, dict[str, str]]]:
     """(where, row) per sample; `where` names the file and line for messages.
-    `extra`: columns this format needs besides image, label/mask, split, metadata."""
+    `extra`: columns this format needs besides image, label/mask, split, metadata;
+    mask_column False: segmentation labels live inside the image file (no `mask`)."""
     if isinstance(ds.index, GlobIndex):
         path, located = ds.path / ds.index.glob, _glob_rows(ds, ds.index)
     else:
@@ -190,7 +195,9 @@ def read_index(
     rows = [r for _, r in located]
     if not rows:
         raise BadInputError(f"{path}: index has no rows; add one row per sample")
-    need = {"image"} | ({"mask"} if ds.task == "segmentation" else {"label"}) | set(ds.metadata)
+    seg = ds.task == "segmentation"
+    need = {"image"} | ({"mask"} if seg and mask_column else set() if seg else {"label"})
+    need |= set(ds.metadata)
     need |= extra
     if splits_from_column(ds):
         need.add("split")
@@ -305,11 +312,11 @@ def fill_outlines(mask: np.ndarray) -> np.ndarray:
 
 
 def finish_mask(
-    ds: Dataset, m: np.ndarray, mpath: Path, image: Path, shape: tuple[int, ...]
+    ds: Dataset, m: np.ndarray, mpath: Path | str, image: Path, shape: tuple[int, ...]
 ) -> np.ndarray:
     """A decoded mask `m` (D, H, W) as uint8 class ids: checked against the image's
     `shape` (D, H, W), mapped by `mask_map`, outlines filled, ids checked against
-    `classes`."""
+    `classes`. `mpath` names the mask in messages (a file, or a file and its array)."""
     if m.ndim == 4:
         m = m[..., 0]
     if m.shape != shape:
@@ -317,7 +324,8 @@ def finish_mask(
             f"{mpath}: mask shape {m.shape[1:] if shape[0] == 1 else m.shape} "
             f"differs from its image {image} {shape[1:3] if shape[0] == 1 else shape}"
         )
-    check_finite(m.astype(np.float32), str(mpath))
+    if m.dtype.kind == "f":  # integers are always finite (and may be 8 bytes a voxel)
+        check_finite(m, str(mpath))
     if m.min() < 0 or m.max() > 255 or not np.array_equal(m, np.round(m)):
         raise BadInputError(f"{mpath}: mask values must be integer class ids in 0..255")
     mask = m.astype(np.uint8)

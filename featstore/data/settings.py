@@ -11,7 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-Format = Literal["medmnist", "images", "nifti", "dicom", "wsi", "stack", "synthetic"]
+Format = Literal[
+    "medmnist", "images", "nifti", "dicom", "wsi", "stack", "hdf5", "zarr", "synthetic"
+]
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,12 @@ FORMATS: dict[str, FormatRules] = {
     "stack": FormatRules(
         (3,), "one volume per sample (a multi-page TIFF or a folder)", decode=DECODE_VERSION
     ),
+    "hdf5": FormatRules((3,), "one volume per file, read by its `volume:` paths"),
+    "zarr": FormatRules((3,), "one volume per Zarr folder, read by its `volume:` paths"),
     "synthetic": FormatRules((2, 3), "generated data", index=False),
 }
+# Formats whose files hold named arrays (`volume:` block), read slice run by slice run.
+VOLUME_FORMATS = ("hdf5", "zarr")
 
 # Bounds checked before anything is allocated: a typo (224000) must not reach
 # `np.empty((n, 3, r, r))` or a zarr allocation.
@@ -91,6 +97,25 @@ class Intensity(Frozen):
         if self.mode == "percentile" and not 0 <= self.low < self.high <= 100:
             raise ValueError("mode 'percentile' needs 0 <= low < high <= 100")
         return self
+
+
+class Volume(Frozen):
+    """The arrays of one volume inside an HDF5 file or a Zarr folder (`format: hdf5 |
+    zarr`), by internal path, as CREMI ships them:
+
+        volume: {raw: volumes/raw, labels: volumes/labels/neuron_ids,
+                 resolution: resolution, unit: nm}
+
+    raw: the (z, y, x) intensity array; items are its z slices. labels: the class-id
+    array of the same shape (segmentation only). resolution: the name of `raw`'s
+    attribute holding the (z, y, x) voxel size, in `unit` (CREMI: (40, 4, 4) nm);
+    spacing is recorded in mm. Without it the spacing is unknown.
+    """
+
+    raw: str = Field(min_length=1, pattern=r"\S")
+    labels: str | None = Field(default=None, min_length=1, pattern=r"\S")
+    resolution: str | None = Field(default=None, min_length=1)
+    unit: Literal["nm", "um", "mm"] = "nm"
 
 
 class Splits(Frozen):

@@ -117,8 +117,9 @@ def _plane(path: Path, arr: np.ndarray, is_mask: bool) -> np.ndarray:
     return arr[..., 0]
 
 
-def _block(text: str, n: int, where: str) -> range:
-    """The sections "a:b" (half-open) of a stack of n; all of them when empty."""
+def section_block(text: str, n: int, where: str) -> range:
+    """The sections "a:b" (half-open) of a stack of n; all of them when empty (the
+    index's `sections` cell, for stacks and HDF5/Zarr volumes alike)."""
     if not text.strip():
         return range(n)
     try:
@@ -137,7 +138,7 @@ class Stacks(Reader):
 
     def describe(self, ds: Dataset, base: Sample, row: dict[str, str], where: str) -> Sample | Skip:
         n = stack_shape(Path(base.image))[0]
-        block = _block(row.get("sections", ""), n, where)
+        block = section_block(row.get("sections", ""), n, where)
         meta = (*base.meta, ("_sections", f"{block.start}:{block.stop}"))
         return replace(base, n_items=len(block), meta=meta)
 

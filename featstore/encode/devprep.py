@@ -80,10 +80,13 @@ class RawSample:
     scale: float
 
 
-def raw_sample(image: np.ndarray, intensity: Intensity) -> RawSample:
-    """Narrow a decoded sample and compute its mapping over the whole sample (volume)."""
+def raw_sample(
+    image: np.ndarray, intensity: Intensity, span: tuple[float, float] | None = None
+) -> RawSample:
+    """Narrow a decoded sample and compute its mapping over the whole sample (volume;
+    `span`: the whole sample's (min, max) where `image` is a slice run of it)."""
     x = narrowest(image)
-    mapping = unit_map(x, intensity)
+    mapping = unit_map(x, intensity, span)
     lo, scale = (0.0, 1.0) if mapping is None else mapping  # none: clip only
     return RawSample(x, float(lo), float(scale))
 

@@ -1,9 +1,10 @@
 """Intensity handling, resizing and normalisation (numpy + PIL; no torch).
 
 Intensities become [0, 1] per sample (a whole volume at once, so every slice of a
-volume shares one mapping), slices are resized (antialiased, with the encoder's own
-filter: bilinear or bicubic) to the encoder input, grey is replicated to 3 channels,
-and the encoder's own mean/std are applied.
+volume shares one mapping; a volume read in blocks brings its whole `span`), slices
+are resized (antialiased, with the encoder's own filter: bilinear or bicubic) to the
+encoder input, grey is replicated to 3 channels, and the encoder's own mean/std are
+applied.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def interpolation(name: object, where: str) -> Interpolation:
     )
 
 
-def unit_map(image: np.ndarray, intensity: Intensity) -> tuple[float, float] | None:
+def unit_map(
+    image: np.ndarray, intensity: Intensity, span: tuple[float, float] | None = None
+) -> tuple[float, float] | None:
     """(lo, scale) of the sample's mapping x -> clip((x - lo) * scale, 0, 1), or None
-    for mode `none` (clip only). `image` is the whole sample, any shape and dtype."""
+    for mode `none` (clip only). `image` is the whole sample, any shape and dtype, or
+    some slices of it with `span`, the whole sample's (min, max) (`Loaded.span`), which
+    mode `minmax` then uses (the manifest refuses `percentile` for such samples)."""
     if intensity.mode == "window":
         center, width = intensity.center, intensity.width
         assert center is not None and width is not None  # Intensity's validator checks them
@@ -41,17 +46,20 @@ def unit_map(image: np.ndarray, intensity: Intensity) -> tuple[float, float] | N
     elif intensity.mode == "percentile":
         lo, hi = np.percentile(image, [intensity.low, intensity.high])
     elif intensity.mode == "minmax":
-        lo, hi = float(image.min()), float(image.max())
+        lo, hi = span if span is not None else (float(image.min()), float(image.max()))
     else:  # none: the data is already in [0, 1]
         return None
     scale = 1.0 / (hi - lo) if hi > lo else 0.0
     return lo, scale
 
 
-def to_unit(image: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Raw intensities (any shape) to float32 in [0, 1] with one mapping per sample."""
+def to_unit(
+    image: np.ndarray, intensity: Intensity, span: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Raw intensities (any shape) to float32 in [0, 1] with one mapping per sample
+    (`span`: see `unit_map`)."""
     x = image.astype(np.float32, copy=False)
-    mapping = unit_map(x, intensity)
+    mapping = unit_map(x, intensity, span)
     if mapping is None:
         return np.clip(x, 0.0, 1.0)
     lo, scale = mapping
@@ -75,18 +83,23 @@ def _fit_plane(
 
 
 def preprocess(
-    image: np.ndarray, mask: np.ndarray | None, cfg: Preprocess
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    cfg: Preprocess,
+    span: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Encoder input for every slice of one sample.
 
     Args:
         image: (D, H, W, C) float32 raw intensities, C in {1, 3}.
         mask: (D, H, W) uint8 class ids, or None.
+        span: the whole sample's (min, max) where `image` is a slice run of it
+            (`Loaded.span`); None: `image` is the whole sample.
     Returns:
         pixels: (D, 3, R, R) float32, normalised with the encoder's mean/std.
         mask:   (D, R, R) uint8 (nearest-neighbour), or None.
     """
-    unit = to_unit(image, cfg.intensity)
+    unit = to_unit(image, cfg.intensity, span)
     d, _, _, c = unit.shape
     r = cfg.resolution
     out = np.empty((d, 3, r, r), np.float32)

@@ -99,10 +99,10 @@ class Batches(torch.utils.data.Dataset[Batch]):
             if device:
                 got = Decoded(
                     mask=fit_mask(loaded.mask, self.pre),
-                    raw=raw_sample(loaded.image, self.pre.intensity),
+                    raw=raw_sample(loaded.image, self.pre.intensity, loaded.span),
                 )
             else:
-                got = Decoded(*preprocess(loaded.image, loaded.mask, self.pre))
+                got = Decoded(*preprocess(loaded.image, loaded.mask, self.pre, loaded.span))
         except BadInputError as exc:
             return Decoded(error=str(exc))
         expected = sample.n_items if items is None else len(items)
@@ -115,8 +115,8 @@ class Batches(torch.utils.data.Dataset[Batch]):
 
     def _sample(self, i: int, first: int, run: int) -> tuple[Decoded, int]:
         """Items first..first+run of sample i, and the row of `first` in the result.
-        Slides are decoded tile run by tile run; other samples whole and kept, since
-        a volume's slices span batches."""
+        Slides and HDF5/Zarr volumes are decoded run by run; other samples whole and
+        kept, since a volume's slices span batches."""
         if self.tiled:
             return self._decode(i, range(first, first + run)), 0
         if self._last is None or self._last[0] != i:

@@ -9,8 +9,9 @@ is written into the set when it is allocated (or its coordinates repaired):
 - a few example thumbnails: for each of the first `N_EXAMPLES` test samples (slides:
   other slides too when there are fewer test slides), the
   slice the report shows (segmentation: the one with most foreground in the stored
-  mask; otherwise the middle slice), as the encoder saw it (channel 0, in [0, 1]) in
-  uint8, at the input resolution or shrunk to `THUMB_MAX`;
+  mask; otherwise, and for HDF5/Zarr volumes, which are read in blocks, the middle
+  slice), as the encoder saw it (channel 0, in [0, 1]) in uint8, at the input
+  resolution or shrunk to `THUMB_MAX`;
 - for slides, also each example slide's overview at about `tiling.tissue_mpp` with its
   tissue mask, for the report's slide figure (`schema.OVERVIEWS`).
 
@@ -39,12 +40,13 @@ from featstore.store.schema import N_EXAMPLES, NATIVE, THUMB_MAX, Items
 def _thumbnail(prep: Prepared, i: int, pre: Preprocess) -> tuple[int, np.ndarray]:
     """(item shown, counted within the sample; (t, t) uint8 thumbnail) of sample `i`."""
     sample, first = prep.samples[i], 0
-    if readers.tiled(prep.ds):  # a slide: its middle tile, never the whole slide
+    if readers.tiled(prep.ds):  # a slide's middle tile, an HDF5/Zarr volume's middle
+        # slice: never the whole sample
         first = sample.n_items // 2
         loaded = readers.load(prep.ds, sample, items=range(first, first + 1))
     else:
         loaded = readers.load(prep.ds, sample)
-    pixels, masks = preprocess(loaded.image, loaded.mask, pre)
+    pixels, masks = preprocess(loaded.image, loaded.mask, pre, loaded.span)
     k = int(np.argmax((masks > 0).sum((1, 2)))) if masks is not None else len(pixels) // 2
     unit = np.clip(pixels[k, 0] * pre.std[0] + pre.mean[0], 0.0, 1.0)
     if pre.resolution > THUMB_MAX:
