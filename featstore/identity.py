@@ -201,6 +201,17 @@ class Recipe:
         )
 
 
+def short(digest: str) -> str:
+    """A sha256 hex digest (a set's key, a weights hash) as people read it: tables,
+    result rows (`feature_set`), `ls`, messages. The one place it is cut."""
+    return digest[:12]
+
+
+def folder_name(key: str) -> str:
+    """The folder of the feature set whose cache key is `key`."""
+    return f"{key[:24]}.zarr"
+
+
 def canonical(obj: Any) -> Any:
     """The JSON form of `obj` (tuples as lists), as stored in attributes."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import typer
 
+from featstore.data.manifest import DEFAULT_CACHE
 from featstore.errors import FeatstoreError, Interrupted, ManifestError, StopRequested
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ def report(
 def ls(
     cache: str = typer.Argument(
         None,
-        help="Feature-set folder or URL (default: $FEATSTORE_CACHE or cache/features).",
+        help=f"Feature-set folder or URL (default: $FEATSTORE_CACHE or {DEFAULT_CACHE}).",
     ),
 ) -> None:
     """List the feature sets in a cache folder."""
@@ -286,7 +287,7 @@ def ls(
 
     from featstore.store.catalog import list_sets
 
-    cache = cache or os.environ.get("FEATSTORE_CACHE", "cache/features")
+    cache = cache or os.environ.get("FEATSTORE_CACHE", DEFAULT_CACHE)
     try:
         rows = list_sets(cache)
     except FeatstoreError as exc:

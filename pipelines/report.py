@@ -20,7 +20,7 @@ import xarray as xr
 
 from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import ProbeError
-from featstore.identity import requested
+from featstore.identity import requested, short
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.results_file import read_results
 from featstore.probing.rows import ordinary
@@ -126,7 +126,7 @@ def _slide_section(
         if path is None:
             continue
         xs = open_set(path)
-        md, body = _slides(ds, xs, str(xs.attrs["cache_key"])[:12], out)
+        md, body = _slides(ds, xs, short(str(xs.attrs["cache_key"])), out)
         if scored or not md:
             return md, body
         head = f"{ds.name} (slides; no scores: see the probe's problem lines)"

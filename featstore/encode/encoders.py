@@ -20,6 +20,7 @@ model is built by the `Encoder` when a batch must be computed (see
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 from featstore.encode import hf, open_clip_models, pixels, timm_models
 from featstore.encode.presets import OPEN_CLIP_PRESETS, preset_names
@@ -28,7 +29,14 @@ from featstore.errors import EncoderNotFoundError
 
 __all__ = ["BACKENDS", "Encoder", "FeatureBatch", "load_encoder", "resolve_encoder"]
 
-BACKENDS = ("hf", "timm", "open_clip", "pixels")
+# The one table of backends: a spec's prefix -> the module that resolves it. Each has
+# `resolve(target, flag, memo)`, but for the pixel baseline's `resolve(patch)`.
+BACKENDS: dict[str, ModuleType] = {
+    "hf": hf,
+    "timm": timm_models,
+    "open_clip": open_clip_models,
+    "pixels": pixels,
+}
 
 
 def _split_flag(rest: str) -> tuple[str, str]:
@@ -48,12 +56,12 @@ def resolve_encoder(spec: str, memo: Path | None = None) -> Resolved:
     prefix, sep, rest = spec.partition(":")
     if prefix == "pixels":
         return pixels.resolve(rest)
-    if sep and prefix in ("hf", "timm", "open_clip"):
+    if sep and prefix in BACKENDS:
         target, flag = _split_flag(rest)
         if not target:
             raise EncoderNotFoundError(f"encoder '{spec}': nothing after '{prefix}:'")
-        backend = {"hf": hf, "timm": timm_models, "open_clip": open_clip_models}[prefix]
-        return backend.resolve(target, flag, memo)
+        found: Resolved = BACKENDS[prefix].resolve(target, flag, memo)
+        return found
     if prefix in OPEN_CLIP_PRESETS:
         return open_clip_models.resolve(prefix, rest, memo)
     if prefix in hf.presets():

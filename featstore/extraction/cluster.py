@@ -28,7 +28,7 @@ from distributed import WorkerPlugin
 
 from featstore.data.readers import Prepared
 from featstore.errors import FeatstoreError, ManifestError, SchedulerUnreachableError
-from featstore.identity import EncoderInfo
+from featstore.identity import EncoderInfo, short
 
 if TYPE_CHECKING:  # run and local import torch where units run: loaded lazily, so
     # that `connect` (used by `featstore probe --scheduler`) stays torch-free
@@ -84,10 +84,10 @@ def _unit_task(
 
     encoder = _cache().get(spec, device, memo)
     if encoder.info != job.ident.weights:
-        expected = job.ident.weights.weights_sha256[:12] if job.ident.weights else "?"
+        expected = short(job.ident.weights.weights_sha256) if job.ident.weights else "?"
         raise StoreMismatchError(
             f"worker {os.uname().nodename} resolves encoder '{spec}' to other weights "
-            f"({encoder.info.weights_sha256[:12]}, the client's set expects {expected}); "
+            f"({short(encoder.info.weights_sha256)}, the client's set expects {expected}); "
             "give every worker the same model files"
         )
     one = replace(job.opts, num_workers=0, writers=1, progress=False)

@@ -28,7 +28,7 @@ from featstore.errors import (
     ManifestError,
     StoreCorruptError,
 )
-from featstore.identity import SetIdentity, labelled, requested
+from featstore.identity import SetIdentity, labelled, requested, short
 from featstore.places import Place, place, reachable
 from featstore.probing import classification, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
@@ -103,7 +103,7 @@ def set_columns(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> SetColumns:
         encoder=ident.weights.name,
         random_init=ident.weights.random_init,
         resolution=ident.recipe.resolution,
-        feature_set=str(xs.attrs["cache_key"])[:12],
+        feature_set=short(str(xs.attrs["cache_key"])),
         pool=opts.pool if ds.bags else "",
         protocol=opts.protocol,
         task=ds.task,
@@ -192,7 +192,7 @@ def _missing(
         f"--dataset {shlex.quote(ds.name)} --encoder {shlex.quote(spec)} --resolution {res}`"
     )
     if found.stale:  # sets of this request exist, made from other files
-        recorded = ", ".join(f[:12] for f in found.stale)
+        recorded = ", ".join(short(f) for f in found.stale)
         return (
             f"{where}: the data in {ds.path} changed since its feature set was extracted "
             f"(fingerprint {recorded} recorded, another now); re-extract it with {cmd}"

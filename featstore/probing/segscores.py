@@ -29,7 +29,8 @@ class Examples:
     truth: np.ndarray
 
 
-METRICS = ("dice", "iou", "precision", "recall", "hd95")
+METRICS = ("dice", "iou", "precision", "recall", "hd95")  # the rows of `volume_scores`
+PER_CLASS = ("dice", "hd95")  # also reported per class name (`dice:<name>`)
 # Bytes per pixel of a block being scored: the (H, W, K) float32 upsampled logits, the
 # int64 argmax, the uint8 prediction and truth (measured: benchmarks/seg_memory.py).
 PIXEL_BYTES_PER_CLASS, PIXEL_BYTES = 8, 16
@@ -46,13 +47,11 @@ def volume_scores(
     """
     if len(pred) == 1 and (spacing is None or len(spacing) == 2):  # a 2D image
         pred, truth = pred[0], truth[0]
-    return np.stack(
-        [
-            *fm.dice_iou(pred, truth, k),
-            *fm.precision_recall(pred, truth, k),
-            fm.hd95_per_class(pred, truth, k, spacing),
-        ]
-    )
+    dice, iou = fm.dice_iou(pred, truth, k)
+    precision, recall = fm.precision_recall(pred, truth, k)
+    hd95 = fm.hd95_per_class(pred, truth, k, spacing)
+    found = {"dice": dice, "iou": iou, "precision": precision, "recall": recall, "hd95": hd95}
+    return np.stack([found[m] for m in METRICS])
 
 
 Scorer = Callable[[np.ndarray], dict[str, float]]  # test units (indices) -> {metric: value}
@@ -68,8 +67,8 @@ def volume_scorer(per: np.ndarray, names: Sequence[str]) -> Scorer:
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples of a rare class
             out = {m: float(np.nanmean(np.nanmean(per[i, j], 1))) for j, m in enumerate(METRICS)}
             for c, name in enumerate(names):
-                out[f"dice:{name}"] = float(np.nanmean(per[i, 0, c]))
-                out[f"hd95:{name}"] = float(np.nanmean(per[i, 4, c]))
+                for m in PER_CLASS:
+                    out[f"{m}:{name}"] = float(np.nanmean(per[i, METRICS.index(m), c]))
         return out
 
     return scores

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from featstore.errors import ChunkChecksumError
-from featstore.identity import FORMAT_VERSION, SetIdentity, canonical
+from featstore.identity import FORMAT_VERSION, SetIdentity, canonical, folder_name, short
 from featstore.places import Place
 from featstore.store import arrays, schema
 from featstore.store.location import ROOT_META
@@ -189,10 +189,10 @@ def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
         reason = f"the recorded identity is missing or malformed ({exc!r})"
         return [Problem(Kind.ATTRIBUTES, reason)]
     out = []
-    if attrs.get("cache_key") != key or path.name != f"{key[:24]}.zarr":
+    if attrs.get("cache_key") != key or path.name != folder_name(key):
         out.append(
-            f"the recorded identity hashes to {key[:24]}, but cache_key is "
-            f"{str(attrs.get('cache_key'))[:24]} and the folder {path.name} {EDITED}"
+            f"the recorded identity hashes to {short(key)}, but cache_key is "
+            f"{short(str(attrs.get('cache_key')))} and the folder {path.name} {EDITED}"
         )
     assert ident.weights is not None  # from_attrs always sets it
     copies = {"encoder": ident.weights.to_dict(), "preprocess": ident.preprocess().to_dict()}

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from featstore.errors import ChunkChecksumError, StoreCorruptError, StoreIncompleteError
-from featstore.identity import FORMAT_VERSION, SetIdentity, labelled
+from featstore.identity import FORMAT_VERSION, SetIdentity, folder_name, labelled, short
 from featstore.places import Place, Remote, files, place, size
 from featstore.store import arrays, claims, integrity, mismatch
 from featstore.store.arrays import UnitWriter, plain
@@ -42,7 +42,7 @@ class FeatureSet:
     @classmethod
     def at(cls, cache: Place | str, key: str) -> FeatureSet:
         """The set with cache key `key` under `cache` (a folder or a URL)."""
-        return cls(place(cache) / f"{key[:24]}.zarr")
+        return cls(place(cache) / folder_name(key))
 
     def __reduce__(self) -> tuple[type[FeatureSet], tuple[Place]]:
         """Pickled as its path (to cluster workers), without the caches."""
@@ -131,7 +131,7 @@ class FeatureSet:
             "size_mb": round(self.size() / 1e6, 1),
             "complete": self.complete,
             "format": attrs.get("featstore_format"),
-            "key": attrs.get("cache_key", "")[:12],
+            "key": short(attrs.get("cache_key", "")),
             "path": str(self.path),
         }
 
