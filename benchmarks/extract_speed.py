@@ -152,7 +152,7 @@ def main() -> None:
             )
             for p in places
         }
-        layout = layout_for(ident.with_weights(encoder.info), len(ready), 0, batch, batch)
+        layout = layout_for(ident.with_weights(encoder.info), len(ready), "single", batch, batch)
         bare: list[float] = []
         full: dict[str, list[float]] = {p: [] for p in places}
         feed: dict[str, list[tuple[float, float, float]]] = {p: [] for p in places}

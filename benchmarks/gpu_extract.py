@@ -215,7 +215,7 @@ def run_model(
     bare = bare_rate(enc, x, args.seconds)
     bare_gb = peak_gb(enc)
     del x
-    layout = schema.layout_for(ident, 1, 0, batch, m.unit_items, m.codec)
+    layout = schema.layout_for(ident, 1, "single", batch, m.unit_items, m.codec)
     per_unit = layout.chunk_items
     n = int(min(bare * args.seconds, args.max_gb * 1e9 / layout.item_bytes))
     n = max(args.min_units, math.ceil(n / per_unit)) * per_unit

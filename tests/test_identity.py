@@ -111,7 +111,7 @@ def test_set_of_an_older_format_is_refused_with_the_fix(tmp_path):
     ident = SetIdentity(
         dataclasses.replace(RECIPE, task="classification", patch=False), "e", WEIGHTS
     )
-    layout = schema.layout_for(ident, 4, 0, 2, 2)
+    layout = schema.layout_for(ident, 4, "single", 2, 2)
     spacing = {"spacing": ["1"] * 4}  # every coordinate the recipe records
     items = schema.Items(list("abcd"), [0] * 4, ["train"] * 4, np.zeros(4, np.int64), spacing)
     path = tmp_path / "s.zarr"

@@ -39,7 +39,7 @@ ITEMS = schema.Items(
 
 def _allocated(cache: Path, quantize: str = "none") -> tuple[FeatureSet, schema.Layout]:
     ident = _identity(quantize)
-    layout = schema.layout_for(ident, N, 0, CHUNK, CHUNK)
+    layout = schema.layout_for(ident, N, "single", CHUNK, CHUNK)
     fs = FeatureSet.at(cache, ident.key())
     assert fs.open_or_create(ident, layout, lambda: ITEMS, {"name": "t"}, lambda: COMPUTE) == "new"
     return fs, layout

@@ -141,17 +141,18 @@ def _job(
         )
     items = items_of(prep)
     ident = requested(prep.ds, manifest, prep.fingerprint, spec, resolution).with_weights(info)
-    n_classes = (
-        -1 if items.labels is None else (items.labels.shape[1] if items.labels.ndim == 2 else 0)
-    )
+    labels: schema.Labels = "none"
+    if items.labels is not None:
+        labels = "multi" if items.labels.ndim == 2 else "single"
     layout = schema.layout_for(
         ident,
         len(items.sample),
-        n_classes,
+        labels,
         manifest.batch_size,
         manifest.unit_items,
         manifest.codec,
         len(prep.example_samples(schema.N_EXAMPLES)),
+        label_width=items.labels.shape[1] if labels == "multi" and items.labels is not None else 0,
     )
     fs = FeatureSet.at(manifest.cache, ident.key())
     return SetJob(ident, fs, layout, manifest.batch_size, opts), items

@@ -212,7 +212,10 @@ def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
     except (TypeError, ValueError) as exc:
         return [*problems, Problem(Kind.LAYOUT, f"'layout' is malformed ({exc}) {EDITED}")]
     n, c = rec.n_items, rec.chunk_items
-    if derive_layout(ident, n, rec.n_classes, c, c, rec.codec, rec.examples) != rec:
+    derived = derive_layout(
+        ident, n, rec.labels, c, c, rec.codec, rec.examples, label_width=rec.label_width
+    )
+    if derived != rec:
         problems.append(Problem(Kind.ATTRIBUTES, f"'layout' disagrees with the identity {EDITED}"))
     return problems
 

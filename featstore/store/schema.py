@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as importlib_metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
@@ -93,6 +93,11 @@ ON_EXAMPLE = (*EXAMPLES, *OVERVIEWS)  # the arrays on `example`: one chunk each
 VERSIONED = ("torch", "transformers", "zarr", "xarray", "numpy", "scikit-learn")
 
 
+# What a set's `label` holds: nothing (segmentation), one class id per item, or a
+# multi-hot row of `label_width` labels per item.
+Labels = Literal["none", "single", "multi"]
+
+
 @dataclass(frozen=True)
 class Layout:
     """Shapes of one feature set; everything else follows from these numbers."""
@@ -104,7 +109,9 @@ class Layout:
     rows: int  # patch grid; 0 when patch tokens are not stored
     cols: int
     mask_size: int  # 0 without masks
-    n_classes: int  # 0: single label (item,); k: multi-hot (item, k); -1: no label
+    # how `labels` and `label_width` are recorded in a set's `layout` attribute (kept
+    # for the sets on disk): 0 single, k multi-hot of k, -1 none; read them by name
+    n_classes: int
     dtype: str
     codec: str = "lz4"  # a key of CODECS, for cls/patch/mask
     quantize: str = "none"  # "int8": patch int8 and patch_scale (item, channel) float32
@@ -112,6 +119,16 @@ class Layout:
     examples: int = 0  # example thumbnails (0: none, e.g. no test split)
     thumb_size: int = 0  # their side, min(resolution, THUMB_MAX)
     overview_size: int = 0  # slides: the side of the examples' overviews (0: none)
+
+    @property
+    def labels(self) -> Labels:
+        """What `label` holds (see `Labels`)."""
+        return "none" if self.n_classes < 0 else "multi" if self.n_classes else "single"
+
+    @property
+    def label_width(self) -> int:
+        """Labels per item of a multi-label set (its `class` dimension); 0 otherwise."""
+        return max(self.n_classes, 0)
 
     @property
     def patch_dtype(self) -> str:
@@ -143,7 +160,7 @@ class Layout:
         out = [*self.unit_arrays(), *COORDS, *NATIVE]
         if self.examples:
             out += [*EXAMPLES, *(OVERVIEWS if self.overview_size else ())]
-        out += ["label"] if self.n_classes >= 0 else []
+        out += ["label"] if self.labels != "none" else []
         return sorted(out)
 
     @classmethod
@@ -176,15 +193,18 @@ class Layout:
 def layout_for(
     ident: SetIdentity,
     n_items: int,
-    n_classes: int,
+    labels: Labels,
     batch_size: int,
     unit_items: int,
     codec: str = "lz4",
     examples: int = 0,
+    label_width: int = 0,
 ) -> Layout:
     """Shapes of a set; a unit (= one chunk) is a whole number of batches, its patch
-    chunk capped at `UNIT_BYTES`. n_classes: 0 single label, k multi-hot, -1 none;
-    examples: how many example thumbnails it keeps."""
+    chunk capped at `UNIT_BYTES`. labels: what `label` holds (multi: `label_width`
+    labels per item); examples: how many example thumbnails it keeps."""
+    if (labels == "multi") != (label_width > 0):
+        raise ValueError(f"labels {labels!r} with label_width {label_width}")
     w = ident.weights
     r = ident.recipe
     if w is None:
@@ -207,7 +227,7 @@ def layout_for(
         rows=grid if r.patch else 0,
         cols=grid if r.patch else 0,
         mask_size=r.resolution if r.task == "segmentation" else 0,
-        n_classes=n_classes,
+        n_classes={"none": -1, "single": 0, "multi": label_width}[labels],
         dtype=r.dtype,
         codec=codec,
         quantize=r.quantize if r.patch else "none",
