@@ -1,3 +1,3 @@
-"""Reading datasets: the manifest, one reader per format, file fingerprints and
-the synthetic default.
+"""Reading datasets: the manifest, one reader per format (its pixel rules in `layouts`),
+file fingerprints and the synthetic default.
 """

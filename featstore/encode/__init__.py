@@ -1,1 +1,2 @@
-"""Encoders behind one protocol, their preprocessing, and the batches fed to them."""
+"""Encoders behind one protocol (a module per backend, the weight files checked), and
+their preprocessing on the CPU and on the device."""

@@ -1,3 +1,4 @@
-"""Probes on cached features: linear, kNN, segmentation heads, metrics. Never loads an
-encoder or reads images; torch only inside the trainable heads.
+"""Probes on cached features: linear, kNN, ABMIL, segmentation heads, metrics and
+intervals, and paired comparisons of encoders. Never loads an encoder or reads images;
+torch only inside the trainable heads.
 """
