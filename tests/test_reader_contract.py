@@ -511,3 +511,74 @@ def test_a_region_is_the_crop_of_a_whole_read(tmp_path, fmt):
         np.testing.assert_array_equal(batch[k], alone)
     middle = readers.load(ds, s, as_read=True, items=range(1, 3)).image
     np.testing.assert_array_equal(middle, whole[1:3])
+
+
+@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+def test_listing_decodes_no_pixels(tmp_path, fmt, monkeypatch):
+    """Listing and fingerprinting read headers only (a slide: its low-resolution level
+    for tissue, outside `decode`): a reader's `decode` is never called."""
+    ds = FIXTURES[fmt](tmp_path)
+    reader = readers.READERS[fmt]
+
+    def no_decode(*_a: object, **_k: object) -> None:
+        raise AssertionError(f"{fmt}: listing decoded pixels")
+
+    monkeypatch.setattr(type(reader), "decode", no_decode)
+    prep = readers.prepare(ds)
+    assert prep.samples and prep.fingerprint
+
+
+def _files_of(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()} if path.is_dir() else {path}
+
+
+@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+def test_files_cover_every_byte_a_sample_decodes_from(tmp_path, fmt):
+    """`files()` lists the sample's image (every file of a folder) and its mask."""
+    ds = FIXTURES[fmt](tmp_path)
+    reader = readers.READERS[fmt]
+    for s in readers.list_samples(ds):
+        listed = {Path(p) for p in reader.files(ds, s)}
+        image = ds.path if fmt == "medmnist" else Path(s.image)  # medmnist: "split:i"
+        assert _files_of(image) <= listed, (fmt, s.image)
+        if s.mask:
+            assert _files_of(Path(s.mask)) <= listed, (fmt, s.mask)
+
+
+@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+def test_one_flipped_byte_changes_the_fingerprint(tmp_path, fmt):
+    """Or, where the byte breaks the file (a CRC, a gzip stream, JSON metadata), the
+    listing refuses it naming the file: a changed file is never the old set's data."""
+    ds = FIXTURES[fmt](tmp_path)
+    before = readers.prepare(ds).fingerprint
+    sample = readers.list_samples(ds)[0]
+    files = sorted(readers.READERS[fmt].files(ds, sample))
+    target = max(files, key=lambda p: Path(p).stat().st_size)  # pixel data, not a header
+    data = bytearray(Path(target).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    Path(target).write_bytes(bytes(data))
+    try:
+        after = readers.prepare(ds).fingerprint
+    except BadInputError as exc:
+        assert Path(target).name in str(exc) or Path(target).parent.name in str(exc), exc
+        return
+    assert after != before, (fmt, target)
+
+
+def test_files_cover_the_mask_of_a_segmentation_sample(tmp_path):
+    """The mask half of the files contract, on a reader whose samples have masks."""
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "i.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "m.png")
+    (tmp_path / "index.csv").write_text("image,mask,split\ni.png,m.png,train\n")
+    ds = Dataset(
+        name="s", format="images", path=tmp_path, index="index.csv", task="segmentation",
+        dims=2, classes=["bg", "fg"],
+    )  # fmt: skip
+    (s,) = readers.list_samples(ds)
+    listed = {Path(p) for p in readers.READERS["images"].files(ds, s)}
+    assert {tmp_path / "i.png", tmp_path / "m.png"} <= listed
+    before = readers.prepare(ds).fingerprint
+    Image.fromarray(np.full((8, 8), 1, np.uint8) * np.eye(8, dtype=np.uint8)).save(
+        tmp_path / "m.png"
+    )
+    assert readers.prepare(ds).fingerprint != before
