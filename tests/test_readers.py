@@ -238,3 +238,30 @@ def test_synthetic_follows_its_spec_and_spares_foreign_folders(tmp_path):
     with pytest.raises(BadInputError, match="did not generate"):
         generate(spec, tmp_path / "mine")
     assert (tmp_path / "mine" / "scan.png").read_bytes() == b"user data"
+
+
+def test_a_nifti_mask_of_another_size_is_refused_by_its_header_unread(tmp_path, monkeypatch):
+    """A label volume whose header claims other dimensions than its image is refused
+    before its voxels are read (hypothesis found a mask header large enough to exhaust
+    memory when read)."""
+    import nibabel as nib
+
+    from featstore.data import nifti
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), tmp_path / "v.nii")
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), tmp_path / "m.nii")
+    raw = bytearray((tmp_path / "m.nii").read_bytes())
+    raw[42:48] = np.array([900, 900, 900], "<i2").tobytes()  # dim[1:4]: 729M voxels claimed
+    (tmp_path / "m.nii").write_bytes(bytes(raw))
+    (tmp_path / "index.csv").write_text("image,mask,split\nv.nii,m.nii,train\n")
+    ds = Dataset(
+        name="n", format="nifti", path=tmp_path, index="index.csv", task="segmentation",
+        dims=3, classes=["bg", "fg"],
+    )  # fmt: skip
+    (s,) = readers.list_samples(ds)
+    read: list[Path] = []
+    real = nifti.load_nifti
+    monkeypatch.setattr(nifti, "load_nifti", lambda p, a: (read.append(p), real(p, a))[1])
+    with pytest.raises(BadInputError, match=r"m\.nii: the mask's header says \(900, 900, 900\)"):
+        readers.load(ds, s)
+    assert read == [tmp_path / "v.nii"]  # the image only

@@ -34,6 +34,11 @@ def load_nifti(path: Path, axis: str) -> np.ndarray:
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except BadInputError:
         raise
+    except MemoryError:  # a header under MAX_VOXELS that this machine still cannot hold
+        raise BadInputError(
+            f"{path}: the volume its header describes does not fit in this machine's "
+            "memory as float32; use a smaller volume or a machine with more memory"
+        ) from None
     except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise BadInputError(
             f"{path}: cannot read NIfTI ({exc}); the file is corrupt or truncated"
@@ -75,6 +80,12 @@ def volume_mask(ds: Dataset, sample: Sample, image: np.ndarray) -> np.ndarray | 
     if not sample.mask:
         return None
     mpath = Path(sample.mask)
+    shape, _ = _canonical(mpath)  # its header first: a mask of another size is not read
+    if int(np.prod(shape, dtype=np.float64)) != int(np.prod(image.shape[:3])):
+        raise BadInputError(
+            f"{mpath}: the mask's header says {tuple(shape)} voxels, its image "
+            f"{sample.image} has {tuple(image.shape[:3])}; give the label volume of that image"
+        )
     raw = load_nifti(mpath, ds.slice_axis)
     return finish_mask(ds, raw, mpath, Path(sample.image), image.shape[:3])
 
