@@ -1,6 +1,6 @@
 """featstore: frozen foundation-model features for medical images, computed once, probed often.
 
-The Python API (see README, "Python API"): `open_features`, `extract`, `probe`.
+The Python API (see docs/api.md, "Python API"): `open_features`, `extract`, `probe`.
 """
 
 from featstore.api import extract, open_features, probe

@@ -170,7 +170,7 @@ def synth_entry(name: str, kind: str, n: int = 12, size: int = 32, slices: int =
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "PROVENANCE.md").is_file():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (see README, 'Real data')")
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see docs/real-data.md)")
     return SHARED_DATA
 
 

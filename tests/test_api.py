@@ -56,7 +56,7 @@ def test_open_features_pools_volumes_for_a_custom_model(tmp_path, tiny_dinov3):
     xs = featstore.open_features(mpath, "vols", str(tiny_dinov3), 32)
     volumes = xs.cls.astype("float32").groupby("sample").mean()
     label = xs.label.groupby("sample").first()
-    split = xs.split.groupby("sample").first()  # as the README's example
+    split = xs.split.groupby("sample").first()  # as the example of docs/api.md
     assert volumes.sizes["sample"] == 12 and volumes.shape[1] == 32
     assert list(split.sample.values) == list(volumes.sample.values)
     # each volume's mean, computed from the raw items in a plain loop

@@ -21,7 +21,7 @@ def real(request):
     from conftest import SHARED_DATA
 
     if not (SHARED_DATA / "PROVENANCE.md").is_file():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (see README, 'Real data')")
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (see docs/real-data.md)")
     m = load_manifest(REPO / "manifests" / "real.yaml")
     return {d.name: d for d in m.datasets}
 

@@ -57,7 +57,7 @@ def explain(
             hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
             lines.append(f"{where}: unknown key; {hint}")
         elif e["type"] == "missing":
-            lines.append(f"{where}: required but missing; add it (see README, 'The manifest')")
+            lines.append(f"{where}: required but missing; add it (see docs/manifest.md)")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = repr(e.get("input"))

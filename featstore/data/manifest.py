@@ -388,7 +388,9 @@ def load_manifest(
         raise ManifestError(f"manifest not found: {source}; pass --manifest PATH to a YAML file")
     raw = parse_yaml(source) or {}
     if not isinstance(raw, dict) or "datasets" not in raw:
-        raise ManifestError(f"{source}: expected a mapping with a `datasets:` list (see README)")
+        raise ManifestError(
+            f"{source}: expected a mapping with a `datasets:` list (see docs/manifest.md)"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:

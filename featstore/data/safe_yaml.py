@@ -98,7 +98,7 @@ def parse_yaml(source: Path) -> Any:
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(
             f"{source}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a small "
-            "YAML file (see README, 'The manifest'): is this the right file?"
+            "YAML file (see docs/manifest.md): is this the right file?"
         )
     try:
         text = data.decode("utf-8-sig")

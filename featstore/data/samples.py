@@ -205,7 +205,7 @@ def read_index(
     if missing:
         raise BadInputError(
             f"{path}: index lacks column(s) {sorted(missing)}; columns are "
-            f"{list(rows[0])} (see README, 'Formats')"
+            f"{list(rows[0])} (see docs/formats.md, 'Formats')"
         )
     return located
 

@@ -14,7 +14,7 @@ Intensity, pad and normalisation are the same float32 operations as on the CPU
 (bit-identical for `window`, `minmax` and `none`; `percentile` bounds are float64
 there and float32 here). The resize is torch's antialiased bilinear, which
 implements PIL's filter but computes its weights in float32: it differs from PIL by
-up to ~1e-5 on [0, 1] intensities (README, "Preprocessing on the device"). Bicubic
+up to ~1e-5 on [0, 1] intensities (docs/scaling-out.md, "Preprocessing on the device"). Bicubic
 (timm and open_clip models ask for it) is torch's antialiased bicubic, which uses
 PIL's kernel (a = -0.5); both paths leave its overshoot beyond [0, 1] unclipped. Masks are
 not handled here: they stay nearest-neighbour on the CPU.

@@ -53,13 +53,13 @@ def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The fixed budget and recipe of the dense heads (README, "Probes").
+    """The fixed budget and recipe of the dense heads (docs/probes.md, "Probes").
 
     The budget is `passes` image (2D) or slice (3D) forward/backward passes, whatever
     the dataset size: 250 steps of 4 images, or 125 steps of one 8-slice slab. lr 3e-3
     rather than the paper's 1e-4: the paper trains for many epochs, while this budget
     is a few hundred steps from a random init, where 1e-4 and 3e-4 leave the head far
-    from converged (README, "Probes", gives the sweep).
+    from converged (docs/probes.md, "Probes", gives the sweep).
     """
 
     passes: int = 1000

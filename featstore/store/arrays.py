@@ -1,6 +1,6 @@
 """Zarr-level reads and writes of one feature set (no torch, no checks of trust).
 
-Layout of one set (README, "Feature sets"; `schema` derives every name):
+Layout of one set (docs/cache.md, "Feature sets"; `schema` derives every name):
 
     cls    (item, channel) or (item, layer, channel)   float16 | float32
     patch  (item, row, col, channel)                    float16 | float32 | int8

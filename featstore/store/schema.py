@@ -67,7 +67,7 @@ zarr.config.set({"codecs.crc32c": f"{Checksum.__module__}.{Checksum.__qualname__
 CHECKSUM = Checksum()
 UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
 # What the probes and the report need from the raw data, recorded at allocation so that
-# a set is probed where its data is not (README, "Probing without the data"). Per item:
+# a set is probed where its data is not (docs/cache.md, "Probing without the data"). Per item:
 # the original image's (slice's) size, and its header spacing (NaN where unknown).
 NATIVE_SIZE = ("native_rows", "native_cols")  # int32, pixels; 0 where unknown
 NATIVE_SPACING = ("native_slice_mm", "native_row_mm", "native_col_mm")  # float64, mm
@@ -284,7 +284,7 @@ def root_attrs(
 
     `compute` is provenance, not identity: how the units are computed (`device`:
     cpu | cuda, `preprocess_on`: cpu | device), which changes the features only within
-    float rounding (README, "Preprocessing on the device")."""
+    float rounding (docs/scaling-out.md, "Preprocessing on the device")."""
     assert ident.weights is not None
     return canonical(
         {
