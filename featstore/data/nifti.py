@@ -83,8 +83,8 @@ def volume_mask(ds: Dataset, sample: Sample, image: np.ndarray) -> np.ndarray | 
     shape, _ = _canonical(mpath)  # its header first: a mask of another size is not read
     if int(np.prod(shape, dtype=np.float64)) != int(np.prod(image.shape[:3])):
         raise BadInputError(
-            f"{mpath}: the mask's header says {tuple(shape)} voxels, its image "
-            f"{sample.image} has {tuple(image.shape[:3])}; give the label volume of that image"
+            f"{mpath}: mask shape {tuple(shape)} (its header) differs from its image "
+            f"{sample.image} {tuple(image.shape[:3])}; give the label volume of that image"
         )
     raw = load_nifti(mpath, ds.slice_axis)
     return finish_mask(ds, raw, mpath, Path(sample.image), image.shape[:3])
