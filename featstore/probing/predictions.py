@@ -206,3 +206,40 @@ def read_predictions(
 def _describe(k: Key) -> str:
     ext = {f.name: getattr(k, f.name) for f in fields(k) if f.name != "dataset"}
     return f"{k.dataset} ({', '.join(f'{n}={v}' for n, v in ext.items())})"
+
+
+def row_key(r: Any) -> Key:
+    """The `Key` of a results row (a `typed` frame's itertuples row)."""
+    return Key(
+        dataset=str(r.dataset),
+        encoder=str(r.encoder),
+        random_init=bool(r.random_init),
+        resolution=int(r.resolution),
+        pool=str(r.pool),
+        protocol=str(r.protocol),
+        probe=str(r.probe),
+        feature_set=str(r.feature_set),
+        train_fraction=float(r.train_fraction),
+        shots=int(r.shots),
+        repeat=int(r.repeat),
+    )
+
+
+def kept(out: Path, rows: pd.DataFrame) -> tuple[list[Predictions], list[str]]:
+    """The kept predictions of each ordinary (feature set, probe) of `rows` (a `typed`
+    results frame), in results order, and a note for each one without a file (rows
+    written before predictions were kept, published reference rows). A file that is
+    not of its rows is a `ProbeError` (`read_predictions`)."""
+    full = rows[(rows.train_fraction == 1.0) & (rows.shots == 0) & (rows.repeat == 0)]
+    found, missing, seen = [], [], set()
+    for r in full.itertuples():
+        key = row_key(r)
+        if key.file_name in seen or not key.feature_set:
+            continue
+        seen.add(key.file_name)
+        path = out / FOLDER / key.file_name
+        if not path.is_file():
+            missing.append(f"{key.dataset} / {key.encoder} / {key.probe}: no {path}")
+            continue
+        found.append(read_predictions(path, key, None))
+    return found, missing
