@@ -123,3 +123,19 @@ def test_featstore_compare_writes_comparisons_csv(tmp_path):
     assert set(kept.encoder) == {"pixels:4", "pixels:8"} and "score_0" in kept
     bad = runner.invoke(app, ["compare", "--out", str(out), "--reference", "nope"])
     assert bad.exit_code != 0 and "--reference 'nope' has no predictions" in bad.output
+
+
+def test_the_report_answers_is_a_better_than_b_with_ranks(tmp_path):
+    datasets = "".join(synth_entry(f"c{i}", "cls2d", n=24) for i in range(3))
+    mpath = write_manifest(tmp_path, datasets, "['pixels:4', 'pixels:16']")
+    out = tmp_path / "out"
+    for cmd in (["extract", "--manifest", str(mpath)], ["probe", "--manifest", str(mpath)]):
+        result = runner.invoke(app, [*cmd, *(["--out", str(out)] if cmd[0] == "probe" else [])])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text()
+    section = md.split("## Is A better than B?")[1].split("\n## ")[0]
+    assert "random initialisations" in section and "| c2 | linear | auroc |" in section
+    assert "Mean ranks over 3 datasets" in section and "Friedman p" in section
+    assert (out / "plots" / "critical_difference.png").is_file()

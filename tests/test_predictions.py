@@ -11,7 +11,13 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from featstore.errors import ProbeError
-from featstore.probing.predictions import Key, Predictions, read_predictions, write_predictions
+from featstore.probing.predictions import (
+    Key,
+    Predictions,
+    file_key,
+    read_predictions,
+    write_predictions,
+)
 from featstore.probing.results_file import read_results
 from pipelines.cli import app
 
@@ -31,21 +37,23 @@ def probed(tmp_path_factory):
     return out
 
 
-def _row(df: pd.DataFrame, name: str) -> pd.Series:
-    fs, probe = name.removesuffix(".parquet").split("-", 1)
-    hit = df[(df.feature_set == fs) & (df.probe == probe)]
-    assert len(hit), name
+def _row(df: pd.DataFrame, path) -> pd.Series:
+    k = file_key(path)[0]
+    hit = df[(df.dataset == k.dataset) & (df.feature_set == k.feature_set) & (df.probe == k.probe)]
+    assert len(hit), path
     return hit
 
 
 def test_every_probe_keeps_predictions_that_reproduce_its_scores(probed):
     rows = read_results(probed / "results.csv")
     files = sorted((probed / "predictions").glob("*.parquet"))
-    sets_probes = {(r.feature_set, r.probe) for r in rows.itertuples()}
-    assert {tuple(f.name.removesuffix(".parquet").split("-", 1)) for f in files} == sets_probes
+    sets_probes = {(r.dataset, r.feature_set, r.probe) for r in rows.itertuples()}
+    keys = [file_key(f)[0] for f in files]
+    assert {(k.dataset, k.feature_set, k.probe) for k in keys} == sets_probes
+    assert [f.name for f in files] == [k.file_name for k in keys]
     for f in files:
         df = pd.read_parquet(f)  # plain pandas, no featstore
-        hit = _row(rows, f.name)
+        hit = _row(rows, f)
         assert len(df) == int(hit.n_test.iloc[0])
         if "label" in df:
             score = df[[c for c in df if c.startswith("score_")]].to_numpy()
@@ -80,23 +88,26 @@ KEY = Key("d", "e", False, 32, "", "default", "linear", "abc123")
 def test_a_rerun_replaces_its_file_and_points_never_collide(tmp_path):
     write_predictions(tmp_path, _preds(KEY))
     write_predictions(tmp_path, _preds(KEY))
-    assert [f.name for f in tmp_path.iterdir()] == ["abc123-linear.parquet"]
+    assert [f.name for f in tmp_path.iterdir()] == ["d-abc123-linear.parquet"]
     points = [
         KEY,
         Key(**{**KEY.__dict__, "train_fraction": 0.1, "repeat": 2}),
         Key(**{**KEY.__dict__, "train_fraction": 0.1, "repeat": 0}),
         Key(**{**KEY.__dict__, "train_fraction": float("nan"), "shots": 5, "repeat": 1}),
         Key(**{**KEY.__dict__, "probe": "knn"}),
+        Key(**{**KEY.__dict__, "dataset": "d2"}),  # two datasets of one content: one set
+        Key(**{**KEY.__dict__, "pool": "max"}),
+        Key(**{**KEY.__dict__, "protocol": "seed"}),
     ]
     assert len({k.file_name for k in points}) == len(points)
-    assert points[1].file_name == "abc123-linear-f0.1-r2.parquet"
+    assert points[1].file_name == "d-abc123-linear-f0.1-r2.parquet"
 
 
 def test_predictions_of_other_rows_or_units_are_refused(tmp_path):
     path = write_predictions(tmp_path, _preds(KEY))
     assert read_predictions(path, KEY, np.array(["c", "b", "a"])).key == KEY
     other = Key(**{**KEY.__dict__, "feature_set": "zzz999"})
-    with pytest.raises(ProbeError, match=r"abc123-linear.parquet: these predictions are of"):
+    with pytest.raises(ProbeError, match=r"d-abc123-linear.parquet: these predictions are of"):
         read_predictions(path, other)
     with pytest.raises(ProbeError, match=r"its 3 test units are not the 2 units"):
         read_predictions(path, KEY, np.array(["a", "b"]))

@@ -114,7 +114,7 @@ WRITERS = {
     "    scores=np.array([[0.9, 0.1], [0.2, 0.8]]))\n"
     "write_predictions(out / 'predictions', p)",
 }
-TARGETS = {"attention": "attention/key.npz", "predictions": "predictions/key-linear.parquet"}
+TARGETS = {"attention": "attention/key.npz", "predictions": "predictions/d-key-linear.parquet"}
 
 
 @pytest.mark.parametrize("what", sorted(WRITERS))

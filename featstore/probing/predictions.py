@@ -1,7 +1,8 @@
 """Kept test predictions: one Parquet file per feature set and probe (numpy + pyarrow).
 
 Every probe writes what it predicted for each test unit (image, volume or slide) to
-OUT/predictions/<feature_set>-<probe>[-f<fraction>][-n<shots>][-r<repeat>].parquet, so
+OUT/predictions/<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
+-r<repeat>].parquet (`Key.file_name`), so
 that a later comparison of two encoders (`featstore.probing.compare`) tests them on
 the same units without refitting anything. The files open with plain pandas
 (`pd.read_parquet`); their columns are:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -58,15 +60,22 @@ class Key:
 
     @property
     def file_name(self) -> str:
-        """`<feature_set>-<probe>[-f<fraction>][-n<shots>][-r<repeat>].parquet`: the
-        ordinary probe has no suffix; a label-efficiency point names its fraction or
-        shots and its repeat, so that no two files of one folder collide."""
-        name = f"{self.feature_set}-{self.probe}"
+        """`<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
+        -r<repeat>].parquet`: the ordinary probe has no point suffix; a label-efficiency
+        point names its fraction or shots and its repeat, so that no two files of one
+        folder collide."""
+        # The dataset leads: two datasets of the same content share one feature set.
+        # Pool and protocol follow where not the default: both are probe-side choices
+        # that keep the set (and its key).
+        stem = f"{_safe(self.dataset)}-{self.feature_set}-{self.probe}"
+        for part in (self.pool, "" if self.protocol == "default" else self.protocol):
+            stem += f"-{_safe(part)}" if part else ""
+        name = stem
         if self.shots:
             name += f"-n{self.shots}"
         elif not (isinstance(self.train_fraction, float) and self.train_fraction == 1.0):
             name += f"-f{self.train_fraction:.6g}"
-        if self.repeat or name != f"{self.feature_set}-{self.probe}":
+        if self.repeat or name != stem:
             name += f"-r{self.repeat}"
         return name + ".parquet"
 
@@ -201,6 +210,12 @@ def read_predictions(
     else:
         truth = df["label"].to_numpy(np.int64)
     return Predictions(key, task, sample, patient, truth, score)
+
+
+def _safe(text: str) -> str:
+    """`text` as a file-name part: characters other than letters, digits, '.' and '_'
+    become '_' (the exact names are in the file's metadata, which the reader checks)."""
+    return re.sub(r"[^A-Za-z0-9._]", "_", text)
 
 
 def _describe(k: Key) -> str:
