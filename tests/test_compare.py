@@ -139,3 +139,21 @@ def test_the_report_answers_is_a_better_than_b_with_ranks(tmp_path):
     assert "random initialisations" in section and "| c2 | linear | auroc |" in section
     assert "Mean ranks over 3 datasets" in section and "Friedman p" in section
     assert (out / "plots" / "critical_difference.png").is_file()
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_weighted_f1_is_the_f1_of_each_resample(multilabel):
+    from featstore.probing import bootstrap, metrics
+    from featstore.probing.compare import _f1
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, (60, 3)) if multilabel else rng.integers(0, 4, 60)
+    proba = rng.uniform(0, 1, (60, 3 if multilabel else 4))
+    res = bootstrap.Resampling.of(60, None, n_resamples=20, seed=3)
+    got = bootstrap.weighted_draws(_f1(y), proba, res)
+    w = res.weights()
+    units = np.arange(60)
+    for b in range(5):
+        idx = np.repeat(units, w[:, b].astype(int))
+        want = metrics.classification_scores(y[idx], proba[idx])["f1"]
+        assert got[b] == pytest.approx(want)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from featstore.probing import bootstrap, metrics, paired
-from featstore.probing.pairdraws import from_indices, paired_bootstrap
+from featstore.probing.pairdraws import paired_bootstrap
 from featstore.probing.predictions import Predictions
 
 
@@ -68,10 +68,29 @@ def _label(p: Predictions) -> tuple[str, bool]:
 
 
 def _f1(y: np.ndarray) -> bootstrap.WeightedMetric:
-    def score(proba: np.ndarray, idx: np.ndarray) -> float:
-        return metrics.classification_scores(y[idx], proba[idx])["f1"]
+    """Macro F1 under resample counts (= `metrics.classification_scores`' f1 of each
+    resample): per class (label), 2 tp / (predicted + true), from weighted counts;
+    single-label classes absent from a resample are left out of its mean."""
 
-    return from_indices(score)
+    def metric(proba: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if y.ndim == 2:
+            pred, true = proba >= 0.5, y == 1
+        else:
+            classes = np.arange(proba.shape[1])
+            pred = proba.argmax(1)[:, None] == classes
+            true = y[:, None] == classes
+        tp = (pred & true).astype(np.float64).T @ w  # (K, b)
+        support = true.astype(np.float64).T @ w
+        denom = pred.astype(np.float64).T @ w + support
+        f1 = 2 * tp / np.maximum(denom, 1e-300)
+        f1[denom == 0] = 0.0
+        if y.ndim == 2:
+            return f1.mean(0)
+        present = support > 0
+        with np.errstate(invalid="ignore"):
+            return (f1 * present).sum(0) / present.sum(0)
+
+    return metric
 
 
 def _pair_rows(a: Predictions, b: Predictions, base: dict[str, Any], seed: int) -> list[Comparison]:
