@@ -185,3 +185,51 @@ def probe(
     df.attrs["notes"] = found.notes
     df.attrs["skipped"] = found.skipped
     return df
+
+
+def compare(
+    out: str | os.PathLike[str], reference: str | None = None, all_pairs: bool = False
+) -> pd.DataFrame:
+    """Is A better than B? The comparison table of a results folder's kept predictions
+    (`featstore.probing.compare`; Holm-adjusted), as `featstore compare` writes it."""
+    from pathlib import Path as _Path
+
+    from featstore.errors import ProbeError
+    from featstore.probing import compare as cmp
+    from featstore.probing.predictions import kept
+    from featstore.probing.results_file import RESULTS, read_results
+
+    folder = _Path(out)
+    if not (folder / RESULTS).is_file():
+        raise ProbeError(f"{folder / RESULTS} is not there; run featstore.probe into it first")
+    preds, _ = kept(folder, read_results(folder / RESULTS))
+    return cmp.compare(preds, reference, all_pairs=all_pairs)
+
+
+def predictions(
+    out: str | os.PathLike[str],
+    dataset: str | None = None,
+    encoder: str | None = None,
+    probe: str | None = None,
+) -> pd.DataFrame:
+    """The kept test predictions of a results folder's ordinary probes, one row per
+    test unit, with the key columns (dataset, encoder, probe, ...) in front."""
+    from pathlib import Path as _Path
+
+    import pandas as pd
+
+    from featstore.probing.predictions import kept
+    from featstore.probing.results_file import RESULTS, read_results
+
+    folder = _Path(out)
+    rows = read_results(folder / RESULTS)
+    for col, want in (("dataset", dataset), ("encoder", encoder), ("probe", probe)):
+        if want is not None:
+            rows = rows[rows[col] == want]
+    frames = []
+    for p in kept(folder, rows)[0]:
+        df = p.frame()
+        for name, value in reversed(list(vars(p.key).items())):
+            df.insert(0, name, value)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

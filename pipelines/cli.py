@@ -275,6 +275,26 @@ def report(
         _fail(exc)
 
 
+@app.command()
+def compare(
+    out: Path = typer.Option(Path("results"), help="Folder that `featstore probe --out` wrote."),
+    reference: str = typer.Option(
+        None, help="Encoder every other one is compared with (default: the first in results)."
+    ),
+    all_pairs: bool = typer.Option(False, "--all-pairs", help="Compare every pair instead."),
+    adjust: str = typer.Option("holm", help="Multiple-comparison adjustment: holm or bh."),
+) -> None:
+    """Is A better than B? Paired tests on the kept predictions -> OUT/comparisons.csv."""
+    if adjust not in ("holm", "bh"):
+        _fail(ManifestError(f"--adjust {adjust!r}: use holm or bh"))
+    try:
+        from pipelines import compare as stage
+
+        stage.run(out, reference, all_pairs, cast(Any, adjust), echo=typer.echo)
+    except FeatstoreError as exc:
+        _fail(exc)
+
+
 @app.command("ls")
 def ls(
     cache: str = typer.Argument(

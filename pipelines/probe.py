@@ -30,6 +30,7 @@ from featstore.places import atomic_file
 from featstore.probing.evaluation import SetResult, probe_manifest
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
+from featstore.probing.predictions import FOLDER, write_predictions
 from featstore.probing.results_file import SUPERSEDED, check_results, write_results
 from featstore.probing.rows import interval, ordinary
 from featstore.store.catalog import find_by_key
@@ -75,6 +76,13 @@ def _save_attention(out: Path, result: SetResult) -> None:
     att = result.attention
     with atomic_file(folder / f"{result.key}.npz") as f:
         np.savez_compressed(f, item=att.item, weight=att.weight)
+
+
+def _save_predictions(out: Path, result: SetResult) -> None:
+    """OUT/predictions/<set>-<probe>.parquet: each probe's test predictions
+    (`featstore.probing.predictions`), read by `featstore compare`."""
+    for p in result.predictions:
+        write_predictions(out / FOLDER, p)
 
 
 def _cells(df: pd.DataFrame) -> list[str]:
@@ -126,6 +134,7 @@ def run(
     def done(where: str, result: SetResult) -> None:
         _save_examples(out, result)
         _save_attention(out, result)
+        _save_predictions(out, result)
         echo(f"probed {where}: {len(result.rows)} scores")
 
     found = probe_manifest(

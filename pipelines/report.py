@@ -24,7 +24,7 @@ from featstore.identity import requested, short
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.results_file import read_results
 from featstore.probing.rows import ordinary
-from featstore.report import curves, references, slides
+from featstore.report import comparisons, curves, references, slides
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key, find_cell
 from featstore.store.schema import EXAMPLE_ITEM, THUMBNAIL
@@ -322,6 +322,9 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     md_d, html_d = _sections(manifest, df, tasks, out)
     md += md_d
     body += html_d
+    md_q, html_q = comparisons.section(out, df, dict(tasks))
+    md += md_q
+    body += html_q
     md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]
     body += ["<h2>Scaling</h2>"] + [f'<img src="plots/{p}" alt="{p}">' for p in plots]
     if curves.any_curve(every):

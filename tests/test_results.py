@@ -107,7 +107,14 @@ WRITERS = {
     "from pipelines.probe import _save_attention\n"
     "a = Attention(np.arange(3), np.ones(3, np.float32) / 3)\n"
     "_save_attention(out, SetResult(out, 'key', [], attention=a))",
+    "predictions": "import numpy as np\n"
+    "from featstore.probing.predictions import Key, Predictions, write_predictions\n"
+    "k = Key('d', 'e', False, 32, '', 'default', 'linear', 'key')\n"
+    "p = Predictions(k, 'classification', np.array(['a', 'b']), truth=np.array([0, 1]),\n"
+    "    scores=np.array([[0.9, 0.1], [0.2, 0.8]]))\n"
+    "write_predictions(out / 'predictions', p)",
 }
+TARGETS = {"attention": "attention/key.npz", "predictions": "predictions/d-key-linear.parquet"}
 
 
 @pytest.mark.parametrize("what", sorted(WRITERS))
@@ -117,9 +124,9 @@ def test_a_kill_during_a_results_write_leaves_the_previous_file_whole(tmp_path, 
         write_results(out, [ResultRow("d", "e", False, 32, "old", probe="p", metric="m")])
         target = out / "results.csv"
     else:
-        target = out / "attention" / "key.npz"
+        target = out / TARGETS[what]
         target.parent.mkdir(parents=True)
-        np.savez_compressed(target, item=np.arange(2), weight=np.ones(2, np.float32))
+        target.write_bytes(b"the previous file, whole")
     before = target.read_bytes()
     paused = tmp_path / "paused"
     code = f"from pathlib import Path\nout = Path({str(out)!r})\n{WRITERS[what]}\n"

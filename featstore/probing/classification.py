@@ -18,7 +18,7 @@ import xarray as xr
 
 from featstore.data.manifest import Dataset
 from featstore.errors import ProbeError
-from featstore.probing import bootstrap, probes
+from featstore.probing import bootstrap, predictions, probes
 from featstore.probing.items import item_str, patch_tokens, volume_items
 from featstore.probing.knn import knn_blockwise
 from featstore.probing.options import ProbeOptions
@@ -64,6 +64,8 @@ class ClassArrays:
     n_classes: int
     bags: list[np.ndarray] | None = None  # ABMIL: per volume (slices, D) float64
     bag_items: list[np.ndarray] | None = None  # ABMIL: per volume, its items' rows in the set
+    sample: np.ndarray | None = None  # (n,) the image or volume id of each row
+    has_patient: bool = False  # whether `group` is the set's `patient` coordinate
 
     def part(self, name: str, train: np.ndarray | None = None) -> np.ndarray:
         """Row indices of split `name` ("train": the rows `train` when given)."""
@@ -84,7 +86,7 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
     if ds.bags:  # slices of a volume, tiles of a slide: pooled per sample
         vols = volume_items(sample, np.asarray(xs.slice.values))
         first = np.array([v[0] for v in vols])
-        label, split, group = label[first], split[first], group[first]
+        label, split, group, sample = label[first], split[first], group[first], sample[first]
         if opts.pool == "abmil":
             bags = [cls[v] for v in vols]
             cls = np.zeros((len(vols), cls.shape[1]))  # replaced by the attention pooling
@@ -97,7 +99,17 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
             cls = probes.pool_volumes(cls, vols, opts.pool, patch_mean)
     if not (split == "test").any():
         raise ProbeError("the test split is empty")
-    return ClassArrays(cls, label, split, group, n_classes, bags, vols if bags else None)
+    return ClassArrays(
+        cls,
+        label,
+        split,
+        group,
+        n_classes,
+        bags,
+        vols if bags else None,
+        sample=sample,
+        has_patient="patient" in xs.coords,
+    )
 
 
 def _linear(a: ClassArrays, x: np.ndarray, tr: np.ndarray, opts: ProbeOptions) -> probes.Prediction:
@@ -168,6 +180,25 @@ def test_attention(a: ClassArrays, runs: Runs) -> Attention | None:
     return Attention(
         np.concatenate(item).astype(np.int64), np.concatenate(weight, dtype=np.float32)
     )
+
+
+def test_predictions(
+    a: ClassArrays, runs: Runs, key: Callable[[str], predictions.Key], task: predictions.Task
+) -> list[predictions.Predictions]:
+    """Each run's predictions of the test rows, keyed by `key(probe)`."""
+    te = a.part("test")
+    assert a.sample is not None
+    return [
+        predictions.Predictions(
+            key=key(name),
+            task=task,
+            sample=a.sample[te],
+            patient=a.group[te] if a.has_patient else None,
+            truth=a.y[te],
+            scores=pred.proba,
+        )
+        for name, (_, pred) in runs.items()
+    ]
 
 
 def outcome(a: ClassArrays, runs: Runs, seed: int, train: np.ndarray | None = None) -> Outcome:

@@ -34,8 +34,9 @@ from featstore.probing import classification, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
+from featstore.probing.predictions import Key, Predictions
 from featstore.probing.rows import ResultRow, SetColumns, result_rows
-from featstore.probing.segmentation import probe_segmentation, seg_set
+from featstore.probing.segmentation import probe_segmentation, seg_predictions, seg_set
 from featstore.probing.segscores import Examples
 from featstore.store import catalog, sets
 from featstore.store.schema import EXAMPLE_ITEM
@@ -56,6 +57,7 @@ class SetResult:
     skipped: tuple[str, ...] = ()  # label-efficiency points not drawn, with the reason
     left_out: tuple[str, ...] = ()  # samples extraction skipped: "id: reason"
     attention: classification.Attention | None = None  # --pool abmil: test items' weights
+    predictions: tuple[Predictions, ...] = ()  # each ordinary probe's test predictions
 
 
 def probe_set(path: Place, ds: Dataset, opts: ProbeOptions = ProbeOptions()) -> SetResult:
@@ -132,17 +134,33 @@ def _probe_open_set(
     where = set_columns(xs, ds, opts)
     examples = attention = None
     curve = Curve()
+    kept_preds: list[Predictions] = []
+
+    def key(probe: str) -> Key:
+        return Key(
+            dataset=where.dataset,
+            encoder=where.encoder,
+            random_init=where.random_init,
+            resolution=where.resolution,
+            pool=where.pool,
+            protocol=where.protocol,
+            probe=probe,
+            feature_set=where.feature_set,
+        )
+
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
         shown = _positions(kept, xs[EXAMPLE_ITEM].values if EXAMPLE_ITEM in xs.coords else [])
         found, examples = probe_segmentation(seg, opts, shown.tolist())
         examples = replace(examples, item=kept[examples.item])  # the set's item numbers
+        kept_preds = seg_predictions(seg, found, key)
         if opts.curve is not None:
             curve = seg_curve(seg, opts, opts.curve, where, found)
     else:
         arrays = classification.class_arrays(xs, ds, opts)
         runs = classification.predict(arrays, opts)
         found = classification.outcome(arrays, runs, opts.seed)
+        kept_preds = classification.test_predictions(arrays, runs, key, ds.task)
         attention = classification.test_attention(arrays, runs)
         if attention is not None:  # the set's item numbers
             attention = replace(attention, item=kept[attention.item])
@@ -151,7 +169,14 @@ def _probe_open_set(
     rows = [row for f in found.fitted for row in result_rows(where, f)] + curve.rows
     left_out = tuple(f"{k}: {v}" for k, v in sorted(xs.attrs.get("skipped", {}).items()))
     return SetResult(
-        path, where.feature_set, rows, examples, tuple(curve.skipped), left_out, attention
+        path,
+        where.feature_set,
+        rows,
+        examples,
+        tuple(curve.skipped),
+        left_out,
+        attention,
+        tuple(kept_preds),
     )
 
 

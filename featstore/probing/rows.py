@@ -58,6 +58,8 @@ class Outcome:
 
     fitted: list[Fitted]
     draws: Mapping[str, Mapping[str, np.ndarray]]  # probe -> metric -> (N_BOOT + 1,)
+    # segmentation: probe -> (V, 5, C-1) `segscores.volume_scores` of each test unit
+    per_unit: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ imported when it runs).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -16,7 +16,7 @@ import xarray as xr
 
 from featstore.data.manifest import Dataset
 from featstore.errors import ProbeError
-from featstore.probing import bootstrap, geometry, probes
+from featstore.probing import bootstrap, geometry, predictions, probes
 from featstore.probing.items import item_str, patch_tokens, volume_items
 from featstore.probing.options import ProbeOptions
 from featstore.probing.rows import Fitted, Outcome
@@ -199,13 +199,35 @@ def probe_segmentation(
     unit = "mm" if s.spacing else "px"
     counts = dict(n_train=s.volumes("train"), n_val=s.volumes("val"), n_test=s.volumes("test"))
     linear_param = "alpha" if opts.memory_mb is not None else "C"
-    fitted, draws = [], {}
+    fitted, draws, per_unit = [], {}, {}
     for probe, per, pname, param, seconds in (
         ("seg-linear", lin, linear_param, head.param, head.seconds),
         ("seg-decoder", dec_per, "lr", dec.param, dec.seconds),
     ):
         draws[probe] = volume_draws(per, s.names, opts.seed)
+        per_unit[probe] = per
         scores = bootstrap.intervals(draws[probe])
         units = {m: unit for m in scores if m.startswith("hd95")}
         fitted.append(Fitted(probe, scores, pname, param, seconds, **counts, units=units))
-    return Outcome(fitted, draws), examples
+    return Outcome(fitted, draws, per_unit), examples
+
+
+def seg_predictions(
+    s: SegSet, found: Outcome, key: Callable[[str], predictions.Key]
+) -> list[predictions.Predictions]:
+    """Each head's per-unit scores of the test volumes (images), keyed by `key(probe)`."""
+    patient = None
+    if "patient" in s.xs.coords:
+        pat = item_str(s.xs.patient)
+        patient = np.array([pat[v[0]] for v in s.test_vols])
+    return [
+        predictions.Predictions(
+            key=key(probe),
+            task="segmentation",
+            sample=np.asarray(s.test_ids, str),
+            patient=patient,
+            per=per,
+            classes=tuple(s.names),
+        )
+        for probe, per in found.per_unit.items()
+    ]

@@ -1,0 +1,260 @@
+"""Kept test predictions: one Parquet file per feature set and probe (numpy + pyarrow).
+
+Every probe writes what it predicted for each test unit (image, volume or slide) to
+OUT/predictions/<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
+-r<repeat>].parquet (`Key.file_name`), so
+that a later comparison of two encoders (`featstore.probing.compare`) tests them on
+the same units without refitting anything. The files open with plain pandas
+(`pd.read_parquet`); their columns are:
+
+- `sample`: the unit's id; `patient` where the set has that coordinate;
+- classification: `label` (the true class) and `score_<k>` (the probability of each
+  class k), `predicted` (the arg-max class); multi-label: `label_<j>`, `score_<j>` and
+  `predicted_<j>` (decided at 0.5) per label j;
+- segmentation: `dice_<class>`, `iou_<class>` and `hd95_<class>` of each unit and
+  foreground class (NaN: the class is in neither mask).
+
+The schema metadata key `featstore` holds the row key the file belongs to (`Key`:
+dataset, encoder, random_init, resolution, pool, protocol, probe, train_fraction,
+shots, repeat, feature_set) and the task, as JSON. `read_predictions` refuses a file
+whose key is not the one asked for (another feature set, another probe).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from featstore.errors import ProbeError
+from featstore.places import atomic_file
+
+FOLDER = "predictions"
+META = b"featstore"
+Task = Literal["classification", "multilabel", "segmentation"]
+SEG_METRICS = ("dice", "iou", "hd95")  # per unit and class; rows of `volume_scores`: 0, 1, 4
+_SEG_ROWS = {"dice": 0, "iou": 1, "hd95": 4}
+
+
+@dataclass(frozen=True)
+class Key:
+    """The result rows a prediction file belongs to (the `ResultRow` key, less metric)."""
+
+    dataset: str
+    encoder: str
+    random_init: bool
+    resolution: int
+    pool: str
+    protocol: str
+    probe: str
+    feature_set: str
+    train_fraction: float = 1.0
+    shots: int = 0
+    repeat: int = 0
+
+    @property
+    def file_name(self) -> str:
+        """`<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
+        -r<repeat>].parquet`: the ordinary probe has no point suffix; a label-efficiency
+        point names its fraction or shots and its repeat, so that no two files of one
+        folder collide."""
+        # The dataset leads: two datasets of the same content share one feature set.
+        # Pool and protocol follow where not the default: both are probe-side choices
+        # that keep the set (and its key).
+        stem = f"{_safe(self.dataset)}-{self.feature_set}-{self.probe}"
+        for part in (self.pool, "" if self.protocol == "default" else self.protocol):
+            stem += f"-{_safe(part)}" if part else ""
+        name = stem
+        if self.shots:
+            name += f"-n{self.shots}"
+        elif not (isinstance(self.train_fraction, float) and self.train_fraction == 1.0):
+            name += f"-f{self.train_fraction:.6g}"
+        if self.repeat or name != stem:
+            name += f"-r{self.repeat}"
+        return name + ".parquet"
+
+    def same(self, other: Key) -> bool:
+        """Whether both name the same rows (fractions compared to 6 digits, NaN = NaN)."""
+        a, b = asdict(self), asdict(other)
+        fa, fb = a.pop("train_fraction"), b.pop("train_fraction")
+        nan = math.isnan(fa) and math.isnan(fb)
+        return a == b and (nan or format(fa, ".6g") == format(fb, ".6g"))
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """One probe's predictions of the test units of one feature set.
+
+    sample: (n,) str unit ids; patient: (n,) str or None; classification: truth (n,)
+    int labels or (n, L) multi-hot, scores (n, K) or (n, L) float; segmentation: per
+    (n, 5, C-1) float64, the `segscores.volume_scores` of each unit, with the
+    foreground class names `classes`.
+    """
+
+    key: Key
+    task: Task
+    sample: np.ndarray
+    patient: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    per: np.ndarray | None = None
+    classes: tuple[str, ...] = ()
+
+    def frame(self) -> pd.DataFrame:
+        """The file's columns (module docstring), one row per unit."""
+        cols: dict[str, Any] = {"sample": np.asarray(self.sample, str)}
+        if self.patient is not None:
+            cols["patient"] = np.asarray(self.patient, str)
+        if self.task == "segmentation":
+            assert self.per is not None
+            for m in SEG_METRICS:
+                for c, name in enumerate(self.classes):
+                    cols[f"{m}_{name}"] = self.per[:, _SEG_ROWS[m], c]
+            return pd.DataFrame(cols)
+        assert self.truth is not None and self.scores is not None
+        if self.task == "multilabel":
+            for j in range(self.scores.shape[1]):
+                cols[f"label_{j}"] = self.truth[:, j].astype(np.int64)
+            for j in range(self.scores.shape[1]):
+                cols[f"score_{j}"] = self.scores[:, j].astype(np.float64)
+            for j in range(self.scores.shape[1]):
+                cols[f"predicted_{j}"] = (self.scores[:, j] >= 0.5).astype(np.int64)
+            return pd.DataFrame(cols)
+        cols["label"] = self.truth.astype(np.int64)
+        for k in range(self.scores.shape[1]):
+            cols[f"score_{k}"] = self.scores[:, k].astype(np.float64)
+        cols["predicted"] = self.scores.argmax(1).astype(np.int64)
+        return pd.DataFrame(cols)
+
+    def groups(self) -> tuple[np.ndarray, str]:
+        """What a bootstrap of these units resamples: the patients where known, else
+        the units themselves (an image, a volume or a slide), and its name."""
+        if self.patient is not None:
+            return np.asarray(self.patient, str), "patient"
+        return np.asarray(self.sample, str), "unit"
+
+
+def write_predictions(folder: Path, p: Predictions) -> Path:
+    """Write `p` to folder/`p.key.file_name` in one step (`atomic_file`): a rerun
+    replaces the file, a kill midway leaves the previous one whole."""
+    import pyarrow as pa  # type: ignore[import-untyped]  # no stubs
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(p.frame(), preserve_index=False)
+    meta = {"key": asdict(p.key), "task": p.task, "classes": list(p.classes)}
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), META: json.dumps(meta).encode()}
+    )
+    path = folder / p.key.file_name
+    with atomic_file(path) as f:
+        pq.write_table(table, f)
+    return path
+
+
+def file_key(path: Path) -> tuple[Key, Task, tuple[str, ...]]:
+    """The key, task and class names recorded in the prediction file `path`."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        info = json.loads(meta[META])
+        key = Key(**info["key"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ProbeError(
+            f"{path}: not a featstore prediction file ({type(exc).__name__}: {exc}); "
+            "remove it and rerun `featstore probe`, which writes it again"
+        ) from None
+    return key, info["task"], tuple(info.get("classes", ()))
+
+
+def read_predictions(
+    path: Path, expect: Key | None = None, samples: np.ndarray | None = None
+) -> Predictions:
+    """The predictions in `path`, checked: a `ProbeError` naming the file when its
+    recorded key is not `expect` (another feature set or probe) or its units are not
+    `samples` (when given), rather than a comparison of other units."""
+    key, task, classes = file_key(path)
+    if expect is not None and not key.same(expect):
+        raise ProbeError(
+            f"{path}: these predictions are of {_describe(key)}, not of the rows "
+            f"{_describe(expect)}; rerun `featstore probe` into this --out folder to "
+            "write them again"
+        )
+    df = pd.read_parquet(path)
+    sample = df["sample"].astype(str).to_numpy()
+    if samples is not None and (
+        len(sample) != len(samples) or set(sample) != set(np.asarray(samples, str))
+    ):
+        raise ProbeError(
+            f"{path}: its {len(sample)} test units are not the {len(samples)} units of "
+            f"{_describe(key)}; rerun `featstore probe` to write them again"
+        )
+    patient = df["patient"].astype(str).to_numpy() if "patient" in df else None
+    if task == "segmentation":
+        per = np.full((len(df), 5, len(classes)), np.nan)
+        for m in SEG_METRICS:
+            for c, name in enumerate(classes):
+                per[:, _SEG_ROWS[m], c] = df[f"{m}_{name}"].to_numpy(np.float64)
+        return Predictions(key, task, sample, patient, per=per, classes=classes)
+    score = df[[c for c in map(str, df.columns) if c.startswith("score_")]].to_numpy(np.float64)
+    truth: np.ndarray
+    if task == "multilabel":
+        truth = df[[f"label_{j}" for j in range(score.shape[1])]].to_numpy(np.int64)
+    else:
+        truth = df["label"].to_numpy(np.int64)
+    return Predictions(key, task, sample, patient, truth, score)
+
+
+def _safe(text: str) -> str:
+    """`text` as a file-name part: characters other than letters, digits, '.' and '_'
+    become '_' (the exact names are in the file's metadata, which the reader checks)."""
+    return re.sub(r"[^A-Za-z0-9._]", "_", text)
+
+
+def _describe(k: Key) -> str:
+    ext = {f.name: getattr(k, f.name) for f in fields(k) if f.name != "dataset"}
+    return f"{k.dataset} ({', '.join(f'{n}={v}' for n, v in ext.items())})"
+
+
+def row_key(r: Any) -> Key:
+    """The `Key` of a results row (a `typed` frame's itertuples row)."""
+    return Key(
+        dataset=str(r.dataset),
+        encoder=str(r.encoder),
+        random_init=bool(r.random_init),
+        resolution=int(r.resolution),
+        pool=str(r.pool),
+        protocol=str(r.protocol),
+        probe=str(r.probe),
+        feature_set=str(r.feature_set),
+        train_fraction=float(r.train_fraction),
+        shots=int(r.shots),
+        repeat=int(r.repeat),
+    )
+
+
+def kept(out: Path, rows: pd.DataFrame) -> tuple[list[Predictions], list[str]]:
+    """The kept predictions of each ordinary (feature set, probe) of `rows` (a `typed`
+    results frame), in results order, and a note for each one without a file (rows
+    written before predictions were kept, published reference rows). A file that is
+    not of its rows is a `ProbeError` (`read_predictions`)."""
+    full = rows[(rows.train_fraction == 1.0) & (rows.shots == 0) & (rows.repeat == 0)]
+    found, missing, seen = [], [], set()
+    for r in full.itertuples():
+        key = row_key(r)
+        if key.file_name in seen or not key.feature_set:
+            continue
+        seen.add(key.file_name)
+        path = out / FOLDER / key.file_name
+        if not path.is_file():
+            missing.append(f"{key.dataset} / {key.encoder} / {key.probe}: no {path}")
+            continue
+        found.append(read_predictions(path, key, None))
+    return found, missing
