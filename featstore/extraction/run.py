@@ -140,6 +140,7 @@ def _job(
             f"of '{info.name}'; use e.g. {resolution // p * p or p}"
         )
     items = items_of(prep)
+    examples = len(prep.example_samples(schema.N_EXAMPLES))
     ident = requested(prep.ds, manifest, prep.fingerprint, spec, resolution).with_weights(info)
     labels: schema.Labels = "none"
     if items.labels is not None:
@@ -151,7 +152,7 @@ def _job(
         manifest.batch_size,
         manifest.unit_items,
         manifest.codec,
-        len(prep.example_samples(schema.N_EXAMPLES)),
+        examples,
         label_width=items.labels.shape[1] if labels == "multi" and items.labels is not None else 0,
     )
     fs = FeatureSet.at(manifest.cache, ident.key())
@@ -316,9 +317,9 @@ def extract_manifest(
     The runner is closed on return (torch's thread count restored, a cluster it
     started stopped), and no decoded source file is kept in memory after it.
     """
-    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     cells = manifest.cells(baseline)
     memo = memo_for(manifest.cache)
+    reachable(place(manifest.cache), write=True)  # a wrong bucket fails here, not midway
     summaries: list[Summary] = []
     try:
         for line in runner.start():
