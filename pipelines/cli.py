@@ -254,6 +254,10 @@ def probe(
 
                 client = stack.enter_context(connect(scheduler))
                 typer.echo(f"dask dashboard: {client.dashboard_link}")
+            else:  # this process's threads, whatever distributed Client another left
+                import dask
+
+                stack.enter_context(dask.config.set(scheduler="threads"))
             stage.run(m, out, opts, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
