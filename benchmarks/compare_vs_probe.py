@@ -9,13 +9,15 @@ Probe side: the linear and kNN probes (`probes.linear_probe`, `probes.knn_probe`
 test = `--units`, `--dim` channels), timed on `--probe-datasets` datasets and scaled
 to `--datasets` (every dataset has the same shape). Compare side: `compare.compare`
 of the kept predictions (each encoder against the first, both probes, AUROC, accuracy
-and F1 with 1,000 paired resamples, McNemar, Holm) on all `--datasets`. Prints both
-and the ratio; the target is compare < 10% of probe time.
+and F1 with 1,000 paired resamples, McNemar, Holm) on all `--datasets`. The two
+sides alternate for `--rounds` rounds (probe, compare, probe, ...); prints each round,
+the medians and the ratio of the medians; the target is compare < 10% of probe time.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -34,7 +36,28 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--probe-datasets", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    probe_times, compare_times = [], []
+    for r in range(a.rounds):
+        probe_total, compare_s, n_rows = one_round(a)
+        probe_times.append(probe_total)
+        compare_times.append(compare_s)
+        print(f"round {r + 1}: probe {probe_total:.1f} s, compare {compare_s:.1f} s", flush=True)
+    probe_med, compare_med = statistics.median(probe_times), statistics.median(compare_times)
+    print(
+        f"{a.encoders} encoders x {a.datasets} datasets x {a.units} test units, "
+        f"{n_rows} comparisons"
+    )
+    print(
+        f"median of {a.rounds} alternating rounds: probe (linear + kNN) {probe_med:.1f} s "
+        f"(measured on {a.probe_datasets} dataset(s), scaled), compare {compare_med:.1f} s; "
+        f"ratio compare / probe = {compare_med / probe_med:.1%}"
+    )
+
+
+def one_round(a: argparse.Namespace) -> tuple[float, float, int]:
+    """One round: probe (timed, scaled), then compare of every kept prediction."""
     rng = np.random.default_rng(0)
     n, k = a.units, a.classes
     preds: list[Predictions] = []
@@ -62,12 +85,7 @@ def main() -> None:
     t0 = time.perf_counter()
     df = compare(preds)
     compare_s = time.perf_counter() - t0
-    print(f"{a.encoders} encoders x {a.datasets} datasets x {n} test units, {len(df)} comparisons")
-    print(
-        f"probe (linear + kNN): {probe_total:.1f} s "
-        f"(measured {probe_s:.1f} s on {a.probe_datasets} dataset(s), scaled)"
-    )
-    print(f"compare: {compare_s:.1f} s; ratio compare / probe = {compare_s / probe_total:.1%}")
+    return probe_total, compare_s, len(df)
 
 
 if __name__ == "__main__":
