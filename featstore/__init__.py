@@ -3,7 +3,7 @@
 The Python API (see docs/api.md, "Python API"): `open_features`, `extract`, `probe`.
 """
 
-from featstore.api import compare, extract, open_features, predictions, probe
+from featstore.api import compare, extract, open_features, predictions, probe, scale_steps
 
 __version__ = "0.1.0"
-__all__ = ["compare", "extract", "open_features", "predictions", "probe"]
+__all__ = ["compare", "extract", "open_features", "predictions", "probe", "scale_steps"]

@@ -1,4 +1,6 @@
-"""The compare stage: OUT's kept predictions -> OUT/comparisons.csv and a table.
+"""The compare stage: OUT's kept predictions -> OUT/comparisons.csv (each encoder
+against the reference) and OUT/steps.csv (does scale help: successive sizes of a
+family, successive resolutions), each printed as a table.
 
 featstore compare --out results [--reference ENC] [--all-pairs] [--adjust holm|bh]
 """
@@ -14,19 +16,16 @@ from featstore.errors import ProbeError
 from featstore.places import atomic_file
 from featstore.probing import compare as cmp
 from featstore.probing.paired import Adjustment
-from featstore.probing.predictions import kept
+from featstore.probing.predictions import Predictions, kept
 from featstore.probing.results_file import RESULTS, read_results
+from featstore.probing.steps import steps
 
 COMPARISONS = "comparisons.csv"
+STEPS = "steps.csv"
 
 
-def comparisons(
-    out: Path,
-    reference: str | None = None,
-    all_pairs: bool = False,
-    adjustment: Adjustment = "holm",
-) -> tuple[pd.DataFrame, list[str]]:
-    """The comparison table of OUT's kept predictions, and notes on rows without any."""
+def _kept(out: Path) -> tuple[list[Predictions], list[str]]:
+    """OUT's kept predictions, and notes on result rows without any."""
     csv = out / RESULTS
     if not csv.is_file():
         raise ProbeError(f"{csv} is not there; run `featstore probe --out {out}` first")
@@ -36,12 +35,28 @@ def comparisons(
             f"{out}: no kept predictions (OUT/predictions/); rerun `featstore probe --out "
             f"{out}`, which writes them"
         )
+    return preds, missing
+
+
+def comparisons(
+    out: Path,
+    reference: str | None = None,
+    all_pairs: bool = False,
+    adjustment: Adjustment = "holm",
+) -> tuple[pd.DataFrame, list[str]]:
+    """The comparison table of OUT's kept predictions, and notes on rows without any."""
+    preds, missing = _kept(out)
     names = {p.key.encoder for p in preds}
     if reference is not None and reference not in names:
         raise ProbeError(
             f"--reference {reference!r} has no predictions in {out}; give one of {sorted(names)}"
         )
     return cmp.compare(preds, reference, all_pairs=all_pairs, adjustment=adjustment), missing
+
+
+def scale_steps(out: Path, adjustment: Adjustment = "holm") -> pd.DataFrame:
+    """The step table of OUT's kept predictions (`featstore.probing.steps`)."""
+    return steps(_kept(out)[0], adjustment=adjustment)
 
 
 def run(
@@ -59,4 +74,11 @@ def run(
     for m in missing:
         echo(f"note: not compared (no predictions): {m}")
     echo(f"comparisons: {out / COMPARISONS} ({len(df)} rows; p adjusted by {adjustment})")
+    st = scale_steps(out, adjustment)
+    with atomic_file(out / STEPS) as f:
+        st.to_csv(f, index=False, float_format="%.6g")
+    if len(st):
+        echo("Does scale help? (A: the larger model or the finer input; B: the step below)")
+        echo(cmp.table(st, step=True))
+    echo(f"steps: {out / STEPS} ({len(st)} rows; p adjusted by {adjustment} over the steps)")
     return df

@@ -104,7 +104,7 @@ def test_hd95_lower_is_better():
 
 
 def test_featstore_compare_writes_comparisons_csv(tmp_path):
-    mpath = write_manifest(tmp_path, synth_entry("c2", "cls2d", n=24), "['pixels:4']")
+    mpath = write_manifest(tmp_path, synth_entry("c2", "cls2d", n=24), "['pixels:4']", "[32, 64]")
     out = tmp_path / "out"
     for cmd in (["extract", "--manifest", str(mpath)], ["probe", "--manifest", str(mpath)]):
         result = runner.invoke(app, [*cmd, *(["--out", str(out)] if cmd[0] == "probe" else [])])
@@ -121,6 +121,17 @@ def test_featstore_compare_writes_comparisons_csv(tmp_path):
     assert len(api) == len(df)
     kept = featstore.predictions(out, dataset="c2", probe="linear")
     assert set(kept.encoder) == {"pixels:4", "pixels:8"} and "score_0" in kept
+    # does scale help? each encoder's 32 -> 64 px step, the same as the API's
+    steps = pd.read_csv(out / "steps.csv")
+    res = steps[steps.step == "resolution"]
+    assert set(zip(res.resolution_b, res.resolution, strict=True)) == {(32, 64)}
+    assert set(res.encoder_a) == {"pixels:4", "pixels:8"} and (res.test != "").all()
+    assert "Does scale help?" in result.output
+    assert len(featstore.scale_steps(out)) == len(steps)
+    report = runner.invoke(app, ["report", "--out", str(out)])
+    assert report.exit_code == 0, report.output
+    section = (out / "report.md").read_text().split("### Does scale help?")[1]
+    assert "| resolution | c2 | linear | auroc | pixels:4 @ 64 | pixels:4 @ 32 |" in section
     bad = runner.invoke(app, ["compare", "--out", str(out), "--reference", "nope"])
     assert bad.exit_code != 0 and "--reference 'nope' has no predictions" in bad.output
 

@@ -176,3 +176,19 @@ def preset_width(name: str) -> int | None:
         name = OPEN_CLIP_PRESETS[name]["model_cfg"]["vision_cfg"]["timm_model_name"]
     size = name.removeprefix("vit_").split("_patch")[0] if name.startswith("vit_") else ""
     return _TIMM_WIDTH.get(size)
+
+
+def preset_family(name: str) -> tuple[str, int] | None:
+    """(family, place in its size ladder) of a preset, None for encoders outside a
+    ladder (BiomedCLIP, RAD-DINO, a folder): DINOv3 (`PRESETS`, S < S+ < B < L < H+ <
+    7B), its timm names (`timm:dinov3`), DINOv2 (S < B < L). The report's "does scale
+    help?" steps go between successive places of one family."""
+    name = name.removesuffix(":random")
+    if name in PRESETS:
+        return "dinov3", list(PRESETS).index(name)
+    if name.removeprefix("timm:") in TIMM_PRESETS and name.startswith("timm:"):
+        return "timm:dinov3", TIMM_PRESETS.index(name.removeprefix("timm:"))
+    ladder = [n for n in HF_PRESETS if n.startswith("dinov2-")]
+    if name in ladder:
+        return "dinov2", ladder.index(name)
+    return None

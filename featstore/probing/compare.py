@@ -28,7 +28,7 @@ import pandas as pd
 
 from featstore.probing import bootstrap, paired
 from featstore.probing.pairdraws import compare_draws
-from featstore.probing.predictions import Predictions
+from featstore.probing.predictions import Key, Predictions
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class Comparison:
 
 
 COLUMNS = tuple(Comparison.__dataclass_fields__)
+
+
+def ordinary(k: Key) -> bool:
+    """Predictions of a probe on all its training data (no label-efficiency point)."""
+    return k.train_fraction == 1.0 and k.shots == 0 and k.repeat == 0
 
 
 def _label(p: Predictions) -> tuple[str, bool]:
@@ -97,7 +102,7 @@ def _f1(y: np.ndarray) -> bootstrap.WeightedMetric:
     return metric
 
 
-class _Scored:
+class Scored:
     """One encoder's predictions in the cell's unit order, with its draws of each
     metric made once on the cell's `Resampling`: every pair it enters reuses them, so
     ten encoders against a reference cost ten sets of draws, not eighteen."""
@@ -149,7 +154,7 @@ def _metrics(p: Predictions) -> dict[str, tuple[bootstrap.WeightedMetric, np.nda
     return out
 
 
-def _pair_rows(a: _Scored, b: _Scored, base: dict[str, Any]) -> list[Comparison]:
+def pair_rows(a: Scored, b: Scored, base: dict[str, Any]) -> list[Comparison]:
     """Every metric's comparison of A with B (both in the cell's unit order)."""
     _, resampled = a.p.groups()
     common = dict(base, n_units=len(a.p.sample), resampled=resampled)
@@ -184,7 +189,7 @@ def _pair_rows(a: _Scored, b: _Scored, base: dict[str, Any]) -> list[Comparison]
     return out
 
 
-def _aligned(a: Predictions, b: Predictions) -> Predictions | str:
+def aligned(a: Predictions, b: Predictions) -> Predictions | str:
     """B's predictions in A's unit order, or why they cannot be paired."""
     sa, sb = np.asarray(a.sample, str), np.asarray(b.sample, str)
     if len(sa) != len(sb) or set(sa) != set(sb):
@@ -220,7 +225,7 @@ def compare(
     cells: dict[tuple[str, int, str, str, str], list[Predictions]] = {}
     for p in preds:
         k = p.key
-        if k.train_fraction == 1.0 and k.shots == 0 and k.repeat == 0:
+        if ordinary(k):
             cells.setdefault((k.dataset, k.resolution, k.pool, k.protocol, k.probe), []).append(p)
     for (dataset, res, pool, protocol, probe), group in cells.items():
         names = [_label(p) for p in group]
@@ -235,9 +240,9 @@ def compare(
             pairs = [(i, ref) for i in range(len(group)) if i != ref]
         assert ref is not None
         anchor = group[ref]
-        aligned = [anchor if p is anchor else _aligned(anchor, p) for p in group]
+        in_order = [anchor if p is anchor else aligned(anchor, p) for p in group]
         resampling = bootstrap.Resampling.of(len(anchor.sample), anchor.groups()[0], seed=seed)
-        scored = [None if isinstance(p, str) else _Scored(p, resampling) for p in aligned]
+        scored = [None if isinstance(p, str) else Scored(p, resampling) for p in in_order]
         for i, j in pairs:
             a, b = group[i], group[j]
             base: dict[str, Any] = dict(
@@ -253,14 +258,21 @@ def compare(
             )
             sa, sb = scored[i], scored[j]
             if sa is None or sb is None:  # not on the anchor's units: perhaps on each other's
-                bb = _aligned(a, b)
+                bb = aligned(a, b)
                 if isinstance(bb, str):
                     rows.append(Comparison(**base, metric="", reason=bb))
                     continue
                 own = bootstrap.Resampling.of(len(a.sample), a.groups()[0], seed=seed)
-                sa, sb = _Scored(a, own), _Scored(bb, own)
-            rows += _pair_rows(sa, sb, base)
-    df = pd.DataFrame([asdict(r) for r in rows], columns=list(COLUMNS))
+                sa, sb = Scored(a, own), Scored(bb, own)
+            rows += pair_rows(sa, sb, base)
+    return judged([asdict(r) for r in rows], adjustment)
+
+
+def judged(rows: list[dict[str, Any]], adjustment: paired.Adjustment) -> pd.DataFrame:
+    """The table of comparison rows (`Comparison` fields, perhaps more columns), p
+    adjusted across all of them and each worded (`paired.verdict`)."""
+    columns = [*COLUMNS, *(c for c in (rows[0] if rows else {}) if c not in COLUMNS)]
+    df = pd.DataFrame(rows, columns=columns)
     tested = df.test.ne("") & np.isfinite(df.p_value.astype(float))
     if tested.any():
         df.loc[tested, "p_adjusted"] = paired.adjust(df.p_value[tested].to_numpy(float), adjustment)
@@ -282,18 +294,20 @@ def _rows(df: pd.DataFrame) -> list[Any]:
     return list(df.itertuples())
 
 
-def table(df: pd.DataFrame) -> str:
-    """The comparisons as lines for people; random inits are labelled as such."""
+def table(df: pd.DataFrame, step: bool = False) -> str:
+    """The comparisons as lines for people; random inits are labelled as such. step:
+    the rows are `steps.steps`' (A and B each named with its resolution)."""
 
-    def enc(name: str, ri: bool) -> str:
-        return f"{name} (random init)" if ri else name
+    def enc(name: str, ri: bool, res: int) -> str:
+        return f"{name}{f'@{res}' if step else ''}{' (random init)' if ri else ''}"
 
     lines = [
         f"{'dataset':<14} {'probe':<11} {'metric':<9} {'A':<24} {'B':<24} "
         f"{'A-B':>7}  {'95% CI':<17} {'test':<16} {'p adj':>6}  verdict"
     ]
     for r in _rows(df):
-        a, b = enc(r.encoder_a, r.random_init_a), enc(r.encoder_b, r.random_init_b)
+        a = enc(r.encoder_a, r.random_init_a, r.resolution)
+        b = enc(r.encoder_b, r.random_init_b, getattr(r, "resolution_b", r.resolution))
         if not r.test:
             lines.append(f"{r.dataset:<14} {r.probe:<11} {'':<9} {a:<24} {b:<24} {r.reason}")
             continue

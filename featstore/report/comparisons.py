@@ -16,27 +16,29 @@ from featstore.probing import compare as cmp
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.predictions import kept
 from featstore.probing.ranks import rank_encoders
+from featstore.probing.steps import steps
 from featstore.report.cdplot import plot_critical_difference
 
 CD_PLOT = "critical_difference.png"
 MAIN_PROBE = {"classification": "linear", "multilabel": "linear", "segmentation": "seg-linear"}
 
 
-def _table(df: pd.DataFrame) -> pd.DataFrame:
+def _table(df: pd.DataFrame, step: bool = False) -> pd.DataFrame:
     shown = df[df.metric.isin(["", *MAIN_METRIC.values(), "accuracy", "hd95"])]
+    res_b = shown.resolution_b if step else shown.resolution
+
+    def named(encoders: pd.Series, random: pd.Series, res: pd.Series) -> list[str]:
+        at = [f" @ {r}" if step else "" for r in res]
+        return [labelled(e, bool(r)) + a for e, r, a in zip(encoders, random, at, strict=True)]
+
     return pd.DataFrame(
         {
+            **({"step": shown.step} if step else {}),
             "dataset": shown.dataset,
             "probe": shown.probe,
             "metric": shown.metric,
-            "A": [
-                labelled(e, bool(r))
-                for e, r in zip(shown.encoder_a, shown.random_init_a, strict=True)
-            ],
-            "B": [
-                labelled(e, bool(r))
-                for e, r in zip(shown.encoder_b, shown.random_init_b, strict=True)
-            ],
+            "A": named(shown.encoder_a, shown.random_init_a, shown.resolution),
+            "B": named(shown.encoder_b, shown.random_init_b, res_b),
             "A - B": [f"{d:+.3f}" if np.isfinite(d) else "" for d in shown.difference],
             "95% CI": [
                 cmp.bootstrap_interval(lo, hi) if t else ""
@@ -107,6 +109,21 @@ def section(out: Path, rows: pd.DataFrame, tasks: dict[str, str]) -> tuple[list[
         f"<p>{html.escape(text)}</p>",
         table.to_html(index=False),
     ]
+    stepped = steps(preds)
+    if len(stepped):
+        st = _table(stepped, step=True)
+        words = (
+            "Each step up a model family's sizes (DINOv3 S, S+, B, L, ...; DINOv2 S, B, L) "
+            "at one resolution, and up the input resolutions of one encoder: A is the "
+            "larger model or the finer input, B the step below it, on the same test units "
+            "(the tests above; Holm-adjusted over the steps)."
+        )
+        md += ["### Does scale help?", "", words, "", _markdown(st), ""]
+        body += [
+            "<h3>Does scale help?</h3>",
+            f"<p>{html.escape(words)}</p>",
+            st.to_html(index=False),
+        ]
     scores = ranking_scores(rows, {k: v for k, v in tasks.items() if k in set(rows.dataset)})
     if scores.shape[0] >= 3 and scores.shape[1] >= 3:
         r = rank_encoders(scores.to_numpy(float), list(scores.columns))

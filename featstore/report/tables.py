@@ -210,6 +210,16 @@ def _main_rows(df: pd.DataFrame, tasks: Mapping[str, str]) -> pd.DataFrame:
     return df[keep]
 
 
+def _yerr(rows: pd.DataFrame) -> np.ndarray:
+    """(2, n) error bar lengths below and above each value, from its 95% interval;
+    0 where a row has no interval (an interval may not hold its full-set value, and
+    matplotlib refuses a negative length)."""
+    v = rows.value.to_numpy(float)
+    below = v - rows.ci_low.to_numpy(float)
+    above = rows.ci_high.to_numpy(float) - v
+    return np.clip(np.nan_to_num(np.stack([below, above]), nan=0.0), 0.0, None)
+
+
 def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     """Main metric against input resolution, one line per encoder (the paper's Fig. 1)."""
     main = _main_rows(df, tasks).copy()
@@ -239,7 +249,7 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
             ax.errorbar(
                 g.resolution,
                 g.value,
-                yerr=[g.value - g.ci_low, g.ci_high - g.value],
+                yerr=_yerr(g),
                 marker="o",
                 capsize=3,
                 color=colour[str(er)],
@@ -267,7 +277,9 @@ def plot_resolution(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> b
 
 
 def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
-    """Main metric against model size (best resolution per encoder), one line per dataset."""
+    """Main metric against model size (best resolution per encoder, with its 95%
+    interval), one line per dataset. Whether a step up helps: the report's "Does scale
+    help?" table (paired, `featstore.probing.steps`), not overlapping bars."""
     main = _main_rows(df, tasks)
     main = main[~main.encoder.map(is_baseline).astype(bool)].copy()
     main["x"] = [label(e, r) for e, r in zip(main.encoder, main.random_init, strict=True)]
@@ -285,12 +297,21 @@ def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     ax = fig.subplots()
     for values, g in main.groupby(lines, sort=True):
         k = dict(zip(lines, values, strict=True))
-        best = g.groupby("x").value.max()  # the best resolution of each encoder
-        xs = [i for i, e in enumerate(encoders) if e in best]
+        # the best resolution of each encoder, with its 95% interval
+        best = g.loc[g.groupby("x").value.idxmax()].set_index("x")
+        xs = [i for i, e in enumerate(encoders) if e in best.index]
+        at = best.loc[[encoders[i] for i in xs]]
         text = str(k["dataset"]) + "".join(f", {c} {k[c]}" for c in named)
-        ax.plot(xs, [best[encoders[i]] for i in xs], marker="o", label=text)
+        ax.errorbar(
+            xs,
+            at.value,
+            yerr=_yerr(at),
+            marker="o",
+            capsize=3,
+            label=text,
+        )
     ax.set_xticks(range(len(encoders)), encoders, rotation=20, fontsize=7)
-    ax.set(xlabel="encoder (by size)", ylabel="main metric, best resolution")
+    ax.set(xlabel="encoder (by size)", ylabel="main metric, best resolution (95% CI)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # none where only the baseline was scored
         ax.legend(fontsize=7)

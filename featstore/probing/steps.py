@@ -1,0 +1,100 @@
+"""Does scale help? Paired steps up a model family's size ladder and up the input
+resolutions, from the kept predictions (pure).
+
+The seed paper claims that a larger model or a finer input does not reliably help.
+Each step here answers that for one dataset x probe x metric with an interval and a
+test instead of two single numbers:
+
+- `size`: successive sizes of one family (`presets.preset_family`: DINOv3 S -> S+ ->
+  B -> L -> H+ -> 7B, DINOv2 S -> B -> L) scored at one resolution; A is the larger
+  model, B the next smaller one scored, so A - B > 0 means the larger one is better.
+- `resolution`: successive input resolutions of one encoder; A is the finer one.
+
+A step is a paired comparison on the same test units, the same as `compare`'s (the
+paired bootstrap of the difference resampling patients where known, DeLong, McNemar;
+`compare.pair_rows`). A random init is stepped only to a random init of its family,
+never to pretrained weights. The p-values are adjusted across the steps of one run
+(Holm, or Benjamini-Hochberg), apart from `compare`'s reference comparisons: the two
+tables answer different questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from itertools import pairwise
+from typing import Any, Literal
+
+import pandas as pd
+
+from featstore.encode.presets import preset_family
+from featstore.probing import bootstrap, paired
+from featstore.probing.compare import (
+    COLUMNS,
+    Comparison,
+    Scored,
+    aligned,
+    judged,
+    ordinary,
+    pair_rows,
+)
+from featstore.probing.predictions import Predictions
+
+Step = Literal["size", "resolution"]
+
+
+def _step_rows(step: Step, a: Predictions, b: Predictions, seed: int) -> list[dict[str, Any]]:
+    """The comparisons of A with B (A the larger model or the finer input)."""
+    base: dict[str, Any] = dict(
+        dataset=a.key.dataset,
+        resolution=a.key.resolution,
+        pool=a.key.pool,
+        protocol=a.key.protocol,
+        probe=a.key.probe,
+        encoder_a=a.key.encoder,
+        random_init_a=a.key.random_init,
+        encoder_b=b.key.encoder,
+        random_init_b=b.key.random_init,
+    )
+    extra = {"step": step, "resolution_b": b.key.resolution}
+    bb = aligned(a, b)
+    if isinstance(bb, str):
+        return [{**extra, **asdict(Comparison(**base, metric="", reason=bb))}]
+    resampling = bootstrap.Resampling.of(len(a.sample), a.groups()[0], seed=seed)
+    rows = pair_rows(Scored(a, resampling), Scored(bb, resampling), base)
+    return [{**extra, **asdict(r)} for r in rows]
+
+
+def steps(
+    preds: Sequence[Predictions], *, adjustment: paired.Adjustment = "holm", seed: int = 0
+) -> pd.DataFrame:
+    """The step table: `compare.COLUMNS` plus `step` and `resolution_b` (B's
+    resolution; `resolution` is A's), one row per step and metric."""
+    rows: list[dict[str, Any]] = []
+    ladders: dict[tuple[Any, ...], list[tuple[int, Predictions]]] = {}
+    inputs: dict[tuple[Any, ...], list[Predictions]] = {}
+    for p in preds:
+        k = p.key
+        if not ordinary(k):
+            continue
+        cell = (k.dataset, k.pool, k.protocol, k.probe)
+        inputs.setdefault((*cell, k.encoder, k.random_init), []).append(p)
+        family = preset_family(k.encoder)
+        if family is not None:
+            key = (*cell, k.resolution, family[0], k.random_init)
+            ladders.setdefault(key, []).append((family[1], p))
+    for ladder in ladders.values():
+        ordered = [p for _, p in sorted(ladder, key=lambda t: t[0])]
+        for small, large in pairwise(ordered):
+            rows += _step_rows("size", large, small, seed)
+    for group in inputs.values():
+        ordered = sorted(group, key=lambda p: p.key.resolution)
+        for coarse, fine in pairwise(ordered):
+            rows += _step_rows("resolution", fine, coarse, seed)
+    df = judged(rows, adjustment)
+    if not rows:
+        df = df.assign(step=pd.Series(dtype=str), resolution_b=pd.Series(dtype="int64"))
+    return df[list(STEP_COLUMNS)]
+
+
+STEP_COLUMNS = ("step", *COLUMNS[:2], "resolution_b", *COLUMNS[2:])
