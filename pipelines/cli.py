@@ -254,13 +254,19 @@ def probe(
 
                 client = stack.enter_context(connect(scheduler))
                 typer.echo(f"dask dashboard: {client.dashboard_link}")
-            else:  # this process's threads, whatever distributed Client another left
-                import dask
-
-                stack.enter_context(dask.config.set(scheduler="threads"))
+            else:
+                stack.enter_context(_own_threads())
             stage.run(m, out, opts, manifest_file=manifest, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
+
+
+def _own_threads() -> contextlib.AbstractContextManager[object]:
+    """dask computes on this process's threads, never on a distributed Client another
+    caller left as the default (a clean-clone run once hung waiting on one)."""
+    import dask
+
+    return cast("contextlib.AbstractContextManager[object]", dask.config.set(scheduler="threads"))
 
 
 @app.command()
@@ -274,7 +280,8 @@ def report(
     try:
         from pipelines import report as stage
 
-        stage.run(out, echo=typer.echo)
+        with _own_threads():  # the report reads feature sets (examples, PCA maps)
+            stage.run(out, echo=typer.echo)
     except FeatstoreError as exc:
         _fail(exc)
 
