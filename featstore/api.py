@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from featstore.data.manifest import Manifest, load_manifest
 from featstore.errors import DataAbsentWarning, ManifestError, StoreIncompleteError
@@ -187,36 +187,25 @@ def probe(
     return df
 
 
-def _kept_predictions(out: str | os.PathLike[str]) -> list[Any]:
-    from pathlib import Path as _Path
-
-    from featstore.errors import ProbeError
-    from featstore.probing.predictions import kept
-    from featstore.probing.results_file import RESULTS, read_results
-
-    folder = _Path(out)
-    if not (folder / RESULTS).is_file():
-        raise ProbeError(f"{folder / RESULTS} is not there; run featstore.probe into it first")
-    return kept(folder, read_results(folder / RESULTS))[0]
-
-
 def compare(
     out: str | os.PathLike[str], reference: str | None = None, all_pairs: bool = False
 ) -> pd.DataFrame:
     """Is A better than B? The comparison table of a results folder's kept predictions
     (`featstore.probing.compare`; Holm-adjusted), as `featstore compare` writes it."""
     from featstore.probing import compare as cmp
+    from featstore.probing.predictions import kept_in
 
-    return cmp.compare(_kept_predictions(out), reference, all_pairs=all_pairs)
+    return cmp.compare(kept_in(Path(out))[0], reference, all_pairs=all_pairs)
 
 
 def scale_steps(out: str | os.PathLike[str]) -> pd.DataFrame:
     """Does scale help? The paired steps between successive sizes of a model family
     and successive resolutions (`featstore.probing.steps`; Holm-adjusted over the
     steps), as `featstore compare` writes them to OUT/steps.csv."""
+    from featstore.probing.predictions import kept_in
     from featstore.probing.steps import steps
 
-    return steps(_kept_predictions(out))
+    return steps(kept_in(Path(out))[0])
 
 
 def predictions(

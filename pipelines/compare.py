@@ -16,8 +16,7 @@ from featstore.errors import ProbeError
 from featstore.places import atomic_file
 from featstore.probing import compare as cmp
 from featstore.probing.paired import Adjustment
-from featstore.probing.predictions import Predictions, kept
-from featstore.probing.results_file import RESULTS, read_results
+from featstore.probing.predictions import Predictions, kept_in
 from featstore.probing.steps import steps
 
 COMPARISONS = "comparisons.csv"
@@ -26,37 +25,13 @@ STEPS = "steps.csv"
 
 def _kept(out: Path) -> tuple[list[Predictions], list[str]]:
     """OUT's kept predictions, and notes on result rows without any."""
-    csv = out / RESULTS
-    if not csv.is_file():
-        raise ProbeError(f"{csv} is not there; run `featstore probe --out {out}` first")
-    preds, missing = kept(out, read_results(csv))
+    preds, missing = kept_in(out)
     if not preds:
         raise ProbeError(
             f"{out}: no kept predictions (OUT/predictions/); rerun `featstore probe --out "
             f"{out}`, which writes them"
         )
     return preds, missing
-
-
-def comparisons(
-    out: Path,
-    reference: str | None = None,
-    all_pairs: bool = False,
-    adjustment: Adjustment = "holm",
-) -> tuple[pd.DataFrame, list[str]]:
-    """The comparison table of OUT's kept predictions, and notes on rows without any."""
-    preds, missing = _kept(out)
-    names = {p.key.encoder for p in preds}
-    if reference is not None and reference not in names:
-        raise ProbeError(
-            f"--reference {reference!r} has no predictions in {out}; give one of {sorted(names)}"
-        )
-    return cmp.compare(preds, reference, all_pairs=all_pairs, adjustment=adjustment), missing
-
-
-def scale_steps(out: Path, adjustment: Adjustment = "holm") -> pd.DataFrame:
-    """The step table of OUT's kept predictions (`featstore.probing.steps`)."""
-    return steps(_kept(out)[0], adjustment=adjustment)
 
 
 def run(
@@ -66,15 +41,22 @@ def run(
     adjustment: Adjustment = "holm",
     echo: Callable[[str], object] = print,
 ) -> pd.DataFrame:
-    """Compare, write OUT/comparisons.csv in one step and print the table."""
-    df, missing = comparisons(out, reference, all_pairs, adjustment)
+    """Compare, write OUT/comparisons.csv and OUT/steps.csv (each in one step) and
+    print the tables."""
+    preds, missing = _kept(out)
+    names = {p.key.encoder for p in preds}
+    if reference is not None and reference not in names:
+        raise ProbeError(
+            f"--reference {reference!r} has no predictions in {out}; give one of {sorted(names)}"
+        )
+    df = cmp.compare(preds, reference, all_pairs=all_pairs, adjustment=adjustment)
     with atomic_file(out / COMPARISONS) as f:
         df.to_csv(f, index=False, float_format="%.6g")
     echo(cmp.table(df))
     for m in missing:
         echo(f"note: not compared (no predictions): {m}")
     echo(f"comparisons: {out / COMPARISONS} ({len(df)} rows; p adjusted by {adjustment})")
-    st = scale_steps(out, adjustment)
+    st = steps(preds, adjustment=adjustment)
     with atomic_file(out / STEPS) as f:
         st.to_csv(f, index=False, float_format="%.6g")
     if len(st):

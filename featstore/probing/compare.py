@@ -28,7 +28,7 @@ import pandas as pd
 
 from featstore.probing import bootstrap, paired
 from featstore.probing.pairdraws import compare_draws
-from featstore.probing.predictions import Key, Predictions
+from featstore.probing.predictions import Predictions
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,6 @@ class Comparison:
 
 
 COLUMNS = tuple(Comparison.__dataclass_fields__)
-
-
-def ordinary(k: Key) -> bool:
-    """Predictions of a probe on all its training data (no label-efficiency point)."""
-    return k.train_fraction == 1.0 and k.shots == 0 and k.repeat == 0
-
-
-def _label(p: Predictions) -> tuple[str, bool]:
-    return p.key.encoder, p.key.random_init
 
 
 def _f1(y: np.ndarray) -> bootstrap.WeightedMetric:
@@ -208,6 +199,45 @@ def aligned(a: Predictions, b: Predictions) -> Predictions | str:
     return out
 
 
+def in_one_order(group: Sequence[Predictions], anchor: int, seed: int) -> list[Scored | None]:
+    """Each of `group` scored in group[anchor]'s unit order on one `Resampling`, so
+    that its draws are made once and shared by every pair it enters; None for one
+    scored on other units than the anchor."""
+    first = group[anchor]
+    resampling = bootstrap.Resampling.of(len(first.sample), first.groups()[0], seed=seed)
+    out: list[Scored | None] = []
+    for p in group:
+        q = p if p is first else aligned(first, p)
+        out.append(None if isinstance(q, str) else Scored(q, resampling))
+    return out
+
+
+def pair_comparisons(
+    a: Predictions, b: Predictions, sa: Scored | None, sb: Scored | None, seed: int
+) -> list[Comparison]:
+    """A with B from their `in_one_order` scoring; where either is not on the anchor's
+    units, on A's own (they may share theirs); one row with the reason where A and B
+    share no units."""
+    base: dict[str, Any] = dict(
+        dataset=a.key.dataset,
+        resolution=a.key.resolution,
+        pool=a.key.pool,
+        protocol=a.key.protocol,
+        probe=a.key.probe,
+        encoder_a=a.key.encoder,
+        random_init_a=a.key.random_init,
+        encoder_b=b.key.encoder,
+        random_init_b=b.key.random_init,
+    )
+    if sa is None or sb is None:
+        bb = aligned(a, b)
+        if isinstance(bb, str):
+            return [Comparison(**base, metric="", reason=bb)]
+        own = bootstrap.Resampling.of(len(a.sample), a.groups()[0], seed=seed)
+        sa, sb = Scored(a, own), Scored(bb, own)
+    return pair_rows(sa, sb, base)
+
+
 def compare(
     preds: Sequence[Predictions],
     reference: str | None = None,
@@ -225,46 +255,20 @@ def compare(
     cells: dict[tuple[str, int, str, str, str], list[Predictions]] = {}
     for p in preds:
         k = p.key
-        if ordinary(k):
+        if k.ordinary:
             cells.setdefault((k.dataset, k.resolution, k.pool, k.protocol, k.probe), []).append(p)
-    for (dataset, res, pool, protocol, probe), group in cells.items():
-        names = [_label(p) for p in group]
-        ref: int | None = 0
+    for group in cells.values():
         if all_pairs:
-            pairs = list(combinations(range(len(group)), 2))
+            ref, pairs = 0, list(combinations(range(len(group)), 2))
         else:
-            ref = next((i for i, n in enumerate(names) if n[0] == reference), None)
-            ref = 0 if reference is None else ref
-            if ref is None:
+            found = [i for i, p in enumerate(group) if p.key.encoder == reference]
+            if reference is not None and not found:
                 continue  # this cell has no reference encoder
+            ref = found[0] if found else 0
             pairs = [(i, ref) for i in range(len(group)) if i != ref]
-        assert ref is not None
-        anchor = group[ref]
-        in_order = [anchor if p is anchor else aligned(anchor, p) for p in group]
-        resampling = bootstrap.Resampling.of(len(anchor.sample), anchor.groups()[0], seed=seed)
-        scored = [None if isinstance(p, str) else Scored(p, resampling) for p in in_order]
+        scored = in_one_order(group, ref, seed)
         for i, j in pairs:
-            a, b = group[i], group[j]
-            base: dict[str, Any] = dict(
-                dataset=dataset,
-                resolution=res,
-                pool=pool,
-                protocol=protocol,
-                probe=probe,
-                encoder_a=a.key.encoder,
-                random_init_a=a.key.random_init,
-                encoder_b=b.key.encoder,
-                random_init_b=b.key.random_init,
-            )
-            sa, sb = scored[i], scored[j]
-            if sa is None or sb is None:  # not on the anchor's units: perhaps on each other's
-                bb = aligned(a, b)
-                if isinstance(bb, str):
-                    rows.append(Comparison(**base, metric="", reason=bb))
-                    continue
-                own = bootstrap.Resampling.of(len(a.sample), a.groups()[0], seed=seed)
-                sa, sb = Scored(a, own), Scored(bb, own)
-            rows += pair_rows(sa, sb, base)
+            rows += pair_comparisons(group[i], group[j], scored[i], scored[j], seed)
     return judged([asdict(r) for r in rows], adjustment)
 
 

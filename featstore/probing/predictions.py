@@ -34,6 +34,7 @@ import pandas as pd
 
 from featstore.errors import ProbeError
 from featstore.places import atomic_file
+from featstore.probing.rows import ordinary
 
 FOLDER = "predictions"
 META = b"featstore"
@@ -57,6 +58,12 @@ class Key:
     train_fraction: float = 1.0
     shots: int = 0
     repeat: int = 0
+
+    @property
+    def ordinary(self) -> bool:
+        """Whether these are the ordinary probe's (the whole train split; `rows.ordinary`
+        of a frame), not a label-efficiency point's."""
+        return self.train_fraction == 1.0 and self.shots == 0 and self.repeat == 0
 
     @property
     def file_name(self) -> str:
@@ -245,7 +252,7 @@ def kept(out: Path, rows: pd.DataFrame) -> tuple[list[Predictions], list[str]]:
     results frame), in results order, and a note for each one without a file (rows
     written before predictions were kept, published reference rows). A file that is
     not of its rows is a `ProbeError` (`read_predictions`)."""
-    full = rows[(rows.train_fraction == 1.0) & (rows.shots == 0) & (rows.repeat == 0)]
+    full = ordinary(rows)
     found, missing, seen = [], [], set()
     for r in full.itertuples():
         key = row_key(r)
@@ -258,3 +265,16 @@ def kept(out: Path, rows: pd.DataFrame) -> tuple[list[Predictions], list[str]]:
             continue
         found.append(read_predictions(path, key, None))
     return found, missing
+
+
+def kept_in(out: Path) -> tuple[list[Predictions], list[str]]:
+    """`kept` of the results folder OUT (its results.csv); a `ProbeError` where OUT has
+    no results yet."""
+    from featstore.probing.results_file import RESULTS, read_results
+
+    csv = out / RESULTS
+    if not csv.is_file():
+        raise ProbeError(
+            f"{csv} is not there; run `featstore probe --out {out}` (or featstore.probe) first"
+        )
+    return kept(out, read_results(csv))

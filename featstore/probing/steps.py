@@ -22,47 +22,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
-from itertools import pairwise
 from typing import Any, Literal
 
 import pandas as pd
 
 from featstore.encode.presets import preset_family
-from featstore.probing import bootstrap, paired
-from featstore.probing.compare import (
-    COLUMNS,
-    Comparison,
-    Scored,
-    aligned,
-    judged,
-    ordinary,
-    pair_rows,
-)
+from featstore.probing import paired
+from featstore.probing.compare import COLUMNS, in_one_order, judged, pair_comparisons
 from featstore.probing.predictions import Predictions
 
 Step = Literal["size", "resolution"]
 
 
-def _step_rows(step: Step, a: Predictions, b: Predictions, seed: int) -> list[dict[str, Any]]:
-    """The comparisons of A with B (A the larger model or the finer input)."""
-    base: dict[str, Any] = dict(
-        dataset=a.key.dataset,
-        resolution=a.key.resolution,
-        pool=a.key.pool,
-        protocol=a.key.protocol,
-        probe=a.key.probe,
-        encoder_a=a.key.encoder,
-        random_init_a=a.key.random_init,
-        encoder_b=b.key.encoder,
-        random_init_b=b.key.random_init,
-    )
-    extra = {"step": step, "resolution_b": b.key.resolution}
-    bb = aligned(a, b)
-    if isinstance(bb, str):
-        return [{**extra, **asdict(Comparison(**base, metric="", reason=bb))}]
-    resampling = bootstrap.Resampling.of(len(a.sample), a.groups()[0], seed=seed)
-    rows = pair_rows(Scored(a, resampling), Scored(bb, resampling), base)
-    return [{**extra, **asdict(r)} for r in rows]
+def _chain_rows(step: Step, chain: Sequence[Predictions], seed: int) -> list[dict[str, Any]]:
+    """The comparisons of each member of `chain` (smallest first) with the one below
+    it; each member's draws are made once (`compare.in_one_order`)."""
+    scored = in_one_order(chain, 0, seed)
+    rows = []
+    for i in range(1, len(chain)):
+        a, b = chain[i], chain[i - 1]
+        extra = {"step": step, "resolution_b": b.key.resolution}
+        for c in pair_comparisons(a, b, scored[i], scored[i - 1], seed):
+            rows.append({**extra, **asdict(c)})
+    return rows
 
 
 def steps(
@@ -75,7 +57,7 @@ def steps(
     inputs: dict[tuple[Any, ...], list[Predictions]] = {}
     for p in preds:
         k = p.key
-        if not ordinary(k):
+        if not k.ordinary:
             continue
         cell = (k.dataset, k.pool, k.protocol, k.probe)
         inputs.setdefault((*cell, k.encoder, k.random_init), []).append(p)
@@ -84,13 +66,9 @@ def steps(
             key = (*cell, k.resolution, family[0], k.random_init)
             ladders.setdefault(key, []).append((family[1], p))
     for ladder in ladders.values():
-        ordered = [p for _, p in sorted(ladder, key=lambda t: t[0])]
-        for small, large in pairwise(ordered):
-            rows += _step_rows("size", large, small, seed)
+        rows += _chain_rows("size", [p for _, p in sorted(ladder, key=lambda t: t[0])], seed)
     for group in inputs.values():
-        ordered = sorted(group, key=lambda p: p.key.resolution)
-        for coarse, fine in pairwise(ordered):
-            rows += _step_rows("resolution", fine, coarse, seed)
+        rows += _chain_rows("resolution", sorted(group, key=lambda p: p.key.resolution), seed)
     df = judged(rows, adjustment)
     if not rows:
         df = df.assign(step=pd.Series(dtype=str), resolution_b=pd.Series(dtype="int64"))
