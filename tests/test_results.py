@@ -269,6 +269,16 @@ def test_report_plots_and_published_table_keep_pools_apart(tmp_path, monkeypatch
     assert len(drawn["resolution.png"].axes[0].containers) == 2  # an errorbar line per pool
     legend = drawn["size.png"].axes[0].get_legend().get_texts()
     assert sorted(t.get_text() for t in legend) == ["v, pool max", "v, pool mean"]
+    # a score that could not be computed (NaN) is left out of the size plot, not a crash
+    nan = df.assign(value=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
+    assert (
+        tables.plot_size(
+            pd.concat([df, nan.assign(resolution=64)]),
+            {"v": "classification"},
+            tmp_path / "size.png",
+        )
+        is not None
+    )
     ref = Reference("v", "auroc", 0.9, "model", "32", "paper")
     pub = tables.published_table(df, [ref])
     assert len(pub) == 3 and pub.model.str.contains("pooling").sum() == 2

@@ -199,7 +199,7 @@ def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame
             }
         )
     cols = ["source", "model", "resolution", *metrics]
-    return pd.DataFrame(out, columns=cols).fillna("").set_index("source")
+    return pd.DataFrame(out, columns=cols).astype(object).fillna("").set_index("source")
 
 
 def _main_rows(df: pd.DataFrame, tasks: Mapping[str, str]) -> pd.DataFrame:
@@ -297,7 +297,9 @@ def plot_size(df: pd.DataFrame, tasks: Mapping[str, str], path: Path) -> bool:
     ax = fig.subplots()
     for values, g in main.groupby(lines, sort=True):
         k = dict(zip(lines, values, strict=True))
-        # the best resolution of each encoder, with its 95% interval
+        # the best resolution of each encoder, with its 95% interval (a score that
+        # could not be computed, e.g. AUROC of a one-class test set, is no candidate)
+        g = g[np.isfinite(g.value.astype(float))]
         best = g.loc[g.groupby("x").value.idxmax()].set_index("x")
         xs = [i for i, e in enumerate(encoders) if e in best.index]
         at = best.loc[[encoders[i] for i in xs]]
