@@ -202,10 +202,11 @@ def scale_steps(out: str | os.PathLike[str]) -> pd.DataFrame:
     """Does scale help? The paired steps between successive sizes of a model family
     and successive resolutions (`featstore.probing.steps`; Holm-adjusted over the
     steps), as `featstore compare` writes them to OUT/steps.csv."""
+    from featstore.encode.presets import preset_family
     from featstore.probing.predictions import kept_in
     from featstore.probing.steps import steps
 
-    return steps(kept_in(Path(out))[0])
+    return steps(kept_in(Path(out))[0], preset_family)
 
 
 def predictions(

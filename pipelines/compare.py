@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from featstore.encode.presets import preset_family
 from featstore.errors import ProbeError
 from featstore.places import atomic_file
 from featstore.probing import compare as cmp
@@ -56,7 +57,7 @@ def run(
     for m in missing:
         echo(f"note: not compared (no predictions): {m}")
     echo(f"comparisons: {out / COMPARISONS} ({len(df)} rows; p adjusted by {adjustment})")
-    st = steps(preds, adjustment=adjustment)
+    st = steps(preds, preset_family, adjustment=adjustment)
     with atomic_file(out / STEPS) as f:
         st.to_csv(f, index=False, float_format="%.6g")
     if len(st):

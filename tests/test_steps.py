@@ -42,7 +42,7 @@ def test_size_steps_go_between_successive_sizes_of_one_family(scores):
         _pred("biomedclip", 224, best, y),  # outside any ladder
         _pred("dinov2-vits14", 224, weak, y),  # a family of one: no step
     ]
-    df = steps(preds)
+    df = steps(preds, preset_family)
     assert list(df.columns) == list(STEP_COLUMNS)
     auc = df[(df.step == "size") & (df.metric == "auroc")]
     pairs = list(zip(auc.encoder_a, auc.encoder_b, strict=True))
@@ -62,7 +62,7 @@ def test_resolution_steps_and_random_inits_kept_apart(scores):
         _pred("dinov3-vits16", 224, better, y),
         _pred("dinov3-vitb16", 224, best, y, ri=True),  # random init: not a size step
     ]
-    df = steps(preds)
+    df = steps(preds, preset_family)
     res = df[(df.step == "resolution") & (df.metric == "auroc")]
     assert list(zip(res.resolution_b, res.resolution, strict=True)) == [(112, 224), (224, 448)]
     assert res.verdict.iloc[0] == "better"
@@ -77,7 +77,7 @@ def test_steps_on_other_units_are_named_not_compared(scores):
     other = Predictions(
         other.key, other.task, np.array([f"x{i}" for i in range(len(y))]), None, y, other.scores
     )
-    df = steps([_pred("dinov3-vits16", 224, weak, y), other])
+    df = steps([_pred("dinov3-vits16", 224, weak, y), other], preset_family)
     assert len(df) == 1 and df.verdict.iloc[0] == "not compared"
     assert "different test units" in df.reason.iloc[0]
-    assert steps([]).empty
+    assert steps([], preset_family).empty

@@ -5,7 +5,8 @@ The seed paper claims that a larger model or a finer input does not reliably hel
 Each step here answers that for one dataset x probe x metric with an interval and a
 test instead of two single numbers:
 
-- `size`: successive sizes of one family (`presets.preset_family`: DINOv3 S -> S+ ->
+- `size`: successive sizes of one family (`family`, the caller's
+  `encode.presets.preset_family`, so this room needs no encoder: DINOv3 S -> S+ ->
   B -> L -> H+ -> 7B, DINOv2 S -> B -> L) scored at one resolution; A is the larger
   model, B the next smaller one scored, so A - B > 0 means the larger one is better.
 - `resolution`: successive input resolutions of one encoder; A is the finer one.
@@ -20,13 +21,12 @@ tables answer different questions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
 
 import pandas as pd
 
-from featstore.encode.presets import preset_family
 from featstore.probing import paired
 from featstore.probing.compare import COLUMNS, in_one_order, judged, pair_comparisons
 from featstore.probing.predictions import Predictions
@@ -48,10 +48,15 @@ def _chain_rows(step: Step, chain: Sequence[Predictions], seed: int) -> list[dic
 
 
 def steps(
-    preds: Sequence[Predictions], *, adjustment: paired.Adjustment = "holm", seed: int = 0
+    preds: Sequence[Predictions],
+    family: Callable[[str], tuple[str, int] | None],
+    *,
+    adjustment: paired.Adjustment = "holm",
+    seed: int = 0,
 ) -> pd.DataFrame:
     """The step table: `compare.COLUMNS` plus `step` and `resolution_b` (B's
-    resolution; `resolution` is A's), one row per step and metric."""
+    resolution; `resolution` is A's), one row per step and metric. `family(encoder)`
+    is (family, place in its size ladder), None outside a ladder."""
     rows: list[dict[str, Any]] = []
     ladders: dict[tuple[Any, ...], list[tuple[int, Predictions]]] = {}
     inputs: dict[tuple[Any, ...], list[Predictions]] = {}
@@ -61,10 +66,10 @@ def steps(
             continue
         cell = (k.dataset, k.pool, k.protocol, k.probe)
         inputs.setdefault((*cell, k.encoder, k.random_init), []).append(p)
-        family = preset_family(k.encoder)
-        if family is not None:
-            key = (*cell, k.resolution, family[0], k.random_init)
-            ladders.setdefault(key, []).append((family[1], p))
+        rung = family(k.encoder)
+        if rung is not None:
+            key = (*cell, k.resolution, rung[0], k.random_init)
+            ladders.setdefault(key, []).append((rung[1], p))
     for ladder in ladders.values():
         rows += _chain_rows("size", [p for _, p in sorted(ladder, key=lambda t: t[0])], seed)
     for group in inputs.values():

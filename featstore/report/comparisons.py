@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from featstore.encode.presets import preset_family
 from featstore.identity import labelled
 from featstore.probing import compare as cmp
 from featstore.probing.metrics import MAIN_METRIC
@@ -109,7 +110,7 @@ def section(out: Path, rows: pd.DataFrame, tasks: dict[str, str]) -> tuple[list[
         f"<p>{html.escape(text)}</p>",
         table.to_html(index=False),
     ]
-    stepped = steps(preds)
+    stepped = steps(preds, preset_family)
     if len(stepped):
         st = _table(stepped, step=True)
         words = (
