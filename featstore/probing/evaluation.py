@@ -21,16 +21,18 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
+from featstore.data.evaluations import ExternalTest, label_map
 from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import (
     ChunkChecksumError,
     FeatstoreError,
     ManifestError,
+    ProbeError,
     StoreCorruptError,
 )
 from featstore.identity import SetIdentity, labelled, requested, short
 from featstore.places import Place, place, reachable
-from featstore.probing import classification, geometry
+from featstore.probing import classification, external, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
@@ -124,6 +126,22 @@ def spacing_of(xs: xr.Dataset, ds: Dataset) -> dict[str, geometry.Spacing] | Non
     return geometry.grid_spacing(ds.dims, coords, item_str(xs.sample), xs.sizes["y"], fit)
 
 
+def prediction_key(where: SetColumns, probe: str) -> Key:
+    """The key of `probe`'s kept predictions on the set (or pair of sets) `where`."""
+    return Key(
+        dataset=where.dataset,
+        encoder=where.encoder,
+        random_init=where.random_init,
+        resolution=where.resolution,
+        pool=where.pool,
+        protocol=where.protocol,
+        probe=probe,
+        feature_set=where.feature_set,
+        test_dataset=where.test_dataset,
+        test_feature_set=where.test_feature_set,
+    )
+
+
 def _probe_open_set(
     path: Place,
     xs: xr.Dataset,
@@ -137,16 +155,7 @@ def _probe_open_set(
     kept_preds: list[Predictions] = []
 
     def key(probe: str) -> Key:
-        return Key(
-            dataset=where.dataset,
-            encoder=where.encoder,
-            random_init=where.random_init,
-            resolution=where.resolution,
-            pool=where.pool,
-            protocol=where.protocol,
-            probe=probe,
-            feature_set=where.feature_set,
-        )
+        return prediction_key(where, probe)
 
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
@@ -187,6 +196,80 @@ def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarra
     ok = (items >= 0) & (pos < len(kept))
     ok[ok] = kept[pos[ok]] == items[ok]
     return pos[ok]
+
+
+def _class_arrays(
+    path: Place, ds: Dataset, opts: ProbeOptions
+) -> tuple[classification.ClassArrays, SetColumns]:
+    """One set's classification arrays (its test split may be empty) and columns; a
+    chunk that fails its checksum is a `StoreCorruptError` naming this set."""
+    xs = sets.open_set(path)
+    try:
+        xs, _ = usable_items(path, xs)
+        return classification.class_arrays(xs, ds, opts, need_test=False), set_columns(xs, ds, opts)
+    except ChunkChecksumError as exc:
+        raise sets.corrupt(path, exc) from None
+
+
+def probe_pair(
+    train: FoundCell, test: FoundCell, ev: ExternalTest, opts: ProbeOptions = ProbeOptions()
+) -> SetResult:
+    """The classification probes fitted on `train`'s set (train split; val for the
+    hyper-parameters) and scored on `test`'s set (its test split, or every item with
+    `ev.split` "all"), test labels carried to the train dataset's classes by name
+    (`featstore.data.evaluations.label_map`). Both sets are read from the cache; rows
+    and kept predictions name both (`test_dataset`, `test_feature_set`). No
+    label-efficiency points, examples or attention maps."""
+    with threadpool_limits(limits=1):  # as `probe_set`
+        a, where = _class_arrays(train.path, train.ds, opts)
+        b, there = _class_arrays(test.path, test.ds, opts)
+        if (where.encoder, where.random_init, where.resolution) != (
+            there.encoder,
+            there.random_init,
+            there.resolution,
+        ):
+            raise ProbeError(
+                f"{train.path} and {test.path} are of different encoders or resolutions; "
+                "an external evaluation needs one of each"
+            )
+        joined = external.join(a, b, ev.split, label_map(train.ds, test.ds, ev))
+        runs = classification.predict(joined, opts)
+        found = classification.outcome(joined, runs, opts.seed)
+    where = replace(where, test_dataset=test.ds.name, test_feature_set=there.feature_set)
+    preds = classification.test_predictions(
+        joined, runs, lambda probe: prediction_key(where, probe), test.ds.task
+    )
+    rows = [row for f in found.fitted for row in result_rows(where, f)]
+    return SetResult(train.path, where.feature_set, rows, predictions=tuple(preds))
+
+
+def _external(
+    manifest: Manifest,
+    found_sets: Sequence[FoundCell],
+    opts: ProbeOptions,
+    out: Evaluation,
+    on_set: Callable[[str, SetResult], object] | None,
+) -> None:
+    """Every external evaluation of `manifest` on each encoder x resolution cell where
+    both datasets' sets were found (added to `out`)."""
+    at = {(c.ds.name, c.spec, c.resolution): c for c in found_sets}
+    for ev in manifest.evaluations:
+        for cell in (c for c in found_sets if c.ds.name == ev.train):
+            where = f"{ev.name}: {ev.train} -> {ev.test} / {cell.spec} @ {cell.resolution}px"
+            other = at.get((ev.test, cell.spec, cell.resolution))
+            if other is None:
+                out.problems.append(
+                    f"{where}: no feature set of {ev.test} to test on (see its own line)"
+                )
+                continue
+            try:
+                result = probe_pair(cell, other, ev, opts)
+            except FeatstoreError as exc:
+                out.problems.append(f"{where}: {exc}")
+                continue
+            out.results.append(result)
+            if on_set is not None:
+                on_set(where, result)
 
 
 @dataclass
@@ -233,6 +316,7 @@ class FoundCell:
     spec: str  # the encoder as the manifest names it
     ds: Dataset
     path: Place
+    resolution: int = 0
 
 
 def one_label_each(cells: Sequence[FoundCell]) -> None:
@@ -304,7 +388,7 @@ def probe_manifest(
         if found.path is None:
             out.problems.append(_missing(where, manifest, ds, spec, res, src, found))
             continue
-        found_sets.append(FoundCell(where, spec, ds, found.path))
+        found_sets.append(FoundCell(where, spec, ds, found.path, res))
     one_label_each(found_sets)
     for found_cell in found_sets:
         where, ds = found_cell.where, found_cell.ds
@@ -320,4 +404,5 @@ def probe_manifest(
         ]
         if on_set is not None:
             on_set(where, result)
+    _external(manifest, found_sets, opts, out, on_set)  # after the internal ones
     return out

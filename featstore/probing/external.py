@@ -1,0 +1,124 @@
+"""External evaluation (arrays only): fit on one dataset, score another's test units,
+and the drop between a probe's internal and external scores.
+
+`join` puts the train dataset's train and val rows and the test dataset's scored rows
+into one `ClassArrays` (the other dataset's rows are its "test" split), so that the
+probes of `featstore.probing.classification` (linear, kNN, ABMIL) fit and score an
+external evaluation exactly as they do an internal one. Test labels are carried to the
+train dataset's class ids first (`relabel`, from `featstore.data.evaluations.label_map`).
+
+`drop` compares a probe's internal and external scores. The two test sets are different
+units, so the difference is unpaired: each set is resampled on its own (internal with
+`seed`, external with `seed + 1`) and the interval is that of the differences of the
+two sets' independent bootstrap draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from featstore.errors import ProbeError
+from featstore.probing import bootstrap
+from featstore.probing.classification import ClassArrays
+from featstore.probing.predictions import Predictions
+
+Split = Literal["test", "all"]
+
+
+def relabel(y: np.ndarray, label_map: tuple[int, ...] | None) -> np.ndarray:
+    """Test labels as the train dataset's class ids: y (n,) int ids, or (n, L)
+    multi-hot whose columns are reordered; `label_map[j]` is the train id of test id j
+    (None: ids kept)."""
+    if label_map is None:
+        return y
+    to = np.asarray(label_map, np.int64)
+    if y.ndim == 2:
+        out = np.zeros_like(y)
+        out[:, to] = y
+        return out
+    return to[y]
+
+
+def join(
+    train: ClassArrays, test: ClassArrays, split: Split, label_map: tuple[int, ...] | None
+) -> ClassArrays:
+    """`train`'s train and val rows, then `test`'s rows of its test split (or all of
+    them) as the "test" split, labelled with `train`'s class ids.
+
+    A `ProbeError` when the two sets' features or labels have different widths (two
+    encoders, or label spaces of other sizes) or nothing is left to score.
+    """
+    if train.x.shape[1] != test.x.shape[1]:
+        raise ProbeError(
+            f"the two sets hold features of {train.x.shape[1]} and {test.x.shape[1]} "
+            "channels: they are not of one encoder; extract both with the same one"
+        )
+    y_test = relabel(test.y, label_map)
+    if train.y.ndim != y_test.ndim or train.y.shape[1:] != y_test.shape[1:]:
+        raise ProbeError(
+            f"labels of shape {train.y.shape[1:]} and {y_test.shape[1:]}: the two "
+            "datasets do not share one label space; give both the same `classes:`"
+        )
+    fit = np.flatnonzero(np.isin(train.split, ["train", "val"]))
+    scored = np.flatnonzero(test.split == "test") if split == "test" else np.arange(len(test.y))
+    if len(scored) == 0:
+        raise ProbeError(
+            "the test dataset has no test split to score; set `split: all` on the "
+            "evaluation to score every item of it"
+        )
+    n_classes = max(train.n_classes, 1 + int(y_test.max()) if y_test.ndim == 1 else 0)
+    bags = None
+    if train.bags is not None:
+        assert test.bags is not None  # one `ProbeOptions.pool` for both
+        bags = [train.bags[i] for i in fit] + [test.bags[i] for i in scored]
+    assert train.sample is not None and test.sample is not None
+    return ClassArrays(
+        x=np.concatenate([train.x[fit], test.x[scored]]),
+        y=np.concatenate([train.y[fit], y_test[scored]]),
+        split=np.concatenate([train.split[fit], np.full(len(scored), "test", object)]),
+        group=np.concatenate([train.group[fit].astype(object), test.group[scored].astype(object)]),
+        n_classes=train.y.shape[1] if train.y.ndim == 2 else n_classes,
+        bags=bags,
+        sample=np.concatenate([train.sample[fit].astype(object), test.sample[scored]]),
+        has_patient=test.has_patient,  # what the kept test predictions name
+    )
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A probe's internal score minus its external score, with a 95% interval."""
+
+    internal: float
+    external: float
+    drop: float  # internal - external: positive when the other dataset scores lower
+    ci_low: float
+    ci_high: float
+    n_internal: int  # test units of each set
+    n_external: int
+
+
+def drop(internal: Predictions, external: Predictions, seed: int = 0) -> dict[str, Drop]:
+    """{metric: Drop} of two classification predictions of one probe (one encoder,
+    resolution, pool and protocol): on its own dataset's test units and on the other's.
+
+    Unpaired: the internal units are resampled with `seed`, the external ones with
+    `seed + 1`, each on its own (`bootstrap.classification_draws`), and the interval
+    holds the 2.5 and 97.5 percentiles of the draws' differences. Draw 0 of each is the
+    score on all of its units, the value in results.csv.
+    """
+    if internal.task == "segmentation" or external.task == "segmentation":
+        raise ProbeError("external evaluation supports classification and multilabel for now")
+    assert internal.truth is not None and internal.scores is not None
+    assert external.truth is not None and external.scores is not None
+    a = bootstrap.classification_draws(internal.truth, internal.scores, seed)
+    b = bootstrap.classification_draws(external.truth, external.scores, seed + 1)
+    out = {}
+    for m in a:
+        diff = bootstrap.intervals({m: a[m] - b[m]})[m]
+        out[m] = Drop(
+            float(a[m][0]), float(b[m][0]), *diff, len(internal.truth), len(external.truth)
+        )
+    return out
