@@ -342,3 +342,24 @@ def test_slide_bags_and_volumes_run_with_abmil(tmp_path, tiny_dinov3):
     assert set(ext.n_train) == set(internal(df)[lambda d: d.dataset == "a"].n_train)
     files = list((tmp_path / "r" / FOLDER / EXTERNAL).glob("*.parquet"))
     assert len(files) == 3 * 2  # the encoder and the pixel baseline, 3 probes each
+
+
+def test_the_example_manifest_reads_and_maps_its_classes():
+    from conftest import REPO
+
+    from featstore.data.evaluations import label_map
+
+    m = load_manifest(REPO / "manifests" / "external.yaml", need_data=False)
+    (ev,) = m.evaluations
+    assert label_map(m.dataset(ev.train), m.dataset(ev.test), ev) == (0, 1, 2)
+
+
+def test_compare_pairs_encoders_on_the_external_test_set_apart_from_the_internal(probed):
+    work, _, _, _ = probed
+    out = runner.invoke(app, ["compare", "--out", str(work / "r")])
+    assert out.exit_code == 0, out.output
+    df = pd.read_csv(work / "r" / "comparisons.csv", keep_default_na=False)
+    assert set(df.test_dataset) == {"", "b"}
+    ext = df[df.test_dataset == "b"]
+    assert set(ext.dataset) == {"a"} and set(ext.n_units.astype(int)) == {24}
+    assert "a->b" in out.output
