@@ -363,3 +363,49 @@ def test_compare_pairs_encoders_on_the_external_test_set_apart_from_the_internal
     ext = df[df.test_dataset == "b"]
     assert set(ext.dataset) == {"a"} and set(ext.n_units.astype(int)) == {24}
     assert "a->b" in out.output
+
+
+def _multilabel_npz(path, seed: int, n: int, order: list[int]) -> None:
+    """A MedMNIST-like .npz: 28 x 28 images with a bright square in each quadrant whose
+    label is on; `order` gives the file's label columns as quadrants."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, m in (("train", n), ("val", n // 2), ("test", n // 2)):
+        on = rng.integers(0, 2, (m, 3))
+        img = rng.integers(0, 60, (m, 28, 28)).astype(np.uint8)
+        for q in range(3):
+            y, x = divmod(q, 2)
+            img[on[:, q] == 1, 14 * y + 3 : 14 * y + 11, 14 * x + 3 : 14 * x + 11] = 230
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = img, on[:, order]
+    np.savez(path, **arrays)
+
+
+def test_multilabel_columns_are_matched_by_name_and_knn_equals_sklearn(tmp_path, tiny_dinov3):
+    _multilabel_npz(tmp_path / "a.npz", 0, 40, [0, 1, 2])
+    _multilabel_npz(tmp_path / "b.npz", 1, 30, [2, 0, 1])  # columns: q2, q0, q1
+    row = "  - {{name: {n}, format: medmnist, path: {n}.npz, task: multilabel, dims: 2, "
+    row += "classes: {c}}}\n"
+    datasets = row.format(n="a", c="[q0, q1, q2]") + row.format(n="b", c="[q2, q0, q1]")
+    mpath = manifest(
+        tmp_path, datasets, "  - {name: ab, train: a, test: b}\n", f"['{tiny_dinov3}']"
+    )
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    pr = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert pr.exit_code == 0, pr.output
+    df = read_results(tmp_path / "r" / "results.csv")
+    ext = external(df)
+    ext = ext[~ext.encoder.str.startswith("pixels") & (ext.metric == "auroc")]
+    (knn,) = ext[ext.probe == "knn"].itertuples()
+    xa, ya, sa = _arrays(_set_path(tmp_path, knn.feature_set))
+    xb, yb, sb = _arrays(_set_path(tmp_path, knn.test_feature_set))
+    yb = yb[:, [1, 2, 0]]  # b's columns q2, q0, q1 as a's q0, q1, q2
+    unit = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (xa, xb)]
+    model = KNeighborsClassifier(int(knn.param), algorithm="brute").fit(
+        unit[0][sa == "train"], ya[sa == "train"]
+    )
+    proba = np.stack([p[:, -1] for p in model.predict_proba(unit[1][sb == "test"])], 1)
+    kept = read_predictions(tmp_path / "r" / FOLDER / row_key(knn).file_name, row_key(knn))
+    assert np.array_equal(kept.truth, yb[sb == "test"])
+    np.testing.assert_array_equal(kept.scores, proba)
+    assert knn.value == close(skm.roc_auc_score(yb[sb == "test"], proba, average="macro"))
