@@ -409,3 +409,19 @@ def test_multilabel_columns_are_matched_by_name_and_knn_equals_sklearn(tmp_path,
     assert np.array_equal(kept.truth, yb[sb == "test"])
     np.testing.assert_array_equal(kept.scores, proba)
     assert knn.value == close(skm.roc_auc_score(yb[sb == "test"], proba, average="macro"))
+
+
+def test_a_missing_test_set_is_a_problem_and_a_cell_outside_the_grid_a_note(tmp_path):
+    """Pixel-baseline sets only (no encoder): b extracted at 64 px only, a at 32 px."""
+    b = entry("b", 1, CLASSES_B).replace("dims: 2\n", "dims: 2\n    resolutions: [64]\n", 1)
+    c = entry("c", 2, CLASSES_B)
+    evs = MAPPED + "  - {name: a-to-c, train: a, test: c, classes: {star: halo}}\n"
+    mpath = manifest(tmp_path, entry("a", 0, CLASSES_A) + b + c, evs)
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args, "--dataset", "a"]).exit_code == 0
+    assert runner.invoke(app, ["extract", *args, "--dataset", "b"]).exit_code == 0
+    pr = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert pr.exit_code == 0, pr.output
+    assert "note: a-to-b: a -> b / pixels:8 @ 32px: not run, b is not probed" in pr.output
+    assert "problem: a-to-c: a -> c / pixels:8 @ 32px: no feature set of c" in pr.output
+    assert external(read_results(tmp_path / "r" / "results.csv")).empty

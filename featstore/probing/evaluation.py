@@ -253,10 +253,17 @@ def _external(
     """Every external evaluation of `manifest` on each encoder x resolution cell where
     both datasets' sets were found (added to `out`)."""
     at = {(c.ds.name, c.spec, c.resolution): c for c in found_sets}
+    grid = {(c.dataset.name, c.encoder, c.resolution) for c in manifest.cells(opts.baseline)}
     for ev in manifest.evaluations:
         for cell in (c for c in found_sets if c.ds.name == ev.train):
             where = f"{ev.name}: {ev.train} -> {ev.test} / {cell.spec} @ {cell.resolution}px"
             other = at.get((ev.test, cell.spec, cell.resolution))
+            if other is None and (ev.test, cell.spec, cell.resolution) not in grid:
+                out.notes.append(
+                    f"{where}: not run, {ev.test} is not probed at this encoder x resolution "
+                    "(its `resolutions:` or the study's datasets leave it out)"
+                )
+                continue
             if other is None:
                 out.problems.append(
                     f"{where}: no feature set of {ev.test} to test on (see its own line)"
