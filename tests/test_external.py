@@ -423,5 +423,5 @@ def test_a_missing_test_set_is_a_problem_and_a_cell_outside_the_grid_a_note(tmp_
     pr = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
     assert pr.exit_code == 0, pr.output
     assert "note: a-to-b: a -> b / pixels:8 @ 32px: not run, b is not probed" in pr.output
-    assert "problem: a-to-c: a -> c / pixels:8 @ 32px: no feature set of c" in pr.output
+    assert "problem: a-to-c: a -> c / pixels:8 @ 32px: no set of c to test on" in pr.output
     assert external(read_results(tmp_path / "r" / "results.csv")).empty

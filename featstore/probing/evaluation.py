@@ -36,7 +36,7 @@ from featstore.probing import classification, external, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
-from featstore.probing.predictions import Key, Predictions
+from featstore.probing.predictions import Key, Predictions, set_key
 from featstore.probing.rows import ResultRow, SetColumns, result_rows
 from featstore.probing.segmentation import probe_segmentation, seg_predictions, seg_set
 from featstore.probing.segscores import Examples
@@ -126,22 +126,6 @@ def spacing_of(xs: xr.Dataset, ds: Dataset) -> dict[str, geometry.Spacing] | Non
     return geometry.grid_spacing(ds.dims, coords, item_str(xs.sample), xs.sizes["y"], fit)
 
 
-def prediction_key(where: SetColumns, probe: str) -> Key:
-    """The key of `probe`'s kept predictions on the set (or pair of sets) `where`."""
-    return Key(
-        dataset=where.dataset,
-        encoder=where.encoder,
-        random_init=where.random_init,
-        resolution=where.resolution,
-        pool=where.pool,
-        protocol=where.protocol,
-        probe=probe,
-        feature_set=where.feature_set,
-        test_dataset=where.test_dataset,
-        test_feature_set=where.test_feature_set,
-    )
-
-
 def _probe_open_set(
     path: Place,
     xs: xr.Dataset,
@@ -155,7 +139,7 @@ def _probe_open_set(
     kept_preds: list[Predictions] = []
 
     def key(probe: str) -> Key:
-        return prediction_key(where, probe)
+        return set_key(where, probe)
 
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
@@ -223,21 +207,17 @@ def probe_pair(
     with threadpool_limits(limits=1):  # as `probe_set`
         a, where = _class_arrays(train.path, train.ds, opts)
         b, there = _class_arrays(test.path, test.ds, opts)
-        if (where.encoder, where.random_init, where.resolution) != (
-            there.encoder,
-            there.random_init,
-            there.resolution,
-        ):
+        if replace(there, dataset=where.dataset, feature_set=where.feature_set) != where:
             raise ProbeError(
-                f"{train.path} and {test.path} are of different encoders or resolutions; "
-                "an external evaluation needs one of each"
+                f"{train.path} and {test.path} are of other encoders, resolutions, pools or "
+                "tasks; an external evaluation needs one of each"
             )
         joined = external.join(a, b, ev.split, label_map(train.ds, test.ds, ev))
         runs = classification.predict(joined, opts)
         found = classification.outcome(joined, runs, opts.seed)
     where = replace(where, test_dataset=test.ds.name, test_feature_set=there.feature_set)
     preds = classification.test_predictions(
-        joined, runs, lambda probe: prediction_key(where, probe), test.ds.task
+        joined, runs, lambda probe: set_key(where, probe), test.ds.task
     )
     rows = [row for f in found.fitted for row in result_rows(where, f)]
     return SetResult(train.path, where.feature_set, rows, predictions=tuple(preds))
@@ -251,7 +231,8 @@ def _external(
     on_set: Callable[[str, SetResult], object] | None,
 ) -> None:
     """Every external evaluation of `manifest` on each encoder x resolution cell where
-    both datasets' sets were found (added to `out`)."""
+    both datasets' sets were found, added to `out` (each one's cell left out of the
+    grid: a note; a set not found: a problem line)."""
     at = {(c.ds.name, c.spec, c.resolution): c for c in found_sets}
     grid = {(c.dataset.name, c.encoder, c.resolution) for c in manifest.cells(opts.baseline)}
     for ev in manifest.evaluations:
@@ -265,9 +246,7 @@ def _external(
                 )
                 continue
             if other is None:
-                out.problems.append(
-                    f"{where}: no feature set of {ev.test} to test on (see its own line)"
-                )
+                out.problems.append(f"{where}: no set of {ev.test} to test on (see its line)")
                 continue
             try:
                 result = probe_pair(cell, other, ev, opts)

@@ -36,6 +36,7 @@ import pandas as pd
 
 from featstore.errors import ProbeError
 from featstore.places import atomic_file
+from featstore.probing.rows import SetColumns
 
 FOLDER = "predictions"
 EXTERNAL = "external"  # OUT/predictions/external/: external evaluations' predictions
@@ -232,6 +233,22 @@ def _safe(text: str) -> str:
 def _describe(k: Key) -> str:
     ext = {f.name: getattr(k, f.name) for f in fields(k) if f.name != "dataset"}
     return f"{k.dataset} ({', '.join(f'{n}={v}' for n, v in ext.items())})"
+
+
+def set_key(where: SetColumns, probe: str) -> Key:
+    """The key of `probe`'s kept predictions on the set (or pair of sets) `where`."""
+    return Key(
+        dataset=where.dataset,
+        encoder=where.encoder,
+        random_init=where.random_init,
+        resolution=where.resolution,
+        pool=where.pool,
+        protocol=where.protocol,
+        probe=probe,
+        feature_set=where.feature_set,
+        test_dataset=where.test_dataset,
+        test_feature_set=where.test_feature_set,
+    )
 
 
 def row_key(r: Any) -> Key:
