@@ -425,3 +425,20 @@ def test_a_missing_test_set_is_a_problem_and_a_cell_outside_the_grid_a_note(tmp_
     assert "note: a-to-b: a -> b / pixels:8 @ 32px: not run, b is not probed" in pr.output
     assert "problem: a-to-c: a -> c / pixels:8 @ 32px: no set of c to test on" in pr.output
     assert external(read_results(tmp_path / "r" / "results.csv")).empty
+
+
+def test_tested_on_a_copy_of_itself_an_evaluation_gives_the_internal_rows(tmp_path):
+    """b holds a's data (same seed and classes): a -> b on b's test split scores the very
+    units a's own rows do, so every external value equals the internal one."""
+    datasets = entry("a", 0, CLASSES_A) + entry("b", 0, CLASSES_A)
+    mpath = manifest(tmp_path, datasets, "  - {name: ab, train: a, test: b}\n")
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    pr = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert pr.exit_code == 0, pr.output
+    df = read_results(tmp_path / "r" / "results.csv")
+    cols = ["probe", "metric", "value", "ci_low", "ci_high", "param", "n_train", "n_test"]
+    ext = external(df).sort_values(["probe", "metric"])[cols].reset_index(drop=True)
+    own = internal(df)[lambda d: d.dataset == "a"].sort_values(["probe", "metric"])
+    assert len(ext) == 12
+    pd.testing.assert_frame_equal(ext, own[cols].reset_index(drop=True))
