@@ -80,14 +80,6 @@ def test_bad_evaluations_are_manifest_errors_naming_the_field(tmp_path, evaluati
         assert w in str(err.value)
 
 
-def test_segmentation_is_refused_clearly(tmp_path):
-    seg = "  - {{name: {n}, format: synthetic, synthetic: {{kind: seg2d}}, path: {n}, task: "
-    seg += "segmentation, dims: 2}}\n"
-    datasets = seg.format(n="s1") + seg.format(n="s2")
-    with pytest.raises(ManifestError, match="external evaluation supports classification"):
-        load_manifest(manifest(tmp_path, datasets, "  - {name: x, train: s1, test: s2}\n"))
-
-
 def test_named_classes_on_one_side_only_is_an_error(tmp_path):
     datasets = entry("a", 0, CLASSES_A) + entry("b", 1)
     with pytest.raises(ManifestError, match="'b' does not"):
@@ -442,3 +434,67 @@ def test_tested_on_a_copy_of_itself_an_evaluation_gives_the_internal_rows(tmp_pa
     own = internal(df)[lambda d: d.dataset == "a"].sort_values(["probe", "metric"])
     assert len(ext) == 12
     pd.testing.assert_frame_equal(ext, own[cols].reset_index(drop=True))
+
+
+SEG = """\
+  - name: {name}
+    format: synthetic
+    synthetic: {{kind: seg2d, n: 12, size: 32, seed: 0}}
+    path: data/{name}
+    task: segmentation
+    dims: 2
+    classes: {classes}
+"""
+
+
+def test_segmentation_on_a_renamed_copy_gives_the_internal_rows(tmp_path):
+    """Both heads (linear, decoder) fitted on a and scored on b, a copy of a whose
+    classes are named otherwise (mapped back): the masks pass through the class map and
+    every score equals a's own."""
+    datasets = SEG.format(name="a", classes="[background, disc, ellipse, bar]")
+    datasets += SEG.format(name="b", classes="[background, round, ellipse, bar]")
+    ev = "  - {name: ab, train: a, test: b, classes: {disc: round}}\n"
+    mpath = manifest(tmp_path, datasets, ev)
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    pr = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert pr.exit_code == 0, pr.output
+    df = read_results(tmp_path / "r" / "results.csv")
+    cols = ["encoder", "probe", "metric", "value", "ci_low", "ci_high", "n_train", "n_test"]
+    order = ["encoder", "probe", "metric"]
+    ext = external(df).sort_values(order)[cols].reset_index(drop=True)
+    own = internal(df)[lambda d: d.dataset == "a"].sort_values(order)[cols]
+    assert set(ext.probe) == {"seg-linear", "seg-decoder"}
+    pd.testing.assert_frame_equal(ext, own.reset_index(drop=True))
+    md = runner.invoke(app, ["report", "--out", str(tmp_path / "r")])
+    assert md.exit_code == 0, md.output
+    assert (
+        "| a -> b | pixels:8 @ 32px | seg-linear | dice |"
+        in (tmp_path / "r" / "report.md").read_text()
+    )
+
+
+def test_join_sets_carries_test_masks_to_train_class_ids():
+    from featstore.probing.external import join_sets
+
+    def one(split: list[str], mask: np.ndarray) -> xr.Dataset:
+        n = len(split)
+        return xr.Dataset(
+            {
+                "patch": (("item", "row", "col", "channel"), np.zeros((n, 1, 1, 2))),
+                "mask": (("item", "y", "x"), mask.astype(np.uint8)),
+            },
+            coords={
+                "sample": ("item", [f"s{i}" for i in range(n)]),
+                "slice": ("item", np.zeros(n, int)),
+                "split": ("item", split),
+            },
+        )
+
+    a = one(["train", "val", "test"], np.zeros((3, 2, 2)))
+    b = one(["train", "test"], np.array([[[0, 1], [2, 2]], [[1, 2], [0, 0]]]))
+    xs = join_sets(a, b, "test", (0, 2, 1))  # b's 1 is a's 2 and b's 2 a's 1
+    assert [str(v) for v in xs.split.values] == ["train", "val", "test"]
+    assert xs.mask.values[-1].tolist() == [[2, 1], [0, 0]]
+    every = join_sets(a, b, "all", None)
+    assert every.sizes["item"] == 4 and every.mask.values[2].tolist() == [[0, 1], [2, 2]]

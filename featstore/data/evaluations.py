@@ -28,10 +28,6 @@ from featstore.data.settings import Frozen
 if TYPE_CHECKING:
     from featstore.data.manifest import Dataset
 
-# What `featstore probe` can evaluate on another dataset; segmentation heads are
-# fitted and scored per volume in one pass over one set (`probing.segmentation`).
-TASKS = ("classification", "multilabel")
-
 
 class ExternalTest(Frozen):
     """One external evaluation: fit on `train`'s train split (val for its
@@ -52,9 +48,8 @@ def _where(i: int, ev: ExternalTest, field: str) -> str:
 def check_evaluations(datasets: Sequence[Dataset], evaluations: Sequence[ExternalTest]) -> None:
     """A `ValueError` (the manifest's validation turns it into a `ManifestError`) naming
     the evaluation and its field for: an unknown dataset, one dataset as both train and
-    test, a repeated name or (train, test) pair, datasets of another task or
-    dimensionality, a task external evaluation does not support, or label spaces that
-    do not match (`label_map`)."""
+    test, a repeated name or (train, test) pair, datasets of another task,
+    dimensionality or kind, or label spaces that do not match (`label_map`)."""
     by_name = {d.name: d for d in datasets}
     names = [e.name for e in evaluations]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -84,12 +79,6 @@ def check_evaluations(datasets: Sequence[Dataset], evaluations: Sequence[Externa
             raise ValueError(
                 f"{_where(i, ev, 'test')}: '{a.name}' is {_kind(a)} but '{b.name}' is "
                 f"{_kind(b)}; a probe is tested only on a dataset of its own kind"
-            )
-        if a.task not in TASKS:
-            raise ValueError(
-                f"{_where(i, ev, 'train')}: external evaluation supports "
-                f"{' and '.join(TASKS)} datasets (linear, knn and abmil probes) for now, "
-                f"not {a.task} ('{a.name}' -> '{b.name}')"
             )
         try:
             label_map(a, b, ev)

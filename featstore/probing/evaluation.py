@@ -182,43 +182,60 @@ def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarra
     return pos[ok]
 
 
-def _class_arrays(
-    path: Place, ds: Dataset, opts: ProbeOptions
-) -> tuple[classification.ClassArrays, SetColumns]:
-    """One set's classification arrays (its test split may be empty) and columns; a
-    chunk that fails its checksum is a `StoreCorruptError` naming this set."""
-    xs = sets.open_set(path)
-    try:
-        xs, _ = usable_items(path, xs)
-        return classification.class_arrays(xs, ds, opts, need_test=False), set_columns(xs, ds, opts)
-    except ChunkChecksumError as exc:
-        raise sets.corrupt(path, exc) from None
-
-
 def probe_pair(
     train: FoundCell, test: FoundCell, ev: ExternalTest, opts: ProbeOptions = ProbeOptions()
 ) -> SetResult:
-    """The classification probes fitted on `train`'s set (train split; val for the
+    """The probes of the task fitted on `train`'s set (train split; val for the
     hyper-parameters) and scored on `test`'s set (its test split, or every item with
-    `ev.split` "all"), test labels carried to the train dataset's classes by name
-    (`featstore.data.evaluations.label_map`). Both sets are read from the cache; rows
-    and kept predictions name both (`test_dataset`, `test_feature_set`). No
+    `ev.split` "all"), test labels (masks) carried to the train dataset's classes by
+    name (`featstore.data.evaluations.label_map`). Both sets are read from the cache;
+    rows and kept predictions name both (`test_dataset`, `test_feature_set`). No
     label-efficiency points, examples or attention maps."""
-    with threadpool_limits(limits=1):  # as `probe_set`
-        a, where = _class_arrays(train.path, train.ds, opts)
-        b, there = _class_arrays(test.path, test.ds, opts)
-        if replace(there, dataset=where.dataset, feature_set=where.feature_set) != where:
-            raise ProbeError(
-                f"{train.path} and {test.path} are of other encoders, resolutions, pools or "
-                "tasks; an external evaluation needs one of each"
-            )
-        joined = external.join(a, b, ev.split, label_map(train.ds, test.ds, ev))
+    xa, xb = sets.open_set(train.path), sets.open_set(test.path)
+    try:
+        with threadpool_limits(limits=1):  # as `probe_set`
+            return _probe_pair(train, test, xa, xb, ev, opts)
+    except ChunkChecksumError as exc:  # a chunk of one of the two
+        raise StoreCorruptError(
+            f"a chunk failed to decode ({exc}) while {train.path} and {test.path} were "
+            "read; run `featstore verify` on both to list the bad units, then `featstore "
+            "extract --repair` with the same options"
+        ) from None
+
+
+def _probe_pair(
+    train: FoundCell,
+    test: FoundCell,
+    xa: xr.Dataset,
+    xb: xr.Dataset,
+    ev: ExternalTest,
+    opts: ProbeOptions,
+) -> SetResult:
+    (xa, _), (xb, _) = usable_items(train.path, xa), usable_items(test.path, xb)
+    where, there = set_columns(xa, train.ds, opts), set_columns(xb, test.ds, opts)
+    if replace(there, dataset=where.dataset, feature_set=where.feature_set) != where:
+        raise ProbeError(
+            f"{train.path} and {test.path} are of other encoders, resolutions, pools or "
+            "tasks; an external evaluation needs one of each"
+        )
+    classes = label_map(train.ds, test.ds, ev)
+    where = replace(where, test_dataset=test.ds.name, test_feature_set=there.feature_set)
+
+    def key(probe: str) -> Key:
+        return set_key(where, probe)
+
+    if train.ds.task == "segmentation":
+        xs = external.join_sets(xa, xb, ev.split, classes)
+        seg = seg_set(xs, train.ds, spacing_of(xb, test.ds))
+        found, _ = probe_segmentation(seg, opts, [])
+        preds = seg_predictions(seg, found, key)
+    else:
+        a = classification.class_arrays(xa, train.ds, opts, need_test=False)
+        b = classification.class_arrays(xb, test.ds, opts, need_test=False)
+        joined = external.join(a, b, ev.split, classes)
         runs = classification.predict(joined, opts)
         found = classification.outcome(joined, runs, opts.seed)
-    where = replace(where, test_dataset=test.ds.name, test_feature_set=there.feature_set)
-    preds = classification.test_predictions(
-        joined, runs, lambda probe: set_key(where, probe), test.ds.task
-    )
+        preds = classification.test_predictions(joined, runs, key, test.ds.task)
     rows = [row for f in found.fitted for row in result_rows(where, f)]
     return SetResult(train.path, where.feature_set, rows, predictions=tuple(preds))
 

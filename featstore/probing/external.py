@@ -7,6 +7,9 @@ probes of `featstore.probing.classification` (linear, kNN, ABMIL) fit and score 
 external evaluation exactly as they do an internal one. Test labels are carried to the
 train dataset's class ids first (`relabel`, from `featstore.data.evaluations.label_map`).
 
+`join_sets` does the same, lazily, for a segmentation set's patch tokens and masks
+(`featstore.probing.segmentation` then fits and scores its heads unchanged).
+
 `drop` compares a probe's internal and external scores. The two test sets are different
 units, so the difference is unpaired: each set is resampled on its own (internal with
 `seed`, external with `seed + 1`) and the interval is that of the differences of the
@@ -19,11 +22,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import xarray as xr
 
 from featstore.errors import ProbeError
 from featstore.probing import bootstrap
 from featstore.probing.classification import ClassArrays
+from featstore.probing.items import item_str
 from featstore.probing.predictions import Predictions
+from featstore.probing.segscores import volume_draws
 
 Split = Literal["test", "all"]
 
@@ -87,6 +93,56 @@ def join(
     )
 
 
+def join_sets(
+    train: xr.Dataset, test: xr.Dataset, split: Split, label_map: tuple[int, ...] | None
+) -> xr.Dataset:
+    """A segmentation set to probe (`segmentation.seg_set`): `train`'s train and val
+    items, then `test`'s test items (or all of them) as "test", lazily (no patch token
+    is read here); the test masks carried to `train`'s class ids.
+
+    Holds `patch`, `mask` and the `sample`, `slice`, `split` coordinates (and
+    `patient` where both sets have one); both sets are of one encoder and resolution.
+    """
+    fit = np.flatnonzero(np.isin(item_str(train.split), ["train", "val"]))
+    tested = (
+        item_str(test.split) == "test" if split == "test" else np.ones(test.sizes["item"], bool)
+    )
+    scored = np.flatnonzero(tested)
+    if len(scored) == 0:
+        raise ProbeError(
+            "the test dataset has no test split to score; set `split: all` on the "
+            "evaluation to score every item of it"
+        )
+    names = [
+        "sample",
+        "slice",
+        "split",
+        *(["patient"] if "patient" in train.coords and "patient" in test.coords else []),
+    ]
+
+    def part(
+        xs: xr.Dataset, items: np.ndarray, as_test: bool, lut: np.ndarray | None
+    ) -> xr.Dataset:
+        mask = xs["mask"].isel(item=items)
+        if lut is not None:
+            mask = xr.apply_ufunc(
+                lambda m: lut[m], mask, dask="parallelized", output_dtypes=[mask.dtype]
+            )
+        coords = {
+            n: ("item", item_str(xs[n])[items] if n != "slice" else np.asarray(xs[n].values)[items])
+            for n in names
+        }
+        if as_test:
+            coords["split"] = ("item", np.full(len(items), "test"))
+        out = xr.Dataset({"patch": xs["patch"].isel(item=items), "mask": mask})
+        out = out.reset_coords(drop=True).drop_vars("item", errors="ignore")
+        return out.assign_coords(coords)
+
+    lut = None if label_map is None else np.asarray(label_map, test["mask"].dtype)
+    both = [part(train, fit, False, None), part(test, scored, True, lut)]
+    return xr.concat(both, dim="item", coords="minimal", compat="override", join="override")
+
+
 @dataclass(frozen=True)
 class Drop:
     """A probe's internal score minus its external score, with a 95% interval."""
@@ -101,24 +157,28 @@ class Drop:
 
 
 def drop(internal: Predictions, external: Predictions, seed: int = 0) -> dict[str, Drop]:
-    """{metric: Drop} of two classification predictions of one probe (one encoder,
-    resolution, pool and protocol): on its own dataset's test units and on the other's.
+    """{metric: Drop} of two predictions of one probe (one encoder, resolution, pool
+    and protocol): on its own dataset's test units and on the other's.
 
     Unpaired: the internal units are resampled with `seed`, the external ones with
-    `seed + 1`, each on its own (`bootstrap.classification_draws`), and the interval
+    `seed + 1`, each on its own (`bootstrap.classification_draws`, segmentation:
+    `segscores.volume_draws`, as their rows' intervals), and the interval
     holds the 2.5 and 97.5 percentiles of the draws' differences. Draw 0 of each is the
     score on all of its units, the value in results.csv.
     """
-    if internal.task == "segmentation" or external.task == "segmentation":
-        raise ProbeError("external evaluation supports classification and multilabel for now")
-    assert internal.truth is not None and internal.scores is not None
-    assert external.truth is not None and external.scores is not None
-    a = bootstrap.classification_draws(internal.truth, internal.scores, seed)
-    b = bootstrap.classification_draws(external.truth, external.scores, seed + 1)
+    if internal.task == "segmentation":  # per-unit Dice, IoU, HD95 of each class
+        assert internal.per is not None and external.per is not None
+        a = volume_draws(internal.per, internal.classes, seed)
+        b = volume_draws(external.per, external.classes, seed + 1)
+    else:
+        assert internal.truth is not None and internal.scores is not None
+        assert external.truth is not None and external.scores is not None
+        a = bootstrap.classification_draws(internal.truth, internal.scores, seed)
+        b = bootstrap.classification_draws(external.truth, external.scores, seed + 1)
     out = {}
     for m in a:
         diff = bootstrap.intervals({m: a[m] - b[m]})[m]
         out[m] = Drop(
-            float(a[m][0]), float(b[m][0]), *diff, len(internal.truth), len(external.truth)
+            float(a[m][0]), float(b[m][0]), *diff, len(internal.sample), len(external.sample)
         )
     return out
