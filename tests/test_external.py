@@ -498,3 +498,32 @@ def test_join_sets_carries_test_masks_to_train_class_ids():
     assert xs.mask.values[-1].tolist() == [[2, 1], [0, 0]]
     every = join_sets(a, b, "all", None)
     assert every.sizes["item"] == 4 and every.mask.values[2].tolist() == [[0, 1], [2, 2]]
+
+
+def test_3d_segmentation_on_every_volume_of_another_set(tmp_path):
+    seg3d = """\
+  - name: {name}
+    format: synthetic
+    synthetic: {{kind: seg3d, n: {n}, size: 32, slices: 6, seed: {seed}}}
+    path: data/{name}
+    task: segmentation
+    dims: 3
+    splits: {{ratios: [0.5, 0.25, 0.25], seed: 0}}
+"""
+    datasets = seg3d.format(name="a", n=8, seed=0) + seg3d.format(name="b", n=6, seed=1)
+    mpath = manifest(tmp_path, datasets, "  - {name: ab, train: a, test: b, split: all}\n")
+    args = ["--manifest", str(mpath)]
+    assert runner.invoke(app, ["extract", *args]).exit_code == 0
+    pr = runner.invoke(app, ["probe", *args, "--out", str(tmp_path / "r")])
+    assert pr.exit_code == 0, pr.output
+    df = read_results(tmp_path / "r" / "results.csv")
+    ext, own_a = external(df), internal(df)[lambda d: d.dataset == "a"]
+    assert set(ext.probe) == {"seg-linear", "seg-decoder"} and set(ext.n_test) == {6}
+    assert set(ext.n_train) == set(own_a.n_train)
+    assert set(ext.metric) == set(own_a.metric)
+    assert np.isfinite(ext[ext.metric == "dice"].value).all()
+    (kept,) = [
+        read_predictions(tmp_path / "r" / FOLDER / row_key(r).file_name, row_key(r))
+        for r in ext[(ext.metric == "dice") & (ext.probe == "seg-linear")].itertuples()
+    ]
+    assert kept.per is not None and kept.per.shape[0] == 6  # one row per volume of b
