@@ -527,3 +527,10 @@ def test_3d_segmentation_on_every_volume_of_another_set(tmp_path):
         for r in ext[(ext.metric == "dice") & (ext.probe == "seg-linear")].itertuples()
     ]
     assert kept.per is not None and kept.per.shape[0] == 6  # one row per volume of b
+
+
+def test_a_whole_manifest_error_reads_without_an_empty_field_or_the_whole_input(tmp_path):
+    datasets = entry("a", 0, CLASSES_A) + entry("b", 1, CLASSES_B)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(manifest(tmp_path, datasets, "  - {name: x, train: a, test: b}\n"))
+    assert "field ''" not in str(err.value) and "(got {" not in str(err.value)
