@@ -220,7 +220,7 @@ def _preds(y: np.ndarray, p1: np.ndarray, name: str):
 
 def test_drop_is_an_unpaired_bootstrap_of_two_independent_resamplings():
     from featstore.probing.bootstrap import N_BOOT
-    from featstore.probing.external import drop
+    from featstore.probing.drop import drop
 
     rng = np.random.default_rng(5)
     ya, yb = rng.integers(0, 2, 20), rng.integers(0, 2, 17)

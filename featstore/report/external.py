@@ -2,7 +2,7 @@
 the same probe's internal score, and the drop between them with its 95% interval.
 
 The drop is computed from the kept predictions of both rows
-(`featstore.probing.external.drop`): the two test sets are different units, so it is an
+(`featstore.probing.drop`): the two test sets are different units, so it is an
 unpaired difference, each test set resampled on its own. A row whose predictions are
 not kept shows its scores without a drop interval.
 """
@@ -18,7 +18,7 @@ import pandas as pd
 
 from featstore.errors import ProbeError
 from featstore.identity import labelled
-from featstore.probing.external import drop
+from featstore.probing.drop import drop
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.predictions import FOLDER, read_predictions, row_key
 from featstore.probing.rows import external, internal, interval
