@@ -1,5 +1,5 @@
-"""External evaluation (arrays only): fit on one dataset, score another's test units,
-and the drop between a probe's internal and external scores.
+"""External evaluation: the probe inputs of a fit on one dataset scored on another's
+test units (arrays, or for segmentation a lazily joined set; no file is read here).
 
 `join` puts the train dataset's train and val rows and the test dataset's scored rows
 into one `ClassArrays` (the other dataset's rows are its "test" split), so that the
