@@ -232,7 +232,10 @@ def predictions(
     frames = []
     for p in kept(folder, rows)[0]:
         df = p.frame()
-        for name, value in reversed(list(vars(p.key).items())):
+        cols = dict(vars(p.key))
+        if not cols["test_dataset"]:  # internal: tested on its own dataset and set, as rows
+            cols.update(test_dataset=p.key.dataset, test_feature_set=p.key.feature_set)
+        for name, value in reversed(list(cols.items())):
             df.insert(0, name, value)
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

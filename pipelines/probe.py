@@ -32,7 +32,7 @@ from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.options import ProbeOptions
 from featstore.probing.predictions import FOLDER, write_predictions
 from featstore.probing.results_file import SUPERSEDED, check_results, write_results
-from featstore.probing.rows import interval, ordinary
+from featstore.probing.rows import external, internal, interval, ordinary
 from featstore.store.catalog import find_by_key
 from featstore.store.sets import FeatureSet
 
@@ -46,10 +46,12 @@ def table(df: pd.DataFrame, datasets: list[Dataset]) -> str:
     for ds in datasets:
         metric = MAIN_METRIC[ds.task]
         sub = ordinary(df[(df.dataset == ds.name) & (df.metric == metric)])
-        for r in sub.itertuples():
+        for r in [*internal(sub).itertuples(), *external(sub).itertuples()]:
             enc = labelled(str(r.encoder), bool(r.random_init))
+            test = str(r.test_dataset)
+            name = ds.name if test == ds.name else f"{ds.name} -> {test}"
             lines.append(
-                f"{ds.name:<24} {enc:<30} {r.resolution:>4} {r.probe:<11} "
+                f"{name:<24} {enc:<30} {r.resolution:>4} {r.probe:<11} "
                 f"{metric:<8} {r.value:6.3f}  {interval(r.ci_low, r.ci_high)}"
             )
     return "\n".join(lines)
@@ -81,16 +83,21 @@ def _save_attention(out: Path, result: SetResult) -> None:
 def _save_predictions(out: Path, result: SetResult) -> None:
     """OUT/predictions/<set>-<probe>.parquet: each probe's test predictions
     (`featstore.probing.predictions`), read by `featstore compare`."""
-    for p in result.predictions:
+    for p in result.predictions:  # an external evaluation's under predictions/external/
         write_predictions(out / FOLDER, p)
 
 
 def _cells(df: pd.DataFrame) -> list[str]:
-    """Each row's cell, as people read it: 'dataset / encoder @ resolution px'."""
-    return [
-        f"{r.dataset} / {labelled(str(r.encoder), bool(r.random_init))} @ {r.resolution}px"
-        for r in df.itertuples()
-    ]
+    """Each row's cell, as people read it: 'dataset / encoder @ resolution px' (an
+    external evaluation's: 'dataset -> test_dataset / ...')."""
+    out = []
+    for r in df.itertuples():
+        name, test = str(r.dataset), str(r.test_dataset)
+        on = "" if test == name else f" -> {test}"
+        out.append(
+            f"{name}{on} / {labelled(str(r.encoder), bool(r.random_init))} @ {r.resolution}px"
+        )
+    return out
 
 
 def _identity(cache: Path | str, key: str) -> SetIdentity | None:
@@ -103,10 +110,15 @@ def _superseded(stale: pd.DataFrame, df: pd.DataFrame, cache: Path | str) -> dic
     """The cells of the superseded rows `stale`, by why their set changed (from the two
     sets' identities, `identity.changes`): the manifest is said to have changed only
     when it did."""
-    now = dict(zip(_cells(df), df.feature_set, strict=True))
+    sets_now = zip(df.feature_set, df.test_feature_set, strict=True)
+    now = dict(zip(_cells(df), sets_now, strict=True))
     out: dict[str, set[str]] = {}
-    for cell, old in sorted(set(zip(_cells(stale), stale.feature_set, strict=True))):
-        before, after = _identity(cache, str(old)), _identity(cache, now.get(cell, ""))
+    was = zip(stale.feature_set, stale.test_feature_set, strict=True)
+    for cell, (old, old_test) in sorted(set(zip(_cells(stale), was, strict=True))):
+        new, new_test = now.get(cell, ("", ""))
+        if old == new:  # an external evaluation whose test set changed
+            old, new = old_test, new_test
+        before, after = _identity(cache, str(old)), _identity(cache, str(new))
         if before is None or after is None:
             why = f"the earlier set {old} is not in {cache}, so what changed is unknown"
         else:

@@ -23,8 +23,8 @@ from featstore.errors import ProbeError
 from featstore.identity import requested, short
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.results_file import read_results
-from featstore.probing.rows import ordinary
-from featstore.report import comparisons, curves, references, slides
+from featstore.probing.rows import internal, ordinary
+from featstore.report import comparisons, curves, external, references, slides
 from featstore.report import tables as rpt
 from featstore.store.catalog import find_by_key, find_cell
 from featstore.store.schema import EXAMPLE_ITEM, THUMBNAIL
@@ -286,12 +286,13 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     manifest = Manifest.model_validate(json.loads(cfg.read_text())["manifest"])
     tasks = _tasks(every, manifest)
     left_out = sorted(set(every.dataset) - set(tasks))
-    every = every[every.dataset.isin(list(tasks))]
+    every = every[every.dataset.isin(list(tasks)) & every.test_dataset.isin(list(tasks))]
     if left_out:
         echo(f"note: {_left_out_note(left_out, cfg)}")
     if every.empty:
         raise ProbeError(f"{csv}: no rows the report can place; {_left_out_note(left_out, cfg)}")
-    df = ordinary(every)  # label-efficiency points have their own plot and table
+    scored = ordinary(every)  # label-efficiency points have their own plot and table
+    df = internal(scored)  # external evaluations have their own section
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = ["resolution.png", "size.png", "linear_vs_knn.png"]
     rpt.plot_resolution(df, tasks, out / "plots" / plots[0])
@@ -322,7 +323,10 @@ def run(out: Path, echo: Callable[[str], object] = print) -> Path:
     md_d, html_d = _sections(manifest, df, tasks, out)
     md += md_d
     body += html_d
-    md_q, html_q = comparisons.section(out, df, dict(tasks))
+    md_x, html_x = external.section(out, scored, dict(tasks))
+    md += md_x
+    body += html_x
+    md_q, html_q = comparisons.section(out, scored, dict(tasks))
     md += md_q
     body += html_q
     md += ["## Scaling", ""] + [f"![{p}](plots/{p})" for p in plots] + [""]

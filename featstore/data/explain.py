@@ -58,6 +58,8 @@ def explain(
             lines.append(f"{where}: unknown key; {hint}")
         elif e["type"] == "missing":
             lines.append(f"{where}: required but missing; add it (see docs/manifest.md)")
+        elif not loc:  # a check of the whole manifest: its message names the fields
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = repr(e.get("input"))

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from featstore.data.evaluations import ExternalTest, check_evaluations
 from featstore.data.explain import explain
 from featstore.data.safe_yaml import parse_yaml
 from featstore.data.settings import (
@@ -242,6 +243,8 @@ class Manifest(Frozen):
     # Per encoder (as named in `encoders` or a study): mean/std/interpolation that
     # replace the model's own; part of the sets' identity, recorded in each of them.
     preprocessing: dict[str, EncoderPreprocessing] = Field(default_factory=dict)
+    # probes trained on one dataset and tested on another (`featstore.data.evaluations`)
+    evaluations: tuple[ExternalTest, ...] = ()
 
     @model_validator(mode="after")
     def _unique(self) -> Manifest:
@@ -261,6 +264,7 @@ class Manifest(Frozen):
             raise ValueError(
                 f"preprocessing names encoders {stray} that no grid uses; known: {sorted(used)}"
             )
+        check_evaluations(self.datasets, self.evaluations)
         return self
 
     def dataset(self, name: str) -> Dataset:
@@ -349,6 +353,10 @@ class Manifest(Frozen):
         if resolutions:
             chosen_ds = tuple(d.model_copy(update={"resolutions": None}) for d in chosen_ds)
         update["datasets"] = chosen_ds
+        kept = {d.name for d in chosen_ds}  # an evaluation needs both of its datasets
+        update["evaluations"] = tuple(
+            e for e in self.evaluations if e.train in kept and e.test in kept
+        )
         if encoders:
             update["encoders"] = tuple(encoders)
         if resolutions:

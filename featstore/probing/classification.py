@@ -72,8 +72,11 @@ class ClassArrays:
         return np.flatnonzero(self.split == name) if train is None else np.asarray(train)
 
 
-def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays:
-    """Read (and for 3D pool) the set's CLS tokens, labels and splits."""
+def class_arrays(
+    xs: xr.Dataset, ds: Dataset, opts: ProbeOptions, need_test: bool = True
+) -> ClassArrays:
+    """Read (and for 3D pool) the set's CLS tokens, labels and splits; a `ProbeError`
+    for an empty test split when `need_test` (the set's own test split is scored)."""
     cls = np.asarray(xs.cls.values, np.float64).reshape(xs.sizes["item"], -1)
     label = np.asarray(xs.label.values)
     split = item_str(xs.split)
@@ -97,7 +100,7 @@ def class_arrays(xs: xr.Dataset, ds: Dataset, opts: ProbeOptions) -> ClassArrays
                 patch_mean = patch_tokens(xs, items, last_only=True).astype(np.float64)
                 patch_mean = patch_mean.mean((1, 2))
             cls = probes.pool_volumes(cls, vols, opts.pool, patch_mean)
-    if not (split == "test").any():
+    if need_test and not (split == "test").any():
         raise ProbeError("the test split is empty")
     return ClassArrays(
         cls,

@@ -1,6 +1,7 @@
 """Is encoder A better than B? Kept predictions in, one comparison table out (pure).
 
-For each dataset x resolution x pool x protocol x probe, each encoder is compared with
+For each dataset x resolution x pool x protocol x probe (x the test dataset of an external
+evaluation), each encoder is compared with
 a reference encoder (or every pair) on the same test units:
 
 - the difference A - B and its 95% interval: a paired bootstrap (`pairdraws`) that
@@ -58,6 +59,7 @@ class Comparison:
     n_units: int = 0
     resampled: str = ""  # "patient" | "unit"
     reason: str = ""  # why the pair was not compared
+    test_dataset: str = ""  # an external evaluation's test dataset ("": `dataset`'s own)
 
 
 COLUMNS = tuple(Comparison.__dataclass_fields__)
@@ -228,6 +230,7 @@ def pair_comparisons(
         random_init_a=a.key.random_init,
         encoder_b=b.key.encoder,
         random_init_b=b.key.random_init,
+        test_dataset=a.key.test_dataset,
     )
     if sa is None or sb is None:
         bb = aligned(a, b)
@@ -252,11 +255,12 @@ def compare(
     the default reference); reference: an encoder name; all_pairs: every pair instead.
     """
     rows: list[Comparison] = []
-    cells: dict[tuple[str, int, str, str, str], list[Predictions]] = {}
+    cells: dict[tuple[str, int, str, str, str, str], list[Predictions]] = {}
     for p in preds:
         k = p.key
         if k.ordinary:
-            cells.setdefault((k.dataset, k.resolution, k.pool, k.protocol, k.probe), []).append(p)
+            cell = (k.dataset, k.resolution, k.pool, k.protocol, k.probe, k.test_dataset)
+            cells.setdefault(cell, []).append(p)
     for group in cells.values():
         if all_pairs:
             ref, pairs = 0, list(combinations(range(len(group)), 2))
@@ -312,11 +316,12 @@ def table(df: pd.DataFrame, step: bool = False) -> str:
     for r in _rows(df):
         a = enc(r.encoder_a, r.random_init_a, r.resolution)
         b = enc(r.encoder_b, r.random_init_b, getattr(r, "resolution_b", r.resolution))
+        name = f"{r.dataset}->{r.test_dataset}" if r.test_dataset else r.dataset
         if not r.test:
-            lines.append(f"{r.dataset:<14} {r.probe:<11} {'':<9} {a:<24} {b:<24} {r.reason}")
+            lines.append(f"{name:<14} {r.probe:<11} {'':<9} {a:<24} {b:<24} {r.reason}")
             continue
         lines.append(
-            f"{r.dataset:<14} {r.probe:<11} {r.metric:<9} {a:<24} {b:<24} "
+            f"{name:<14} {r.probe:<11} {r.metric:<9} {a:<24} {b:<24} "
             f"{r.difference:7.3f}  {bootstrap_interval(r.ci_low, r.ci_high):<17} "
             f"{r.test:<16} {r.p_adjusted:6.3f}  {r.verdict}"
         )

@@ -21,20 +21,22 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs
 
+from featstore.data.evaluations import ExternalTest, label_map
 from featstore.data.manifest import Dataset, Manifest
 from featstore.errors import (
     ChunkChecksumError,
     FeatstoreError,
     ManifestError,
+    ProbeError,
     StoreCorruptError,
 )
 from featstore.identity import SetIdentity, labelled, requested, short
 from featstore.places import Place, place, reachable
-from featstore.probing import classification, geometry
+from featstore.probing import classification, external, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
-from featstore.probing.predictions import Key, Predictions
+from featstore.probing.predictions import Key, Predictions, set_key
 from featstore.probing.rows import ResultRow, SetColumns, result_rows
 from featstore.probing.segmentation import probe_segmentation, seg_predictions, seg_set
 from featstore.probing.segscores import Examples
@@ -137,16 +139,7 @@ def _probe_open_set(
     kept_preds: list[Predictions] = []
 
     def key(probe: str) -> Key:
-        return Key(
-            dataset=where.dataset,
-            encoder=where.encoder,
-            random_init=where.random_init,
-            resolution=where.resolution,
-            pool=where.pool,
-            protocol=where.protocol,
-            probe=probe,
-            feature_set=where.feature_set,
-        )
+        return set_key(where, probe)
 
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
@@ -187,6 +180,99 @@ def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarra
     ok = (items >= 0) & (pos < len(kept))
     ok[ok] = kept[pos[ok]] == items[ok]
     return pos[ok]
+
+
+def probe_pair(
+    train: FoundCell, test: FoundCell, ev: ExternalTest, opts: ProbeOptions = ProbeOptions()
+) -> SetResult:
+    """The probes of the task fitted on `train`'s set (train split; val for the
+    hyper-parameters) and scored on `test`'s set (its test split, or every item with
+    `ev.split` "all"), test labels (masks) carried to the train dataset's classes by
+    name (`featstore.data.evaluations.label_map`). Both sets are read from the cache;
+    rows and kept predictions name both (`test_dataset`, `test_feature_set`). No
+    label-efficiency points, examples or attention maps."""
+    xa, xb = sets.open_set(train.path), sets.open_set(test.path)
+    try:
+        with threadpool_limits(limits=1):  # as `probe_set`
+            return _probe_pair(train, test, xa, xb, ev, opts)
+    except ChunkChecksumError as exc:  # a chunk of one of the two
+        raise StoreCorruptError(
+            f"a chunk failed to decode ({exc}) while {train.path} and {test.path} were "
+            "read; run `featstore verify` on both to list the bad units, then `featstore "
+            "extract --repair` with the same options"
+        ) from None
+
+
+def _probe_pair(
+    train: FoundCell,
+    test: FoundCell,
+    xa: xr.Dataset,
+    xb: xr.Dataset,
+    ev: ExternalTest,
+    opts: ProbeOptions,
+) -> SetResult:
+    (xa, _), (xb, _) = usable_items(train.path, xa), usable_items(test.path, xb)
+    where, there = set_columns(xa, train.ds, opts), set_columns(xb, test.ds, opts)
+    if replace(there, dataset=where.dataset, feature_set=where.feature_set) != where:
+        raise ProbeError(
+            f"{train.path} and {test.path} are of other encoders, resolutions, pools or "
+            "tasks; an external evaluation needs one of each"
+        )
+    classes = label_map(train.ds, test.ds, ev)
+    where = replace(where, test_dataset=test.ds.name, test_feature_set=there.feature_set)
+
+    def key(probe: str) -> Key:
+        return set_key(where, probe)
+
+    if train.ds.task == "segmentation":
+        xs = external.join_sets(xa, xb, ev.split, classes)
+        seg = seg_set(xs, train.ds, spacing_of(xb, test.ds))
+        found, _ = probe_segmentation(seg, opts, [])
+        preds = seg_predictions(seg, found, key)
+    else:
+        a = classification.class_arrays(xa, train.ds, opts, need_test=False)
+        b = classification.class_arrays(xb, test.ds, opts, need_test=False)
+        joined = external.join(a, b, ev.split, classes)
+        runs = classification.predict(joined, opts)
+        found = classification.outcome(joined, runs, opts.seed)
+        preds = classification.test_predictions(joined, runs, key, test.ds.task)
+    rows = [row for f in found.fitted for row in result_rows(where, f)]
+    return SetResult(train.path, where.feature_set, rows, predictions=tuple(preds))
+
+
+def _external(
+    manifest: Manifest,
+    found_sets: Sequence[FoundCell],
+    opts: ProbeOptions,
+    out: Evaluation,
+    on_set: Callable[[str, SetResult], object] | None,
+) -> None:
+    """Every external evaluation of `manifest` on each encoder x resolution cell where
+    both datasets' sets were found, added to `out` (each one's cell left out of the
+    grid: a note; a set not found: a problem line)."""
+    at = {(c.ds.name, c.spec, c.resolution): c for c in found_sets}
+    grid = {(c.dataset.name, c.encoder, c.resolution) for c in manifest.cells(opts.baseline)}
+    for ev in manifest.evaluations:
+        for cell in (c for c in found_sets if c.ds.name == ev.train):
+            where = f"{ev.name}: {ev.train} -> {ev.test} / {cell.spec} @ {cell.resolution}px"
+            other = at.get((ev.test, cell.spec, cell.resolution))
+            if other is None and (ev.test, cell.spec, cell.resolution) not in grid:
+                out.notes.append(
+                    f"{where}: not run, {ev.test} is not probed at this encoder x resolution "
+                    "(its `resolutions:` or the study's datasets leave it out)"
+                )
+                continue
+            if other is None:
+                out.problems.append(f"{where}: no set of {ev.test} to test on (see its line)")
+                continue
+            try:
+                result = probe_pair(cell, other, ev, opts)
+            except FeatstoreError as exc:
+                out.problems.append(f"{where}: {exc}")
+                continue
+            out.results.append(result)
+            if on_set is not None:
+                on_set(where, result)
 
 
 @dataclass
@@ -233,6 +319,7 @@ class FoundCell:
     spec: str  # the encoder as the manifest names it
     ds: Dataset
     path: Place
+    resolution: int = 0
 
 
 def one_label_each(cells: Sequence[FoundCell]) -> None:
@@ -304,7 +391,7 @@ def probe_manifest(
         if found.path is None:
             out.problems.append(_missing(where, manifest, ds, spec, res, src, found))
             continue
-        found_sets.append(FoundCell(where, spec, ds, found.path))
+        found_sets.append(FoundCell(where, spec, ds, found.path, res))
     one_label_each(found_sets)
     for found_cell in found_sets:
         where, ds = found_cell.where, found_cell.ds
@@ -320,4 +407,5 @@ def probe_manifest(
         ]
         if on_set is not None:
             on_set(where, result)
+    _external(manifest, found_sets, opts, out, on_set)  # after the internal ones
     return out

@@ -2,7 +2,8 @@
 
 Every probe writes what it predicted for each test unit (image, volume or slide) to
 OUT/predictions/<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
--r<repeat>].parquet (`Key.file_name`), so
+-r<repeat>].parquet (`Key.file_name`; an external evaluation's under
+OUT/predictions/external/<dataset>-<feature_set>-<test_dataset>-<test_feature_set>-<probe>...), so
 that a later comparison of two encoders (`featstore.probing.compare`) tests them on
 the same units without refitting anything. The files open with plain pandas
 (`pd.read_parquet`); their columns are:
@@ -16,8 +17,9 @@ the same units without refitting anything. The files open with plain pandas
 
 The schema metadata key `featstore` holds the row key the file belongs to (`Key`:
 dataset, encoder, random_init, resolution, pool, protocol, probe, train_fraction,
-shots, repeat, feature_set) and the task, as JSON. `read_predictions` refuses a file
-whose key is not the one asked for (another feature set, another probe).
+shots, repeat, feature_set, test_dataset, test_feature_set) and the task, as JSON.
+`read_predictions` refuses a file whose key is not the one asked for (another feature
+set, another probe).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import pandas as pd
 
 from featstore.errors import ProbeError
 from featstore.places import atomic_file
-from featstore.probing.rows import ordinary
+from featstore.probing.rows import SetColumns, ordinary
 
 FOLDER = "predictions"
+EXTERNAL = "external"  # OUT/predictions/external/: external evaluations' predictions
 META = b"featstore"
 Task = Literal["classification", "multilabel", "segmentation"]
 SEG_METRICS = ("dice", "iou", "hd95")  # per unit and class; rows of `volume_scores`: 0, 1, 4
@@ -58,6 +61,10 @@ class Key:
     train_fraction: float = 1.0
     shots: int = 0
     repeat: int = 0
+    # an external evaluation (trained on `dataset`): the dataset tested and its set;
+    # "" for the internal rows (files written before external evaluations read so)
+    test_dataset: str = ""
+    test_feature_set: str = ""
 
     @property
     def ordinary(self) -> bool:
@@ -75,6 +82,9 @@ class Key:
         # Pool and protocol follow where not the default: both are probe-side choices
         # that keep the set (and its key).
         stem = f"{_safe(self.dataset)}-{self.feature_set}-{self.probe}"
+        if self.test_dataset:  # a folder of its own: no internal name can be one of these
+            test = f"{_safe(self.test_dataset)}-{self.test_feature_set}"
+            stem = f"{EXTERNAL}/{_safe(self.dataset)}-{self.feature_set}-{test}-{self.probe}"
         for part in (self.pool, "" if self.protocol == "default" else self.protocol):
             stem += f"-{_safe(part)}" if part else ""
         name = stem
@@ -160,6 +170,7 @@ def write_predictions(folder: Path, p: Predictions) -> Path:
         {**(table.schema.metadata or {}), META: json.dumps(meta).encode()}
     )
     path = folder / p.key.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
         pq.write_table(table, f)
     return path
@@ -230,6 +241,22 @@ def _describe(k: Key) -> str:
     return f"{k.dataset} ({', '.join(f'{n}={v}' for n, v in ext.items())})"
 
 
+def set_key(where: SetColumns, probe: str) -> Key:
+    """The key of `probe`'s kept predictions on the set (or pair of sets) `where`."""
+    return Key(
+        dataset=where.dataset,
+        encoder=where.encoder,
+        random_init=where.random_init,
+        resolution=where.resolution,
+        pool=where.pool,
+        protocol=where.protocol,
+        probe=probe,
+        feature_set=where.feature_set,
+        test_dataset=where.test_dataset,
+        test_feature_set=where.test_feature_set,
+    )
+
+
 def row_key(r: Any) -> Key:
     """The `Key` of a results row (a `typed` frame's itertuples row)."""
     return Key(
@@ -244,6 +271,8 @@ def row_key(r: Any) -> Key:
         train_fraction=float(r.train_fraction),
         shots=int(r.shots),
         repeat=int(r.repeat),
+        test_dataset="" if str(r.test_dataset) == str(r.dataset) else str(r.test_dataset),
+        test_feature_set="" if str(r.test_dataset) == str(r.dataset) else str(r.test_feature_set),
     )
 
 
@@ -261,7 +290,8 @@ def kept(out: Path, rows: pd.DataFrame) -> tuple[list[Predictions], list[str]]:
         seen.add(key.file_name)
         path = out / FOLDER / key.file_name
         if not path.is_file():
-            missing.append(f"{key.dataset} / {key.encoder} / {key.probe}: no {path}")
+            on = f" -> {key.test_dataset}" if key.test_dataset else ""
+            missing.append(f"{key.dataset}{on} / {key.encoder} / {key.probe}: no {path}")
             continue
         found.append(read_predictions(path, key, None))
     return found, missing

@@ -33,6 +33,9 @@ class SetColumns:
     pool: str  # "" for 2D sets
     protocol: str
     task: str = ""  # the dataset's task, so that rows need no manifest to be read
+    # external evaluation (`featstore.probing.external`): the dataset tested and its set
+    test_dataset: str = ""  # "": `dataset` itself
+    test_feature_set: str = ""  # "": `feature_set` itself
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,12 @@ class ResultRow:
     # The dataset's task (not a key: a dataset has one): a report reads rows of several
     # manifests from one results folder. "" in rows written before it was a column.
     task: str = ""
+    # The dataset whose items were scored: `dataset` itself for internal rows, another
+    # one for an external evaluation (trained on `dataset`, tested on this); and the
+    # feature set they were read from. Rows written before these were columns are
+    # internal ones (`typed` fills them in).
+    test_dataset: str = field(default="", metadata=KEY_FIELD)
+    test_feature_set: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The row as {column: value}, columns in `COLUMNS` order."""
@@ -113,9 +122,12 @@ def field_type(name: str) -> str:
 
 def result_rows(where: SetColumns, fitted: Fitted) -> list[ResultRow]:
     """A `ResultRow` per metric of `fitted`, on the set `where`."""
+    cols = asdict(where)
+    cols["test_dataset"] = where.test_dataset or where.dataset
+    cols["test_feature_set"] = where.test_feature_set or where.feature_set
     return [
         ResultRow(
-            **asdict(where),
+            **cols,
             probe=fitted.probe,
             metric=metric,
             value=float(v),
@@ -154,6 +166,8 @@ def typed(df: pd.DataFrame) -> pd.DataFrame:
             out[name] = pd.to_numeric(out[name]).fillna(0).astype("int64")
         else:
             out[name] = pd.to_numeric(out[name]).astype("float64")
+    for own, of in (("test_dataset", "dataset"), ("test_feature_set", "feature_set")):
+        out[own] = out[own].where(out[own] != "", out[of])  # internal rows
     return out[[*COLUMNS, *(c for c in out.columns if c not in COLUMNS)]]
 
 
@@ -186,8 +200,10 @@ def key_except(*laid_out: str) -> list[str]:
     return [k for k in KEY if k not in laid_out]
 
 
-# The columns that name a feature set's cell: its rows are scores of one set.
-CELL = ("dataset", "encoder", "random_init", "resolution")
+# The columns that name a cell: its rows are scores of one set (internal rows) or of
+# one pair of sets (an external evaluation: trained on one, tested on the other).
+CELL = ("dataset", "encoder", "random_init", "resolution", "test_dataset")
+SETS = ("feature_set", "test_feature_set")
 
 
 def upsert(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -200,19 +216,34 @@ def upsert(old: pd.DataFrame, new: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
     would sit beside scores of another set as if both were one cell's results.
     """
     keys = set(key_strings(new))
-    sets = {
-        tuple(map(str, c)): str(f) for *c, f in new[[*CELL, "feature_set"]].itertuples(index=False)
-    }
-    cells = [tuple(map(str, c)) for c in old[list(CELL)].itertuples(index=False)]
-    stale = np.asarray(
-        [c in sets and str(f) != sets[c] for c, f in zip(cells, old.feature_set, strict=True)],
-        dtype=bool,
-    )
+
+    def cells_and_sets(df: pd.DataFrame) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        return [
+            (tuple(map(str, r[: len(CELL)])), tuple(map(str, r[len(CELL) :])))
+            for r in df[[*CELL, *SETS]].itertuples(index=False)
+        ]
+
+    sets = dict(cells_and_sets(new))
+    stale = np.asarray([c in sets and f != sets[c] for c, f in cells_and_sets(old)], dtype=bool)
     replaced = np.asarray([k in keys for k in key_strings(old)], dtype=bool)
     kept = old[~stale & ~replaced]
     both = pd.concat([kept, new], ignore_index=True) if len(kept) else new
     merged = both.sort_values(list(KEY), kind="stable").reset_index(drop=True)
     return merged, old[stale].reset_index(drop=True)
+
+
+def internal(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows scored on their own dataset's test split (not external evaluations)."""
+    if "test_dataset" not in df:
+        return df
+    return df[df.test_dataset == df.dataset]
+
+
+def external(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of external evaluations: trained on `dataset`, tested on `test_dataset`."""
+    if "test_dataset" not in df:
+        return df.iloc[:0]
+    return df[df.test_dataset != df.dataset]
 
 
 def ordinary(df: pd.DataFrame) -> pd.DataFrame:

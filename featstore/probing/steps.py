@@ -64,7 +64,7 @@ def steps(
         k = p.key
         if not k.ordinary:
             continue
-        cell = (k.dataset, k.pool, k.protocol, k.probe)
+        cell = (k.dataset, k.pool, k.protocol, k.probe, k.test_dataset)
         inputs.setdefault((*cell, k.encoder, k.random_init), []).append(p)
         rung = family(k.encoder)
         if rung is not None:

@@ -17,6 +17,7 @@ from featstore.probing import compare as cmp
 from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.predictions import kept
 from featstore.probing.ranks import rank_encoders
+from featstore.probing.rows import internal
 from featstore.probing.steps import steps
 from featstore.report.cdplot import plot_critical_difference
 
@@ -35,7 +36,10 @@ def _table(df: pd.DataFrame, step: bool = False) -> pd.DataFrame:
     return pd.DataFrame(
         {
             **({"step": shown.step} if step else {}),
-            "dataset": shown.dataset,
+            "dataset": [
+                d if t in ("", d) else f"{d} -> {t}"
+                for d, t in zip(shown.dataset, shown.test_dataset, strict=True)
+            ],
             "probe": shown.probe,
             "metric": shown.metric,
             "A": named(shown.encoder_a, shown.random_init_a, shown.resolution),
@@ -64,7 +68,9 @@ def _markdown(table: pd.DataFrame) -> str:
 
 def ranking_scores(rows: pd.DataFrame, tasks: dict[str, str]) -> pd.DataFrame:
     """(datasets x encoders) main metric of each dataset's main probe (`MAIN_PROBE`),
-    averaged over resolutions; encoders missing a dataset are left out."""
+    averaged over resolutions; encoders missing a dataset are left out. Internal rows
+    only: an external evaluation is not a dataset of its own."""
+    rows = internal(rows)
     parts = []
     for name, task in tasks.items():
         sub = rows[
