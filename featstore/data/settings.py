@@ -101,7 +101,7 @@ class Intensity(Frozen):
 
 
 # Sequences a 4D NIfTI may hold along an axis `sequence_axis: auto` infers (BraTS: 4)
-MAX_SEQUENCES = 16
+MAX_SEQUENCES = 8
 # Encoder input channels of `channels: {mode: rgb}`; a per-channel dataset may list more
 RGB, MAX_INPUTS = 3, 16
 
