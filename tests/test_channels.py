@@ -434,3 +434,27 @@ def test_petct_phantom_manifest_extracts_and_probes(tmp_path):
     assert len(sets) == len(opened) == 4
     assert sets["petct-per-channel"].sizes["channel"] == 2 * sets["petct-ct"].sizes["channel"]
     assert "channels" not in sets["petct-ct"].attrs["preprocess"]
+
+
+def test_petct_phantoms_are_co_registered_nifti_with_known_structure(tmp_path):
+    from featstore.data.settings import Synthetic
+    from featstore.data.synthetic import generate
+
+    out = generate(Synthetic(kind="petct3d", n=6, size=32, slices=8, seed=0), tmp_path / "p")
+    lines = (out / "index.csv").read_text().splitlines()
+    assert lines[0] == "image,ct,pet,mask,patient" and len(lines) == 7
+    hot, faint = [], []
+    for line in lines[1:]:
+        _, ct_name, pet_name, mask_name, _ = line.split(",")
+        ct, pet, mask = (nib.load(out / n) for n in (ct_name, pet_name, mask_name))
+        assert ct.shape == pet.shape == mask.shape == (32, 32, 8)
+        np.testing.assert_array_equal(ct.affine, pet.affine)
+        assert ct.get_data_dtype() == np.int16 and pet.get_data_dtype() == np.float32
+        lesion = np.asarray(mask.dataobj) == 1
+        if lesion.any():
+            suv = np.asarray(pet.dataobj)
+            hu = np.asarray(ct.dataobj).astype(np.float64)
+            hot.append(suv[lesion].mean())
+            faint.append(abs(hu[lesion].mean() - 52))
+    assert hot and min(hot) > 4  # lesions are hot in PET ...
+    assert max(faint) < 10  # ... and soft tissue (52 HU, the body 40) in CT

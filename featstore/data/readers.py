@@ -5,7 +5,8 @@ here in `READERS` and nowhere else. `list_samples` returns the sample table (ids
 labels, splits, item counts) without decoding pixels; `load` decodes items of one
 sample as raw intensities, items first:
 
-    image: (D, H, W, C) float32, C in {1, 3}; D = 1 for 2D images
+    image: (D, H, W, C) float32, C in {1, 3}; D = 1 for 2D images; a `channels:`
+           dataset: C = its distinct sources (featstore.data.nifti_channels)
     mask:  (D, H, W) uint8 class ids, or None
 """
 

@@ -5,6 +5,7 @@ same `Loaded` arrays; the index CSV (or a glob of file names) is parsed here onc
 all formats. Shapes:
 
     image: (D, H, W, C) float32 (or the stored integers), C in {1, 3}; D items
+           (a `channels:` dataset: C = its distinct sources, in `Channels.sources` order)
     mask:  (D, H, W) uint8 class ids, or None
 """
 

@@ -10,7 +10,7 @@ import string
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Format = Literal[
     "medmnist", "images", "nifti", "dicom", "wsi", "stack", "hdf5", "zarr", "synthetic"
@@ -115,6 +115,13 @@ class ChannelInput(Frozen):
 
     source: int | str
     intensity: Intensity = Intensity()
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _not_bool(cls, v: object) -> object:
+        if isinstance(v, bool):  # YAML reads `yes`/`on` as true, which int would take as 1
+            raise ValueError(f"source {v!r}: name an index column or a sequence index")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ChannelInput:

@@ -6,7 +6,8 @@ Each volume is a body with two lungs and a spine in CT (Hounsfield units, int16)
 its PET twin (SUV, float32) on the same grid and affine. Lesions (label 1 of the
 `_seg` volume) are what only both views find together:
 
-- in CT a lesion is soft tissue a few HU above its surroundings, under the noise;
+- in CT a lesion is soft tissue (52 HU), a few HU above the body's 40 and under the
+  noise, except in a lung, where it stands out;
 - in PET it is hot (SUV 5-9), but so are a heart and a bladder (physiological uptake,
   not lesions), which CT shows as structures of their own.
 
@@ -64,7 +65,7 @@ def phantom(
     ct[heart] = 55.0
     ct[bladder] = 5.0  # urine: water
     ct[spine] = 700.0  # bone
-    ct[lesions] += 12.0  # a faint lesion, under the noise
+    ct[lesions] = 52.0  # soft tissue: faint beside tissue (40), clear in a lung
     ct += rng.normal(scale=20.0, size=shape)
 
     pet = np.where(body, 1.0, 0.05)
