@@ -330,6 +330,16 @@ def test_bad_channel_blocks_are_manifest_errors(tmp_path, channels, extra, expec
         load_manifest(path)
 
 
+def test_a_dumped_manifest_with_channels_validates_again(tmp_path):
+    """run-config.json keeps the manifest as dumped (every field set); it must load."""
+    from featstore.data.manifest import Manifest
+
+    _petct_folder(tmp_path, n=3)
+    m = load_manifest(_manifest(tmp_path, "pixels:8", str(_channels("per-channel"))))
+    again = Manifest.model_validate_json(m.model_dump_json())
+    assert again.datasets[0].channels == m.datasets[0].channels
+
+
 def test_the_channel_mapping_is_in_the_identity(tmp_path):
     data = _petct_folder(tmp_path, n=3)
     m = load_manifest(_manifest(tmp_path, "pixels:8", str(_channels())))
@@ -422,6 +432,10 @@ def test_petct_phantom_manifest_extracts_and_probes(tmp_path):
     out = tmp_path / "results"
     probed = CLI.invoke(app, ["probe", *args, "--out", str(out)])
     assert probed.exit_code == 0, probed.output
+    # the report re-reads the manifest as run-config.json dumped it
+    reported = CLI.invoke(app, ["report", "--out", str(out)])
+    assert reported.exit_code == 0, reported.output
+    assert "## petct-ctpet" in (out / "report.md").read_text()
     import pandas as pd
 
     rows = pd.read_csv(out / "results.csv")

@@ -181,7 +181,9 @@ class Dataset(Frozen):
                 "synthetic kind 'petct3d' writes CT and PET as index columns: name them "
                 "as sources (`source: ct`, `source: pet`), not sequence indices"
             )
-        if "intensity" in self.model_fields_set:
+        # (compared with the default, not `model_fields_set`: a dumped manifest, as
+        # run-config.json keeps it, lists every field)
+        if self.intensity != Intensity():
             raise ValueError(
                 "with `channels:` each input has its own `intensity:`; drop the "
                 "dataset's `intensity:` and give one per input"
