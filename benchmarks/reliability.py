@@ -303,6 +303,66 @@ def volumes(
     return setup
 
 
+CT_PET = (
+    "  - {name: pc, format: nifti, path: data, index: index.csv, task: classification, "
+    "dims: 3, channels: {mode: rgb, inputs: [{source: ct, intensity: {mode: window, center: "
+    "40, width: 400}}, {source: pet, intensity: {mode: window, center: 5, width: 10}}, "
+    "{source: ct, intensity: {mode: minmax}}]}}\n"
+)
+SEQUENCES = (
+    "  - {name: seq, format: nifti, path: data, index: index.csv, task: classification, "
+    "dims: 3, channels: {mode: per-channel, inputs: [{source: 0}, {source: 1}, {source: 3}]}}\n"
+)
+
+
+def _nii(path: Path, arr: np.ndarray, affine: np.ndarray | None = None) -> None:
+    import nibabel as nib
+
+    nib.save(
+        nib.Nifti1Image(arr, np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine), path
+    )
+
+
+def petct(damage: Callable[[Path], None] | None = None) -> Callable[[Path], list[str]]:
+    """Three CT/PET pairs as index columns `ct`, `pet` (`channels:`); `damage` then edits
+    the data folder."""
+
+    def setup(root: Path) -> list[str]:
+        data = root / "data"
+        data.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            _nii(data / f"s{i}_ct.nii", rng.integers(-100, 300, (16, 16, 3)).astype(np.int16))
+            _nii(data / f"s{i}_pet.nii", rng.lognormal(size=(16, 16, 3)).astype(np.float32))
+        rows = [f"s{i}_ct.nii,s{i}_pet.nii,{i % 2},{SPLITS[i]}" for i in range(3)]
+        (data / "index.csv").write_text("ct,pet,label,split\n" + "\n".join(rows) + "\n")
+        if damage is not None:
+            damage(data)
+        (root / "m.yaml").write_text(PIXELS + "datasets:\n" + CT_PET)
+        return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+    return setup
+
+
+def four_d(shape: tuple[int, ...]) -> Callable[[Path], list[str]]:
+    """One 4D NIfTI of `shape` whose sequences 0, 1 and 3 are asked for."""
+
+    def setup(root: Path) -> list[str]:
+        (root / "data").mkdir(parents=True)
+        _nii(root / "data" / "b.nii", np.random.default_rng(0).random(shape, np.float32))
+        (root / "data" / "index.csv").write_text("image,label,split\nb.nii,0,train\n")
+        (root / "m.yaml").write_text(PIXELS + "datasets:\n" + SEQUENCES)
+        return ["extract", "--manifest", "m.yaml", "--workers", "0"]
+
+    return setup
+
+
+def _shifted_pet(data: Path) -> None:
+    moved = np.diag([2.0, 2.0, 3.0, 1.0])
+    moved[0, 3] = 5.0
+    _nii(data / "s1_pet.nii", np.ones((16, 16, 3), np.float32), moved)
+
+
 def _rewrite(raw: np.ndarray, labels: np.ndarray, **kw: str) -> Callable[[Path], None]:
     def damage(path: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -867,6 +927,58 @@ CASES = [
         "refused",
         volumes(".zarr", _as_n5),
         r"v1\.zarr \[volumes/raw\]: an N5 container; N5 is not supported",
+    ),
+    # Multi-channel NIfTI: CT/PET index columns, 4D sequences (issue 30)
+    Case("PET/CT channels as index columns (control)", "accepted", petct()),
+    Case(
+        "PET/CT channels, PET truncated",
+        "refused",
+        petct(lambda d: _truncate(d / "s1_pet.nii")),
+        r"s1_pet\.nii: cannot read NIfTI",
+    ),
+    Case(
+        "PET/CT channels, PET on another grid",
+        "refused",
+        petct(lambda d: _nii(d / "s1_pet.nii", np.ones((16, 12, 3), np.float32))),
+        r"s1_pet\.nii: grid \(16, 12, 3\) differs from .*s1_ct\.nii \(16, 16, 3\)",
+    ),
+    Case(
+        "PET/CT channels, PET affine shifted 5 mm",
+        "refused",
+        petct(_shifted_pet),
+        r"s1_pet\.nii: affine .* differs from .*s1_ct\.nii .* by up to 5 mm",
+    ),
+    Case(
+        "PET/CT channels, NaN in PET",
+        "refused",
+        petct(lambda d: _nii(d / "s1_pet.nii", np.full((16, 16, 3), np.nan, np.float32))),
+        r"s1_pet\.nii: \d+ NaN/Inf values",
+    ),
+    Case(
+        "PET/CT channels, no pet column",
+        "refused",
+        petct(lambda d: (d / "index.csv").write_text("ct,label,split\ns0_ct.nii,0,train\n")),
+        r"index\.csv: index lacks column\(s\) \['pet'\]",
+    ),
+    Case("4D NIfTI sequences last (control)", "accepted", four_d((16, 16, 12, 4))),
+    Case("4D NIfTI sequences first (control)", "accepted", four_d((4, 16, 16, 12))),
+    Case(
+        "4D NIfTI missing a sequence",
+        "refused",
+        four_d((16, 16, 12, 3)),
+        r"b\.nii: the 4D volume holds 3 sequence\(s\) along its last axis",
+    ),
+    Case(
+        "4D NIfTI with an ambiguous sequence axis",
+        "refused",
+        four_d((4, 16, 16, 4)),
+        r"b\.nii: a 4D volume of shape \(4, 16, 16, 4\) whose sequence axis is ambiguous",
+    ),
+    Case(
+        "4D NIfTI sources on a 3D file",
+        "refused",
+        four_d((16, 16, 12)),
+        r"b\.nii: shape \(16, 16, 12\) is not a 4D volume",
     ),
 ]
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from featstore.data.manifest import Dataset, Fit, Manifest
-from featstore.data.settings import FORMATS, Intensity, Interpolation
+from featstore.data.settings import FORMATS, Channels, Intensity, Interpolation
 from featstore.data.tissue import PLAN_VERSION
 
 # 2: the identity object (recipe + encoder content) replaced the hand-kept config.
@@ -41,11 +41,18 @@ class Preprocess:
     std: tuple[float, ...]
     fit: Fit = "resize"  # pad: centre small images on a zero canvas
     interpolation: Interpolation = "bilinear"  # the encoder's own resize filter
+    # several co-registered images per sample, each input with its own intensity
+    # (`intensity` is then unused); None: one image per sample
+    channels: Channels | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, as stored in a feature set's `preprocess` attribute."""
         d = asdict(self)
         d["intensity"] = self.intensity.model_dump()
+        if self.channels is None:
+            del d["channels"]
+        else:
+            d["channels"] = self.channels.model_dump()
         return d
 
 
@@ -139,6 +146,9 @@ class Recipe:
     # featstore.data.layouts; dicom: its photometric rules); left out of both views
     # when None (other formats)
     decode: int | None = None
+    # `channels:` (sources, per-input intensity, rgb or per-channel and its combine);
+    # left out of both views when None, so that single-image sets keep their keys
+    channels: Channels | None = None
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -164,6 +174,7 @@ class Recipe:
             if ds.tiling is None
             else tuple(sorted({**ds.tiling.model_dump(), "plan": PLAN_VERSION}.items())),
             decode=FORMATS[ds.format].decode,
+            channels=ds.channels,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +191,10 @@ class Recipe:
             out["tiling"] = dict(self.tiling)
         if self.decode is None:
             del out["decode"]
+        if self.channels is None:
+            del out["channels"]
+        else:
+            out["channels"] = self.channels.model_dump()
         return out
 
     @classmethod
@@ -197,6 +212,7 @@ class Recipe:
                     for k, v in d.get("preprocessing", ())
                 ),
                 "tiling": tuple(sorted(d["tiling"].items())) if d.get("tiling") else None,
+                "channels": Channels(**d["channels"]) if d.get("channels") else None,
             }
         )
 
@@ -250,7 +266,9 @@ class SetIdentity:
         manifest's replacements of them."""
         w = self._weights()
         r = self.recipe
-        own = Preprocess(r.resolution, r.intensity, w.mean, w.std, r.fit, w.interpolation)
+        own = Preprocess(
+            r.resolution, r.intensity, w.mean, w.std, r.fit, w.interpolation, r.channels
+        )
         return replace(own, **dict(r.preprocessing))
 
     def to_attrs(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import zarr
 from conftest import REPO
 
-from featstore.data.settings import Intensity
+from featstore.data.settings import Channels, Intensity
 from featstore.errors import StoreMismatchError
 from featstore.identity import ENCODER_CONTENT, EncoderInfo, Recipe, SetIdentity
 from featstore.store import catalog, schema
@@ -55,9 +55,12 @@ OTHER = dict(
     preprocessing=(("interpolation", "bicubic"),),
     tiling=(("tile_mpp", 0.5), ("tile_size", 224)),
     decode=1,
+    channels=Channels(
+        mode="per-channel", inputs=({"source": "ct"}, {"source": "pet"}), combine="mean"
+    ),
 )
 # Fields left out of both views while None, so that older sets keep their keys.
-OPTIONAL = {"tiling", "decode"}
+OPTIONAL = {"tiling", "decode", "channels"}
 
 
 def test_every_recipe_field_is_in_both_views_and_changes_both():

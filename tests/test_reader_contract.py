@@ -450,13 +450,52 @@ FIXTURES: dict[str, Callable[[Path], Dataset]] = {
 }
 
 
+def _nifti_columns(folder: Path) -> Dataset:
+    """A CT/PET pair as two index columns (`channels:`, issue 30)."""
+    rng = np.random.default_rng(2)
+    for name in ("ct", "pet"):
+        vol = rng.normal(size=(4, 5, 6)).astype(np.float32)
+        nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 3.0, 1.0])), folder / f"{name}.nii")
+    (folder / "index.csv").write_text("ct,pet,label,split\nct.nii,pet.nii,0,train\n")
+    inputs = [{"source": s} for s in ("ct", "pet", "ct")]
+    return Dataset(
+        name="c", format="nifti", path=folder, index="index.csv", task="classification",
+        dims=3, channels={"mode": "rgb", "inputs": inputs},
+    )  # fmt: skip
+
+
+def _nifti_4d(axis: str) -> Callable[[Path], Dataset]:
+    def write(folder: Path) -> Dataset:
+        seqs = np.random.default_rng(3).normal(size=(3, 10, 5, 6)).astype(np.float32)
+        vol = seqs if axis == "first" else np.moveaxis(seqs, 0, -1)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), folder / "b.nii.gz")
+        (folder / "index.csv").write_text("image,label,split\nb.nii.gz,0,train\n")
+        inputs = [{"source": s} for s in (2, 0, 1)]
+        return Dataset(
+            name="c", format="nifti", path=folder, index="index.csv", task="classification",
+            dims=3, channels={"mode": "rgb", "inputs": inputs, "sequence_axis": axis},
+        )  # fmt: skip
+
+    return write
+
+
+# Inputs of a registered reader that read otherwise (multi-channel NIfTI samples): the
+# contract below covers them too.
+VARIANTS: dict[str, Callable[[Path], Dataset]] = {
+    "nifti-columns": _nifti_columns,
+    "nifti-4d-first": _nifti_4d("first"),
+    "nifti-4d-last": _nifti_4d("last"),
+}
+CASES = {**FIXTURES, **VARIANTS}
+
+
 def test_every_reader_has_a_contract_fixture():
     assert set(FIXTURES) == set(readers.READERS)
 
 
-@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+@pytest.mark.parametrize("fmt", sorted(CASES))
 def test_header_size_is_the_decoded_shape(tmp_path, fmt):
-    ds = FIXTURES[fmt](tmp_path)
+    ds = CASES[fmt](tmp_path)
     if fmt == "wsi":
         got, size = _decode(ds, tmp_path, "s.tif")
         assert size == got.shape[1:3]
@@ -513,12 +552,12 @@ def test_a_region_is_the_crop_of_a_whole_read(tmp_path, fmt):
     np.testing.assert_array_equal(middle, whole[1:3])
 
 
-@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+@pytest.mark.parametrize("fmt", sorted(CASES))
 def test_listing_decodes_no_pixels(tmp_path, fmt, monkeypatch):
     """Listing and fingerprinting read headers only (a slide: its low-resolution level
     for tissue, outside `decode`): a reader's `decode` is never called."""
-    ds = FIXTURES[fmt](tmp_path)
-    reader = readers.READERS[fmt]
+    ds = CASES[fmt](tmp_path)
+    reader = readers.reader_for(ds)
 
     def no_decode(*_a: object, **_k: object) -> None:
         raise AssertionError(f"{fmt}: listing decoded pixels")
@@ -532,27 +571,28 @@ def _files_of(path: Path) -> set[Path]:
     return {p for p in path.rglob("*") if p.is_file()} if path.is_dir() else {path}
 
 
-@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+@pytest.mark.parametrize("fmt", sorted(CASES))
 def test_files_cover_every_byte_a_sample_decodes_from(tmp_path, fmt):
     """`files()` lists the sample's image (every file of a folder) and its mask."""
-    ds = FIXTURES[fmt](tmp_path)
-    reader = readers.READERS[fmt]
+    ds = CASES[fmt](tmp_path)
+    reader = readers.reader_for(ds)
     for s in readers.list_samples(ds):
         listed = {Path(p) for p in reader.files(ds, s)}
         image = ds.path if fmt == "medmnist" else Path(s.image)  # medmnist: "split:i"
         assert _files_of(image) <= listed, (fmt, s.image)
+        assert {Path(p) for p in s.sources} <= listed, (fmt, s.sources)  # every channel
         if s.mask:
             assert _files_of(Path(s.mask)) <= listed, (fmt, s.mask)
 
 
-@pytest.mark.parametrize("fmt", sorted(readers.READERS))
+@pytest.mark.parametrize("fmt", sorted(CASES))
 def test_one_flipped_byte_changes_the_fingerprint(tmp_path, fmt):
     """Or, where the byte breaks the file (a CRC, a gzip stream, JSON metadata), the
     listing refuses it naming the file: a changed file is never the old set's data."""
-    ds = FIXTURES[fmt](tmp_path)
+    ds = CASES[fmt](tmp_path)
     before = readers.prepare(ds).fingerprint
     sample = readers.list_samples(ds)[0]
-    files = sorted(readers.READERS[fmt].files(ds, sample))
+    files = sorted(readers.reader_for(ds).files(ds, sample))
     target = max(files, key=lambda p: Path(p).stat().st_size)  # pixel data, not a header
     data = bytearray(Path(target).read_bytes())
     data[len(data) // 2] ^= 0x01

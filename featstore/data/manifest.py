@@ -25,6 +25,7 @@ from featstore.data.settings import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
     VOLUME_FORMATS,
+    Channels,
     EncoderPreprocessing,
     Format,
     Frozen,
@@ -88,6 +89,7 @@ class Dataset(Frozen):
     synthetic: Synthetic | None = None
     tiling: Tiling | None = None  # whole-slide images: required
     volume: Volume | None = None  # format hdf5 / zarr: required (arrays by internal path)
+    channels: Channels | None = None  # several co-registered images per sample (NIfTI)
     label_efficiency: LabelEfficiency | None = None  # `featstore probe`'s curve points
     # index rows may name files outside `path` (absolute, `../`, symlinks out of it)
     allow_outside_paths: bool = False
@@ -147,6 +149,7 @@ class Dataset(Frozen):
         if self.slides and (self.dims != 2 or self.task == "segmentation"):
             raise ValueError("slides are classified from 2D tiles: set `dims: 2` and a label task")
         self._check_volume()
+        self._check_channels()
         rules = FORMATS[self.format]
         if self.dims not in rules.dims:
             want = " or ".join(map(str, rules.dims))
@@ -164,6 +167,28 @@ class Dataset(Frozen):
                 f"synthetic kind '{self.synthetic.kind}' does not match dims {self.dims}"
             )
         return self
+
+    def _check_channels(self) -> None:
+        if self.channels is None:
+            return
+        petct = self.synthetic is not None and self.synthetic.kind == "petct3d"
+        if self.format != "nifti" and not petct:
+            raise ValueError(
+                f"`channels:` reads several co-registered NIfTI images per sample; format "
+                f"'{self.format}' holds one image per sample (use format nifti)"
+            )
+        if petct and self.channels.sequences:
+            raise ValueError(
+                "synthetic kind 'petct3d' writes CT and PET as index columns: name them "
+                "as sources (`source: ct`, `source: pet`), not sequence indices"
+            )
+        # (compared with the default, not `model_fields_set`: a dumped manifest, as
+        # run-config.json keeps it, lists every field)
+        if self.intensity != Intensity():
+            raise ValueError(
+                "with `channels:` each input has its own `intensity:`; drop the "
+                "dataset's `intensity:` and give one per input"
+            )
 
     def _check_volume(self) -> None:
         if (self.format in VOLUME_FORMATS) != (self.volume is not None):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from featstore.data.manifest import Dataset
-from featstore.data.reader import Reader
+from featstore.data.reader import Reader, Skip
 from featstore.data.samples import Header, Loaded, Sample, check_finite, finish_mask
 from featstore.errors import BadInputError
 
@@ -91,7 +92,15 @@ def volume_mask(ds: Dataset, sample: Sample, image: np.ndarray) -> np.ndarray | 
 
 
 class Nifti(Reader):
-    """`format: nifti`: one volume per file; masks are NIfTI label volumes."""
+    """`format: nifti`: one volume per file; masks are NIfTI label volumes. With a
+    `channels:` block, several co-registered images per sample (nifti_channels)."""
+
+    def describe(self, ds: Dataset, base: Sample, row: dict[str, str], where: str) -> Sample | Skip:
+        if ds.channels is None:
+            return super().describe(ds, base, row, where)
+        from featstore.data import nifti_channels  # imports this module
+
+        return replace(base, n_items=nifti_channels.count(ds, base))
 
     def count(self, ds: Dataset, path: Path) -> int:
         shape, _ = _canonical(path)
@@ -101,6 +110,10 @@ class Nifti(Reader):
         return n
 
     def header(self, ds: Dataset, sample: Sample) -> Header:
+        if ds.channels is not None:
+            from featstore.data import nifti_channels
+
+            return nifti_channels.header(ds, sample)
         shape, zooms = _canonical(Path(sample.image))
         s = AXES[ds.slice_axis]
         rest = [a for a in range(3) if a != s]  # np.moveaxis keeps the others in order
@@ -108,5 +121,10 @@ class Nifti(Reader):
 
     def decode(self, ds: Dataset, sample: Sample, items: range, as_read: bool) -> Loaded:
         path = Path(sample.image)
-        image = check_finite(load_nifti(path, ds.slice_axis), str(path))[..., None]
+        if ds.channels is not None:
+            from featstore.data import nifti_channels
+
+            image = nifti_channels.load(ds, sample)  # each file checked for NaN/Inf
+        else:
+            image = check_finite(load_nifti(path, ds.slice_axis), str(path))[..., None]
         return Loaded(image=image, mask=volume_mask(ds, sample, image))

@@ -20,6 +20,7 @@ from featstore.data.samples import (
     Loaded,
     Sample,
     exists,
+    image_columns,
     inside,
     parse_label,
     read_index,
@@ -80,7 +81,7 @@ class Reader:
     def files(self, ds: Dataset, sample: Sample) -> list[Path]:
         """Every file whose bytes determine `sample` (for the dataset's fingerprint)."""
         out = []
-        for p in filter(None, (sample.image, sample.mask)):
+        for p in dict.fromkeys(filter(None, (sample.image, *sample.sources, sample.mask))):
             path = Path(p)
             out += sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
         return out
@@ -109,16 +110,23 @@ class Reader:
             out.append(sample)
         return Listing(out, skipped)
 
-    def _row(self, ds: Dataset, where: str, row: dict[str, str]) -> Sample | Skip:
-        if not row["image"].strip():
-            raise BadInputError(f"{where}: the image cell is empty; give the file's path")
-        image = inside(ds, row["image"], "image", where)
+    def _image(self, ds: Dataset, where: str, row: dict[str, str], column: str) -> Path:
+        """The image file that `column` of an index row names, checked."""
+        if not row[column].strip():
+            raise BadInputError(f"{where}: the {column} cell is empty; give the file's path")
+        image = inside(ds, row[column], column, where)
         if not exists(image):
-            raise BadInputError(f"{where}: image {image} does not exist")
+            raise BadInputError(f"{where}: {column} {image} does not exist")
         if self.folder and not image.is_dir():
-            raise BadInputError(f"{where}: image {image} is not a folder (format {ds.format})")
+            raise BadInputError(f"{where}: {column} {image} is not a folder (format {ds.format})")
         if self.folder is False and image.is_dir():
-            raise BadInputError(f"{where}: image {image} is a folder, not an image file")
+            raise BadInputError(f"{where}: {column} {image} is a folder, not an image file")
+        return image
+
+    def _row(self, ds: Dataset, where: str, row: dict[str, str]) -> Sample | Skip:
+        columns = image_columns(ds)
+        images = [self._image(ds, where, row, c) for c in columns]
+        image = images[0]
         mask = inside(ds, row["mask"], "mask", where) if row.get("mask", "").strip() else None
         if mask is not None and self.inner_labels:
             raise BadInputError(
@@ -137,7 +145,7 @@ class Reader:
                 f"{where}: split {split!r} must be one of {SPLITS}, or give the "
                 "dataset `splits: {ratios: [0.7, 0.1, 0.2], seed: 0}`"
             )
-        sid = row.get("id", "").strip() or Path(row["image"]).name.split(".")[0]
+        sid = row.get("id", "").strip() or Path(row[columns[0]]).name.split(".")[0]
         base = Sample(
             id=sid,
             split=split,
@@ -147,5 +155,6 @@ class Reader:
             mask=str(mask) if mask else None,
             group=row.get("patient", "").strip() or sid,
             meta=tuple((name, row[col]) for col, name in ds.metadata.items()),
+            sources=tuple(map(str, images)) if columns != ("image",) else (),
         )
         return self.describe(ds, base, row, where)

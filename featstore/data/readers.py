@@ -5,12 +5,14 @@ here in `READERS` and nowhere else. `list_samples` returns the sample table (ids
 labels, splits, item counts) without decoding pixels; `load` decodes items of one
 sample as raw intensities, items first:
 
-    image: (D, H, W, C) float32, C in {1, 3}; D = 1 for 2D images
+    image: (D, H, W, C) float32, C in {1, 3}; D = 1 for 2D images; a `channels:`
+           dataset: C = its distinct sources (featstore.data.nifti_channels)
     mask:  (D, H, W) uint8 class ids, or None
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -48,7 +50,7 @@ READERS: dict[str, Reader] = {
 }
 # Synthetic datasets are written as real files of one of those formats.
 SYNTHETIC = {"cls2d": "images", "seg2d": "images", "cls3d": "nifti", "seg3d": "nifti"}
-SYNTHETIC |= {"slides": "wsi"}
+SYNTHETIC |= {"slides": "wsi", "petct3d": "nifti"}
 
 
 def reader_for(ds: Dataset) -> Reader:
@@ -165,7 +167,12 @@ def prepare(ds: Dataset, memo: Path | None = None) -> Prepared:
     """List and fingerprint `ds`; `memo` is the file-hash memo (None: hash afresh)."""
     found = listing(ds)
     samples = found.samples
-    table = [(s.id, s.split, s.label, s.n_items, s.group, s.meta) for s in samples]
+    table: list[tuple[object, ...]] = [
+        (s.id, s.split, s.label, s.n_items, s.group, s.meta) for s in samples
+    ]
+    if any(s.sources for s in samples):  # which file feeds which channel (not only which files)
+        rel = [tuple(os.path.relpath(p, ds.path) for p in s.sources) for s in samples]
+        table = [(*row, r) for row, r in zip(table, rel, strict=True)]
     fp = fingerprint(dataset_files(ds, samples), table, ds.path, memo)
     return Prepared(ds, samples, fp, found.skipped)
 

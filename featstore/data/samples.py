@@ -5,6 +5,7 @@ same `Loaded` arrays; the index CSV (or a glob of file names) is parsed here onc
 all formats. Shapes:
 
     image: (D, H, W, C) float32 (or the stored integers), C in {1, 3}; D items
+           (a `channels:` dataset: C = its distinct sources, in `Channels.sources` order)
     mask:  (D, H, W) uint8 class ids, or None
 """
 
@@ -57,6 +58,9 @@ class Sample:
     group: str = ""  # patient id: samples of one group never cross splits
     meta: tuple[tuple[str, str], ...] = ()  # (coordinate name, value) from `metadata:`
     tiles: Tiles | None = None
+    # `channels:` from index columns: the file of each source, in `Channels.sources`
+    # order (`image` is the first of them); () otherwise
+    sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,9 @@ def read_index(
     if not rows:
         raise BadInputError(f"{path}: index has no rows; add one row per sample")
     seg = ds.task == "segmentation"
-    need = {"image"} | ({"mask"} if seg and mask_column else set() if seg else {"label"})
+    need = set(image_columns(ds)) | (
+        {"mask"} if seg and mask_column else set() if seg else {"label"}
+    )
     need |= set(ds.metadata)
     need |= extra
     if splits_from_column(ds):
@@ -208,6 +214,14 @@ def read_index(
             f"{list(rows[0])} (see docs/formats.md, 'Formats')"
         )
     return located
+
+
+def image_columns(ds: Dataset) -> tuple[str, ...]:
+    """The index columns naming a sample's image files: `image`, or the sources of a
+    `channels:` block that reads index columns (ct, pet, ...)."""
+    if ds.channels is not None and not ds.channels.sequences:
+        return tuple(str(c) for c in ds.channels.sources)
+    return ("image",)
 
 
 def splits_from_column(ds: Dataset) -> bool:

@@ -5,11 +5,12 @@ puts them together into datasets and the manifest, and re-exports them).
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Format = Literal[
     "medmnist", "images", "nifti", "dicom", "wsi", "stack", "hdf5", "zarr", "synthetic"
@@ -97,6 +98,111 @@ class Intensity(Frozen):
         if self.mode == "percentile" and not 0 <= self.low < self.high <= 100:
             raise ValueError("mode 'percentile' needs 0 <= low < high <= 100")
         return self
+
+
+# Sequences a 4D NIfTI may hold along an axis `sequence_axis: auto` infers (BraTS: 4)
+MAX_SEQUENCES = 8
+# Encoder input channels of `channels: {mode: rgb}`; a per-channel dataset may list more
+RGB, MAX_INPUTS = 3, 16
+
+
+class ChannelInput(Frozen):
+    """One input of a `channels:` block: a source and its own intensity rule.
+
+    source: an index column holding the file of this image (`ct`, `pet`), or the
+    index (0, 1, ...) of a sequence of each sample's 4D NIfTI volume.
+    """
+
+    source: int | str
+    intensity: Intensity = Intensity()
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _not_bool(cls, v: object) -> object:
+        if isinstance(v, bool):  # YAML reads `yes`/`on` as true, which int would take as 1
+            raise ValueError(f"source {v!r}: name an index column or a sequence index")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ChannelInput:
+        if isinstance(self.source, int) and not 0 <= self.source < 1024:
+            raise ValueError(f"source {self.source}: a sequence index counts from 0")
+        if isinstance(self.source, str) and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.source):
+            raise ValueError(
+                f"source {self.source!r}: name an index column (letters, digits, _.-), "
+                "e.g. ct, or a sequence index of a 4D volume, e.g. 0"
+            )
+        return self
+
+
+class Channels(Frozen):
+    """Several co-registered images per sample, mapped to the encoder's input channels:
+
+        channels: {mode: rgb, inputs: [
+            {source: ct, intensity: {mode: window, center: 40, width: 400}},
+            {source: pet, intensity: {mode: window, center: 5, width: 10}},
+            {source: ct, intensity: {mode: window, center: 40, width: 1500}}]}
+
+    mode rgb: exactly three inputs, in order, become the R, G and B channels of one
+    encoder input. mode per-channel: each input alone is encoded as grey (replicated
+    to three channels), and its features are joined by `combine`: concat (channel
+    dim = inputs x the encoder's width, in input order) or mean. Sources are all index
+    columns or all sequence indices of a 4D NIfTI, whose sequence axis is the first or
+    the last array axis (`auto`: the one of the two that holds at most MAX_SEQUENCES).
+    Images of one sample must share one grid: same shape, and affines equal within
+    `affine_tolerance` (mm); nothing is resampled.
+    """
+
+    mode: Literal["rgb", "per-channel"] = "rgb"
+    combine: Literal["concat", "mean"] = "concat"
+    inputs: tuple[ChannelInput, ...] = Field(min_length=1, max_length=MAX_INPUTS)
+    sequence_axis: Literal["auto", "first", "last"] = "auto"
+    affine_tolerance: float = Field(default=1e-3, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _check(self) -> Channels:
+        if self.mode == "rgb" and len(self.inputs) != RGB:
+            raise ValueError(
+                f"mode 'rgb' maps exactly {RGB} inputs to the encoder's R, G and B channels "
+                f"(got {len(self.inputs)}); repeat a source with another window, or use "
+                "`mode: per-channel` to encode each input alone"
+            )
+        if self.mode == "rgb" and self.combine != "concat":
+            raise ValueError(
+                f"`combine: {self.combine}` joins the features of `mode: per-channel` only"
+            )
+        kinds = {type(i.source) for i in self.inputs}
+        if len(kinds) > 1:
+            raise ValueError(
+                "sources are either all index columns (ct, pet) or all sequence indices "
+                "of a 4D NIfTI (0, 1, 2, 3), not both"
+            )
+        if not self.sequences and self.sequence_axis != "auto":
+            raise ValueError("`sequence_axis` goes with sequence-index sources (0, 1, ...)")
+        return self
+
+    @property
+    def sequences(self) -> bool:
+        """Whether sources are sequence indices of a 4D volume (else index columns)."""
+        return isinstance(self.inputs[0].source, int)
+
+    @property
+    def sources(self) -> tuple[int | str, ...]:
+        """The distinct sources, in order of first use: the channels a sample decodes to."""
+        return tuple(dict.fromkeys(i.source for i in self.inputs))
+
+    @property
+    def groups(self) -> tuple[tuple[int, int, int], ...]:
+        """The inputs (by position) on the R, G and B channels of each encoder input:
+        rgb, one input ((0, 1, 2)); per-channel, one grey input per input ((k, k, k))."""
+        if self.mode == "rgb":
+            return ((0, 1, 2),)
+        return tuple((k, k, k) for k in range(len(self.inputs)))
+
+    def width(self, hidden: int) -> int:
+        """Channels of the stored features for an encoder `hidden` wide."""
+        concat = self.mode == "per-channel" and self.combine == "concat"
+        return hidden * len(self.inputs) if concat else hidden
 
 
 class Volume(Frozen):
@@ -192,9 +298,10 @@ class Tiling(Frozen):
 
 class Synthetic(Frozen):
     """A generated dataset (written as real PNG/CSV, NIfTI or pyramidal TIFF files on
-    first use); `slides`: n slides of `size` x `size` pixels at 0.5 um/px."""
+    first use); `slides`: n slides of `size` x `size` pixels at 0.5 um/px; `petct3d`:
+    co-registered CT and PET phantom volumes (index columns `ct`, `pet`)."""
 
-    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d", "slides"]
+    kind: Literal["cls2d", "seg2d", "cls3d", "seg3d", "slides", "petct3d"]
     n: int = Field(default=60, ge=6, le=100_000)
     size: int = Field(default=64, ge=16, le=8 * MAX_RESOLUTION)
     slices: int = Field(default=24, ge=1, le=1024)

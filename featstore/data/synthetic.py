@@ -11,6 +11,8 @@ the same readers as user data. Same seed, same bytes.
 - seg3d: volumes with two labelled ellipsoid organs (1 bright, 2 dark).
 - slides: pyramidal TIFF slides with tissue, class 1 with nuclei nests
   (`featstore.data.synthetic_slides`).
+- petct3d: co-registered CT and PET phantom volumes with lesion masks, index columns
+  `ct` and `pet` (`featstore.data.synthetic_petct`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image
 
+from featstore.data import synthetic_petct
 from featstore.data.settings import Synthetic
 from featstore.data.synthetic_slides import generate_slides
 from featstore.errors import BadInputError
@@ -186,6 +189,8 @@ def generate(spec: Synthetic, out: Path) -> Path:
     if spec.kind == "slides":
         rows = generate_slides(spec.n, spec.size, tmp, rng)
         _write_index(tmp, ["image", "label", "patient"], rows)
+    elif spec.kind == "petct3d":
+        _write_index(tmp, synthetic_petct.HEADER, synthetic_petct.generate_petct(spec, tmp, rng))
     else:
         (_gen_3d if spec.kind.endswith("3d") else _gen_2d)(spec, tmp, rng)
     (tmp / STAMP).write_text(wanted)

@@ -41,8 +41,12 @@ Placement = Literal["cpu", "device"]
 _INTS = (np.uint8, np.int8, np.int16, np.uint16, np.int32)
 
 
-def resolve(setting: Setting, device: str) -> Placement:
-    """Where preprocessing runs: `auto` is the device on CUDA and the CPU otherwise."""
+def resolve(setting: Setting, device: str, channels: bool = False) -> Placement:
+    """Where preprocessing runs: `auto` is the device on CUDA and the CPU otherwise.
+    Multi-channel samples (`channels`: a dataset's `channels:` block) always on the
+    CPU: their per-input intensity rules and channel mapping live in `preprocess`."""
+    if channels:
+        return "cpu"
     if setting == "auto":
         return "device" if device == "cuda" else "cpu"
     return setting

@@ -3,8 +3,9 @@
 Intensities become [0, 1] per sample (a whole volume at once, so every slice of a
 volume shares one mapping; a volume read in blocks brings its whole `span`), slices
 are resized (antialiased, with the encoder's own filter: bilinear or bicubic) to the
-encoder input, grey is replicated to 3 channels, and the encoder's own mean/std are
-applied.
+encoder input, grey is replicated to 3 channels (or a `channels:` block maps several
+co-registered images to them, each with its own intensity rule: `input_groups`), and
+the encoder's own mean/std are applied.
 """
 
 from __future__ import annotations
@@ -96,21 +97,55 @@ def preprocess(
         span: the whole sample's (min, max) where `image` is a slice run of it
             (`Loaded.span`); None: `image` is the whole sample.
     Returns:
-        pixels: (D, 3, R, R) float32, normalised with the encoder's mean/std.
+        pixels: (D, 3G, R, R) float32, normalised with the encoder's mean/std; G = 1
+            encoder input per item, but G = inputs for `channels: {mode: per-channel}`
+            (see `input_groups`).
         mask:   (D, R, R) uint8 (nearest-neighbour), or None.
     """
-    unit = to_unit(image, cfg.intensity, span)
+    unit = unit_planes(image, cfg, span)
     d, _, _, c = unit.shape
     r = cfg.resolution
-    out = np.empty((d, 3, r, r), np.float32)
+    groups = input_groups(cfg, c)
+    out = np.empty((d, 3 * len(groups), r, r), np.float32)
     for i in range(d):
         planes = [
             _fit_plane(unit[i, :, :, k], r, cfg.fit, False, cfg.interpolation) for k in range(c)
         ]
-        out[i] = planes * 3 if c == 1 else planes
-    out -= np.asarray(cfg.mean, np.float32)[None, :, None, None]
-    out /= np.asarray(cfg.std, np.float32)[None, :, None, None]
+        out[i] = [planes[k] for group in groups for k in group]
+    out -= np.tile(np.asarray(cfg.mean, np.float32), len(groups))[None, :, None, None]
+    out /= np.tile(np.asarray(cfg.std, np.float32), len(groups))[None, :, None, None]
     return out, fit_mask(mask, cfg)
+
+
+def unit_planes(
+    image: np.ndarray, cfg: Preprocess, span: tuple[float, float] | None = None
+) -> np.ndarray:
+    """(D, H, W, C) raw -> (D, H, W, C') float32 in [0, 1]: the whole image by the
+    dataset's intensity (C' = C), or with `channels:` each input from its source by its
+    own rule (C' = inputs; `image` holds one channel per `Channels.sources`)."""
+    ch = cfg.channels
+    if ch is None:
+        return to_unit(image, cfg.intensity, span)
+    if image.shape[-1] != len(ch.sources):
+        raise ValueError(f"image has {image.shape[-1]} channels, `channels:` {len(ch.sources)}")
+    at = {s: k for k, s in enumerate(ch.sources)}
+    units = [to_unit(image[..., at[i.source]], i.intensity, span) for i in ch.inputs]
+    return np.stack(units, axis=-1)
+
+
+def inputs_per_item(cfg: Preprocess) -> int:
+    """G, the encoder inputs of one item: `preprocess` gives (D, 3G, R, R) pixels."""
+    return 1 if cfg.channels is None else len(cfg.channels.groups)
+
+
+def input_groups(cfg: Preprocess, c: int) -> tuple[tuple[int, int, int], ...]:
+    """The one rule from unit planes to encoder channels: for each encoder input, the
+    plane on its R, G and B channels. Grey is replicated, RGB kept; with `channels:`,
+    its mapping (rgb: one input; per-channel: one grey input per channel, whose
+    features `encode.multichannel` joins)."""
+    if cfg.channels is not None:
+        return cfg.channels.groups
+    return ((0, 0, 0),) if c == 1 else ((0, 1, 2),)
 
 
 def fit_mask(mask: np.ndarray | None, cfg: Preprocess) -> np.ndarray | None:

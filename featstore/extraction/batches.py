@@ -18,7 +18,7 @@ import torch
 from featstore.data import readers
 from featstore.data.readers import Prepared
 from featstore.encode.devprep import Part, Placement, RawPixels, RawSample, pack, raw_sample
-from featstore.encode.preprocess import fit_mask, preprocess
+from featstore.encode.preprocess import fit_mask, inputs_per_item, preprocess
 from featstore.errors import BadInputError
 from featstore.identity import Preprocess
 from featstore.store import schema
@@ -28,8 +28,9 @@ from featstore.store import schema
 class Decoded:
     """One sample ready for the encoder, or the reason it could not be read.
 
-    pixels: (D, 3, R, R) float32 normalised (placement "cpu"); raw: the decoded sample
-    for the device (placement "device"); mask: (D, R, R) uint8 or None.
+    pixels: (D, 3G, R, R) float32 normalised (placement "cpu"; G: `inputs_per_item`);
+    raw: the decoded sample for the device (placement "device"); mask: (D, R, R) uint8
+    or None.
     """
 
     pixels: np.ndarray | None = None
@@ -49,10 +50,10 @@ class Decoded:
 class Batch:
     """One batch of consecutive items of one unit.
 
-    pixels: (B, 3, R, R) float32 normalised, or (placement "device") the decoded
-    integers that `devprep.to_input` turns into it; masks: (B, R, R) uint8 or None;
-    errors: sample id -> reason for each unreadable sample in the batch (its rows are
-    zeros).
+    pixels: (B, 3G, R, R) float32 normalised (G: `inputs_per_item`), or (placement
+    "device") the decoded integers that `devprep.to_input` turns into it; masks:
+    (B, R, R) uint8 or None; errors: sample id -> reason for each unreadable sample
+    in the batch (its rows are zeros).
     """
 
     unit: int
@@ -127,7 +128,8 @@ class Batches(torch.utils.data.Dataset[Batch]):
         unit, start, stop = self.batches[k]
         n, r = stop - start, self.pre.resolution
         device = self.placement == "device"
-        pixels = None if device else np.empty((n, 3, r, r), np.float32)  # rows set below
+        g = inputs_per_item(self.pre)  # encoder inputs per item (per-channel: one a channel)
+        pixels = None if device else np.empty((n, 3 * g, r, r), np.float32)  # rows set below
         parts: list[Part] = []  # device: what each run of rows holds
         masks = np.zeros((n, r, r), np.uint8) if self.layout.mask_size else None
         errors: dict[str, str] = {}

@@ -18,6 +18,7 @@ from featstore.data.manifest import Manifest
 from featstore.data.readers import Prepared
 from featstore.encode import devprep
 from featstore.encode.encoders import Encoder, load_encoder
+from featstore.encode.multichannel import encode_inputs
 from featstore.errors import BadInputError, StopRequested
 from featstore.extraction.run import Encoded, Options, SetJob, Summary, extract_set
 from featstore.identity import EncoderInfo
@@ -65,7 +66,7 @@ def encode_units(prep: Prepared, encoder: Encoder, job: SetJob, units: list[int]
     if workers is None:
         workers = min(4, os.cpu_count() or 1) if cuda else 1
     pre = job.ident.preprocess()
-    placement = devprep.resolve(opts.preprocess_on, encoder.device.type)
+    placement = devprep.resolve(opts.preprocess_on, encoder.device.type, pre.channels is not None)
     loader = DataLoader(
         Batches(prep, pre, layout, batches, placement),
         batch_size=None,
@@ -87,7 +88,7 @@ def encode_units(prep: Prepared, encoder: Encoder, job: SetJob, units: list[int]
                 raise BadInputError(next(iter(batch.errors.values())))
             skipped.update(batch.errors)
             pixels = devprep.to_input(batch.pixels, pre, encoder.device)
-            fb = encoder.encode(pixels, r.layers, r.patch_layers)
+            fb = encode_inputs(encoder, pixels, r.layers, r.patch_layers, r.channels)
             ids = ids_all[batch.start : batch.start + len(batch.pixels)]
             cls = fb.cls[:, 0] if layout.layers == 1 else fb.cls
             patch = None

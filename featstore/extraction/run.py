@@ -159,9 +159,9 @@ def _job(
     return SetJob(ident, fs, layout, manifest.batch_size, opts), items
 
 
-def _compute(where: str, opts: Options) -> dict[str, str]:
+def _compute(where: str, opts: Options, channels: bool) -> dict[str, str]:
     """How units are computed (recorded in a new set): device and preprocessing place."""
-    return {"device": where, "preprocess_on": devprep.resolve(opts.preprocess_on, where)}
+    return {"device": where, "preprocess_on": devprep.resolve(opts.preprocess_on, where, channels)}
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def extract_set(
             status = fs.open_or_create(
                 job.ident, layout,
                 lambda: recorded.with_raw_facts(items, prep, job.ident.preprocess(), opts.skip_bad),
-                describe, lambda: _compute(runner.device(spec), opts),
+                describe, lambda: _compute(runner.device(spec), opts, prep.ds.channels is not None),
                 overwrite=opts.overwrite, repair=opts.repair,
             )  # fmt: skip
             if mine is not None:

@@ -217,12 +217,13 @@ def layout_for(
         )
     grid //= r.patch_pool
     itemsize = 1 if r.quantize == "int8" else np.dtype(r.dtype).itemsize
-    per_item = (grid * grid * len(r.patch_layers) if r.patch else 1) * w.hidden_size * itemsize
+    width = w.hidden_size if r.channels is None else r.channels.width(w.hidden_size)
+    per_item = (grid * grid * len(r.patch_layers) if r.patch else 1) * width * itemsize
     batches = max(1, min(-(-unit_items // batch_size), UNIT_BYTES // (batch_size * per_item)))
     return Layout(
         n_items=n_items,
         chunk_items=batch_size * batches,
-        channels=w.hidden_size,
+        channels=width,
         layers=r.layers,
         rows=grid if r.patch else 0,
         cols=grid if r.patch else 0,
