@@ -139,6 +139,9 @@ class Recipe:
     # featstore.data.layouts; dicom: its photometric rules); left out of both views
     # when None (other formats)
     decode: int | None = None
+    # `instances: {labels: ...}` (membrane | ids): what the stored mask's class 1 is;
+    # left out of both views when None (datasets without instances)
+    instances: str | None = None
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -164,6 +167,7 @@ class Recipe:
             if ds.tiling is None
             else tuple(sorted({**ds.tiling.model_dump(), "plan": PLAN_VERSION}.items())),
             decode=FORMATS[ds.format].decode,
+            instances=None if ds.instances is None else ds.instances.labels,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,8 +182,9 @@ class Recipe:
             del out["tiling"]
         else:
             out["tiling"] = dict(self.tiling)
-        if self.decode is None:
-            del out["decode"]
+        for name in ("decode", "instances"):
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod

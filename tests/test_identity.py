@@ -55,9 +55,10 @@ OTHER = dict(
     preprocessing=(("interpolation", "bicubic"),),
     tiling=(("tile_mpp", 0.5), ("tile_size", 224)),
     decode=1,
+    instances="membrane",
 )
 # Fields left out of both views while None, so that older sets keep their keys.
-OPTIONAL = {"tiling", "decode"}
+OPTIONAL = {"tiling", "decode", "instances"}
 
 
 def test_every_recipe_field_is_in_both_views_and_changes_both():

@@ -28,6 +28,7 @@ from featstore.data.settings import (
     Format,
     Frozen,
     GlobIndex,
+    Instances,
     Intensity,
     LabelEfficiency,
     PatchLayers,
@@ -88,6 +89,8 @@ class Dataset(Frozen):
     tiling: Tiling | None = None  # whole-slide images: required
     volume: Volume | None = None  # format hdf5 / zarr: required (arrays by internal path)
     label_efficiency: LabelEfficiency | None = None  # `featstore probe`'s curve points
+    # neurons (EM): the boundary class scored as instances too; `true` = {labels: membrane}
+    instances: Instances | None = None
     # index rows may name files outside `path` (absolute, `../`, symlinks out of it)
     allow_outside_paths: bool = False
 
@@ -115,7 +118,9 @@ class Dataset(Frozen):
             )
         )
         if slide and "intensity" not in data:
-            return {**data, "intensity": {"mode": "window", "center": 127.5, "width": 255}}
+            data = {**data, "intensity": {"mode": "window", "center": 127.5, "width": 255}}
+        if isinstance(data, dict) and isinstance(data.get("instances"), bool):
+            data = {**data, "instances": {} if data["instances"] else None}
         return data
 
     @model_validator(mode="after")
@@ -146,6 +151,7 @@ class Dataset(Frozen):
         if self.slides and (self.dims != 2 or self.task == "segmentation"):
             raise ValueError("slides are classified from 2D tiles: set `dims: 2` and a label task")
         self._check_volume()
+        self._check_instances()
         rules = FORMATS[self.format]
         if self.dims not in rules.dims:
             want = " or ".join(map(str, rules.dims))
@@ -163,6 +169,25 @@ class Dataset(Frozen):
                 f"synthetic kind '{self.synthetic.kind}' does not match dims {self.dims}"
             )
         return self
+
+    def _check_instances(self) -> None:
+        if self.instances is None:
+            return
+        if self.task != "segmentation":
+            raise ValueError(
+                "`instances:` scores neuron instances of a segmentation dataset; set "
+                "`task: segmentation`, or leave `instances` out"
+            )
+        if self.classes is None or len(self.classes) != 2:
+            raise ValueError(
+                "a dataset with `instances:` has two classes, the neurons' interior (0) "
+                "and their boundary (1): set e.g. `classes: [interior, membrane]`"
+            )
+        if self.instances.labels == "ids" and (self.mask_map or self.fill_outlines):
+            raise ValueError(
+                "`instances: {labels: ids}` reads neuron ids, which become boundaries as "
+                "they are; leave out `mask_map` and `fill_outlines` (they map class ids)"
+            )
 
     def _check_volume(self) -> None:
         if (self.format in VOLUME_FORMATS) != (self.volume is not None):
