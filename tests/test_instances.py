@@ -285,3 +285,22 @@ def test_cremi_rows_stand_beside_instance_datasets_as_another_dataset():
     assert pub.voi.tolist()[:2] == ["1.780", "0.570"] and pub.voi.iloc[2].startswith("2.500")
     table = task_table(typed(rows), "segmentation")
     assert {"seg-decoder / voi", "seg-linear / arand"} <= set(table.columns)
+
+
+def test_isbi_2012_neurons_in_the_real_manifest(shared_data):
+    from conftest import REPO
+
+    from featstore.data import readers
+    from featstore.data.manifest import load_manifest
+
+    m = load_manifest(REPO / "manifests" / "real.yaml")
+    for name, dims in (("em-isbi2012-neurons", 2), ("em-isbi2012-neurons-3d", 3)):
+        ds = m.dataset(name)
+        assert ds.instances == Instances() and ds.dims == dims
+    ds = m.dataset("em-isbi2012-neurons-3d")
+    test = [s for s in readers.list_samples(ds) if s.split == "test"]
+    assert len(test) == 1 and test[0].n_items == 6
+    mask = readers.load(ds, test[0]).mask  # class 1: the membrane
+    per_section = [truth_instances(m[None]).max() for m in mask]
+    assert all(100 <= n <= 130 for n in per_section), per_section  # 103-124 neurons each
+    assert truth_instances(mask).max() == sum(per_section)  # never joined across sections

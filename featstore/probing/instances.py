@@ -18,7 +18,7 @@ are trained on boundaries as on any class. Both sides then become instances:
 Components are 4-connected within a section and never join across sections
 (`SECTION`), for the truth and the prediction alike: EM is anisotropic, and in 3D the
 interiors of neighbouring sections overlap, so 6-connected components of ISBI 2012's
-six test sections make one neuron of 99.99% of the interior (measured), and every
+six test sections make one neuron of 99.999% of the interior (measured), and every
 prediction that merges everything scores near 0. A 2D dataset is scored per image, a
 3D one per re-stacked volume, over the volume's per-section instances (linking a
 neuron across sections is not scored). The scores are scikit-image's: the variation
