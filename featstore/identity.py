@@ -149,6 +149,9 @@ class Recipe:
     # `channels:` (sources, per-input intensity, rgb or per-channel and its combine);
     # left out of both views when None, so that single-image sets keep their keys
     channels: Channels | None = None
+    # `instances: {labels: ...}` (membrane | ids): what the stored mask's class 1 is;
+    # left out of both views when None (datasets without instances)
+    instances: str | None = None
 
     @classmethod
     def of(cls, ds: Dataset, manifest: Manifest, fingerprint: str, resolution: int) -> Recipe:
@@ -175,6 +178,7 @@ class Recipe:
             else tuple(sorted({**ds.tiling.model_dump(), "plan": PLAN_VERSION}.items())),
             decode=FORMATS[ds.format].decode,
             channels=ds.channels,
+            instances=None if ds.instances is None else ds.instances.labels,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,8 +193,9 @@ class Recipe:
             del out["tiling"]
         else:
             out["tiling"] = dict(self.tiling)
-        if self.decode is None:
-            del out["decode"]
+        for name in ("decode", "instances"):
+            if out[name] is None:
+                del out[name]
         if self.channels is None:
             del out["channels"]
         else:

@@ -58,9 +58,10 @@ OTHER = dict(
     channels=Channels(
         mode="per-channel", inputs=({"source": "ct"}, {"source": "pet"}), combine="mean"
     ),
+    instances="membrane",
 )
 # Fields left out of both views while None, so that older sets keep their keys.
-OPTIONAL = {"tiling", "decode", "channels"}
+OPTIONAL = {"tiling", "decode", "channels", "instances"}
 
 
 def test_every_recipe_field_is_in_both_views_and_changes_both():

@@ -30,6 +30,7 @@ from featstore.data.settings import (
     Format,
     Frozen,
     GlobIndex,
+    Instances,
     Intensity,
     LabelEfficiency,
     PatchLayers,
@@ -91,6 +92,8 @@ class Dataset(Frozen):
     volume: Volume | None = None  # format hdf5 / zarr: required (arrays by internal path)
     channels: Channels | None = None  # several co-registered images per sample (NIfTI)
     label_efficiency: LabelEfficiency | None = None  # `featstore probe`'s curve points
+    # neurons (EM): the boundary class scored as instances too; `true` = {labels: membrane}
+    instances: Instances | None = None
     # index rows may name files outside `path` (absolute, `../`, symlinks out of it)
     allow_outside_paths: bool = False
 
@@ -118,7 +121,9 @@ class Dataset(Frozen):
             )
         )
         if slide and "intensity" not in data:
-            return {**data, "intensity": {"mode": "window", "center": 127.5, "width": 255}}
+            data = {**data, "intensity": {"mode": "window", "center": 127.5, "width": 255}}
+        if isinstance(data, dict) and isinstance(data.get("instances"), bool):
+            data = {**data, "instances": {} if data["instances"] else None}
         return data
 
     @model_validator(mode="after")
@@ -150,6 +155,7 @@ class Dataset(Frozen):
             raise ValueError("slides are classified from 2D tiles: set `dims: 2` and a label task")
         self._check_volume()
         self._check_channels()
+        self._check_instances()
         rules = FORMATS[self.format]
         if self.dims not in rules.dims:
             want = " or ".join(map(str, rules.dims))
@@ -188,6 +194,25 @@ class Dataset(Frozen):
             raise ValueError(
                 "with `channels:` each input has its own `intensity:`; drop the "
                 "dataset's `intensity:` and give one per input"
+            )
+
+    def _check_instances(self) -> None:
+        if self.instances is None:
+            return
+        if self.task != "segmentation":
+            raise ValueError(
+                "`instances:` scores neuron instances of a segmentation dataset; set "
+                "`task: segmentation`, or leave `instances` out"
+            )
+        if self.classes is None or len(self.classes) != 2:
+            raise ValueError(
+                "a dataset with `instances:` has two classes, the neurons' interior (0) "
+                "and their boundary (1): set e.g. `classes: [interior, membrane]`"
+            )
+        if self.instances.labels == "ids" and (self.mask_map or self.fill_outlines):
+            raise ValueError(
+                "`instances: {labels: ids}` reads neuron ids, which become boundaries as "
+                "they are; leave out `mask_map` and `fill_outlines` (they map class ids)"
             )
 
     def _check_volume(self) -> None:

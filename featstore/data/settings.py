@@ -365,3 +365,30 @@ class EncoderPreprocessing(Frozen):
     def items(self) -> tuple[tuple[str, object], ...]:
         """The fields that are set, as (name, value) pairs in field order."""
         return tuple((k, v) for k, v in self.model_dump().items() if v is not None)
+
+
+class Instances(Frozen):
+    """`instances:` of a segmentation dataset whose objects are neurons (EM): the heads
+    are trained on the boundary class (class 1) and scored on instances as well
+    (`featstore.probing.instances`: VOI split and merge, adapted Rand error).
+
+    `instances: true` is `{labels: membrane}`. labels: `membrane`, the mask's class 1
+    is the membrane and its connected non-membrane regions are the neurons (ISBI
+    2012); `ids`, the label array holds a neuron id per pixel, and class 1 becomes the
+    pixels whose id differs from an in-plane 4-neighbour's (CREMI's `neuron_ids`).
+    labels is part of a set's identity. rule and threshold turn a head's predicted
+    boundary probability into instances (probe-side, named in the rows' `rule`):
+    `components`, connected components of the pixels below `threshold`
+    (`scipy.ndimage.label`); `watershed`, those components as seeds of a watershed
+    on the probability map (`skimage.segmentation.watershed`), so that every pixel
+    belongs to a neuron.
+    """
+
+    labels: Literal["membrane", "ids"] = "membrane"
+    rule: Literal["components", "watershed"] = "components"
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+
+    @property
+    def rule_name(self) -> str:
+        """The rule as results rows name it: `components@0.5`, `watershed@0.3`."""
+        return f"{self.rule}@{self.threshold:g}"

@@ -7,10 +7,10 @@ is absent reads as the array's fill value, as the Zarr specification defines; a
 truncated or corrupt chunk is a `BadInputError` naming the folder, the array and the
 slices.
 
-N5 is not read: zarr-python 3 dropped the N5 store of zarr 2, and featstore adds no
-other dependency for it. An N5 container is refused with that fix: convert it to
-Zarr first (e.g. zarr-python 2's `N5Store` copied into a `zarr.DirectoryStore`, or
-tensorstore).
+An N5 container (a `.n5` folder, or one whose root holds only N5's
+`attributes.json`) is read through `featstore.data.n5` (tensorstore's N5 driver,
+the `featstore[n5]` extra): zarr-python 3 dropped zarr 2's N5 store. Without
+tensorstore it is refused with that fix.
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from featstore.data.n5 import open_n5
 from featstore.data.volumes import Array, Lookup, Volumes, named
 from featstore.errors import BadInputError
 
 if TYPE_CHECKING:
     import zarr
 
-NO_N5 = (
-    "N5 is not supported (zarr-python 3 has no N5 store); convert it to Zarr first, e.g. "
-    "with zarr-python 2's N5Store and zarr.copy_store, or tensorstore"
-)
 OPEN_ERRORS = (OSError, ValueError, KeyError, TypeError)  # zarr's for missing or bad metadata
 
 
@@ -40,7 +37,8 @@ def is_n5(path: Path) -> bool:
 
 
 class ZarrArrays(Volumes):
-    """`format: zarr` (dims 3): one Zarr v2/v3 group per volume, arrays named by `volume:`."""
+    """`format: zarr` (dims 3): one Zarr v2/v3 group (or N5 container) per volume,
+    arrays named by `volume:`."""
 
     folder = True
     kind = "Zarr"
@@ -51,7 +49,9 @@ class ZarrArrays(Volumes):
         import zarr
 
         if is_n5(path):
-            raise BadInputError(f"{named(path, wanted)}: an N5 container; {NO_N5}")
+            with open_n5(path, wanted) as n5_lookup:
+                yield n5_lookup
+            return
         try:
             group = zarr.open_group(path, mode="r")
         except OPEN_ERRORS as exc:

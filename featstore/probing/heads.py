@@ -15,7 +15,7 @@ algorithms and a fixed thread count, so a rerun gives the same bits on one machi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -165,16 +165,32 @@ class DenseHead:
     def predict(self, patch: np.ndarray, size: int, batch: int = 32) -> np.ndarray:
         """2D: patch (n, rows, cols, C) -> (n, size, size) uint8, each image on its own.
         3D: the slices of ONE volume, in slice order -> its (n, size, size) label map."""
+        out = self._maps(patch, size, batch, lambda logits: logits.argmax(1))
+        return out.numpy().astype(np.uint8)
+
+    def boundary(self, patch: np.ndarray, size: int, batch: int = 32) -> np.ndarray:
+        """As `predict`, the softmax probability of class 1 instead of the arg-max:
+        (n, size, size) float32 (instance datasets)."""
+        out = self._maps(patch, size, batch, lambda logits: logits.softmax(1)[:, 1])
+        return out.numpy().astype(np.float32)
+
+    def _maps(
+        self,
+        patch: np.ndarray,
+        size: int,
+        batch: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """`reduce` of the class logits (B, K, H, W) of each image (2D) or slice (3D)."""
         with _deterministic(0), torch.no_grad():
             self.model.eval()
-            if self.dims == 3:
-                out = self.model(self._input(patch), (size, size))[0].argmax(0)
-                return out.numpy().astype(np.uint8)
+            if self.dims == 3:  # (1, K, n, H, W) -> the slices as a batch (n, K, H, W)
+                return reduce(self.model(self._input(patch), (size, size))[0].transpose(0, 1))
             maps = [
-                self.model(self._input(patch[s : s + batch]), (size, size)).argmax(1)
+                reduce(self.model(self._input(patch[s : s + batch]), (size, size)))
                 for s in range(0, len(patch), batch)
             ]
-            return torch.cat(maps).numpy().astype(np.uint8)
+            return torch.cat(maps)
 
 
 def fit_decoder(

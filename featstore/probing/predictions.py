@@ -13,7 +13,9 @@ the same units without refitting anything. The files open with plain pandas
   class k), `predicted` (the arg-max class); multi-label: `label_<j>`, `score_<j>` and
   `predicted_<j>` (decided at 0.5) per label j;
 - segmentation: `dice_<class>`, `iou_<class>` and `hd95_<class>` of each unit and
-  foreground class (NaN: the class is in neither mask).
+  foreground class (NaN: the class is in neither mask); for a dataset with
+  `instances:`, also `voi_split`, `voi_merge` and `arand` of each unit's neuron
+  instances (`featstore.probing.instances`; NaN: no neuron pixel to score).
 
 The schema metadata key `featstore` holds the row key the file belongs to (`Key`:
 dataset, encoder, random_init, resolution, pool, protocol, probe, train_fraction,
@@ -36,6 +38,7 @@ import pandas as pd
 
 from featstore.errors import ProbeError
 from featstore.places import atomic_file
+from featstore.probing.instances import INSTANCE_METRICS
 from featstore.probing.rows import SetColumns, ordinary
 
 FOLDER = "predictions"
@@ -111,7 +114,8 @@ class Predictions:
     sample: (n,) str unit ids; patient: (n,) str or None; classification: truth (n,)
     int labels or (n, L) multi-hot, scores (n, K) or (n, L) float; segmentation: per
     (n, 5, C-1) float64, the `segscores.volume_scores` of each unit, with the
-    foreground class names `classes`.
+    foreground class names `classes`; instance datasets: instances (n, 3) float64,
+    the `instances.instance_scores` of each unit.
     """
 
     key: Key
@@ -122,6 +126,7 @@ class Predictions:
     scores: np.ndarray | None = None
     per: np.ndarray | None = None
     classes: tuple[str, ...] = ()
+    instances: np.ndarray | None = None  # (n, 3) `INSTANCE_METRICS` (instance datasets)
 
     def frame(self) -> pd.DataFrame:
         """The file's columns (module docstring), one row per unit."""
@@ -133,6 +138,9 @@ class Predictions:
             for m in SEG_METRICS:
                 for c, name in enumerate(self.classes):
                     cols[f"{m}_{name}"] = self.per[:, _SEG_ROWS[m], c]
+            if self.instances is not None:
+                for j, m in enumerate(INSTANCE_METRICS):
+                    cols[m] = self.instances[:, j]
             return pd.DataFrame(cols)
         assert self.truth is not None and self.scores is not None
         if self.task == "multilabel":
@@ -220,7 +228,10 @@ def read_predictions(
         for m in SEG_METRICS:
             for c, name in enumerate(classes):
                 per[:, _SEG_ROWS[m], c] = df[f"{m}_{name}"].to_numpy(np.float64)
-        return Predictions(key, task, sample, patient, per=per, classes=classes)
+        inst = None
+        if all(m in df for m in INSTANCE_METRICS):
+            inst = df[list(INSTANCE_METRICS)].to_numpy(np.float64)
+        return Predictions(key, task, sample, patient, per=per, classes=classes, instances=inst)
     score = df[[c for c in map(str, df.columns) if c.startswith("score_")]].to_numpy(np.float64)
     truth: np.ndarray
     if task == "multilabel":

@@ -288,16 +288,38 @@ class SegModel:
 
     def predict(self, patch: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
         """patch: (n, rows, cols, D) float16 | float32 -> label maps (n, size, size) uint8."""
-        out = np.empty((len(patch), size, size), np.uint8)
+        return self._maps(patch, size, batch, lambda up: up.argmax(-1), np.uint8)
+
+    def boundary(self, patch: np.ndarray, size: int, batch: int = 64) -> np.ndarray:
+        """patch (n, rows, cols, D) -> (n, size, size) float32, the probability of
+        class 1 (`boundary_probability`; instance datasets)."""
+        return self._maps(patch, size, batch, boundary_probability, np.float32)
+
+    def _maps(
+        self,
+        patch: np.ndarray,
+        size: int,
+        batch: int,
+        reduce: Callable[[np.ndarray], np.ndarray],
+        dtype: type[np.generic],
+    ) -> np.ndarray:
+        out = np.empty((len(patch), size, size), dtype)
         for s in range(0, len(patch), batch):
             p = np.asarray(patch[s : s + batch], np.float32)
             n, r, c, d = p.shape
             logits = linear_logits(
                 self.model, self.scaler.transform(p.reshape(-1, d)), self.n_classes
             )
-            up = upsample_logits(logits.reshape(n, r, c, -1), size)
-            out[s : s + batch] = up.argmax(-1)
+            out[s : s + batch] = reduce(upsample_logits(logits.reshape(n, r, c, -1), size))
         return out
+
+
+def boundary_probability(logits: np.ndarray) -> np.ndarray:
+    """Two-class scores (..., 2) -> (...) float32, the softmax probability of class 1:
+    a sigmoid of the score difference (a class absent from training scores -1e9 and
+    gives 0 or 1). Above 0.5 exactly where the arg-max is class 1."""
+    diff = np.asarray(logits[..., 1], np.float64) - np.asarray(logits[..., 0], np.float64)
+    return (0.5 * (1.0 + np.tanh(0.5 * diff))).astype(np.float32)
 
 
 def _sample_patches(

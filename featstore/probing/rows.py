@@ -51,6 +51,9 @@ class Fitted:
     n_val: int
     n_test: int
     units: Mapping[str, str] = field(default_factory=dict)  # metric -> unit ("" if absent)
+    # metric -> how its predictions were made into what it scores (instance metrics:
+    # `settings.Instances.rule_name`, e.g. "components@0.5")
+    rules: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Outcome:
     draws: Mapping[str, Mapping[str, np.ndarray]]  # probe -> metric -> (N_BOOT + 1,)
     # segmentation: probe -> (V, 5, C-1) `segscores.volume_scores` of each test unit
     per_unit: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # instance datasets: probe -> (V, 3) `instances.instance_scores` of each test unit
+    per_instance: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,10 @@ class ResultRow:
     # internal ones (`typed` fills them in).
     test_dataset: str = field(default="", metadata=KEY_FIELD)
     test_feature_set: str = ""
+    # How the head's output became what the metric scores, where it is not the label
+    # map itself: neuron instances' rule and threshold ("components@0.5"; not a key:
+    # the manifest decides it, and a rerun under another rule replaces the rows).
+    rule: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The row as {column: value}, columns in `COLUMNS` order."""
@@ -140,6 +149,7 @@ def result_rows(where: SetColumns, fitted: Fitted) -> list[ResultRow]:
             param_name=fitted.param_name,
             param=float(fitted.param),
             fit_seconds=round(fitted.seconds, 3),
+            rule=fitted.rules.get(metric, ""),
         )
         for metric, (v, lo, hi) in fitted.scores.items()
     ]

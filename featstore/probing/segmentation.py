@@ -17,6 +17,7 @@ import xarray as xr
 from featstore.data.manifest import Dataset
 from featstore.errors import ProbeError
 from featstore.probing import bootstrap, geometry, predictions, probes
+from featstore.probing.instances import SCORED, instance_draws
 from featstore.probing.items import item_str, patch_tokens, volume_items
 from featstore.probing.options import ProbeOptions
 from featstore.probing.rows import Fitted, Outcome
@@ -167,6 +168,10 @@ def probe_segmentation(
     `opts.memory_mb` (without it, blocks of `SCORE_ITEMS` items). The decoder's
     training sample is capped by its step budget (`heads.DecoderConfig`), not by
     `memory_mb`.
+
+    For an instance dataset (`instances:`) both heads' boundary probabilities also
+    become instances by its rule, scored per image (2D) or volume (3D): voi_split,
+    voi_merge, voi and arand rows, their `rule` named (`featstore.probing.instances`).
     """
     if len(s.idx["train"]) == 0 or len(s.idx["val"]) == 0:
         raise ProbeError("segmentation needs train and val items")
@@ -174,10 +179,12 @@ def probe_segmentation(
     tokens = s.per_item * xs.sizes["channel"]
     depth = xs.sizes.get("patch_layer", 1)
     head = fit_linear_head(s, opts)
+    rule = s.ds.instances
     lin_items = block_items(opts.memory_mb, tokens, size * size, k)
     vols, ids = s.test_vols, s.test_ids
-    lin, examples = per_volume(
-        lambda p, _: head.predict(p, size),
+    lin_map = head.predict if rule is None else head.boundary
+    lin = per_volume(
+        lambda p, _: lin_map(p, size),
         s.read(True),
         vols,
         ids,
@@ -185,31 +192,42 @@ def probe_segmentation(
         s.spacing,
         lin_items,
         shown,
+        rule,
     )
     dec = fit_decoder_head(s, opts.seed)
+    dec_map = dec.predict if rule is None else dec.boundary
 
     def dec_predict(p: np.ndarray, lengths: list[int]) -> np.ndarray:
         if s.ds.dims == 2:
-            return dec.predict(p, size)
+            return dec_map(p, size)
         cuts = np.cumsum(lengths)[:-1]
-        return np.concatenate([dec.predict(v, size) for v in np.split(p, cuts)])
+        return np.concatenate([dec_map(v, size) for v in np.split(p, cuts)])
 
     dec_items = block_items(opts.memory_mb, tokens * depth, size * size, k)
-    dec_per, _ = per_volume(dec_predict, s.read(False), vols, ids, k, s.spacing, dec_items)
+    dec_found = per_volume(
+        dec_predict, s.read(False), vols, ids, k, s.spacing, dec_items, rule=rule
+    )
     unit = "mm" if s.spacing else "px"
     counts = dict(n_train=s.volumes("train"), n_val=s.volumes("val"), n_test=s.volumes("test"))
     linear_param = "alpha" if opts.memory_mb is not None else "C"
-    fitted, draws, per_unit = [], {}, {}
-    for probe, per, pname, param, seconds in (
+    fitted, draws, per_unit, per_instance = [], {}, {}, {}
+    for probe, found, pname, param, seconds in (
         ("seg-linear", lin, linear_param, head.param, head.seconds),
-        ("seg-decoder", dec_per, "lr", dec.param, dec.seconds),
+        ("seg-decoder", dec_found, "lr", dec.param, dec.seconds),
     ):
-        draws[probe] = volume_draws(per, s.names, opts.seed)
-        per_unit[probe] = per
+        draws[probe] = volume_draws(found.per, s.names, opts.seed)
+        per_unit[probe] = found.per
+        rules: dict[str, str] = {}
+        if rule is not None and found.instances is not None:
+            draws[probe] |= instance_draws(found.instances, opts.seed)
+            per_instance[probe] = found.instances
+            rules = dict.fromkeys(SCORED, rule.rule_name)
         scores = bootstrap.intervals(draws[probe])
         units = {m: unit for m in scores if m.startswith("hd95")}
-        fitted.append(Fitted(probe, scores, pname, param, seconds, **counts, units=units))
-    return Outcome(fitted, draws, per_unit), examples
+        fitted.append(
+            Fitted(probe, scores, pname, param, seconds, **counts, units=units, rules=rules)
+        )
+    return Outcome(fitted, draws, per_unit, per_instance), lin.examples
 
 
 def seg_predictions(
@@ -228,6 +246,7 @@ def seg_predictions(
             patient=patient,
             per=per,
             classes=tuple(s.names),
+            instances=found.per_instance.get(probe),
         )
         for probe, per in found.per_unit.items()
     ]

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featstore.data.settings import Instances
 from featstore.probing import bootstrap, geometry
 from featstore.probing import metrics as fm
+from featstore.probing.instances import INSTANCE_METRICS, unit_scores
 from featstore.probing.items import volume_items
 from featstore.probing.streaming import BYTES_PER_ELEMENT
 
@@ -154,8 +156,21 @@ def score_volumes(
 ) -> tuple[dict[str, tuple[float, float, float]], Examples]:
     """`seg_scores` of a head, predicted and scored a block of whole volumes at a time
     (`per_volume`, then `summarise`)."""
-    per, examples = per_volume(predict, read, vols, ids, len(names) + 1, spacing, max_items)
-    return summarise(per, names, seed), examples
+    found = per_volume(predict, read, vols, ids, len(names) + 1, spacing, max_items)
+    return summarise(found.per, names, seed), found.examples
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A head's scores of each test volume (image), and a few of its predictions.
+
+    per: (V, 5, k-1) `volume_scores`; instances: (V, 3) `instances.instance_scores`
+    (instance datasets; else None); examples: `Examples`.
+    """
+
+    per: np.ndarray
+    instances: np.ndarray | None
+    examples: Examples
 
 
 def per_volume(
@@ -167,28 +182,36 @@ def per_volume(
     spacing: Mapping[str, geometry.Spacing] | None,
     max_items: int = SCORE_ITEMS,
     shown: Sequence[int] | None = None,
-) -> tuple[np.ndarray, Examples]:
-    """`volume_scores` (V, 5, k-1) of each test volume under a head, and examples.
+    rule: Instances | None = None,
+) -> Scored:
+    """`volume_scores` of each test volume under a head, and examples.
 
     vols: the set's item indices of each test volume, in slice order; ids: their
     volume ids; max_items: items per block (a larger volume is a block on its own).
     Only one block's tokens, predictions and masks are held, plus each volume's
     scores, so memory follows `max_items` and the largest volume, not the test split.
     Examples: the items `shown` that are scored here; without it, per volume (first 3),
-    its slice with most foreground.
+    its slice with most foreground. With `rule` (an instance dataset, two classes),
+    `predict` gives the boundary probability (n, H, W) float32 instead of labels: the
+    label maps are where it is above 0.5 (the arg-max), and each volume's instances
+    by `rule` are scored too (`featstore.probing.instances`).
     """
     per = np.zeros((len(vols), len(METRICS), k - 1))
+    inst = None if rule is None else np.zeros((len(vols), len(INSTANCE_METRICS)))
     wanted = None if shown is None else {int(i) for i in shown}
     kept: list[tuple[int, np.ndarray, np.ndarray]] = []
     for group in _groups(vols, max_items):
         patch, truth = read(np.concatenate([vols[v] for v in group]))
         lengths = [len(vols[v]) for v in group]
-        pred = predict(patch, lengths)
+        maps = predict(patch, lengths)
         del patch
+        pred = maps if rule is None else (maps > 0.5).astype(np.uint8)
         starts = np.cumsum([0, *lengths])
         for v, a, b in zip(group, starts[:-1], starts[1:], strict=True):
             sp = None if spacing is None else spacing[ids[v]]
             per[v] = volume_scores(pred[a:b], truth[a:b], k, sp)
+            if inst is not None and rule is not None:
+                inst[v] = unit_scores(maps[a:b], truth[a:b], rule)
             if wanted is not None:
                 at = [j for j, item in enumerate(vols[v]) if int(item) in wanted]
                 kept += [(int(vols[v][j]), pred[a + j], truth[a + j]) for j in at]
@@ -201,4 +224,4 @@ def per_volume(
         pred=np.stack([s[1] for s in kept]) if kept else none,
         truth=np.stack([s[2] for s in kept]) if kept else none,
     )
-    return per, examples
+    return Scored(per, inst, examples)

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
-from featstore.probing.probes import linear_logits, upsample_logits
+from featstore.probing.probes import boundary_probability, linear_logits, upsample_logits
 
 # Reads items [start, stop) of patch (n, rows, cols, D) and mask (n, H, W) as numpy.
 Reader = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
@@ -48,6 +48,11 @@ class StreamedHead:
     def predict(self, patch: np.ndarray, size: int) -> np.ndarray:
         """patch (n, rows, cols, D) -> label maps (n, size, size) uint8 (bilinear logits)."""
         return upsample_logits(self.logits(patch), size).argmax(-1).astype(np.uint8)
+
+    def boundary(self, patch: np.ndarray, size: int) -> np.ndarray:
+        """patch (n, rows, cols, D) -> (n, size, size) float32, the probability of
+        class 1 (instance datasets; `probes.boundary_probability`)."""
+        return boundary_probability(upsample_logits(self.logits(patch), size))
 
     def logits(self, patch: np.ndarray) -> np.ndarray:
         """patch (n, rows, cols, D) -> (n, rows, cols, K) float32 scores (`linear_logits`)."""

@@ -6,7 +6,9 @@ models trained end to end; the seed paper's (Liu et al., arXiv 2509.06467 v3, co
 from ../shared/seed/published-results.md) are frozen backbones with linear probes,
 kNN, a light segmentation decoder or ABMIL, as each row's model says. They place
 featstore's numbers; they do not score them. Dice is stored as a fraction (the paper
-prints percent). `PUBLISHED_MODEL` says which published row a preset corresponds to.
+prints percent). A reference of another dataset of the same kind (the seed's CREMI
+VOI beside ISBI 2012's neuron instances) says so in its table row. `PUBLISHED_MODEL`
+says which published row a preset corresponds to.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class Reference:
     model: str
     resolution: str  # the model's input size, as published
     source: str
+    # Shown beside datasets of this kind too, labelled with its own `dataset`:
+    # "em-instances" (any dataset with `instances:`) for the seed's CREMI values.
+    beside: str = ""
 
 
 REFERENCES: tuple[Reference, ...] = (
@@ -140,7 +145,20 @@ def _seed_wsi() -> tuple[Reference, ...]:
     )
 
 
-REFERENCES += _seed_2d() + _seed_ct_rate() + _seed_msd() + _seed_wsi()
+_EM = f"{SEED}, 'Where DINOv3 fails' (CREMI-A, VOI)"
+
+
+def _seed_cremi() -> tuple[Reference, ...]:
+    """CREMI-A's VOI (split + merge, lower is better): another dataset than any here
+    (no CREMI data reaches this machine), shown beside the EM instance datasets."""
+    rows = {"DINOv3-L, frozen": 1.78, "CAD (a classic EM method)": 0.57}
+    return tuple(
+        Reference("cremi-a", "voi", v, m, "not stated", _EM, beside="em-instances")
+        for m, v in rows.items()
+    )
+
+
+REFERENCES += _seed_2d() + _seed_ct_rate() + _seed_msd() + _seed_wsi() + _seed_cremi()
 
 # Which published model a featstore preset corresponds to (the seed's "DINOv3-S" is the
 # ViT-S/16 distilled from the 7B; its timm twin is the same weights).
@@ -173,7 +191,14 @@ def dataset_key(ds: Dataset) -> str:
     return ds.name.lower()
 
 
+def kind(ds: Dataset) -> str:
+    """The kind of data `ds` is, for references measured on other data of that kind
+    (`Reference.beside`): "em-instances" for a dataset with `instances:`, else ""."""
+    return "em-instances" if ds.instances is not None else ""
+
+
 def for_dataset(ds: Dataset) -> list[Reference]:
-    """The published values for `ds`, in table order (may be empty)."""
-    key = dataset_key(ds)
-    return [r for r in REFERENCES if r.dataset == key]
+    """The published values for `ds`, in table order (may be empty): its own, and
+    those of other datasets of its kind (`Reference.beside`)."""
+    key, of_kind = dataset_key(ds), kind(ds)
+    return [r for r in REFERENCES if r.dataset == key or (of_kind and r.beside == of_kind)]

@@ -94,10 +94,12 @@ def cell(row: Any) -> str:
 
 def task_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """Rows encoder x resolution, columns probe/metric; the best cell of the main
-    probe's main metric is marked with '**'; the pixel baseline is the last row."""
+    probe's main metric is marked with '**'; the pixel baseline is the last row. A
+    dataset with neuron instances adds their VOI and adapted Rand error columns."""
     metrics = [MAIN_METRIC[task]] + (
         ["accuracy", "f1"] if task != "segmentation" else ["iou", "hd95"]
     )
+    metrics += [m for m in ("voi", "arand") if m in set(df.metric)]  # neuron instances
     sub = df[df.metric.isin(metrics)].copy()
     sub["row"] = line_labels(sub, key_except(*SHOWN))
     units = sub["unit"] if "unit" in sub else pd.Series("", index=sub.index)  # older results
@@ -172,7 +174,8 @@ def published_table(df: pd.DataFrame, refs: Sequence[Reference]) -> pd.DataFrame
     """
     published: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in refs:
-        published.setdefault((r.source, r.model, r.resolution), {})[r.metric] = f"{r.value:.3f}"
+        model = f"{r.model} (on {r.dataset}, another dataset)" if r.beside else r.model
+        published.setdefault((r.source, model, r.resolution), {})[r.metric] = f"{r.value:.3f}"
     out = [
         {"source": f"published: {src}", "model": model, "resolution": res, **vals}
         for (src, model, res), vals in published.items()
