@@ -34,9 +34,10 @@ from featstore.probing import classification, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
-from featstore.probing.predictions import Key, Predictions
-from featstore.probing.rows import ResultRow, SetColumns, result_rows
-from featstore.probing.segmentation import probe_segmentation, seg_predictions, seg_set
+from featstore.probing.predictions import Predictions, set_key
+from featstore.probing.rows import Outcome, ResultRow, SetColumns, result_rows
+from featstore.probing.seeds import run_seeds, trainable
+from featstore.probing.segmentation import probe_segmentation, seg_set
 from featstore.probing.segscores import Examples
 from featstore.store import catalog, sets
 from featstore.store.schema import EXAMPLE_ITEM
@@ -57,7 +58,8 @@ class SetResult:
     skipped: tuple[str, ...] = ()  # label-efficiency points not drawn, with the reason
     left_out: tuple[str, ...] = ()  # samples extraction skipped: "id: reason"
     attention: classification.Attention | None = None  # --pool abmil: test items' weights
-    predictions: tuple[Predictions, ...] = ()  # each ordinary probe's test predictions
+    # the test predictions of each ordinary probe, curve point repeat and seed refit
+    predictions: tuple[Predictions, ...] = ()
 
 
 def probe_set(path: Place, ds: Dataset, opts: ProbeOptions = ProbeOptions()) -> SetResult:
@@ -134,39 +136,39 @@ def _probe_open_set(
     where = set_columns(xs, ds, opts)
     examples = attention = None
     curve = Curve()
-    kept_preds: list[Predictions] = []
-
-    def key(probe: str) -> Key:
-        return Key(
-            dataset=where.dataset,
-            encoder=where.encoder,
-            random_init=where.random_init,
-            resolution=where.resolution,
-            pool=where.pool,
-            protocol=where.protocol,
-            probe=probe,
-            feature_set=where.feature_set,
-        )
+    key = set_key(where, opts.seed)
+    refit = trainable(ds.task, opts, ds.bags)
+    fit: Callable[[int], Outcome]
 
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
         shown = _positions(kept, xs[EXAMPLE_ITEM].values if EXAMPLE_ITEM in xs.coords else [])
-        found, examples = probe_segmentation(seg, opts, shown.tolist())
+        found, examples = probe_segmentation(seg, opts, shown.tolist(), key=key)
         examples = replace(examples, item=kept[examples.item])  # the set's item numbers
-        kept_preds = seg_predictions(seg, found, key)
         if opts.curve is not None:
             curve = seg_curve(seg, opts, opts.curve, where, found)
+
+        def fit(seed: int) -> Outcome:
+            again = replace(opts, seed=seed, seeds=())
+            return probe_segmentation(seg, again, heads=refit, boot_seed=opts.seed, key=key)[0]
+
     else:
         arrays = classification.class_arrays(xs, ds, opts)
         runs = classification.predict(arrays, opts)
-        found = classification.outcome(arrays, runs, opts.seed)
-        kept_preds = classification.test_predictions(arrays, runs, key, ds.task)
+        found = classification.outcome(arrays, runs, opts.seed, key=key, task=ds.task)
         attention = classification.test_attention(arrays, runs)
         if attention is not None:  # the set's item numbers
             attention = replace(attention, item=kept[attention.item])
         if opts.curve is not None:
             curve = class_curve(arrays, opts, opts.curve, where, found)
+
+        def fit(seed: int) -> Outcome:
+            again = classification.predict(arrays, replace(opts, seed=seed, seeds=()), which=refit)
+            return classification.outcome(arrays, again, opts.seed, key=key, task=ds.task)
+
+    seeds = run_seeds(where, opts, refit, fit, found)
     rows = [row for f in found.fitted for row in result_rows(where, f)] + curve.rows
+    rows = [replace(r, seed=opts.seed) for r in rows] + seeds.rows
     left_out = tuple(f"{k}: {v}" for k, v in sorted(xs.attrs.get("skipped", {}).items()))
     return SetResult(
         path,
@@ -176,7 +178,7 @@ def _probe_open_set(
         tuple(curve.skipped),
         left_out,
         attention,
-        tuple(kept_preds),
+        (*found.predictions, *curve.predictions, *seeds.predictions),
     )
 
 
@@ -187,6 +189,14 @@ def _positions(kept: np.ndarray, items: Sequence[int] | np.ndarray) -> np.ndarra
     ok = (items >= 0) & (pos < len(kept))
     ok[ok] = kept[pos[ok]] == items[ok]
     return pos[ok]
+
+
+SEEDS_NOTE = (
+    "--seeds refits only the probes whose fit draws from the seed: the segmentation "
+    "decoder, every probe under --pool abmil (linear and kNN read its learnt pooling), "
+    "the linear layer of protocol: seed; linear and kNN on fixed features are "
+    "deterministic, fitted once, and have no seed rows"
+)
 
 
 @dataclass
@@ -306,6 +316,8 @@ def probe_manifest(
             continue
         found_sets.append(FoundCell(where, spec, ds, found.path))
     one_label_each(found_sets)
+    if opts.seeds:
+        out.notes.append(SEEDS_NOTE)
     for found_cell in found_sets:
         where, ds = found_cell.where, found_cell.ds
         curve = opts.curve or manifest_curve(manifest, ds)
