@@ -217,3 +217,14 @@ def test_older_results_and_predictions_without_the_new_columns_still_read(tmp_pa
     p = read_predictions(tmp_path / "old.parquet", first.key)
     assert p.key.seed == 0 and p.unit == "unit" and p.groups()[1] == "patient"
     assert first.unit == "volume"
+
+
+def test_report_and_compare_read_the_ordinary_rows_of_a_seeded_run(seeded):
+    """The seed rows and their mean do not break the report or the comparison table,
+    which read the ordinary (seed 0) rows and predictions."""
+    out = seeded[0]
+    rep = runner.invoke(app, ["report", "--out", str(out)])
+    assert rep.exit_code == 0, rep.output
+    cmp = runner.invoke(app, ["compare", "--out", str(out)])
+    assert cmp.exit_code == 0, cmp.output
+    assert "pixels:8" in cmp.output and "seg-decoder" in cmp.output
