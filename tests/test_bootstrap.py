@@ -118,3 +118,23 @@ def test_segmentation_volumes_resample_by_patient():
     vols = bootstrap.intervals(volume_draws(per, ["fg"], 0))["dice"]
     pats = bootstrap.intervals(volume_draws(per, ["fg"], 0, patient))["dice"]
     assert vols[0] == pats[0] and (pats[2] - pats[1]) > 1.2 * (vols[2] - vols[1])
+
+
+def test_probe_outcomes_resample_the_patients_of_the_test_rows():
+    """`classification.outcome` (what every probe row's interval comes from) draws whole
+    patients where the set has them and says so; without, the rows are resampled."""
+    from featstore.probing import classification, probes
+
+    y, proba, patient = _near_duplicates(per=5)
+    n = len(y)
+    base = dict(x=np.zeros((n, 1)), y=y, split=np.full(n, "test"), n_classes=2)
+    runs = {"linear": ("C", probes.Prediction(proba, 1.0, 0.0))}
+    with_p = classification.ClassArrays(**base, group=patient, has_patient=True)
+    without = classification.ClassArrays(**base, group=np.arange(n).astype(str), unit="volume")
+    a, b = (classification.outcome(c, runs, 3) for c in (with_p, without))
+    assert a.fitted[0].resampled == "patient" and b.fitted[0].resampled == "volume"
+    want = bootstrap.classification_draws(y, proba, 3, patient)
+    np.testing.assert_array_equal(a.draws["linear"]["auroc"], want["auroc"])
+    lo_a, hi_a = a.fitted[0].scores["auroc"][1:]
+    lo_b, hi_b = b.fitted[0].scores["auroc"][1:]
+    assert hi_a - lo_a > 1.5 * (hi_b - lo_b)
