@@ -151,13 +151,16 @@ def probe(
     fractions: Sequence[float] = (),
     shots: Sequence[int] = (),
     repeats: int | None = None,
+    seeds: Sequence[int] = (),
 ) -> pd.DataFrame:
     """Probe every selected cell (as `featstore probe`, without writing files).
 
     Returns one row per dataset, encoder, resolution, probe and metric (the columns
     of results.csv, `featstore.probing.rows.COLUMNS`). `fractions`/`shots` add
     label-efficiency points (`repeats` draws each): per-repeat rows and, with
-    `repeat == -1`, each point's mean. Raises `ProbeError` for a bad option or when no
+    `repeat == -1`, each point's mean. `seeds` refits the trainable probes with each
+    seed (`featstore probe --seeds`): rows per `seed` and, with `seed == -1`, their
+    mean. Raises `ProbeError` for a bad option or when no
     cell could be probed; cells that could not be probed while others were are listed
     in `df.attrs["problems"]`, points that could not be drawn in `df.attrs["skipped"]`,
     and datasets whose data folder is absent (found by identity) in `df.attrs["notes"]`.
@@ -176,6 +179,7 @@ def probe(
         memory_mb=memory_mb,
         baseline=baseline,
         curve=curve_options(fractions, shots, repeats),
+        seeds=tuple(seeds),
     )
     found = probe_manifest(m, opts, data_check=data_check(m.cache))
     if not found.rows:

@@ -229,6 +229,12 @@ def probe(
     repeats: int | None = typer.Option(
         None, min=1, help="Draws per curve point (repeat r uses seed r); default 1."
     ),
+    seeds: str | None = typer.Option(
+        None,
+        help="Seed variance: refit the trainable probes (seg-decoder, --pool abmil, "
+        "protocol: seed) with each of these seeds, e.g. 0,1,2,3,4: rows per seed and "
+        "their mean (std, min, max). Linear and kNN on fixed features are fitted once.",
+    ),
 ) -> None:
     """Fit linear / kNN / segmentation probes on cached features; write results."""
     try:
@@ -247,6 +253,7 @@ def probe(
             protocol=m.protocol,
             memory_mb=memory_mb,
             curve=curve,
+            seeds=tuple(sorted(_numbers(seeds, int, "--seeds"))),
         )
         with contextlib.ExitStack() as stack:
             if scheduler is not None:

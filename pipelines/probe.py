@@ -81,8 +81,9 @@ def _save_attention(out: Path, result: SetResult) -> None:
 
 
 def _save_predictions(out: Path, result: SetResult) -> None:
-    """OUT/predictions/<set>-<probe>.parquet: each probe's test predictions
-    (`featstore.probing.predictions`), read by `featstore compare`."""
+    """OUT/predictions/<dataset>-<set>-<probe>[...].parquet: the test predictions of
+    each probe, of each label-efficiency repeat and of each `--seeds` refit
+    (`predictions.Key.file_name`), read by `featstore compare`."""
     for p in result.predictions:  # an external evaluation's under predictions/external/
         write_predictions(out / FOLDER, p)
 

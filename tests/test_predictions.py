@@ -16,6 +16,7 @@ from featstore.probing.predictions import (
     Predictions,
     file_key,
     read_predictions,
+    row_key,
     write_predictions,
 )
 from featstore.probing.results_file import read_results
@@ -71,6 +72,51 @@ def test_every_probe_keeps_predictions_that_reproduce_its_scores(probed):
             assert {"iou_1", "hd95_1", "sample"} <= set(df.columns)
 
 
+def test_rows_say_what_their_intervals_resampled(probed):
+    """2D images and 3D volumes without a `patient` coordinate: each unit is resampled;
+    the prediction files name their unit too."""
+    rows = read_results(probed / "results.csv")
+    assert dict(rows.groupby("dataset").resampled.agg(set)) == {"c2": {"image"}, "s3": {"volume"}}
+    units = {read_predictions(f).key.dataset: read_predictions(f).unit for f in _files(probed)}
+    assert units == {"c2": "image", "s3": "volume"}
+
+
+def _files(out) -> list:
+    return sorted((out / "predictions").glob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory):
+    """A 2D set probed with a label-efficiency point of two repeats, twice."""
+    tmp = tmp_path_factory.mktemp("curve")
+    mpath = write_manifest(tmp, synth_entry("c", "cls2d", n=40), "['pixels:4']")
+    out = tmp / "out"
+    assert runner.invoke(app, ["extract", "--manifest", str(mpath)]).exit_code == 0
+    names = []
+    for _ in range(2):
+        args = ["probe", "--manifest", str(mpath), "--out", str(out)]
+        result = runner.invoke(app, [*args, "--fractions", "0.5", "--repeats", "2"])
+        assert result.exit_code == 0, result.output
+        names.append([f.name for f in _files(out)])
+    return out, names
+
+
+def test_every_repeat_of_a_curve_point_keeps_its_own_predictions(curve):
+    out, (first, second) = curve
+    assert first == second  # a rerun replaces each file, never adds one
+    rows = read_results(out / "results.csv")
+    fitted = rows[(rows.repeat >= 0) & (rows.metric == "accuracy")]
+    assert len(first) == len(fitted)  # one file per fitted row (mean rows have none)
+    assert sum("-f0.5-r1" in n for n in first) == 4  # 2 encoders x linear, knn
+    for r in fitted.itertuples():
+        p = read_predictions(out / "predictions" / row_key(r).file_name, row_key(r))
+        assert (p.scores.argmax(1) == p.truth).mean() == pytest.approx(r.value, rel=1e-5)
+    # the two repeats of one point are two fits on two subsets
+    lin = sorted(n for n in first if "-linear-f0.5-" in n)
+    a, b = (read_predictions(out / "predictions" / n).scores for n in lin[:2])
+    assert not np.allclose(a, b)
+
+
 def _preds(key: Key, samples=("a", "b", "c")) -> Predictions:
     n = len(samples)
     return Predictions(
@@ -98,9 +144,15 @@ def test_a_rerun_replaces_its_file_and_points_never_collide(tmp_path):
         Key(**{**KEY.__dict__, "dataset": "d2"}),  # two datasets of one content: one set
         Key(**{**KEY.__dict__, "pool": "max"}),
         Key(**{**KEY.__dict__, "protocol": "seed"}),
+        Key(**{**KEY.__dict__, "seed": 1}),  # a trainable probe's seeds (`--seeds`)
+        Key(**{**KEY.__dict__, "seed": 2}),
+        Key(**{**KEY.__dict__, "train_fraction": 0.1, "repeat": 2, "seed": 1}),
+        KEY.at(shots=5, repeat=2),
+        KEY.at(fraction=0.25, repeat=1),
     ]
     assert len({k.file_name for k in points}) == len(points)
     assert points[1].file_name == "d-abc123-linear-f0.1-r2.parquet"
+    assert points[8].file_name == "d-abc123-linear-s1.parquet"
 
 
 def test_predictions_of_other_rows_or_units_are_refused(tmp_path):

@@ -14,6 +14,12 @@ on the resampled arrays.
 `Resampling` draws whole groups (patients, volumes, slides) instead of units, for any
 number of resamples; `weighted_draws` scores any `WeightedMetric` under it. Two
 encoders scored on one `Resampling` have paired draws (`featstore.probing.paired`).
+
+Intervals resample what is independent: given `groups` (the test units' patients, where
+the set has a `patient` coordinate), `draws` and `classification_draws` resample whole
+patients, so that the near-duplicate images of one patient (or the reconstructions of
+one scan) enter or leave a resample together, as `Resampling` does; without, each unit
+(an image, a volume, a slide) is its own group. Rows say which (`Resampled`).
 """
 
 from __future__ import annotations
@@ -21,29 +27,56 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 N_BOOT = 1000
 Draws = dict[str, np.ndarray]  # metric -> (N_BOOT + 1,) float64: all units, then resamples
 BLOCK_BYTES = 64e6  # the weights of this many bytes of resamples are held at a time
+# What a bootstrap resampled: whole patients, or the test units themselves.
+Resampled = Literal["patient", "image", "volume", "slide"]
 
 
-def resamples(n: int, seed: int) -> Iterator[np.ndarray]:
-    """The unit indices (n,) of each resample, in order."""
+def resampled(has_patient: bool, dims: int, slides: bool) -> Resampled:
+    """What the intervals of a set's rows resample: its patients where it has them,
+    else its test unit (a slide's tiles, a volume's slices, or an image)."""
+    if has_patient:
+        return "patient"
+    return "slide" if slides else "volume" if dims == 3 else "image"
+
+
+def resamples(n: int, seed: int, groups: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The unit indices of each resample, in order: n draws of a unit, or (groups: (n,)
+    ids) as many draws of a group as there are groups, each drawn group's units all
+    taken (in unit order). The groups drawn are those of `Resampling.of(n, groups,
+    seed=seed)`, resample by resample."""
     rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(N_BOOT):
+            yield rng.integers(0, n, n)
+        return
+    r = Resampling.of(n, groups, seed=seed)
+    order = np.argsort(r.group_of, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(r.group_of, minlength=r.n_groups))[:-1])
     for _ in range(N_BOOT):
-        yield rng.integers(0, n, n)
+        yield np.concatenate([members[g] for g in rng.integers(0, r.n_groups, r.n_groups)])
 
 
-def draws(scores: Callable[[np.ndarray], dict[str, float]], n: int, seed: int = 0) -> Draws:
-    """`scores(idx)` of all n units, then of each resample. With a single unit every
-    resample is that unit again: its draws are NaN, so the interval is NaN (unknown),
-    not a zero-width interval that would claim certainty."""
+def draws(
+    scores: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> Draws:
+    """`scores(idx)` of all n units, then of each resample (`resamples`: of whole
+    groups where `groups` (n,) is given). With a single unit (group) every resample is
+    that unit again: its draws are NaN, so the interval is NaN (unknown), not a
+    zero-width interval that would claim certainty."""
     point = scores(np.arange(n))
-    if n < 2:
+    if n < 2 or (groups is not None and len(np.unique(groups)) < 2):
         return {m: np.array([v, *[np.nan] * N_BOOT], dtype=float) for m, v in point.items()}
-    each = [scores(idx) for idx in resamples(n, seed)]
+    each = [scores(idx) for idx in resamples(n, seed, groups)]
     return {m: np.array([v, *(d[m] for d in each)], dtype=float) for m, v in point.items()}
 
 
@@ -144,11 +177,6 @@ def _all_weights(group_of: bytes, n_groups: int, n_resamples: int, seed: int) ->
     out = next(_generate(index, n_groups, n_resamples, seed, n_resamples + 1))
     out.flags.writeable = False
     return out
-
-
-def _weight_blocks(n: int, seed: int) -> Iterator[np.ndarray]:
-    """`Resampling.blocks` of n units, one group each, `N_BOOT` resamples."""
-    return Resampling.of(n, seed=seed).blocks()
 
 
 WeightedMetric = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -297,11 +325,20 @@ def _multi(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.ndar
     }
 
 
-def classification_draws(y: np.ndarray, proba: np.ndarray, seed: int = 0) -> Draws:
+def classification_draws(
+    y: np.ndarray, proba: np.ndarray, seed: int = 0, groups: np.ndarray | None = None
+) -> Draws:
     """`draws` of `metrics.classification_scores(y, proba)`, all resamples at once.
 
-    y: (n,) int labels and proba: (n, K), or multi-hot y: (n, L) and proba: (n, L).
+    y: (n,) int labels and proba: (n, K), or multi-hot y: (n, L) and proba: (n, L);
+    groups: (n,) the units' patients (whole patients resampled), or None (units).
+    With a single group the resampled draws are NaN (no interval), as `draws`.
     """
     score = _multi if y.ndim == 2 else _single
-    parts = [score(y, proba, w) for w in _weight_blocks(len(y), seed)]
-    return {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+    resampling = Resampling.of(len(y), groups, seed=seed)
+    parts = [score(y, proba, w) for w in resampling.blocks()]
+    out = {m: np.concatenate([p[m] for p in parts]) for m in parts[0]}
+    if groups is not None and resampling.n_groups < 2:
+        for v in out.values():
+            v[1:] = np.nan
+    return out

@@ -10,8 +10,9 @@ torch is imported (from `featstore.probing.heads`) only by ABMIL and `protocol: 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import xarray as xr
@@ -66,6 +67,16 @@ class ClassArrays:
     bag_items: list[np.ndarray] | None = None  # ABMIL: per volume, its items' rows in the set
     sample: np.ndarray | None = None  # (n,) the image or volume id of each row
     has_patient: bool = False  # whether `group` is the set's `patient` coordinate
+    unit: str = "image"  # what a row is: "image", "volume" or "slide"
+
+    @property
+    def resampled(self) -> bootstrap.Resampled:
+        """What the intervals resample: patients where the set has them, else rows."""
+        return "patient" if self.has_patient else cast(bootstrap.Resampled, self.unit)
+
+    def test_groups(self) -> np.ndarray | None:
+        """The test rows' patients (None without them): the bootstrap's groups."""
+        return self.group[self.part("test")] if self.has_patient else None
 
     def part(self, name: str, train: np.ndarray | None = None) -> np.ndarray:
         """Row indices of split `name` ("train": the rows `train` when given)."""
@@ -112,6 +123,7 @@ def class_arrays(
         vols if bags else None,
         sample=sample,
         has_patient="patient" in xs.coords,
+        unit=bootstrap.resampled(False, ds.dims, ds.slides),
     )
 
 
@@ -147,10 +159,15 @@ def _knn(a: ClassArrays, x: np.ndarray, tr: np.ndarray, opts: ProbeOptions) -> p
 
 
 def predict(
-    a: ClassArrays, opts: ProbeOptions, train: np.ndarray | None = None, knn: Knn | None = None
+    a: ClassArrays,
+    opts: ProbeOptions,
+    train: np.ndarray | None = None,
+    knn: Knn | None = None,
+    which: Collection[str] = ("linear", "knn", "abmil"),
 ) -> Runs:
-    """Every classification probe's test prediction, fitted on rows `train` (default:
-    the whole train split); hyper-parameters are chosen on the whole val split.
+    """Every classification probe's test prediction (or only those in `which`), fitted
+    on rows `train` (default: the whole train split); hyper-parameters are chosen on
+    the whole val split.
 
     knn: the kNN probe of the train rows (default: `_knn` on `a.x`), e.g. one that
     shares a distance matrix across subsets; not used with ABMIL's pooling.
@@ -167,9 +184,12 @@ def predict(
         found = MILPrediction(mil.proba, mil.lr, mil.seconds, tuple(mil.weights))
         runs["abmil"] = ("lr", found)
         knn = None
-    knn_pred = knn(tr) if knn is not None else _knn(a, x, tr, opts)
-    linear = ("lr" if opts.protocol == "seed" else "C", _linear(a, x, tr, opts))
-    return {"linear": linear, "knn": ("k", knn_pred), **runs}
+    first: Runs = {}
+    if "linear" in which:
+        first["linear"] = ("lr" if opts.protocol == "seed" else "C", _linear(a, x, tr, opts))
+    if "knn" in which:
+        first["knn"] = ("k", knn(tr) if knn is not None else _knn(a, x, tr, opts))
+    return {**first, **{k: v for k, v in runs.items() if k in which}}
 
 
 def test_attention(a: ClassArrays, runs: Runs) -> Attention | None:
@@ -199,20 +219,40 @@ def test_predictions(
             patient=a.group[te] if a.has_patient else None,
             truth=a.y[te],
             scores=pred.proba,
+            unit=a.unit,
         )
         for name, (_, pred) in runs.items()
     ]
 
 
-def outcome(a: ClassArrays, runs: Runs, seed: int, train: np.ndarray | None = None) -> Outcome:
-    """Each run's test scores with bootstrap intervals (`Fitted`), and their draws."""
-    yte = a.y[a.part("test")]
+def outcome(
+    a: ClassArrays,
+    runs: Runs,
+    seed: int,
+    train: np.ndarray | None = None,
+    key: Callable[[str], predictions.Key] | None = None,
+    task: predictions.Task = "classification",
+) -> Outcome:
+    """Each run's test scores with bootstrap intervals (`Fitted`: of whole patients
+    where the set has them), their draws, and (with `key`) their test predictions."""
+    yte, groups = a.y[a.part("test")], a.test_groups()
     n_train, n_val = len(a.part("train", train)), len(a.part("val"))
     fitted, draws = [], {}
     for name, (pname, pred) in runs.items():
-        draws[name] = bootstrap.classification_draws(yte, pred.proba, seed)
+        draws[name] = bootstrap.classification_draws(yte, pred.proba, seed, groups)
         scores = bootstrap.intervals(draws[name])
         fitted.append(
-            Fitted(name, scores, pname, pred.param, pred.seconds, n_train, n_val, len(yte))
+            Fitted(
+                name,
+                scores,
+                pname,
+                pred.param,
+                pred.seconds,
+                n_train,
+                n_val,
+                len(yte),
+                resampled=a.resampled,
+            )
         )
-    return Outcome(fitted, draws)
+    kept = tuple(test_predictions(a, runs, key, task)) if key is not None else ()
+    return Outcome(fitted, draws, predictions=kept)

@@ -6,7 +6,9 @@ their mean (`repeat` = `MEAN_OF_REPEATS`): the mean over repeats, `std` their
 spread, and the bootstrap interval of the pooled predictions (each resample of the
 test units scores every repeat's predictions of them; the interval is that of the
 mean). The full train split is one point for every repeat, so it is fitted once:
-it is the ordinary probe, whose rows are the curve's rows at fraction 1.
+it is the ordinary probe, whose rows are the curve's rows at fraction 1. Every other
+point's repeat keeps its test predictions (`predictions.Key.file_name`: `-f<fraction>
+-r<repeat>` or `-n<shots>-r<repeat>`); the mean rows have none.
 
 Features are read once per set; for kNN the distances from the val and test rows to
 every train row are computed once and shared by every subset (exact: a subset's
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 
@@ -29,6 +32,7 @@ from featstore.probing.classification import ClassArrays
 from featstore.probing.items import item_str, volume_items
 from featstore.probing.knn import knn_from_distances, squared_distances
 from featstore.probing.options import ProbeOptions
+from featstore.probing.predictions import Predictions, Task, set_key
 from featstore.probing.rows import (
     MEAN_OF_REPEATS,
     Fitted,
@@ -62,27 +66,60 @@ def points(le: LabelEfficiency) -> list[Point]:
 
 @dataclass
 class Curve:
-    """The rows of a set's curve, and the points that could not be drawn (why)."""
+    """The rows of a set's curve, the test predictions of each point's repeats, and the
+    points that could not be drawn (why)."""
 
     rows: list[ResultRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    predictions: list[Predictions] = field(default_factory=list)
 
 
-def at_point(
-    rows: Sequence[ResultRow], point: Point, repeat: int, spread: Mapping[str, float] | None = None
-) -> list[ResultRow]:
-    """`rows` with the columns that say which point and repeat they are (and, for a
-    mean row, the spread of each metric across repeats)."""
-    fraction = float("nan") if point.fraction is None else point.fraction
+@dataclass(frozen=True)
+class Spread:
+    """A metric's spread across the fits a mean row averages (repeats or seeds)."""
+
+    std: float  # population std
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        v = np.asarray(values, np.float64)
+        return cls(float(np.std(v)), float(np.min(v)), float(np.max(v)))
+
+
+def spread_of(fits: Sequence[Fitted]) -> dict[str, Spread]:
+    """Each metric's `Spread` over the values (draw 0) of `fits`, one probe's fits."""
+    return {m: Spread.of([f.scores[m][0] for f in fits]) for m in fits[0].scores}
+
+
+def with_spread(rows: Sequence[ResultRow], spread: Mapping[str, Spread]) -> list[ResultRow]:
+    """Mean rows with each metric's spread (`std`, `value_min`, `value_max`)."""
     return [
         replace(
             r,
-            train_fraction=fraction,
-            shots=point.shots or 0,
-            repeat=repeat,
-            std=r.std if spread is None else spread[r.metric],
+            std=spread[r.metric].std,
+            value_min=spread[r.metric].low,
+            value_max=spread[r.metric].high,
         )
         for r in rows
+    ]
+
+
+def at_point(rows: Sequence[ResultRow], point: Point, repeat: int) -> list[ResultRow]:
+    """`rows` with the columns that say which point and repeat they are."""
+    fraction = float("nan") if point.fraction is None else point.fraction
+    shots = point.shots or 0
+    return [replace(r, train_fraction=fraction, shots=shots, repeat=repeat) for r in rows]
+
+
+def point_predictions(found: Outcome, point: Point, repeat: int) -> list[Predictions]:
+    """The test predictions of one fit of a point, keyed by that point and repeat."""
+    fraction = float("nan") if point.fraction is None else point.fraction
+    shots = point.shots or 0
+    return [
+        replace(p, key=p.key.at(fraction=fraction, shots=shots, repeat=repeat))
+        for p in found.predictions
     ]
 
 
@@ -103,9 +140,11 @@ def mean_rows(where: SetColumns, point: Point, outs: Sequence[Outcome]) -> list[
             first.n_val,
             first.n_test,
             first.units,
+            first.rules,
+            first.resampled,
         )
-        spread = {m: float(np.std([f.scores[m][0] for f in fits])) for m in first.scores}
-        rows += at_point(result_rows(where, mean), point, MEAN_OF_REPEATS, spread)
+        found = at_point(result_rows(where, mean), point, MEAN_OF_REPEATS)
+        rows += with_spread(found, spread_of(fits))
     return rows
 
 
@@ -130,12 +169,13 @@ def run_curve(
     for point in points(le):
         if point.full:
             continue
-        outs, rows = [], []
+        outs, rows, preds = [], [], []
         try:
             for r, order in enumerate(orders):
                 outs.append(fit(draw(order, point)))
                 found = [row for f in outs[-1].fitted for row in result_rows(where, f)]
                 rows += at_point(found, point, r)
+                preds += point_predictions(outs[-1], point, r)
         except ProbeError as exc:  # SkippedPoint, or a probe that refuses the subset
             kind = "" if isinstance(exc, SkippedPoint) else f"{point}, repeat {len(outs)}: "
             out.skipped.append(
@@ -143,6 +183,7 @@ def run_curve(
             )
             continue
         out.rows += rows + mean_rows(where, point, outs)
+        out.predictions += preds
     return out
 
 
@@ -177,6 +218,7 @@ def class_curve(
     a: ClassArrays, opts: ProbeOptions, le: LabelEfficiency, where: SetColumns, full: Outcome
 ) -> Curve:
     """The curve of a classification set; units are images (2D) or volumes (3D)."""
+    key, task = set_key(where, opts.seed), cast(Task, where.task or "classification")
     train = a.part("train")
     pairs = len(train) * (len(a.part("val")) + len(a.part("test")))
     share = a.bags is None and opts.memory_mb is None and pairs * 8 <= SHARED_BYTES
@@ -185,9 +227,8 @@ def class_curve(
     def fit(units: np.ndarray) -> Outcome:
         rows = train[units]
         knn = shared.knn if shared is not None else None
-        return classification.outcome(
-            a, classification.predict(a, opts, rows, knn), opts.seed, rows
-        )
+        runs = classification.predict(a, opts, rows, knn)
+        return classification.outcome(a, runs, opts.seed, rows, key, task)
 
     stratum = strata(a.y[train], len(train))
     return run_curve(where, le, stratum, a.group[train], fit, full)
@@ -205,6 +246,6 @@ def seg_curve(
 
     def fit(units: np.ndarray) -> Outcome:
         items = np.sort(np.concatenate([train[vols[u]] for u in units]))
-        return probe_segmentation(s.with_train(items), opts)[0]
+        return probe_segmentation(s.with_train(items), opts, key=set_key(where, opts.seed))[0]
 
     return run_curve(where, le, strata(None, len(vols)), group, fit, full)

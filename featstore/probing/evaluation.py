@@ -36,9 +36,10 @@ from featstore.probing import classification, external, geometry
 from featstore.probing.curves import Curve, class_curve, manifest_curve, seg_curve
 from featstore.probing.items import item_str
 from featstore.probing.options import ProbeOptions
-from featstore.probing.predictions import Key, Predictions, set_key
-from featstore.probing.rows import ResultRow, SetColumns, result_rows
-from featstore.probing.segmentation import probe_segmentation, seg_predictions, seg_set
+from featstore.probing.predictions import Predictions, set_key
+from featstore.probing.rows import Outcome, ResultRow, SetColumns, result_rows
+from featstore.probing.seeds import run_seeds, trainable
+from featstore.probing.segmentation import probe_segmentation, seg_set
 from featstore.probing.segscores import Examples
 from featstore.store import catalog, sets
 from featstore.store.schema import EXAMPLE_ITEM
@@ -59,7 +60,8 @@ class SetResult:
     skipped: tuple[str, ...] = ()  # label-efficiency points not drawn, with the reason
     left_out: tuple[str, ...] = ()  # samples extraction skipped: "id: reason"
     attention: classification.Attention | None = None  # --pool abmil: test items' weights
-    predictions: tuple[Predictions, ...] = ()  # each ordinary probe's test predictions
+    # the test predictions of each ordinary probe, curve point repeat and seed refit
+    predictions: tuple[Predictions, ...] = ()
 
 
 def probe_set(path: Place, ds: Dataset, opts: ProbeOptions = ProbeOptions()) -> SetResult:
@@ -136,30 +138,39 @@ def _probe_open_set(
     where = set_columns(xs, ds, opts)
     examples = attention = None
     curve = Curve()
-    kept_preds: list[Predictions] = []
-
-    def key(probe: str) -> Key:
-        return set_key(where, probe)
+    key = set_key(where, opts.seed)
+    refit = trainable(ds.task, opts, ds.bags)
+    fit: Callable[[int], Outcome]
 
     if ds.task == "segmentation":
         seg = seg_set(xs, ds, spacing_of(xs, ds))
         shown = _positions(kept, xs[EXAMPLE_ITEM].values if EXAMPLE_ITEM in xs.coords else [])
-        found, examples = probe_segmentation(seg, opts, shown.tolist())
+        found, examples = probe_segmentation(seg, opts, shown.tolist(), key=key)
         examples = replace(examples, item=kept[examples.item])  # the set's item numbers
-        kept_preds = seg_predictions(seg, found, key)
         if opts.curve is not None:
             curve = seg_curve(seg, opts, opts.curve, where, found)
+
+        def fit(seed: int) -> Outcome:
+            again = replace(opts, seed=seed, seeds=())
+            return probe_segmentation(seg, again, heads=refit, boot_seed=opts.seed, key=key)[0]
+
     else:
         arrays = classification.class_arrays(xs, ds, opts)
         runs = classification.predict(arrays, opts)
-        found = classification.outcome(arrays, runs, opts.seed)
-        kept_preds = classification.test_predictions(arrays, runs, key, ds.task)
+        found = classification.outcome(arrays, runs, opts.seed, key=key, task=ds.task)
         attention = classification.test_attention(arrays, runs)
         if attention is not None:  # the set's item numbers
             attention = replace(attention, item=kept[attention.item])
         if opts.curve is not None:
             curve = class_curve(arrays, opts, opts.curve, where, found)
+
+        def fit(seed: int) -> Outcome:
+            again = classification.predict(arrays, replace(opts, seed=seed, seeds=()), which=refit)
+            return classification.outcome(arrays, again, opts.seed, key=key, task=ds.task)
+
+    seeds = run_seeds(where, opts, refit, fit, found)
     rows = [row for f in found.fitted for row in result_rows(where, f)] + curve.rows
+    rows = [replace(r, seed=opts.seed) for r in rows] + seeds.rows
     left_out = tuple(f"{k}: {v}" for k, v in sorted(xs.attrs.get("skipped", {}).items()))
     return SetResult(
         path,
@@ -169,7 +180,7 @@ def _probe_open_set(
         tuple(curve.skipped),
         left_out,
         attention,
-        tuple(kept_preds),
+        (*found.predictions, *curve.predictions, *seeds.predictions),
     )
 
 
@@ -221,23 +232,19 @@ def _probe_pair(
     classes = label_map(train.ds, test.ds, ev)
     where = replace(where, test_dataset=test.ds.name, test_feature_set=there.feature_set)
 
-    def key(probe: str) -> Key:
-        return set_key(where, probe)
-
+    key = set_key(where, opts.seed)
     if train.ds.task == "segmentation":
         xs = external.join_sets(xa, xb, ev.split, classes)
         seg = seg_set(xs, train.ds, spacing_of(xb, test.ds))
-        found, _ = probe_segmentation(seg, opts, [])
-        preds = seg_predictions(seg, found, key)
+        found, _ = probe_segmentation(seg, opts, [], key=key)
     else:
         a = classification.class_arrays(xa, train.ds, opts, need_test=False)
         b = classification.class_arrays(xb, test.ds, opts, need_test=False)
         joined = external.join(a, b, ev.split, classes)
         runs = classification.predict(joined, opts)
-        found = classification.outcome(joined, runs, opts.seed)
-        preds = classification.test_predictions(joined, runs, key, test.ds.task)
-    rows = [row for f in found.fitted for row in result_rows(where, f)]
-    return SetResult(train.path, where.feature_set, rows, predictions=tuple(preds))
+        found = classification.outcome(joined, runs, opts.seed, key=key, task=test.ds.task)
+    rows = [replace(r, seed=opts.seed) for f in found.fitted for r in result_rows(where, f)]
+    return SetResult(train.path, where.feature_set, rows, predictions=found.predictions)
 
 
 def _external(
@@ -273,6 +280,14 @@ def _external(
             out.results.append(result)
             if on_set is not None:
                 on_set(where, result)
+
+
+SEEDS_NOTE = (
+    "--seeds refits only the probes whose fit draws from the seed: the segmentation "
+    "decoder, every probe under --pool abmil (linear and kNN read its learnt pooling), "
+    "the linear layer of protocol: seed; linear and kNN on fixed features are "
+    "deterministic, fitted once, and have no seed rows"
+)
 
 
 @dataclass
@@ -393,6 +408,8 @@ def probe_manifest(
             continue
         found_sets.append(FoundCell(where, spec, ds, found.path, res))
     one_label_each(found_sets)
+    if opts.seeds:
+        out.notes.append(SEEDS_NOTE)
     for found_cell in found_sets:
         where, ds = found_cell.where, found_cell.ds
         curve = opts.curve or manifest_curve(manifest, ds)

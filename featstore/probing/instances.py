@@ -112,6 +112,7 @@ def instance_scorer(per: np.ndarray) -> Callable[[np.ndarray], dict[str, float]]
     return scores
 
 
-def instance_draws(per: np.ndarray, seed: int) -> bootstrap.Draws:
-    """`instance_scorer`'s bootstrap draws over the units (`bootstrap.draws`)."""
-    return bootstrap.draws(instance_scorer(per), len(per), seed)
+def instance_draws(per: np.ndarray, seed: int, groups: np.ndarray | None = None) -> bootstrap.Draws:
+    """`instance_scorer`'s bootstrap draws over the units (`bootstrap.draws`; of whole
+    patients where `groups` names each unit's)."""
+    return bootstrap.draws(instance_scorer(per), len(per), seed, groups)

@@ -35,6 +35,9 @@ class ProbeOptions:
     baseline: also probe the raw-pixel baseline of every dataset.
     curve: label-efficiency points for every set (None: each dataset's or study's
         `label_efficiency:` from the manifest, if any).
+    seeds: refit the trainable probes (`seeds.trainable`) with each of these seeds too
+        (`featstore probe --seeds 0,1,2,3,4`): rows per seed and their mean. The
+        ordinary fit is `seed`'s, the lowest (a seed in `seeds` equal to it is reused).
     """
 
     pool: Pool = "mean"
@@ -43,6 +46,7 @@ class ProbeOptions:
     memory_mb: float | None = None
     baseline: bool = True
     curve: LabelEfficiency | None = None
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -51,6 +55,16 @@ class ProbeOptions:
             raise ProbeError(f"protocol {self.protocol!r}: give one of {', '.join(PROTOCOLS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ProbeError(f"seed {self.seed!r}: give a whole number >= 0")
+        bad = [s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if bad or len(set(self.seeds)) != len(self.seeds):
+            raise ProbeError(
+                f"seeds {list(self.seeds)!r}: give distinct whole numbers >= 0, e.g. 0,1,2,3,4"
+            )
+        if self.seeds and min(self.seeds) < self.seed:
+            raise ProbeError(
+                f"seeds {list(self.seeds)!r} go below seed {self.seed}, the ordinary fit's: "
+                "a table shows the lowest seed's rows; give seeds >= seed (or seed=0)"
+            )
         if self.memory_mb is not None and not self.memory_mb > 0:
             raise ProbeError(f"memory_mb {self.memory_mb!r}: give a positive number of MB")
 

@@ -2,13 +2,15 @@
 
 Every probe writes what it predicted for each test unit (image, volume or slide) to
 OUT/predictions/<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
--r<repeat>].parquet (`Key.file_name`; an external evaluation's under
-OUT/predictions/external/<dataset>-<feature_set>-<test_dataset>-<test_feature_set>-<probe>...), so
-that a later comparison of two encoders (`featstore.probing.compare`) tests them on
+-r<repeat>][-s<seed>].parquet (`Key.file_name`; an external evaluation's under
+OUT/predictions/external/<dataset>-<feature_set>-<test_dataset>-<test_feature_set>-<probe>...):
+a label-efficiency point's repeat and a trainable probe's seed each have their own file.
+So that a later comparison of two encoders (`featstore.probing.compare`) tests them on
 the same units without refitting anything. The files open with plain pandas
 (`pd.read_parquet`); their columns are:
 
-- `sample`: the unit's id; `patient` where the set has that coordinate;
+- `sample`: the unit's id (an image, a volume or a slide: the metadata's `unit`);
+  `patient` where the set has that coordinate;
 - classification: `label` (the true class) and `score_<k>` (the probability of each
   class k), `predicted` (the arg-max class); multi-label: `label_<j>`, `score_<j>` and
   `predicted_<j>` (decided at 0.5) per label j;
@@ -19,9 +21,9 @@ the same units without refitting anything. The files open with plain pandas
 
 The schema metadata key `featstore` holds the row key the file belongs to (`Key`:
 dataset, encoder, random_init, resolution, pool, protocol, probe, train_fraction,
-shots, repeat, feature_set, test_dataset, test_feature_set) and the task, as JSON.
-`read_predictions` refuses a file whose key is not the one asked for (another feature
-set, another probe).
+shots, repeat, seed, feature_set, test_dataset, test_feature_set), the task and the
+unit, as JSON. `read_predictions` refuses a file whose key is not the one asked for
+(another feature set, another probe).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +71,7 @@ class Key:
     # "" for the internal rows (files written before external evaluations read so)
     test_dataset: str = ""
     test_feature_set: str = ""
+    seed: int = 0  # the fit seed of a trainable probe (`featstore probe --seeds`)
 
     @property
     def ordinary(self) -> bool:
@@ -75,12 +79,16 @@ class Key:
         of a frame), not a label-efficiency point's."""
         return self.train_fraction == 1.0 and self.shots == 0 and self.repeat == 0
 
+    def at(self, *, fraction: float = 1.0, shots: int = 0, repeat: int = 0) -> Key:
+        """This key at a label-efficiency point (fraction or shots) and repeat."""
+        return replace(self, train_fraction=fraction, shots=shots, repeat=repeat)
+
     @property
     def file_name(self) -> str:
         """`<dataset>-<feature_set>-<probe>[-<pool>][-<protocol>][-f<fraction>|-n<shots>
-        -r<repeat>].parquet`: the ordinary probe has no point suffix; a label-efficiency
-        point names its fraction or shots and its repeat, so that no two files of one
-        folder collide."""
+        -r<repeat>][-s<seed>].parquet`: the ordinary probe has no point suffix; a
+        label-efficiency point names its fraction or shots and its repeat, a seed other
+        than 0 its seed, so that no two files of one folder collide."""
         # The dataset leads: two datasets of the same content share one feature set.
         # Pool and protocol follow where not the default: both are probe-side choices
         # that keep the set (and its key).
@@ -97,6 +105,8 @@ class Key:
             name += f"-f{self.train_fraction:.6g}"
         if self.repeat or name != stem:
             name += f"-r{self.repeat}"
+        if self.seed:
+            name += f"-s{self.seed}"
         return name + ".parquet"
 
     def same(self, other: Key) -> bool:
@@ -115,7 +125,7 @@ class Predictions:
     int labels or (n, L) multi-hot, scores (n, K) or (n, L) float; segmentation: per
     (n, 5, C-1) float64, the `segscores.volume_scores` of each unit, with the
     foreground class names `classes`; instance datasets: instances (n, 3) float64,
-    the `instances.instance_scores` of each unit.
+    the `instances.instance_scores` of each unit; unit: what `sample` names.
     """
 
     key: Key
@@ -127,6 +137,7 @@ class Predictions:
     per: np.ndarray | None = None
     classes: tuple[str, ...] = ()
     instances: np.ndarray | None = None  # (n, 3) `INSTANCE_METRICS` (instance datasets)
+    unit: str = "unit"  # what a unit is: "image", "volume" or "slide" ("unit": unknown)
 
     def frame(self) -> pd.DataFrame:
         """The file's columns (module docstring), one row per unit."""
@@ -159,10 +170,11 @@ class Predictions:
 
     def groups(self) -> tuple[np.ndarray, str]:
         """What a bootstrap of these units resamples: the patients where known, else
-        the units themselves (an image, a volume or a slide), and its name."""
+        the units themselves (an image, a volume or a slide), and its name
+        (`bootstrap.Resampled`; "unit" in files written before the unit was kept)."""
         if self.patient is not None:
             return np.asarray(self.patient, str), "patient"
-        return np.asarray(self.sample, str), "unit"
+        return np.asarray(self.sample, str), self.unit
 
 
 def write_predictions(folder: Path, p: Predictions) -> Path:
@@ -173,7 +185,7 @@ def write_predictions(folder: Path, p: Predictions) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(p.frame(), preserve_index=False)
-    meta = {"key": asdict(p.key), "task": p.task, "classes": list(p.classes)}
+    meta = {"key": asdict(p.key), "task": p.task, "classes": list(p.classes), "unit": p.unit}
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), META: json.dumps(meta).encode()}
     )
@@ -185,19 +197,27 @@ def write_predictions(folder: Path, p: Predictions) -> Path:
 
 
 def file_key(path: Path) -> tuple[Key, Task, tuple[str, ...]]:
-    """The key, task and class names recorded in the prediction file `path`."""
+    """The key, task and class names recorded in the prediction file `path` (files
+    written before seeds were kept have seed 0)."""
+    info = _meta(path)
+    return Key(**info["key"]), info["task"], tuple(info.get("classes", ()))
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    """The file's `featstore` metadata, its key checked; a `ProbeError` naming the file
+    when it has none (not a featstore prediction file)."""
     import pyarrow.parquet as pq
 
     try:
         meta = pq.read_schema(path).metadata or {}
-        info = json.loads(meta[META])
-        key = Key(**info["key"])
+        info: dict[str, Any] = json.loads(meta[META])
+        Key(**info["key"])
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ProbeError(
             f"{path}: not a featstore prediction file ({type(exc).__name__}: {exc}); "
             "remove it and rerun `featstore probe`, which writes it again"
         ) from None
-    return key, info["task"], tuple(info.get("classes", ()))
+    return info
 
 
 def read_predictions(
@@ -206,7 +226,9 @@ def read_predictions(
     """The predictions in `path`, checked: a `ProbeError` naming the file when its
     recorded key is not `expect` (another feature set or probe) or its units are not
     `samples` (when given), rather than a comparison of other units."""
-    key, task, classes = file_key(path)
+    info = _meta(path)
+    key, task, classes = Key(**info["key"]), info["task"], tuple(info.get("classes", ()))
+    unit = str(info.get("unit", "unit"))
     if expect is not None and not key.same(expect):
         raise ProbeError(
             f"{path}: these predictions are of {_describe(key)}, not of the rows "
@@ -231,14 +253,16 @@ def read_predictions(
         inst = None
         if all(m in df for m in INSTANCE_METRICS):
             inst = df[list(INSTANCE_METRICS)].to_numpy(np.float64)
-        return Predictions(key, task, sample, patient, per=per, classes=classes, instances=inst)
+        return Predictions(
+            key, task, sample, patient, per=per, classes=classes, instances=inst, unit=unit
+        )
     score = df[[c for c in map(str, df.columns) if c.startswith("score_")]].to_numpy(np.float64)
     truth: np.ndarray
     if task == "multilabel":
         truth = df[[f"label_{j}" for j in range(score.shape[1])]].to_numpy(np.int64)
     else:
         truth = df["label"].to_numpy(np.int64)
-    return Predictions(key, task, sample, patient, truth, score)
+    return Predictions(key, task, sample, patient, truth, score, unit=unit)
 
 
 def _safe(text: str) -> str:
@@ -252,20 +276,26 @@ def _describe(k: Key) -> str:
     return f"{k.dataset} ({', '.join(f'{n}={v}' for n, v in ext.items())})"
 
 
-def set_key(where: SetColumns, probe: str) -> Key:
-    """The key of `probe`'s kept predictions on the set (or pair of sets) `where`."""
-    return Key(
-        dataset=where.dataset,
-        encoder=where.encoder,
-        random_init=where.random_init,
-        resolution=where.resolution,
-        pool=where.pool,
-        protocol=where.protocol,
-        probe=probe,
-        feature_set=where.feature_set,
-        test_dataset=where.test_dataset,
-        test_feature_set=where.test_feature_set,
-    )
+def set_key(where: SetColumns, seed: int = 0) -> Callable[[str], Key]:
+    """probe -> the `Key` of its ordinary rows on the set (or pair of sets) `where`,
+    fitted with `seed`."""
+
+    def key(probe: str) -> Key:
+        return Key(
+            dataset=where.dataset,
+            encoder=where.encoder,
+            random_init=where.random_init,
+            resolution=where.resolution,
+            pool=where.pool,
+            protocol=where.protocol,
+            probe=probe,
+            feature_set=where.feature_set,
+            test_dataset=where.test_dataset,
+            test_feature_set=where.test_feature_set,
+            seed=seed,
+        )
+
+    return key
 
 
 def row_key(r: Any) -> Key:
@@ -284,6 +314,7 @@ def row_key(r: Any) -> Key:
         repeat=int(r.repeat),
         test_dataset="" if str(r.test_dataset) == str(r.dataset) else str(r.test_dataset),
         test_feature_set="" if str(r.test_dataset) == str(r.dataset) else str(r.test_feature_set),
+        seed=int(getattr(r, "seed", 0)),
     )
 
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:  # predictions.py reads rows (`ordinary`); rows only name its type
+    from featstore.probing.predictions import Predictions
+
 Scores = Mapping[str, tuple[float, float, float]]  # metric -> (value, ci_low, ci_high)
 KEY_FIELD = {"key": True}
 MEAN_OF_REPEATS = -1  # the `repeat` of a label-efficiency point's mean row
+MEAN_OF_SEEDS = -1  # the `seed` of the mean row over a trainable probe's seeds
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Fitted:
     # metric -> how its predictions were made into what it scores (instance metrics:
     # `settings.Instances.rule_name`, e.g. "components@0.5")
     rules: Mapping[str, str] = field(default_factory=dict)
+    resampled: str = ""  # what the intervals resample (`bootstrap.Resampled`)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class Outcome:
     per_unit: Mapping[str, np.ndarray] = field(default_factory=dict)
     # instance datasets: probe -> (V, 3) `instances.instance_scores` of each test unit
     per_instance: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # each probe's test predictions, keyed as the ordinary probe: whoever refits (a
+    # curve point, another seed) re-keys them (`predictions.Key.at`)
+    predictions: tuple[Predictions, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,9 @@ class ResultRow:
     train_fraction: float = field(default=1.0, metadata=KEY_FIELD)
     shots: int = field(default=0, metadata=KEY_FIELD)
     repeat: int = field(default=0, metadata=KEY_FIELD)  # MEAN_OF_REPEATS: their mean
-    std: float = float("nan")  # a mean row's spread across repeats (population std)
+    std: float = float("nan")  # a mean row's spread across repeats or seeds (population std)
+    value_min: float = float("nan")  # a mean row's lowest and highest value across them
+    value_max: float = float("nan")
     # The dataset's task (not a key: a dataset has one): a report reads rows of several
     # manifests from one results folder. "" in rows written before it was a column.
     task: str = ""
@@ -112,6 +122,13 @@ class ResultRow:
     # map itself: neuron instances' rule and threshold ("components@0.5"; not a key:
     # the manifest decides it, and a rerun under another rule replaces the rows).
     rule: str = ""
+    # The fit seed of a trainable probe's rows (`featstore probe --seeds`); MEAN_OF_SEEDS
+    # for their mean. Rows of probes that do not depend on a seed carry the run's seed
+    # (0 by default, and in rows written before it was a column).
+    seed: int = field(default=0, metadata=KEY_FIELD)
+    # What the intervals resampled: "patient" where the set has that coordinate, else
+    # the test unit ("image", "volume", "slide"); "" in rows written before.
+    resampled: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The row as {column: value}, columns in `COLUMNS` order."""
@@ -150,6 +167,7 @@ def result_rows(where: SetColumns, fitted: Fitted) -> list[ResultRow]:
             param=float(fitted.param),
             fit_seconds=round(fitted.seconds, 3),
             rule=fitted.rules.get(metric, ""),
+            resampled=fitted.resampled,
         )
         for metric, (v, lo, hi) in fitted.scores.items()
     ]
@@ -257,11 +275,24 @@ def external(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def ordinary(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the ordinary probe (the whole train split), without curve points."""
+    """The rows of the ordinary probe (the whole train split), without curve points and
+    without other seeds' refits: of a trainable probe fitted with several seeds, the
+    row of the lowest seed (the run's own `seed`, `options.ProbeOptions`)."""
     if "repeat" not in df:
         return df
-    full = (df.train_fraction == 1.0) & (df.shots == 0) & (df.repeat == 0)
-    return df[full]
+    full = df[(df.train_fraction == 1.0) & (df.shots == 0) & (df.repeat == 0)]
+    if "seed" not in full or not len(full):
+        return full
+    fitted = full[full.seed >= 0]
+    lowest = fitted.groupby(key_except("seed", "metric"), dropna=False).seed.transform("min")
+    return fitted[fitted.seed == lowest]
+
+
+def seed_means(df: pd.DataFrame) -> pd.DataFrame:
+    """The mean rows over a trainable probe's seeds (one per probe and metric)."""
+    if "seed" not in df:
+        return df.iloc[:0]
+    return df[df.seed == MEAN_OF_SEEDS]
 
 
 def curve_means(df: pd.DataFrame) -> pd.DataFrame:

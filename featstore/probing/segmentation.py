@@ -24,6 +24,7 @@ from featstore.probing.rows import Fitted, Outcome
 from featstore.probing.segscores import (
     Examples,
     Read,
+    Scored,
     block_items,
     per_volume,
     volume_draws,
@@ -65,6 +66,18 @@ class SegSet:
             patch_tokens(self.xs, items, last_only),
             np.asarray(self.xs.mask[items].values),
         )
+
+    def test_patients(self) -> np.ndarray | None:
+        """The patient of each test volume (image), None where the set has none."""
+        if "patient" not in self.xs.coords:
+            return None
+        pat = item_str(self.xs.patient)
+        return np.array([pat[v[0]] for v in self.test_vols])
+
+    @property
+    def resampled(self) -> bootstrap.Resampled:
+        """What the intervals resample: patients where known, else volumes (images)."""
+        return bootstrap.resampled("patient" in self.xs.coords, self.ds.dims, False)
 
     def volumes(self, split: str) -> int:
         """The number of volumes (2D: images) in `split`."""
@@ -157,17 +170,30 @@ def fit_decoder_head(s: SegSet, seed: int) -> DenseHead:
     return heads.fit_decoder(patch, mask, vols, s.n_classes, dims, seed, cfg)
 
 
+SEG_HEADS = ("seg-linear", "seg-decoder")
+TRAINED = ("seg-decoder",)  # the heads whose fit depends on the seed (`--seeds`)
+
+
 def probe_segmentation(
-    s: SegSet, opts: ProbeOptions, shown: Sequence[int] | None = None
+    s: SegSet,
+    opts: ProbeOptions,
+    shown: Sequence[int] | None = None,
+    *,
+    heads: Sequence[str] = SEG_HEADS,
+    boot_seed: int | None = None,
+    key: Callable[[str], predictions.Key] | None = None,
 ) -> tuple[Outcome, Examples]:
-    """The linear head and the dense decoder, scored; a few of the linear head's test
-    predictions: those of the items `shown` (positions in `s.xs`: the set's example
-    items), or without it the slice with most foreground of the first 3 volumes.
+    """The linear head and the dense decoder (or only `heads`), scored; a few of the
+    linear head's test predictions: those of the items `shown` (positions in `s.xs`:
+    the set's example items), or without it the slice with most foreground of the
+    first 3 volumes (none without the linear head).
 
     Both heads are scored in blocks of whole test volumes (`per_volume`) that fit
     `opts.memory_mb` (without it, blocks of `SCORE_ITEMS` items). The decoder's
     training sample is capped by its step budget (`heads.DecoderConfig`), not by
-    `memory_mb`.
+    `memory_mb`. Heads are fitted with `opts.seed`, intervals drawn with `boot_seed`
+    (default `opts.seed`), whole patients at a time where the set has them; `key`:
+    keep each head's test predictions in the Outcome.
 
     For an instance dataset (`instances:`) both heads' boundary probabilities also
     become instances by its rule, scored per image (2D) or volume (3D): voi_split,
@@ -178,66 +204,83 @@ def probe_segmentation(
     size, k, xs = s.size, s.n_classes, s.xs
     tokens = s.per_item * xs.sizes["channel"]
     depth = xs.sizes.get("patch_layer", 1)
-    head = fit_linear_head(s, opts)
     rule = s.ds.instances
-    lin_items = block_items(opts.memory_mb, tokens, size * size, k)
     vols, ids = s.test_vols, s.test_ids
-    lin_map = head.predict if rule is None else head.boundary
-    lin = per_volume(
-        lambda p, _: lin_map(p, size),
-        s.read(True),
-        vols,
-        ids,
-        k,
-        s.spacing,
-        lin_items,
-        shown,
-        rule,
-    )
-    dec = fit_decoder_head(s, opts.seed)
-    dec_map = dec.predict if rule is None else dec.boundary
-
-    def dec_predict(p: np.ndarray, lengths: list[int]) -> np.ndarray:
-        if s.ds.dims == 2:
-            return dec_map(p, size)
-        cuts = np.cumsum(lengths)[:-1]
-        return np.concatenate([dec_map(v, size) for v in np.split(p, cuts)])
-
-    dec_items = block_items(opts.memory_mb, tokens * depth, size * size, k)
-    dec_found = per_volume(
-        dec_predict, s.read(False), vols, ids, k, s.spacing, dec_items, rule=rule
-    )
     unit = "mm" if s.spacing else "px"
     counts = dict(n_train=s.volumes("train"), n_val=s.volumes("val"), n_test=s.volumes("test"))
-    linear_param = "alpha" if opts.memory_mb is not None else "C"
+    runs: list[tuple[str, Scored, str, float, float]] = []
+    none = np.zeros((0, 0, 0), np.uint8)
+    examples = Examples(np.zeros(0, np.int64), none, none)
+    if "seg-linear" in heads:
+        head = fit_linear_head(s, opts)
+        lin_items = block_items(opts.memory_mb, tokens, size * size, k)
+        lin_map = head.predict if rule is None else head.boundary
+        lin = per_volume(
+            lambda p, _: lin_map(p, size),
+            s.read(True),
+            vols,
+            ids,
+            k,
+            s.spacing,
+            lin_items,
+            shown,
+            rule,
+        )
+        examples = lin.examples
+        pname = "alpha" if opts.memory_mb is not None else "C"
+        runs.append(("seg-linear", lin, pname, head.param, head.seconds))
+    if "seg-decoder" in heads:
+        dec = fit_decoder_head(s, opts.seed)
+        dec_map = dec.predict if rule is None else dec.boundary
+
+        def dec_predict(p: np.ndarray, lengths: list[int]) -> np.ndarray:
+            if s.ds.dims == 2:
+                return dec_map(p, size)
+            cuts = np.cumsum(lengths)[:-1]
+            return np.concatenate([dec_map(v, size) for v in np.split(p, cuts)])
+
+        dec_items = block_items(opts.memory_mb, tokens * depth, size * size, k)
+        dec_found = per_volume(
+            dec_predict, s.read(False), vols, ids, k, s.spacing, dec_items, rule=rule
+        )
+        runs.append(("seg-decoder", dec_found, "lr", dec.param, dec.seconds))
+    seed = opts.seed if boot_seed is None else boot_seed
+    groups = s.test_patients()
     fitted, draws, per_unit, per_instance = [], {}, {}, {}
-    for probe, found, pname, param, seconds in (
-        ("seg-linear", lin, linear_param, head.param, head.seconds),
-        ("seg-decoder", dec_found, "lr", dec.param, dec.seconds),
-    ):
-        draws[probe] = volume_draws(found.per, s.names, opts.seed)
+    for probe, found, pname, param, seconds in runs:
+        draws[probe] = volume_draws(found.per, s.names, seed, groups)
         per_unit[probe] = found.per
         rules: dict[str, str] = {}
         if rule is not None and found.instances is not None:
-            draws[probe] |= instance_draws(found.instances, opts.seed)
+            draws[probe] |= instance_draws(found.instances, seed, groups)
             per_instance[probe] = found.instances
             rules = dict.fromkeys(SCORED, rule.rule_name)
         scores = bootstrap.intervals(draws[probe])
         units = {m: unit for m in scores if m.startswith("hd95")}
         fitted.append(
-            Fitted(probe, scores, pname, param, seconds, **counts, units=units, rules=rules)
+            Fitted(
+                probe,
+                scores,
+                pname,
+                param,
+                seconds,
+                **counts,
+                units=units,
+                rules=rules,
+                resampled=s.resampled,
+            )
         )
-    return Outcome(fitted, draws, per_unit, per_instance), lin.examples
+    out = Outcome(fitted, draws, per_unit, per_instance)
+    if key is not None:
+        out = replace(out, predictions=tuple(seg_predictions(s, out, key)))
+    return out, examples
 
 
 def seg_predictions(
     s: SegSet, found: Outcome, key: Callable[[str], predictions.Key]
 ) -> list[predictions.Predictions]:
     """Each head's per-unit scores of the test volumes (images), keyed by `key(probe)`."""
-    patient = None
-    if "patient" in s.xs.coords:
-        pat = item_str(s.xs.patient)
-        patient = np.array([pat[v[0]] for v in s.test_vols])
+    patient = s.test_patients()
     return [
         predictions.Predictions(
             key=key(probe),
@@ -247,6 +290,7 @@ def seg_predictions(
             per=per,
             classes=tuple(s.names),
             instances=found.per_instance.get(probe),
+            unit=bootstrap.resampled(False, s.ds.dims, False),
         )
         for probe, per in found.per_unit.items()
     ]

@@ -76,11 +76,14 @@ def volume_scorer(per: np.ndarray, names: Sequence[str]) -> Scorer:
     return scores
 
 
-def volume_draws(per: np.ndarray, names: Sequence[str], seed: int) -> bootstrap.Draws:
-    """`volume_scorer`'s bootstrap draws (`featstore.probing.bootstrap`)."""
+def volume_draws(
+    per: np.ndarray, names: Sequence[str], seed: int, groups: np.ndarray | None = None
+) -> bootstrap.Draws:
+    """`volume_scorer`'s bootstrap draws (`featstore.probing.bootstrap`); groups: (V,)
+    each volume's patient (whole patients resampled), or None (volumes)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples of a rare class
-        return bootstrap.draws(volume_scorer(per, names), len(per), seed)
+        return bootstrap.draws(volume_scorer(per, names), len(per), seed, groups)
 
 
 def summarise(
