@@ -28,7 +28,10 @@ from featstore.data.tissue import PLAN_VERSION
 #    item, example thumbnails), so a set is probed where its data is not; and the
 #    encoder's backend, its major version, architecture config and interpolation
 #    joined the key (sets of format 2 are refused with the advice to re-extract).
-FORMAT_VERSION = 3
+# 4: every array on `item` is a zarr v3 shard per unit of work (of `shard_chunks`
+#    chunks, each with its crc32c), and units grow with the set (the manifest's
+#    `max_units`), so a set of millions of items is a few thousand objects.
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Sets on disk keep their keys: the cache keys of a few fixed identities, recorded in
-tests/fixtures/keys.json when they were made (2026-12-07, format 3), are recomputed.
+tests/fixtures/keys.json when they were made (2026-12-07, format 4), are recomputed.
 
 A refactor that changes a key silently orphans every set of a user's cache. A change
 that must change what a set holds (a decode rule, the format) bumps a version, and is

@@ -78,7 +78,8 @@ def s3(s3_server, monkeypatch, request):
 
 
 def _manifest(tmp: Path, kind: str, cache: str, encoder: Path) -> Path:
-    extra = f"cache: {cache}\nbatch_size: 8\nunit_items: 8\n"  # several units
+    # several units, each a shard of several chunks (2D: 2 units of 2; 3D: 3 of 8)
+    extra = f"cache: {cache}\nbatch_size: 4\nunit_items: 4\nmax_units: 3\n"
     return write_manifest(tmp, synth_entry("d", kind, n=16), f"['{encoder}']", extra=extra)
 
 

@@ -1,5 +1,6 @@
-"""Versions that meet in one cache: a set written by the previous release's code
-(format 2, tests/fixtures/format2) and one claiming a newer format, met by this one."""
+"""Versions that meet in one cache: sets written by earlier releases' code (format 2,
+tests/fixtures/format2; format 3, before zarr sharding, tests/fixtures/format3) and
+one claiming a newer format, met by this one."""
 
 from __future__ import annotations
 
@@ -26,16 +27,17 @@ def _run(mpath: Path):
     return extract.run(m, Options(progress=False), baseline=False, echo=lambda *_: None)
 
 
-FORMAT2 = REPO / "tests" / "fixtures" / "format2"  # written by the previous release
+FIXTURES = REPO / "tests" / "fixtures"  # format<N>: written by an earlier release
 
 
-@pytest.fixture
-def format2(tmp_path):
-    """The format-2 fixture in a cache of its own, and the manifest that made it."""
-    (old,) = FORMAT2.glob("*.zarr")
+@pytest.fixture(params=[2, 3])
+def old_set(request, tmp_path):
+    """An earlier format's fixture in a cache of its own, the manifest that made it,
+    and its format."""
+    (old,) = (FIXTURES / f"format{request.param}").glob("*.zarr")
     shutil.copytree(old, tmp_path / "cache" / old.name)
-    shutil.copy(FORMAT2 / "manifest.yaml", tmp_path / "manifest.yaml")
-    return tmp_path / "manifest.yaml", tmp_path / "cache" / old.name
+    shutil.copy(old.parent / "manifest.yaml", tmp_path / "manifest.yaml")
+    return tmp_path / "manifest.yaml", tmp_path / "cache" / old.name, request.param
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -44,8 +46,8 @@ def _files(path: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_set_of_the_previous_format_is_never_reused(format2):
-    """A set written by the previous release (format 2, tests/fixtures/format2): opening
+def test_a_set_of_an_earlier_format_is_never_reused(old_set):
+    """A set written by an earlier release (tests/fixtures/format2, format3): opening
     it is refused with the fix, verify says 'another format' (not damage, not edited
     attributes), ls shows its format, and an extract of the same request makes a new
     set of this format beside it and leaves the old one as it was."""
@@ -54,10 +56,10 @@ def test_a_set_of_the_previous_format_is_never_reused(format2):
     from featstore.identity import FORMAT_VERSION
     from featstore.store.sets import open_set
 
-    mpath, old = format2
+    mpath, old, fmt = old_set
     before = _files(old)
-    assert FeatureSet(old).attrs["featstore_format"] == 2 and FORMAT_VERSION == 3
-    refusal = r"another featstore format \(2, this one reads 3\); re-extract it"
+    assert FeatureSet(old).attrs["featstore_format"] == fmt and FORMAT_VERSION == 4
+    refusal = rf"{old}.* another featstore format \({fmt}, this one reads 4\); re-extract it"
     with pytest.raises(StoreMismatchError, match=refusal):
         open_set(old)
     result = runner.invoke(app, ["verify", str(old)])
@@ -70,7 +72,7 @@ def test_a_set_of_the_previous_format_is_never_reused(format2):
         featstore.open_features(m, "d", "pixels:8")  # not found by a request
     (made,) = _run(mpath)
     assert made.status == "new" and made.path != old and made.path.parent == old.parent
-    assert FeatureSet(made.path).attrs["featstore_format"] == 3
+    assert FeatureSet(made.path).attrs["featstore_format"] == 4
     assert _files(old) == before  # untouched
     assert (
         featstore.open_features(m, "d", "pixels:8")
@@ -80,18 +82,18 @@ def test_a_set_of_the_previous_format_is_never_reused(format2):
     listed = runner.invoke(app, ["ls", str(old.parent)]).output.splitlines()
     assert "format" in listed[0]
     by_key = {line.split()[-1]: line.split()[-2] for line in listed[1:]}
-    assert by_key == {old.name[:12]: "2", made.path.name[:12]: "3"}
+    assert by_key == {old.name[:12]: str(fmt), made.path.name[:12]: "4"}
 
 
-def test_a_set_of_a_newer_format_is_refused_naming_both_versions(format2):
+def test_a_set_of_a_newer_format_is_refused_naming_both_versions(old_set):
     from featstore.errors import StoreMismatchError
     from featstore.store.sets import open_set
 
-    _, path = format2
+    _, path, _ = old_set
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["featstore_format"] = 4  # as a later featstore would write it
+    meta["attributes"]["featstore_format"] = 5  # as a later featstore would write it
     (path / "zarr.json").write_text(json.dumps(meta))
-    newer = r"another featstore format \(4, this one reads 3\); it was made by a newer featstore"
+    newer = r"another featstore format \(5, this one reads 4\); it was made by a newer featstore"
     with pytest.raises(StoreMismatchError, match=rf"{newer}: upgrade featstore"):
         open_set(path)
     result = runner.invoke(app, ["verify", str(path)])

@@ -276,9 +276,13 @@ class Manifest(Frozen):
     patch_pool: int = Field(default=1, ge=1, le=16)
     quantize: Literal["none", "int8"] = "none"
     batch_size: int = Field(default=32, ge=1, le=MAX_BATCH_SIZE)
-    # Items per storage chunk = unit of work and of resume, rounded up to whole batches
-    # and capped at ~64 MB of patch tokens. Few large chunks read much faster.
+    # Items per storage chunk (the granule of a read and of a checksum), rounded up to
+    # whole batches and capped at ~64 MB of patch tokens. Few large chunks read faster.
     unit_items: int = Field(default=256, ge=1, le=1_000_000)
+    # The most units of work (= zarr shards, one object per array each) a set is cut
+    # into: a larger set gets units of more chunks (up to ~128 MB of its largest array
+    # per unit), so a set of millions of items stays a few thousand objects.
+    max_units: int = Field(default=256, ge=1, le=1_000_000)
     # Compressor of cls/patch/mask chunks (every chunk also carries a crc32c checksum).
     # Features compress only ~1.1-1.3x; see benchmarks/codecs.py for speed and ratio.
     codec: Literal["none", "lz4", "zstd-1", "zstd-3"] = "lz4"

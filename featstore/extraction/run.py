@@ -154,6 +154,7 @@ def _job(
         manifest.codec,
         examples,
         label_width=items.labels.shape[1] if labels == "multi" and items.labels is not None else 0,
+        max_units=manifest.max_units,
     )
     fs = FeatureSet.at(manifest.cache, ident.key())
     return SetJob(ident, fs, layout, manifest.batch_size, opts), items

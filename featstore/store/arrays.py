@@ -8,10 +8,12 @@ Layout of one set (docs/cache.md, "Feature sets"; `schema` derives every name):
     mask   (item, y, x)                                 uint8, segmentation only
     label  (item,) or (item, class)                     int64, classification only
     coords on item: sample (str), slice (int32), split (str), metadata columns
-    _featstore/done (unit,)  uint8, one chunk per unit: the resume marks
+    _featstore/done (unit,)  uint8, one chunk per unit (not sharded): the resume marks
 
-A unit of work is one chunk of `chunk_items` items along `item`; its data is
-written first and its mark after, so a killed run resumes at the first unmarked
+A unit of work is one zarr shard of `unit_items` items along `item` (of
+`shard_chunks` chunks, each with its checksum): one object per array, written whole
+by one writer (zarr rewrites a shard whole, so two writers never share one). Its data
+is written first and its mark after, so a killed run resumes at the first unmarked
 unit. `complete: true` is written once every unit is marked and checked. The
 `FeatureSet` handle (`store.sets`) is the only caller outside the store.
 """
@@ -141,8 +143,8 @@ def arrays(root: zarr.Group, prefix: str = "") -> Iterator[tuple[str, zarr.Array
 
 
 def chunk_key(name: str, arr: zarr.Array[Any], unit: int) -> str:
-    """The file of chunk `unit` (along the first axis) of array `name`, relative to
-    the set's folder."""
+    """The file of unit `unit` (its shard, or chunk where unsharded, along the first
+    axis) of array `name`, relative to the set's folder."""
     coords = (unit,) + (0,) * (arr.ndim - 1)
     return f"{name}/{arr.metadata.encode_chunk_key(coords)}"
 
@@ -185,7 +187,7 @@ def blank_samples(path: Place, layout: Layout, ids: Sequence[str]) -> int:
     """
     root = group(path, "r+")
     rows = np.isin(plain(np.asarray(array(root, "sample")[:])), list(ids))
-    units = sorted({int(i) // layout.chunk_items for i in np.flatnonzero(rows)})
+    units = sorted({int(i) // layout.unit_items for i in np.flatnonzero(rows)})
     names = [n for n in layout.unit_arrays() if n != MARKS]
     cls = array(root, "cls")
     rewritten = 0
@@ -205,7 +207,7 @@ def blank_samples(path: Place, layout: Layout, ids: Sequence[str]) -> int:
 
 
 def discard_partials(path: Place, present: set[str], units: Sequence[int]) -> int:
-    """Delete half-written chunk files (zarr's `*.partial` temporaries) of `units`.
+    """Delete half-written shard files (zarr's `*.partial` temporaries) of `units`.
 
     A killed writer can leave one behind; it is never part of the data, but it would
     linger beside the chunk that the resumed run writes. Only the given units' files
@@ -234,6 +236,7 @@ class UnitWriter:
             name: array(root, name).with_config(FULL) for name in ITEM_DATA if name in root
         }
         self.marks = array(root, MARKS).with_config(FULL)
+        self.path = path
 
     def write(
         self,
@@ -259,6 +262,9 @@ class UnitWriter:
             expected = (region.stop - region.start, *arr.shape[1:])
             if data.shape != expected:  # zarr would silently crop a wider array
                 raise ValueError(f"{name}: got {data.shape} for unit {unit}, expected {expected}")
+            # zarr writes into a shard by reading what is there first: a shard left by a
+            # killed run (or damaged) is deleted, so the unit's shard is written whole
+            (self.path / chunk_key(name, arr, unit)).unlink(missing_ok=True)
             arr[region] = data.astype(arr.dtype, copy=False)
             nbytes += data.size * arr.dtype.itemsize
         self.marks[unit] = 1
@@ -266,7 +272,10 @@ class UnitWriter:
 
 
 def reset_units(path: Place, units: list[int]) -> None:
-    """Forget `units`: delete their data chunks and marks, and unmark the set complete."""
+    """Forget `units`: delete their data shards and marks, and unmark the set complete.
+
+    A unit is one shard: the whole object goes, so the rerun writes it whole again
+    (never a read-modify-write of a damaged shard)."""
     root = group(path, "r+")
     for name in UNIT_ARRAYS:
         if name not in root:
@@ -284,7 +293,11 @@ def rewrite_items(path: Place, items: Items, names: list[str]) -> None:
     for name in names:
         if name not in fresh:
             raise StoreCorruptError(f"{path}: cannot rebuild '{name}'; re-extract with --overwrite")
-        array(root, name).with_config(FULL)[...] = fresh[name]
+        arr = array(root, name)
+        if arr.shards is not None:  # written whole, never read first (a shard is damaged)
+            for unit in range(-(-arr.shape[0] // arr.shards[0])):
+                (path / chunk_key(name, arr, unit)).unlink(missing_ok=True)
+        arr.with_config(FULL)[...] = fresh[name]
 
 
 def mark_complete(path: Place) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -214,7 +214,8 @@ def attribute_problems(path: Place, attrs: dict[str, Any]) -> list[Problem]:
     n, c = rec.n_items, rec.chunk_items
     derived = derive_layout(
         ident, n, rec.labels, c, c, rec.codec, rec.examples, label_width=rec.label_width
-    )
+    )  # the shard size follows the manifest's `max_units`: free, as the chunk size
+    derived = replace(derived, shard_chunks=rec.shard_chunks)
     if derived != rec:
         problems.append(Problem(Kind.ATTRIBUTES, f"'layout' disagrees with the identity {EDITED}"))
     return problems
@@ -253,17 +254,20 @@ def scan_chunks(
     sample = arrays.plain(np.asarray(arrays.array(root, "sample")[:])) if skipped else None
     out: list[Problem] = []
     for name, arr in arrays.arrays(root):
-        step, expected = (
-            (1, layout.n_units) if name == MARKS else (layout.chunk_items, layout.n_items)
-        )
-        units = layout.n_units
+        # what a unit is in this array: (items, chunk items, shard items or None)
+        step, chunk = layout.unit_items, layout.chunk_items
+        shard: int | None = layout.unit_items
+        expected, units = layout.n_items, layout.n_units
+        if name == MARKS:  # one small chunk per unit, unsharded: writers never share one
+            step, chunk, shard, expected = 1, 1, None, layout.n_units
         if name in schema.ON_EXAMPLE:  # a few samples' thumbnails: one chunk, "unit 0"
-            step = expected = layout.examples
-            units = 1
-        if arr.shape[0] != expected or arr.chunks[0] != step:
+            step = chunk = expected = layout.examples
+            shard, units = None, 1
+        shards = None if arr.shards is None else arr.shards[0]
+        if arr.shape[0] != expected or arr.chunks[0] != chunk or shards != shard:
             reason = (
-                f"shape {arr.shape} / chunks {arr.chunks} disagree "
-                f"with the layout ({expected} items in chunks of {step})"
+                f"shape {arr.shape} / chunks {arr.chunks} / shards {arr.shards} disagree "
+                f"with the layout ({expected} items in chunks of {chunk}, shards of {shard})"
             )
             out.append(Problem(Kind.CHUNK, reason, name, 0))
             continue
@@ -271,6 +275,8 @@ def scan_chunks(
             if name in UNIT_ARRAYS and unit in pending:
                 continue  # not written yet (or half-written): the resume rewrites it
             if arrays.chunk_key(name, arr, unit) not in present:
+                # the unit's object: its shard, or its chunk where unsharded (zarr's
+                # "chunk" of the array's grid either way)
                 out.append(Problem(Kind.CHUNK, "chunk file missing", name, unit))
             elif decode:
                 out += _chunk_problems(name, arr, unit, step, values, sample, skipped)

@@ -42,6 +42,8 @@ def check_identity(
         hint = (
             "the chunk size follows --batch-size: rerun with the stored one, or "
             if "layout.chunk_items" in diffs
+            else "the shard size follows the manifest's max_units: rerun with the stored one, or "
+            if "layout.shard_chunks" in diffs
             else ""
         )
         raise StoreMismatchError(

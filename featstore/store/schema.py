@@ -65,7 +65,13 @@ class Checksum(Crc32cCodec):
 register_codec("crc32c", Checksum)
 zarr.config.set({"codecs.crc32c": f"{Checksum.__module__}.{Checksum.__qualname__}"})
 CHECKSUM = Checksum()
-UNIT_BYTES = 64 << 20  # cap on a unit's patch chunk
+CHUNK_BYTES = 64 << 20  # cap on one chunk of a set's largest array (a read's granule)
+# A unit of work is one shard: `Layout.shard_chunks` chunks along `item`, written whole
+# (zarr rewrites a shard whole, so one writer owns it). Units grow with the set so that
+# it has at most `max_units` of them (each array: one object per unit), up to this cap
+# on a unit's bytes of its largest array (what a writer holds in memory per unit).
+SHARD_BYTES = 128 << 20
+MAX_UNITS = 256  # the manifest's `max_units` default
 # What the probes and the report need from the raw data, recorded at allocation so that
 # a set is probed where its data is not (docs/cache.md, "Probing without the data"). Per item:
 # the original image's (slice's) size, and its header spacing (NaN where unknown).
@@ -119,6 +125,7 @@ class Layout:
     examples: int = 0  # example thumbnails (0: none, e.g. no test split)
     thumb_size: int = 0  # their side, min(resolution, THUMB_MAX)
     overview_size: int = 0  # slides: the side of the examples' overviews (0: none)
+    shard_chunks: int = 1  # chunks per shard = per unit of work (format 4)
 
     @property
     def labels(self) -> Labels:
@@ -176,18 +183,26 @@ class Layout:
             value = getattr(layout, f.name)
             if type(value) is not (str if f.type == "str" else int):
                 raise ValueError(f"layout.{f.name} = {value!r}")
-        if layout.n_items < 1 or layout.chunk_items < 1:
-            raise ValueError(f"layout has {layout.n_items} items in chunks of {layout.chunk_items}")
+        if layout.n_items < 1 or layout.chunk_items < 1 or layout.shard_chunks < 1:
+            raise ValueError(
+                f"layout has {layout.n_items} items in chunks of {layout.chunk_items}, "
+                f"{layout.shard_chunks} chunks a shard"
+            )
         return layout
 
     @property
+    def unit_items(self) -> int:
+        """Items per unit of work = per shard (`shard_chunks` chunks)."""
+        return self.chunk_items * self.shard_chunks
+
+    @property
     def n_units(self) -> int:
-        """Number of units (= chunks along `item`); the last one may be short."""
-        return -(-self.n_items // self.chunk_items)
+        """Number of units (= shards along `item`); the last one may be short."""
+        return -(-self.n_items // self.unit_items)
 
     def unit_slice(self, unit: int) -> slice:
-        """The items of `unit`, as a slice along `item`."""
-        return slice(unit * self.chunk_items, min((unit + 1) * self.chunk_items, self.n_items))
+        """The items of `unit` (its shard), as a slice along `item`."""
+        return slice(unit * self.unit_items, min((unit + 1) * self.unit_items, self.n_items))
 
 
 def layout_for(
@@ -199,9 +214,12 @@ def layout_for(
     codec: str = "lz4",
     examples: int = 0,
     label_width: int = 0,
+    max_units: int = MAX_UNITS,
 ) -> Layout:
-    """Shapes of a set; a unit (= one chunk) is a whole number of batches, its patch
-    chunk capped at `UNIT_BYTES`. labels: what `label` holds (multi: `label_width`
+    """Shapes of a set. A chunk is a whole number of batches (about `unit_items`
+    items), its bytes of the largest array capped at `CHUNK_BYTES`; a unit of work is
+    one shard of whole chunks, as few as keep the set within `max_units` units, its
+    bytes capped at `SHARD_BYTES`. labels: what `label` holds (multi: `label_width`
     labels per item); examples: how many example thumbnails it keeps."""
     if (labels == "multi") != (label_width > 0):
         raise ValueError(f"labels {labels!r} with label_width {label_width}")
@@ -219,10 +237,14 @@ def layout_for(
     itemsize = 1 if r.quantize == "int8" else np.dtype(r.dtype).itemsize
     width = w.hidden_size if r.channels is None else r.channels.width(w.hidden_size)
     per_item = (grid * grid * len(r.patch_layers) if r.patch else 1) * width * itemsize
-    batches = max(1, min(-(-unit_items // batch_size), UNIT_BYTES // (batch_size * per_item)))
+    batches = max(1, min(-(-unit_items // batch_size), CHUNK_BYTES // (batch_size * per_item)))
+    chunk = batch_size * batches
+    n_chunks = -(-n_items // chunk)
+    wanted = -(-n_chunks // max(1, max_units))  # chunks a shard, for at most max_units
+    shard_chunks = max(1, min(wanted, SHARD_BYTES // (chunk * per_item)))
     return Layout(
         n_items=n_items,
-        chunk_items=batch_size * batches,
+        chunk_items=chunk,
         channels=width,
         layers=r.layers,
         rows=grid if r.patch else 0,
@@ -236,6 +258,7 @@ def layout_for(
         examples=examples,
         thumb_size=min(r.resolution, THUMB_MAX) if examples else 0,
         overview_size=OVERVIEW_MAX if examples and r.tiling is not None else 0,
+        shard_chunks=shard_chunks,
     )
 
 
@@ -315,7 +338,7 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
     import dask.array as da  # only a new set needs them: a cached extract never loads them
     import xarray as xr
 
-    n, c = layout.n_items, layout.chunk_items
+    n, c = layout.n_items, layout.unit_items  # dask chunks: one per unit (shard)
     cls_dims = ("item", "channel") if layout.layers == 1 else ("item", "layer", "channel")
     cls_shape = (n, layout.channels) if layout.layers == 1 else (n, layout.layers, layout.channels)
     variables: dict[str, Any] = {
@@ -352,15 +375,21 @@ def skeleton(layout: Layout, items: Items) -> tuple[xr.Dataset, dict[str, Any]]:
     for name, (dims, values) in examples.items() if layout.examples else ():
         (coords if values.ndim == 1 else variables)[name] = (dims, values)
     xs = xr.Dataset(variables, coords=coords)
-    # Every array, coordinates too, is chunked by unit: chunk u of any array is unit u
-    # (the few examples are one chunk).
+    # Every array on `item`, coordinates too, is sharded by unit: shard u of any array
+    # is unit u, one object, of `shard_chunks` chunks that each carry their crc32c (the
+    # few examples are one chunk).
+    u, c = layout.unit_items, layout.chunk_items
     encoding: dict[str, dict[str, Any]] = {
         str(name): {
             "compressors": [
                 *(CODECS[layout.codec] if name in ITEM_DATA else (COORD_CODEC,)),
                 CHECKSUM,
             ],
-            "chunks": var.shape if name in ON_EXAMPLE else (c, *var.shape[1:]),
+            **(
+                {"chunks": var.shape}
+                if name in ON_EXAMPLE
+                else {"chunks": (c, *var.shape[1:]), "shards": (u, *var.shape[1:])}
+            ),
         }
         for name, var in xs.variables.items()
     }
