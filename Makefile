@@ -12,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv extract probe report test test-slow lint docs format bench gpu-wheels gpu-dry-run clean
+.PHONY: venv extract probe report test test-slow lint docs format bench browser gpu-wheels gpu-dry-run clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,20 @@ probe: extract
 report: $(STAMP)
 	$(BIN)/featstore report --out $(OUT)
 
-test: $(STAMP) docs
+test: $(STAMP) docs browser
 	$(BIN)/python -m pytest -q
+
+# The system's headless chromium and its driver for tests/test_serve_browser.py
+# (Debian's packages; no browser is downloaded). Installed once where apt-get can
+# (as root); elsewhere nothing fails and the browser test skips, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null 2>&1 && \
+		  apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \
+		echo "chromium could not be installed: tests/test_serve_browser.py will skip"; \
+	else echo "no apt-get (or not root): tests/test_serve_browser.py skips without chromium"; fi
 
 # The reference documentation (docs/, mkdocs.yml), built offline; --strict fails on a
 # broken link or anchor, so `make test` (and CI) fails with it.

@@ -354,6 +354,42 @@ def _reachable_set(where: str) -> FeatureSet:
 
 
 @app.command()
+def serve(
+    out: Path = typer.Option(Path("results"), help="Folder that `featstore probe --out` wrote."),
+    cache: Path | None = typer.Option(
+        None, help=f"Feature-set folder (default: $FEATSTORE_CACHE or {DEFAULT_CACHE})."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind; any but loopback needs the printed token."
+    ),
+    port: int = typer.Option(8765, min=1, max=65535, help="Port."),
+) -> None:
+    """Browse a cache and its results in a web browser (read-only; docs/serve.md)."""
+    import os
+
+    try:
+        import uvicorn
+
+        from featstore.serve.app import build_app, token_for
+    except ImportError as exc:
+        _fail(ManifestError(f"featstore serve needs the [serve] extra ({exc}): "
+                            "pip install 'featstore[serve]'"))  # fmt: skip
+    folder = cache or Path(os.environ.get("FEATSTORE_CACHE", DEFAULT_CACHE))
+    for what, where in (("--cache", folder), ("--out", out)):
+        if not where.is_dir():
+            _fail(FileNotFoundError(f"{what} {where} is not a folder"))
+    token = token_for(host)
+    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    typer.echo(f"featstore serve: {folder} and {out}, read-only, at {url}")
+    if token:
+        typer.secho(
+            f"bound to {host}, beyond this machine: every request needs the token {token}",
+            fg=typer.colors.YELLOW,
+        )
+    uvicorn.run(build_app(out, folder, token), host=host, port=port, log_level="warning")
+
+
+@app.command()
 def info(where: str = typer.Argument(..., metavar="PATH")) -> None:
     """Print a feature set's attributes and variables (a folder or a URL)."""
     try:

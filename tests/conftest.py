@@ -247,3 +247,24 @@ def on_cluster(manifest, client, opts=None, **kw):
 
     opts = opts or Options()
     return extract_manifest(manifest, opts, ClusterRunner.on(client, opts), **kw)
+
+
+@pytest.fixture(scope="session")
+def served_study(tmp_path_factory) -> Path:
+    """A tiny extracted and probed study for `featstore serve`'s tests: one 2D
+    classification dataset (24 items) through pixels:4 and the pixels:8 baseline
+    (two sets of the same items), through the CLI. Returns its folder, with
+    cache/ and out/ in it."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    folder = tmp_path_factory.mktemp("served")
+    mpath = write_manifest(folder, synth_entry("c2", "cls2d", n=24), "['pixels:4']")
+    with pytest.MonkeyPatch.context() as mp:  # session-wide: the autouse fixture is not
+        mp.setenv("FEATSTORE_HOME", str(folder / "home"))
+        mp.delenv("FEATSTORE_CACHE", raising=False)
+        for cmd in (["extract"], ["probe", "--out", str(folder / "out")]):
+            result = CliRunner().invoke(app, [*cmd, "--manifest", str(mpath)])
+            assert result.exit_code == 0, result.output
+    return folder

@@ -343,23 +343,30 @@ def plot_linear_vs_knn(df: pd.DataFrame, path: Path) -> bool:
     return save_figure(fig, path)
 
 
-def pca_rgb(patch: np.ndarray) -> np.ndarray:
+def pca_rgb(patch: np.ndarray, fit: np.ndarray | None = None) -> np.ndarray:
     """First three principal components of patch tokens as colours.
 
-    patch: (n, rows, cols, D) float -> (n, rows, cols, 3) float64 in [0, 1], one PCA
-    for all n.
+    patch: (n, rows, cols, D) float -> (n, rows, cols, 3) float64 in [0, 1]. The PCA
+    (centre, axes, signs and the 1-99% colour range) is fitted on `fit` (m, r, c, D),
+    by default on `patch` itself: one PCA for all n. Fitted on a dataset's test items,
+    one colour means one direction of feature space in every image.
     """
     n, r, c, d = patch.shape
-    x = patch.reshape(-1, d).astype(np.float64)
-    x -= x.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    comps = x @ vt[:3].T
+    ref = (patch if fit is None else fit).reshape(-1, d).astype(np.float64)
+    mean = ref.mean(0)
+    ref -= mean
+    _, _, vt = np.linalg.svd(ref, full_matrices=False)
+    axes = vt[:3].T
+    fitted = ref @ axes
+    for j in range(fitted.shape[1]):  # fix sign for determinism across BLAS builds
+        if fitted[np.argmax(np.abs(fitted[:, j])), j] < 0:
+            fitted[:, j] *= -1
+            axes[:, j] *= -1
+    comps = fitted if fit is None else (patch.reshape(-1, d).astype(np.float64) - mean) @ axes
     if comps.shape[1] < 3:
         comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
-    for j in range(comps.shape[1]):  # fix sign for determinism across BLAS builds
-        if comps[np.argmax(np.abs(comps[:, j])), j] < 0:
-            comps[:, j] *= -1
-    lo, hi = np.percentile(comps, [1, 99], axis=0)
+        fitted = np.pad(fitted, ((0, 0), (0, 3 - fitted.shape[1])))
+    lo, hi = np.percentile(fitted, [1, 99], axis=0)
     rgb = np.clip((comps - lo) / np.maximum(hi - lo, 1e-9), 0, 1)
     return rgb.reshape(n, r, c, 3)
 
