@@ -197,9 +197,10 @@ def compare(
     """Is A better than B? The comparison table of a results folder's kept predictions
     (`featstore.probing.compare`; Holm-adjusted), as `featstore compare` writes it."""
     from featstore.probing import compare as cmp
-    from featstore.probing.predictions import kept_in
+    from featstore.probing.seeds import kept_with_seeds
 
-    return cmp.compare(kept_in(Path(out))[0], reference, all_pairs=all_pairs)
+    preds, _, seeds = kept_with_seeds(Path(out))
+    return cmp.compare(preds, reference, all_pairs=all_pairs, seeds=seeds)
 
 
 def scale_steps(out: str | os.PathLike[str]) -> pd.DataFrame:
@@ -207,10 +208,11 @@ def scale_steps(out: str | os.PathLike[str]) -> pd.DataFrame:
     and successive resolutions (`featstore.probing.steps`; Holm-adjusted over the
     steps), as `featstore compare` writes them to OUT/steps.csv."""
     from featstore.encode.presets import preset_family
-    from featstore.probing.predictions import kept_in
+    from featstore.probing.seeds import kept_with_seeds
     from featstore.probing.steps import steps
 
-    return steps(kept_in(Path(out))[0], preset_family)
+    preds, _, seeds = kept_with_seeds(Path(out))
+    return steps(preds, preset_family, seeds=seeds)
 
 
 def predictions(

@@ -228,3 +228,41 @@ def test_report_and_compare_read_the_ordinary_rows_of_a_seeded_run(seeded):
     cmp = runner.invoke(app, ["compare", "--out", str(out)])
     assert cmp.exit_code == 0, cmp.output
     assert "pixels:8" in cmp.output and "seg-decoder" in cmp.output
+
+
+def test_compare_tests_probes_fitted_with_seeds_over_seeds_and_units(seeded):
+    """`featstore compare` of a --seeds run: the trainable probes' pairs are the seeded
+    bootstrap (every seed of both), the one-fit probe's the ordinary tests."""
+    import pandas as pd
+
+    out = seeded[0]
+    df = pd.read_csv(out / "comparisons.csv", keep_default_na=False)
+    trained = df[df.probe.isin(["seg-decoder", "abmil"]) & (df.metric != "")]
+    assert len(trained) and set(trained.test) == {"seeded bootstrap"}
+    assert set(trained.seeds_a) == {3} and set(trained.seeds_b) == {3}
+    once = df[(df.probe == "seg-linear") & (df.metric != "")]
+    assert len(once) and set(once.test) == {"paired bootstrap"} and set(once.seeds_a) == {1}
+
+
+def test_compare_with_seeds_is_seeded_difference():
+    from featstore.probing.compare import compare
+
+    rng = np.random.default_rng(2)
+    n, s = 90, 3
+    y = rng.integers(0, 2, n)
+
+    def fits(strength: float) -> np.ndarray:
+        p1 = 1 / (1 + np.exp(-(strength * (y - 0.5) + rng.normal(0, 1, (s, n)))))
+        return np.stack([1 - p1, p1], -1)
+
+    pa, pb = _seed_preds("a", fits(2.0), y), _seed_preds("b", fits(0.5), y)
+    seeds = {pa[0].key: pa, pb[0].key: pb}
+    df = compare([pa[0], pb[0]], "b", seeds=seeds).set_index("metric")
+    want = seeded_difference(bootstrap.macro_auroc_of(y), pa, pb)
+    got = df.loc["auroc"]
+    assert got.test == "seeded bootstrap" and got.seeds_a == 3
+    assert (got.difference, got.ci_low, got.p_value) == pytest.approx(
+        (want.difference, want.ci_low, want.p_value)
+    )
+    plain = compare([pa[0], pb[0]], "b").set_index("metric")
+    assert plain.loc["auroc"].test == "delong" and plain.loc["accuracy"].test == "mcnemar"

@@ -19,8 +19,8 @@ Encoders scored on different test units are not compared: the pair is a row with
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 from typing import Any
 
@@ -29,7 +29,8 @@ import pandas as pd
 
 from featstore.probing import bootstrap, paired
 from featstore.probing.pairdraws import compare_draws
-from featstore.probing.predictions import Predictions
+from featstore.probing.predictions import Key, Predictions
+from featstore.probing.seeds import seeded_difference
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Comparison:
     resampled: str = ""  # "patient" | "unit"
     reason: str = ""  # why the pair was not compared
     test_dataset: str = ""  # an external evaluation's test dataset ("": `dataset`'s own)
+    seeds_a: int = 1  # fits of A (`featstore probe --seeds`): above 1, the seeded test
+    seeds_b: int = 1
 
 
 COLUMNS = tuple(Comparison.__dataclass_fields__)
@@ -214,12 +217,64 @@ def in_one_order(group: Sequence[Predictions], anchor: int, seed: int) -> list[S
     return out
 
 
+def _values(p: Predictions, metric: str) -> Callable[[np.ndarray], np.ndarray]:
+    """One seed's scores (or segmentation `per`) -> what `metric` of `p` scores."""
+    if p.task == "segmentation":
+        return lambda x: _metrics(replace(p, per=x))[metric][1]
+    return lambda x: _metrics(replace(p, scores=x))[metric][1]
+
+
+def seeded_rows(
+    a: Predictions,
+    b: Predictions,
+    seeds_a: Sequence[Predictions],
+    seeds_b: Sequence[Predictions],
+    base: dict[str, Any],
+    seed: int,
+) -> list[Comparison]:
+    """Every metric's comparison of two trainable probes fitted with several seeds: the
+    two-level bootstrap (`seeds.seeded_difference`: test units, the same for A and B,
+    then each side's seeds), test "seeded bootstrap"; DeLong and McNemar would test one
+    fit each, so they are not used here."""
+    _, resampled = a.groups()
+    common = dict(base, n_units=len(a.sample), resampled=resampled)
+    common |= dict(seeds_a=len(seeds_a), seeds_b=len(seeds_b))
+    out = []
+    for metric, (fn, _, higher) in _metrics(a).items():
+        try:
+            r = seeded_difference(fn, seeds_a, seeds_b, _values(a, metric), seed=seed)
+        except ValueError as exc:  # a seed's file of other units
+            return [Comparison(**base, metric="", reason=str(exc))]
+        out.append(
+            Comparison(
+                **common,
+                metric=metric,
+                value_a=r.value_a,
+                value_b=r.value_b,
+                difference=r.difference,
+                ci_low=r.ci_low,
+                ci_high=r.ci_high,
+                test="seeded bootstrap",
+                p_value=r.p_value,
+                higher_is_better=higher,
+            )
+        )
+    return out
+
+
 def pair_comparisons(
-    a: Predictions, b: Predictions, sa: Scored | None, sb: Scored | None, seed: int
+    a: Predictions,
+    b: Predictions,
+    sa: Scored | None,
+    sb: Scored | None,
+    seed: int,
+    seeds: Mapping[Key, Sequence[Predictions]] | None = None,
 ) -> list[Comparison]:
     """A with B from their `in_one_order` scoring; where either is not on the anchor's
     units, on A's own (they may share theirs); one row with the reason where A and B
-    share no units."""
+    share no units. `seeds`: the ordinary key -> every seed's predictions of a
+    trainable probe (`seeds.kept_seeds`); where A or B has more than one, the seeded
+    test (`seeded_rows`)."""
     base: dict[str, Any] = dict(
         dataset=a.key.dataset,
         resolution=a.key.resolution,
@@ -232,6 +287,13 @@ def pair_comparisons(
         random_init_b=b.key.random_init,
         test_dataset=a.key.test_dataset,
     )
+    fits_a = (seeds or {}).get(a.key, [a])
+    fits_b = (seeds or {}).get(b.key, [b])
+    if max(len(fits_a), len(fits_b)) > 1:
+        bb = aligned(a, b)
+        if isinstance(bb, str):
+            return [Comparison(**base, metric="", reason=bb)]
+        return seeded_rows(a, bb, fits_a, fits_b, base, seed)
     if sa is None or sb is None:
         bb = aligned(a, b)
         if isinstance(bb, str):
@@ -248,6 +310,7 @@ def compare(
     all_pairs: bool = False,
     adjustment: paired.Adjustment = "holm",
     seed: int = 0,
+    seeds: Mapping[Key, Sequence[Predictions]] | None = None,
 ) -> pd.DataFrame:
     """The comparison table (`COLUMNS`), one row per pair and metric.
 
@@ -272,7 +335,7 @@ def compare(
             pairs = [(i, ref) for i in range(len(group)) if i != ref]
         scored = in_one_order(group, ref, seed)
         for i, j in pairs:
-            rows += pair_comparisons(group[i], group[j], scored[i], scored[j], seed)
+            rows += pair_comparisons(group[i], group[j], scored[i], scored[j], seed, seeds)
     return judged([asdict(r) for r in rows], adjustment)
 
 

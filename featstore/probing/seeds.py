@@ -36,7 +36,14 @@ from featstore.probing import bootstrap
 from featstore.probing.curves import spread_of, with_spread
 from featstore.probing.options import ProbeOptions
 from featstore.probing.pairdraws import PairedBootstrap, seeded_bootstrap
-from featstore.probing.predictions import FOLDER, Predictions, read_predictions, row_key
+from featstore.probing.predictions import (
+    FOLDER,
+    Key,
+    Predictions,
+    kept_in,
+    read_predictions,
+    row_key,
+)
 from featstore.probing.rows import (
     MEAN_OF_SEEDS,
     Outcome,
@@ -176,6 +183,29 @@ def kept_seeds(out: Path, rows: pd.DataFrame, first: Predictions) -> list[Predic
             )
         found.append(read_predictions(path, key, np.asarray(first.sample)))
     return found
+
+
+def seed_sets(
+    out: Path, rows: pd.DataFrame, preds: Sequence[Predictions]
+) -> dict[Key, list[Predictions]]:
+    """Ordinary key -> every seed's predictions (`kept_seeds`) of each of `preds`
+    fitted with more than one seed: what `compare` tests with the seeded bootstrap."""
+    found = {}
+    for p in preds:
+        if "seed" in rows and (rows.seed > p.key.seed).any():
+            fits = kept_seeds(out, rows, p)
+            if len(fits) > 1:
+                found[p.key] = fits
+    return found
+
+
+def kept_with_seeds(out: Path) -> tuple[list[Predictions], list[str], dict[Key, list[Predictions]]]:
+    """`predictions.kept_in(out)` and `seed_sets` of its predictions: what `featstore
+    compare`, the API and the report compare."""
+    from featstore.probing.results_file import RESULTS, read_results
+
+    preds, missing = kept_in(out)
+    return preds, missing, seed_sets(out, read_results(out / RESULTS), preds)
 
 
 def _stack(preds: Sequence[Predictions], order: np.ndarray, what: str) -> np.ndarray:

@@ -21,7 +21,7 @@ tables answer different questions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -29,12 +29,17 @@ import pandas as pd
 
 from featstore.probing import paired
 from featstore.probing.compare import COLUMNS, in_one_order, judged, pair_comparisons
-from featstore.probing.predictions import Predictions
+from featstore.probing.predictions import Key, Predictions
 
 Step = Literal["size", "resolution"]
 
 
-def _chain_rows(step: Step, chain: Sequence[Predictions], seed: int) -> list[dict[str, Any]]:
+def _chain_rows(
+    step: Step,
+    chain: Sequence[Predictions],
+    seed: int,
+    seeds: Mapping[Key, Sequence[Predictions]] | None,
+) -> list[dict[str, Any]]:
     """The comparisons of each member of `chain` (smallest first) with the one below
     it; each member's draws are made once (`compare.in_one_order`)."""
     scored = in_one_order(chain, 0, seed)
@@ -42,7 +47,7 @@ def _chain_rows(step: Step, chain: Sequence[Predictions], seed: int) -> list[dic
     for i in range(1, len(chain)):
         a, b = chain[i], chain[i - 1]
         extra = {"step": step, "resolution_b": b.key.resolution}
-        for c in pair_comparisons(a, b, scored[i], scored[i - 1], seed):
+        for c in pair_comparisons(a, b, scored[i], scored[i - 1], seed, seeds):
             rows.append({**extra, **asdict(c)})
     return rows
 
@@ -53,10 +58,12 @@ def steps(
     *,
     adjustment: paired.Adjustment = "holm",
     seed: int = 0,
+    seeds: Mapping[Key, Sequence[Predictions]] | None = None,
 ) -> pd.DataFrame:
     """The step table: `compare.COLUMNS` plus `step` and `resolution_b` (B's
     resolution; `resolution` is A's), one row per step and metric. `family(encoder)`
-    is (family, place in its size ladder), None outside a ladder."""
+    is (family, place in its size ladder), None outside a ladder. `seeds`: as
+    `compare.compare`'s (trainable probes fitted with several seeds)."""
     rows: list[dict[str, Any]] = []
     ladders: dict[tuple[Any, ...], list[tuple[int, Predictions]]] = {}
     inputs: dict[tuple[Any, ...], list[Predictions]] = {}
@@ -71,9 +78,11 @@ def steps(
             key = (*cell, k.resolution, rung[0], k.random_init)
             ladders.setdefault(key, []).append((rung[1], p))
     for ladder in ladders.values():
-        rows += _chain_rows("size", [p for _, p in sorted(ladder, key=lambda t: t[0])], seed)
+        rows += _chain_rows("size", [p for _, p in sorted(ladder, key=lambda t: t[0])], seed, seeds)
     for group in inputs.values():
-        rows += _chain_rows("resolution", sorted(group, key=lambda p: p.key.resolution), seed)
+        rows += _chain_rows(
+            "resolution", sorted(group, key=lambda p: p.key.resolution), seed, seeds
+        )
     df = judged(rows, adjustment)
     if not rows:
         df = df.assign(step=pd.Series(dtype=str), resolution_b=pd.Series(dtype="int64"))

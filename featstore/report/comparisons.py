@@ -18,6 +18,7 @@ from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.predictions import kept
 from featstore.probing.ranks import rank_encoders
 from featstore.probing.rows import internal
+from featstore.probing.seeds import seed_sets
 from featstore.probing.steps import steps
 from featstore.report.cdplot import plot_critical_difference
 
@@ -100,12 +101,14 @@ def section(out: Path, rows: pd.DataFrame, tasks: dict[str, str]) -> tuple[list[
     preds, _ = kept(out, rows)
     if not preds:
         return [], []
-    df = cmp.compare(preds)
+    seeds = seed_sets(out, rows, preds)
+    df = cmp.compare(preds, seeds=seeds)
     table = _table(df)
     text = (
         "Each encoder against the first of the results (paired bootstrap over the same "
         "test units, resampling patients where known; p from DeLong for binary AUROC, "
-        "exact McNemar for accuracy, the bootstrap otherwise; Holm-adjusted over the "
+        "exact McNemar for accuracy, the bootstrap otherwise; probes fitted with "
+        "--seeds: the seeded bootstrap over units and seeds; Holm-adjusted over the "
         "run; `featstore compare --out` for every metric). Encoders marked "
         "[random_init] are random initialisations, not pretrained models: a difference "
         "to them measures the pipeline, not the model."
@@ -116,7 +119,7 @@ def section(out: Path, rows: pd.DataFrame, tasks: dict[str, str]) -> tuple[list[
         f"<p>{html.escape(text)}</p>",
         table.to_html(index=False),
     ]
-    stepped = steps(preds, preset_family)
+    stepped = steps(preds, preset_family, seeds=seeds)
     if len(stepped):
         st = _table(stepped, step=True)
         words = (
