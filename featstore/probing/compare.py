@@ -366,29 +366,33 @@ def _rows(df: pd.DataFrame) -> list[Any]:
 
 
 def table(df: pd.DataFrame, step: bool = False) -> str:
-    """The comparisons as lines for people; random inits are labelled as such. step:
-    the rows are `steps.steps`' (A and B each named with its resolution)."""
+    """The comparisons as aligned lines for people (each column as wide as its longest
+    entry); random inits are labelled as such. step: the rows are `steps.steps'` (A
+    and B each named with its resolution)."""
 
     def enc(name: str, ri: bool, res: int) -> str:
         return f"{name}{f'@{res}' if step else ''}{' (random init)' if ri else ''}"
 
-    lines = [
-        f"{'dataset':<14} {'probe':<11} {'metric':<9} {'A':<24} {'B':<24} "
-        f"{'A-B':>7}  {'95% CI':<17} {'test':<16} {'p adj':>6}  verdict"
-    ]
+    cells = []
     for r in _rows(df):
         a = enc(r.encoder_a, r.random_init_a, r.resolution)
         b = enc(r.encoder_b, r.random_init_b, getattr(r, "resolution_b", r.resolution))
         name = f"{r.dataset}->{r.test_dataset}" if r.test_dataset else r.dataset
         if not r.test:
-            lines.append(f"{name:<14} {r.probe:<11} {'':<9} {a:<24} {b:<24} {r.reason}")
+            cells.append((name, r.probe, "", a, b, r.reason))
             continue
+        ci = bootstrap_interval(r.ci_low, r.ci_high)
+        rest = f"{r.difference:7.3f}  {ci:<17} {r.test:<16} {r.p_adjusted:6.3f}  {r.verdict}"
+        cells.append((name, r.probe, r.metric, a, b, rest))
+    head = ("dataset", "probe", "metric", "A", "B")
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(head)]
+    rest = f"{'A-B':>7}  {'95% CI':<17} {'test':<16} {'p adj':>6}  verdict"
+    lines = []
+    for row in [(*head, rest), *cells]:
         lines.append(
-            f"{name:<14} {r.probe:<11} {r.metric:<9} {a:<24} {b:<24} "
-            f"{r.difference:7.3f}  {bootstrap_interval(r.ci_low, r.ci_high):<17} "
-            f"{r.test:<16} {r.p_adjusted:6.3f}  {r.verdict}"
+            " ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=False)) + " " + row[5]
         )
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def bootstrap_interval(lo: float, hi: float) -> str:
