@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from featstore.data.manifest import Dataset
-from featstore.data.nifti import AXES, check_voxels, load_nifti
+from featstore.data.nifti import AXES, check_voxels, load_nifti, open_nifti
 from featstore.data.samples import Header, Sample, check_finite
 from featstore.data.settings import MAX_SEQUENCES, Channels
 from featstore.errors import BadInputError
@@ -39,18 +38,6 @@ class Grid:
     affine: np.ndarray
     sequences: int = 1
     axis: int | None = None
-
-
-def _open(path: Path) -> Any:
-    import nibabel as nib  # 0.3 s to import: only when a NIfTI file is read
-
-    try:
-        img = nib.load(path)
-    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise BadInputError(f"{path}: cannot read NIfTI header ({exc})") from None
-    if not isinstance(img, nib.spatialimages.SpatialImage):  # e.g. a GIFTI surface
-        raise BadInputError(f"{path}: not a NIfTI volume ({type(img).__name__})")
-    return img
 
 
 def sequence_axis(path: Path, shape: tuple[int, ...], declared: str) -> int:
@@ -76,7 +63,7 @@ def sequence_axis(path: Path, shape: tuple[int, ...], declared: str) -> int:
 
 def grid(path: Path, channels: Channels) -> Grid:
     """The header's grid of one image of a multi-channel sample."""
-    img = _open(path)
+    img = open_nifti(path)
     shape = tuple(int(n) for n in img.shape)
     check_voxels(path, shape)
     if not channels.sequences:
@@ -181,7 +168,7 @@ def _load_4d(path: Path, g: Grid, wanted: list[int], axis: str) -> np.ndarray:
     import nibabel as nib
 
     try:
-        img = _open(path)
+        img = open_nifti(path)
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except MemoryError:
         raise BadInputError(

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from featstore.probing import bootstrap, paired
-from featstore.probing.pairdraws import compare_draws
+from featstore.probing.pairdraws import PairedBootstrap, compare_draws
 from featstore.probing.predictions import Key, Predictions
 from featstore.probing.seeds import seeded_difference
 
@@ -168,21 +168,25 @@ def pair_rows(a: Scored, b: Scored, base: dict[str, Any]) -> list[Comparison]:
         elif metric == "accuracy":
             ca, cb = a.metrics[metric][1], b.metrics[metric][1]
             test, p = "mcnemar", paired.mcnemar_exact(ca > 0, cb > 0).p_value
-        out.append(
-            Comparison(
-                **common,
-                metric=metric,
-                value_a=r.value_a,
-                value_b=r.value_b,
-                difference=r.difference,
-                ci_low=r.ci_low,
-                ci_high=r.ci_high,
-                test=test,
-                p_value=p,
-                higher_is_better=higher,
-            )
-        )
+        out.append(_row(common, metric, r, test, p, higher))
     return out
+
+
+def _row(
+    common: dict[str, Any], metric: str, r: PairedBootstrap, test: str, p: float, higher: bool
+) -> Comparison:
+    return Comparison(
+        **common,
+        metric=metric,
+        value_a=r.value_a,
+        value_b=r.value_b,
+        difference=r.difference,
+        ci_low=r.ci_low,
+        ci_high=r.ci_high,
+        test=test,
+        p_value=p,
+        higher_is_better=higher,
+    )
 
 
 def aligned(a: Predictions, b: Predictions) -> Predictions | str:
@@ -245,20 +249,7 @@ def seeded_rows(
             r = seeded_difference(fn, seeds_a, seeds_b, _values(a, metric), seed=seed)
         except ValueError as exc:  # a seed's file of other units
             return [Comparison(**base, metric="", reason=str(exc))]
-        out.append(
-            Comparison(
-                **common,
-                metric=metric,
-                value_a=r.value_a,
-                value_b=r.value_b,
-                difference=r.difference,
-                ci_low=r.ci_low,
-                ci_high=r.ci_high,
-                test="seeded bootstrap",
-                p_value=r.p_value,
-                higher_is_better=higher,
-            )
-        )
+        out.append(_row(common, metric, r, "seeded bootstrap", r.p_value, higher))
     return out
 
 
