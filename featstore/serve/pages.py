@@ -23,6 +23,7 @@ def page(title: str, body: str, data: dict[str, str] | None = None) -> str:
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{escape(title)} - featstore</title>"
+        "<link rel='icon' href='data:,'>"  # no /favicon.ico request, so no console 404
         "<link rel='stylesheet' href='/static/style.css'></head><body>"
         "<nav><a href='/'>featstore serve</a> <span>read-only</span></nav>"
         f"<main{attrs}><h1>{escape(title)}</h1>{body}</main>"
