@@ -197,7 +197,7 @@ def compare(
     """Is A better than B? The comparison table of a results folder's kept predictions
     (`featstore.probing.compare`; Holm-adjusted), as `featstore compare` writes it."""
     from featstore.probing import compare as cmp
-    from featstore.probing.seeds import kept_with_seeds
+    from featstore.probing.seed_pairs import kept_with_seeds
 
     preds, _, seeds = kept_with_seeds(Path(out))
     return cmp.compare(preds, reference, all_pairs=all_pairs, seeds=seeds)
@@ -208,7 +208,7 @@ def scale_steps(out: str | os.PathLike[str]) -> pd.DataFrame:
     and successive resolutions (`featstore.probing.steps`; Holm-adjusted over the
     steps), as `featstore compare` writes them to OUT/steps.csv."""
     from featstore.encode.presets import preset_family
-    from featstore.probing.seeds import kept_with_seeds
+    from featstore.probing.seed_pairs import kept_with_seeds
     from featstore.probing.steps import steps
 
     preds, _, seeds = kept_with_seeds(Path(out))

@@ -18,7 +18,7 @@ from featstore.places import atomic_file
 from featstore.probing import compare as cmp
 from featstore.probing.paired import Adjustment
 from featstore.probing.predictions import Key, Predictions
-from featstore.probing.seeds import kept_with_seeds
+from featstore.probing.seed_pairs import kept_with_seeds
 from featstore.probing.steps import steps
 
 COMPARISONS = "comparisons.csv"

@@ -17,7 +17,8 @@ from featstore.probing.pairdraws import paired_bootstrap, seeded_bootstrap
 from featstore.probing.predictions import FOLDER, Key, Predictions, kept, read_predictions
 from featstore.probing.results_file import read_results
 from featstore.probing.rows import MEAN_OF_SEEDS, ordinary
-from featstore.probing.seeds import kept_seeds, nested_draws, seeded_difference, trainable
+from featstore.probing.seed_pairs import kept_seeds, seeded_difference
+from featstore.probing.seeds import nested_draws, trainable
 from pipelines.cli import app
 
 runner = CliRunner()

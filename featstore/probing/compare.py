@@ -30,7 +30,7 @@ import pandas as pd
 from featstore.probing import bootstrap, paired
 from featstore.probing.pairdraws import PairedBootstrap, compare_draws
 from featstore.probing.predictions import Key, Predictions
-from featstore.probing.seeds import seeded_difference
+from featstore.probing.seed_pairs import seeded_difference
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def seeded_rows(
     seed: int,
 ) -> list[Comparison]:
     """Every metric's comparison of two trainable probes fitted with several seeds: the
-    two-level bootstrap (`seeds.seeded_difference`: test units, the same for A and B,
+    two-level bootstrap (`seed_pairs.seeded_difference`: test units, the same for A and B,
     then each side's seeds), test "seeded bootstrap"; DeLong and McNemar would test one
     fit each, so they are not used here."""
     _, resampled = a.groups()
@@ -264,7 +264,7 @@ def pair_comparisons(
     """A with B from their `in_one_order` scoring; where either is not on the anchor's
     units, on A's own (they may share theirs); one row with the reason where A and B
     share no units. `seeds`: the ordinary key -> every seed's predictions of a
-    trainable probe (`seeds.kept_seeds`); where A or B has more than one, the seeded
+    trainable probe (`seed_pairs.kept_seeds`); where A or B has more than one, the seeded
     test (`seeded_rows`)."""
     base: dict[str, Any] = dict(
         dataset=a.key.dataset,

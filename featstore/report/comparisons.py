@@ -18,7 +18,7 @@ from featstore.probing.metrics import MAIN_METRIC
 from featstore.probing.predictions import kept
 from featstore.probing.ranks import rank_encoders
 from featstore.probing.rows import internal
-from featstore.probing.seeds import seed_sets
+from featstore.probing.seed_pairs import seed_sets
 from featstore.probing.steps import steps
 from featstore.report.cdplot import plot_critical_difference
 
